@@ -1,0 +1,59 @@
+# abaw-nb: the two commands a user needs are `make reproduce` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+BIN     := $(VENV)/bin
+LOCK    := requirements.lock
+STAMP   := $(VENV)/.abaw-env
+# uv is run as a module of the system python3, so installing it needs nothing but pip
+UV      := python3 -m uv
+PRESET  ?= cpu
+PM_OPTS ?= -k python3 -l python --no-progress-bar
+
+.PHONY: help env test reproduce lab bench lock readme clean-env
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/' | column -t -s:
+
+# The environment is (re)built when missing or when the lock, setup.py or settings.ini changed:
+# the stamp records a hash of those files.
+ENV_HASH = $(shell cat $(LOCK) setup.py settings.ini | sha256sum | cut -c1-16)
+
+env:  ## create .venv from the lock (installs uv first if absent)
+	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(ENV_HASH)" ] && [ -x $(PY) ]; then \
+	  echo "env: $(VENV) is up to date with $(LOCK)"; \
+	else \
+	  python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv; \
+	  echo "env: building $(VENV) from $(LOCK)"; \
+	  [ -x $(PY) ] || $(UV) venv -q --python 3.11 $(VENV); \
+	  $(UV) pip sync -q --python $(PY) $(LOCK); \
+	  $(UV) pip install -q --python $(PY) --no-deps -e .; \
+	  $(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (abaw-nb)" >/dev/null; \
+	  echo "$(ENV_HASH)" > $(STAMP); \
+	fi
+
+test: env  ## nbdev_test on every notebook, then pytest
+	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/pytest -q
+
+reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=cpu by default)
+	$(BIN)/abaw-reproduce --preset $(PRESET)
+
+lab: env  ## JupyterLab from the venv
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+bench: env  ## benchmarks into outputs/bench
+	$(PY) -m abaw_nb.bench
+
+lock:  ## recompile requirements.lock from requirements.in and regenerate environment.yml
+	$(UV) pip compile -q requirements.in -o $(LOCK) --python-version 3.11
+	python3 scripts/make_environment_yml.py
+
+readme:  ## regenerate README.md from nbs/index.ipynb
+	python3 scripts/make_readme.py
+
+clean-env:  ## remove .venv
+	rm -rf $(VENV)

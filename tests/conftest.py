@@ -1,0 +1,18 @@
+"""pytest configuration shared by all tests."""
+import os, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault('ABAW_NB_PROGRESS', '0')   # no progress bars in test logs
+os.environ.setdefault('MPLBACKEND', 'Agg')
+
+@pytest.fixture(scope='session')
+def root() -> Path:
+    "The checkout under test."
+    return ROOT
+
+@pytest.fixture(scope='session')
+def venv_bin() -> Path:
+    "Folder of the interpreter running the tests (the .venv's bin/ under `make test`)."
+    return Path(sys.executable).parent
