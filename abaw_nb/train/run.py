@@ -4,7 +4,7 @@
 
 # %% ../../nbs/04c_train.run.ipynb #5df118ce
 from __future__ import annotations
-import importlib, json
+import importlib, importlib.util, json
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from ..core import Config, check_choice, get_config, write_csv, write_json, fingerprint, PRESETS
@@ -19,18 +19,20 @@ __all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDI
 
 # %% ../../nbs/04c_train.run.ipynb #e6b11523
 ALL_METHODS = ('fpn', 'mtl_cnn', 'mtl_cnn_rnn', 'emenet', 'emotion_gcn', 'fmae')
-METHOD_MODULES = {'fpn': 'abaw_nb.methods.fpn'}   # method -> module with `config_overrides(preset, task)` and `recipe(cfg, ...)`
+# method -> module with `config_overrides(preset, task)` and `recipe(cfg, ...)`; a method is available once its module exists
+METHOD_MODULES = {'fpn': 'abaw_nb.methods.fpn', 'mtl_cnn': 'abaw_nb.methods.incomplete', 'mtl_cnn_rnn': 'abaw_nb.methods.incomplete',
+                  'emenet': 'abaw_nb.methods.emenet', 'emotion_gcn': 'abaw_nb.methods.emotion_gcn', 'fmae': 'abaw_nb.methods.fmae'}
 TASK_CHOICES = ('va', 'expr', 'au', 'multi')
 DATA_FORMATS = ('affwild2',)                       # real layouts train_multi reads (more readers exist in data.formats)
 
 def available_methods() -> list[str]:
     "Methods whose recipe is implemented."
-    return [m for m in ALL_METHODS if m in METHOD_MODULES]
+    return [m for m in ALL_METHODS if importlib.util.find_spec(METHOD_MODULES[m]) is not None]
 
 def method_module(method: str):
     "The module of an implemented method; a clear error for planned or unknown ones."
     check_choice('method', method, ALL_METHODS)
-    if method not in METHOD_MODULES:
+    if method not in available_methods():
         raise NotImplementedError(f'method={method!r} is not implemented yet; available: {", ".join(available_methods())}')
     return importlib.import_module(METHOD_MODULES[method])
 
