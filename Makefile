@@ -46,7 +46,7 @@ lab: env  ## JupyterLab from the venv
 	$(BIN)/jupyter lab --notebook-dir=nbs
 
 bench: env  ## benchmarks into outputs/bench
-	$(PY) -m abaw_nb.bench
+	$(BIN)/abaw-bench
 
 lock:  ## recompile requirements.lock from requirements.in and regenerate environment.yml
 	$(UV) pip compile -q requirements.in -o $(LOCK) --python-version 3.11
