@@ -36,5 +36,17 @@ def test_train_multi_rejects_invalid_parameters_first(root, tmp_path):
     failed = [i for i, c in enumerate(cells) if any(o.get('output_type') == 'error' for o in c.get('outputs', []))]
     first_code_after = next(i for i in range(inj + 1, len(cells)) if cells[i]['cell_type'] == 'code')
     assert failed == [first_code_after]           # the first cell after the parameters stops the run
-    r = _papermill(root, out, '-p', 'method', 'emenet')
-    assert "method='emenet' is not implemented yet; available: fpn" in r.stderr
+    r = _papermill(root, out, '-p', 'method', 'fmae')
+    assert "method='fmae' is not implemented yet; available: fpn" in r.stderr
+
+def test_train_multi_emenet_clips(root, tmp_path):
+    "A clip-based method through the same entry point: one prediction row per validation frame, with uncertainties."
+    run = tmp_path/'run'
+    r = _papermill(root, tmp_path/'out.ipynb', '-p', 'method', 'emenet', '-p', 'task', 'va', '-p', 'out_dir', str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    back = load_run(run)
+    assert back['config'].method == 'emenet' and back['config'].extra['seq_len'] == 4
+    pred = back['predictions']
+    assert pred['index'].tolist() == list(range(len(pred))) and pred[['video', 'frame']].duplicated().sum() == 0
+    assert {'valence', 'arousal', 'unc_valence', 'unc_arousal'} <= set(pred.columns)
+    assert pred['unc_valence'].between(0, 1).all()
