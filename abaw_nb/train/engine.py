@@ -16,7 +16,7 @@ from ..core import (Config, autocast, check_choice, get_device, outputs_dir, pro
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'KEY_COLUMNS', 'vit_layer_id', 'param_groups', 'build_optimizer', 'lr_factor',
            'build_scheduler', 'dist_info', 'init_distributed', 'IndexedDataset', 'make_loader', 'UnsafeCheckpoint',
-           'load_checkpoint', 'Trainer']
+           'load_checkpoint', 'clip_rows', 'Trainer']
 
 # %% ../../nbs/04b_train.engine.ipynb #159808a0
 def vit_layer_id(name: str, num_layers: int) -> int:
@@ -98,13 +98,13 @@ def init_distributed(device: str = 'auto') -> tuple[int, int]:
     return dist_info()
 
 class IndexedDataset(torch.utils.data.Dataset):
-    "Wraps a dataset of dict items and adds the item's `index`."
+    "Wraps a dataset of dict items and adds the item's `index` (kept when the item has its own, e.g. the (T,) rows of a clip)."
     def __init__(self, ds): self.ds = ds
     def __len__(self): return len(self.ds)
     def __getitem__(self, i):
         item = self.ds[i]
         if not isinstance(item, dict): raise TypeError(f'dataset items must be dicts, got {type(item).__name__}')
-        return {**item, 'index': i}
+        return {'index': i, **item}
 
 def make_loader(ds, cfg: Config, train: bool, batch_size: int | None = None, sampler=None, drop_last: bool | None = None,
                 collate_fn=None, shuffle: bool | None = None) -> torch.utils.data.DataLoader:
@@ -153,6 +153,25 @@ def _np(x):
 def _default_forward(model, batch): return model(batch['image'])
 
 KEY_COLUMNS = ('split', 'dataset', 'video', 'frame')
+
+def clip_rows(cols: dict) -> pd.DataFrame:
+    "Per-frame rows from clip-shaped columns: `index` (N, T) with -1 for padding; float columns of frames seen by several clips are averaged, other columns keep the first clip's value."
+    from abaw_nb.data.loading import scatter_predictions
+    idx = np.asarray(cols['index']); flat = idx.reshape(-1); keep = flat >= 0
+    if not keep.any(): return pd.DataFrame({k: [] for k in cols})
+    rows = np.unique(flat[keep]); n = int(rows.max()) + 1
+    out = {'index': rows}
+    for k, v in cols.items():
+        if k == 'index': continue
+        v = np.asarray(v)
+        if v.shape[:2] != idx.shape: raise ValueError(f'column {k!r} has shape {v.shape}; expected it to start with {idx.shape}')
+        if v.dtype.kind == 'f':
+            out[k] = scatter_predictions(idx, v, n)[0][rows]
+        else:
+            vf = v.reshape(-1)[keep]; first = {}
+            for r, x in zip(flat[keep], vf): first.setdefault(r, x)
+            out[k] = np.array([first[r] for r in rows])
+    return pd.DataFrame(out)
 
 class Trainer:
     "Runs a method's recipe: `fit`, `evaluate`, `predict`, with checkpoints, resume and a run folder."
@@ -250,7 +269,7 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, ds, batch_size: int | None = None) -> pd.DataFrame:
-        "Per-frame prediction table over `ds` in dataset order (gathered over DDP ranks)."
+        "Per-frame prediction table over `ds` in dataset order (gathered over DDP ranks); clip batches are scattered back to frames."
         if self.predict_fn is None: raise ValueError('predict needs a predict_fn (out, batch) -> {column: array}')
         loader = make_loader(ds, self.cfg, False, batch_size=batch_size, drop_last=False, collate_fn=self.collate_fn)
         self.model.eval(); cols: dict[str, list] = {}
@@ -258,15 +277,18 @@ class Trainer:
             batch = _to(batch, self.device)
             with autocast(self.device, self.cfg.precision):
                 out = self.forward_fn(self.model, batch)
-            rows = {'index': _np(batch['index'])}
+            idx = _np(batch['index'])
+            rows = {'index': idx}
             for k in KEY_COLUMNS:
                 if k in batch: rows[k] = _np(batch[k]) if torch.is_tensor(batch[k]) else np.asarray(batch[k])
             for k, v in self.predict_fn(out, batch).items():
                 v = _np(v)
-                if v.ndim == 2: rows.update({f'{k}_{j}': v[:, j] for j in range(v.shape[1])})
-                else: rows[k] = v
+                if v.ndim == idx.ndim + 1: rows.update({f'{k}_{j}': v[..., j] for j in range(v.shape[-1])})
+                elif v.ndim == idx.ndim: rows[k] = v
+                else: raise ValueError(f'predict_fn column {k!r} has shape {v.shape}; expected {idx.shape} or {idx.shape} + (K,)')
             for k, v in rows.items(): cols.setdefault(k, []).append(v)
-        df = pd.DataFrame({k: np.concatenate(v) for k, v in cols.items()})
+        cols = {k: np.concatenate(v) for k, v in cols.items()}
+        df = clip_rows(cols) if cols['index'].ndim == 2 else pd.DataFrame(cols)
         if self.world > 1:
             parts = [None] * self.world; torch.distributed.all_gather_object(parts, df); df = pd.concat(parts)
         return df.drop_duplicates('index').sort_values('index').reset_index(drop=True)
