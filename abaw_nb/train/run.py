@@ -4,7 +4,7 @@
 
 # %% ../../nbs/04c_train.run.ipynb #5df118ce
 from __future__ import annotations
-import importlib, importlib.util, json
+import importlib, importlib.util, inspect, json
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from ..core import Config, check_choice, get_config, write_csv, write_json, fingerprint, PRESETS
@@ -41,7 +41,9 @@ def run_config(method: str = 'fpn', task: str = 'va', preset: str = 'smoke', **o
     check_choice('task', task, TASK_CHOICES); check_choice('preset', preset, PRESETS)
     mod = method_module(method)
     base = get_config(preset, task=task, method=method)
-    meth = mod.config_overrides(preset, task)
+    # a module serving several methods (mtl_cnn, mtl_cnn_rnn) takes `method` as a third argument
+    takes_method = 'method' in inspect.signature(mod.config_overrides).parameters
+    meth = mod.config_overrides(preset, task, method) if takes_method else mod.config_overrides(preset, task)
     over = {k: v for k, v in overrides.items() if v is not None}
     extra = {**base.extra, **meth.pop('extra', {}), **over.pop('extra', {})}
     return base.replace(**meth).replace(**over, extra=extra)
