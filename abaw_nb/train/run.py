@@ -14,8 +14,8 @@ from ..metrics import score_frames
 from .engine import Trainer
 
 # %% auto #0
-__all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'available_methods', 'method_module',
-           'run_config', 'load_frames', 'task_frames', 'selection_score', 'train', 'load_run']
+__all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'RECIPE_KEYS', 'available_methods',
+           'method_module', 'run_config', 'load_frames', 'task_frames', 'selection_score', 'train', 'load_run']
 
 # %% ../../nbs/04c_train.run.ipynb #e6b11523
 ALL_METHODS = ('fpn', 'mtl_cnn', 'mtl_cnn_rnn', 'emenet', 'emotion_gcn', 'fmae')
@@ -72,16 +72,20 @@ def task_frames(df: pd.DataFrame, task: str) -> pd.DataFrame:
 
 # %% ../../nbs/04c_train.run.ipynb #cfdb59c1
 EDITION = 'abaw2'   # the FPN paper's edition; each method's paper notebook may score with its own
+# what a method's `recipe(cfg, n_expr, au_names)` may return (the first four are required)
+RECIPE_KEYS = ('model', 'loss_fn', 'predict_fn', 'tasks', 'backbone', 'forward_fn', 'collate_fn', 'callbacks', 'make_datasets')
 
 def selection_score(scores: dict, tasks) -> float:
     "The validation number that picks the best checkpoint: the edition's headline score, or for a multi-task run without one (ABAW1/2) the sum of the track scores."
     if 'score' in scores: return scores['score']
     return float(sum(scores[f'{t}_score'] for t in tasks))
 
-def train(cfg: Config, verbose: bool = True) -> dict:
+def train(cfg: Config, verbose: bool = True,
+          data: tuple | None = None,  # (frame table, root) to train on instead of `load_frames(cfg)`: mixed or pseudo-labelled tables
+         ) -> dict:
     "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions."
     mod = method_module(cfg.method)
-    frames, root = load_frames(cfg)
+    frames, root = load_frames(cfg) if data is None else (data[0], Path(data[1]))
     aus = au_columns(frames.attrs['au_space']); n_expr = len(expr_names(frames.attrs['expr_space']))
     tr = task_frames(frames[frames['split'] == 'train'].reset_index(drop=True).pipe(lambda d: d.set_axis(d.index)), cfg.task)
     va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), cfg.task)
@@ -89,9 +93,14 @@ def train(cfg: Config, verbose: bool = True) -> dict:
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f'no {"train" if len(tr) == 0 else "val"} frames labelled for task {cfg.task!r} in {root}')
     rec = mod.recipe(cfg, n_expr=n_expr, au_names=aus)
-    bb = rec.get('backbone', 'resnet50')
-    train_ds = FrameDataset(tr, root, make_transform(True, cfg.img_size, bb))
-    val_ds = FrameDataset(va, root, make_transform(False, cfg.img_size, bb))
+    bad = sorted(set(rec) - set(RECIPE_KEYS))
+    if bad: raise KeyError(f'recipe of {cfg.method!r} has unknown key(s) {bad}; valid: {", ".join(RECIPE_KEYS)}')
+    if 'make_datasets' in rec:
+        train_ds, val_ds = rec['make_datasets'](tr, va, root, cfg)
+    else:
+        bb = rec.get('backbone', 'resnet50')
+        train_ds = FrameDataset(tr, root, make_transform(True, cfg.img_size, bb))
+        val_ds = FrameDataset(va, root, make_transform(False, cfg.img_size, bb))
     train_ds.fingerprint = fingerprint(tr[['video', 'frame', 'path']].to_csv(index=False), str(root), cfg.synth_size)
     tasks = rec['tasks']
 
@@ -102,7 +111,8 @@ def train(cfg: Config, verbose: bool = True) -> dict:
         flat['score'] = selection_score(flat, tasks)
         return flat
 
-    trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn)
+    opt = {k: rec[k] for k in ('forward_fn', 'collate_fn', 'callbacks') if k in rec}
+    trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn, **opt)
     history = trainer.fit()
     trainer.load_best()
     scores, pred = trainer.evaluate()
