@@ -82,10 +82,12 @@ def selection_score(scores: dict, tasks) -> float:
     if 'score' in scores: return scores['score']
     return float(sum(scores[f'{t}_score'] for t in tasks))
 
-def train(cfg: Config, verbose: bool = True) -> dict:
+def train(cfg: Config, verbose: bool = True,
+          data: tuple | None = None,  # (frame table, root) to train on instead of `load_frames(cfg)`: mixed or pseudo-labelled tables
+         ) -> dict:
     "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions."
     mod = method_module(cfg.method)
-    frames, root = load_frames(cfg)
+    frames, root = load_frames(cfg) if data is None else (data[0], Path(data[1]))
     aus = au_columns(frames.attrs['au_space']); n_expr = len(expr_names(frames.attrs['expr_space']))
     tr = task_frames(frames[frames['split'] == 'train'].reset_index(drop=True).pipe(lambda d: d.set_axis(d.index)), cfg.task)
     va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), cfg.task)
