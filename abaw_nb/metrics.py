@@ -16,9 +16,9 @@ from .data import frames as _frames
 
 # %% auto #0
 __all__ = ['EXPR_SPACES', 'AU_SPACES', 'EDITIONS', 'expr_classes', 'au_names', 'Edition', 'get_edition', 'editions_table', 'ccc',
-           'va_metrics', 'confusion_matrix', 'f1_from_counts', 'expr_metrics', 'au_counts', 'au_metrics', 'mtl_score',
-           'reliability_bins', 'ece', 'classwise_ece', 'nll', 'brier', 'reliability_diagram', 'gaussian_nll',
-           'spearman', 'uncertainty_error_corr', 'search_au_thresholds', 'AUThresholds', 'score_frames',
+           'va_metrics', 'rmse', 'sagr', 'pcc', 'confusion_matrix', 'f1_from_counts', 'expr_metrics', 'au_counts',
+           'au_metrics', 'mtl_score', 'reliability_bins', 'ece', 'classwise_ece', 'nll', 'brier', 'reliability_diagram',
+           'gaussian_nll', 'spearman', 'uncertainty_error_corr', 'search_au_thresholds', 'AUThresholds', 'score_frames',
            'fit_au_thresholds', 'toy_tables', 'bench_scoring']
 
 # %% ../nbs/02_metrics.ipynb #f92d0662
@@ -153,6 +153,38 @@ def va_metrics(y_true, # (N, 2) valence, arousal
         raise ValueError(f'y_true and y_pred must both be (N, 2) [valence, arousal]; got {t.shape} and {p.shape}')
     cv, ca = ccc(t[:, 0], p[:, 0]), ccc(t[:, 1], p[:, 1])
     return dict(n=len(t), ccc_valence=cv, ccc_arousal=ca, ccc_mean=(cv + ca) / 2)
+
+# %% ../nbs/02_metrics.ipynb #ac59b4aa
+def _va_pair(y_true, y_pred):
+    x, y = _vec(y_true, 'y_true'), _vec(y_pred, 'y_pred')
+    _same_len(x, y)
+    for a, n in ((x, 'y_true'), (y, 'y_pred')):
+        if not np.isfinite(a).all(): raise ValueError(f'{n} has {int((~np.isfinite(a)).sum())} NaN/inf values; drop missing labels first')
+    return x, y
+
+def rmse(y_true, # ground truth, 1-D
+         y_pred, # predictions, same length
+        ) -> float:
+    "Root mean squared error."
+    x, y = _va_pair(y_true, y_pred)
+    d = x - y
+    return float(np.sqrt(d @ d / len(d)))
+
+def sagr(y_true, # ground truth, 1-D
+         y_pred, # predictions, same length
+        ) -> float:
+    "Sign agreement: share of frames with sign(prediction) == sign(label) (np.sign: 0 agrees only with 0)."
+    x, y = _va_pair(y_true, y_pred)
+    return float(np.mean(np.sign(x) == np.sign(y)))
+
+def pcc(y_true, # ground truth, 1-D
+        y_pred, # predictions, same length
+       ) -> float:
+    "Pearson correlation coefficient; NaN when either series is constant (undefined)."
+    x, y = _va_pair(y_true, y_pred)
+    dx, dy = x - x.mean(), y - y.mean()
+    den = np.sqrt((dx @ dx) * (dy @ dy))
+    return float(np.clip(dx @ dy / den, -1.0, 1.0)) if den > 0 else float('nan')
 
 # %% ../nbs/02_metrics.ipynb #0e0eae09
 _UNDEFINED = ('zero', 'nan')
@@ -574,6 +606,7 @@ def _score_va(frames, preds, ix, ed, missing, calibration, va_uncertainty, out):
         out[f'va_n_{dim}'] = len(rows)
         if nmiss: out[f'va_n_missing_{dim}'] = nmiss
         out[f'va_ccc_{dim}'] = res[dim]
+        out[f'va_rmse_{dim}'], out[f'va_sagr_{dim}'], out[f'va_pcc_{dim}'] = rmse(t, p), sagr(t, p), pcc(t, p)
         if calibration and f'unc_{dim}' in preds.columns:
             u = _gather(preds, [f'unc_{dim}'], src)[0]
             out[f'va_unc_spearman_{dim}'] = uncertainty_error_corr(u, t, p)

@@ -23,7 +23,7 @@ ALL_METHODS = ('fpn', 'mtl_cnn', 'mtl_cnn_rnn', 'emenet', 'emotion_gcn', 'fmae')
 METHOD_MODULES = {'fpn': 'abaw_nb.methods.fpn', 'mtl_cnn': 'abaw_nb.methods.incomplete', 'mtl_cnn_rnn': 'abaw_nb.methods.incomplete',
                   'emenet': 'abaw_nb.methods.emenet', 'emotion_gcn': 'abaw_nb.methods.emotion_gcn', 'fmae': 'abaw_nb.methods.fmae'}
 TASK_CHOICES = ('va', 'expr', 'au', 'multi')
-DATA_FORMATS = ('affwild2',)                       # real layouts train_multi reads (more readers exist in data.formats)
+DATA_FORMATS = ('affwild2', 'affectnet')           # real layouts train_multi reads (more readers exist in data.formats)
 
 def available_methods() -> list[str]:
     "Methods whose recipe is implemented."
@@ -51,8 +51,18 @@ def run_config(method: str = 'fpn', task: str = 'va', preset: str = 'smoke', **o
 # %% ../../nbs/04c_train.run.ipynb #38a232b9
 def load_frames(cfg: Config) -> tuple[pd.DataFrame, Path]:
     "The frame table of the run's data and the root its image paths are relative to."
-    from abaw_nb.data.formats import read_affwild2
+    from abaw_nb.data.formats import read_affwild2, read_affectnet
     check_choice('data_format', cfg.data_format, DATA_FORMATS)
+    if cfg.data_root is None and cfg.data_format != 'affwild2':
+        raise ValueError(f"data_format={cfg.data_format!r} needs a data_root: SynthAffect is generated in the Aff-Wild2 layout "
+                         "(data_root=None); write it out in another layout and point data_root there")
+    if cfg.data_format == 'affectnet':
+        root = Path(cfg.data_root).expanduser()
+        if not root.is_dir(): raise FileNotFoundError(f'data_root={str(root)!r} is not a folder')
+        df = read_affectnet(root, expr_space=cfg.extra.get('expr_space', 'expr7'))
+        for a in au_columns(df.attrs['au_space']):     # AffectNet has no AU labels: NA columns keep the frame contract
+            if a not in df.columns: df[a] = pd.array([pd.NA] * len(df), dtype='Int8')
+        return df, root
     if cfg.data_root is None:
         from abaw_nb.data.synth import generate_cached
         root = generate_cached(cfg.synth_size, seed=cfg.extra.get('data_seed', 0), show_progress=False)
@@ -63,12 +73,17 @@ def load_frames(cfg: Config) -> tuple[pd.DataFrame, Path]:
         dataset = cfg.data_format
     return read_affwild2(root, dataset=dataset), Path(root)
 
-def task_frames(df: pd.DataFrame, task: str) -> pd.DataFrame:
-    "Frames that carry a label of `task` (any label for multi)."
-    aus = au_columns(df.attrs['au_space'])
-    has = dict(va=df['valence'].notna() & df['arousal'].notna(), expr=df['expr'].notna(), au=df[aus].notna().all(axis=1))
-    keep = has[task] if task != 'multi' else (has['va'] | has['expr'] | has['au'])
-    out = df[keep.to_numpy()].reset_index(drop=True)
+def task_frames(df: pd.DataFrame, task: str,
+                tasks=None,   # for task 'multi': the tasks a method trains (default va, expr, au)
+               ) -> pd.DataFrame:
+    "Frames that carry a label of `task` (for multi: a label of any of `tasks`)."
+    aus = [a for a in au_columns(df.attrs['au_space']) if a in df.columns]
+    has_au = df[aus].notna().all(axis=1) if aus else pd.Series(False, index=df.index)
+    has = dict(va=df['valence'].notna() & df['arousal'].notna(), expr=df['expr'].notna(), au=has_au)
+    multi = tuple(tasks) if tasks is not None else ('va', 'expr', 'au')
+    for t in multi: check_choice('task', t, ('va', 'expr', 'au'))
+    keep = has[task].to_numpy() if task != 'multi' else np.logical_or.reduce([has[t].to_numpy() for t in multi])
+    out = df[keep].reset_index(drop=True)
     out.attrs = dict(df.attrs)
     return out
 
@@ -89,12 +104,14 @@ def train(cfg: Config, verbose: bool = True,
     mod = method_module(cfg.method)
     frames, root = load_frames(cfg) if data is None else (data[0], Path(data[1]))
     aus = au_columns(frames.attrs['au_space']); n_expr = len(expr_names(frames.attrs['expr_space']))
-    tr = task_frames(frames[frames['split'] == 'train'].reset_index(drop=True).pipe(lambda d: d.set_axis(d.index)), cfg.task)
-    va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), cfg.task)
+    multi = mod.multi_tasks(cfg) if hasattr(mod, 'multi_tasks') else None   # a method may train fewer than 3 tasks in 'multi'
+    tr = task_frames(frames[frames['split'] == 'train'].reset_index(drop=True).pipe(lambda d: d.set_axis(d.index)), cfg.task, multi)
+    va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), cfg.task, multi)
     for d in (tr, va): d.attrs = dict(frames.attrs)
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f'no {"train" if len(tr) == 0 else "val"} frames labelled for task {cfg.task!r} in {root}')
-    rec = mod.recipe(cfg, n_expr=n_expr, au_names=aus)
+    kw = {'train_frames': tr} if 'train_frames' in inspect.signature(mod.recipe).parameters else {}
+    rec = mod.recipe(cfg, n_expr=n_expr, au_names=aus, **kw)   # methods that derive things from the labels (a graph) take them
     bad = sorted(set(rec) - set(RECIPE_KEYS))
     if bad: raise KeyError(f'recipe of {cfg.method!r} has unknown key(s) {bad}; valid: {", ".join(RECIPE_KEYS)}')
     if 'make_datasets' in rec:
