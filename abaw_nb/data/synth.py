@@ -17,9 +17,11 @@ from ..core import cache_dir, check_choice, write_csv, write_json, write_text, p
 
 # %% auto #0
 __all__ = ['AU_ALL', 'EXPR7', 'EXPR_PRIOR', 'AU_THRESHOLD', 'CONFOUND_AU', 'CORRUPTIONS', 'TASKS', 'PROTOTYPES', 'VA_CENTRES',
-           'CONFUSIONS', 'PROTO', 'VA_C', 'AU_IDX', 'SIZES', 'JPEG_QUALITY', 'FORMATS', 'SynthSize', 'get_size',
-           'make_identities', 'simulate_video', 'annotate', 'render_frame', 'SynthWorld', 'make_world', 'synth_audio',
-           'write_wav', 'read_wav', 'frame_table', 'generate', 'load_latent', 'generate_cached', 'bench_synth']
+           'CONFUSIONS', 'PROTO', 'VA_C', 'AU_IDX', 'SIZES', 'JPEG_QUALITY', 'FORMATS', 'DEFAULT_FORMATS',
+           'AU_DATASETS', 'EVAL_SPLIT', 'STILL_STRIDE', 'SynthSize', 'get_size', 'make_identities', 'simulate_video',
+           'annotate', 'render_frame', 'SynthWorld', 'make_world', 'synth_audio', 'write_wav', 'read_wav',
+           'frame_table', 'format_root', 'still_frames', 'au_subject_ids', 'face_landmarks', 'write_formats',
+           'read_format', 'format_sources', 'generate', 'load_latent', 'add_formats', 'generate_cached', 'bench_synth']
 
 # %% ../../nbs/01c_data.synth.ipynb #d40d1d7a
 AU_ALL = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24, 25, 26)  # every AU the world simulates
@@ -515,8 +517,12 @@ def _run_jobs(jobs, workers, show):
     with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
         return sum(progress(ex.map(_render_job, jobs, chunksize=1), total=len(jobs), desc='SynthAffect', enabled=show))
 
-# %% ../../nbs/01c_data.synth.ipynb #78ff8d24
-FORMATS = ('affwild2',)   # on-disk layouts SynthAffect can write (through `abaw_nb.data.formats`)
+# %% ../../nbs/01c_data.synth.ipynb #6b1d0c3e
+FORMATS = ('affwild2', 'affectnet', 'expw', 'bp4d', 'bp4dp', 'disfa', 'rafdb', 'affectnet8', 'afew_va')  # layouts SynthAffect writes
+DEFAULT_FORMATS = ('affwild2',)   # what `generate` / `generate_cached` write unless told otherwise
+AU_DATASETS = {'bp4d': 'bp4d', 'bp4dp': 'bp4d+', 'disfa': 'disfa'}   # format -> dataset name of `abaw_nb.data.formats`
+EVAL_SPLIT = {'affectnet': 'val', 'affectnet8': 'val', 'rafdb': 'test'}  # where held-out subjects go in 2-split layouts
+STILL_STRIDE = 5   # still-image layouts take every STILL_STRIDE-th frame of a video (seeded offset)
 
 def frame_table(world: SynthWorld,           # from `make_world`
                 au_space: str = 'affwild2_12', # AU columns to keep (an `abaw_nb.data.frames` AU space)
@@ -534,17 +540,258 @@ def frame_table(world: SynthWorld,           # from `make_world`
     if audio: d['audio'] = [f'audios/{v}.wav' for v in lat.video]
     return make_frames(d, expr_space='expr7', au_space=au_space)
 
-def _write_format(fmt, world, root):
-    import abaw_nb.data.formats as F
-    writer = getattr(F, f'write_{fmt}', None)
-    if writer is None: raise NotImplementedError(f'abaw_nb.data.formats has no write_{fmt} yet; generate with formats=() to get images, audio and _latent/ only')
-    n = dict(zip(world.videos.video, world.videos.n_frames.astype(int)))
-    return writer(frame_table(world, audio=False), root, images=None, n_frames=n)   # images are already rendered
+def format_root(root,      # a generated SynthAffect folder
+                fmt: str,  # one of `FORMATS`
+               ) -> Path:
+    "Where layout `fmt` lives: the root itself for Aff-Wild2, `<root>/<fmt>` for the others."
+    check_choice('format', fmt, FORMATS)
+    return Path(root) if fmt == 'affwild2' else Path(root) / fmt
 
+def still_frames(world: SynthWorld, # from `make_world`
+                 fmt: str,          # the layout (seeds the offsets)
+                 need,              # bool per latent row: the frame has the labels this layout needs
+                 train_only: bool = False, # only training subjects (extra-training-data layouts)
+                 stride: int = STILL_STRIDE, # take every `stride`-th frame of a video
+                ) -> np.ndarray:
+    "Positions (rows of `world.latent`) of the frames a still-image layout samples: every `stride`-th frame from a seeded offset, with a face and `need`."
+    lat = world.latent
+    ok = lat.face.to_numpy(bool) & np.asarray(need, bool)
+    if train_only: ok &= lat.split.to_numpy() == 'train'
+    rng = _rng(world.seed, 10, FORMATS.index(fmt))
+    vid = lat.video.to_numpy(); out = [np.zeros(0, np.int64)]
+    for v in world.videos.video:
+        pos = np.flatnonzero(vid == v)
+        sel = pos[int(rng.integers(0, stride))::stride]
+        out.append(sel[ok[sel]])
+    return np.concatenate(out)
+
+def au_subject_ids(world: SynthWorld, # from `make_world`
+                   dataset: str,      # 'bp4d' | 'bp4d+' | 'disfa'
+                  ) -> dict:
+    "World subject -> subject id of `dataset`, folds filled to equal sizes in order with the held-out (val, test) subjects first."
+    from abaw_nb.data.formats import AU_FOLDS
+    folds = list(AU_FOLDS[dataset].values()); k = len(folds)
+    ids = world.identities
+    order = list(ids.subject[ids.split != 'train']) + list(ids.subject[ids.split == 'train'])
+    n = min(len(order), sum(len(f) for f in folds))
+    sizes = [n // k + (i < n % k) for i in range(k)]
+    out, it = {}, iter(order[:n])
+    for f, s in zip(folds, sizes):
+        if s > len(f): raise ValueError(f'{dataset} fold has {len(f)} ids, {s} subjects assigned')
+        for j in range(s): out[next(it)] = f[j]
+    return out
+
+def face_landmarks(ident: dict,       # one identity (row of `make_identities` as a dict)
+                   row: dict,         # one latent frame
+                   img_size: int = 112, # side of the rendered frame
+                  ) -> np.ndarray:
+    "68 (x, y) pixel points (iBUG-68 order: jaw, brows, nose, eyes, mouth) of the face `render_frame` draws for `row`."
+    S = img_size
+    A = {a: row[f'AU{a}_int'] / 5.0 for a in AU_ALL}
+    roll, yaw, pitch = math.radians(row['roll']), row['yaw'], row['pitch']
+    unit = S * 0.40 * row['scale']; cx, cy = S * (0.5 + row['dx']), S * (0.53 + row['dy'])
+    cr, sr = math.cos(roll), math.sin(roll)
+    def P(x, y, feat=True):   # the transform of render_frame, in float pixels
+        x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
+        if feat: x, y = x * (1 - 0.25 * abs(yaw)) + 0.30 * yaw, y + 0.30 * pitch
+        return np.stack([cx + unit * (cr * x - sr * y), cy + unit * (sr * x + cr * y)], 1)
+    fw, fh, fx = ident['face_w'] * (1 - 0.2 * abs(yaw)), ident['face_h'], 0.1 * yaw
+    t = np.linspace(np.pi, 0, 17)                                   # 0-16 jaw: left ear, chin, right ear
+    jaw = P(fx + fw * np.cos(t), fh * np.sin(t) * (1 + 0.07 * A[26]), feat=False)
+    ex, ey, ew = ident['eye_dx'], ident['eye_y'], ident['eye_w']
+    eh = max(0.006, ident['eye_h'] * (1 + 1.0 * A[5] - 0.6 * A[7] - 0.4 * A[6]))
+    yb = ey - eh - ident['brow_gap'] + 0.05
+    brows, eyes = [], []
+    for s in (-1, 1):                                                # image left, then image right
+        bx = np.array([s * (ex - 0.10 + 0.045 * A[4]), s * ex, s * (ex + 0.11)])
+        by = np.array([yb + 0.12 * A[4] - 0.20 * A[1], yb - 0.03 + 0.08 * A[4] - 0.09 * A[1] - 0.12 * A[2],
+                       yb + 0.01 + 0.04 * A[4] - 0.20 * A[2]])
+        u = np.linspace(0, 2, 5) if s == 1 else np.linspace(2, 0, 5)  # 17-21 outer->inner, 22-26 inner->outer
+        brows.append(P(np.interp(u, [0, 1, 2], bx), np.interp(u, [0, 1, 2], by)))
+        c, k = s * ex, math.sqrt(8) / 3                              # 36-41 / 42-47: left corner, top, right corner, bottom
+        eyes.append(P(c + ew * np.array([-1, -1 / 3, 1 / 3, 1, 1 / 3, -1 / 3]), ey + eh * k * np.array([0, -1, -1, 0, 1, 1])))
+    ny = ey + ident['nose_len'] - 0.02 * A[9] - 0.02 * A[10]
+    nose = np.r_[P(np.zeros(4), np.linspace(ey + 0.02, ny, 4)), P(np.linspace(-0.07, 0.07, 5), np.full(5, ny + 0.01))]
+    my = ident['mouth_y']
+    mw = ident['mouth_w'] * (1 + 0.25 * A[12] + 0.35 * A[20] - 0.15 * A[24] - 0.10 * A[23] - 0.05 * A[14])
+    cdy = -0.16 * A[12] + 0.14 * A[15] + 0.02 * A[20]
+    opn = 0.08 * A[25] + 0.22 * A[26]
+    lt = ident['lip_t'] * max(0.15, 1 - 0.5 * A[23] - 0.45 * A[24])
+    yu = lambda T: my + cdy * T ** 2 - 0.05 * A[10] * (1 - T ** 2) - 0.25 * opn * (1 - T ** 2)
+    yl = lambda T: my + cdy * T ** 2 + 0.75 * opn * (1 - T ** 2) - 0.03 * A[17] * (1 - T ** 2)
+    T7, T5 = np.linspace(-1, 1, 7), np.linspace(-1, 1, 5)
+    lo = T7[::-1][1:-1]
+    outer = np.r_[P(mw * T7, yu(T7) - lt * np.sqrt(1 - T7 ** 2)), P(mw * lo, yl(lo) + 1.3 * lt * np.sqrt(1 - lo ** 2))]   # 48-59
+    inner = np.r_[P(mw * T5, yu(T5)), P(mw * T5[::-1][1:-1], yl(T5[::-1][1:-1]))]                                      # 60-67
+    return np.concatenate([jaw, brows[0], brows[1], nose, eyes[0], eyes[1], outer, inner])
+
+def _sources(t, pos, world):
+    "Map a layout's (video, frame) keys to the world's video and frame."
+    return pd.DataFrame({'video': t['video'].to_numpy(), 'frame': t['frame'].to_numpy(),
+                         'src_video': world.latent.video.to_numpy()[pos], 'src_frame': world.latent.frame.to_numpy()[pos]})
+
+def _crop_file(root, world, pos):
+    lat = world.latent
+    return [Path(root) / f'cropped_aligned/{v}/{f + 1:05d}.jpg' for v, f in zip(lat.video.to_numpy()[pos], lat.frame.to_numpy()[pos])]
+
+def _fmt_affwild2(world, root, out):
+    from abaw_nb.data.formats import write_affwild2
+    n = dict(zip(world.videos.video, world.videos.n_frames.astype(int)))
+    write_affwild2(frame_table(world, audio=False), root, images=None, n_frames=n)   # images are already rendered
+    return None
+
+def _fmt_affectnet(world, root, out):
+    from abaw_nb.data.formats import write_affectnet, AFFECTNET_IMAGES
+    from abaw_nb.data.frames import make_frames
+    ft = frame_table(world, audio=False)
+    pos = still_frames(world, 'affectnet', (ft.expr.notna() | ft.valence.notna()).to_numpy())
+    d = ft.iloc[pos]
+    names = [f'{i // 500 + 1}/{v}_{f:05d}.jpg' for i, (v, f) in enumerate(zip(d.video, d.frame))]
+    t = make_frames(dict(dataset='affectnet', split=np.where(d.split.to_numpy() == 'train', 'train', EVAL_SPLIT['affectnet']),
+                         video=[n[:-4] for n in names], frame=0, path=[f'{AFFECTNET_IMAGES}/{n}' for n in names],
+                         valence=d.valence.to_numpy(), arousal=d.arousal.to_numpy(), expr=d.expr.to_numpy()))
+    S = world.size.img_size; C = 2 * S
+    xy = _rng(world.seed, 11).integers(0, C - S + 1, (len(pos), 2))
+    idr = {r['subject']: r for r in world.identities.to_dict('records')}
+    vbg = world.videos.set_index('video')[['bg_r', 'bg_g', 'bg_b']]
+    rows = world.latent.iloc[pos].to_dict('records')
+    jobs, meta = {}, []
+    for p, r, (x0, y0) in zip(t['path'], rows, xy):
+        lm = face_landmarks(idr[r['subject']], r, S) + [x0, y0]
+        meta.append(dict(face_x=int(x0), face_y=int(y0), face_width=S, face_height=S, facial_landmarks=';'.join(f'{v:.2f}' for v in lm.ravel())))
+        jobs[p] = (r, int(x0), int(y0))
+    def image(row):   # the face rendered where the box says, on a canvas twice its size
+        r, x0, y0 = jobs[row['path']]
+        canvas = _background(tuple(vbg.loc[r['video']]), C)
+        canvas[y0:y0 + S, x0:x0 + S] = render_frame(idr[r['subject']], r, S, canvas[y0:y0 + S, x0:x0 + S].copy())
+        return canvas
+    write_affectnet(t, out, image, pd.DataFrame(meta), quality=JPEG_QUALITY)
+    return _sources(t, pos, world)
+
+def _fmt_expw(world, root, out):
+    from abaw_nb.data.formats import write_expw
+    from abaw_nb.data.frames import make_frames
+    ft = frame_table(world, audio=False)
+    pos = still_frames(world, 'expw', ft.expr.notna().to_numpy(), train_only=True)
+    rng = _rng(world.seed, 12)
+    pos = pos[rng.permutation(len(pos))]                  # faces of different videos share an origin image
+    n_faces = rng.integers(1, 4, len(pos))                # 1-3 faces per origin image
+    vids, k, img = [], 0, 0
+    while k < len(pos):
+        m = int(min(n_faces[img], len(pos) - k))
+        vids += [f'img{img:05d}_{j}' for j in range(m)]; k += m; img += 1
+    d = ft.iloc[pos]
+    t = make_frames(dict(dataset='expw', split='train', video=vids, frame=0, path=[f'image/crops/{v}.jpg' for v in vids],
+                         expr=d.expr.to_numpy()))
+    write_expw(t, out, dict(zip(zip(vids, [0] * len(vids)), _crop_file(root, world, pos))), quality=JPEG_QUALITY)
+    return _sources(t, pos, world)
+
+def _fmt_au(fmt):
+    def write(world, root, out):
+        from abaw_nb.data.formats import AU_JSON, write_au_json
+        from abaw_nb.data.frames import make_frames, au_columns
+        ds = AU_DATASETS[fmt]; space = AU_JSON[ds][0]; aus = au_columns(space)
+        sid = au_subject_ids(world, ds)
+        ft = frame_table(world, au_space=space, audio=False)
+        keep = world.latent.face.to_numpy(bool) & ft[aus].notna().any(axis=1).to_numpy() & ft.subject.isin(list(sid)).to_numpy()
+        pos = np.flatnonzero(keep); d = ft.iloc[pos]
+        v = world.videos[world.videos.subject.isin(list(sid))].copy()
+        v['k'] = v.groupby('subject').cumcount() + 1                           # k-th video of its subject
+        v['offset'] = v.groupby('subject').n_frames.cumsum() - v.n_frames      # DISFA: a subject's videos run on
+        if ds == 'disfa': v['folder'], off = 'RightVideo' + v.subject.map(sid), v.set_index('video').offset
+        else: v['folder'], off = v.subject.map(sid) + '_T' + v.k.astype(str), v.set_index('video').offset * 0
+        folder = v.set_index('video').folder.loc[d.video].to_numpy()
+        frame = d.frame.to_numpy() + off.loc[d.video].to_numpy()
+        cols = dict(dataset=ds, split='train', video=folder, subject=d.subject.map(sid).to_numpy(), frame=frame,
+                    path=[f'{a}/frame_{b}.jpg' for a, b in zip(folder, frame)])
+        t = make_frames({**cols, **{c: d[c].to_numpy() for c in aus}}, au_space=space)
+        write_au_json(t, out / f'{fmt}.json', out, dict(zip(t['path'], _crop_file(root, world, pos))))
+        return _sources(t, pos, world)
+    return write
+
+def _fmt_folder(fmt):
+    def write(world, root, out):
+        from abaw_nb.data.formats import IMAGE_FOLDER_LAYOUTS, write_image_folder
+        from abaw_nb.data.frames import make_frames, map_expr
+        ft = frame_table(world, audio=False)
+        pos = still_frames(world, fmt, ft.expr.notna().to_numpy())
+        d = ft.iloc[pos]
+        split = np.where(d.split.to_numpy() == 'train', 'train', EVAL_SPLIT[fmt])
+        num = pd.Series(split).groupby(split).cumcount().to_numpy() + 1
+        vids = [f'{s}_{i:05d}' for s, i in zip(split, num)] if fmt == 'rafdb' else [f'{i + 1:06d}' for i in range(len(split))]
+        native, first = IMAGE_FOLDER_LAYOUTS[fmt]
+        cls = map_expr(d.expr.to_numpy(), 'expr7', native).to_numpy() + first
+        t = make_frames(dict(dataset=fmt, split=split, video=vids, frame=0,
+                             path=[f'{s}/{c}/{v}.jpg' for s, c, v in zip(split, cls, vids)], expr=d.expr.to_numpy()))
+        write_image_folder(t, out, dict(zip(t['path'], _crop_file(root, world, pos))), layout=fmt)
+        return _sources(t, pos, world)
+    return write
+
+def _fmt_afew_va(world, root, out):
+    import cv2
+    from abaw_nb.data.formats import write_afew_va
+    from abaw_nb.data.frames import make_frames
+    ft = frame_table(world, audio=False)
+    vids = world.videos.video[world.videos.VA & (world.videos.split == 'train')].tolist()
+    name = {v: f'{j + 1:03d}' for j, v in enumerate(vids)}
+    part = {v: f'{j % 12 + 1:02d}' for j, v in enumerate(vids)}
+    keep = world.latent.face.to_numpy(bool) & ft.valence.notna().to_numpy() & ft.arousal.notna().to_numpy() & ft.video.isin(vids).to_numpy()
+    pos = np.flatnonzero(keep); d = ft.iloc[pos]
+    t = make_frames(dict(dataset='afew_va', split='train', video=d.video.map(name).to_numpy(), subject=d.subject.to_numpy(),
+                         frame=d.frame.to_numpy(), path=[f'{part[v]}/{name[v]}/{f:05d}.png' for v, f in zip(d.video, d.frame)],
+                         valence=d.valence.to_numpy(), arousal=d.arousal.to_numpy()))
+    src = dict(zip(t['path'], _crop_file(root, world, pos)))
+    image = lambda row: np.ascontiguousarray(cv2.imread(str(src[row['path']]))[..., ::-1])   # the JPEG crop, saved as PNG
+    for p in sorted(set(part.values())):
+        g = t[t['path'].str.startswith(p + '/')]
+        if len(g): write_afew_va(g, out, image, part=p)
+    return _sources(t, pos, world)
+
+_FORMAT_WRITERS = {'affwild2': _fmt_affwild2, 'affectnet': _fmt_affectnet, 'expw': _fmt_expw,
+                   **{f: _fmt_au(f) for f in AU_DATASETS}, 'rafdb': _fmt_folder('rafdb'),
+                   'affectnet8': _fmt_folder('affectnet8'), 'afew_va': _fmt_afew_va}
+
+def write_formats(world: SynthWorld, # from `make_world` (its frames already rendered under `root`)
+                  root,              # the generated folder
+                  formats: tuple = DEFAULT_FORMATS, # layouts to write
+                 ) -> list[str]:
+    "Write the label files (and layout-specific images) of `formats` through the writers of `abaw_nb.data.formats`."
+    import shutil
+    root = Path(root)
+    for f in formats: check_choice('format', f, FORMATS)
+    for f in formats:
+        out = format_root(root, f)
+        if f != 'affwild2': shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
+        src = _FORMAT_WRITERS[f](world, root, out)
+        if src is not None: write_csv(root / '_latent' / 'sources' / f'{f}.csv', src)
+    return list(formats)
+
+def read_format(root,      # a generated SynthAffect folder
+                fmt: str,  # one of `FORMATS`
+                **kw,      # passed to the reader (e.g. crop=True, expr_space='expr8_contempt')
+               ) -> tuple[pd.DataFrame, Path]:
+    "Read layout `fmt` of a generated folder with its reader from `abaw_nb.data.formats`: (frame table, image root)."
+    import abaw_nb.data.formats as F
+    r = format_root(root, fmt)
+    if not (r.is_dir() and (fmt == 'affwild2' or any(r.iterdir()))): raise FileNotFoundError(f'{r}: layout {fmt!r} was not generated; use add_formats({str(root)!r}, ({fmt!r},))')
+    if fmt == 'affwild2': return F.read_affwild2(r, **{'dataset': 'synthaffect', **kw}), r
+    if fmt == 'affectnet': return F.read_affectnet(r, **kw), r
+    if fmt == 'expw': return F.read_expw(r, **kw), r
+    if fmt in AU_DATASETS: return F.read_au_json(r / f'{fmt}.json', AU_DATASETS[fmt], **kw), r
+    if fmt in ('rafdb', 'affectnet8'): return F.read_image_folder(r, fmt, **kw), r
+    return F.read_afew_va(r, **kw), r
+
+def format_sources(root, fmt: str) -> pd.DataFrame:
+    "The (video, frame) -> (src_video, src_frame) map of layout `fmt` (join with `load_latent(root)['frames']`)."
+    f = Path(root) / '_latent' / 'sources' / f'{fmt}.csv'
+    if not f.is_file(): raise FileNotFoundError(f'{f} not found: layout {fmt!r} was not generated')
+    return pd.read_csv(f, dtype={'video': str, 'src_video': str})
+
+# %% ../../nbs/01c_data.synth.ipynb #78ff8d24
 def generate(root,                            # output folder (created)
              size: str | SynthSize = 'smoke', # a name in `SIZES` or a `SynthSize`
              seed: int = 0,                   # the one seed of the dataset
-             formats: tuple = FORMATS,        # label layouts to write (see `FORMATS`)
+             formats: tuple = DEFAULT_FORMATS, # label layouts to write (any of `FORMATS`)
              workers: int = 1,                # rendering processes (the files do not depend on it)
              show_progress: bool | None = None, # progress bar (default: `$ABAW_NB_PROGRESS`)
              **overrides,                     # `SynthSize` fields to change (e.g. img_size=32)
@@ -564,7 +811,7 @@ def generate(root,                            # output folder (created)
     write_csv(lat_dir / 'frames.csv', world.latent, **kw)
     write_csv(lat_dir / 'annotations.csv', world.labels, **kw)
     write_csv(lat_dir / 'unlabelled.csv', world.pool, **kw)
-    for f in formats: _write_format(f, world, root)
+    write_formats(world, root, formats)
     meta = dict(name='SynthAffect', size=asdict(world.size), seed=int(seed), formats=list(formats), au_all=list(AU_ALL),
                 expr7=list(EXPR7), au_threshold=AU_THRESHOLD, confound_au=CONFOUND_AU, corruptions=list(CORRUPTIONS),
                 jpeg_quality=JPEG_QUALITY, n_images=int(n_img), n_frames=int(len(world.latent)), n_videos=int(len(world.videos)),
@@ -581,24 +828,44 @@ def load_latent(root) -> dict:
     out['meta'] = json.loads((d / 'meta.json').read_text())
     return out
 
+def add_formats(root,                 # a generated SynthAffect folder
+                formats: tuple,       # layouts to (re)write, any of `FORMATS`
+               ) -> Path:
+    "Write more layouts into a generated folder without re-rendering: the world is re-drawn from `_latent/meta.json`."
+    for f in formats: check_choice('format', f, FORMATS)
+    root = Path(root); meta = load_latent(root)['meta']
+    size = SynthSize(**{**meta['size'], 'frames': tuple(meta['size']['frames'])})
+    write_formats(make_world(size, meta['seed']), root, formats)
+    meta['formats'] = [f for f in FORMATS if f in set(meta['formats']) | set(formats)]
+    write_json(root / '_latent' / 'meta.json', meta)
+    return root
+
 # %% ../../nbs/01c_data.synth.ipynb #debcbe01
 _MARKER = '.synthaffect-complete'
 
 def generate_cached(size: str = 'smoke',       # a name in `SIZES`
                     seed: int = 0,             # dataset seed
-                    formats: tuple = FORMATS,  # label layouts
+                    formats: tuple = DEFAULT_FORMATS, # label layouts (any of `FORMATS`)
                     workers: int | None = None, # rendering processes (default: all cores)
                     **kw,                      # passed to `generate`
                    ) -> Path:
-    "Generate SynthAffect `size`/`seed` into the cache once; later calls return the cached folder."
+    "Generate SynthAffect `size`/`seed` into the cache once; later calls return the cached folder (adding missing layouts)."
     import shutil
     root = cache_dir('synthaffect', f'{size}-{seed}')
     marker = root / _MARKER
-    want = json.dumps(dict(formats=list(formats), **{k: v for k, v in kw.items() if k != 'show_progress'}), sort_keys=True)
-    if marker.is_file() and marker.read_text() == want: return root
+    kw_key = {k: v for k, v in kw.items() if k != 'show_progress'}
+    if marker.is_file():
+        have = json.loads(marker.read_text())
+        done = have.pop('formats', [])
+        if have == json.loads(json.dumps(kw_key)):
+            missing = tuple(f for f in formats if f not in done)
+            if not missing: return root
+            add_formats(root, missing)   # same world: write the new layouts only, no re-rendering
+            write_text(marker, json.dumps(dict(formats=done + list(missing), **kw_key), sort_keys=True))
+            return root
     shutil.rmtree(root, ignore_errors=True)
     generate(root, size, seed, formats=formats, workers=workers or os.cpu_count() or 1, **kw)
-    write_text(marker, want)
+    write_text(marker, json.dumps(dict(formats=list(formats), **kw_key), sort_keys=True))
     return root
 
 # %% ../../nbs/01c_data.synth.ipynb #71e888d3
