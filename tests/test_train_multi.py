@@ -38,3 +38,15 @@ def test_train_multi_rejects_invalid_parameters_first(root, tmp_path):
     assert failed == [first_code_after]           # the first cell after the parameters stops the run
     r = _papermill(root, out, '-p', 'method', 'emenet')
     assert "method='emenet' is not implemented yet; available: fpn" in r.stderr
+
+def test_train_multi_mtl_cnn_rnn_smoke(root, tmp_path):
+    "method=mtl_cnn_rnn: trains (or reuses) the Multitask-CNN teacher, then the frozen-CNN + GRU model on clips."
+    run = tmp_path/'run'
+    r = _papermill(root, tmp_path/'out.ipynb', '-p', 'task', 'multi', '-p', 'method', 'mtl_cnn_rnn', '-p', 'out_dir', str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    back = load_run(run)
+    assert (back['config'].method, back['config'].extra['seq_len']) == ('mtl_cnn_rnn', 8)
+    assert {'va_score', 'expr_score', 'au_score', 'score'} <= set(back['scores'])
+    pred = back['predictions']
+    assert pred[['video', 'frame']].duplicated().sum() == 0          # overlapping windows averaged to one row per frame
+    assert {'valence', 'arousal', 'prob_expr_0', 'prob_AU12'} <= set(pred.columns)
