@@ -37,7 +37,8 @@ def test_train_multi_rejects_invalid_parameters_first(root, tmp_path):
     first_code_after = next(i for i in range(inj + 1, len(cells)) if cells[i]['cell_type'] == 'code')
     assert failed == [first_code_after]           # the first cell after the parameters stops the run
     r = _papermill(root, out, '-p', 'method', 'fmae')
-    assert "method='fmae' is not implemented yet; available: fpn" in r.stderr
+    from abaw_nb.train.run import available_methods
+    assert "method='fmae' is not implemented yet; available: " + ", ".join(available_methods()) in r.stderr
 
 def test_train_multi_emenet_clips(root, tmp_path):
     "A clip-based method through the same entry point: one prediction row per validation frame, with uncertainties."
@@ -50,3 +51,15 @@ def test_train_multi_emenet_clips(root, tmp_path):
     assert pred['index'].tolist() == list(range(len(pred))) and pred[['video', 'frame']].duplicated().sum() == 0
     assert {'valence', 'arousal', 'unc_valence', 'unc_arousal'} <= set(pred.columns)
     assert pred['unc_valence'].between(0, 1).all()
+
+def test_train_multi_mtl_cnn_rnn_smoke(root, tmp_path):
+    "method=mtl_cnn_rnn: trains (or reuses) the Multitask-CNN teacher, then the frozen-CNN + GRU model on clips."
+    run = tmp_path/'run'
+    r = _papermill(root, tmp_path/'out.ipynb', '-p', 'task', 'multi', '-p', 'method', 'mtl_cnn_rnn', '-p', 'out_dir', str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    back = load_run(run)
+    assert (back['config'].method, back['config'].extra['seq_len']) == ('mtl_cnn_rnn', 8)
+    assert {'va_score', 'expr_score', 'au_score', 'score'} <= set(back['scores'])
+    pred = back['predictions']
+    assert pred[['video', 'frame']].duplicated().sum() == 0          # overlapping windows averaged to one row per frame
+    assert {'valence', 'arousal', 'prob_expr_0', 'prob_AU12'} <= set(pred.columns)
