@@ -21,7 +21,8 @@ __all__ = ['AU_ALL', 'EXPR7', 'EXPR_PRIOR', 'AU_THRESHOLD', 'CONFOUND_AU', 'CORR
            'AU_DATASETS', 'EVAL_SPLIT', 'STILL_STRIDE', 'SynthSize', 'get_size', 'make_identities', 'simulate_video',
            'annotate', 'render_frame', 'SynthWorld', 'make_world', 'synth_audio', 'write_wav', 'read_wav',
            'frame_table', 'format_root', 'still_frames', 'au_subject_ids', 'face_landmarks', 'write_formats',
-           'read_format', 'format_sources', 'generate', 'load_latent', 'add_formats', 'generate_cached', 'bench_synth']
+           'read_format', 'format_sources', 'generate', 'load_latent', 'add_formats', 'generate_cached', 'bench_synth',
+           'bench_synth_reading']
 
 # %% ../../nbs/01c_data.synth.ipynb #d40d1d7a
 AU_ALL = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24, 25, 26)  # every AU the world simulates
@@ -884,3 +885,21 @@ def bench_synth(n_frames: int = 600, # frames to render and encode
     dt = time.perf_counter() - t0
     return dict(frames=len(rows), img_size=img_size, seconds=round(dt, 3), frames_per_s_per_core=round(len(rows) / dt, 1),
                 mean_jpeg_bytes=round(nbytes / len(rows)))
+
+# %% ../../nbs/01c_data.synth.ipynb #9e3b5f60
+def bench_synth_reading(size: str = 'cpu',   # SynthAffect size to read (generated into the cache if needed)
+                        seed: int = 0,       # dataset seed
+                        img_size: int = 112, # loader output side
+                        batch_size: int = 64, # loader batch size
+                        n_batches: int = 20, # batches timed per worker count
+                        workers: tuple = (0, 2), # DataLoader worker counts
+                        root=None,           # an already generated folder (overrides size/seed)
+                       ) -> dict:
+    "Seconds to read the Aff-Wild2 layout of SynthAffect into a frame table, and DataLoader images/s per worker count."
+    from abaw_nb.data.loading import bench_read_affwild2, bench_loader
+    from abaw_nb.data.formats import read_affwild2
+    root = Path(root) if root is not None else generate_cached(size, seed, show_progress=False)
+    r = bench_read_affwild2(root, repeats=3)
+    ld = bench_loader(root, read_affwild2(root), size=img_size, batch_size=batch_size, n_batches=n_batches, workers=workers)
+    return dict(frames=r['frames'], read_seconds=round(r['seconds'], 3), read_frames_per_s=round(r['frames_per_s']),
+                **{f'loader_images_per_s_{k}': round(v, 1) for k, v in ld.items()})
