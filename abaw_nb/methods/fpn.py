@@ -54,7 +54,8 @@ def config_overrides(preset: str, task: str) -> dict:
                     weight_decay=opt['weight_decay'],
                     extra={**opt['extra'], 'step_epochs': 50, 'gamma': 0.1, 'backbone': 'resnet50_fpn'})
     if preset == 'cpu':
-        return dict(img_size=64, batch_size=64, epochs=6, optimizer='adam', lr=1e-3, schedule='none',
+        # capped so that 3 single-task + 1 multi-task trainings fit `make reproduce` on a 2-core CPU
+        return dict(img_size=48, batch_size=32, epochs=4, max_steps_per_epoch=50, optimizer='adam', lr=1e-3, schedule='none',
                     extra={'backbone': 'resnet18_fpn'})
     return dict(img_size=32, batch_size=16, epochs=1, max_steps_per_epoch=4, optimizer='adam', lr=1e-3, schedule='none',
                 extra={'backbone': 'resnet18_fpn'})
