@@ -15,7 +15,8 @@ from .engine import Trainer
 
 # %% auto #0
 __all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'RECIPE_KEYS', 'available_methods',
-           'method_module', 'run_config', 'load_frames', 'task_frames', 'selection_score', 'train', 'load_run']
+           'method_module', 'run_config', 'load_frames', 'task_frames', 'check_recipe', 'selection_score', 'train',
+           'load_run']
 
 # %% ../../nbs/04c_train.run.ipynb #e6b11523
 ALL_METHODS = ('fpn', 'mtl_cnn', 'mtl_cnn_rnn', 'emenet', 'emotion_gcn', 'fmae')
@@ -89,8 +90,17 @@ def task_frames(df: pd.DataFrame, task: str,
 
 # %% ../../nbs/04c_train.run.ipynb #cfdb59c1
 EDITION = 'abaw2'   # the FPN paper's edition; each method's paper notebook may score with its own
-# what a method's `recipe(cfg, n_expr, au_names)` may return (the first four are required)
+# what a method's `recipe(cfg, n_expr, au_names)` may return (the first four are required); further non-callable
+# keys are informational
 RECIPE_KEYS = ('model', 'loss_fn', 'predict_fn', 'tasks', 'backbone', 'forward_fn', 'collate_fn', 'callbacks', 'make_datasets')
+
+def check_recipe(rec: dict, method: str) -> dict:
+    "Refuse a recipe without its required keys or with an unknown callable (a misspelt hook); other keys are information."
+    missing = [k for k in RECIPE_KEYS[:4] if k not in rec]
+    if missing: raise KeyError(f'recipe of {method!r} lacks {missing}')
+    bad = sorted(k for k in set(rec) - set(RECIPE_KEYS) if callable(rec[k]))
+    if bad: raise KeyError(f'recipe of {method!r} has unknown hook(s) {bad}; valid: {", ".join(RECIPE_KEYS)}')
+    return rec
 
 def selection_score(scores: dict, tasks) -> float:
     "The validation number that picks the best checkpoint: the edition's headline score, or for a multi-task run without one (ABAW1/2) the sum of the track scores."
@@ -112,8 +122,7 @@ def train(cfg: Config, verbose: bool = True,
         raise ValueError(f'no {"train" if len(tr) == 0 else "val"} frames labelled for task {cfg.task!r} in {root}')
     kw = {'train_frames': tr} if 'train_frames' in inspect.signature(mod.recipe).parameters else {}
     rec = mod.recipe(cfg, n_expr=n_expr, au_names=aus, **kw)   # methods that derive things from the labels (a graph) take them
-    bad = sorted(set(rec) - set(RECIPE_KEYS))
-    if bad: raise KeyError(f'recipe of {cfg.method!r} has unknown key(s) {bad}; valid: {", ".join(RECIPE_KEYS)}')
+    check_recipe(rec, cfg.method)
     if 'make_datasets' in rec:
         train_ds, val_ds = rec['make_datasets'](tr, va, root, cfg)
     else:
