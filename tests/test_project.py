@@ -1,6 +1,6 @@
 """Project-level guarantees: the package is importable and equals a fresh nbdev_export, notebooks
 are clean, papermill notebooks are tagged, the environment files agree, README is generated."""
-import filecmp, json, re, shutil, subprocess, sys
+import json, re, shutil, subprocess, sys
 from configparser import ConfigParser
 from pathlib import Path
 import pytest
@@ -36,16 +36,15 @@ def test_environment_stack_works():
 
 
 def test_package_equals_fresh_export(root, tmp_path, venv_bin):
+    "Every .py under abaw_nb/ is exactly what nbdev_export writes (package data such as abaw_nb/assets/ is not generated)."
     proj = _copy_project(root, tmp_path)
-    shutil.rmtree(proj/'abaw_nb')
+    for p in (proj/'abaw_nb').rglob('*.py'): p.unlink()
     r = subprocess.run([str(venv_bin/'nbdev_export')], cwd=proj, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    cmp = filecmp.dircmp(root/'abaw_nb', proj/'abaw_nb', ignore=['__pycache__'])
-    def diffs(c):
-        out = [f'{c.left}: {n}' for n in c.diff_files + c.left_only + c.right_only]
-        for sub in c.subdirs.values(): out += diffs(sub)
-        return out
-    assert diffs(cmp) == [], 'abaw_nb/ differs from what nbdev_export writes; run nbdev_export and commit'
+    def py(base): return {str(p.relative_to(base)): p.read_bytes() for p in base.rglob('*.py') if '__pycache__' not in p.parts}
+    committed, fresh = py(root/'abaw_nb'), py(proj/'abaw_nb')
+    diff = sorted(k for k in committed.keys() | fresh.keys() if committed.get(k) != fresh.get(k))
+    assert diff == [], f'abaw_nb/ differs from what nbdev_export writes in {diff}; run nbdev_export and commit'
 
 
 def test_notebooks_are_clean(root, tmp_path, venv_bin):
