@@ -115,7 +115,7 @@ def train(cfg: Config, verbose: bool = True,
     frames, root = load_frames(cfg) if data is None else (data[0], Path(data[1]))
     aus = au_columns(frames.attrs['au_space']); n_expr = len(expr_names(frames.attrs['expr_space']))
     multi = mod.multi_tasks(cfg) if hasattr(mod, 'multi_tasks') else None   # a method may train fewer than 3 tasks in 'multi'
-    tr = task_frames(frames[frames['split'] == 'train'].reset_index(drop=True).pipe(lambda d: d.set_axis(d.index)), cfg.task, multi)
+    tr = task_frames(frames[frames['split'] == 'train'].reset_index(drop=True), cfg.task, multi)
     va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), cfg.task, multi)
     for d in (tr, va): d.attrs = dict(frames.attrs)
     if len(tr) == 0 or len(va) == 0:
