@@ -259,14 +259,15 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, e
 
 # %% ../nbs/00_core.ipynb #48afe808
 def git_commit(root: str | Path | None = None) -> str:
-    "Short commit hash of the checkout, `+dirty` when there are uncommitted changes; `unknown` outside git."
+    "Short commit hash of the checkout, `+dirty` when there are uncommitted changes outside outputs/; `unknown` outside git."
     try: root = Path(root) if root else find_repo_root()
     except RepoRootNotFound: return 'unknown'
     def _git(*a):
         return subprocess.run(['git', '-C', str(root), *a], capture_output=True, text=True, timeout=20)
     r = _git('rev-parse', '--short=10', 'HEAD')
     if r.returncode != 0: return 'unknown'
-    dirty = _git('status', '--porcelain', '--untracked-files=no').stdout.strip()
+    # outputs/ is what runs write: regenerating it must not mark the code that produced it as modified
+    dirty = _git('status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)outputs').stdout.strip()
     return r.stdout.strip() + ('+dirty' if dirty else '')
 
 def run_id(prefix: str = 'run') -> str:
