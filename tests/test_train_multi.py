@@ -43,10 +43,11 @@ def test_train_multi_rejects_invalid_parameters_first(root, tmp_path):
 def test_train_multi_emenet_clips(root, tmp_path):
     "A clip-based method through the same entry point: one prediction row per validation frame, with uncertainties."
     run = tmp_path/'run'
-    r = _papermill(root, tmp_path/'out.ipynb', '-p', 'method', 'emenet', '-p', 'task', 'va', '-p', 'out_dir', str(run), cwd=tmp_path)
+    r = _papermill(root, tmp_path/'out.ipynb', '-p', 'method', 'emenet', '-p', 'task', 'va', '-p', 'out_dir', str(run),
+                   '-y', 'extra: {seq_len: 6}', cwd=tmp_path)             # a method option through the `extra` dict
     assert r.returncode == 0, r.stderr[-3000:]
     back = load_run(run)
-    assert back['config'].method == 'emenet' and back['config'].extra['seq_len'] == 4
+    assert back['config'].method == 'emenet' and back['config'].extra['seq_len'] == 6   # smoke preset's default is 4
     pred = back['predictions']
     assert pred['index'].tolist() == list(range(len(pred))) and pred[['video', 'frame']].duplicated().sum() == 0
     assert {'valence', 'arousal', 'unc_valence', 'unc_arousal'} <= set(pred.columns)

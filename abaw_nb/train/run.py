@@ -46,6 +46,8 @@ def run_config(method: str = 'fpn', task: str = 'va', preset: str = 'smoke', **o
     takes_method = 'method' in inspect.signature(mod.config_overrides).parameters
     meth = mod.config_overrides(preset, task, method) if takes_method else mod.config_overrides(preset, task)
     over = {k: v for k, v in overrides.items() if v is not None}
+    if not isinstance(over.get('extra', {}), dict):
+        raise TypeError(f"extra must be a dict of method options (e.g. {{'variant': 'multi_task'}}), got {type(over['extra']).__name__}: {over['extra']!r}")
     extra = {**base.extra, **meth.pop('extra', {}), **over.pop('extra', {})}
     return base.replace(**meth).replace(**over, extra=extra)
 
