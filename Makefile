@@ -39,8 +39,8 @@ test: env  ## nbdev_test on every notebook, then pytest
 	$(BIN)/nbdev_test --n_workers 2 --timing
 	$(BIN)/pytest -q
 
-reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=cpu by default)
-	$(BIN)/abaw-reproduce --preset $(PRESET)
+reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=smoke|cpu|paper, DATA_ROOT=/path for real data)
+	$(BIN)/abaw-reproduce --preset $(PRESET) $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
 
 lab: env  ## JupyterLab from the venv
 	$(BIN)/jupyter lab --notebook-dir=nbs
