@@ -111,8 +111,9 @@ def selection_score(scores: dict, tasks) -> float:
 
 def train(cfg: Config, verbose: bool = True,
           data: tuple | None = None,  # (frame table, root) to train on instead of `load_frames(cfg)`: mixed or pseudo-labelled tables
+          eval_splits: tuple = (),    # more splits to predict and score with the best checkpoint, e.g. ('test',)
          ) -> dict:
-    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions."
+    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions (and those of `eval_splits`)."
     mod = method_module(cfg.method)
     frames, root = load_frames(cfg) if data is None else (data[0], Path(data[1]))
     aus = au_columns(frames.attrs['au_space']); n_expr = len(expr_names(frames.attrs['expr_space']))
@@ -134,26 +135,40 @@ def train(cfg: Config, verbose: bool = True,
     train_ds.fingerprint = fingerprint(tr[['video', 'frame', 'path']].to_csv(index=False), str(root), cfg.synth_size)
     tasks = rec['tasks']
 
-    def score_fn(pred):
-        p = pred.copy(); p['video'] = va['video'].to_numpy()[p['index']]; p['frame'] = va['frame'].to_numpy()[p['index']]
-        s = score_frames(va, p, tasks=list(tasks), edition=EDITION, thresholds=0.5)
+    def score_on(fr, pred):
+        p = pred.copy(); p['video'] = fr['video'].to_numpy()[p['index']]; p['frame'] = fr['frame'].to_numpy()[p['index']]
+        s = score_frames(fr, p, tasks=list(tasks), edition=EDITION, thresholds=0.5)
         flat = {k: v for k, v in s.items() if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
         flat['score'] = selection_score(flat, tasks)
         return flat
+    score_fn = lambda pred: score_on(va, pred)
 
     opt = {k: rec[k] for k in ('forward_fn', 'collate_fn', 'callbacks') if k in rec}
     trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn, **opt)
     history = trainer.fit()
     trainer.load_best()
     scores, pred = trainer.evaluate()
-    keys = va[['split', 'video', 'frame']].iloc[pred['index']].reset_index(drop=True)
-    pred = pd.concat([keys, pred.drop(columns=[c for c in keys.columns if c in pred.columns])], axis=1)
+    def with_keys(fr, pred):
+        keys = fr[['split', 'video', 'frame']].iloc[pred['index']].reset_index(drop=True)
+        return pd.concat([keys, pred.drop(columns=[c for c in keys.columns if c in pred.columns])], axis=1)
+    pred = with_keys(va, pred)
+    evals = {}
+    for split in eval_splits:      # the best checkpoint on further splits (the test split of a comparison)
+        fs = task_frames(frames[frames['split'] == split].reset_index(drop=True), cfg.task, multi); fs.attrs = dict(frames.attrs)
+        if len(fs) == 0: raise ValueError(f'eval_splits: no {split!r} frames labelled for task {cfg.task!r} in {root}')
+        ds = (rec['make_datasets'](tr, fs, root, cfg)[1] if 'make_datasets' in rec
+              else FrameDataset(fs, root, make_transform(False, cfg.img_size, rec.get('backbone', 'resnet50'))))
+        p = trainer.predict(ds)
+        evals[split] = dict(scores={k: float(v) for k, v in score_on(fs, p).items()}, predictions=with_keys(fs, p), n=len(fs))
     if trainer.is_main:
         write_csv(trainer.out_dir/'predictions_val.csv', pred)
         write_json(trainer.out_dir/'scores_val.json', scores)
+        for split, e in evals.items():
+            write_csv(trainer.out_dir/f'predictions_{split}.csv', e['predictions'])
+            write_json(trainer.out_dir/f'scores_{split}.json', e['scores'])
         write_csv(trainer.out_dir/'data_report.csv', data_report(frames))
     return dict(out_dir=trainer.out_dir, history=pd.DataFrame(history), scores=scores, predictions=pred, config=cfg,
-                n_train=len(tr), n_val=len(va))
+                n_train=len(tr), n_val=len(va), eval=evals)
 
 def load_run(path) -> dict:
     "Read a run folder back: config, provenance, per-epoch metrics, best epoch, validation scores and predictions."
@@ -165,4 +180,8 @@ def load_run(path) -> dict:
                best=json.loads((p/'best.json').read_text()))
     if (p/'scores_val.json').is_file(): out['scores'] = json.loads((p/'scores_val.json').read_text())
     if (p/'predictions_val.csv').is_file(): out['predictions'] = pd.read_csv(p/'predictions_val.csv')
+    for f in sorted(p.glob('scores_*.json')):        # splits evaluated besides validation (train(..., eval_splits=))
+        split = f.stem[len('scores_'):]
+        if split != 'val' and (p/f'predictions_{split}.csv').is_file():
+            out.setdefault('eval', {})[split] = dict(scores=json.loads(f.read_text()), predictions=pd.read_csv(p/f'predictions_{split}.csv'))
     return out
