@@ -113,7 +113,7 @@ def train(cfg: Config, verbose: bool = True,
           data: tuple | None = None,  # (frame table, root) to train on instead of `load_frames(cfg)`: mixed or pseudo-labelled tables
           eval_splits: tuple = (),    # more splits to predict and score with the best checkpoint, e.g. ('test',)
          ) -> dict:
-    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions (and those of `eval_splits`)."
+    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions (and those of `eval_splits`), and the `Trainer` holding the best model."
     mod = method_module(cfg.method)
     frames, root = load_frames(cfg) if data is None else (data[0], Path(data[1]))
     aus = au_columns(frames.attrs['au_space']); n_expr = len(expr_names(frames.attrs['expr_space']))
@@ -168,7 +168,7 @@ def train(cfg: Config, verbose: bool = True,
             write_json(trainer.out_dir/f'scores_{split}.json', e['scores'])
         write_csv(trainer.out_dir/'data_report.csv', data_report(frames))
     return dict(out_dir=trainer.out_dir, history=pd.DataFrame(history), scores=scores, predictions=pred, config=cfg,
-                n_train=len(tr), n_val=len(va), eval=evals)
+                n_train=len(tr), n_val=len(va), eval=evals, trainer=trainer)
 
 def load_run(path) -> dict:
     "Read a run folder back: config, provenance, per-epoch metrics, best epoch, validation scores and predictions."
