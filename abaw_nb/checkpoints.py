@@ -16,18 +16,23 @@ from .core import check_choice, find_repo_root
 from .data.frames import EXPR_SPACES, AU_SPACES, au_columns
 
 # %% auto #0
-__all__ = ['CONVERT_CMD', 'FORMATS', 'KIT', 'kit_dir', 'kit_keys', 'fill_values', 'kit_fill_sources', 'check_fill',
-           'kit_state_dict', 'kit_input', 'kit_outputs', 'Preprocess', 'Labels', 'CheckpointError', 'read_checkpoint',
-           'convert_checkpoint', 'Imported', 'map_state', 'import_emenet_v', 'import_emotion_gcn',
-           'import_emotion_gcn_multi', 'import_fpn_multitask', 'import_multitask_cnn', 'import_checkpoint',
-           'save_original', 'kit_import', 'kit_forward', 'kit_compare']
+__all__ = ['CONVERT_CMD', 'FORMATS', 'KIT', 'KEYS_ONLY', 'METHOD_FORMATS', 'kit_dir', 'kit_keys', 'fill_values',
+           'kit_fill_sources', 'check_fill', 'kit_state_dict', 'kit_input', 'kit_input_file', 'kit_outputs',
+           'Preprocess', 'Labels', 'CheckpointError', 'read_checkpoint', 'convert_checkpoint', 'Imported', 'map_state',
+           'import_emenet_v', 'import_emotion_gcn', 'import_emotion_gcn_multi', 'import_fpn_multitask',
+           'import_multitask_cnn', 'import_fmae_vit', 'import_fmae_mae', 'import_checkpoint', 'save_original',
+           'kit_import', 'kit_forward', 'kit_compare', 'evaluate_checkpoint']
 
 # %% ../nbs/07_checkpoints.ipynb
-def kit_dir(folder: str | None = None) -> Path:
-    "The parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `tests/parity_kit` in the checkout, else `../shared/reference`."
+def _kit_candidates() -> list:
     cands = [Path(os.environ['ABAW_PARITY_KIT'])] if os.environ.get('ABAW_PARITY_KIT') else []
     try: root = find_repo_root(); cands += [root/'tests'/'parity_kit', root.parent/'shared'/'reference']
     except Exception: pass
+    return cands
+
+def kit_dir(folder: str | None = None) -> Path:
+    "The parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `tests/parity_kit` in the checkout (the kit without its input.npy files), else `../shared/reference`."
+    cands = _kit_candidates()
     for c in cands:
         if (c/'index.json').is_file(): return c/folder if folder else c
     raise FileNotFoundError(f'parity kit not found (looked in {[str(c) for c in cands]}); set $ABAW_PARITY_KIT')
@@ -106,6 +111,10 @@ def kit_input(shape) -> np.ndarray:
     "The kit's input rule (README §5): x_j = sin(0.001 j)·0.5 + 0.1·cos(0.017 j), float32, C order."
     j = np.arange(math.prod(shape), dtype=np.float64)
     return (np.sin(0.001 * j) * 0.5 + 0.1 * np.cos(0.017 * j)).astype(np.float32).reshape(shape)
+
+def kit_input_file(folder: str) -> Path | None:
+    "The kit's own input.npy of `folder` where a full copy of the kit is present (the checkout's copy leaves them out: they follow from the rule)."
+    return next((c/folder/'input.npy' for c in _kit_candidates() if (c/folder/'input.npy').is_file()), None)
 
 def kit_outputs(folder: str, rule: str = 'A', diagnostics: bool = False) -> dict:
     "Reference outputs {name: array} of a folder under `rule`, in the original's return order."
@@ -251,6 +260,7 @@ class Imported:
             p['valence'], p['arousal'] = v[..., 0], v[..., 1]
         return p
 
+# %% ../nbs/07_checkpoints.ipynb
 def map_state(sd: dict,                # the file's state dict (original names)
               model: nn.Module,        # the abaw-nb model it goes into
               orig_name,               # abaw-nb key -> original key (None: not in the file)
@@ -272,7 +282,7 @@ def map_state(sd: dict,                # the file's state dict (original names)
         parts = ([f'{len(unexpected)} unexpected key(s) in the file: {cap(unexpected)}'] if unexpected else []) + \
                 ([f'{len(missing)} key(s) missing from the file: {cap(missing)}'] if missing else []) + \
                 ([f'{len(shape)} key(s) with another shape: {cap(shape)}'] if shape else [])
-        raise CheckpointError(f'{where}: not a {fmt} checkpoint as released: ' + '; '.join(parts))
+        raise CheckpointError(f'{where}: does not match the released {fmt} layout: ' + '; '.join(parts))
     mapped = {k: sd[o] for k, o in want.items() if o is not None}
     ignored = {k: ignorable(k) for k in sd if k not in inv}
     return mapped, dict(mapped=len(mapped), from_elsewhere=[k for k, o in want.items() if o is None], ignored=ignored)
@@ -335,7 +345,15 @@ def import_emotion_gcn(source,                 # released file (--saved_model) o
     "Emotion_GCN (DenseNet-121 + 2-layer GCN classifier) from a released checkpoint."
     from abaw_nb.methods.emotion_gcn import EmotionGCNNet
     obj, where = read_checkpoint(source); sd = _unwrap(obj, where)
-    if isinstance(embeddings, (str, os.PathLike)): embeddings = np.load(embeddings, allow_pickle=False)
+    if isinstance(embeddings, (str, os.PathLike)):
+        e = Path(embeddings).expanduser()
+        if not e.is_file():
+            raise FileNotFoundError(f'embeddings={str(embeddings)!r}: the released Emotion-GCN models need the 9x300 GloVe label embeddings they were '
+                                    'trained with (a .npy in node order, or a GloVe .txt); not part of the checkpoint')
+        if e.suffix == '.npy': embeddings = np.load(e, allow_pickle=False)
+        else:
+            from abaw_nb.methods.emotion_gcn import label_embeddings
+            embeddings = label_embeddings(_gcn_labels(trained_on).expr_names + ['Valence', 'Arousal'], str(e))
     emb = torch.as_tensor(np.asarray(embeddings, np.float32))
     if emb.ndim == 3: emb = emb[0]                          # the original's batched inp: it uses inp[0]
     if tuple(emb.shape) != (9, 300): raise ValueError(f'embeddings: shape {tuple(emb.shape)}, expected (9, 300) (7 expressions, valence, arousal)')
@@ -420,6 +438,47 @@ def import_multitask_cnn(source, device: str = 'cpu') -> Imported:
                     Labels(AFFWILD2_ORDER, 'expr7', au_columns('abaw1_8'), 'bins_linspace'), rep)
 
 # %% ../nbs/07_checkpoints.ipynb
+def _vit_dims(sd: dict, where: str, prefix: str = '') -> dict:
+    for k in (prefix + 'cls_token', prefix + 'pos_embed', 'patch_embed.proj.weight'):
+        if k not in sd: raise CheckpointError(f'{where}: not an FMAE ViT checkpoint: key {k!r} missing (file keys start {list(sd)[:4]})')
+    d = sd['cls_token'].shape[-1]; p = sd['patch_embed.proj.weight'].shape[-1]
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    g = int(round(math.sqrt(sd['pos_embed'].shape[1] - 1)))
+    return dict(embed_dim=d, depth=depth, num_heads=d // 64, patch_size=p, img_size=g * p)
+
+def import_fmae_vit(source,                    # fine-tuned FMAE / FMAE-IAT file (converted) or its loaded dict
+                    au_space: str | None = None, # AU order of the head (default: bp4d_12 for 12 outputs, disfa_8 for 8)
+                    grad_reverse: float = 0.0, # FMAE-IAT: lambda of the reversal before ID_head (2 BP4D, 1 BP4D+, 0.5 DISFA)
+                    device: str = 'cpu',
+                   ) -> Imported:
+    "Fine-tuned FMAE ViT (global pool, fc_norm, head[, ID_head]) for AU detection."
+    from abaw_nb.methods.fmae import FMAEViT
+    obj, where = read_checkpoint(source); sd = _unwrap(obj, where, ('model', 'state_dict', 'model_state_dict'))
+    dims = _vit_dims(sd, where)
+    if 'head.weight' not in sd: raise CheckpointError(f'{where}: no head.weight: a pre-training (MAE) file? use import_fmae_mae')
+    nc = sd['head.weight'].shape[0]; ns = sd['ID_head.weight'].shape[0] if 'ID_head.weight' in sd else 0
+    space = au_space or {12: 'bp4d_12', 8: 'disfa_8'}.get(nc)
+    if space is None or len(AU_SPACES[space]) != nc: raise ValueError(f'{where}: head has {nc} outputs; pass au_space= naming {nc} AUs (one of {list(AU_SPACES)})')
+    model = _build(device, lambda: FMAEViT(num_classes=nc, num_subjects=ns, grad_reverse=grad_reverse, drop_path_rate=0.0, **dims))
+    mapped, rep = map_state(sd, model, lambda k: k, where, 'FMAE ViT')
+    return Imported(_load(model, mapped, device), 'fmae_vit', 'fmae',
+                    Preprocess(dims['img_size'], 'square', **_IMAGENET, note='PIL RGB, Resize((224, 224)), ToTensor(), ImageNet Normalize'),
+                    Labels(None, 'expr7', au_columns(space), None), rep)
+
+def import_fmae_mae(source, device: str = 'cpu', decoder_num_heads: int = 16) -> Imported:
+    "FMAE MAE pre-training model (encoder + 512-d decoder); e.g. the Face9M ViT-S/B/L files."
+    from abaw_nb.methods.fmae import MaskedAutoencoderViT
+    obj, where = read_checkpoint(source); sd = _unwrap(obj, where, ('model', 'state_dict', 'model_state_dict'))
+    dims = _vit_dims(sd, where)
+    if 'decoder_embed.weight' not in sd: raise CheckpointError(f'{where}: no decoder_embed.weight: a fine-tuned file? use import_fmae_vit')
+    dd = sd['decoder_embed.weight'].shape[0]; ddepth = len({k.split('.')[1] for k in sd if k.startswith('decoder_blocks.')})
+    model = _build(device, lambda: MaskedAutoencoderViT(decoder_embed_dim=dd, decoder_depth=ddepth, decoder_num_heads=decoder_num_heads, **dims))
+    mapped, rep = map_state(sd, model, lambda k: k, where, 'FMAE MAE')
+    return Imported(_load(model, mapped, device), 'fmae_mae', 'fmae',
+                    Preprocess(dims['img_size'], 'square', **_IMAGENET, note='pre-training: RandomResizedCrop(224), flip, ImageNet Normalize'),
+                    Labels(), rep)
+
+# %% ../nbs/07_checkpoints.ipynb
 FORMATS = {
     'emenet_v': dict(importer='import_emenet_v', repo='wtomin/UncertainEmotion', folders=['emenet_v'],
                      files='Training/<experiment>/net_epoch_<epoch>_<experiment>.pth ({"state_dict", "epoch"})'),
@@ -432,6 +491,10 @@ FORMATS = {
                           files='fpn_multi.ckpt (PyTorch-Lightning 1.x; convert once)'),
     'multitask_cnn': dict(importer='import_multitask_cnn', repo='wtomin/Multitask-Emotion-Recognition-with-Incomplete-Labels',
                           folders=['multitask_cnn'], files='Multitask-CNN pretrained_models/CNN/{0..4}.pth (plain state dicts)'),
+    'fmae_vit': dict(importer='import_fmae_vit', repo='forever208/FMAE-IAT', folders=['fmae_vit_base_patch16', 'fmae_iat_vit_large_patch16_bp4d'],
+                     files='fine-tuned checkpoint-*.pth ({"model", "optimizer", "epoch", "scaler", "args"}; convert once)'),
+    'fmae_mae': dict(importer='import_fmae_mae', repo='forever208/FMAE-IAT', folders=['fmae_mae_vit_base_patch16', 'fmae_mae_vit_large_patch16'],
+                     files='Face9M pre-trained ViT-S/B/L (as fmae_vit; convert once)'),
 }
 
 def import_checkpoint(source,          # released file (or its loaded dict)
@@ -442,6 +505,10 @@ def import_checkpoint(source,          # released file (or its loaded dict)
     check_choice('fmt', fmt, tuple(FORMATS))
     return globals()[FORMATS[fmt]['importer']](source, **kw)
 
+def _namespace(fmt):
+    import argparse
+    return argparse.Namespace(model='vit_base_patch16' if fmt == 'fmae_vit' else 'mae_vit_base_patch16', blr=5e-4, epochs=30)
+
 def save_original(sd: dict, fmt: str, path) -> Path:
     "Write `sd` in the on-disk layout the original repository used for format `fmt` (tests and examples)."
     check_choice('fmt', fmt, tuple(FORMATS))
@@ -451,8 +518,8 @@ def save_original(sd: dict, fmt: str, path) -> Path:
            'fpn_multitask': lambda: {'epoch': 19, 'global_step': 1000, 'pytorch-lightning_version': '1.1.8', 'state_dict': sd,
                                      'callbacks': {}, 'optimizer_states': [], 'lr_schedulers': [], 'hyper_parameters': {'img_size': 128}},
            'multitask_cnn': lambda: sd,
-           'fmae_vit': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}},
-           'fmae_mae': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}}}[fmt]()
+           'fmae_vit': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}, 'args': _namespace(fmt)},
+           'fmae_mae': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}, 'args': _namespace(fmt)}}[fmt]()
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)
     return path
@@ -464,7 +531,9 @@ KIT = {  # kit folder -> (format, importer options, input shape)
     'emotion_gcn_multi_densenet_227': ('emotion_gcn_multi', dict(input_size=227), (2, 3, 227, 227)),
     'fpn_multitask': ('fpn_multitask', {}, (2, 3, 128, 128)),
     'multitask_cnn': ('multitask_cnn', {}, (2, 3, 112, 112)),
+    'fmae_vit_base_patch16': ('fmae_vit', {}, (2, 3, 224, 224)),
 }
+KEYS_ONLY = {'fmae_mae_vit_base_patch16': 'fmae_mae', 'fmae_mae_vit_large_patch16': 'fmae_mae', 'fmae_iat_vit_large_patch16_bp4d': 'fmae_vit'}
 
 def kit_import(folder: str, rule: str = 'A', tmp_dir=None, **kw) -> Imported:
     "Fill the folder's keys by `rule`, save them in the original layout, import the file (the kit's options, e.g. the GRU compat switch)."
@@ -473,6 +542,8 @@ def kit_import(folder: str, rule: str = 'A', tmp_dir=None, **kw) -> Imported:
     import tempfile
     with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
         p = save_original(kit_state_dict(folder, rule), fmt, Path(d)/f'{folder}.pth')
+        if fmt.startswith('fmae'):     # the released layout pickles argparse.Namespace: the documented conversion first
+            p = convert_checkpoint(p, Path(d)/f'{folder}.weights.pt')
         return import_checkpoint(p, fmt, **opts)
 
 @torch.no_grad()
@@ -493,7 +564,7 @@ def kit_forward(imp: Imported, folder: str) -> dict:
         r = {'expr_logits': out['expr'], 'au_logits': out['au'], 'va_logits': out['va'], 'feature_cross_task': m.backbone(x)}
         r.update({f'feature_{t}': feats[t] for t in ('expr', 'au', 'va')})
     else:
-        r = {'au_logits': m(x), 'diag_pooled_features': m.forward_head(m.forward_features(x), pre_logits=True)}
+        y = m(x); r = {'au_logits': y[0] if isinstance(y, tuple) else y, 'diag_pooled_features': m.forward_features(x)}
     return {k: v.numpy() for k, v in r.items()}
 
 def kit_compare(got: dict, ref: dict, atol: float = 1e-4, rtol: float = 1e-3) -> dict:
@@ -507,3 +578,91 @@ def kit_compare(got: dict, ref: dict, atol: float = 1e-4, rtol: float = 1e-3) ->
         if not np.allclose(g, r, atol=atol, rtol=rtol): bad.append(f'{k}: max |diff| {diff[k]:.3g}')
     if bad: raise AssertionError('outputs differ from the kit: ' + '; '.join(bad))
     return diff
+
+# %% ../nbs/07_checkpoints.ipynb
+METHOD_FORMATS = {'fpn': 'fpn_multitask', 'mtl_cnn': 'multitask_cnn', 'emenet': 'emenet_v', 'emotion_gcn': 'emotion_gcn', 'fmae': 'fmae_vit'}
+
+def _predict_table(imp: Imported, ds, batch_size: int, device) -> pd.DataFrame:
+    from abaw_nb.train.engine import clip_rows
+    cols: dict = {}
+    model = imp.model.to(device).eval()
+    with torch.no_grad():
+        for b in torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
+            out = model(b['image'].to(device))
+            if isinstance(out, tuple): out = out[0]
+            idx = b['index'].numpy(); rows = {'index': idx}
+            for k, v in imp.predict(out).items():
+                v = v.detach().cpu().numpy()
+                if v.ndim == idx.ndim + 1: rows.update({f'{k}_{j}': v[..., j] for j in range(v.shape[-1])})
+                else: rows[k] = v
+            for k, v in rows.items(): cols.setdefault(k, []).append(v)
+    cols = {k: np.concatenate(v) for k, v in cols.items()}
+    t = clip_rows(cols) if cols['index'].ndim == 2 else pd.DataFrame(cols)
+    t = t.sort_values('index').reset_index(drop=True)
+    pe = [c for c in t.columns if c.startswith('prob_expr_')]
+    if pe: t['expr'] = t[pe].to_numpy().argmax(1)
+    return t
+
+def evaluate_checkpoint(cfg,                 # run config (method, task, data, out_dir, device)
+                        checkpoint,          # released checkpoint file (or a converted one)
+                        fmt: str | None = None, # importer format (default: extra['checkpoint_format'], else the method's)
+                        batch_size: int = 32,
+                       ) -> dict:
+    "Import a published checkpoint and score it on the run's validation frames; writes a run folder like `train`."
+    import inspect
+    from abaw_nb.core import get_device, outputs_dir, run_id, write_json, write_csv, write_text, provenance
+    from abaw_nb.train.run import load_frames, task_frames, selection_score, EDITION
+    from abaw_nb.metrics import score_frames
+    from abaw_nb.data.loading import FrameDataset
+    fmt = fmt or cfg.extra.get('checkpoint_format') or METHOD_FORMATS.get(cfg.method)
+    if fmt is None: raise ValueError(f'no published checkpoint format for method {cfg.method!r}; pass extra.checkpoint_format (one of {list(FORMATS)})')
+    check_choice('checkpoint_format', fmt, tuple(FORMATS))
+    fn = globals()[FORMATS[fmt]['importer']]
+    opts = {k: v for k, v in cfg.extra.items() if k in inspect.signature(fn).parameters and k not in ('source', 'device')}
+    imp = fn(checkpoint, **opts)
+    frames, root = load_frames(cfg)
+    L = imp.labels
+    model_tasks = [t for t, ok in (('va', L.va), ('expr', L.expr_names), ('au', L.au_names)) if ok]
+    tasks = model_tasks if cfg.task == 'multi' else [cfg.task]
+    if cfg.task != 'multi' and cfg.task not in model_tasks:
+        raise ValueError(f'the {fmt} model predicts {model_tasks}, not task={cfg.task!r}')
+    if 'expr' in tasks: L.expr_space = frames.attrs['expr_space']
+    va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), cfg.task, tasks if cfg.task == 'multi' else None)
+    va.attrs = dict(frames.attrs)
+    if len(va) == 0: raise ValueError(f'no validation frames labelled for task {cfg.task!r} in {root}')
+    if imp.temporal:
+        from abaw_nb.methods.emenet import EMENetClips
+        ds = EMENetClips(va, root, int(cfg.extra.get('eval_len', 64)), train=False, size=imp.preprocess.size)
+    else: ds = FrameDataset(va, root, imp.preprocess.transform())
+    dev = get_device(cfg.device)
+    t = _predict_table(imp, ds, batch_size, dev)
+    keys = va[['split', 'video', 'frame']].iloc[t['index'].to_numpy()].reset_index(drop=True)
+    pred = pd.concat([keys, t.drop(columns='index')], axis=1)
+    data_aus = [a for a in au_columns(frames.attrs['au_space']) if a in va.columns]
+    notes = {}
+    truth = va
+    if 'au' in tasks:
+        common = [a for a in data_aus if a in (L.au_names or [])]
+        if not common: raise ValueError(f'the model predicts {L.au_names}; the data has {data_aus}: no AU in common')
+        notes['au_not_predicted'] = [a for a in data_aus if a not in common]
+        truth = va.drop(columns=notes['au_not_predicted'])
+    full = not notes.get('au_not_predicted')
+    scores = score_frames(truth, pred, tasks=tasks, edition=EDITION if full else None,
+                          thresholds=None if L.au_decision == 'logit>0.5' else 0.5)
+    flat = {k: v for k, v in scores.items() if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
+    flat['score'] = selection_score(flat, tasks)
+    out = Path(cfg.out_dir) if cfg.out_dir else outputs_dir('runs', run_id(f'{cfg.method}-{cfg.task}-checkpoint'), create=False)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dict(checkpoint=str(checkpoint), format=fmt, repository=FORMATS[fmt]['repo'], options={k: str(v) for k, v in opts.items()},
+                preprocess=vars(imp.preprocess), labels=vars(imp.labels), report=imp.report, scored_tasks=tasks, **notes)
+    write_json(out/'config.json', cfg.to_dict())
+    write_json(out/'provenance.json', provenance(cfg, None, evaluated_checkpoint=str(checkpoint), checkpoint_format=fmt))
+    write_text(out/'metrics.jsonl', json.dumps({'epoch': 0, 'evaluated_checkpoint': str(checkpoint), **{f'val_{k}': float(v) for k, v in flat.items()}}) + '\n')
+    write_json(out/'best.json', {'epoch': 0, 'checkpoint': str(checkpoint)})
+    write_json(out/'import.json', info)
+    write_csv(out/'predictions_val.csv', pred)
+    write_json(out/'scores_val.json', flat)
+    return dict(out_dir=out, history=pd.DataFrame(), scores=flat, predictions=pred, config=cfg, n_train=0, n_val=len(va), imported=imp)
+
+# %% ../nbs/07_checkpoints.ipynb
+if __name__ == '__main__' and '__file__' in globals(): _main()   # not when a notebook runs this cell

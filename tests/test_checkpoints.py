@@ -1,0 +1,122 @@
+"""Checkpoint importers against the reference parity kit (tests/parity_kit): every kit folder with outputs under both
+fill rules, key-list-only folders on the meta device, and the failure naming a renamed key or a changed shape.
+
+Kept in pytest rather than the notebook: each case writes a full-size checkpoint (up to 350 MB for the ViT-B) to a
+temporary file in the original's layout and imports it from there."""
+import math
+from pathlib import Path
+import numpy as np, pytest, torch
+from abaw_nb import checkpoints as ck
+
+pytestmark = pytest.mark.skipif(not (ck.kit_dir() / 'index.json').is_file(), reason='parity kit missing')
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads(); torch.set_num_threads(min(n, 2)); yield; torch.set_num_threads(n)
+
+@pytest.mark.parametrize('rule', ['A', 'B'])
+@pytest.mark.parametrize('folder', sorted(ck.KIT))
+def test_parity(folder, rule, tmp_path):
+    imp = ck.kit_import(folder, rule, tmp_dir=tmp_path)
+    got = ck.kit_forward(imp, folder)
+    ref = ck.kit_outputs(folder, rule, diagnostics=True)
+    assert set(ck.kit_outputs(folder, rule)) <= set(got)          # every output of the original is produced
+    ck.kit_compare(got, ref)                                        # atol 1e-4 + rtol 1e-3, element-wise
+    if folder.startswith('emotion_gcn_densenet') and rule == 'A':   # degenerate (~1e-5) outputs: also relative to their scale
+        for k in ('expr_logits', 'va'):
+            assert np.abs(got[k] - ref[k]).max() <= 1e-3 * np.abs(ref[k]).max()
+
+def test_input_rule_matches_the_kits_files():
+    found = 0
+    for folder, (_, _, shape) in ck.KIT.items():
+        f = ck.kit_input_file(folder)
+        if f is None: continue
+        np.testing.assert_array_equal(ck.kit_input(shape), np.load(f)); found += 1
+    if not found: pytest.skip('no input.npy (only the full kit has them)')
+
+@pytest.mark.parametrize('rule', ['A', 'B'])
+def test_fill_rule_checksums_of_every_key(rule):
+    for folder in sorted(ck.KIT):
+        assert ck.check_fill(folder, rule) == ck.kit_keys(folder)['n_keys'] - (folder.startswith('emotion_gcn_densenet'))
+
+def _meta_import(folder, sd):
+    fmt = ck.KIT[folder][0] if folder in ck.KIT else ck.KEYS_ONLY[folder]
+    kw = {'embeddings': np.zeros((9, 300), np.float32)} if fmt == 'emotion_gcn' else {}
+    return ck.import_checkpoint(sd, fmt, device='meta', **kw)
+
+ALL = sorted(ck.KIT) + sorted(ck.KEYS_ONLY)
+
+@pytest.mark.parametrize('folder', ALL)
+def test_every_key_and_shape_maps(folder):
+    sd = ck.kit_state_dict(folder, device='meta')
+    imp = _meta_import(folder, sd)
+    own = imp.model.state_dict()
+    used = imp.report['mapped'] + len(imp.report['ignored'])
+    assert used == len(sd)                                          # no key of the file left over
+    assert imp.report['mapped'] == len(own) - len(imp.report['from_elsewhere'])
+
+@pytest.mark.parametrize('folder', ALL)
+def test_renamed_key_or_changed_shape_is_named(folder):
+    sd = ck.kit_state_dict(folder, device='meta')
+    keys = [k for k, v in sd.items() if v.dim() >= 1 and k != 'A']
+    k = keys[len(keys) // 2]
+    bad = dict(sd); bad[k.replace('.', '._renamed_', 1)] = bad.pop(k)
+    with pytest.raises(ck.CheckpointError, match=rf"unexpected key.*{k.replace('.', '._renamed_', 1)}.*missing from the file.*{k}"):
+        _meta_import(folder, bad)
+    bad = dict(sd); s = list(sd[k].shape); s[0] += 1; bad[k] = torch.empty(s, device='meta')
+    with pytest.raises(ck.CheckpointError, match=rf"another shape.*{k}: file \({s[0]},"):
+        _meta_import(folder, bad)
+
+def test_lightning_file_with_pickled_class_is_refused_then_converted(tmp_path):
+    "A Lightning checkpoint whose hyper-parameters are a pickled class: refused with the command; the command converts it."
+    import subprocess, sys, textwrap
+    src = tmp_path/'fpn_multi.ckpt'
+    code = textwrap.dedent(f"""
+        import sys, types, torch
+        m = types.ModuleType('pytorch_lightning.utilities.parsing'); sys.modules[m.__name__] = m
+        class AttributeDict(dict): pass
+        AttributeDict.__module__ = m.__name__; m.AttributeDict = AttributeDict
+        sd = {{k: torch.zeros(1) for k in ('VA_head.linear.bias',)}}
+        torch.save({{'state_dict': sd, 'hyper_parameters': AttributeDict(img_size=128), 'epoch': 3}}, {str(src)!r})
+    """)
+    subprocess.run([sys.executable, '-c', code], check=True)
+    with pytest.raises(ck.CheckpointError, match=r'pytorch_lightning\.utilities\.parsing\.AttributeDict.*python -m abaw_nb\.checkpoints convert'):
+        ck.import_fpn_multitask(src)
+    dst = tmp_path/'fpn_multi.weights.pt'
+    r = subprocess.run([sys.executable, '-m', 'abaw_nb.checkpoints', 'convert', str(src), str(dst)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    obj = torch.load(dst, weights_only=True)
+    assert list(obj['state_dict']) == ['VA_head.linear.bias']
+    with pytest.raises(ck.CheckpointError, match='VA_head.linear.weight'):   # a 1-key file: the missing keys are named
+        ck.import_fpn_multitask(dst)
+
+def test_train_multi_evaluates_a_published_checkpoint(root, tmp_path):
+    "train_multi with checkpoint=: no training; the imported EMENet-V (a rule-B file in the released layout) scored on SynthAffect smoke."
+    import json, os, subprocess, sys
+    import pandas as pd
+    from abaw_nb.train.run import load_run, load_frames, run_config
+    from abaw_nb.metrics import score_frames
+    ckpt = ck.save_original(ck.kit_state_dict('emenet_v', 'B'), 'emenet_v', tmp_path/'net_epoch_4_student_round_3_exp_0.pth')
+    run = tmp_path/'run'
+    cmd = [str(Path(sys.executable).parent/'papermill'), str(root/'nbs'/'train_multi.ipynb'), str(tmp_path/'out.ipynb'), '-k', 'python3',
+           '--no-progress-bar', '-p', 'method', 'emenet', '-p', 'task', 'multi', '-p', 'device', 'cpu', '-p', 'out_dir', str(run),
+           '-p', 'checkpoint', str(ckpt)]
+    env = {k: v for k, v in os.environ.items() if k != 'MPLBACKEND'}; env['ABAW_NB_PROGRESS'] = '0'
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    back = load_run(run)
+    assert {'va_score', 'expr_score', 'au_score', 'score'} <= set(back['scores'])
+    info = json.loads((run/'import.json').read_text())
+    assert info['format'] == 'emenet_v' and info['repository'] == 'wtomin/UncertainEmotion'
+    assert info['report']['mapped'] == 345 and len(info['report']['ignored']) == 6      # the FA head dropped, by name
+    p = back['predictions']
+    pe = p[[f'prob_expr_{k}' for k in range(7)]].to_numpy()
+    np.testing.assert_allclose(pe.sum(1), 1, atol=1e-5)
+    assert (p['expr'].to_numpy() == pe.argmax(1)).all()
+    # the written scores are what the metrics give on the written predictions
+    cfg = run_config('emenet', 'multi', 'smoke')
+    frames, _ = load_frames(cfg)
+    va = frames[frames['split'] == 'val'].reset_index(drop=True); va.attrs = dict(frames.attrs)
+    va = va.merge(p[['video', 'frame']], on=['video', 'frame']); va.attrs = dict(frames.attrs)
+    s = score_frames(va, p, tasks=['va', 'expr', 'au'], edition='abaw2', thresholds=0.5)
+    for k in ('va_score', 'expr_score', 'au_score'): assert abs(s[k] - back['scores'][k]) < 1e-9
