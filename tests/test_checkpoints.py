@@ -121,3 +121,26 @@ def test_train_multi_evaluates_a_published_checkpoint(root, tmp_path):
     va = va.merge(p[['video', 'frame']], on=['video', 'frame']); va.attrs = dict(frames.attrs)
     s = score_frames(va, p, tasks=['va', 'expr', 'au'], edition='abaw2', thresholds=0.5)
     for k in ('va_score', 'expr_score', 'au_score'): assert abs(s[k] - back['scores'][k]) < 1e-9
+
+def test_evaluate_scores_only_the_aus_a_model_predicts(tmp_path):
+    "A per-frame model with the 8 FG-2020 AUs on Aff-Wild2-layout data (12 AUs): the 7 shared AUs are scored, the rest listed."
+    import json
+    from abaw_nb.methods.incomplete import MultitaskCNN
+    from abaw_nb.train.run import run_config, load_frames, task_frames
+    from abaw_nb.metrics import score_frames
+    from abaw_nb.data.frames import au_columns, EXPR_SPACES
+    torch.manual_seed(0)
+    imp = ck.Imported(MultitaskCNN(7, 8, 'resnet18').eval(), 'multitask_cnn', 'mtl_cnn', ck.Preprocess(32, 'square'),
+                      ck.Labels(EXPR_SPACES['expr7'], 'expr7', au_columns('abaw1_8'), 'bins_linspace'))
+    cfg = run_config('mtl_cnn', 'au', 'smoke', out_dir=str(tmp_path/'run'), device='cpu')
+    r = ck.evaluate_checkpoint(cfg, imp)
+    info = json.loads((tmp_path/'run'/'import.json').read_text())
+    assert info['au_not_predicted'] == ['AU7', 'AU10', 'AU23', 'AU24', 'AU26'] and 'au_score' in info
+    assert 'au_score' not in r['scores'] and 'score' not in r['scores']
+    assert {f'au_f1_AU{a}' for a in (1, 2, 4, 6, 12, 15, 25)} <= set(r['scores']) and 'au_f1_AU7' not in r['scores']
+    frames, _ = load_frames(cfg)
+    va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), 'au'); va.attrs = dict(frames.attrs)
+    p = r['predictions']
+    assert len(p) == len(va)
+    s = score_frames(va.drop(columns=info['au_not_predicted']), p, tasks=['au'], thresholds=0.5)
+    assert abs(s['au_f1'] - r['scores']['au_f1']) < 1e-12
