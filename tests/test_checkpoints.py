@@ -69,18 +69,17 @@ def test_renamed_key_or_changed_shape_is_named(folder):
 
 def test_lightning_file_with_pickled_class_is_refused_then_converted(tmp_path):
     "A Lightning checkpoint whose hyper-parameters are a pickled class: refused with the command; the command converts it."
-    import subprocess, sys, textwrap
+    import subprocess, sys, types
     src = tmp_path/'fpn_multi.ckpt'
-    code = textwrap.dedent(f"""
-        import sys, types, torch
-        for n in ('pytorch_lightning', 'pytorch_lightning.utilities', 'pytorch_lightning.utilities.parsing'):
-            sys.modules[n] = m = types.ModuleType(n)
+    names = ('pytorch_lightning', 'pytorch_lightning.utilities', 'pytorch_lightning.utilities.parsing')
+    assert not any(n in sys.modules for n in names)
+    try:                                  # a stand-in Lightning class, registered only while the file is written
+        for n in names: sys.modules[n] = m = types.ModuleType(n)
         class AttributeDict(dict): pass
-        AttributeDict.__module__ = m.__name__; m.AttributeDict = AttributeDict
-        sd = {{k: torch.zeros(1) for k in ('VA_head.linear.bias',)}}
-        torch.save({{'state_dict': sd, 'hyper_parameters': AttributeDict(img_size=128), 'epoch': 3}}, {str(src)!r})
-    """)
-    subprocess.run([sys.executable, '-c', code], check=True)
+        AttributeDict.__module__ = m.__name__; AttributeDict.__qualname__ = 'AttributeDict'; m.AttributeDict = AttributeDict
+        torch.save({'state_dict': {'VA_head.linear.bias': torch.zeros(1)}, 'hyper_parameters': AttributeDict(img_size=128), 'epoch': 3}, src)
+    finally:
+        for n in names: sys.modules.pop(n, None)
     with pytest.raises(ck.CheckpointError, match=r'pytorch_lightning\.utilities\.parsing\.AttributeDict.*python -m abaw_nb\.checkpoints convert'):
         ck.import_fpn_multitask(src)
     dst = tmp_path/'fpn_multi.weights.pt'
