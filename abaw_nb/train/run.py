@@ -11,7 +11,7 @@ from ..core import Config, check_choice, get_config, write_csv, write_json, fing
 from ..data.frames import data_report, au_columns, expr_names
 from ..data.loading import FrameDataset, make_transform
 from ..metrics import score_frames
-from .engine import Trainer
+from .engine import Trainer, build_optimizer
 
 # %% auto #0
 __all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'RECIPE_KEYS', 'available_methods',
@@ -94,7 +94,7 @@ def task_frames(df: pd.DataFrame, task: str,
 EDITION = 'abaw2'   # the FPN paper's edition; each method's paper notebook may score with its own
 # what a method's `recipe(cfg, n_expr, au_names)` may return (the first four are required); further non-callable
 # keys are informational
-RECIPE_KEYS = ('model', 'loss_fn', 'predict_fn', 'tasks', 'backbone', 'forward_fn', 'collate_fn', 'callbacks', 'make_datasets')
+RECIPE_KEYS = ('model', 'loss_fn', 'predict_fn', 'tasks', 'backbone', 'forward_fn', 'collate_fn', 'callbacks', 'make_datasets', 'param_groups')
 
 def check_recipe(rec: dict, method: str) -> dict:
     "Refuse a recipe without its required keys or with an unknown callable (a misspelt hook); other keys are information."
@@ -144,6 +144,7 @@ def train(cfg: Config, verbose: bool = True,
     score_fn = lambda pred: score_on(va, pred)
 
     opt = {k: rec[k] for k in ('forward_fn', 'collate_fn', 'callbacks') if k in rec}
+    if 'param_groups' in rec: opt['optimizer'] = build_optimizer(rec['param_groups'], cfg)   # e.g. layer-wise lr decay
     trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn, **opt)
     history = trainer.fit()
     trainer.load_best()
