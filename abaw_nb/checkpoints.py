@@ -26,12 +26,12 @@ __all__ = ['CONVERT_CMD', 'FORMATS', 'KIT', 'KEYS_ONLY', 'METHOD_FORMATS', 'kit_
 # %% ../nbs/07_checkpoints.ipynb #457fc611
 def _kit_candidates() -> list:
     cands = [Path(os.environ['ABAW_PARITY_KIT'])] if os.environ.get('ABAW_PARITY_KIT') else []
-    try: root = find_repo_root(); cands += [root/'tests'/'parity_kit', root.parent/'shared'/'reference']
+    try: root = find_repo_root(); cands += [root.parent/'shared'/'reference']
     except Exception: pass
     return cands
 
 def kit_dir(folder: str | None = None) -> Path:
-    "The parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `tests/parity_kit` in the checkout (the kit without its input.npy files), else `../shared/reference`."
+    "The parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `../shared/reference` beside the checkout."
     cands = _kit_candidates()
     for c in cands:
         if (c/'index.json').is_file(): return c/folder if folder else c
@@ -113,7 +113,7 @@ def kit_input(shape) -> np.ndarray:
     return (np.sin(0.001 * j) * 0.5 + 0.1 * np.cos(0.017 * j)).astype(np.float32).reshape(shape)
 
 def kit_input_file(folder: str) -> Path | None:
-    "The kit's own input.npy of `folder` where a full copy of the kit is present (the checkout's copy leaves them out: they follow from the rule)."
+    "The kit's own input.npy of `folder` (None for key-list-only folders)."
     return next((c/folder/'input.npy' for c in _kit_candidates() if (c/folder/'input.npy').is_file()), None)
 
 def kit_outputs(folder: str, rule: str = 'A', diagnostics: bool = False) -> dict:

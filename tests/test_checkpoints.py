@@ -1,4 +1,4 @@
-"""Checkpoint importers against the reference parity kit (tests/parity_kit): every kit folder with outputs under both
+"""Checkpoint importers against the reference parity kit (../shared/reference beside the checkout, or $ABAW_PARITY_KIT): every kit folder with outputs under both
 fill rules, key-list-only folders on the meta device, and the failure naming a renamed key or a changed shape.
 
 Kept in pytest rather than the notebook: each case writes a full-size checkpoint (up to 350 MB for the ViT-B) to a
@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np, pytest, torch
 from abaw_nb import checkpoints as ck
 
-pytestmark = pytest.mark.skipif(not (ck.kit_dir() / 'index.json').is_file(), reason='parity kit missing')
 
 @pytest.fixture(autouse=True)
 def _threads():
