@@ -8,7 +8,7 @@ import contextlib, importlib, importlib.util, inspect, json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from ..core import (Config, check_choice, get_config, write_csv, write_json, fingerprint, PRESETS, validate_config,
-                          seed_everything, outputs_dir, run_id, clean_stale_temps)
+                          seed_everything, outputs_dir, run_id, clean_stale_temps, check_out_dir)
 from ..data.frames import data_report, au_columns, expr_names
 from ..data.loading import FrameDataset, make_transform
 from ..metrics import score_frames
@@ -139,8 +139,18 @@ def discard_partial_run(out_dir: Path, before: set | None) -> list:
 def train(cfg: Config, verbose: bool = True,
           data: tuple | None = None,  # (frame table, root) to train on instead of `load_frames(cfg)`: mixed or pseudo-labelled tables
          ) -> dict:
-    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions."
+    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions. A run that fails before its first checkpoint leaves no files behind (`discard_partial_run`)."
     mod = method_module(cfg.method)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else outputs_dir('runs', create=False)/run_id(f'{cfg.method}-{cfg.task}')
+    before = set(out_dir.iterdir()) if out_dir.is_dir() else None
+    try:
+        check_out_dir(out_dir)   # an unwritable run folder stops the run before any data is read
+        return _train(mod, cfg, verbose, data, out_dir)
+    except BaseException:
+        discard_partial_run(out_dir, before)
+        raise
+
+def _train(mod, cfg: Config, verbose: bool, data, out_dir: Path) -> dict:
     frames, root = load_frames(cfg) if data is None else (data[0], Path(data[1]))
     if verbose: report_issues(frames)
     aus = au_columns(frames.attrs['au_space']); n_expr = len(expr_names(frames.attrs['expr_space']))
@@ -171,23 +181,17 @@ def train(cfg: Config, verbose: bool = True,
         return flat
 
     opt = {k: rec[k] for k in ('forward_fn', 'collate_fn', 'callbacks') if k in rec}
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else outputs_dir('runs')/run_id(f'{cfg.method}-{cfg.task}')
-    before = set(out_dir.iterdir()) if out_dir.is_dir() else None
-    try:
-        trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn,
-                          out_dir=out_dir, **opt)
-        history = trainer.fit()
-        trainer.load_best()
-        scores, pred = trainer.evaluate()
-        keys = va[['split', 'video', 'frame']].iloc[pred['index']].reset_index(drop=True)
-        pred = pd.concat([keys, pred.drop(columns=[c for c in keys.columns if c in pred.columns])], axis=1)
-        if trainer.is_main:
-            write_csv(trainer.out_dir/'predictions_val.csv', pred)
-            write_json(trainer.out_dir/'scores_val.json', scores)
-            write_csv(trainer.out_dir/'data_report.csv', data_report(frames))
-    except BaseException:
-        discard_partial_run(out_dir, before)
-        raise
+    trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn,
+                      out_dir=out_dir, **opt)
+    history = trainer.fit()
+    trainer.load_best()
+    scores, pred = trainer.evaluate()
+    keys = va[['split', 'video', 'frame']].iloc[pred['index']].reset_index(drop=True)
+    pred = pd.concat([keys, pred.drop(columns=[c for c in keys.columns if c in pred.columns])], axis=1)
+    if trainer.is_main:
+        write_csv(trainer.out_dir/'predictions_val.csv', pred)
+        write_json(trainer.out_dir/'scores_val.json', scores)
+        write_csv(trainer.out_dir/'data_report.csv', data_report(frames))
     return dict(out_dir=trainer.out_dir, history=pd.DataFrame(history), scores=scores, predictions=pred, config=cfg,
                 n_train=len(tr), n_val=len(va))
 
