@@ -143,7 +143,7 @@ def get_config(preset: str = 'smoke', # smoke | cpu | paper
     check_choice('preset', preset, PRESETS)
     return Config(preset=preset, **_PRESET_BASE[preset]).replace(**overrides)
 
-# %% ../nbs/00_core.ipynb #472ed464
+# %% ../nbs/00_core.ipynb #fda0ac88
 _TYPES = {'str': (str,), 'int': (int, np.integer), 'float': (int, float, np.integer, np.floating), 'bool': (bool, np.bool_),
           'dict': (dict,), 'None': (type(None),)}
 _MIN = {'epochs': 1, 'batch_size': 1, 'grad_accum': 1, 'max_steps_per_epoch': 1, 'num_workers': 0, 'img_size': 1,
@@ -298,9 +298,11 @@ def clean_stale_temps(folder) -> int:
         if p.is_file(): p.unlink(missing_ok=True); n += 1
     return n
 
-# %% ../nbs/00_core.ipynb #60333946
+# %% ../nbs/00_core.ipynb #a2c72dcc
 class OutputDirError(OSError):
     "The run folder cannot be written, or its disk lacks the space the run needs."
+    def __init__(self, code: int, message: str):
+        super().__init__(message); self.errno = code   # str() is the message alone, without '[Errno n]'
 
 def check_out_dir(path,                # the run folder (created when missing)
                   need_bytes: int = 0, # estimated bytes the run will write there
