@@ -276,24 +276,36 @@ def test_missing_image_and_out_of_range_labels_are_counted_and_reported(tiny_wor
 
 
 def test_wrongly_typed_parameters_fail_fast_with_what_is_valid(tmp_path):
-    for params, message in [(['-p', 'epochs', 'ten'], "TypeError: epochs='ten' has type str; expected int"),
-                            (['-p', 'task', '3'], 'ValueError: task=3 is not valid; choose one of: va, expr, au, multi')]:
-        out = tmp_path/'out.ipynb'
-        rc, log = _run(out, *params, ABAW_NB_CACHE=tmp_path/'cache')
-        assert rc != 0
-        i, src, msg = _first_error(out)
-        assert 'run_config(' in src and message in msg, msg[-2000:]
-        assert not (tmp_path/'cache').exists()                   # stopped before any data was generated
-
-
-def test_unwritable_out_dir_is_refused_before_reading_data(tmp_path):
-    (tmp_path/'afile').write_text('not a folder')
+    "papermill -p epochs ten: the first cell after the parameters stops with the expected type (test_train_multi.py has task='pose')."
     out = tmp_path/'out.ipynb'
-    rc, log = _run(out, '-p', 'out_dir', str(tmp_path/'afile'/'run'), ABAW_NB_CACHE=tmp_path/'cache')
+    rc, log = _run(out, '-p', 'epochs', 'ten', ABAW_NB_CACHE=tmp_path/'cache')
     assert rc != 0
     i, src, msg = _first_error(out)
-    assert f'OutputDirError: the output folder {tmp_path}/afile/run is not writable (Not a directory)' in msg
+    assert 'run_config(' in src and "TypeError: epochs='ten' has type str; expected int" in msg, msg[-2000:]
+    assert not (tmp_path/'cache').exists()                       # stopped before any data was generated
+    # the same check, in process, for the other papermill-typed mistakes (each would cost a kernel start here)
+    from abaw_nb.train.run import run_config
+    for kw, err, message in [(dict(task=3), ValueError, 'task=3 is not valid; choose one of: va, expr, au, multi'),
+                             (dict(method='resnet'), ValueError, "method='resnet' is not valid; choose one of: fpn, mtl_cnn"),
+                             (dict(extra='variant=gcn'), TypeError, 'extra must be a dict of method options'),
+                             (dict(batch_size=8.5), TypeError, 'batch_size=8.5 has type float; expected int'),
+                             (dict(progress='no'), TypeError, "progress='no' has type str; expected bool or None")]:
+        with pytest.raises(err, match=re.escape(message)): run_config(**{'method': 'fpn', 'task': 'va', **kw})
+
+
+def test_unwritable_out_dir_is_refused_before_reading_data(tmp_path, monkeypatch):
+    "Through `train()`, as train_multi calls it: the run folder would sit under a file; nothing is read or generated."
+    from abaw_nb.core import OutputDirError
+    from abaw_nb.train.run import run_config, train
+    monkeypatch.setenv('ABAW_NB_CACHE', str(tmp_path/'cache'))
+    (tmp_path/'afile').write_text('not a folder')
+    cfg = run_config('fpn', 'va', 'smoke', out_dir=str(tmp_path/'afile'/'run'), progress=False)
+    with pytest.raises(OutputDirError, match=re.escape(f'the output folder {tmp_path}/afile/run is not writable (Not a directory)')):
+        train(cfg, verbose=False)
     assert not (tmp_path/'cache').exists()
+    if os.geteuid() != 0:   # permissions bind everyone but root
+        ro = tmp_path/'ro'; ro.mkdir(); ro.chmod(0o500)
+        with pytest.raises(OutputDirError, match='is not writable'): train(cfg.replace(out_dir=str(ro/'run')), verbose=False)
 
 
 def test_two_runs_at_once_share_a_fresh_cache(tmp_path):
