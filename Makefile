@@ -13,7 +13,7 @@ UV      := python3 -m uv
 PRESET  ?= cpu
 PM_OPTS ?= -k python3 -l python --no-progress-bar
 
-.PHONY: help env test reproduce lab bench lock readme clean-env
+.PHONY: help env test test-browser reproduce lab bench lock readme clean-env
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/' | column -t -s:
@@ -37,10 +37,14 @@ env:  ## create .venv from the lock (installs uv first if absent)
 
 test: env  ## nbdev_test on every notebook, then pytest
 	$(BIN)/nbdev_test --n_workers 2 --timing
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not browser"
 
-reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=cpu by default)
-	$(BIN)/abaw-reproduce --preset $(PRESET)
+test-browser: env  ## run nbs/explore.ipynb in JupyterLab + headless Chromium (installs Debian's chromium; screenshot in outputs/figures)
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	$(BIN)/pytest -q -m browser tests/test_browser.py
+
+reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=smoke|cpu|paper, DATA_ROOT=/path for real data)
+	$(BIN)/abaw-reproduce --preset $(PRESET) $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
 
 lab: env  ## JupyterLab from the venv
 	$(BIN)/jupyter lab --notebook-dir=nbs

@@ -10,7 +10,8 @@ import pandas as pd
 from .core import cache_dir, outputs_dir, git_commit, write_csv, write_text, write_json, save_png, check_choice, PRESETS
 
 # %% auto #0
-__all__ = ['paper_outputs', 'provenance_line', 'save_table', 'save_figure', 'published_column']
+__all__ = ['paper_outputs', 'provenance_line', 'save_table', 'save_figure', 'DataNotAvailable', 'require_data',
+           'published_column']
 
 # %% ../nbs/08_analysis.ipynb #30857f45
 def paper_outputs(out_dir: str | Path | None = None, # explicit folder (papermill `-p out_dir ...`)
@@ -44,6 +45,13 @@ def save_figure(fig, name: str, out: str | Path, provenance: str, dpi: int = 120
     out = Path(out)
     write_json(out/'figures'/f'{name}.json', {'figure': f'{name}.png', 'provenance': provenance})
     return save_png(out/'figures'/f'{name}.png', fig, dpi=dpi)
+
+class DataNotAvailable(RuntimeError):
+    "Raised by a paper notebook when the `data_root` it was given cannot feed it; `make reproduce` records a skip, not a failure."
+
+def require_data(ok: bool, reason: str) -> None:
+    "Stop a paper notebook with `DataNotAvailable(reason)` unless `ok` (e.g. `require_data(data_root is None or is_bp4d(data_root), ...)`)."
+    if not ok: raise DataNotAvailable(reason)
 
 def published_column(df: pd.DataFrame, key: str, published: dict, name: str = 'published') -> pd.DataFrame:
     "Add the papers' numbers (`published[key value]`, typed from the paper) beside the reproduced ones; missing ones stay empty."

@@ -16,3 +16,7 @@ def root() -> Path:
 def venv_bin() -> Path:
     "Folder of the interpreter running the tests (the .venv's bin/ under `make test`)."
     return Path(sys.executable).parent
+
+def pytest_configure(config):
+    # `make test` runs `pytest -m "not browser"` (deselected, not skipped); `make test-browser` runs `-m browser`
+    config.addinivalue_line('markers', 'browser: needs JupyterLab + headless Chromium (make test-browser)')

@@ -57,7 +57,7 @@ def test_notebooks_are_clean(root, tmp_path, venv_bin):
 
 
 def papermill_notebooks(root: Path) -> list:
-    nbs = sorted((root/'nbs'/'paper').glob('*.ipynb')) + sorted(root.glob('nbs/train_multi.ipynb'))
+    nbs = sorted((root/'nbs'/'paper').glob('*.ipynb')) + sorted(root.glob('nbs/train_multi.ipynb')) + sorted(root.glob('nbs/explore.ipynb'))
     return [p for p in nbs if not p.name.startswith(('_', '.'))]
 
 

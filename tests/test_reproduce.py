@@ -1,5 +1,6 @@
-"""papermill end to end: a parameterised notebook runs through `abaw_nb.reproduce` from another
-working directory, finds the repo root, writes a table atomically and REPORT.md indexes it."""
+"""papermill end to end: parameterised notebooks run through `abaw_nb.reproduce` (called from another working
+directory; they run from the repo root), write tables, and REPORT.md indexes them; a failure stops the run and
+leaves the other notebooks' outputs intact; a notebook the given data cannot feed is a recorded skip."""
 import json, os
 from pathlib import Path
 import pytest
@@ -27,20 +28,56 @@ def test_reproduce_runs_a_paper_notebook(tmp_path, root, monkeypatch):
     runs = reproduce('smoke', out=out, notebooks=[nb])
     assert [(r['name'], r['status']) for r in runs] == [('10_demo.ipynb', 'ok')]
     found_root, cwd = (out/'root.txt').read_text().splitlines()
-    assert Path(found_root) == root and Path(cwd).resolve() == tmp_path.resolve()
+    assert Path(found_root) == root and Path(cwd).resolve() == root.resolve()     # a fixed working directory
     assert (out/'tables'/'demo.csv').read_text().splitlines() == ['x', '0', '1', '2']
     report = (out/'REPORT.md').read_text()
-    assert 'Data: none, preset smoke' in report and '| `10_demo.ipynb` | ok |' in report
+    assert 'Data: none, preset smoke' in report.split('## 10_demo.ipynb')[1] and '| `10_demo.ipynb` | ok | smoke |' in report
+    ledger = json.loads((out/'reproduce.json').read_text())
+    assert ledger['10_demo.ipynb']['tables'] == ['demo.md'] and ledger['10_demo.ipynb']['status'] == 'ok'
     # the executed copy records the injected parameters (provenance)
-    executed = json.loads((out/'executed'/'10_demo.ipynb').read_text())
+    executed = json.loads((out/'notebooks'/'10_demo.ipynb').read_text())
     assert executed['metadata']['papermill']['parameters']['preset'] == 'smoke'
 
-def test_reproduce_reports_a_failing_notebook(tmp_path):
+def _table_nb(name, value):
+    return _nb([("preset = 'smoke'\nout_dir = None\ndata_root = None", ['parameters']),
+                ("from pathlib import Path\nfrom abaw_nb.core import write_text\n"
+                 f"write_text(Path(out_dir)/'tables'/'{name}.md', 'Data: x\\n\\n| v |\\n|---|\\n| {value} |')", [])])
+
+def test_a_failing_notebook_stops_the_run_and_keeps_other_outputs(tmp_path):
+    nbs = tmp_path/'nbs'; nbs.mkdir(); out = tmp_path/'out'
+    for n, v in [('10_a', 1), ('30_c', 3)]: (nbs/f'{n}.ipynb').write_text(json.dumps(_table_nb(n, v)))
+    reproduce('smoke', out=out, notebooks=sorted(nbs.glob('*.ipynb')))            # a first, complete run
+    before = {p.name: p.read_text() for p in (out/'tables').glob('*.md')}
+    (nbs/'10_a.ipynb').write_text(json.dumps(_table_nb('10_a', 10)))             # new results for a
+    (nbs/'20_b.ipynb').write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']),
+                                                 ("x = 1", []), ("raise ValueError('bad table')", [])])))
+    (nbs/'30_c.ipynb').write_text(json.dumps(_table_nb('30_c', 30)))
+    runs = reproduce('smoke', out=out, notebooks=sorted(nbs.glob('*.ipynb')))
+    assert [(r['name'], r['status']) for r in runs] == [('10_a.ipynb', 'ok'), ('20_b.ipynb', 'failed'), ('30_c.ipynb', 'not run')]
+    assert runs[1]['error'] == "cell In [4] `raise ValueError('bad table')`: ValueError: bad table"                   # the failing cell and its error
+    assert '| 10 |' in (out/'tables'/'10_a.md').read_text()                        # the notebook before it ran
+    assert (out/'tables'/'30_c.md').read_text() == before['30_c.md']               # the one after it is untouched
+    report = (out/'REPORT.md').read_text()
+    assert '**failed:** `cell In [4]' in report and '| `30_c.ipynb` | not run |' in report
+    assert '| 3 |' in report.split('## 30_c.ipynb')[1]                             # its previous table is still reported
+
+def test_main_exits_nonzero_naming_the_failing_notebook(tmp_path, capsys, monkeypatch):
     nb = tmp_path/'20_broken.ipynb'
-    nb.write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']), ("raise ValueError('bad table')", [])])))
-    runs = reproduce('smoke', out=tmp_path/'out', notebooks=[nb])
-    assert runs[0]['status'] == 'failed' and 'bad table' in runs[0]['error']
-    assert '20_broken.ipynb failed' in (tmp_path/'out'/'REPORT.md').read_text()
+    nb.write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']), ("raise KeyError('AU1')", [])])))
+    import abaw_nb.reproduce as R
+    monkeypatch.setattr(R, 'paper_notebooks', lambda root=None: [nb])
+    assert main(['--preset', 'smoke', '--out', str(tmp_path/'out')]) == 1
+    assert "FAILED: 20_broken.ipynb: cell In [3] `raise KeyError('AU1')`: KeyError: 'AU1'" in capsys.readouterr().err
+
+def test_data_the_notebook_cannot_use_is_a_recorded_skip(tmp_path):
+    nb = tmp_path/'50_needs_bp4d.ipynb'
+    nb.write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None\ndata_root = None", ['parameters']),
+        ("from abaw_nb.analysis import require_data\nrequire_data(data_root is None, f'{data_root} is not a BP4D-like folder')", [])])))
+    other = tmp_path/'60_ok.ipynb'; other.write_text(json.dumps(_table_nb('60_ok', 6)))
+    runs = reproduce('smoke', out=tmp_path/'out', notebooks=[nb, other], data_root=tmp_path)
+    assert [(r['name'], r['status']) for r in runs] == [('50_needs_bp4d.ipynb', 'skipped'), ('60_ok.ipynb', 'ok')]
+    assert runs[0]['reason'] == f'{tmp_path.resolve()} is not a BP4D-like folder'
+    assert runs[1]['data'] == str(tmp_path.resolve())
 
 def test_cli_rejects_unknown_preset(capsys):
     with pytest.raises(SystemExit):

@@ -36,9 +36,20 @@ def test_train_multi_rejects_invalid_parameters_first(root, tmp_path):
     failed = [i for i, c in enumerate(cells) if any(o.get('output_type') == 'error' for o in c.get('outputs', []))]
     first_code_after = next(i for i in range(inj + 1, len(cells)) if cells[i]['cell_type'] == 'code')
     assert failed == [first_code_after]           # the first cell after the parameters stops the run
-    r = _papermill(root, out, '-p', 'method', 'fmae')
-    from abaw_nb.train.run import available_methods
-    assert "method='fmae' is not implemented yet; available: " + ", ".join(available_methods()) in r.stderr
+    r = _papermill(root, out, '-p', 'method', 'nosuch')
+    from abaw_nb.train.run import ALL_METHODS
+    assert r.returncode != 0
+    assert "method='nosuch' is not valid; choose one of: " + ", ".join(ALL_METHODS) in r.stderr
+
+def test_planned_method_is_refused_clearly(monkeypatch):
+    "A registered method whose module does not exist (yet) is refused with the list of the available ones."
+    import abaw_nb.train.run as run
+    monkeypatch.setitem(run.METHOD_MODULES, 'fmae', 'abaw_nb.methods._not_written_yet')
+    assert 'fmae' not in run.available_methods()
+    with pytest.raises(NotImplementedError, match="method='fmae' is not implemented yet; available: " + ", ".join(run.available_methods())):
+        run.method_module('fmae')
+    with pytest.raises(NotImplementedError, match='not implemented yet'):
+        run.run_config('fmae', 'au')
 
 def test_train_multi_emenet_clips(root, tmp_path):
     "A clip-based method through the same entry point: one prediction row per validation frame, with uncertainties."

@@ -12,7 +12,7 @@ from ..core import (Config, check_choice, get_config, write_csv, write_json, fin
 from ..data.frames import data_report, au_columns, expr_names
 from ..data.loading import FrameDataset, make_transform
 from ..metrics import score_frames
-from .engine import Trainer
+from .engine import Trainer, build_optimizer
 
 # %% auto #0
 __all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'RECIPE_KEYS', 'available_methods',
@@ -96,7 +96,7 @@ def task_frames(df: pd.DataFrame, task: str,
 EDITION = 'abaw2'   # the FPN paper's edition; each method's paper notebook may score with its own
 # what a method's `recipe(cfg, n_expr, au_names)` may return (the first four are required); further non-callable
 # keys are informational
-RECIPE_KEYS = ('model', 'loss_fn', 'predict_fn', 'tasks', 'backbone', 'forward_fn', 'collate_fn', 'callbacks', 'make_datasets')
+RECIPE_KEYS = ('model', 'loss_fn', 'predict_fn', 'tasks', 'backbone', 'forward_fn', 'collate_fn', 'callbacks', 'make_datasets', 'param_groups')
 
 def check_recipe(rec: dict, method: str) -> dict:
     "Refuse a recipe without its required keys or with an unknown callable (a misspelt hook); other keys are information."
@@ -138,19 +138,20 @@ def discard_partial_run(out_dir: Path, before: set | None) -> list:
 
 def train(cfg: Config, verbose: bool = True,
           data: tuple | None = None,  # (frame table, root) to train on instead of `load_frames(cfg)`: mixed or pseudo-labelled tables
+          eval_splits: tuple = (),    # more splits to predict and score with the best checkpoint, e.g. ('test',)
          ) -> dict:
-    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions. A run that fails before its first checkpoint leaves no files behind (`discard_partial_run`)."
+    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions (and those of `eval_splits`), and the `Trainer` holding the best model. A run that fails before its first checkpoint leaves no files behind (`discard_partial_run`)."
     mod = method_module(cfg.method)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else outputs_dir('runs', create=False)/run_id(f'{cfg.method}-{cfg.task}')
     before = set(out_dir.iterdir()) if out_dir.is_dir() else None
     try:
         check_out_dir(out_dir)   # an unwritable run folder stops the run before any data is read
-        return _train(mod, cfg, verbose, data, out_dir)
+        return _train(mod, cfg, verbose, data, eval_splits, out_dir)
     except BaseException:
         discard_partial_run(out_dir, before)
         raise
 
-def _train(mod, cfg: Config, verbose: bool, data, out_dir: Path) -> dict:
+def _train(mod, cfg: Config, verbose: bool, data, eval_splits, out_dir: Path) -> dict:
     frames, root = load_frames(cfg) if data is None else (data[0], Path(data[1]))
     if verbose: report_issues(frames)
     aus = au_columns(frames.attrs['au_space']); n_expr = len(expr_names(frames.attrs['expr_space']))
@@ -173,27 +174,42 @@ def _train(mod, cfg: Config, verbose: bool, data, out_dir: Path) -> dict:
     train_ds.fingerprint = fingerprint(tr[['video', 'frame', 'path']].to_csv(index=False), str(root), cfg.synth_size)
     tasks = rec['tasks']
 
-    def score_fn(pred):
-        p = pred.copy(); p['video'] = va['video'].to_numpy()[p['index']]; p['frame'] = va['frame'].to_numpy()[p['index']]
-        s = score_frames(va, p, tasks=list(tasks), edition=EDITION, thresholds=0.5)
+    def score_on(fr, pred):
+        p = pred.copy(); p['video'] = fr['video'].to_numpy()[p['index']]; p['frame'] = fr['frame'].to_numpy()[p['index']]
+        s = score_frames(fr, p, tasks=list(tasks), edition=EDITION, thresholds=0.5)
         flat = {k: v for k, v in s.items() if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
         flat['score'] = selection_score(flat, tasks)
         return flat
+    score_fn = lambda pred: score_on(va, pred)
 
     opt = {k: rec[k] for k in ('forward_fn', 'collate_fn', 'callbacks') if k in rec}
+    if 'param_groups' in rec: opt['optimizer'] = build_optimizer(rec['param_groups'], cfg)   # e.g. layer-wise lr decay
     trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn,
                       out_dir=out_dir, **opt)
     history = trainer.fit()
     trainer.load_best()
     scores, pred = trainer.evaluate()
-    keys = va[['split', 'video', 'frame']].iloc[pred['index']].reset_index(drop=True)
-    pred = pd.concat([keys, pred.drop(columns=[c for c in keys.columns if c in pred.columns])], axis=1)
+    def with_keys(fr, pred):
+        keys = fr[['split', 'video', 'frame']].iloc[pred['index']].reset_index(drop=True)
+        return pd.concat([keys, pred.drop(columns=[c for c in keys.columns if c in pred.columns])], axis=1)
+    pred = with_keys(va, pred)
+    evals = {}
+    for split in eval_splits:      # the best checkpoint on further splits (the test split of a comparison)
+        fs = task_frames(frames[frames['split'] == split].reset_index(drop=True), cfg.task, multi); fs.attrs = dict(frames.attrs)
+        if len(fs) == 0: raise ValueError(f'eval_splits: no {split!r} frames labelled for task {cfg.task!r} in {root}')
+        ds = (rec['make_datasets'](tr, fs, root, cfg)[1] if 'make_datasets' in rec
+              else FrameDataset(fs, root, make_transform(False, cfg.img_size, rec.get('backbone', 'resnet50'))))
+        p = trainer.predict(ds)
+        evals[split] = dict(scores={k: float(v) for k, v in score_on(fs, p).items()}, predictions=with_keys(fs, p), n=len(fs))
     if trainer.is_main:
         write_csv(trainer.out_dir/'predictions_val.csv', pred)
         write_json(trainer.out_dir/'scores_val.json', scores)
+        for split, e in evals.items():
+            write_csv(trainer.out_dir/f'predictions_{split}.csv', e['predictions'])
+            write_json(trainer.out_dir/f'scores_{split}.json', e['scores'])
         write_csv(trainer.out_dir/'data_report.csv', data_report(frames))
     return dict(out_dir=trainer.out_dir, history=pd.DataFrame(history), scores=scores, predictions=pred, config=cfg,
-                n_train=len(tr), n_val=len(va))
+                n_train=len(tr), n_val=len(va), eval=evals, trainer=trainer)
 
 def load_run(path) -> dict:
     "Read a run folder back: config, provenance, per-epoch metrics, best epoch, validation scores and predictions."
@@ -205,4 +221,8 @@ def load_run(path) -> dict:
                best=json.loads((p/'best.json').read_text()))
     if (p/'scores_val.json').is_file(): out['scores'] = json.loads((p/'scores_val.json').read_text())
     if (p/'predictions_val.csv').is_file(): out['predictions'] = pd.read_csv(p/'predictions_val.csv')
+    for f in sorted(p.glob('scores_*.json')):        # splits evaluated besides validation (train(..., eval_splits=))
+        split = f.stem[len('scores_'):]
+        if split != 'val' and (p/f'predictions_{split}.csv').is_file():
+            out.setdefault('eval', {})[split] = dict(scores=json.loads(f.read_text()), predictions=pd.read_csv(p/f'predictions_{split}.csv'))
     return out

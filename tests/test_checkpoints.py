@@ -1,0 +1,145 @@
+"""Checkpoint importers against the reference parity kit (tests/parity_kit): every kit folder with outputs under both
+fill rules, key-list-only folders on the meta device, and the failure naming a renamed key or a changed shape.
+
+Kept in pytest rather than the notebook: each case writes a full-size checkpoint (up to 350 MB for the ViT-B) to a
+temporary file in the original's layout and imports it from there."""
+import math
+from pathlib import Path
+import numpy as np, pytest, torch
+from abaw_nb import checkpoints as ck
+
+pytestmark = pytest.mark.skipif(not (ck.kit_dir() / 'index.json').is_file(), reason='parity kit missing')
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads(); torch.set_num_threads(min(n, 2)); yield; torch.set_num_threads(n)
+
+@pytest.mark.parametrize('rule', ['A', 'B'])
+@pytest.mark.parametrize('folder', sorted(ck.KIT))
+def test_parity(folder, rule, tmp_path):
+    imp = ck.kit_import(folder, rule, tmp_dir=tmp_path)
+    got = ck.kit_forward(imp, folder)
+    ref = ck.kit_outputs(folder, rule, diagnostics=True)
+    assert set(ck.kit_outputs(folder, rule)) <= set(got)          # every output of the original is produced
+    ck.kit_compare(got, ref)                                        # atol 1e-4 + rtol 1e-3, element-wise
+    if folder.startswith('emotion_gcn_densenet') and rule == 'A':   # degenerate (~1e-5) outputs: also relative to their scale
+        for k in ('expr_logits', 'va'):
+            assert np.abs(got[k] - ref[k]).max() <= 1e-3 * np.abs(ref[k]).max()
+
+def test_input_rule_matches_the_kits_files():
+    found = 0
+    for folder, (_, _, shape) in ck.KIT.items():
+        f = ck.kit_input_file(folder)
+        if f is None: continue
+        np.testing.assert_array_equal(ck.kit_input(shape), np.load(f)); found += 1
+    if not found: pytest.skip('no input.npy (only the full kit has them)')
+
+@pytest.mark.parametrize('rule', ['A', 'B'])
+def test_fill_rule_checksums_of_every_key(rule):
+    for folder in sorted(ck.KIT):
+        assert ck.check_fill(folder, rule) == ck.kit_keys(folder)['n_keys'] - (folder.startswith('emotion_gcn_densenet'))
+
+def _meta_import(folder, sd):
+    fmt = ck.KIT[folder][0] if folder in ck.KIT else ck.KEYS_ONLY[folder]
+    kw = {'embeddings': np.zeros((9, 300), np.float32)} if fmt == 'emotion_gcn' else {}
+    return ck.import_checkpoint(sd, fmt, device='meta', **kw)
+
+ALL = sorted(ck.KIT) + sorted(ck.KEYS_ONLY)
+
+@pytest.mark.parametrize('folder', ALL)
+def test_every_key_and_shape_maps(folder):
+    sd = ck.kit_state_dict(folder, device='meta')
+    imp = _meta_import(folder, sd)
+    own = imp.model.state_dict()
+    used = imp.report['mapped'] + len(imp.report['ignored'])
+    assert used == len(sd)                                          # no key of the file left over
+    assert imp.report['mapped'] == len(own) - len(imp.report['from_elsewhere'])
+
+@pytest.mark.parametrize('folder', ALL)
+def test_renamed_key_or_changed_shape_is_named(folder):
+    sd = ck.kit_state_dict(folder, device='meta')
+    keys = [k for k, v in sd.items() if v.dim() >= 1 and k != 'A']
+    k = keys[len(keys) // 2]
+    bad = dict(sd); bad[k.replace('.', '._renamed_', 1)] = bad.pop(k)
+    with pytest.raises(ck.CheckpointError, match=rf"unexpected key.*{k.replace('.', '._renamed_', 1)}.*missing from the file.*{k}"):
+        _meta_import(folder, bad)
+    bad = dict(sd); s = list(sd[k].shape); s[0] += 1; bad[k] = torch.empty(s, device='meta')
+    with pytest.raises(ck.CheckpointError, match=rf"another shape.*{k}: file \({s[0]},"):
+        _meta_import(folder, bad)
+
+def test_lightning_file_with_pickled_class_is_refused_then_converted(tmp_path):
+    "A Lightning checkpoint whose hyper-parameters are a pickled class: refused with the command; the command converts it."
+    import subprocess, sys, types
+    src = tmp_path/'fpn_multi.ckpt'
+    names = ('pytorch_lightning', 'pytorch_lightning.utilities', 'pytorch_lightning.utilities.parsing')
+    assert not any(n in sys.modules for n in names)
+    try:                                  # a stand-in Lightning class, registered only while the file is written
+        for n in names: sys.modules[n] = m = types.ModuleType(n)
+        class AttributeDict(dict): pass
+        AttributeDict.__module__ = m.__name__; AttributeDict.__qualname__ = 'AttributeDict'; m.AttributeDict = AttributeDict
+        torch.save({'state_dict': {'VA_head.linear.bias': torch.zeros(1)}, 'hyper_parameters': AttributeDict(img_size=128), 'epoch': 3}, src)
+    finally:
+        for n in names: sys.modules.pop(n, None)
+    with pytest.raises(ck.CheckpointError, match=r'pytorch_lightning\.utilities\.parsing\.AttributeDict.*python -m abaw_nb\.checkpoints convert'):
+        ck.import_fpn_multitask(src)
+    dst = tmp_path/'fpn_multi.weights.pt'
+    r = subprocess.run([sys.executable, '-m', 'abaw_nb.checkpoints', 'convert', str(src), str(dst)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    obj = torch.load(dst, weights_only=True)
+    assert list(obj['state_dict']) == ['VA_head.linear.bias']
+    with pytest.raises(ck.CheckpointError, match=r'286 key\(s\) missing.*VA_head\.linear\.bias: file \(1,\), model \(2,\)'):   # a 1-key file: counted and named
+        ck.import_fpn_multitask(dst)
+
+def test_train_multi_evaluates_a_published_checkpoint(root, tmp_path):
+    "train_multi with checkpoint=: no training; the imported EMENet-V (a rule-B file in the released layout) scored on SynthAffect smoke."
+    import json, os, subprocess, sys
+    import pandas as pd
+    from abaw_nb.train.run import load_run, load_frames, run_config
+    from abaw_nb.metrics import score_frames
+    ckpt = ck.save_original(ck.kit_state_dict('emenet_v', 'B'), 'emenet_v', tmp_path/'net_epoch_4_student_round_3_exp_0.pth')
+    run = tmp_path/'run'
+    cmd = [str(Path(sys.executable).parent/'papermill'), str(root/'nbs'/'train_multi.ipynb'), str(tmp_path/'out.ipynb'), '-k', 'python3',
+           '--no-progress-bar', '-p', 'method', 'emenet', '-p', 'task', 'multi', '-p', 'device', 'cpu', '-p', 'out_dir', str(run),
+           '-p', 'checkpoint', str(ckpt)]
+    env = {k: v for k, v in os.environ.items() if k != 'MPLBACKEND'}; env['ABAW_NB_PROGRESS'] = '0'
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    back = load_run(run)
+    assert {'va_score', 'expr_score', 'au_score', 'score'} <= set(back['scores'])
+    info = json.loads((run/'import.json').read_text())
+    assert info['format'] == 'emenet_v' and info['repository'] == 'wtomin/UncertainEmotion'
+    assert info['report']['mapped'] == 345 and len(info['report']['ignored']) == 6      # the FA head dropped, by name
+    p = back['predictions']
+    pe = p[[f'prob_expr_{k}' for k in range(7)]].to_numpy()
+    np.testing.assert_allclose(pe.sum(1), 1, atol=1e-5)
+    assert (p['expr'].to_numpy() == pe.argmax(1)).all()
+    # the written scores are what the metrics give on the written predictions
+    cfg = run_config('emenet', 'multi', 'smoke')
+    frames, _ = load_frames(cfg)
+    va = frames[frames['split'] == 'val'].reset_index(drop=True); va.attrs = dict(frames.attrs)
+    va = va.merge(p[['video', 'frame']], on=['video', 'frame']); va.attrs = dict(frames.attrs)
+    s = score_frames(va, p, tasks=['va', 'expr', 'au'], edition='abaw2', thresholds=0.5)
+    for k in ('va_score', 'expr_score', 'au_score'): assert abs(s[k] - back['scores'][k]) < 1e-9
+
+def test_evaluate_scores_only_the_aus_a_model_predicts(tmp_path):
+    "A per-frame model with the 8 FG-2020 AUs on Aff-Wild2-layout data (12 AUs): the 7 shared AUs are scored, the rest listed."
+    import json
+    from abaw_nb.methods.incomplete import MultitaskCNN
+    from abaw_nb.train.run import run_config, load_frames, task_frames
+    from abaw_nb.metrics import score_frames
+    from abaw_nb.data.frames import au_columns, EXPR_SPACES
+    torch.manual_seed(0)
+    imp = ck.Imported(MultitaskCNN(7, 8, 'resnet18').eval(), 'multitask_cnn', 'mtl_cnn', ck.Preprocess(32, 'square'),
+                      ck.Labels(EXPR_SPACES['expr7'], 'expr7', au_columns('abaw1_8'), 'bins_linspace'))
+    cfg = run_config('mtl_cnn', 'au', 'smoke', out_dir=str(tmp_path/'run'), device='cpu')
+    r = ck.evaluate_checkpoint(cfg, imp)
+    info = json.loads((tmp_path/'run'/'import.json').read_text())
+    assert info['au_not_predicted'] == ['AU7', 'AU10', 'AU23', 'AU24', 'AU26'] and 'au_score' in info
+    assert 'au_score' not in r['scores'] and 'score' not in r['scores']
+    assert {f'au_f1_AU{a}' for a in (1, 2, 4, 6, 12, 15, 25)} <= set(r['scores']) and 'au_f1_AU7' not in r['scores']
+    frames, _ = load_frames(cfg)
+    va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), 'au'); va.attrs = dict(frames.attrs)
+    p = r['predictions']
+    assert len(p) == len(va)
+    s = score_frames(va.drop(columns=info['au_not_predicted']), p, tasks=['au'], thresholds=0.5)
+    assert abs(s['au_f1'] - r['scores']['au_f1']) < 1e-12
