@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #854127ee
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, importlib.util, io, json, os, random, subprocess, tempfile, time, uuid
+import contextlib, dataclasses, errno, hashlib, importlib.util, io, json, os, random, shutil, signal, subprocess, sys, tempfile, time, uuid
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -12,10 +12,11 @@ from typing import Any, Iterable
 import numpy as np
 
 # %% auto #0
-__all__ = ['PRESETS', 'RepoRootNotFound', 'find_repo_root', 'repo_path', 'outputs_dir', 'cache_dir', 'Config', 'check_keys',
-           'check_choice', 'get_config', 'seed_everything', 'seed_worker', 'make_generator', 'get_device',
-           'resolve_precision', 'autocast', 'atomic_write', 'write_text', 'write_json', 'write_csv', 'save_png',
-           'torch_save', 'progress_enabled', 'progress', 'git_commit', 'run_id', 'provenance', 'fingerprint']
+__all__ = ['PRESETS', 'FAULT_ENV', 'RepoRootNotFound', 'find_repo_root', 'repo_path', 'outputs_dir', 'cache_dir', 'Config',
+           'check_keys', 'check_choice', 'get_config', 'validate_config', 'seed_everything', 'seed_worker',
+           'make_generator', 'get_device', 'resolve_precision', 'autocast', 'fault_point', 'atomic_write', 'write_text',
+           'write_json', 'write_csv', 'save_png', 'torch_save', 'clean_stale_temps', 'OutputDirError', 'check_out_dir',
+           'progress_enabled', 'progress', 'git_commit', 'run_id', 'provenance', 'fingerprint']
 
 # %% ../nbs/00_core.ipynb #67a5ae00
 class RepoRootNotFound(FileNotFoundError):
@@ -142,6 +143,27 @@ def get_config(preset: str = 'smoke', # smoke | cpu | paper
     check_choice('preset', preset, PRESETS)
     return Config(preset=preset, **_PRESET_BASE[preset]).replace(**overrides)
 
+# %% ../nbs/00_core.ipynb #fda0ac88
+_TYPES = {'str': (str,), 'int': (int, np.integer), 'float': (int, float, np.integer, np.floating), 'bool': (bool, np.bool_),
+          'dict': (dict,), 'None': (type(None),)}
+_MIN = {'epochs': 1, 'batch_size': 1, 'grad_accum': 1, 'max_steps_per_epoch': 1, 'num_workers': 0, 'img_size': 1,
+        'lr': 0.0, 'weight_decay': 0.0, 'warmup_epochs': 0.0}
+
+def validate_config(cfg: Config) -> Config:
+    "Check every field's type and range and the choice fields; the error names the field, the value and what is valid."
+    for f in fields(cfg):
+        v, allowed = getattr(cfg, f.name), [t.strip() for t in str(f.type).split('|')]
+        ok = any(isinstance(v, _TYPES[a]) and not (a in ('int', 'float') and isinstance(v, (bool, np.bool_))) for a in allowed)
+        if not ok:
+            raise TypeError(f'{f.name}={v!r} has type {type(v).__name__}; expected {" or ".join(allowed)}')
+        if f.name in _MIN and v is not None and (v < _MIN[f.name] or (f.name == 'lr' and v <= 0)):
+            raise ValueError(f'{f.name}={v!r} is out of range; expected {">" if f.name == "lr" else ">="} {_MIN[f.name]}')
+    check_choice('preset', cfg.preset, PRESETS)
+    check_choice('optimizer', cfg.optimizer, ('sgd', 'adam', 'adamw'))
+    check_choice('schedule', cfg.schedule, ('none', 'step', 'cosine'))
+    check_choice('precision', cfg.precision, ('auto', 'bf16', 'fp32'))
+    return cfg
+
 # %% ../nbs/00_core.ipynb #8edc5806
 def seed_everything(seed: int = 0,            # the one seed of a run
                     deterministic: bool = True # also switch torch to deterministic kernels
@@ -195,6 +217,24 @@ def autocast(device, precision: str = 'auto'):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 # %% ../nbs/00_core.ipynb #4e48db40
+FAULT_ENV = 'ABAW_NB_FAULT'
+_fault_hits: dict[str, int] = {}
+
+def fault_point(name: str) -> None:
+    "Fault-injection hook for tests: when `$ABAW_NB_FAULT` lists `name` (or `name@n`), the process kills itself with SIGKILL the n-th time (default: first) it passes here."
+    spec = os.environ.get(FAULT_ENV)
+    if not spec: return
+    for one in spec.split(','):
+        point, _, n = one.strip().partition('@')
+        if point != name: continue
+        _fault_hits[name] = _fault_hits.get(name, 0) + 1
+        if _fault_hits[name] == int(n or 1):
+            sys.stdout.flush(); sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no finally blocks: what a power cut or the OOM killer does
+
+def _umask() -> int:
+    m = os.umask(0); os.umask(m); return m
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, # the final file
                  mode: str = 'w',  # 'w' text or 'wb' bytes
@@ -203,8 +243,10 @@ def atomic_write(path: str | Path, # the final file
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600 files; results get the usual permissions
         with os.fdopen(fd, mode, **open_kw) as f:
             yield f
+            fault_point(f'write:{path.name}')   # test hook: killed with the whole content in the temporary file
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -242,9 +284,47 @@ def save_png(path, fig, dpi: int = 120, **kw) -> Path:
 def torch_save(path, obj) -> Path:
     "Atomically `torch.save` (plain tensors/containers, loadable with `weights_only=True`)."
     import torch
-    buf = io.BytesIO(); torch.save(obj, buf)
-    with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
+    buf = io.BytesIO(); torch.save(obj, buf); data = buf.getbuffer(); half = len(data) // 2
+    with atomic_write(path, 'wb') as f:
+        f.write(data[:half]); f.flush()
+        fault_point(f'partial:{Path(path).name}')   # test hook: killed with half a checkpoint on disk
+        f.write(data[half:])
     return Path(path)
+
+def clean_stale_temps(folder) -> int:
+    "Remove the temporary files (`.<name>.*.tmp`) that a killed `atomic_write` left in `folder`; returns how many."
+    n = 0
+    for p in Path(folder).glob('.*.tmp'):
+        if p.is_file(): p.unlink(missing_ok=True); n += 1
+    return n
+
+# %% ../nbs/00_core.ipynb #a2c72dcc
+class OutputDirError(OSError):
+    "The run folder cannot be written, or its disk lacks the space the run needs."
+    def __init__(self, code: int, message: str):
+        super().__init__(message); self.errno = code   # str() is the message alone, without '[Errno n]'
+
+def check_out_dir(path,                # the run folder (created when missing)
+                  need_bytes: int = 0, # estimated bytes the run will write there
+                 ) -> Path:
+    "Make sure `path` can be created and written and that `need_bytes` fit on its disk, before any training; `OutputDirError` otherwise."
+    path = Path(path)
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-probe.', suffix='.tmp', dir=path)
+        os.close(fd); os.unlink(probe)
+    except OSError as e:
+        raise OutputDirError(e.errno, f'the output folder {path} is not writable ({e.strerror or e}); '
+                                      'choose another out_dir or fix its permissions') from None
+    free = shutil.disk_usage(path).free
+    if need_bytes > free:
+        for p in missing:                      # leave nothing behind for a run that never started
+            with contextlib.suppress(OSError): p.rmdir()
+        raise OutputDirError(errno.ENOSPC, f'not enough free disk space for the run in {path}: {free / 2**20:,.1f} MiB free, '
+                                           f'about {need_bytes / 2**20:,.1f} MiB needed (checkpoints, predictions); free some '
+                                           'space or choose another out_dir')
+    return path
 
 # %% ../nbs/00_core.ipynb #52c3a3bb
 def progress_enabled(enabled: bool | None = None) -> bool:

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from torchvision import io as tvio
 
+from ..core import write_text
 from .frames import (EXPR7, EXPR8_OTHER, AFFWILD2_12, BP4D_12, DISFA_8, FrameTableError, add_issue,
                                  au_columns, au_list, expr_names, make_frames, map_expr, validate, frame_columns)
 
@@ -330,7 +331,7 @@ def write_challenge_predictions(pred: pd.DataFrame,          # prediction table:
         if task == 'va': rows = [f'{a!r},{b!r}' for a, b in vals.tolist()]
         else: rows = [','.join(str(int(x)) for x in r) for r in vals.tolist()]
         f = out_dir/f'{video}.txt'
-        f.write_text(affwild2_header(task, expr_space) + '\n' + '\n'.join(rows) + '\n'); files.append(f)
+        write_text(f, affwild2_header(task, expr_space) + '\n' + '\n'.join(rows) + '\n'); files.append(f)   # atomic: a submission file is whole or absent
     return files
 
 def read_challenge_predictions(out_dir, task: str) -> pd.DataFrame:

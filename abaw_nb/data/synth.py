@@ -13,7 +13,7 @@ import multiprocessing as mp
 import numpy as np
 import pandas as pd
 
-from ..core import cache_dir, check_choice, write_csv, write_json, write_text, progress
+from ..core import cache_dir, check_choice, write_csv, write_json, write_text, progress, fingerprint
 
 # %% auto #0
 __all__ = ['AU_ALL', 'EXPR7', 'EXPR_PRIOR', 'AU_THRESHOLD', 'CONFOUND_AU', 'CORRUPTIONS', 'TASKS', 'PROTOTYPES', 'VA_CENTRES',
@@ -850,23 +850,43 @@ def generate_cached(size: str = 'smoke',       # a name in `SIZES`
                     workers: int | None = None, # rendering processes (default: all cores)
                     **kw,                      # passed to `generate`
                    ) -> Path:
-    "Generate SynthAffect `size`/`seed` into the cache once; later calls return the cached folder (adding missing layouts)."
-    import shutil
-    root = cache_dir('synthaffect', f'{size}-{seed}')
+    "Generate SynthAffect `size`/`seed` into the cache once (under a file lock, published by an atomic rename); later calls return the cached folder (adding missing layouts)."
+    import shutil, uuid
+    from filelock import FileLock
+    kw_key = json.loads(json.dumps({k: v for k, v in kw.items() if k != 'show_progress'}))
+    # a world with SynthSize overrides gets its own folder: it never replaces the standard `size-seed` one
+    name = f'{size}-{seed}' + (f'-{fingerprint(kw_key)[:8]}' if kw_key else '')
+    root = cache_dir('synthaffect', name, create=False); root.parent.mkdir(parents=True, exist_ok=True)
     marker = root / _MARKER
-    kw_key = {k: v for k, v in kw.items() if k != 'show_progress'}
-    if marker.is_file():
-        have = json.loads(marker.read_text())
-        done = have.pop('formats', [])
-        if have == json.loads(json.dumps(kw_key)):
+
+    def cached():   # formats already there, or None when the folder is absent, unfinished or of another world
+        if not marker.is_file(): return None
+        have = json.loads(marker.read_text()); done = have.pop('formats', [])
+        return done if have == kw_key else None
+
+    done = cached()
+    if done is not None and all(f in done for f in formats): return root          # the common case takes no lock
+    with FileLock(str(root.parent / f'.{root.name}.lock')):
+        done = cached()
+        if done is not None:
             missing = tuple(f for f in formats if f not in done)
-            if not missing: return root
-            add_formats(root, missing)   # same world: write the new layouts only, no re-rendering
-            write_text(marker, json.dumps(dict(formats=done + list(missing), **kw_key), sort_keys=True))
+            if missing:
+                add_formats(root, missing)   # same world: write the new layouts only, no re-rendering
+                write_text(marker, json.dumps(dict(formats=done + list(missing), **kw_key), sort_keys=True))
             return root
-    shutil.rmtree(root, ignore_errors=True)
-    generate(root, size, seed, formats=formats, workers=workers or os.cpu_count() or 1, **kw)
-    write_text(marker, json.dumps(dict(formats=list(formats), **kw_key), sort_keys=True))
+        for stale in root.parent.glob(f'.{root.name}.tmp-*'): shutil.rmtree(stale, ignore_errors=True)   # a killed generation
+        tmp = root.parent / f'.{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}'
+        t0 = time.time()
+        try:
+            generate(tmp, size, seed, formats=formats, workers=workers or os.cpu_count() or 1, **kw)
+            write_text(tmp / _MARKER, json.dumps(dict(formats=list(formats), **kw_key), sort_keys=True))
+            if root.exists(): shutil.rmtree(root)   # unfinished or another world: replaced
+            os.rename(tmp, root)                     # publish: readers see all of it or nothing
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True); raise
+        with open(root.parent / 'generate.log', 'a') as f:
+            f.write(json.dumps(dict(folder=root.name, formats=list(formats), **kw_key, pid=os.getpid(),
+                                    time=time.strftime('%Y-%m-%dT%H:%M:%S'), seconds=round(time.time() - t0, 1))) + '\n')
     return root
 
 # %% ../../nbs/01c_data.synth.ipynb #71e888d3

@@ -4,19 +4,21 @@
 
 # %% ../../nbs/04b_train.engine.ipynb #b2984b9b
 from __future__ import annotations
-import json, math, os, time, zlib
+import datetime, json, math, os, pickle, time, zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np, pandas as pd, torch
 from torch import nn
 from ..core import (Config, autocast, check_choice, get_device, outputs_dir, progress, provenance,
-                          run_id, seed_everything, seed_worker, torch_save, write_json, write_text, write_csv, make_generator)
+                          run_id, seed_everything, seed_worker, torch_save, write_json, write_text, write_csv, make_generator,
+                          fault_point, check_out_dir, clean_stale_temps)
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'KEY_COLUMNS', 'vit_layer_id', 'param_groups', 'build_optimizer', 'lr_factor',
-           'build_scheduler', 'dist_info', 'init_distributed', 'IndexedDataset', 'make_loader', 'UnsafeCheckpoint',
-           'load_checkpoint', 'clip_rows', 'Trainer']
+           'build_scheduler', 'dist_info', 'dist_timeout', 'DistributedFailure', 'init_distributed', 'IndexedDataset',
+           'make_loader', 'UnsafeCheckpoint', 'load_checkpoint', 'CheckpointMismatch', 'load_weights', 'clip_rows',
+           'estimate_run_bytes', 'Trainer']
 
 # %% ../../nbs/04b_train.engine.ipynb #159808a0
 def vit_layer_id(name: str, num_layers: int) -> int:
@@ -88,13 +90,24 @@ def dist_info() -> tuple[int, int]:
     if d.is_available() and d.is_initialized(): return d.get_rank(), d.get_world_size()
     return 0, 1
 
+def dist_timeout() -> float:
+    "Seconds a rank waits for the others in a collective (and at start-up): `$ABAW_NB_DIST_TIMEOUT`, default 600."
+    return float(os.environ.get('ABAW_NB_DIST_TIMEOUT', '600'))
+
+class DistributedFailure(RuntimeError):
+    "Another rank died or stalled: this rank stops with a clear message instead of hanging."
+
 def init_distributed(device: str = 'auto') -> tuple[int, int]:
-    "Start the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world)."
+    "Start the process group when launched by torchrun (WORLD_SIZE > 1), with a bounded timeout (`dist_timeout`); returns (rank, world)."
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or torch.distributed.is_initialized(): return dist_info()
     dev = get_device(device)
     backend = 'nccl' if dev.type == 'cuda' else 'gloo'
     if dev.type == 'cuda': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    torch.distributed.init_process_group(backend=backend)
+    t = dist_timeout()
+    try: torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=t))
+    except Exception as e:
+        raise DistributedFailure(f'rank {os.environ.get("RANK", "?")} of {os.environ["WORLD_SIZE"]}: could not join the process group '
+                                 f'within {t:.0f} s ($ABAW_NB_DIST_TIMEOUT): {str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
     return dist_info()
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -136,6 +149,27 @@ def load_checkpoint(path: str | Path, map_location='cpu') -> dict:
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpoint(f'refusing to load {path}: it is not a plain-tensor checkpoint and would run code '
                                f'when unpickled (torch.load weights_only=True said: {str(e).splitlines()[0]})') from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f'cannot read the checkpoint {path}: truncated or not a torch checkpoint '
+                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+
+class CheckpointMismatch(ValueError):
+    "A state dict whose keys or shapes do not match the model."
+
+def load_weights(model: nn.Module, state: dict, source: str = 'checkpoint') -> nn.Module:
+    "Load `state` into `model` when every key and shape matches; otherwise `CheckpointMismatch` listing each difference."
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        lines = ([f'  missing key: {k}' for k in missing] + [f'  unexpected key: {k}' for k in unexpected]
+                 + [f'  wrong shape: {k}: checkpoint {a}, model {b}' for k, a, b in shapes])
+        raise CheckpointMismatch(f'{source} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, '
+                                 f'{len(shapes)} wrong shape):\n' + '\n'.join(lines))
+    model.load_state_dict(state)
+    return model
 
 # %% ../../nbs/04b_train.engine.ipynb #33a7b80d
 def _to(batch, device):
@@ -173,6 +207,12 @@ def clip_rows(cols: dict) -> pd.DataFrame:
             out[k] = np.array([first[r] for r in rows])
     return pd.DataFrame(out)
 
+def estimate_run_bytes(model: nn.Module, optimizer=None, margin: int = 16 * 2**20) -> int:
+    "Disk bytes a run folder needs at its peak: `last.pt` and `best.pt` (weights + optimiser state) plus one temporary copy while one is rewritten, plus `margin` for tables."
+    w = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    slots = 2 if optimizer is not None and 'adam' in type(optimizer).__name__.lower() else 1
+    return int(3 * w * (1 + slots) + margin)
+
 class Trainer:
     "Runs a method's recipe: `fit`, `evaluate`, `predict`, with checkpoints, resume and a run folder."
     def __init__(self, model: nn.Module, cfg: Config,
@@ -204,7 +244,9 @@ class Trainer:
         self.sched = scheduler or build_scheduler(self.opt, cfg, self.steps_per_epoch)
         self.out_dir = Path(out_dir or cfg.out_dir or outputs_dir('runs')/run_id(f'{cfg.method or "run"}-{cfg.task}'))
         self.callbacks, self.history, self.epoch, self.best = list(callbacks), [], 0, None
-        if self.is_main: self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:   # fail before training when the run folder is unwritable or its disk too full
+            check_out_dir(self.out_dir, estimate_run_bytes(self.model, self.opt))
+            clean_stale_temps(self.out_dir)   # temporary files of a write that a kill interrupted
         if resume and (self.out_dir/'last.pt').exists(): self.load(self.out_dir/'last.pt')
 
     @property
@@ -227,7 +269,7 @@ class Trainer:
     def load(self, path: Path) -> None:
         "Restore model, optimiser, scheduler and history from a checkpoint (resume)."
         s = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(s['model']); self.opt.load_state_dict(s['optimizer']); self.sched.load_state_dict(s['scheduler'])
+        load_weights(self.model, s['model'], str(path)); self.opt.load_state_dict(s['optimizer']); self.sched.load_state_dict(s['scheduler'])
         self.epoch, self.history, self.best = s['epoch'], list(s['history']), s['best']
 
     # -- loops
@@ -256,6 +298,7 @@ class Trainer:
             (loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0:
                 self.opt.step(); self.sched.step(); self.opt.zero_grad(set_to_none=True)
+                fault_point('step')   # test hook: killed mid-epoch
             tot += float(loss.detach()); n += 1
             for k, v in parts.items(): parts_tot[k] = parts_tot.get(k, 0.0) + float(v)
             bar.update(1); bar.set_postfix(loss=f'{tot / n:.4f}')
@@ -308,28 +351,42 @@ class Trainer:
         "Train for `cfg.epochs` (continuing after the last checkpoint), validating and checkpointing every epoch."
         if self.train_loader is None: raise ValueError('fit needs a train_ds')
         self._write_run_info()
-        while self.epoch < self.cfg.epochs:
-            t0 = time.time()
-            rec = {'epoch': self.epoch + 1, **self.train_epoch(), 'lr': self.opt.param_groups[0]['lr']}
-            if self.val_ds is not None:
-                scores, pred = self.evaluate()
-                rec.update({f'val_{k}': v for k, v in scores.items()})
-                if self.select in scores and self._better(scores[self.select]):
-                    self.best = {'epoch': self.epoch + 1, 'metric': self.select, 'value': scores[self.select]}
-                    self.save(self.out_dir/'best.pt')
-                    if self.is_main: write_csv(self.out_dir/'predictions_val.csv', pred)
-            rec['seconds'] = time.time() - t0
-            self.history.append(rec); self.epoch += 1
-            self.save(self.out_dir/'last.pt')
-            if self.is_main:
-                write_text(self.out_dir/'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in self.history))
-                write_json(self.out_dir/'best.json', self.best or {})
-            for cb in self.callbacks: cb(self, rec)
+        if self.history: self._write_history()   # resumed: a kill may have come between last.pt and metrics.jsonl
+        try:
+            while self.epoch < self.cfg.epochs: self._fit_epoch()
+        except Exception as e:
+            lost = isinstance(e, torch.distributed.DistError) or any(w in str(e) for w in ('gloo', 'nccl', 'onnection', 'imed out'))
+            if self.world == 1 or isinstance(e, DistributedFailure) or not lost: raise
+            raise DistributedFailure(f'rank {self.rank} of {self.world}: training stopped at epoch {self.epoch + 1} because a '
+                                     f'collective with the other ranks failed (one of them died, or stalled for more than '
+                                     f'{dist_timeout():.0f} s): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
         return self.history
+
+    def _write_history(self):
+        if self.is_main:
+            write_text(self.out_dir/'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in self.history))
+            write_json(self.out_dir/'best.json', self.best or {})
+
+    def _fit_epoch(self):
+        "One epoch: train, validate, keep the best checkpoint, write last.pt and the history."
+        t0 = time.time()
+        rec = {'epoch': self.epoch + 1, **self.train_epoch(), 'lr': self.opt.param_groups[0]['lr']}
+        if self.val_ds is not None:
+            scores, pred = self.evaluate()
+            rec.update({f'val_{k}': v for k, v in scores.items()})
+            if self.select in scores and self._better(scores[self.select]):
+                self.best = {'epoch': self.epoch + 1, 'metric': self.select, 'value': scores[self.select]}
+                self.save(self.out_dir/'best.pt')
+                if self.is_main: write_csv(self.out_dir/'predictions_val.csv', pred)
+        rec['seconds'] = time.time() - t0
+        self.history.append(rec); self.epoch += 1
+        self.save(self.out_dir/'last.pt')
+        self._write_history()
+        for cb in self.callbacks: cb(self, rec)
 
     def load_best(self) -> None:
         "Load the weights of the best validation epoch (if any)."
-        if (self.out_dir/'best.pt').exists(): self.model.load_state_dict(load_checkpoint(self.out_dir/'best.pt', self.device)['model'])
+        if (self.out_dir/'best.pt').exists(): load_weights(self.model, load_checkpoint(self.out_dir/'best.pt', self.device)['model'], str(self.out_dir/'best.pt'))
 
     def _write_run_info(self):
         if not self.is_main: return

@@ -4,10 +4,11 @@
 
 # %% ../../nbs/04c_train.run.ipynb #5df118ce
 from __future__ import annotations
-import importlib, importlib.util, inspect, json
+import contextlib, importlib, importlib.util, inspect, json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from ..core import Config, check_choice, get_config, write_csv, write_json, fingerprint, PRESETS
+from ..core import (Config, check_choice, get_config, write_csv, write_json, fingerprint, PRESETS, validate_config,
+                          seed_everything, outputs_dir, run_id, clean_stale_temps, check_out_dir)
 from ..data.frames import data_report, au_columns, expr_names
 from ..data.loading import FrameDataset, make_transform
 from ..metrics import score_frames
@@ -15,8 +16,8 @@ from .engine import Trainer, build_optimizer
 
 # %% auto #0
 __all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'RECIPE_KEYS', 'available_methods',
-           'method_module', 'run_config', 'load_frames', 'task_frames', 'check_recipe', 'selection_score', 'train',
-           'load_run']
+           'method_module', 'run_config', 'load_frames', 'task_frames', 'check_recipe', 'selection_score',
+           'report_issues', 'discard_partial_run', 'train', 'load_run']
 
 # %% ../../nbs/04c_train.run.ipynb #e6b11523
 ALL_METHODS = ('fpn', 'mtl_cnn', 'mtl_cnn_rnn', 'emenet', 'emotion_gcn', 'fmae')
@@ -49,7 +50,7 @@ def run_config(method: str = 'fpn', task: str = 'va', preset: str = 'smoke', **o
     if not isinstance(over.get('extra', {}), dict):
         raise TypeError(f"extra must be a dict of method options (e.g. {{'variant': 'multi_task'}}), got {type(over['extra']).__name__}: {over['extra']!r}")
     extra = {**base.extra, **meth.pop('extra', {}), **over.pop('extra', {})}
-    return base.replace(**meth).replace(**over, extra=extra)
+    return validate_config(base.replace(**meth).replace(**over, extra=extra))   # wrong types / ranges stop here
 
 # %% ../../nbs/04c_train.run.ipynb #38a232b9
 def load_frames(cfg: Config) -> tuple[pd.DataFrame, Path]:
@@ -68,7 +69,8 @@ def load_frames(cfg: Config) -> tuple[pd.DataFrame, Path]:
         return df, root
     if cfg.data_root is None:
         from abaw_nb.data.synth import generate_cached
-        root = generate_cached(cfg.synth_size, seed=cfg.extra.get('data_seed', 0), show_progress=False)
+        # extra['synth']: SynthSize overrides (e.g. {'n_videos': 8}) for a smaller or larger world in its own cache folder
+        root = generate_cached(cfg.synth_size, seed=cfg.extra.get('data_seed', 0), show_progress=False, **cfg.extra.get('synth', {}))
         dataset = 'synthaffect'
     else:
         root = Path(cfg.data_root).expanduser()
@@ -109,13 +111,49 @@ def selection_score(scores: dict, tasks) -> float:
     if 'score' in scores: return scores['score']
     return float(sum(scores[f'{t}_score'] for t in tasks))
 
+def report_issues(frames: pd.DataFrame) -> dict:
+    "Print the reader's counted skips and conversions (frames without image, out-of-range labels, invalid markers ...) per kind; returns the totals."
+    tot: dict[str, list] = {}
+    for it in frames.attrs.get('issues', []):
+        t = tot.setdefault(it['kind'], [0, []]); t[0] += it['count']; t[1].append(it)
+    if tot:
+        print('data issues (rows skipped or labels set to NA; all counted in data_report.csv):')
+        for k, (n, its) in sorted(tot.items()):
+            eg = its[0]; more = f' and {len(its) - 1} more file(s)' if len(its) > 1 else ''
+            print(f'  {k}: {n} in {len(its)} file(s), e.g. {eg["file"]}: {eg["detail"]}{more}')
+    return {k: v[0] for k, v in tot.items()}
+
+def discard_partial_run(out_dir: Path, before: set | None) -> list:
+    "After a failed run: when it never completed an epoch (no `last.pt` to resume from), remove the files it created (and the folder, if it created it); a resumable run is kept whole. Returns what was removed."
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or (out_dir/'last.pt').is_file(): return []
+    clean_stale_temps(out_dir)
+    gone = [p for p in out_dir.iterdir() if before is None or p not in before]
+    for p in gone:
+        if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
+        else: p.unlink(missing_ok=True)
+    if before is None:
+        with contextlib.suppress(OSError): out_dir.rmdir()
+    return gone
+
 def train(cfg: Config, verbose: bool = True,
           data: tuple | None = None,  # (frame table, root) to train on instead of `load_frames(cfg)`: mixed or pseudo-labelled tables
           eval_splits: tuple = (),    # more splits to predict and score with the best checkpoint, e.g. ('test',)
          ) -> dict:
-    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions (and those of `eval_splits`), and the `Trainer` holding the best model."
+    "Train `cfg.method` on `cfg.task`; returns the run folder, history, validation scores and predictions (and those of `eval_splits`), and the `Trainer` holding the best model. A run that fails before its first checkpoint leaves no files behind (`discard_partial_run`)."
     mod = method_module(cfg.method)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else outputs_dir('runs', create=False)/run_id(f'{cfg.method}-{cfg.task}')
+    before = set(out_dir.iterdir()) if out_dir.is_dir() else None
+    try:
+        check_out_dir(out_dir)   # an unwritable run folder stops the run before any data is read
+        return _train(mod, cfg, verbose, data, eval_splits, out_dir)
+    except BaseException:
+        discard_partial_run(out_dir, before)
+        raise
+
+def _train(mod, cfg: Config, verbose: bool, data, eval_splits, out_dir: Path) -> dict:
     frames, root = load_frames(cfg) if data is None else (data[0], Path(data[1]))
+    if verbose: report_issues(frames)
     aus = au_columns(frames.attrs['au_space']); n_expr = len(expr_names(frames.attrs['expr_space']))
     multi = mod.multi_tasks(cfg) if hasattr(mod, 'multi_tasks') else None   # a method may train fewer than 3 tasks in 'multi'
     tr = task_frames(frames[frames['split'] == 'train'].reset_index(drop=True), cfg.task, multi)
@@ -124,6 +162,7 @@ def train(cfg: Config, verbose: bool = True,
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f'no {"train" if len(tr) == 0 else "val"} frames labelled for task {cfg.task!r} in {root}')
     kw = {'train_frames': tr} if 'train_frames' in inspect.signature(mod.recipe).parameters else {}
+    seed_everything(cfg.seed, cfg.deterministic)   # the model's initial weights depend on the run's seed, not on what ran before
     rec = mod.recipe(cfg, n_expr=n_expr, au_names=aus, **kw)   # methods that derive things from the labels (a graph) take them
     check_recipe(rec, cfg.method)
     if 'make_datasets' in rec:
@@ -145,7 +184,8 @@ def train(cfg: Config, verbose: bool = True,
 
     opt = {k: rec[k] for k in ('forward_fn', 'collate_fn', 'callbacks') if k in rec}
     if 'param_groups' in rec: opt['optimizer'] = build_optimizer(rec['param_groups'], cfg)   # e.g. layer-wise lr decay
-    trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn, **opt)
+    trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn,
+                      out_dir=out_dir, **opt)
     history = trainer.fit()
     trainer.load_best()
     scores, pred = trainer.evaluate()
