@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #4bc8f8e3
 from __future__ import annotations
-import json, re
+import json, re, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
@@ -273,7 +273,7 @@ def config_overrides(preset: str, task: str, method: str = 'mtl_cnn') -> dict:
     elif preset == 'cpu':
         base = dict(img_size=64, batch_size=8 if rnn else 64, epochs=2 if rnn else 3, optimizer='adam', lr=1e-3,
                     schedule='none', max_steps_per_epoch=30 if rnn else 40, num_workers=0)
-        x = dict(backbone='resnet18', n_students=2, student_epochs=1 if rnn else 2, seq_len=16, eval_stride=8)
+        x = dict(backbone='resnet18', n_students=2, student_epochs=2 if rnn else 3, seq_len=16, eval_stride=8)
     else:
         base = dict(img_size=32, batch_size=4 if rnn else 16, epochs=1, max_steps_per_epoch=4, optimizer='adam', lr=1e-3,
                     schedule='none', num_workers=0)
@@ -495,7 +495,7 @@ def run_method(preset: str = 'smoke', seed: int = 0,
     from abaw_nb.metrics import fit_au_thresholds, score_frames
     base = Path(out_dir) if out_dir else outputs_dir('runs')/run_id('mtl_cnn-method')
     kw = dict(data_root=data_root, data_format=data_format, device=device, progress=progress)
-    runs, families = {}, [('cnn', 'mtl_cnn')] + ([('cnn_rnn', 'mtl_cnn_rnn')] if temporal else [])
+    runs, secs, families = {}, {}, [('cnn', 'mtl_cnn')] + ([('cnn_rnn', 'mtl_cnn_rnn')] if temporal else [])
     for fam, method in families:
         ext = dict(extra)
         if fam == 'cnn_rnn':   # the CNN the GRUs start from: best CNN student on validation (teacher if no students)
@@ -503,14 +503,15 @@ def run_method(preset: str = 'smoke', seed: int = 0,
             val = {n: json.loads((runs[n]/'scores_val.json').read_text())['score'] for n in cands}
             ext['cnn_run'] = str(runs[max(val, key=val.get)])
         t = run_config(method, 'multi', preset, seed=seed, out_dir=str(base/f'{fam}_teacher'), extra={**ext, 'role': 'teacher'}, **kw)
-        runs[f'{fam}/teacher'] = _train_once(t)
+        t0 = time.perf_counter(); runs[f'{fam}/teacher'] = _train_once(t); secs[f'{fam}/teacher'] = time.perf_counter() - t0
         ns = t.extra['n_students'] if n_students is None else n_students
         for i in range(ns):
             s = run_config(method, 'multi', preset, seed=seed + 1 + i, epochs=t.extra['student_epochs'],
                            out_dir=str(base/f'{fam}_student_{i}'),
                            extra={**ext, 'role': 'student', 'teacher_run': str(base/f'{fam}_teacher')}, **kw)
-            runs[f'{fam}/student_{i}'] = _train_once(s)
+            t0 = time.perf_counter(); runs[f'{fam}/student_{i}'] = _train_once(s); secs[f'{fam}/student_{i}'] = time.perf_counter() - t0
     # --- evaluation: every model and the students' ensemble of each family
+    t0 = time.perf_counter()
     frames, root = load_frames(t)
     splits = {sp: task_frames(frames[frames['split'] == sp].reset_index(drop=True), 'multi') for sp in ('val', 'test')}
     for d in splits.values(): d.attrs = dict(frames.attrs)
@@ -544,11 +545,12 @@ def run_method(preset: str = 'smoke', seed: int = 0,
     write_csv(base/'scores_test.csv', res)
     for name, p in preds.items():
         write_csv(base/'predictions'/f'{name.replace("/", "-")}_test.csv', thresholds[name].apply(p['test']))
-    write_json(base/'method.json', dict(preset=preset, seed=seed, edition=edition, au_names=aus, test_split=test_split,
+    secs['evaluation'] = time.perf_counter() - t0
+    write_json(base/'method.json', dict(preset=preset, seed=seed, edition=edition, au_names=aus, test_split=test_split, seconds=secs,
                                         threshold_method=how, runs={k: str(v) for k, v in runs.items()},
                                         thresholds={k: v.to_dict() for k, v in thresholds.items()}))
     return dict(out_dir=base, runs=runs, scores=res, predictions=preds, thresholds=thresholds, frames=splits, root=root,
-                edition=edition, test_split=test_split)
+                edition=edition, test_split=test_split, seconds=secs)
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #f267669d
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
