@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['ml_ros_weights', 'imbalance_ratios', 'expr_weights', 'va_weights', 'weighted_sampler']
+__all__ = ['ml_ros_weights', 'imbalance_ratios', 'expr_weights', 'va_weights', 'EpochWeightedSampler', 'weighted_sampler',
+           'PoolSampler']
 
 # %% ../../nbs/01d_data.sampling.ipynb #aa5f5d77
 def _labels(y):
@@ -76,14 +77,55 @@ def va_weights(valence, arousal,         # per-frame values (NA allowed)
     w = np.zeros(len(v)); w[ok] = 1.0 / H[iv, ia]
     return w / w.sum()
 
+class EpochWeightedSampler:
+    "Draws `num_samples` indices with replacement by `weights`; the draw of an epoch depends on `(seed, epoch)` only."
+    def __init__(self, weights, num_samples: int | None = None, seed: int = 0):
+        w = np.asarray(weights, float)
+        if w.ndim != 1 or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+            raise ValueError('weights must be a 1-d array, finite, >= 0 and not all 0')
+        self.p, self.num_samples, self.seed, self.epoch = w / w.sum(), int(num_samples or len(w)), seed, 0
+    def set_epoch(self, epoch: int) -> None:
+        "The engine calls this at the start of every epoch (also the first epoch after a resume)."
+        self.epoch = int(epoch)
+    def draw(self, epoch: int | None = None) -> np.ndarray:
+        "The indices of `epoch` (default: the current one)."
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
+        return rng.choice(len(self.p), self.num_samples, replace=True, p=self.p)
+    def __iter__(self): return iter(self.draw().tolist())
+    def __len__(self): return self.num_samples
+
 def weighted_sampler(weights,                  # per-frame weights (any scale; 0 = never)
                      num_samples: int | None = None, # draws per epoch (default: number of frames)
-                     seed: int = 0,            # seed of the sampler's generator
-                    ):
-    "A seeded `WeightedRandomSampler` drawing with replacement."
-    import torch
-    from torch.utils.data import WeightedRandomSampler
-    w = torch.as_tensor(np.asarray(weights, float), dtype=torch.double)
-    if (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0: raise ValueError('weights must be finite, >= 0 and not all 0')
-    g = torch.Generator(); g.manual_seed(seed)
-    return WeightedRandomSampler(w, num_samples or len(w), replacement=True, generator=g)
+                     seed: int = 0,            # seed of the draw (with the epoch)
+                    ) -> EpochWeightedSampler:
+    "A sampler drawing with replacement whose draw is a function of `(seed, epoch)` (`set_epoch`), so a resumed run redraws the same epoch."
+    return EpochWeightedSampler(weights, num_samples, seed)
+
+class PoolSampler:
+    "Equal draws from several weighted pools of rows per epoch (the incomplete-labels method's per-task datasets), shuffled; a function of `(seed, epoch)`."
+    def __init__(self, pools: dict,            # name -> row positions (into the dataset the loader wraps)
+                 weights: dict,                # name -> weights within the pool (any scale), same length as the pool
+                 per_pool: int | None = None,  # draws per pool and epoch (default: the smallest non-empty pool)
+                 seed: int = 0):
+        self.pools = {k: np.asarray(v, np.int64) for k, v in pools.items() if len(v)}
+        if not self.pools: raise ValueError('every pool is empty: nothing to draw')
+        self.weights = {}
+        for k, rows in self.pools.items():
+            w = np.asarray(weights[k], float)
+            if w.shape != rows.shape: raise ValueError(f'pool {k!r}: {len(rows)} rows but {w.size} weights')
+            if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0: raise ValueError(f'pool {k!r}: weights must be finite, >= 0 and not all 0')
+            self.weights[k] = w / w.sum()
+        self.per_pool = int(per_pool or min(len(r) for r in self.pools.values()))
+        self.seed, self.epoch = seed, 0
+    def set_epoch(self, epoch: int) -> None:
+        "The engine calls this at the start of every epoch (also the first epoch after a resume)."
+        self.epoch = int(epoch)
+    def plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        "(rows, pool number) drawn in `epoch` (default: the current one), in the order the loader gets them."
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
+        rows = [r[rng.choice(len(r), self.per_pool, replace=True, p=self.weights[k])] for k, r in self.pools.items()]
+        rows, pool = np.concatenate(rows), np.repeat(np.arange(len(self.pools)), self.per_pool)
+        order = rng.permutation(len(rows))
+        return rows[order], pool[order]
+    def __iter__(self): return iter(self.plan()[0].tolist())
+    def __len__(self): return self.per_pool * len(self.pools)

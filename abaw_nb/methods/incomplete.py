@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #4bc8f8e3
 from __future__ import annotations
-import json, re
+import json, re, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
@@ -15,13 +15,14 @@ from ..models.backbones import build_backbone
 from ..models.heads import MLPHead, TemporalGRUHead, bins_to_va
 from ..train.losses import MultiTaskLoss, kd_kl, kd_kl_bins, bce_soft, valid_mask
 from ..data.loading import FrameDataset, ClipDataset, make_transform, label_arrays
-from ..data.sampling import ml_ros_weights, expr_weights, va_weights
-from ..data.frames import au_columns
+from ..data.sampling import ml_ros_weights, expr_weights, va_weights, PoolSampler
+from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames
 
 # %% auto #0
-__all__ = ['TASKS', 'N_BINS', 'TEACHER_WEIGHTS', 'IMAGE_EXTENSIONS', 'MultitaskCNN', 'flat_targets', 'flat_outputs',
-           'teacher_criterion', 'StudentLoss', 'task_pools', 'pool_weights', 'BalancedTaskDataset', 'MultitaskCNNRNN',
-           'config_overrides', 'predict_columns', 'load_model', 'recipe', 'predict_frames', 'ensemble_predictions',
+__all__ = ['TASKS', 'N_BINS', 'TEACHER_WEIGHTS', 'EXTERNAL', 'IMAGE_EXTENSIONS', 'MultitaskCNN', 'flat_targets', 'flat_outputs',
+           'teacher_criterion', 'StudentLoss', 'task_pools', 'pool_weights', 'task_sampler', 'source_identities',
+           'heldout_identities', 'external_frames', 'merge_external', 'MultitaskCNNRNN', 'config_overrides',
+           'predict_columns', 'load_model', 'external_root_frames', 'recipe', 'predict_frames', 'ensemble_predictions',
            'edition_for', 'corrupted_frames', 'run_method', 'predict_folder']
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #60c99b5b
@@ -86,9 +87,10 @@ def teacher_criterion(tasks=TASKS, weights: dict | None = None, n_bins: int = N_
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #6d993179
 def _frame_mask(targets: dict, task: str) -> torch.Tensor:
-    "Frames that carry a label of `task` (VA: both dimensions; AU: every AU)."
+    "Frames that carry a label of `task` (VA: both dimensions; AU: at least one AU, e.g. DISFA-like frames with 7 of the 12)."
     m = valid_mask(targets[task], task)
-    return m.all(-1) if m.dim() > 1 else m
+    if m.dim() == 1: return m
+    return m.any(-1) if task == 'au' else m.all(-1)
 
 class StudentLoss(nn.Module):
     "Σ_k [f_k·(α·D_k + (1−α)·GT_k on labelled frames) + (1−f_k)·D_k on the rest], f_k = labelled share of the batch."
@@ -136,7 +138,7 @@ def task_pools(df: pd.DataFrame,             # training frame table (several dat
     pos = np.arange(len(df))
     has_va = (df['valence'].notna() & df['arousal'].notna()).to_numpy()
     has_ex = df['expr'].notna().to_numpy()
-    has_au = df[aus].notna().all(axis=1).to_numpy() if aus else np.zeros(len(df), bool)
+    has_au = df[aus].notna().any(axis=1).to_numpy() if aus else np.zeros(len(df), bool)   # external AU sets label a subset
     keep_ex, keep_va = has_ex.copy(), has_va.copy()
     if undersample:
         from abaw_nb.data.frames import expr_names
@@ -160,37 +162,73 @@ def pool_weights(df: pd.DataFrame, pools: dict, balance: bool = True, seed: int 
         if len(rows) == 0: out[t] = np.zeros(0); continue
         sub = df.iloc[rows]
         if not balance: w = np.ones(len(rows))
-        elif t == 'au': w = ml_ros_weights(sub[aus], seed=seed)
+        elif t == 'au':   # ML-ROS over the AUs every pool frame labels (all 12 for Aff-Wild2 alone; the shared ones after a DISFA merge)
+            common = [a for a in aus if sub[a].notna().all()]
+            w = ml_ros_weights(sub[common], seed=seed) if common else np.ones(len(rows))
         elif t == 'expr': w = expr_weights(sub['expr'])
         else: w = va_weights(sub['valence'], sub['arousal'], bins=20)
         out[t] = w / w.sum()
     return out
 
-class BalancedTaskDataset(torch.utils.data.Dataset):
-    "Frames drawn with replacement from each task's pool by its weights, equally many per task; `resample(epoch)` redraws."
-    def __init__(self, base,                 # a FrameDataset over the training frame table
-                 pools: dict, weights: dict,  # from `task_pools` / `pool_weights`
-                 per_task: int | None = None, # draws per task and epoch (default: the smallest pool)
-                 seed: int = 0):
-        self.base, self.pools, self.weights, self.seed = base, pools, weights, seed
-        sizes = [len(r) for r in pools.values() if len(r)]
-        if not sizes: raise ValueError('every task pool is empty: no labelled training frame')
-        self.per_task = per_task or min(sizes)
-        self.fingerprint = getattr(base, 'fingerprint', None)
-        self.resample(0)
-    def resample(self, epoch: int) -> None:
-        "Draw the frames of `epoch` (deterministic in seed and epoch)."
-        rng = np.random.default_rng([self.seed, epoch])
-        plan, task = [], []
-        for j, (t, rows) in enumerate(self.pools.items()):
-            if not len(rows): continue
-            plan.append(rows[rng.choice(len(rows), self.per_task, replace=True, p=self.weights[t])]); task += [j] * self.per_task
-        self.plan, self.task = np.concatenate(plan), np.array(task)
-    def __len__(self): return len(self.plan)
-    def __getitem__(self, i):
-        item = self.base[int(self.plan[i])]
-        item['index'] = torch.tensor(int(self.plan[i]))   # the frame-table row, as FrameDataset gives
-        return item
+def task_sampler(df: pd.DataFrame, pools: dict, balance: bool = True, per_task: int | None = None, seed: int = 0) -> PoolSampler:
+    "The training sampler: `per_task` frames (default: the smallest pool) drawn from each task's pool by `pool_weights`, redrawn every epoch from (seed, epoch)."
+    pools = {t: r for t, r in pools.items() if len(r)}
+    if not pools: raise ValueError('every task pool is empty: no labelled training frame')
+    return PoolSampler(pools, pool_weights(df, pools, balance, seed), per_pool=per_task, seed=seed)
+
+# %% ../../nbs/05b_methods.incomplete.ipynb #e1a2b3c5
+EXTERNAL = {'au': 'disfa', 'expr': 'expw', 'va': 'afew_va'}   # the original's external dataset of each task
+
+def source_identities(root, fmt: str, ext: pd.DataFrame) -> np.ndarray | None:
+    "The SynthAffect identity behind each row of layout `fmt` (from `_latent/`); None for data without that record (real datasets)."
+    from abaw_nb.data.synth import format_sources, load_latent
+    try: src, videos = format_sources(root, fmt), load_latent(root)['videos']
+    except FileNotFoundError: return None
+    m = src.drop_duplicates(['video', 'frame']).set_index(['video', 'frame'])['src_video']
+    sv = m.reindex(pd.MultiIndex.from_arrays([ext['video'].astype(str).to_numpy(), ext['frame'].astype('int64').to_numpy()]))
+    if sv.isna().any(): raise ValueError(f'{int(sv.isna().sum())} rows of layout {fmt!r} have no source in {root}/_latent/sources/{fmt}.csv')
+    return videos.set_index('video')['subject'].reindex(sv.to_numpy()).astype(str).to_numpy()
+
+def heldout_identities(root) -> set:
+    "Identities with a validation or test video (SynthAffect `_latent/videos.csv`); empty for data without that record."
+    from abaw_nb.data.synth import load_latent
+    try: v = load_latent(root)['videos']
+    except FileNotFoundError: return set()
+    return set(v.loc[v['split'] != 'train', 'subject'].astype(str))
+
+def external_frames(root,                          # folder holding the layouts (SynthAffect: its root, layouts in `<root>/<fmt>/`)
+                    au_space: str = 'affwild2_12', # AU space of the table they join
+                    expr_space: str = 'expr7',     # expression space of the table they join
+                    formats=tuple(EXTERNAL.values()), # which external layouts
+                    held_out=None,                 # identities kept out of training (default: `heldout_identities(root)`)
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "External training frames in the given label spaces (absolute image paths, split 'train'), held-out identities removed; and a per-layout report."
+    from abaw_nb.data.synth import read_format
+    held = heldout_identities(root) if held_out is None else set(held_out)
+    parts, report = [], []
+    for fmt in formats:
+        check_choice('external layout', fmt, tuple(EXTERNAL.values()))
+        df, r = read_format(root, fmt)
+        ident = source_identities(root, fmt, df)
+        drop = np.isin(ident, list(held)) if ident is not None else np.zeros(len(df), bool)
+        attrs = dict(df.attrs); df = df[~drop].reset_index(drop=True); df.attrs = attrs
+        df = convert_aus(df, au_space)
+        if df.attrs['expr_space'] != expr_space: df = convert_expr(df, expr_space)
+        df = df.assign(split='train', path=[str(Path(r).resolve()/p) for p in df['path']])
+        parts.append(df.drop(columns='audio', errors='ignore'))
+        report.append(dict(layout=fmt, dataset=str(df['dataset'].iloc[0]) if len(df) else fmt, rows_read=int(len(drop)),
+                           held_out_identity=int(drop.sum()), kept=int(len(df)), identities_known=ident is not None))
+    out = pd.concat(parts, ignore_index=True) if parts else empty_frames(expr_space, au_space)
+    out.attrs = {'expr_space': expr_space, 'au_space': au_space, 'issues': []}
+    return validate(out), pd.DataFrame(report)
+
+def merge_external(train: pd.DataFrame, ext: pd.DataFrame) -> pd.DataFrame:
+    "The training table with the external frames appended (same label spaces; the audio column dropped)."
+    for k in ('au_space', 'expr_space'):
+        if train.attrs[k] != ext.attrs[k]: raise ValueError(f"{k}: training frames are {train.attrs[k]!r}, external frames {ext.attrs[k]!r}")
+    out = pd.concat([train.drop(columns='audio', errors='ignore'), ext], ignore_index=True)
+    out.attrs = {**train.attrs, 'issues': list(train.attrs.get('issues', []))}
+    return validate(out)
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #872dd0c4
 class MultitaskCNNRNN(nn.Module):
@@ -235,12 +273,13 @@ def config_overrides(preset: str, task: str, method: str = 'mtl_cnn') -> dict:
     elif preset == 'cpu':
         base = dict(img_size=64, batch_size=8 if rnn else 64, epochs=2 if rnn else 3, optimizer='adam', lr=1e-3,
                     schedule='none', max_steps_per_epoch=30 if rnn else 40, num_workers=0)
-        x = dict(backbone='resnet18', n_students=2, student_epochs=1 if rnn else 2, seq_len=16, eval_stride=8)
+        x = dict(backbone='resnet18', n_students=2, student_epochs=2 if rnn else 3, seq_len=16, eval_stride=8)
     else:
         base = dict(img_size=32, batch_size=4 if rnn else 16, epochs=1, max_steps_per_epoch=4, optimizer='adam', lr=1e-3,
                     schedule='none', num_workers=0)
         x = dict(backbone='resnet18', n_students=2, student_epochs=1, seq_len=8, eval_stride=4)
-    x.update(role='teacher', balance=True, undersample=True, alpha=0.4, T=1.5, t2=False, rnn_hidden=64, thresholds='break_even')
+    x.update(role='teacher', balance=True, undersample=True, external=tuple(EXTERNAL.values()), alpha=0.4, T=1.5, t2=False,
+             rnn_hidden=64, thresholds='break_even')
     return {**base, 'extra': x}
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #c3ce1b58
@@ -297,6 +336,16 @@ def _cnn_run_for(cfg: Config) -> Path:
         train(c.replace(out_dir=str(out)))
     return out
 
+def external_root_frames(cfg, root, formats, attrs: dict) -> pd.DataFrame:
+    "External frames of a run: SynthAffect's own layouts (added to the cached folder if missing), else those under `extra.external_root` (default the data root)."
+    if cfg.data_root is None:
+        from abaw_nb.data.synth import generate_cached
+        eroot = generate_cached(cfg.synth_size, seed=cfg.extra.get('data_seed', 0), formats=('affwild2', *formats), show_progress=False)
+    else: eroot = Path(cfg.extra.get('external_root') or root)
+    ext, rep = external_frames(eroot, attrs['au_space'], attrs['expr_space'], formats)
+    if cfg.out_dir: write_csv(Path(cfg.out_dir)/'external_report.csv', rep)
+    return ext
+
 def recipe(cfg, n_expr: int = 7, au_names=None) -> dict:
     "Network, losses, datasets and prediction of the Multitask-CNN (`mtl_cnn`) or Multitask-CNN-RNN (`mtl_cnn_rnn`) for `cfg`."
     x = cfg.extra; role = x.get('role', 'teacher'); check_choice('extra.role', role, _ROLES)
@@ -346,17 +395,16 @@ def recipe(cfg, n_expr: int = 7, au_names=None) -> dict:
             return (ClipDataset(tr, root, L, stride=max(L // 2, 1), transform=make_transform(True, cfg_.img_size, bb)),
                     ClipDataset(va, root, L, stride=int(x.get('eval_stride') or max(L // 2, 1)), end='align',
                                 transform=make_transform(False, cfg_.img_size, bb)))
-        base = FrameDataset(tr, root, make_transform(True, cfg_.img_size, bb))
+        fmts = tuple(f for t, f in EXTERNAL.items() if t in tasks and f in tuple(x.get('external') or ()))
+        if fmts:
+            tr = merge_external(tr, external_root_frames(cfg_, root, fmts, tr.attrs))
         pools = {t: r for t, r in task_pools(tr, x.get('undersample', True)).items() if t in tasks}
-        train_ds = BalancedTaskDataset(base, pools, pool_weights(tr, pools, x.get('balance', True), cfg_.seed),
-                                       per_task=x.get('per_task'), seed=cfg_.seed)
-        return train_ds, FrameDataset(va, root, make_transform(False, cfg_.img_size, bb))
-
-    def resample(trainer, rec):
-        if hasattr(trainer.train_ds, 'resample'): trainer.train_ds.resample(trainer.epoch)
+        sampler = task_sampler(tr, pools, x.get('balance', True), per_task=x.get('per_task'), seed=cfg_.seed)
+        return (FrameDataset(tr, root, make_transform(True, cfg_.img_size, bb)),
+                FrameDataset(va, root, make_transform(False, cfg_.img_size, bb)), sampler)
 
     return dict(model=model, loss_fn=loss_fn, predict_fn=predict_fn, forward_fn=forward_fn, tasks=tasks, backbone=bb,
-                make_datasets=make_datasets, callbacks=[resample])
+                make_datasets=make_datasets)
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #5c98a6f3
 @torch.no_grad()
@@ -447,7 +495,7 @@ def run_method(preset: str = 'smoke', seed: int = 0,
     from abaw_nb.metrics import fit_au_thresholds, score_frames
     base = Path(out_dir) if out_dir else outputs_dir('runs')/run_id('mtl_cnn-method')
     kw = dict(data_root=data_root, data_format=data_format, device=device, progress=progress)
-    runs, families = {}, [('cnn', 'mtl_cnn')] + ([('cnn_rnn', 'mtl_cnn_rnn')] if temporal else [])
+    runs, secs, families = {}, {}, [('cnn', 'mtl_cnn')] + ([('cnn_rnn', 'mtl_cnn_rnn')] if temporal else [])
     for fam, method in families:
         ext = dict(extra)
         if fam == 'cnn_rnn':   # the CNN the GRUs start from: best CNN student on validation (teacher if no students)
@@ -455,14 +503,15 @@ def run_method(preset: str = 'smoke', seed: int = 0,
             val = {n: json.loads((runs[n]/'scores_val.json').read_text())['score'] for n in cands}
             ext['cnn_run'] = str(runs[max(val, key=val.get)])
         t = run_config(method, 'multi', preset, seed=seed, out_dir=str(base/f'{fam}_teacher'), extra={**ext, 'role': 'teacher'}, **kw)
-        runs[f'{fam}/teacher'] = _train_once(t)
+        t0 = time.perf_counter(); runs[f'{fam}/teacher'] = _train_once(t); secs[f'{fam}/teacher'] = time.perf_counter() - t0
         ns = t.extra['n_students'] if n_students is None else n_students
         for i in range(ns):
             s = run_config(method, 'multi', preset, seed=seed + 1 + i, epochs=t.extra['student_epochs'],
                            out_dir=str(base/f'{fam}_student_{i}'),
                            extra={**ext, 'role': 'student', 'teacher_run': str(base/f'{fam}_teacher')}, **kw)
-            runs[f'{fam}/student_{i}'] = _train_once(s)
+            t0 = time.perf_counter(); runs[f'{fam}/student_{i}'] = _train_once(s); secs[f'{fam}/student_{i}'] = time.perf_counter() - t0
     # --- evaluation: every model and the students' ensemble of each family
+    t0 = time.perf_counter()
     frames, root = load_frames(t)
     splits = {sp: task_frames(frames[frames['split'] == sp].reset_index(drop=True), 'multi') for sp in ('val', 'test')}
     for d in splits.values(): d.attrs = dict(frames.attrs)
@@ -496,11 +545,12 @@ def run_method(preset: str = 'smoke', seed: int = 0,
     write_csv(base/'scores_test.csv', res)
     for name, p in preds.items():
         write_csv(base/'predictions'/f'{name.replace("/", "-")}_test.csv', thresholds[name].apply(p['test']))
-    write_json(base/'method.json', dict(preset=preset, seed=seed, edition=edition, au_names=aus, test_split=test_split,
+    secs['evaluation'] = time.perf_counter() - t0
+    write_json(base/'method.json', dict(preset=preset, seed=seed, edition=edition, au_names=aus, test_split=test_split, seconds=secs,
                                         threshold_method=how, runs={k: str(v) for k, v in runs.items()},
                                         thresholds={k: v.to_dict() for k, v in thresholds.items()}))
     return dict(out_dir=base, runs=runs, scores=res, predictions=preds, thresholds=thresholds, frames=splits, root=root,
-                edition=edition, test_split=test_split)
+                edition=edition, test_split=test_split, seconds=secs)
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #f267669d
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')

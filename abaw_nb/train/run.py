@@ -16,8 +16,8 @@ from .engine import Trainer, build_optimizer
 
 # %% auto #0
 __all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'RECIPE_KEYS', 'available_methods',
-           'method_module', 'run_config', 'load_frames', 'task_frames', 'check_recipe', 'selection_score',
-           'report_issues', 'discard_partial_run', 'train', 'load_run']
+           'method_module', 'run_config', 'load_frames', 'task_frames', 'check_recipe', 'edition_for_frames',
+           'selection_score', 'report_issues', 'discard_partial_run', 'train', 'load_run']
 
 # %% ../../nbs/04c_train.run.ipynb #e6b11523
 ALL_METHODS = ('fpn', 'mtl_cnn', 'mtl_cnn_rnn', 'emenet', 'emotion_gcn', 'fmae')
@@ -93,7 +93,7 @@ def task_frames(df: pd.DataFrame, task: str,
     return out
 
 # %% ../../nbs/04c_train.run.ipynb #cfdb59c1
-EDITION = 'abaw2'   # the FPN paper's edition; each method's paper notebook may score with its own
+EDITION = 'abaw2'   # the default edition of validation scores; `edition_for_frames` picks ABAW1 for FG 2020's 8-AU data
 # what a method's `recipe(cfg, n_expr, au_names)` may return (the first four are required); further non-callable
 # keys are informational
 RECIPE_KEYS = ('model', 'loss_fn', 'predict_fn', 'tasks', 'backbone', 'forward_fn', 'collate_fn', 'callbacks', 'make_datasets', 'param_groups')
@@ -105,6 +105,10 @@ def check_recipe(rec: dict, method: str) -> dict:
     bad = sorted(k for k in set(rec) - set(RECIPE_KEYS) if callable(rec[k]))
     if bad: raise KeyError(f'recipe of {method!r} has unknown hook(s) {bad}; valid: {", ".join(RECIPE_KEYS)}')
     return rec
+
+def edition_for_frames(frames: pd.DataFrame) -> str:
+    "The edition whose formulas score a run's validation: `abaw1` (FG 2020) for data in its 8-AU space, else `EDITION` (ABAW2)."
+    return 'abaw1' if frames.attrs.get('au_space') == 'abaw1_8' else EDITION
 
 def selection_score(scores: dict, tasks) -> float:
     "The validation number that picks the best checkpoint: the edition's headline score, or for a multi-task run without one (ABAW1/2) the sum of the track scores."
@@ -165,18 +169,21 @@ def _train(mod, cfg: Config, verbose: bool, data, eval_splits, out_dir: Path) ->
     seed_everything(cfg.seed, cfg.deterministic)   # the model's initial weights depend on the run's seed, not on what ran before
     rec = mod.recipe(cfg, n_expr=n_expr, au_names=aus, **kw)   # methods that derive things from the labels (a graph) take them
     check_recipe(rec, cfg.method)
+    sampler = None
     if 'make_datasets' in rec:
-        train_ds, val_ds = rec['make_datasets'](tr, va, root, cfg)
+        made = rec['make_datasets'](tr, va, root, cfg)
+        train_ds, val_ds = made[:2]
+        if len(made) > 2: sampler = made[2]   # a training sampler (with `set_epoch`: the engine redraws it from (seed, epoch))
     else:
         bb = rec.get('backbone', 'resnet50')
         train_ds = FrameDataset(tr, root, make_transform(True, cfg.img_size, bb))
         val_ds = FrameDataset(va, root, make_transform(False, cfg.img_size, bb))
     train_ds.fingerprint = fingerprint(tr[['video', 'frame', 'path']].to_csv(index=False), str(root), cfg.synth_size)
-    tasks = rec['tasks']
+    tasks = rec['tasks']; edition = edition_for_frames(frames)
 
     def score_on(fr, pred):
         p = pred.copy(); p['video'] = fr['video'].to_numpy()[p['index']]; p['frame'] = fr['frame'].to_numpy()[p['index']]
-        s = score_frames(fr, p, tasks=list(tasks), edition=EDITION, thresholds=0.5)
+        s = score_frames(fr, p, tasks=list(tasks), edition=edition, thresholds=0.5)
         flat = {k: v for k, v in s.items() if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
         flat['score'] = selection_score(flat, tasks)
         return flat
@@ -185,7 +192,7 @@ def _train(mod, cfg: Config, verbose: bool, data, eval_splits, out_dir: Path) ->
     opt = {k: rec[k] for k in ('forward_fn', 'collate_fn', 'callbacks') if k in rec}
     if 'param_groups' in rec: opt['optimizer'] = build_optimizer(rec['param_groups'], cfg)   # e.g. layer-wise lr decay
     trainer = Trainer(rec['model'], cfg, rec['loss_fn'], train_ds, val_ds, predict_fn=rec['predict_fn'], score_fn=score_fn,
-                      out_dir=out_dir, **opt)
+                      out_dir=out_dir, train_sampler=sampler, **opt)
     history = trainer.fit()
     trainer.load_best()
     scores, pred = trainer.evaluate()
