@@ -15,13 +15,29 @@ from ..data.frames import au_columns, expr_names, validate
 from ..data.loading import FrameDataset, make_transform
 
 # %% auto #0
-__all__ = ['TASKS', 'LOSSES', 'KEY', 'FPNNet', 'config_overrides', 'batch_targets', 'fpn_transform', 'soft_loss', 'recipe',
-           'downsample_va', 'mix_training_table', 'load_model', 'predict_frames', 'apply_ground_truth',
-           'make_pseudo_labels', 'read_pseudo_labels', 'check_no_leak', 'soft_targets', 'PseudoLabelDataset',
-           'multitask_frames', 'split_multitask', 'evaluate', 'challenge_predictions', 'selection_split', 'run_fpn']
+__all__ = ['TASKS', 'LOSSES', 'KEY', 'narrow_fpn', 'FPNNet', 'config_overrides', 'batch_targets', 'fpn_transform', 'soft_loss',
+           'recipe', 'downsample_va', 'mix_training_table', 'check_no_subject_leak', 'synth_subjects', 'synth_external',
+           'load_model', 'predict_frames', 'apply_ground_truth', 'make_pseudo_labels', 'read_pseudo_labels',
+           'check_no_leak', 'soft_targets', 'PseudoLabelDataset', 'multitask_frames', 'split_multitask', 'evaluate',
+           'challenge_predictions', 'selection_split', 'run_fpn']
 
 # %% ../../nbs/05a_methods.fpn.ipynb #9296a94e
 TASKS = ('va', 'expr', 'au')
+
+def narrow_fpn(backbone: str = 'resnet18_fpn',  # resnet18_fpn | resnet50_fpn (the ResNet body and its BN settings)
+               channels: int = 128,              # FPN width (the original: 256)
+               pretrained=None,                  # as `build_backbone`
+              ) -> nn.Module:
+    "The same ResNet-FPN (four lateral 1×1 + four 3×3 output convs, max-pool extra level, 5 levels averaged and concatenated) with `channels` per level instead of 256: out_dim = 5·channels."
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+    m = build_backbone(backbone, pretrained=pretrained)           # body built (and loaded) exactly as the 256-wide one
+    if channels == 256: return m
+    inner = [m.fpn.inner_blocks[i][0].in_channels for i in range(len(m.fpn.inner_blocks))]
+    wide = BackboneWithFPN(nn.Module(), {}, inner, channels, LastLevelMaxPool())
+    m.fpn = wide.fpn
+    m.out_dim = channels * len(m.levels)
+    return m
 
 class FPNNet(nn.Module):
     "ResNet-FPN embedding (5 levels x 256 = 1280-d) with a linear head per task: `va` (2 values), `expr` (logits), `au` (logits)."
@@ -29,11 +45,12 @@ class FPNNet(nn.Module):
                  backbone: str = 'resnet50_fpn',    # resnet50_fpn (paper) or resnet18_fpn (cpu preset)
                  n_expr: int = 7, n_au: int = 12,
                  pretrained=None,                   # local ImageNet weights file for the ResNet, or 'download'
+                 fpn_channels: int = 256,           # FPN width (256 = the original; the cpu preset narrows it)
                 ):
         super().__init__()
         for t in tasks: check_choice('task', t, TASKS)
         self.tasks = tuple(tasks)
-        self.backbone = build_backbone(backbone, pretrained=pretrained)
+        self.backbone = narrow_fpn(backbone, fpn_channels, pretrained)
         d = self.backbone.out_dim
         out = dict(va=2, expr=n_expr, au=n_au)
         self.heads = nn.ModuleDict({t: nn.Linear(d, out[t]) for t in self.tasks})
@@ -54,9 +71,13 @@ def config_overrides(preset: str, task: str) -> dict:
                     weight_decay=opt['weight_decay'],
                     extra={**opt['extra'], 'step_epochs': 50, 'gamma': 0.1, 'backbone': 'resnet50_fpn'})
     if preset == 'cpu':
-        # capped so that 3 single-task + 1 multi-task trainings fit `make reproduce` on a 2-core CPU
-        return dict(img_size=48, batch_size=32, epochs=4, max_steps_per_epoch=50, optimizer='adam', lr=1e-3, schedule='none',
-                    extra={'backbone': 'resnet18_fpn'})
+        # 3 single-task + 1 multi-task trainings + pseudo labels must fit a few minutes of a 2-core CPU: 64 px (the faces'
+        # mouth/brow cues need it), a 128-wide pyramid (the 256-wide 3x3 output convs cost more than the ResNet-18 itself
+        # at this size), 3 epochs x 80 steps of 32 with a short warmup and a cosine decay (fewer per-epoch validations than
+        # 4 x 50). The single-task VA set (Aff-Wild2 / 5 + AffectNet) has only ~40 batches an epoch: 6 epochs give it
+        # about the optimiser steps of the others. Warmup: Adam at 1e-3 from random init blew the VA head up early on.
+        return dict(img_size=64, batch_size=32, epochs=6 if task == 'va' else 3, max_steps_per_epoch=80, optimizer='adam',
+                    lr=1e-3, schedule='cosine', warmup_epochs=0.25, extra={'backbone': 'resnet18_fpn', 'fpn_channels': 128})
     return dict(img_size=32, batch_size=16, epochs=1, max_steps_per_epoch=4, optimizer='adam', lr=1e-3, schedule='none',
                 extra={'backbone': 'resnet18_fpn'})
 
@@ -90,7 +111,7 @@ def recipe(cfg, n_expr: int = 7, au_names=None) -> dict:
     au_names = list(au_names) if au_names is not None else [f'AU{i}' for i in (1, 2, 4, 6, 7, 10, 12, 15, 23, 24, 25, 26)]
     tasks = TASKS if cfg.task == 'multi' else (cfg.task,)
     model = FPNNet(tasks, backbone=cfg.extra.get('backbone', 'resnet50_fpn'), n_expr=n_expr, n_au=len(au_names),
-                   pretrained=cfg.extra.get('pretrained'))
+                   pretrained=cfg.extra.get('pretrained'), fpn_channels=int(cfg.extra.get('fpn_channels', 256)))
     crit = MultiTaskLoss({t: LOSSES[t] for t in tasks})
     pl_path = cfg.extra.get('pseudo_labels')
     if pl_path and cfg.task != 'multi': raise ValueError(f'pseudo_labels are for the multi-task run, not task={cfg.task!r}')
@@ -144,8 +165,9 @@ def mix_training_table(frames: pd.DataFrame,  # Aff-Wild2 frame table (train + v
                        affectnet=None,        # (frame table from `read_affectnet(expr_space='expr7')`, its root) or None
                        expw=None,             # (frame table from `read_expw`, its root) or None
                        va_step: int = 5,      # temporal downsampling of Aff-Wild2 VA frames
+                       exclude_subjects=None, # subjects whose external rows are dropped (the held-out people of `frames`)
                       ) -> pd.DataFrame:
-    "Training table of a single-task model: Aff-Wild2 train frames of `task` (+ external data as in the paper) and the Aff-Wild2 validation frames."
+    "Training table of a single-task model: Aff-Wild2 train frames of `task` (+ external data as in the paper, minus `exclude_subjects`) and the Aff-Wild2 validation frames."
     check_choice('task', task, TASKS)
     def clean(d):
         d = d.drop(columns=['audio'], errors='ignore'); d.attrs = dict(d.attrs); return d
@@ -164,12 +186,53 @@ def mix_training_table(frames: pd.DataFrame,  # Aff-Wild2 frame table (train + v
     if expw is not None and task == 'expr':
         e = clean(expw[0]); e = e.assign(split='train')
         parts.append(_absolute(task_frames(e, 'expr'), expw[1]))
+    held = set(exclude_subjects or ())
+    parts = [parts[0]] + [p[~p['subject'].isin(held)] for p in parts[1:]]   # external people of the held-out splits never train
     parts.append(aff[aff['split'] == 'val'])
     out = pd.concat(parts, ignore_index=True)
     out['expr'] = out['expr'].astype('Int64')
     for c in au_columns('affwild2_12'): out[c] = out[c].astype('Int8')
     out.attrs = {'expr_space': 'expr7', 'au_space': 'affwild2_12'}
+    check_no_subject_leak(out, held)
     return validate(out)
+
+def check_no_subject_leak(df: pd.DataFrame,  # a training table (split 'train' rows are trained on)
+                          held,              # subjects that must not be trained on (validation / test / selection people)
+                         ) -> None:
+    "Raise if a training row belongs to a held-out subject (rows of unknown subject cannot be checked and pass)."
+    bad = df[(df['split'] == 'train') & df['subject'].isin(set(held))]
+    if len(bad):
+        ex = ', '.join(f'{r.dataset}:{r.video} ({r.subject})' for r in bad.head(3).itertuples())
+        raise ValueError(f'{len(bad)} training rows belong to held-out subjects (e.g. {ex}): those people must not be trained on')
+
+def synth_subjects(root,                   # a generated SynthAffect folder
+                   frames: pd.DataFrame,   # a frame table of one of its layouts ('affwild2', 'affectnet', 'expw')
+                   fmt: str = 'affwild2',  # which layout `frames` was read from
+                  ) -> pd.DataFrame:
+    "A copy of `frames` with `subject` filled from SynthAffect's latent tables: the person each image shows (still-image layouts through their source map)."
+    from abaw_nb.data.synth import load_latent, format_sources
+    who = load_latent(root)['videos'].set_index('video')['subject']
+    out = frames.copy()
+    if fmt == 'affwild2': src = out['video']
+    else:
+        m = out[['video', 'frame']].merge(format_sources(root, fmt), on=['video', 'frame'], how='left', validate='one_to_one')
+        if m['src_video'].isna().any(): raise ValueError(f'{fmt}: {int(m.src_video.isna().sum())} rows have no source frame in {root}')
+        src = m['src_video']
+    out['subject'] = pd.Series(src.map(who).to_numpy(), index=out.index).astype(frames['subject'].dtype)
+    if out['subject'].isna().any(): raise ValueError(f'{fmt}: {int(out.subject.isna().sum())} rows of unknown subject in {root}')
+    out.attrs = dict(frames.attrs)
+    return out
+
+def synth_external(root,                             # a generated SynthAffect folder with the layouts written
+                   formats=('affectnet', 'expw'),    # still-image layouts to read
+                  ) -> dict:
+    "SynthAffect's AffectNet-like and ExpW-like sets read with their readers (labels mapped into the Aff-Wild2 order), subjects filled: {fmt: (frame table, root)}."
+    from abaw_nb.data.synth import read_format
+    out = {}
+    for f in formats:
+        t, r = read_format(root, f, **({'expr_space': 'expr7'} if f == 'affectnet' else {}))
+        out[f] = (synth_subjects(root, t, f), r)
+    return out
 
 # %% ../../nbs/05a_methods.fpn.ipynb #7be7f34c
 def load_model(path,                 # run folder (its best.pt) or a checkpoint file holding 'model' and 'config'
@@ -353,17 +416,22 @@ def challenge_predictions(models: dict,          # task -> model (run folder / c
     return out
 
 # %% ../../nbs/05a_methods.fpn.ipynb #106b231d
+def _person(df: pd.DataFrame) -> pd.Series:
+    "Who a row shows: its subject where known, else its video (one person per video)."
+    return df['subject'].astype(object).where(df['subject'].notna(), 'video:' + df['video'].astype(str))
+
 def selection_split(frames: pd.DataFrame, frac: float = 0.2, seed: int = 0) -> pd.DataFrame:
-    "A copy of `frames` in which `frac` of each task's labelled training videos become split 'val' (checkpoint selection) and the real validation/test frames are removed."
+    "A copy of `frames` in which `frac` of each task's labelled training people (subjects where known, else videos) become split 'val' (checkpoint selection) and the real validation/test frames are removed."
     from abaw_nb.train.run import task_frames
     tr = frames[frames['split'] == 'train']
+    who = _person(tr)
     rng = np.random.default_rng(seed); sel = set()
     for t in TASKS:
-        vids = sorted(task_frames(tr, t)['video'].unique())
-        if not vids: continue
-        k = max(1, int(round(frac * len(vids))))
-        sel |= set(rng.choice(vids, size=min(k, len(vids) - 1) if len(vids) > 1 else 0, replace=False).tolist())
-    out = tr.copy(); out.loc[out['video'].isin(sel), 'split'] = 'val'
+        ppl = sorted(_person(task_frames(tr, t)).unique())
+        if not ppl: continue
+        k = max(1, int(round(frac * len(ppl))))
+        sel |= set(rng.choice(ppl, size=min(k, len(ppl) - 1) if len(ppl) > 1 else 0, replace=False).tolist())
+    out = tr.copy(); out.loc[who.isin(sel).to_numpy(), 'split'] = 'val'
     out = out.reset_index(drop=True); out.attrs = dict(frames.attrs)
     return out
 
@@ -371,7 +439,7 @@ def run_fpn(preset: str = 'smoke',      # smoke | cpu | paper
             out_dir=None,               # folder for the runs (single_<task>, multi, split, pseudo_labels.csv)
             seed: int = 0,
             data_root=None,             # None: SynthAffect (preset size); else an Aff-Wild2 root
-            affectnet=None, expw=None,  # (frame table, root) of the external datasets, or None
+            affectnet=None, expw=None,  # (frame table, root) of the external datasets, 'synth' (SynthAffect's layout; data_root None) or None
             va_step: int = 5,           # temporal downsampling of Aff-Wild2 VA frames in the single-task VA set
             select_frac: float = 0.2,   # share of training videos held out to pick checkpoints (0: use validation, as the original)
             device: str = 'auto', progress: bool | None = False,
@@ -382,12 +450,25 @@ def run_fpn(preset: str = 'smoke',      # smoke | cpu | paper
     from abaw_nb.core import cache_dir, run_id
     out = Path(out_dir) if out_dir else cache_dir('fpn-runs', run_id(f'fpn-{preset}'))
     base = run_config('fpn', 'va', preset, data_root=data_root, seed=seed, device=device, progress=progress, **overrides)
+    synth = [n for n, x in (('affectnet', affectnet), ('expw', expw)) if isinstance(x, str)]
+    if synth and (data_root is not None or any(x not in ('synth',) for x in (affectnet, expw) if isinstance(x, str))):
+        raise ValueError(f"affectnet/expw='synth' takes SynthAffect's own layouts: only with data_root=None "
+                         f"(got affectnet={affectnet if isinstance(affectnet, (str, type(None))) else 'table'}, data_root={data_root})")
     frames, root = load_frames(base)
+    if synth:
+        from abaw_nb.data.synth import generate_cached
+        generate_cached(base.synth_size, seed=base.extra.get('data_seed', 0), formats=('affwild2', *synth), show_progress=False)
+        ext = synth_external(root, synth)
+        affectnet, expw = ext.get('affectnet', affectnet), ext.get('expw', expw)
+    if data_root is None: frames = synth_subjects(root, frames)      # who each video shows (Aff-Wild2 tables lack it)
     work = selection_split(frames, select_frac, seed) if select_frac else frames[frames['split'] != 'test'].reset_index(drop=True)
     work.attrs = dict(frames.attrs)
-    res = dict(out_dir=out, frames=frames, root=root, work=work, single={}, mixed={})
+    # people never trained on: validation/test subjects and the selection subjects (their still images in AffectNet/ExpW too)
+    held = set(frames.loc[frames['split'] != 'train', 'subject'].dropna()) | set(work.loc[work['split'] == 'val', 'subject'].dropna())
+    res = dict(out_dir=out, frames=frames, root=root, work=work, single={}, mixed={}, held_subjects=held,
+               external={'affectnet': affectnet, 'expw': expw})
     for t in TASKS:
-        tab = mix_training_table(work, root, t, affectnet, expw, va_step); res['mixed'][t] = tab
+        tab = mix_training_table(work, root, t, affectnet, expw, va_step, exclude_subjects=held); res['mixed'][t] = tab
         cfg = run_config('fpn', t, preset, data_root=data_root, seed=seed, device=device, progress=progress,
                          out_dir=str(out/f'single_{t}'), **overrides)
         res['single'][t] = train(cfg, data=(tab, root))
