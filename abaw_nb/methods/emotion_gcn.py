@@ -246,13 +246,13 @@ def config_overrides(preset: str, task: str) -> dict:
         raise ValueError(f'emotion_gcn supports task in {SUPPORTED_TASKS} (expr: single-task expressions; multi: expressions + '
                          f'valence/arousal); got task={task!r}')
     variant = 'single_task' if task == 'expr' else 'emotion_gcn'
-    common = dict(variant=variant, lambda_multi=1.0, class_weight='auto', adjacency='labels', threshold=0.1,
+    common = dict(variant=variant, lambda_multi=1.0, class_weight='inverse', adjacency='labels', threshold=0.1,
                   embeddings='minilm', hidden=512)
     if preset == 'paper':
         return dict(img_size=112, batch_size=35, epochs=10, optimizer='sgd', lr=1e-3, weight_decay=1e-3, schedule='step',
                     extra={**common, 'backbone': 'densenet121', 'momentum': 0.9, 'step_epochs': 10, 'gamma': 0.1})
     if preset == 'cpu':
-        return dict(img_size=64, batch_size=32, epochs=2, max_steps_per_epoch=100, optimizer='adam', lr=1e-3, weight_decay=0.0,
+        return dict(img_size=64, batch_size=32, epochs=2, max_steps_per_epoch=200, optimizer='adam', lr=1e-3, weight_decay=0.0,
                     schedule='none', extra={**common, 'backbone': 'densenet_s'})
     return dict(img_size=32, batch_size=8, epochs=1, max_steps_per_epoch=2, optimizer='adam', lr=1e-3, schedule='none',
                 extra={**common, 'backbone': 'densenet_s'})
@@ -269,7 +269,7 @@ def _variant(cfg) -> str:
 
 def weight_mode(cfg) -> str:
     "CE class weighting of a run: `extra['class_weight']`; 'auto' follows the original (weighted on AffectNet, unweighted on Aff-Wild2, spec §2)."
-    m = cfg.extra.get('class_weight', 'auto')
+    m = cfg.extra.get('class_weight', 'inverse')
     check_choice('class_weight', m, ('auto', 'inverse', 'affectnet', 'none'))
     return ('inverse' if cfg.data_format == 'affectnet' else 'none') if m == 'auto' else m
 
