@@ -75,3 +75,24 @@ def test_train_multi_mtl_cnn_rnn_smoke(root, tmp_path):
     pred = back['predictions']
     assert pred[['video', 'frame']].duplicated().sum() == 0          # overlapping windows averaged to one row per frame
     assert {'valence', 'arousal', 'prob_expr_0', 'prob_AU12'} <= set(pred.columns)
+
+@pytest.mark.parametrize('variant,embeddings', [('multi_task', None), ('emotion_gcn', 'onehot')])
+def test_train_multi_emotion_gcn_variant_from_extra(root, tmp_path, variant, embeddings):
+    "method=emotion_gcn reads its variant (and node embeddings) from `extra`; the run folder's config and weights say so."
+    import torch
+    from abaw_nb.train.engine import load_checkpoint
+    run = tmp_path/'run'
+    x = f'variant: {variant}' + (f', embeddings: {embeddings}' if embeddings else '')
+    r = _papermill(root, tmp_path/'out.ipynb', '-p', 'method', 'emotion_gcn', '-p', 'task', 'multi', '-p', 'out_dir', str(run),
+                   '-y', f'extra: {{{x}}}', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    back = load_run(run)
+    cfg = back['config']
+    assert (cfg.method, cfg.task, cfg.extra['variant']) == ('emotion_gcn', 'multi', variant)   # default for multi: emotion_gcn
+    sd = load_checkpoint(run/'best.pt', map_location='cpu')['model']
+    if variant == 'multi_task':
+        assert 'fc_cont.weight' in sd and not any(k.startswith('gcn.') for k in sd)            # the baseline's two linear heads
+    else:
+        assert cfg.extra['embeddings'] == 'onehot'
+        assert torch.equal(sd['gcn.emb'], torch.eye(9))                                       # one-hot node inputs, not MiniLM
+    assert {'expr_f1', 'expr_acc', 'va_ccc_valence', 'va_ccc_arousal'} <= set(back['scores'])

@@ -20,7 +20,7 @@ from ..train.losses import masked_ce, masked_ccc_loss
 __all__ = ['VARIANTS', 'SUPPORTED_TASKS', 'VA_NODES', 'MINILM_TABLE', 'BACKBONE_CHOICES', 'AFFECTNET_COUNTS', 'node_names',
            'label_correlation', 'label_adjacency', 'canonical_word', 'published_adjacency', 'label_embeddings',
            'embedding_info', 'SmallDenseNet', 'make_backbone', 'EmotionGCNNet', 'class_weights', 'EmotionGCNLoss',
-           'config_overrides', 'multi_tasks', 'graph_for', 'recipe']
+           'config_overrides', 'weight_mode', 'multi_tasks', 'graph_for', 'recipe']
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #2785651b
 VARIANTS = ('single_task', 'multi_task', 'emotion_gcn')
@@ -137,7 +137,7 @@ def embedding_info() -> dict:
     return json.loads((_assets()/MINILM_TABLE.replace('.csv', '.json')).read_text())
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #4d7de8f1
-BACKBONE_CHOICES = ('densenet121', 'bregnext', 'densenet_s', 'bregnext_s')
+BACKBONE_CHOICES = ('densenet121', 'bregnext', 'densenet_s', 'bregnext_s', 'bregnext_t')
 
 class SmallDenseNet(DenseNetBackbone):
     "A narrow, shallow DenseNet (torchvision `DenseNet`) with `DenseNetBackbone`'s pooling: the cpu-preset sibling of DenseNet-121."
@@ -147,7 +147,7 @@ class SmallDenseNet(DenseNetBackbone):
         net = torchvision.models.DenseNet(growth_rate, tuple(block_config), num_init_features)
         self.features, self.pool, self.out_dim = net.features, pool, net.classifier.in_features
 
-def make_backbone(name: str,          # densenet121 | bregnext | densenet_s | bregnext_s
+def make_backbone(name: str,          # densenet121 | bregnext | densenet_s | bregnext_s | bregnext_t
                   variant: str,       # the GCN variant max-pools DenseNet features (no final ReLU)
                   pretrained=None,    # local ImageNet weights for DenseNet-121 (or 'download')
                  ) -> nn.Module:
@@ -158,6 +158,7 @@ def make_backbone(name: str,          # densenet121 | bregnext | densenet_s | br
     if pretrained is not None: raise ValueError(f'backbone {name!r} is trained from scratch; pretrained weights apply to densenet121 only')
     if name == 'bregnext': return build_backbone('bregnext')
     if name == 'bregnext_s': return BReGNeXt(stages=((2, 32, 1), (1, 64, 2), (2, 64, 1), (1, 128, 2), (2, 128, 1)))
+    if name == 'bregnext_t': return BReGNeXt(stages=((1, 16, 2), (1, 32, 2), (1, 32, 1), (1, 64, 2), (1, 64, 1)), stem=16)
     return SmallDenseNet(pool)
 
 class EmotionGCNNet(nn.Module):
@@ -251,7 +252,7 @@ def config_overrides(preset: str, task: str) -> dict:
         return dict(img_size=112, batch_size=35, epochs=10, optimizer='sgd', lr=1e-3, weight_decay=1e-3, schedule='step',
                     extra={**common, 'backbone': 'densenet121', 'momentum': 0.9, 'step_epochs': 10, 'gamma': 0.1})
     if preset == 'cpu':
-        return dict(img_size=48, batch_size=32, epochs=3, max_steps_per_epoch=50, optimizer='adam', lr=1e-3, weight_decay=0.0,
+        return dict(img_size=64, batch_size=32, epochs=2, max_steps_per_epoch=200, optimizer='adam', lr=1e-3, weight_decay=0.0,
                     schedule='none', extra={**common, 'backbone': 'densenet_s'})
     return dict(img_size=32, batch_size=8, epochs=1, max_steps_per_epoch=2, optimizer='adam', lr=1e-3, schedule='none',
                 extra={**common, 'backbone': 'densenet_s'})
@@ -265,6 +266,12 @@ def _variant(cfg) -> str:
         raise ValueError(f"variant={v!r} needs task={'expr' if v == 'single_task' else 'multi'!r} (single_task trains expressions only; "
                          f"multi_task and emotion_gcn train expressions + valence/arousal); got task={cfg.task!r}")
     return v
+
+def weight_mode(cfg) -> str:
+    "CE class weighting of a run: `extra['class_weight']`; 'auto' follows the original (weighted on AffectNet, unweighted on Aff-Wild2, spec §2)."
+    m = cfg.extra.get('class_weight', 'inverse')
+    check_choice('class_weight', m, ('auto', 'inverse', 'affectnet', 'none'))
+    return ('inverse' if cfg.data_format == 'affectnet' else 'none') if m == 'auto' else m
 
 def multi_tasks(cfg) -> tuple:
     "The tasks a 'multi' run of this method trains (train.run keeps frames with a label of one of them)."
@@ -291,7 +298,7 @@ def recipe(cfg, n_expr: int = 7, au_names=None,
         A, rho = graph_for(cfg, train_frames, n_expr)
         E = label_embeddings(node_names(space), x.get('embeddings', 'minilm'))
     model = EmotionGCNNet(v, x.get('backbone', 'densenet121'), n_expr, A, E, x.get('hidden', 512), x.get('pretrained'))
-    crit = EmotionGCNLoss(class_weights(train_frames, n_expr, x.get('class_weight', 'inverse'), space), x.get('lambda_multi', 1.0))
+    crit = EmotionGCNLoss(class_weights(train_frames, n_expr, weight_mode(cfg), space), x.get('lambda_multi', 1.0))
     tasks = ('expr',) if v == 'single_task' else ('va', 'expr')
 
     def loss_fn(out, batch):
