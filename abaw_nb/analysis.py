@@ -11,7 +11,7 @@ from .core import cache_dir, outputs_dir, git_commit, write_csv, write_text, wri
 
 # %% auto #0
 __all__ = ['paper_outputs', 'provenance_line', 'save_table', 'save_figure', 'DataNotAvailable', 'require_data',
-           'published_column']
+           'evaluate_published', 'published_column']
 
 # %% ../nbs/08_analysis.ipynb #30857f45
 def paper_outputs(out_dir: str | Path | None = None, # explicit folder (papermill `-p out_dir ...`)
@@ -52,6 +52,28 @@ class DataNotAvailable(RuntimeError):
 def require_data(ok: bool, reason: str) -> None:
     "Stop a paper notebook with `DataNotAvailable(reason)` unless `ok` (e.g. `require_data(data_root is None or is_bp4d(data_root), ...)`)."
     if not ok: raise DataNotAvailable(reason)
+
+def evaluate_published(checkpoint,            # an authors' released checkpoint file (see the README for where each is published)
+                       method: str, task: str,  # the abaw-nb method it belongs to, and the task to score ('multi': all it predicts)
+                       preset: str, out,        # the notebook's preset and output folder
+                       seed: int = 0, data_root=None, extra: dict | None = None,  # run options as in train_multi (`extra`: importer options)
+                       name: str | None = None, # table name (default `<method>_published_checkpoint`)
+                      ) -> pd.DataFrame:
+    "The `checkpoint` parameter of the paper notebooks: import a released model (`abaw_nb.checkpoints`), score it on the notebook's validation data, save a table."
+    from abaw_nb.checkpoints import evaluate_checkpoint
+    from abaw_nb.train.run import run_config
+    cfg = run_config(method, task, preset, seed=seed, data_root=data_root, extra=extra or {},
+                     out_dir=str(Path(out)/'runs'/'published'/f'{method}-{task}'))
+    res = evaluate_checkpoint(cfg, checkpoint)
+    keep = [k for k in ('va_ccc_valence', 'va_ccc_arousal', 'va_score', 'expr_f1', 'expr_acc', 'expr_score', 'au_f1', 'au_acc', 'au_score', 'score')
+            if k in res['scores']]
+    tab = pd.DataFrame([{'checkpoint': Path(str(checkpoint)).name, 'format': res['imported'].fmt, 'n_val': res['n_val'],
+                         **{k: res['scores'][k] for k in keep}}])
+    data = str(data_root) if data_root else f'SynthAffect/{cfg.synth_size}'
+    save_table(tab, name or f'{method}_published_checkpoint', out, provenance_line(preset, data, seed, split='val'),
+               note='The authors\' released network imported by abaw_nb.checkpoints (no training) and scored on the validation frames '
+                    'with the same metrics as the reproduced rows; on the real data this reproduces the published numbers directly.')
+    return tab
 
 def published_column(df: pd.DataFrame, key: str, published: dict, name: str = 'published') -> pd.DataFrame:
     "Add the papers' numbers (`published[key value]`, typed from the paper) beside the reproduced ones; missing ones stay empty."
