@@ -12,38 +12,17 @@ from torch import nn
 import torch.nn.functional as F
 from ..core import Config, check_choice, get_device, seed_everything, make_generator
 from ..data.frames import au_columns, expr_names, validate
+from ..models.heads import grad_reverse, GradientReversal
 
 # %% auto #0
-__all__ = ['VIT_SIZES', 'AU_DATASETS', 'IAT_LAMBDA', 'SYNTH_LAYOUT', 'TASK_DIMS', 'grad_reverse', 'GradientReversal',
-           'sincos_pos_embed', 'patchify', 'unpatchify', 'MaskedAutoencoderViT', 'mae_vit_small_patch16',
-           'mae_vit_base_patch16', 'mae_vit_large_patch16', 'FMAEViT', 'vit_small_patch16', 'vit_base_patch16',
-           'vit_large_patch16', 'count_parameters', 'state_layout', 'reference_dir', 'resize_pos_embed',
-           'encoder_state', 'load_encoder', 'fmae_settings', 'build_mae', 'build_vit', 'stage_config', 'make_optimizer',
-           'ImageDataset', 'SubjectFrames', 'vit_transform', 'mae_transform', 'fit_steps', 'predict_outputs',
-           'pool_images', 'pretrain_mae', 'reconstruct', 'reconstruction_figure', 'au_folds', 'run_folds', 'subsample',
-           'cap_rows', 'split_train_val', 'finetune_au', 'finetune_fer', 'probe_split', 'identity_probe',
-           'config_overrides', 'recipe']
-
-# %% ../../nbs/05e_methods.fmae.ipynb #5c79a2bd
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lambd):
-        ctx.lambd = lambd
-        return x.view_as(x)
-    @staticmethod
-    def backward(ctx, g): return -ctx.lambd * g, None
-
-def grad_reverse(x: torch.Tensor,  # any tensor
-                 lambd: float = 1.0, # reversal strength (the original's `--grad_reverse`)
-                ) -> torch.Tensor:
-    "Identity in the forward pass; multiplies the gradient by `-lambd` in the backward pass."
-    return _GradReverse.apply(x, float(lambd))
-
-class GradientReversal(nn.Module):
-    "`grad_reverse` as a module."
-    def __init__(self, lambd: float = 1.0): super().__init__(); self.lambd = float(lambd)
-    def forward(self, x): return grad_reverse(x, self.lambd)
-    def extra_repr(self): return f'lambd={self.lambd}'
+__all__ = ['VIT_SIZES', 'AU_DATASETS', 'IAT_LAMBDA', 'SYNTH_LAYOUT', 'TASK_DIMS', 'sincos_pos_embed', 'patchify', 'unpatchify',
+           'MaskedAutoencoderViT', 'mae_vit_small_patch16', 'mae_vit_base_patch16', 'mae_vit_large_patch16', 'FMAEViT',
+           'vit_small_patch16', 'vit_base_patch16', 'vit_large_patch16', 'count_parameters', 'state_layout',
+           'reference_dir', 'resize_pos_embed', 'encoder_state', 'load_encoder', 'fmae_settings', 'build_mae',
+           'build_vit', 'stage_config', 'make_optimizer', 'ImageDataset', 'SubjectFrames', 'vit_transform',
+           'mae_transform', 'fit_steps', 'predict_outputs', 'pool_images', 'pretrain_mae', 'reconstruct',
+           'reconstruction_figure', 'au_folds', 'run_folds', 'subsample', 'cap_rows', 'split_train_val', 'finetune_au',
+           'finetune_fer', 'probe_split', 'identity_probe', 'config_overrides', 'recipe']
 
 # %% ../../nbs/05e_methods.fmae.ipynb #1edbbe9f
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
