@@ -171,13 +171,18 @@ def demo_run(method: str = 'fpn', task: str = 'multi',
     from abaw_nb.train.run import run_config, train, load_frames
     cfg = run_config(method, task, 'smoke', seed=seed, max_steps_per_epoch=2, progress=False)
     out = Path(out_dir) if out_dir else cache_dir('explore', f'{method}-{task}-{n_videos}-{seed}-{fingerprint(cfg.to_json())[:10]}')
-    if (out/'best.pt').is_file() and (out/'predictions_val.csv').is_file(): return out
-    frames, root = load_frames(cfg)
-    keep = []
-    for s, k in (('train', n_videos), ('val', 2)):
-        keep += list(pd.unique(frames.loc[frames['split'] == s, 'video'])[:k])
-    sub = frames[frames['video'].isin(keep)].reset_index(drop=True); sub.attrs = dict(frames.attrs)
-    train(cfg.replace(out_dir=str(out)), verbose=False, data=(sub, root))
+    # scores_val.json is the last file `train` writes: a folder without it is still training (the engine writes best.pt and an
+    # index-only predictions_val.csv every better epoch); the lock makes a second caller (another notebook) wait for the first
+    from filelock import FileLock
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + '.lock'):
+        if (out/'scores_val.json').is_file(): return out
+        frames, root = load_frames(cfg)
+        keep = []
+        for s, k in (('train', n_videos), ('val', 2)):
+            keep += list(pd.unique(frames.loc[frames['split'] == s, 'video'])[:k])
+        sub = frames[frames['video'].isin(keep)].reset_index(drop=True); sub.attrs = dict(frames.attrs)
+        train(cfg.replace(out_dir=str(out)), verbose=False, data=(sub, root))
     return out
 
 # %% ../nbs/11_explore.ipynb #f306e73d
