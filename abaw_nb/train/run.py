@@ -4,7 +4,7 @@
 
 # %% ../../nbs/04c_train.run.ipynb #5df118ce
 from __future__ import annotations
-import contextlib, importlib, importlib.util, inspect, json, shutil
+import contextlib, os, importlib, importlib.util, inspect, json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from ..core import (Config, check_choice, get_config, write_csv, write_json, fingerprint, PRESETS, validate_config,
@@ -46,7 +46,7 @@ def run_config(method: str = 'fpn', task: str = 'va', preset: str = 'smoke', **o
     # a module serving several methods (mtl_cnn, mtl_cnn_rnn) takes `method` as a third argument
     takes_method = 'method' in inspect.signature(mod.config_overrides).parameters
     meth = mod.config_overrides(preset, task, method) if takes_method else mod.config_overrides(preset, task)
-    over = {k: v for k, v in overrides.items() if v is not None}
+    over = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items() if v is not None}   # paths as text (config.json)
     if not isinstance(over.get('extra', {}), dict):
         raise TypeError(f"extra must be a dict of method options (e.g. {{'variant': 'multi_task'}}), got {type(over['extra']).__name__}: {over['extra']!r}")
     extra = {**base.extra, **meth.pop('extra', {}), **over.pop('extra', {})}
