@@ -4,13 +4,13 @@
 
 # %% ../nbs/08_analysis.ipynb #3cb27af8
 from __future__ import annotations
-import json
+import json, shutil
 from pathlib import Path
 import pandas as pd
 from .core import cache_dir, outputs_dir, git_commit, write_csv, write_text, write_json, save_png, check_choice, PRESETS
 
 # %% auto #0
-__all__ = ['paper_outputs', 'provenance_line', 'save_table', 'save_figure', 'DataNotAvailable', 'require_data',
+__all__ = ['paper_outputs', 'paper_runs', 'provenance_line', 'save_table', 'save_figure', 'DataNotAvailable', 'require_data',
            'evaluate_published', 'published_column']
 
 # %% ../nbs/08_analysis.ipynb #30857f45
@@ -24,6 +24,22 @@ def paper_outputs(out_dir: str | Path | None = None, # explicit folder (papermil
     else: p = outputs_dir()
     for sub in ('tables', 'figures'): (p/sub).mkdir(parents=True, exist_ok=True)
     return p
+
+def paper_runs(out: str | Path,           # the notebook's outputs folder (`paper_outputs`)
+               name: str,                   # the notebook's run folder name, e.g. 'fpn'
+               preset: str, data: str,      # what the runs train on (part of the stamp)
+               commit: str | None = None,   # default: the checkout's `git_commit()`
+              ) -> Path:
+    """Folder for a paper notebook's training runs, `out/runs/<name>`. It is reused (finished runs reopen, a killed run resumes)
+    only when the same preset and data made it at the same clean commit; otherwise it is emptied first, so no table is ever
+    computed from a model that other code trained. Smoke runs always start empty (they cost seconds)."""
+    d = Path(out)/'runs'/name; stamp = d/'.made_by.json'
+    made_by = dict(preset=preset, data=str(data), commit=commit or git_commit())
+    reuse = (preset != 'smoke' and not made_by['commit'].endswith('+dirty') and made_by['commit'] != 'unknown'
+             and stamp.is_file() and json.loads(stamp.read_text()) == made_by)
+    if not reuse and d.exists(): shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True); write_json(stamp, made_by)
+    return d
 
 def provenance_line(preset: str, data: str, seed: int | str, commit: str | None = None, **extra) -> str:
     "The one line every table and figure carries: data, preset, seed, commit (+ anything else)."

@@ -100,6 +100,8 @@ class Config:
     precision: str = 'auto'        # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
     progress: bool | None = None   # progress bars: None follows $ABAW_NB_PROGRESS (default on)
     out_dir: str | None = None     # run folder (default: outputs/runs/<run-id>)
+    keep_last: bool = False        # keep last.pt (weights + optimiser state) once the run has finished, so it can be trained
+                                   # for more epochs; False: a finished run keeps best.pt (weights) only, a third of the disk
     extra: dict = field(default_factory=dict)  # method-specific settings
 
     def to_dict(self) -> dict: return asdict(self)

@@ -20,3 +20,11 @@ def venv_bin() -> Path:
 def pytest_configure(config):
     # `make test` runs `pytest -m "not browser"` (deselected, not skipped); `make test-browser` runs `-m browser`
     config.addinivalue_line('markers', 'browser: needs JupyterLab + headless Chromium (make test-browser)')
+
+
+@pytest.fixture(autouse=True)
+def _drop_checkpoints(request):
+    "A test's checkpoints (*.pt, 1-300 MB each) are deleted when it ends, so the suite needs little disk (CI disks can be small); its tables and logs stay for a failure to be read."
+    yield
+    if 'tmp_path' in request.fixturenames:
+        for p in request.getfixturevalue('tmp_path').rglob('*.pt'): p.unlink(missing_ok=True)

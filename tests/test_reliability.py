@@ -61,12 +61,13 @@ def reference(tmp_path_factory):
     return run
 
 
-# fault point -> (epochs in last.pt after the kill, lines in metrics.jsonl after the kill, temporary file left)
+# fault point -> (epochs trained after the kill, lines in metrics.jsonl after the kill, temporary file left, last.pt kept)
 KILLS = {
-    'step@15': (1, 1, None),                                 # mid-epoch 2 (10 steps an epoch)
-    'partial:last.pt@2': (1, 1, '.last.pt.'),                # half of epoch 2's checkpoint on disk
-    'write:metrics.jsonl@3': (3, 2, '.metrics.jsonl.'),      # after the last checkpoint, before its metrics line
-    'write:scores_val.json': (3, 3, '.scores_val.json.'),    # writing the final outputs
+    'step@15': (1, 1, None, True),                               # mid-epoch 2 (10 steps an epoch)
+    'partial:last.pt@2': (1, 1, '.last.pt.', True),              # half of epoch 2's checkpoint on disk
+    'write:metrics.jsonl@3': (3, 2, '.metrics.jsonl.', True),    # after the last checkpoint, before its metrics line
+    'write:finished.json': (3, 3, '.finished.json.', True),      # finished, before last.pt is dropped
+    'write:scores_val.json': (3, 3, '.scores_val.json.', False), # writing the final outputs (last.pt already dropped)
 }
 
 
@@ -75,20 +76,23 @@ def test_kill_and_resume_gives_the_uninterrupted_numbers(fault, reference, tmp_p
     run = tmp_path/'run'
     r = _toy(run, fault=fault)
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
-    epochs, lines, tmp = KILLS[fault]
+    epochs, lines, tmp, last_kept = KILLS[fault]
     temps = _check_complete(run)                              # nothing visible is half-written
     assert [t.startswith(tmp) for t in temps] == ([True] if tmp else []), temps
     from abaw_nb.train.engine import load_checkpoint
-    assert load_checkpoint(run/'last.pt')['epoch'] == epochs
+    assert (run/'last.pt').is_file() == last_kept
+    if last_kept: assert load_checkpoint(run/'last.pt')['epoch'] == epochs
+    else: assert json.loads((run/'finished.json').read_text())['epochs'] == epochs
     assert len((run/'metrics.jsonl').read_text().splitlines()) == lines
     assert not (run/'scores_val.json').exists()
-    r = _toy(run)                                             # restart: resumes from last.pt
+    r = _toy(run)                                             # restart: resumes from last.pt (or reopens the finished run)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _check_complete(run) == []                         # the stale temporary file is gone
     assert _metrics(run) == _metrics(reference)
     assert (run/'predictions_val.csv').read_bytes() == (reference/'predictions_val.csv').read_bytes()
     assert json.loads((run/'scores_val.json').read_text()) == json.loads((reference/'scores_val.json').read_text())
     assert load_checkpoint(run/'best.pt')['epoch'] == load_checkpoint(reference/'best.pt')['epoch']
+    assert not (run/'last.pt').exists() and (run/'finished.json').is_file()   # a finished run keeps its weights only
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(reference, tmp_path):

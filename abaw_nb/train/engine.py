@@ -208,10 +208,10 @@ def clip_rows(cols: dict) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 def estimate_run_bytes(model: nn.Module, optimizer=None, margin: int = 16 * 2**20) -> int:
-    "Disk bytes a run folder needs at its peak: `last.pt` and `best.pt` (weights + optimiser state) plus one temporary copy while one is rewritten, plus `margin` for tables."
+    "Disk bytes a run folder needs at its peak: `best.pt` (weights), `last.pt` (weights + optimiser state) and a temporary copy of `last.pt` while it is rewritten, plus `margin` for tables."
     w = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     slots = 2 if optimizer is not None and 'adam' in type(optimizer).__name__.lower() else 1
-    return int(3 * w * (1 + slots) + margin)
+    return int(w * (1 + 2 * (1 + slots)) + margin)
 
 class Trainer:
     "Runs a method's recipe: `fit`, `evaluate`, `predict`, with checkpoints, resume and a run folder."
@@ -248,6 +248,7 @@ class Trainer:
             check_out_dir(self.out_dir, estimate_run_bytes(self.model, self.opt))
             clean_stale_temps(self.out_dir)   # temporary files of a write that a kill interrupted
         if resume and (self.out_dir/'last.pt').exists(): self.load(self.out_dir/'last.pt')
+        elif resume and (self.out_dir/'finished.json').exists(): self._load_finished()
 
     @property
     def is_main(self) -> bool: return self.rank == 0
@@ -263,8 +264,33 @@ class Trainer:
                     epoch=self.epoch, history=self.history, best=self.best, config=self.cfg.to_json(),
                     torch_rng=torch.get_rng_state())
 
-    def save(self, path: Path) -> None:
-        if self.is_main: torch_save(path, self.state())
+    def save(self, path: Path, weights_only: bool = False) -> None:
+        "Write the training state (`last.pt`: resumable) or, with `weights_only`, the weights and where they come from (`best.pt`)."
+        if not self.is_main: return
+        torch_save(path, dict(model=self.model.state_dict(), epoch=self.best['epoch'] if self.best else self.epoch,
+                                    best=self.best, config=self.cfg.to_json())
+                   if weights_only else self.state())
+
+    def _finish(self) -> None:
+        "After the last epoch: a run without validation keeps its final weights as `best.pt`; unless `cfg.keep_last`, `last.pt` (3x the weights with Adam) is dropped, `finished.json` saying so."
+        if not self.is_main: return
+        if not (self.out_dir/'best.pt').exists(): self.save(self.out_dir/'best.pt', weights_only=True)
+        if self.cfg.keep_last: return
+        write_json(self.out_dir/'finished.json', {'epochs': self.epoch, 'training_state': 'dropped (keep_last=False)'})
+        (self.out_dir/'last.pt').unlink(missing_ok=True)
+
+    def _load_finished(self) -> None:
+        "Reopen a finished run whose `last.pt` was dropped: history, best epoch and best weights; it can be evaluated, not trained further."
+        done = json.loads((self.out_dir/'finished.json').read_text())['epochs']
+        if self.cfg.epochs > done:
+            raise ValueError(f'{self.out_dir} holds a finished run of {done} epochs whose training state was not kept (keep_last=False), '
+                             f'so it cannot go on to epochs={self.cfg.epochs}: choose a new out_dir, or train with keep_last=True '
+                             'to keep runs extendable')
+        self.history = [json.loads(l) for l in (self.out_dir/'metrics.jsonl').read_text().splitlines() if l.strip()]
+        b = self.out_dir/'best.json'
+        self.best = (json.loads(b.read_text()) or None) if b.exists() else None
+        self.epoch = done
+        self.load_best()
 
     def load(self, path: Path) -> None:
         "Restore model, optimiser, scheduler and history from a checkpoint (resume)."
@@ -354,6 +380,7 @@ class Trainer:
         if self.history: self._write_history()   # resumed: a kill may have come between last.pt and metrics.jsonl
         try:
             while self.epoch < self.cfg.epochs: self._fit_epoch()
+            self._finish()
         except Exception as e:
             lost = isinstance(e, torch.distributed.DistError) or any(w in str(e) for w in ('gloo', 'nccl', 'onnection', 'imed out'))
             if self.world == 1 or isinstance(e, DistributedFailure) or not lost: raise
@@ -376,7 +403,7 @@ class Trainer:
             rec.update({f'val_{k}': v for k, v in scores.items()})
             if self.select in scores and self._better(scores[self.select]):
                 self.best = {'epoch': self.epoch + 1, 'metric': self.select, 'value': scores[self.select]}
-                self.save(self.out_dir/'best.pt')
+                self.save(self.out_dir/'best.pt', weights_only=True)
                 if self.is_main: write_csv(self.out_dir/'predictions_val.csv', pred)
         rec['seconds'] = time.time() - t0
         self.history.append(rec); self.epoch += 1

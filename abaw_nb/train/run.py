@@ -128,9 +128,9 @@ def report_issues(frames: pd.DataFrame) -> dict:
     return {k: v[0] for k, v in tot.items()}
 
 def discard_partial_run(out_dir: Path, before: set | None) -> list:
-    "After a failed run: when it never completed an epoch (no `last.pt` to resume from), remove the files it created (and the folder, if it created it); a resumable run is kept whole. Returns what was removed."
+    "After a failed run: when it never completed an epoch (no `last.pt` to resume from, no `finished.json`), remove the files it created (and the folder, if it created it); a resumable or finished run is kept whole. Returns what was removed."
     out_dir = Path(out_dir)
-    if not out_dir.is_dir() or (out_dir/'last.pt').is_file(): return []
+    if not out_dir.is_dir() or any((out_dir/f).is_file() for f in ('last.pt', 'finished.json')): return []
     clean_stale_temps(out_dir)
     gone = [p for p in out_dir.iterdir() if before is None or p not in before]
     for p in gone:
