@@ -25,6 +25,7 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _drop_checkpoints(request):
     "A test's checkpoints (*.pt, 1-300 MB each) are deleted when it ends, so the suite needs little disk (CI disks can be small); its tables and logs stay for a failure to be read."
+    tmp = request.getfixturevalue('tmp_path') if 'tmp_path' in request.fixturenames else None   # set up before the test, torn down after us
     yield
-    if 'tmp_path' in request.fixturenames:
-        for p in request.getfixturevalue('tmp_path').rglob('*.pt'): p.unlink(missing_ok=True)
+    if tmp is not None:
+        for p in tmp.rglob('*.pt'): p.unlink(missing_ok=True)
