@@ -252,7 +252,7 @@ def config_overrides(preset: str, task: str) -> dict:
         return dict(img_size=112, batch_size=35, epochs=10, optimizer='sgd', lr=1e-3, weight_decay=1e-3, schedule='step',
                     extra={**common, 'backbone': 'densenet121', 'momentum': 0.9, 'step_epochs': 10, 'gamma': 0.1})
     if preset == 'cpu':
-        return dict(img_size=64, batch_size=32, epochs=2, max_steps_per_epoch=200, optimizer='adam', lr=1e-3, weight_decay=0.0,
+        return dict(img_size=64, batch_size=32, epochs=3, max_steps_per_epoch=200, optimizer='adam', lr=1e-3, weight_decay=0.0,
                     schedule='none', extra={**common, 'backbone': 'densenet_s'})
     return dict(img_size=32, batch_size=8, epochs=1, max_steps_per_epoch=2, optimizer='adam', lr=1e-3, schedule='none',
                 extra={**common, 'backbone': 'densenet_s'})

@@ -283,10 +283,10 @@ def fmae_settings(preset: str = 'smoke') -> dict:
     if preset == 'cpu':
         au = {d: dict(fmae=(4e-3, 2, 0.5), iat=(4e-3, 2, 0.5)) for d in AU_DATASETS}
         return dict(preset=preset, size='small', img_size=64, decoder=(512, 2, 16), synth_size='cpu',
-                    mae=dict(blr=1.5e-3, batch=64, epochs=3, warmup=0.5, max_steps=12, n_images=768, mask_ratio=0.75),
-                    au=dict(recipes=au, batch=32, max_steps=10, crop_scale=(0.5, 1.0), stride=6, max_eval=300,
+                    mae=dict(blr=1.5e-3, batch=64, epochs=4, warmup=0.5, max_steps=24, n_images=1536, mask_ratio=0.75),
+                    au=dict(recipes=au, batch=32, max_steps=30, crop_scale=(0.5, 1.0), stride=6, max_eval=300,
                             folds={'bp4d': [1], 'bp4d+': [1], 'disfa': [1]}, val_frac=0.2),
-                    fer=dict(rafdb=(4e-3, 32, 2, 0.5), affectnet8=(4e-3, 32, 2, 0.5), max_steps=10, crop_scale=(0.5, 1.0), max_eval=300),
+                    fer=dict(rafdb=(4e-3, 32, 2, 0.5), affectnet8=(4e-3, 32, 2, 0.5), max_steps=30, crop_scale=(0.5, 1.0), max_eval=300),
                     probe=dict(blr=1e-2, batch=64, epochs=30, warmup=2, per_subject=30, train_frac=0.7))
     au = {d: dict(fmae=(1e-3, 1, 0), iat=(1e-3, 1, 0)) for d in AU_DATASETS}
     return dict(preset=preset, size='smoke', img_size=32, decoder=(32, 1, 2), synth_size='smoke',

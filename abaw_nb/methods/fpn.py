@@ -420,7 +420,9 @@ def _person(df: pd.DataFrame) -> pd.Series:
     "Who a row shows: its subject where known, else its video (one person per video)."
     return df['subject'].astype(object).where(df['subject'].notna(), 'video:' + df['video'].astype(str))
 
-def selection_split(frames: pd.DataFrame, frac: float = 0.2, seed: int = 0) -> pd.DataFrame:
+def selection_split(frames: pd.DataFrame, frac: float = 0.2, seed: int = 0,
+                    step: int = 1,   # keep every step-th frame of the selection videos (neighbouring frames are near-duplicates)
+                   ) -> pd.DataFrame:
     "A copy of `frames` in which `frac` of each task's labelled training people (subjects where known, else videos) become split 'val' (checkpoint selection) and the real validation/test frames are removed."
     from abaw_nb.train.run import task_frames
     tr = frames[frames['split'] == 'train']
@@ -432,6 +434,7 @@ def selection_split(frames: pd.DataFrame, frac: float = 0.2, seed: int = 0) -> p
         k = max(1, int(round(frac * len(ppl))))
         sel |= set(rng.choice(ppl, size=min(k, len(ppl) - 1) if len(ppl) > 1 else 0, replace=False).tolist())
     out = tr.copy(); out.loc[who.isin(sel).to_numpy(), 'split'] = 'val'
+    if step > 1: out = out[(out['split'] != 'val') | (out['frame'] % step == 0)]
     out = out.reset_index(drop=True); out.attrs = dict(frames.attrs)
     return out
 
@@ -442,6 +445,7 @@ def run_fpn(preset: str = 'smoke',      # smoke | cpu | paper
             affectnet=None, expw=None,  # (frame table, root) of the external datasets, 'synth' (SynthAffect's layout; data_root None) or None
             va_step: int = 5,           # temporal downsampling of Aff-Wild2 VA frames in the single-task VA set
             select_frac: float = 0.2,   # share of training videos held out to pick checkpoints (0: use validation, as the original)
+            select_step: int | None = None,  # every n-th frame of those videos is validated each epoch (None: 1 paper, 3 cpu/smoke)
             device: str = 'auto', progress: bool | None = False,
             **overrides,                # Config fields for every run (e.g. epochs=2)
            ) -> dict:
@@ -461,7 +465,8 @@ def run_fpn(preset: str = 'smoke',      # smoke | cpu | paper
         ext = synth_external(root, synth)
         affectnet, expw = ext.get('affectnet', affectnet), ext.get('expw', expw)
     if data_root is None: frames = synth_subjects(root, frames)      # who each video shows (Aff-Wild2 tables lack it)
-    work = selection_split(frames, select_frac, seed) if select_frac else frames[frames['split'] != 'test'].reset_index(drop=True)
+    step = select_step or (1 if preset == 'paper' else 3)
+    work = selection_split(frames, select_frac, seed, step) if select_frac else frames[frames['split'] != 'test'].reset_index(drop=True)
     work.attrs = dict(frames.attrs)
     # people never trained on: validation/test subjects and the selection subjects (their still images in AffectNet/ExpW too)
     held = set(frames.loc[frames['split'] != 'train', 'subject'].dropna()) | set(work.loc[work['split'] == 'val', 'subject'].dropna())
