@@ -83,3 +83,19 @@ def test_cli_rejects_unknown_preset(capsys):
     with pytest.raises(SystemExit):
         main(['--preset', 'laptop'])
     assert "invalid choice: 'laptop'" in capsys.readouterr().err
+
+
+def _tables(out):
+    "Every csv table of an outputs folder, without wall-clock columns (the only values allowed to differ between runs)."
+    import pandas as pd
+    return {p.name: pd.read_csv(p).drop(columns=[c for c in pd.read_csv(p, nrows=0).columns if 'second' in c.lower()])
+            for p in sorted((out/'tables').glob('*.csv'))}
+
+def test_a_second_run_gives_the_same_tables(tmp_path, root):
+    "Determinism of a real paper notebook (EMENet rounds: ensembles, distillation rounds, calibration) at the smoke preset."
+    nb = root/'nbs'/'paper'/'31_emenet_rounds.ipynb'
+    a, b = (reproduce('smoke', out=tmp_path/o, notebooks=[nb]) for o in ('a', 'b'))
+    assert [r['status'] for r in a + b] == ['ok', 'ok'], (a, b)
+    ta, tb = _tables(tmp_path/'a'), _tables(tmp_path/'b')
+    assert len(ta) >= 3 and list(ta) == list(tb)
+    for name in ta: assert ta[name].equals(tb[name]), name
