@@ -291,7 +291,7 @@ def make_loss(tasks, paper_weights: bool = False, va_loss: str = 'ccc', student:
     "The loss_fn (out, batch) -> (total, parts) of a teacher (ground truth) or a student (teacher probabilities)."
     gt = MultiTaskLoss({t: spec for t, spec in dict(
         au={'loss': 'bce', **({'pos_weight': AU_POS_WEIGHT} if paper_weights else {})},
-        expr={'loss': 'ce', **({'weight': EXPR_WEIGHT} if paper_weights else {})},
+        expr={'loss': 'ce', **({'class_weight': EXPR_WEIGHT} if paper_weights else {})},
         va={'loss': va_loss, 'n_bins': n_bins}).items() if t in tasks})
     kd = DistillationLoss({t: k for t, k in dict(au='bce', expr='kl', va='ccc').items() if t in tasks}, T=1.0,
                           teacher_is_prob=True, gt_loss=gt if student_gt else None, alpha=0.5, n_bins=n_bins)

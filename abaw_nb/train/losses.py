@@ -114,12 +114,13 @@ _TASK_OF = {'mse': 'va', 'ccc': 'va', 'va_bins': 'va', 'bins_ce': 'va', 'ce': 'e
 
 class MultiTaskLoss(nn.Module):
     "Σ_t w_t · L_t over the tasks present in `targets`, each L_t masked to its valid labels."
-    def __init__(self, tasks: dict): # task -> 'loss[+loss]' or {'loss': ..., 'weight': w, **loss kwargs}
+    def __init__(self, tasks: dict): # task -> 'loss[+loss]' or {'loss': ..., 'weight': w, 'class_weight': [...], **loss kwargs}
         super().__init__()
         self.tasks = {}
         for t, cfg in tasks.items():
             cfg = {'loss': cfg} if isinstance(cfg, str) else dict(cfg)
-            names = cfg.pop('loss').split('+'); w = float(cfg.pop('weight', 1.0))
+            names = cfg.pop('loss').split('+'); w = float(cfg.pop('weight', 1.0))   # 'weight' is the task's weight in the sum
+            if 'class_weight' in cfg: cfg['weight'] = cfg.pop('class_weight')      # per-class CE weights reach masked_ce as `weight`
             for n in names: check_choice(f'loss of task {t!r}', n, list(_LOSSES))
             self.tasks[t] = (names, w, cfg)
 
