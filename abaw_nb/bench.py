@@ -10,9 +10,10 @@ import numpy as np, pandas as pd, torch
 from .core import outputs_dir, cache_dir, repo_path, provenance, write_json, write_text, write_csv, save_png, autocast
 
 # %% auto #0
-__all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'PIPELINE_SIZES', 'TARGETS', 'bench_machine',
-           'count_step_flops', 'bench_method_step', 'bench_data_pipeline', 'read_rgb_shape', 'consumption',
-           'reproduce_times', 'targets', 'run_benchmarks', 'bench_figure', 'render_markdown', 'main']
+__all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'BENCH_EXTRA', 'PIPELINE_SIZES', 'TARGETS',
+           'gemm_peak', 'bench_machine', 'count_step_flops', 'bench_method_step', 'bench_data_pipeline',
+           'read_rgb_shape', 'consumption', 'reproduce_times', 'targets', 'run_benchmarks', 'bench_figure',
+           'fixes_table', 'gemm_evidence', 'render_markdown', 'main']
 
 # %% ../nbs/10_bench.ipynb
 SECTIONS = ('machine', 'train_step', 'inference', 'data_pipeline', 'synth', 'scoring', 'reproduce')
@@ -25,21 +26,40 @@ def _cpu_name() -> str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
+def _conv1x1_peak(dev, dtype, c: int, hw: int = 56, batch: int = 4, reps: int = 5) -> float:
+    "FLOP/s of a 1x1 convolution over channels_last tensors: a dense GEMM through oneDNN (CPU) or cuDNN (GPU)."
+    import torch.nn.functional as F
+    x = torch.randn(batch, c, hw, hw, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, c, 1, 1, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    F.conv2d(x, w); best = float('inf')
+    for _ in range(reps):
+        if dev.type == 'cuda': torch.cuda.synchronize(dev)
+        t = time.perf_counter(); F.conv2d(x, w)
+        if dev.type == 'cuda': torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - t)
+    return 2 * batch * hw * hw * c * c / best
+
+def gemm_peak(device='cpu', dtype=torch.float32, quick: bool = False) -> dict:
+    "The best dense-GEMM FLOP/s of this device: `torch.matmul` (BLAS: MKL on x86, cuBLAS) and a channels_last 1x1 convolution (oneDNN, cuDNN); the peak is the larger."
+    from abaw_nb.models.backbones import matmul_peak
+    dev = torch.device(device); cuda = dev.type == 'cuda'
+    sizes = (256,) if quick else ((4096, 8192) if cuda else (1024, 2048))
+    mm = max(matmul_peak(dev, n=n, dtype=dtype) for n in sizes)
+    cv = max(_conv1x1_peak(dev, dtype, c, batch=64 if cuda else 4) for c in ((64,) if quick else ((512, 1024) if cuda else (256, 512))))
+    return dict(matmul_gflops=mm / 1e9, conv1x1_gflops=cv / 1e9, peak_gflops=max(mm, cv) / 1e9)
+
 def bench_machine(quick: bool = False,   # small matrices (tests)
                   device: str | None = None, # None: the CPU, and CUDA too when present
                  ) -> list[dict]:
-    "The measured matmul peak per device and dtype (best of 5 runs at each of two sizes, the larger kept)."
-    from abaw_nb.models.backbones import matmul_peak
+    "The measured dense-GEMM peak per device and dtype (`gemm_peak`: best of 5 runs at each of two sizes of each kind, the largest kept)."
     rows = []
     devs = [device] if device else ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     for dev in devs:
         cuda = dev.startswith('cuda')
         dtypes = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
-        sizes = (256,) if quick else ((4096, 8192) if cuda else (1024, 2048))
         for dt in dtypes:
-            best = max(matmul_peak(dev, n=n, dtype=dt) for n in sizes)
             rows.append(dict(device=dev, name=torch.cuda.get_device_name(0) if cuda else _cpu_name(),
-                             dtype=str(dt).replace('torch.', ''), sizes=' '.join(map(str, sizes)), peak_gflops=best / 1e9,
+                             dtype=str(dt).replace('torch.', ''), **gemm_peak(dev, dt, quick),
                              cores=os.cpu_count(), torch_threads=torch.get_num_threads()))
     return rows
 
@@ -63,7 +83,11 @@ def count_step_flops(model,             # any module
 # %% ../nbs/10_bench.ipynb
 BENCH_METHODS = {'fpn': 'multi', 'mtl_cnn': 'multi', 'emenet': 'multi', 'emotion_gcn': 'expr', 'fmae': 'multi'}  # method -> task benchmarked
 # the batch timed at the paper preset on a CPU (images per step stays a few seconds of work); on a GPU the paper's own batch
-CPU_PAPER_BATCH = {'fpn': 16, 'mtl_cnn': 16, 'emenet': 2, 'emotion_gcn': 16, 'fmae': 2}
+CPU_PAPER_BATCH = {'fpn': 8, 'mtl_cnn': 8, 'emenet': 1, 'emotion_gcn': 8, 'fmae': 1}   # emenet: one clip of 16 frames
+
+# emenet's paper preset (paper_weights=True) fails in its loss: the class weights go to MultiTaskLoss as `weight`, which it
+# reads as the task's scalar weight (TypeError). Class weights change neither the FLOPs nor the time of a step: benchmarked without.
+BENCH_EXTRA = {'emenet': {'paper_weights': False}}
 
 def _n_images(img: torch.Tensor) -> int: return int(math.prod(img.shape[:-3]))
 
@@ -72,7 +96,7 @@ def _method_setup(method, preset, batch, device):
     from abaw_nb.train.engine import make_loader, build_optimizer
     from abaw_nb.data.frames import au_columns, expr_names
     from abaw_nb.data.loading import FrameDataset, make_transform
-    cfg = run_config(method, BENCH_METHODS[method], preset, device=device, progress=False, num_workers=0)
+    cfg = run_config(method, BENCH_METHODS[method], preset, device=device, progress=False, num_workers=0, extra=BENCH_EXTRA.get(method))
     mod = method_module(method)
     frames, root = load_frames(cfg)
     multi = mod.multi_tasks(cfg) if hasattr(mod, 'multi_tasks') else None
@@ -119,10 +143,10 @@ def _profile_step(step, cuda):
 
 def _method_step(method, preset='paper', batch=None, steps=3, warmup=1, device='cpu', precision='fp32',
                  channels_last=False, optim_impl=None, compile=False, profile=False, peak_n=None):
-    from abaw_nb.models.backbones import matmul_peak, _rss_now_bytes, _reset_peak_rss, _maxrss_bytes
+    from abaw_nb.models.backbones import _rss_now_bytes, _reset_peak_rss, _maxrss_bytes
     from abaw_nb.train.engine import _to
     dev = torch.device(device); cuda = dev.type == 'cuda'
-    local_peak = matmul_peak(dev, n=peak_n, dtype=torch.bfloat16 if precision == 'bf16' else torch.float32)
+    local_peak = gemm_peak(dev, torch.bfloat16 if precision == 'bf16' else torch.float32, quick=bool(peak_n and peak_n <= 512))['peak_gflops'] * 1e9
     cfg, rec, b, opt = _method_setup(method, preset, batch, device)
     model = rec['model'].to(dev); b = _to(b, dev)
     if channels_last:
@@ -206,7 +230,9 @@ def bench_method_step(methods=tuple(BENCH_METHODS), # methods (keys of `BENCH_ME
         if bs is None and preset == 'paper' and device == 'cpu': bs = CPU_PAPER_BATCH[m]
         kw = dict(method=m, preset=preset, batch=bs, steps=steps, warmup=warmup, device=device, precision=precision,
                   channels_last=channels_last, optim_impl=optim_impl, compile=compile, profile=profile, peak_n=peak_n)
+        t0 = time.perf_counter()
         r = _isolated('_method_step', kw, torch.get_num_threads()) if isolate else _method_step(**kw)
+        r['bench_wall_s'] = time.perf_counter() - t0   # the whole benchmark of this row: build, peak, counting, warm-up, timing
         if 'error' not in r:
             pk = max(peak_gflops or 0.0, r['local_peak_gflops'])
             r['peak_gflops'] = pk
@@ -229,18 +255,34 @@ def bench_data_pipeline(root=None,            # a SynthAffect (Aff-Wild2 layout)
     "DataLoader images/s of decode + training augmentation per output size and worker count."
     from abaw_nb.data.synth import generate_cached
     from abaw_nb.data.formats import read_affwild2
-    from abaw_nb.data.loading import FrameDataset, make_transform, _bench_loop
+    from abaw_nb.data.loading import FrameDataset, make_transform
     root = Path(root) if root is not None else generate_cached('cpu', 0, show_progress=False)
-    df = read_affwild2(root)
+    df = read_affwild2(root); src = int(read_rgb_shape(root, df)[-1])
     rows = []; old = torch.get_num_threads(); torch.set_num_threads(1)
     try:
         for size, bb in sizes:
-            res = {}
-            _bench_loop(FrameDataset(df, root, make_transform(True, size, bb)), workers, batch_size, n_batches, res)
-            rows += [dict(size=size, augment=bb, workers=int(k.split('_')[1]), images_per_s=v, batch_size=batch_size,
-                          images_timed=batch_size * n_batches, source_px=int(read_rgb_shape(root, df)[-1])) for k, v in res.items()]
+            ds = FrameDataset(df, root, make_transform(True, size, bb))
+            for w in workers:
+                ips, ipc = _loader_rates(ds, w, batch_size, n_batches)
+                rows.append(dict(size=size, augment=bb, workers=w, images_per_s=ips, images_per_cpu_s=ipc, batch_size=batch_size,
+                                 images_timed=batch_size * n_batches, source_px=src))
     finally: torch.set_num_threads(old)
     return rows
+
+def _cpu_s() -> float:
+    import resource
+    return sum(getattr(resource.getrusage(k), f) for k in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ('ru_utime', 'ru_stime'))
+
+def _loader_rates(ds, w, batch_size, n_batches) -> tuple:
+    "(images per wall second after the first batch, images per CPU-second of the main process + its reaped workers over all batches)."
+    from torch.utils.data import DataLoader
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=w, generator=torch.Generator().manual_seed(0))
+    c0 = _cpu_s(); it = iter(dl); next(it)   # start-up (worker fork) and the first batch not in the wall time
+    t0 = time.perf_counter(); n = 0
+    for _ in range(n_batches): n += len(next(it)['index'])
+    dt = time.perf_counter() - t0
+    del it; gc.collect()                      # workers exit and are reaped: their CPU time lands in RUSAGE_CHILDREN
+    return n / dt, (n + batch_size) / max(_cpu_s() - c0, 1e-9)
 
 def read_rgb_shape(root, df) -> tuple:
     "Shape of the first image of a frame table (the stored JPEG size the pipeline decodes)."
@@ -333,10 +375,12 @@ def _variant(r) -> str:
 
 def _method_passes(quick, conv):
     if quick: return [dict(methods=('emenet',), preset='smoke', steps=1, warmup=0, isolate=False, peak_n=256)]
-    ps = [dict(preset='paper', profile=True),
-          dict(methods=tuple(conv), preset='paper', channels_last=True, optim_impl='fused'),
-          dict(methods=tuple(m for m in BENCH_METHODS if m not in conv), preset='paper', optim_impl='fused'),
-          dict(preset='cpu')]
+    vit = tuple(m for m in BENCH_METHODS if m not in conv)
+    # 2 timed steps after 1 warm-up: the whole CPU run stays under 10 minutes on 2 cores
+    ps = [dict(methods=tuple(conv), preset='paper', profile=True, steps=2),   # as the project trains, profiled
+          dict(methods=vit, preset='paper', steps=1),                         # ViT-L/16 at 224 px: ~15 s a training step on 2 cores
+          dict(methods=tuple(conv), preset='paper', channels_last=True, optim_impl='fused', steps=2),   # the CPU fixes
+          dict(preset='cpu', steps=2)]
     if torch.cuda.is_available():   # untested in the session that wrote it (no GPU)
         big = {m: None for m in BENCH_METHODS}
         ps += [dict(methods=tuple(conv), preset='paper', device='cuda', precision='bf16', channels_last=True, batch=big, steps=10, warmup=3),
@@ -369,7 +413,10 @@ def run_benchmarks(out: str | Path | None = None,    # folder (default outputs/b
             kw = {'methods': tuple(BENCH_METHODS), **kw}
             peak = peaks.get((kw.get('device', 'cpu').split(':')[0], 'bfloat16' if kw.get('precision') == 'bf16' else 'float32'))
             rows += timed(f"methods {kw['preset']} {kw.get('device', 'cpu')} {kw.get('precision', '')}{' cl' if kw.get('channels_last') else ''}"
-                          f"{' compile' if kw.get('compile') else ''}", lambda: bench_method_step(peak_gflops=peak, **kw))
+                          f"{' fused' if kw.get('optim_impl') else ''}{' compile' if kw.get('compile') else ''}",
+                          lambda: bench_method_step(peak_gflops=peak, **kw))
+            write_json(out/'method_steps.partial.json', rows)   # what a killed run leaves behind
+        (out/'method_steps.partial.json').unlink(missing_ok=True)
         raw['method_steps'] = rows
         for r in rows: r['variant'] = _variant(r)
         df = pd.DataFrame([{k: v for k, v in r.items() if k != 'profile'} for r in rows])
@@ -377,6 +424,8 @@ def run_benchmarks(out: str | Path | None = None,    # folder (default outputs/b
         for sec in ('train', 'inference'):
             cols = keys + [c for c in df.columns if c.startswith(sec + '_')] + [c for c in ('peak_gflops', 'mem_kind', 'error') if c in df]
             tabs['train_step' if sec == 'train' else 'inference'] = df[[c for c in cols if c in df]]
+        tabs['fixes'] = fixes_table(df)
+        tabs['gemm_evidence'] = gemm_evidence([{**r, 'peak_gflops': r.get('peak_gflops')} for r in rows])
     if 'data_pipeline' in sections:
         if quick:
             from abaw_nb.data.synth import generate_cached
@@ -435,9 +484,38 @@ def bench_figure(tabs: dict):
     fig.tight_layout()
     return fig
 
+def fixes_table(train: pd.DataFrame) -> pd.DataFrame:
+    "Each fix tried (a variant at the paper preset, same device) against the method's plain run: speed-up of the training step, kept when >= 5% faster."
+    t = train[train['error'].isna()] if 'error' in train else train
+    out = []
+    for (m, dev), d in t[t['preset'] == 'paper'].groupby(['method', 'device'], sort=False):
+        base = d[(d['channels_last'] == False) & (d['optim_impl'] == 'default') & (d['compile'] == False)]
+        if not len(base): continue
+        b = base.iloc[0]
+        for _, r in d.drop(base.index).iterrows():
+            sp = r['train_images_per_s'] / b['train_images_per_s']
+            out.append(dict(method=m, device=dev, baseline=b['variant'], variant=r['variant'], baseline_images_per_s=b['train_images_per_s'],
+                            variant_images_per_s=r['train_images_per_s'], speedup=sp,
+                            inference_speedup=r['inference_images_per_s'] / b['inference_images_per_s'], kept='yes' if sp >= 1.05 else 'no'))
+    return pd.DataFrame(out)
+
+def gemm_evidence(rows: list[dict]) -> pd.DataFrame:
+    "From the profiled steps: share of the step in convolution + matmul kernels, and what those kernels alone achieve (fraction of peak / GEMM share)."
+    out = []
+    for r in rows:
+        if not r.get('profile') or r.get('error'): continue
+        k = r['profile']['by_kind']; g = k.get('convolution', 0.0) + k.get('matmul/attention', 0.0)
+        frac = r['train_achieved_gflops'] / r['peak_gflops'] if r.get('peak_gflops') else float('nan')
+        rest = {n: v for n, v in k.items() if n not in ('convolution', 'matmul/attention')}
+        top = max(rest, key=rest.get) if rest else ''
+        out.append(dict(method=r['method'], backbone=r['backbone'], input_size=r['input_size'], variant=r['variant'],
+                        train_fraction_of_peak=frac, gemm_share_of_step=g, gemm_kernels_fraction_of_peak=frac / g if g else float('nan'),
+                        largest_other_kind=top, its_share=rest.get(top, float('nan'))))
+    return pd.DataFrame(out)
+
 def _md(df: pd.DataFrame, cols=None) -> str:
     d = df[[c for c in cols if c in df]] if cols else df
-    return d.to_markdown(index=False, floatfmt='.3g')
+    return d.to_markdown(index=False, floatfmt='.4g')
 
 def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str | None = None) -> str:
     "BENCH.md: provenance, the targets with PASS/MISS, each section's table, the profiles, how things were measured."
@@ -470,6 +548,15 @@ def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str
         ok = rp.dropna(subset=['seconds'])
         if len(ok): L += ['Totals: ' + ', '.join(f"{p}: {g['seconds'].sum() / 60:.1f} min over {len(g)} notebooks (commit {', '.join(sorted(set(map(str, g['commit']))))})"
                                                   for p, g in ok.groupby('preset')) + '.', '']
+    if 'fixes' in tabs and len(tabs['fixes']):
+        L += ['## Fixes tried (measured in this run, paper preset)', '', 'A fix is kept when the training step gets at least 5% faster.', '', _md(tabs['fixes']), '']
+    if 'gemm_evidence' in tabs and len(tabs['gemm_evidence']):
+        L += ['## Evidence for the remaining limit', '',
+              'From one profiled training step per method: the share of the step spent in convolution and matmul kernels, and the fraction of '
+              'the matmul peak those kernels alone reach (achieved FLOP/s counts only their FLOPs; the other kinds of op do next to none). '
+              'A method whose GEMM kernels run near the peak but whose step spends much of its time elsewhere (normalisation, elementwise '
+              'activations and their backward, pooling/concatenation/copies, the optimiser) is bound by memory bandwidth, not arithmetic.', '',
+              _md(tabs['gemm_evidence']), '']
     prof = [r for r in (raw or {}).get('method_steps', []) if r.get('profile')]
     if prof:
         L += ['## Where the training step spends its time (torch.profiler, one step, self CPU time of aten ops)', '']
