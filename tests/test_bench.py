@@ -10,7 +10,7 @@ def test_make_bench_target_runs_abaw_bench(root):
     assert recipe and 'abaw-bench' in recipe.group(1), 'the Makefile bench target must call abaw-bench'
 
 def test_abaw_bench_quick_writes_everything(tmp_path_factory, root, venv_bin):
-    # tmp_path_factory, not tmp_path: conftest's autouse _drop_checkpoints asks for tmp_path after its teardown (pytest 9)
+    # (tmp_path_factory: works with this branch's conftest, whose autouse fixture asked for tmp_path after its teardown; fixed on main in f84aebc)
     tmp_path = tmp_path_factory.mktemp('bench')
     out = tmp_path/'bench'
     env = {**os.environ, 'PYTHONPATH': str(root), 'ABAW_NB_OUTPUTS': str(tmp_path/'outputs')}   # nothing lands in outputs/
