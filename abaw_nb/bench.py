@@ -85,9 +85,8 @@ BENCH_METHODS = {'fpn': 'multi', 'mtl_cnn': 'multi', 'emenet': 'multi', 'emotion
 # the batch timed at the paper preset on a CPU (images per step stays a few seconds of work); on a GPU the paper's own batch
 CPU_PAPER_BATCH = {'fpn': 8, 'mtl_cnn': 8, 'emenet': 1, 'emotion_gcn': 8, 'fmae': 1}   # emenet: one clip of 16 frames
 
-# emenet's paper preset (paper_weights=True) fails in its loss: the class weights go to MultiTaskLoss as `weight`, which it
-# reads as the task's scalar weight (TypeError). Class weights change neither the FLOPs nor the time of a step: benchmarked without.
-BENCH_EXTRA = {'emenet': {'paper_weights': False}}
+# method settings beside the paper preset's, per method (none needed: every method runs its published settings)
+BENCH_EXTRA = {}
 
 def _n_images(img: torch.Tensor) -> int: return int(math.prod(img.shape[:-3]))
 
