@@ -77,14 +77,12 @@ def evaluate_published(checkpoint,            # an authors' released checkpoint 
                       ) -> pd.DataFrame:
     "The `checkpoint` parameter of the paper notebooks: import a released model (`abaw_nb.checkpoints`), score it on the notebook's validation data, save a table."
     from abaw_nb.checkpoints import evaluate_checkpoint
-    from abaw_nb.train.run import run_config
+    from abaw_nb.train.run import run_config, headline
     cfg = run_config(method, task, preset, seed=seed, data_root=data_root, extra=extra or {},
                      out_dir=str(Path(out)/'runs'/'published'/f'{method}-{task}'))
     res = evaluate_checkpoint(cfg, checkpoint)
-    keep = [k for k in ('va_ccc_valence', 'va_ccc_arousal', 'va_score', 'expr_f1', 'expr_acc', 'expr_score', 'au_f1', 'au_acc', 'au_score', 'score')
-            if k in res['scores']]
     tab = pd.DataFrame([{'checkpoint': Path(str(checkpoint)).name, 'format': res['imported'].fmt, 'n_val': res['n_val'],
-                         **{k: res['scores'][k] for k in keep}}])
+                         **headline(res['scores'])}])
     data = str(data_root) if data_root else f'SynthAffect/{cfg.synth_size}'
     save_table(tab, name or f'{method}_published_checkpoint', out, provenance_line(preset, data, seed, split='val'),
                note='The authors\' released network imported by abaw_nb.checkpoints (no training) and scored on the validation frames '

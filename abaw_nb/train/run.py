@@ -15,9 +15,10 @@ from ..metrics import score_frames
 from .engine import Trainer, build_optimizer
 
 # %% auto #0
-__all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'RECIPE_KEYS', 'available_methods',
-           'method_module', 'run_config', 'load_frames', 'task_frames', 'check_recipe', 'edition_for_frames',
-           'selection_score', 'report_issues', 'discard_partial_run', 'train', 'load_run']
+__all__ = ['ALL_METHODS', 'METHOD_MODULES', 'TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'RECIPE_KEYS', 'HEADLINE_SCORES',
+           'available_methods', 'method_module', 'run_config', 'load_frames', 'task_frames', 'check_recipe',
+           'edition_for_frames', 'selection_score', 'report_issues', 'discard_partial_run', 'train', 'load_run',
+           'headline']
 
 # %% ../../nbs/04c_train.run.ipynb #e6b11523
 ALL_METHODS = ('fpn', 'mtl_cnn', 'mtl_cnn_rnn', 'emenet', 'emotion_gcn', 'fmae')
@@ -233,3 +234,9 @@ def load_run(path) -> dict:
         if split != 'val' and (p/f'predictions_{split}.csv').is_file():
             out.setdefault('eval', {})[split] = dict(scores=json.loads(f.read_text()), predictions=pd.read_csv(p/f'predictions_{split}.csv'))
     return out
+
+HEADLINE_SCORES = ('va_ccc_valence', 'va_ccc_arousal', 'va_score', 'expr_f1', 'expr_acc', 'expr_score', 'au_f1', 'au_acc', 'au_score', 'score')
+
+def headline(scores: dict) -> dict:
+    "The scores a run summary shows (`HEADLINE_SCORES`, in that order), of those present in `scores`."
+    return {k: scores[k] for k in HEADLINE_SCORES if k in scores}
