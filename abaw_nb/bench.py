@@ -254,7 +254,7 @@ def bench_data_pipeline(root=None,            # a SynthAffect (Aff-Wild2 layout)
     "DataLoader images/s of decode + training augmentation per output size and worker count."
     from abaw_nb.data.synth import generate_cached
     from abaw_nb.data.formats import read_affwild2
-    from abaw_nb.data.loading import FrameDataset, make_transform
+    from abaw_nb.data.loading import FrameDataset, make_transform, loader_rates
     root = Path(root) if root is not None else generate_cached('cpu', 0, show_progress=False)
     df = read_affwild2(root); src = int(read_rgb_shape(root, df)[-1])
     rows = []; old = torch.get_num_threads(); torch.set_num_threads(1)
@@ -262,26 +262,11 @@ def bench_data_pipeline(root=None,            # a SynthAffect (Aff-Wild2 layout)
         for size, bb in sizes:
             ds = FrameDataset(df, root, make_transform(True, size, bb))
             for w in workers:
-                ips, ipc = _loader_rates(ds, w, batch_size, n_batches)
+                ips, ipc = loader_rates(ds, w, batch_size, n_batches)
                 rows.append(dict(size=size, augment=bb, workers=w, images_per_s=ips, images_per_cpu_s=ipc, batch_size=batch_size,
                                  images_timed=batch_size * n_batches, source_px=src))
     finally: torch.set_num_threads(old)
     return rows
-
-def _cpu_s() -> float:
-    import resource
-    return sum(getattr(resource.getrusage(k), f) for k in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ('ru_utime', 'ru_stime'))
-
-def _loader_rates(ds, w, batch_size, n_batches) -> tuple:
-    "(images per wall second after the first batch, images per CPU-second of the main process + its reaped workers over all batches)."
-    from torch.utils.data import DataLoader
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=w, generator=torch.Generator().manual_seed(0))
-    c0 = _cpu_s(); it = iter(dl); next(it)   # start-up (worker fork) and the first batch not in the wall time
-    t0 = time.perf_counter(); n = 0
-    for _ in range(n_batches): n += len(next(it)['index'])
-    dt = time.perf_counter() - t0
-    del it; gc.collect()                      # workers exit and are reaped: their CPU time lands in RUSAGE_CHILDREN
-    return n / dt, (n + batch_size) / max(_cpu_s() - c0, 1e-9)
 
 def read_rgb_shape(root, df) -> tuple:
     "Shape of the first image of a frame table (the stored JPEG size the pipeline decodes)."
