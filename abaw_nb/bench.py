@@ -108,7 +108,8 @@ def _method_setup(method, preset, batch, device):
     ds = (rec['make_datasets'](tr, va, root, cfg)[0] if 'make_datasets' in rec
           else FrameDataset(tr, root, make_transform(True, cfg.img_size, rec.get('backbone', 'resnet50'))))
     b = next(iter(make_loader(ds, cfg, True, batch_size=batch or cfg.batch_size, collate_fn=rec.get('collate_fn'))))
-    opt = build_optimizer(rec['param_groups'] if 'param_groups' in rec else rec['model'], cfg)
+    # torch's own optimiser kernels here (the engine defaults to fused ones): `optim_impl` and `channels_last` switch each fix on
+    opt = build_optimizer(rec['param_groups'] if 'param_groups' in rec else rec['model'], cfg.replace(fused_optim=False))
     return cfg, rec, b, opt
 
 def _set_optim_impl(opt, impl):
@@ -364,7 +365,7 @@ def _method_passes(quick, conv):
     ps = [dict(methods=tuple(conv), preset='paper', profile=True, steps=2),   # as the project trains, profiled
           dict(methods=vit, preset='paper', steps=1),                         # ViT-L/16 at 224 px: ~15 s a training step on 2 cores
           dict(methods=tuple(conv), preset='paper', channels_last=True, optim_impl='fused', steps=2),   # the CPU fixes
-          dict(preset='cpu', steps=2)]
+          dict(preset='cpu', channels_last=True, optim_impl='fused', steps=2)]   # as make reproduce trains (the engine's defaults)
     if torch.cuda.is_available():   # untested in the session that wrote it (no GPU)
         big = {m: None for m in BENCH_METHODS}
         ps += [dict(methods=tuple(conv), preset='paper', device='cuda', precision='bf16', channels_last=True, batch=big, steps=10, warmup=3),

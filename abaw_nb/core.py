@@ -102,6 +102,9 @@ class Config:
     out_dir: str | None = None     # run folder (default: outputs/runs/<run-id>)
     keep_last: bool = False        # keep last.pt (weights + optimiser state) once the run has finished, so it can be trained
                                    # for more epochs; False: a finished run keeps best.pt (weights) only, a third of the disk
+    channels_last: bool = True     # 2-D conv weights and 4-D image batches in channels_last memory format (models with
+                                   # Conv2d only): oneDNN's (CPU) and cuDNN's fast layout; see `make bench`
+    fused_optim: bool = True       # torch's fused Adam/AdamW/SGD kernels (CPU and CUDA) instead of the per-tensor loops
     extra: dict = field(default_factory=dict)  # method-specific settings
 
     def to_dict(self) -> dict: return asdict(self)
