@@ -13,6 +13,7 @@ from ..models.backbones import build_backbone
 from ..train.losses import MultiTaskLoss, masked_mse, kd_kl
 from ..data.frames import au_columns, expr_names, validate
 from ..data.loading import FrameDataset, make_transform
+from ..train.engine import uses_channels_last, _to
 
 # %% auto #0
 __all__ = ['TASKS', 'LOSSES', 'KEY', 'narrow_fpn', 'FPNNet', 'config_overrides', 'batch_targets', 'fpn_transform', 'soft_loss',
@@ -255,18 +256,22 @@ def predict_frames(model,                  # run folder / checkpoint path, or (m
                    batch_size: int = 256,
                    device: str | None = None, # default: the run's device setting
                    au_names=None,
+                   num_workers: int | None = None, # decoding processes; None: the run's, at least 1 (overlaps decoding with the forward passes)
                   ) -> pd.DataFrame:
     "Prediction table keyed by (dataset, split, video, frame) for every row of `frames`: valence/arousal, expr + prob_expr_k, prob_AU<n>."
     model, cfg = load_model(model, au_names=au_names) if not isinstance(model, tuple) else model
     au_names = list(au_names) if au_names is not None else au_columns('affwild2_12')
     df = frames.reset_index(drop=True)
     dev = get_device(device or cfg.device); model = model.to(dev).eval()
+    cl = uses_channels_last(model, cfg)   # the engine's layout for convolutional nets (`cfg.channels_last`)
+    if cl: model = model.to(memory_format=torch.channels_last)
     pred_fn = recipe(cfg.replace(extra={k: v for k, v in cfg.extra.items() if k != 'pseudo_labels'}), 7, au_names)['predict_fn']
     ds = FrameDataset(df, root, fpn_transform(False, cfg.img_size))
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.num_workers)
+    nw = max(cfg.num_workers, 1) if num_workers is None else num_workers
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=nw)
     cols: dict = {}
     for b in dl:
-        with autocast(dev, cfg.precision): out = model(b['image'].to(dev))
+        with autocast(dev, cfg.precision): out = model(_to(b['image'], dev, cl))
         rows = {'index': b['index'].numpy()}
         for k, v in pred_fn(out, b).items():
             v = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
