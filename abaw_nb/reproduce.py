@@ -4,12 +4,13 @@
 
 # %% ../nbs/09_reproduce.ipynb #61111472
 from __future__ import annotations
-import argparse, json, sys, time, traceback
+import argparse, json, os, shutil, sys, time, traceback
 from pathlib import Path
 from .core import find_repo_root, outputs_dir, write_text, git_commit, check_choice, PRESETS
 
 # %% auto #0
-__all__ = ['LEDGER', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report', 'run_notebook', 'reproduce', 'main']
+__all__ = ['LEDGER', 'STAGING', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report', 'run_notebook', 'reproduce',
+           'main']
 
 # %% ../nbs/09_reproduce.ipynb #31657961
 def paper_notebooks(root: str | Path | None = None) -> list[Path]:
@@ -92,16 +93,53 @@ def _error_text(e: Exception) -> tuple[str, bool]:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[-1] if msg else ''}", False
 
+def _run_one(nb: Path, target: Path, out: Path, params: dict, root: Path, timeout, threads: int | None = None) -> dict:
+    "Run one notebook writing its tables and figures to `target`; the record (status, seconds, what it wrote). Never raises."
+    if threads: os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(threads)   # inherited by the kernel
+    t0 = time.time(); data = params.get('data_root', 'SynthAffect')
+    print(f"[reproduce] {nb.name} (preset {params['preset']}, data {data}) ...", flush=True)
+    rec = dict(name=nb.name, preset=params['preset'], data=data, commit=git_commit())
+    for sub in ('tables', 'figures'): (target/sub).mkdir(parents=True, exist_ok=True)
+    try:
+        run_notebook(nb, out/'notebooks'/nb.name, {**params, 'out_dir': str(target)}, cwd=root, timeout=timeout)
+        rec['status'] = 'ok'
+    except Exception as e:
+        msg, skip = _error_text(e)
+        if skip: rec.update(status='skipped', reason=msg.split(': DataNotAvailable: ', 1)[-1])
+        else: rec.update(status='failed', error=msg)
+    rec['seconds'] = round(time.time() - t0, 1)
+    rec['tables'] = _written_since(target/'tables', '*.md', t0); rec['figures'] = _written_since(target/'figures', '*.png', t0)
+    print(f"[reproduce] {nb.name}: {rec['status']} in {rec['seconds']:.1f} s"
+          + (f": {rec.get('error') or rec.get('reason')}" if rec['status'] in ('failed', 'skipped') else ''), flush=True)
+    return rec
+
+STAGING = '.parallel'   # with jobs > 1: each notebook writes into outputs/.parallel/<notebook>/, merged into outputs/ when it succeeds
+
+def _merge_staged(stage: Path, out: Path) -> None:
+    "Move every file a finished notebook wrote into its staging folder (tables, figures, anything else) to the same place under `out`; its training runs stay in the staging folder's `runs/` (where a rerun with the same jobs finds them)."
+    for f in sorted(stage.rglob('*')):
+        rel = f.relative_to(stage)
+        if f.is_file() and rel.parts[0] != 'runs':
+            (out/rel).parent.mkdir(parents=True, exist_ok=True); os.replace(f, out/rel)
+
 def reproduce(preset: str = 'cpu',                 # smoke | cpu | paper
               only: list[str] | None = None,        # run only notebooks whose name contains one of these
               out: str | Path | None = None,        # outputs folder (default: outputs/; for smoke a cache scratch folder)
               timeout: int | None = None,           # per-cell timeout in seconds
               notebooks: list[Path] | None = None,  # explicit notebooks (default: `paper_notebooks()`)
               data_root: str | Path | None = None,  # real data for every notebook (None: SynthAffect)
+              jobs: int | None = None,              # notebooks run at once; None: 2 for smoke (mostly kernel start and imports,
+                                                    # single-threaded), 1 otherwise (training uses every core; one order of
+                                                    # floating-point work, so the committed cpu tables are what a rerun gives)
              ) -> list[dict]:
-    "Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one record per notebook."
+    """Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one record per
+    notebook. With `jobs` > 1 the notebooks run in separate processes (each kernel gets cores/jobs threads) and each writes
+    into its own staging folder, merged into `out` only when it succeeds: a failure still leaves every other notebook's
+    previous outputs intact, the notebooks already running finish, and no new one starts."""
     from abaw_nb.core import cache_dir
     check_choice('preset', preset, PRESETS)
+    jobs = (2 if preset == 'smoke' else 1) if jobs is None else int(jobs)
+    if jobs < 1: raise ValueError(f'jobs={jobs}: run at least 1 notebook at a time')
     out = Path(out) if out else (cache_dir('smoke-outputs') if preset == 'smoke' else outputs_dir())
     for sub in ('tables', 'figures'): (out/sub).mkdir(parents=True, exist_ok=True)
     root = find_repo_root()
@@ -109,27 +147,34 @@ def reproduce(preset: str = 'cpu',                 # smoke | cpu | paper
     if only: nbs = [p for p in nbs if any(o in p.name for o in only)]
     params = dict(preset=preset, out_dir=str(out))
     if data_root is not None: params['data_root'] = str(Path(data_root).expanduser().resolve())
-    data = params.get('data_root', 'SynthAffect')
-    ledger, runs, stopped = read_ledger(out), [], False
-    for nb in nbs:
-        if stopped:
-            runs.append(dict(name=nb.name, status='not run')); continue
-        t0 = time.time(); print(f'[reproduce] {nb.name} (preset {preset}, data {data}) ...', flush=True)
-        rec = dict(name=nb.name, preset=preset, data=data, commit=git_commit())
-        try:
-            run_notebook(nb, out/'notebooks'/nb.name, params, cwd=root, timeout=timeout)
-            rec['status'] = 'ok'
-        except Exception as e:
-            msg, skip = _error_text(e)
-            if skip: rec.update(status='skipped', reason=msg.split(': DataNotAvailable: ', 1)[-1])
-            else: rec.update(status='failed', error=msg); stopped = True
-        rec['seconds'] = round(time.time() - t0, 1)
-        rec['tables'] = _written_since(out/'tables', '*.md', t0); rec['figures'] = _written_since(out/'figures', '*.png', t0)
-        runs.append(rec)
-        if rec['status'] != 'failed':   # a failed notebook keeps its previous ledger entry (and its previous files)
-            ledger[nb.name] = {k: v for k, v in rec.items() if k != 'name'}
-        print(f"[reproduce] {nb.name}: {rec['status']} in {rec['seconds']:.1f} s"
-              + (f": {rec.get('error') or rec.get('reason')}" if rec['status'] in ('failed', 'skipped') else ''), flush=True)
+    ledger, done, stopped = read_ledger(out), {}, False
+    def finish(nb, rec):
+        nonlocal stopped
+        done[nb.name] = rec
+        if rec['status'] == 'failed': stopped = True
+        else: ledger[nb.name] = {k: v for k, v in rec.items() if k != 'name'}   # a failed notebook keeps its previous entry (and files)
+    if jobs == 1:
+        for nb in nbs:
+            if stopped: break
+            finish(nb, _run_one(nb, out, out, params, root, timeout))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, FIRST_COMPLETED, wait
+        threads = max((os.cpu_count() or 1) // jobs, 1)
+        pending, running = list(nbs), {}
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn')) as ex:
+            while running or (pending and not stopped):
+                while pending and not stopped and len(running) < jobs:
+                    nb = pending.pop(0); stage = out/STAGING/nb.stem
+                    for p in (stage.iterdir() if stage.exists() else []):   # what a failed earlier attempt left; runs are kept
+                        if p.name != 'runs': shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    running[ex.submit(_run_one, nb, stage, out, params, root, timeout, threads)] = nb
+                fin, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in fin:
+                    nb = running.pop(f); rec = f.result()
+                    if rec['status'] != 'failed': _merge_staged(out/STAGING/nb.stem, out)
+                    finish(nb, rec)
+    runs = [done.get(nb.name) or dict(name=nb.name, status='not run') for nb in nbs]
     if not nbs: print('[reproduce] no paper notebooks found in nbs/paper/ yet', flush=True)
     ledger = dict(sorted(ledger.items()))
     from abaw_nb.core import write_json
@@ -149,8 +194,9 @@ def main(argv=None):
     ap.add_argument('--out', default=None, help='outputs folder (default: outputs/; smoke: a cache scratch folder)')
     ap.add_argument('--timeout', type=int, default=None, help='per-cell timeout in seconds')
     ap.add_argument('--data-root', default=None, help='real data passed to every notebook as data_root (default: SynthAffect)')
+    ap.add_argument('--jobs', type=int, default=None, help='notebooks run at once (default: 2 for smoke, 1 otherwise)')
     a = ap.parse_args(argv)
-    runs = reproduce(a.preset, a.only, a.out, a.timeout, data_root=a.data_root)
+    runs = reproduce(a.preset, a.only, a.out, a.timeout, data_root=a.data_root, jobs=a.jobs)
     failed = [r for r in runs if r['status'] == 'failed']
     if failed: print(f"[reproduce] FAILED: {failed[0]['name']}: {failed[0]['error']}", file=sys.stderr); return 1
     return 0

@@ -99,3 +99,31 @@ def test_a_second_run_gives_the_same_tables(tmp_path, root):
     ta, tb = _tables(tmp_path/'a'), _tables(tmp_path/'b')
     assert len(ta) >= 3 and list(ta) == list(tb)
     for name in ta: assert ta[name].equals(tb[name]), name
+
+
+def _slow_table_nb(name, value, seconds):
+    return _nb([("preset = 'smoke'\nout_dir = None\ndata_root = None", ['parameters']),
+                ("import time\nfrom pathlib import Path\nfrom abaw_nb.core import write_text\n"
+                 f"time.sleep({seconds})\nwrite_text(Path(out_dir)/'tables'/'{name}.md', 'Data: x\\n\\n| v |\\n|---|\\n| {value} |')", [])])
+
+def test_parallel_notebooks_keep_their_own_tables_and_stop_at_a_failure(tmp_path):
+    nbs = tmp_path/'nbs'; nbs.mkdir(); out = tmp_path/'out'
+    (nbs/'10_a.ipynb').write_text(json.dumps(_slow_table_nb('10_a', 1, 0)))
+    (nbs/'20_b.ipynb').write_text(json.dumps(_slow_table_nb('20_b', 2, 2)))   # runs beside a and c: writes while they run
+    (nbs/'30_c.ipynb').write_text(json.dumps(_slow_table_nb('30_c', 3, 0)))
+    runs = reproduce('smoke', out=out, notebooks=sorted(nbs.glob('*.ipynb')), jobs=2)
+    assert [(r['name'], r['status']) for r in runs] == [('10_a.ipynb', 'ok'), ('20_b.ipynb', 'ok'), ('30_c.ipynb', 'ok')]
+    ledger = json.loads((out/'reproduce.json').read_text())
+    assert {n: e['tables'] for n, e in ledger.items()} == {f'{n}.ipynb': [f'{n}.md'] for n in ('10_a', '20_b', '30_c')}
+    assert '| 2 |' in (out/'tables'/'20_b.md').read_text()
+    # a failure: a and the failing b run together; no notebook starts after it, b's partial table never reaches out/
+    (nbs/'10_a.ipynb').write_text(json.dumps(_slow_table_nb('10_a', 10, 3)))
+    (nbs/'20_b.ipynb').write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']),
+        ("from pathlib import Path\nfrom abaw_nb.core import write_text\nwrite_text(Path(out_dir)/'tables'/'20_b.md', 'partial')", []),
+        ("raise ValueError('bad table')", [])])))
+    runs = reproduce('smoke', out=out, notebooks=sorted(nbs.glob('*.ipynb')), jobs=2)
+    assert [(r['name'], r['status']) for r in runs] == [('10_a.ipynb', 'ok'), ('20_b.ipynb', 'failed'), ('30_c.ipynb', 'not run')]
+    assert runs[1]['error'] == "cell In [4] `raise ValueError('bad table')`: ValueError: bad table"
+    assert '| 10 |' in (out/'tables'/'10_a.md').read_text()        # the notebook running beside it finished and was merged
+    assert '| 2 |' in (out/'tables'/'20_b.md').read_text()         # the failed notebook's previous table, untouched
+    assert '| 3 |' in (out/'tables'/'30_c.md').read_text()
