@@ -13,7 +13,7 @@ from ..models.backbones import build_backbone
 from ..train.losses import MultiTaskLoss, masked_mse, kd_kl
 from ..data.frames import au_columns, expr_names, validate
 from ..data.loading import FrameDataset, make_transform
-from ..train.engine import uses_channels_last, _to
+from ..train.engine import set_memory_layout, _to
 
 # %% auto #0
 __all__ = ['TASKS', 'LOSSES', 'KEY', 'narrow_fpn', 'FPNNet', 'config_overrides', 'batch_targets', 'fpn_transform', 'soft_loss',
@@ -263,8 +263,7 @@ def predict_frames(model,                  # run folder / checkpoint path, or (m
     au_names = list(au_names) if au_names is not None else au_columns('affwild2_12')
     df = frames.reset_index(drop=True)
     dev = get_device(device or cfg.device); model = model.to(dev).eval()
-    cl = uses_channels_last(model, cfg)   # the engine's layout for convolutional nets (`cfg.channels_last`)
-    if cl: model = model.to(memory_format=torch.channels_last)
+    cl = set_memory_layout(model, cfg)   # the engine's layout for convolutional nets (`cfg.channels_last`)
     pred_fn = recipe(cfg.replace(extra={k: v for k, v in cfg.extra.items() if k != 'pseudo_labels'}), 7, au_names)['predict_fn']
     ds = FrameDataset(df, root, fpn_transform(False, cfg.img_size))
     nw = max(cfg.num_workers, 1) if num_workers is None else num_workers

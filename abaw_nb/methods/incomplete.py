@@ -417,7 +417,7 @@ def predict_frames(model: nn.Module, info: dict,   # from `load_model`
                    num_workers: int = 1,             # decoding processes: one overlaps JPEG decoding with the forward passes
                   ) -> pd.DataFrame:
     "Per-frame prediction table (split, video, frame, prob_expr_k, expr, prob_AU<n>, valence, arousal) of `model` on `df`."
-    from abaw_nb.train.engine import clip_rows, uses_channels_last, _to
+    from abaw_nb.train.engine import clip_rows, set_memory_layout, _to
     cfg = info['config']; x = cfg.extra
     bb = x.get('backbone', 'resnet50'); tf = make_transform(False, img_size or cfg.img_size, bb)
     if info['temporal']:
@@ -428,8 +428,7 @@ def predict_frames(model: nn.Module, info: dict,   # from `load_model`
     dev = get_device(device); model.to(dev).eval()
     # the engine's layout (channels_last for convolutional nets; `cfg.channels_last=False` turns it off) and one decoding worker:
     # 1.8x faster test predictions of a cpu-preset CNN-RNN on 2 cores (17.1 -> 9.5 s)
-    cl = uses_channels_last(model, cfg)
-    if cl: model.to(memory_format=torch.channels_last)
+    cl = set_memory_layout(model, cfg)
     cols: dict = {}
     for b in torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         out = model(_to(b['image'], dev, cl))
