@@ -52,7 +52,7 @@ def test_a_failing_notebook_stops_the_run_and_keeps_other_outputs(tmp_path):
     (nbs/'20_b.ipynb').write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']),
                                                  ("x = 1", []), ("raise ValueError('bad table')", [])])))
     (nbs/'30_c.ipynb').write_text(json.dumps(_table_nb('30_c', 30)))
-    runs = reproduce('smoke', out=out, notebooks=sorted(nbs.glob('*.ipynb')))
+    runs = reproduce('smoke', out=out, notebooks=sorted(nbs.glob('*.ipynb')), jobs=1)   # one at a time (smoke defaults to 2)
     assert [(r['name'], r['status']) for r in runs] == [('10_a.ipynb', 'ok'), ('20_b.ipynb', 'failed'), ('30_c.ipynb', 'not run')]
     assert runs[1]['error'] == "cell In [4] `raise ValueError('bad table')`: ValueError: bad table"                   # the failing cell and its error
     assert '| 10 |' in (out/'tables'/'10_a.md').read_text()                        # the notebook before it ran
@@ -117,7 +117,7 @@ def test_parallel_notebooks_keep_their_own_tables_and_stop_at_a_failure(tmp_path
     assert {n: e['tables'] for n, e in ledger.items()} == {f'{n}.ipynb': [f'{n}.md'] for n in ('10_a', '20_b', '30_c')}
     assert '| 2 |' in (out/'tables'/'20_b.md').read_text()
     # a failure: a and the failing b run together; no notebook starts after it, b's partial table never reaches out/
-    (nbs/'10_a.ipynb').write_text(json.dumps(_slow_table_nb('10_a', 10, 3)))
+    (nbs/'10_a.ipynb').write_text(json.dumps(_slow_table_nb('10_a', 10, 10)))   # still running when b fails
     (nbs/'20_b.ipynb').write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']),
         ("from pathlib import Path\nfrom abaw_nb.core import write_text\nwrite_text(Path(out_dir)/'tables'/'20_b.md', 'partial')", []),
         ("raise ValueError('bad table')", [])])))
