@@ -17,9 +17,9 @@ from .data import frames as _frames
 # %% auto #0
 __all__ = ['EXPR_SPACES', 'AU_SPACES', 'EDITIONS', 'expr_classes', 'au_names', 'Edition', 'get_edition', 'editions_table', 'ccc',
            'va_metrics', 'rmse', 'sagr', 'pcc', 'confusion_matrix', 'f1_from_counts', 'expr_metrics', 'au_counts',
-           'au_metrics', 'mtl_score', 'reliability_bins', 'ece', 'classwise_ece', 'nll', 'brier', 'reliability_diagram',
-           'gaussian_nll', 'spearman', 'uncertainty_error_corr', 'search_au_thresholds', 'AUThresholds', 'score_frames',
-           'fit_au_thresholds', 'toy_tables', 'bench_scoring']
+           'au_metrics', 'au_auc', 'mtl_score', 'reliability_bins', 'ece', 'classwise_ece', 'nll', 'brier',
+           'reliability_diagram', 'gaussian_nll', 'spearman', 'uncertainty_error_corr', 'search_au_thresholds',
+           'AUThresholds', 'score_frames', 'fit_au_thresholds', 'toy_tables', 'bench_scoring']
 
 # %% ../nbs/02_metrics.ipynb #f92d0662
 # The label spaces are defined once, in `abaw_nb.data.frames`; here they are viewed as tuples of
@@ -299,6 +299,26 @@ def au_metrics(y_true,                   # (N, K) 0/1 ground truth
                n_pos_pred=dict(zip(names, c['n_pred'].tolist())), aus=names,
                undefined=[a for a, d in zip(names, c['n_true'] + c['n_pred']) if d == 0])
     if ed is not None: out['score'] = ed.au_score(out['f1'], out['acc'])
+    return out
+
+# %% ../nbs/02_metrics.ipynb #5e81b9f3
+def au_auc(y_true,                   # (N, K) 0/1 ground truth
+           probs,                    # (N, K) scores (probabilities or logits: only their order counts)
+           aus: Sequence[str] | str | None = None, # AU names or an AU space (default AU0..)
+           mask=None,                # (N, K) bool, True = label present; None = all present
+          ) -> dict:
+    "ROC-AUC per AU over its valid frames (ties count half); NaN for an AU with one class only."
+    from scipy.stats import rankdata
+    t, p = _binary(y_true, 'y_true'), np.asarray(probs, np.float64)
+    if t.ndim != 2 or t.shape != p.shape: raise ValueError(f'y_true and probs must both be (N, n_AUs); got {t.shape} and {p.shape}')
+    m = np.ones(t.shape, bool) if mask is None else np.asarray(mask, bool)
+    names = au_names(aus) if aus is not None else tuple(f'AU{i}' for i in range(t.shape[1]))
+    if len(names) != t.shape[1]: raise ValueError(f'{t.shape[1]} AU columns but {len(names)} AU names ({", ".join(names)})')
+    out = {}
+    for j, a in enumerate(names):
+        yj, pj = t[m[:, j], j], p[m[:, j], j]
+        n1 = int(yj.sum()); n0 = len(yj) - n1
+        out[a] = float((rankdata(pj)[yj].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)) if n1 and n0 else float('nan')
     return out
 
 # %% ../nbs/02_metrics.ipynb #fcd8faac

@@ -21,8 +21,8 @@ __all__ = ['VIT_SIZES', 'AU_DATASETS', 'IAT_LAMBDA', 'SYNTH_LAYOUT', 'TASK_DIMS'
            'reference_dir', 'resize_pos_embed', 'encoder_state', 'load_encoder', 'fmae_settings', 'build_mae',
            'build_vit', 'stage_config', 'make_optimizer', 'ImageDataset', 'SubjectFrames', 'vit_transform',
            'mae_transform', 'fit_steps', 'predict_outputs', 'pool_images', 'pretrain_mae', 'reconstruct',
-           'reconstruction_figure', 'au_folds', 'run_folds', 'subsample', 'cap_rows', 'split_train_val', 'au_auc',
-           'finetune_au', 'finetune_fer', 'probe_split', 'identity_probe', 'config_overrides', 'recipe']
+           'reconstruction_figure', 'au_folds', 'run_folds', 'subsample', 'cap_rows', 'split_train_val', 'finetune_au',
+           'finetune_fer', 'probe_split', 'identity_probe', 'config_overrides', 'recipe']
 
 # %% ../../nbs/05e_methods.fmae.ipynb #1edbbe9f
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -485,18 +485,6 @@ def split_train_val(subjects, val_frac: float = 0.2, seed: int = 0) -> tuple:
 
 def _au_target(b): return torch.where(b['au_mask'], b['au'], torch.nan)
 
-def au_auc(y_true, probs, mask=None, aus=None) -> dict:
-    "ROC-AUC per AU over the labelled frames (NaN where an AU has one class only): a threshold-free score, 0.5 = no ranking."
-    from sklearn.metrics import roc_auc_score
-    y, p = np.asarray(y_true), np.asarray(probs, float)
-    m = np.ones(y.shape, bool) if mask is None else np.asarray(mask, bool)
-    names = list(aus) if aus is not None else [f'AU{j}' for j in range(y.shape[1])]
-    out = {}
-    for j, a in enumerate(names):
-        yj, pj = y[m[:, j], j], p[m[:, j], j]
-        out[a] = float(roc_auc_score(yj, pj)) if len(np.unique(yj)) == 2 else float('nan')
-    return out
-
 def finetune_au(frames: pd.DataFrame,   # AU frame table of one dataset (subjects in the fold lists)
                 root,                   # its image root
                 dataset: str,           # 'bp4d' | 'bp4d+' | 'disfa'
@@ -509,7 +497,7 @@ def finetune_au(frames: pd.DataFrame,   # AU frame table of one dataset (subject
                 log=None,
                ) -> dict:
     "Fine-tune on the other folds (minus a validation split of their subjects), score the test fold; returns scores, thresholds, history and the model."
-    from abaw_nb.metrics import search_au_thresholds, au_metrics
+    from abaw_nb.metrics import search_au_thresholds, au_metrics, au_auc
     df = fold_split(subsample(frames, s['au'].get('stride', 1)), dataset, fold)
     aus = au_columns(df.attrs['au_space'])
     tr_subj, va_subj = split_train_val(df.loc[df.split == 'train', 'subject'], s['au']['val_frac'], seed)
@@ -544,12 +532,12 @@ def finetune_au(frames: pd.DataFrame,   # AU frame table of one dataset (subject
     r = fit_steps(model, cfg, train_ds, loss_fn, opt=make_optimizer(model, cfg, layer_decay=0.65), eval_fn=eval_fn, log=log)
     thr, _, _ = search_au_thresholds(y_va, val_seen[r['best']['epoch'] - 1], m_va, shared=True)
     p_te = 1 / (1 + np.exp(-predict_outputs(model, test_ds, device=device)))
-    sc = au_metrics(test_ds.labels['au'].astype(int), (p_te >= thr).astype(int), aus=aus, mask=test_ds.labels['au_mask'])
-    sc05 = au_metrics(test_ds.labels['au'].astype(int), (p_te >= 0.5).astype(int), aus=aus, mask=test_ds.labels['au_mask'])
-    y_te = test_ds.labels['au'].astype(int)
-    base = au_metrics(y_te, np.ones_like(y_te), aus=aus, mask=test_ds.labels['au_mask'])   # every AU predicted present
+    y_te, m_te = test_ds.labels['au'].astype(int), test_ds.labels['au_mask']
+    sc = au_metrics(y_te, (p_te >= thr).astype(int), aus=aus, mask=m_te)
+    sc05 = au_metrics(y_te, (p_te >= 0.5).astype(int), aus=aus, mask=m_te)
+    base = au_metrics(y_te, np.ones_like(y_te), aus=aus, mask=m_te)   # every AU predicted present
     return dict(dataset=dataset, fold=fold, iat=iat, lam=lam, f1=sc['f1'], f1_at_05=sc05['f1'], f1_per_au=sc['f1_per_au'],
-                f1_all_on=base['f1'], f1_per_au_all_on=base['f1_per_au'], auc_per_au=au_auc(y_te, p_te, test_ds.labels['au_mask'], aus),
+                f1_all_on=base['f1'], f1_per_au_all_on=base['f1_per_au'], auc_per_au=au_auc(y_te, p_te, aus=aus, mask=m_te),
                 threshold=float(thr[0]), best=r['best'], history=r['history'], model=model, probs=p_te, test=te,
                 subjects=dict(train=tr_subj, val=va_subj, test=sorted(te.subject.unique())))
 
