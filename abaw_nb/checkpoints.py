@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, torch
 from torch import nn
 from torchvision.transforms import v2
 
-from .core import check_choice, find_repo_root
+from .core import check_choice, parity_kit_dir
 from .data.frames import EXPR_SPACES, AU_SPACES, au_columns
 
 # %% auto #0
@@ -24,18 +24,9 @@ __all__ = ['CONVERT_CMD', 'FORMATS', 'KIT', 'KEYS_ONLY', 'METHOD_FORMATS', 'kit_
            'kit_import', 'kit_forward', 'kit_compare', 'evaluate_checkpoint']
 
 # %% ../nbs/07_checkpoints.ipynb #457fc611
-def _kit_candidates() -> list:
-    cands = [Path(os.environ['ABAW_PARITY_KIT'])] if os.environ.get('ABAW_PARITY_KIT') else []
-    try: root = find_repo_root(); cands += [root.parent/'shared'/'reference']
-    except Exception: pass
-    return cands
-
 def kit_dir(folder: str | None = None) -> Path:
-    "The parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `../shared/reference` beside the checkout."
-    cands = _kit_candidates()
-    for c in cands:
-        if (c/'index.json').is_file(): return c/folder if folder else c
-    raise FileNotFoundError(f'parity kit not found (looked in {[str(c) for c in cands]}); set $ABAW_PARITY_KIT')
+    "The parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `tests/parity_kit/` in the checkout."
+    return parity_kit_dir(folder)
 
 @functools.lru_cache(maxsize=16)
 def kit_keys(folder: str) -> dict:
@@ -114,7 +105,8 @@ def kit_input(shape) -> np.ndarray:
 
 def kit_input_file(folder: str) -> Path | None:
     "The kit's own input.npy of `folder` (None for key-list-only folders)."
-    return next((c/folder/'input.npy' for c in _kit_candidates() if (c/folder/'input.npy').is_file()), None)
+    f = kit_dir(folder)/'input.npy'
+    return f if f.is_file() else None
 
 def kit_outputs(folder: str, rule: str = 'A', diagnostics: bool = False) -> dict:
     "Reference outputs {name: array} of a folder under `rule`, in the original's return order."

@@ -12,11 +12,12 @@ from typing import Any, Iterable
 import numpy as np
 
 # %% auto #0
-__all__ = ['PRESETS', 'FAULT_ENV', 'RepoRootNotFound', 'find_repo_root', 'repo_path', 'outputs_dir', 'cache_dir', 'Config',
-           'check_keys', 'check_choice', 'get_config', 'validate_config', 'seed_everything', 'seed_worker',
-           'make_generator', 'get_device', 'resolve_precision', 'autocast', 'fault_point', 'atomic_write', 'write_text',
-           'write_json', 'write_csv', 'save_png', 'torch_save', 'clean_stale_temps', 'OutputDirError', 'check_out_dir',
-           'progress_enabled', 'progress', 'git_commit', 'run_id', 'provenance', 'fingerprint']
+__all__ = ['PRESETS', 'FAULT_ENV', 'RepoRootNotFound', 'find_repo_root', 'repo_path', 'outputs_dir', 'cache_dir',
+           'parity_kit_dir', 'Config', 'check_keys', 'check_choice', 'get_config', 'validate_config', 'seed_everything',
+           'seed_worker', 'make_generator', 'get_device', 'resolve_precision', 'autocast', 'fault_point',
+           'atomic_write', 'write_text', 'write_json', 'write_csv', 'save_png', 'torch_save', 'clean_stale_temps',
+           'OutputDirError', 'check_out_dir', 'progress_enabled', 'progress', 'git_commit', 'run_id', 'provenance',
+           'fingerprint']
 
 # %% ../nbs/00_core.ipynb #67a5ae00
 class RepoRootNotFound(FileNotFoundError):
@@ -70,6 +71,15 @@ def cache_dir(*parts, create: bool = True) -> Path:
     p = base.joinpath(*parts)
     if create: p.mkdir(parents=True, exist_ok=True)
     return p
+
+def parity_kit_dir(folder: str | None = None) -> Path:
+    "The checkpoint parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `tests/parity_kit/` in the checkout."
+    env = os.environ.get('ABAW_PARITY_KIT')
+    base = Path(env) if env else repo_path('tests', 'parity_kit')
+    if not (base/'index.json').is_file():
+        where = '$ABAW_PARITY_KIT' if env else 'the checkout'
+        raise FileNotFoundError(f'parity kit not found: {base} has no index.json (from {where})')
+    return base/folder if folder else base
 
 # %% ../nbs/00_core.ipynb #4916db51
 PRESETS = ('smoke', 'cpu', 'paper')

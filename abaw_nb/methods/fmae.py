@@ -18,11 +18,11 @@ from ..models.heads import grad_reverse, GradientReversal
 __all__ = ['VIT_SIZES', 'AU_DATASETS', 'IAT_LAMBDA', 'SYNTH_LAYOUT', 'TASK_DIMS', 'sincos_pos_embed', 'patchify', 'unpatchify',
            'MaskedAutoencoderViT', 'mae_vit_small_patch16', 'mae_vit_base_patch16', 'mae_vit_large_patch16', 'FMAEViT',
            'vit_small_patch16', 'vit_base_patch16', 'vit_large_patch16', 'count_parameters', 'state_layout',
-           'reference_dir', 'resize_pos_embed', 'encoder_state', 'load_encoder', 'fmae_settings', 'build_mae',
-           'build_vit', 'stage_config', 'make_optimizer', 'ImageDataset', 'SubjectFrames', 'vit_transform',
-           'mae_transform', 'fit_steps', 'predict_outputs', 'pool_images', 'pretrain_mae', 'reconstruct',
-           'reconstruction_figure', 'au_folds', 'run_folds', 'subsample', 'cap_rows', 'split_train_val', 'finetune_au',
-           'finetune_fer', 'probe_split', 'identity_probe', 'config_overrides', 'recipe']
+           'resize_pos_embed', 'encoder_state', 'load_encoder', 'fmae_settings', 'build_mae', 'build_vit',
+           'stage_config', 'make_optimizer', 'ImageDataset', 'SubjectFrames', 'vit_transform', 'mae_transform',
+           'fit_steps', 'predict_outputs', 'pool_images', 'pretrain_mae', 'reconstruct', 'reconstruction_figure',
+           'au_folds', 'run_folds', 'subsample', 'cap_rows', 'split_train_val', 'finetune_au', 'finetune_fer',
+           'probe_split', 'identity_probe', 'config_overrides', 'recipe']
 
 # %% ../../nbs/05e_methods.fmae.ipynb #1edbbe9f
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -227,18 +227,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 def state_layout(model: nn.Module) -> list:
     "[key, shape] of every state-dict entry, in order."
     return [[k, list(v.shape)] for k, v in model.state_dict().items()]
-
-def reference_dir() -> Path | None:
-    "The checkpoint parity kit (`$ABAW_NB_REFERENCE`, else `../shared/reference` beside the checkout), or None."
-    import os
-    cands = [os.environ.get('ABAW_NB_REFERENCE')]
-    try:
-        from abaw_nb.core import find_repo_root
-        r = find_repo_root(); cands += [r.parent/'shared'/'reference', r.parent.parent/'shared'/'reference']
-    except Exception: pass
-    for c in cands:
-        if c and (Path(c)/'index.json').is_file(): return Path(c)
-    return None
 
 # %% ../../nbs/05e_methods.fmae.ipynb #e20d5373
 def resize_pos_embed(pe: torch.Tensor, n_patches: int) -> torch.Tensor:
