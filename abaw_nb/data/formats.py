@@ -137,6 +137,7 @@ def _parse_rows(path: Path, lines: list[str], nvals: int, integer: bool) -> np.n
 def read_affwild2_annotation(path,          # one annotation .txt file
                              task: str,     # 'va' | 'expr' | 'au'
                              issues: list | None = None, # counted conversions are added here
+                             split: str = 'all',  # the split folder it came from (recorded with its issues)
                             ) -> tuple[pd.DataFrame, str]:
     "One annotation file as a DataFrame indexed by frame (NA for invalid/out-of-range values) and its expr space."
     path = Path(path); issues = [] if issues is None else issues
@@ -172,8 +173,8 @@ def read_affwild2_annotation(path,          # one annotation .txt file
         out = pd.DataFrame({c: pd.array(vals[:, j], dtype='Int8') for j, c in enumerate(au_columns('affwild2_12'))})
         for j, c in enumerate(out.columns): out.loc[marker[:, j] | oor[:, j], c] = pd.NA
         ninv, noor = int(marker.any(1).sum()), int(oor.any(1).sum())
-    add_issue(issues, 'invalid_marker', str(path), ninv, f'{task} rows with {inv}')
-    add_issue(issues, 'out_of_range', str(path), noor, f'{task} rows out of range')
+    add_issue(issues, 'invalid_marker', str(path), ninv, f'{task} rows with {inv}', split)
+    add_issue(issues, 'out_of_range', str(path), noor, f'{task} rows out of range', split)
     out.index = pd.RangeIndex(n, name='frame')
     return out, space
 
@@ -211,9 +212,9 @@ def read_affwild2(root,                                  # dataset root (holds c
                 if video in where and where[video][0] != split:
                     raise FormatError(f'video {video!r} is in two splits: {where[video][1]} ({where[video][0]}) and {f} ({split})')
                 where.setdefault(video, (split, f))
-                lab, sp = read_affwild2_annotation(f, task, issues)
+                lab, sp = read_affwild2_annotation(f, task, issues, split)
                 if task == 'expr': spaces.add(sp)
-                if len(lab) == 0: add_issue(issues, 'empty_video', str(f), 1, 'header only'); continue
+                if len(lab) == 0: add_issue(issues, 'empty_video', str(f), 1, 'header only', split); continue
                 ann.setdefault(video, {})[task] = lab
     if len(spaces) > 1: raise FormatError(f'EXPR files mix 7-class and 8-class headers under {root/"annotations/EXPR_Set"}')
     expr_space = spaces.pop() if spaces else 'expr7'
@@ -223,11 +224,11 @@ def read_affwild2(root,                                  # dataset root (holds c
         imgs = _list_frames(root/'cropped_aligned'/video, issues)
         labs = ann[video]
         nann = max(len(l) for l in labs.values())
-        if not imgs: add_issue(issues, 'empty_video', str(root/'cropped_aligned'/video), 1, 'no frame images')
+        if not imgs: add_issue(issues, 'empty_video', str(root/'cropped_aligned'/video), 1, 'no frame images', split)
         frames = sorted(set(imgs) | (set() if drop_missing else set(range(nann))))
         missing = [f for f in range(nann) if f not in imgs]
         add_issue(issues, 'missing_image', str(root/'cropped_aligned'/video), len(missing),
-                  f'{len(missing)} annotated frames without image' + ('' if drop_missing else ' (kept)'))
+                  f'{len(missing)} annotated frames without image' + ('' if drop_missing else ' (kept)'), split)
         if not frames: continue
         fr = np.array(frames, dtype=np.int64)
         d = pd.DataFrame({'dataset': dataset, 'split': split, 'video': video, 'frame': fr,
@@ -236,7 +237,7 @@ def read_affwild2(root,                                  # dataset root (holds c
             beyond = int((fr >= len(lab)).sum())
             if beyond:
                 add_issue(issues, 'no_annotation', f'{AFFWILD2_TASKS[task]}/{AFFWILD2_SPLITS[split]}/{video}.txt', beyond,
-                          f'{beyond} images beyond the {len(lab)} annotation rows')
+                          f'{beyond} images beyond the {len(lab)} annotation rows', split)
             sub = lab.reindex(fr)
             for c in sub.columns: d[c] = sub[c].to_numpy()
         parts.append(d)

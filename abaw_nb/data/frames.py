@@ -6,6 +6,7 @@
 from __future__ import annotations
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -204,21 +205,36 @@ def add_issue(issues: list,   # the reader's issue list (mutated)
               file: str = '', # file it concerns
               count: int = 1, # how many rows/files
               detail: str = '', # short explanation or examples
+              split: str = 'all', # the split the file belongs to, where the reader knows it
              ) -> list:
     "Record (or add to) a counted skip/conversion for the data report."
-    if count <= 0: return issues
+    if count <= 0:
+        return issues
     for it in issues:
         if it['kind'] == kind and it['file'] == str(file):
             it['count'] += int(count)
-            if detail and len(it['detail']) < 200: it['detail'] = (it['detail'] + '; ' + detail).strip('; ')
+            if detail and len(it['detail']) < 200:
+                it['detail'] = (it['detail'] + '; ' + detail).strip('; ')
             return issues
-    issues.append({'kind': kind, 'file': str(file), 'count': int(count), 'detail': detail})
+    issues.append({'kind': kind, 'split': split, 'file': str(file), 'count': int(count), 'detail': detail})
     return issues
 
-def issues_table(df_or_issues) -> pd.DataFrame:
-    "The issues of a frame table (or an issue list) as a DataFrame (kind, file, count, detail)."
+def _relative(file: str, root) -> str:
+    "`file` relative to `root` when it lies under it, else unchanged."
+    if root is None:
+        return file
+    try:
+        return str(Path(file).relative_to(Path(root)))
+    except ValueError:
+        return file
+
+def issues_table(df_or_issues,
+                 root=None,   # the data root: file paths under it are written relative to it
+                ) -> pd.DataFrame:
+    "The issues of a frame table (or an issue list) as a DataFrame (kind, split, file, count, detail)."
     iss = df_or_issues.attrs.get('issues', []) if isinstance(df_or_issues, pd.DataFrame) else df_or_issues
-    return pd.DataFrame(list(iss), columns=['kind', 'file', 'count', 'detail'])
+    rows = [{**it, 'split': it.get('split', 'all'), 'file': _relative(it['file'], root)} for it in iss]
+    return pd.DataFrame(rows, columns=['kind', 'split', 'file', 'count', 'detail'])
 
 # %% ../../nbs/01a_data.frames.ipynb #35a1b2af
 def data_report(df: pd.DataFrame) -> pd.DataFrame:
@@ -239,8 +255,10 @@ def data_report(df: pd.DataFrame) -> pd.DataFrame:
             rows.append(('au_base_rate', sp, c, float(lab.astype(float).mean()) if len(lab) else np.nan))
         for c in ['valence', 'arousal']:
             rows.append(('va', sp, f'{c}_mean', float(g[c].mean()) if g[c].notna().any() else np.nan))
+    per_split = Counter()
     for it in df.attrs.get('issues', []):
-        rows.append(('issues', 'all', f"{it['kind']}:{it['file']}", it['count']))
+        per_split[(it['kind'], it.get('split', 'all'))] += it['count']
+    rows += [('issues', sp, kind, n) for (kind, sp), n in sorted(per_split.items())]
     tot = Counter()
     for it in df.attrs.get('issues', []): tot[it['kind']] += it['count']
     rows += [('issues_total', 'all', k, v) for k, v in sorted(tot.items())]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from ..core import (Config, check_choice, get_config, write_csv, write_json, fingerprint, PRESETS, validate_config,
                           seed_everything, outputs_dir, run_id, clean_stale_temps, check_out_dir)
-from ..data.frames import data_report, au_columns, expr_names
+from ..data.frames import data_report, issues_table, au_columns, expr_names
 from ..data.loading import FrameDataset, make_transform
 from ..metrics import score_frames
 from .engine import Trainer, build_optimizer
@@ -122,7 +122,7 @@ def report_issues(frames: pd.DataFrame) -> dict:
     for it in frames.attrs.get('issues', []):
         t = tot.setdefault(it['kind'], [0, []]); t[0] += it['count']; t[1].append(it)
     if tot:
-        print('data issues (rows skipped or labels set to NA; all counted in data_report.csv):')
+        print('data issues (rows skipped or labels set to NA; counted in data_report.csv, listed in data_issues.csv):')
         for k, (n, its) in sorted(tot.items()):
             eg = its[0]; more = f' and {len(its) - 1} more file(s)' if len(its) > 1 else ''
             print(f'  {k}: {n} in {len(its)} file(s), e.g. {eg["file"]}: {eg["detail"]}{more}')
@@ -216,6 +216,7 @@ def _train(mod, cfg: Config, verbose: bool, data, eval_splits, out_dir: Path) ->
             write_csv(trainer.out_dir/f'predictions_{split}.csv', e['predictions'])
             write_json(trainer.out_dir/f'scores_{split}.json', e['scores'])
         write_csv(trainer.out_dir/'data_report.csv', data_report(frames))
+        write_csv(trainer.out_dir/'data_issues.csv', issues_table(frames, root))
     return dict(out_dir=trainer.out_dir, history=pd.DataFrame(history), scores=scores, predictions=pred, config=cfg,
                 n_train=len(tr), n_val=len(va), eval=evals, trainer=trainer)
 
