@@ -444,7 +444,7 @@ def import_fmae_vit(source,                    # fine-tuned FMAE / FMAE-IAT file
                     device: str = 'cpu',
                    ) -> Imported:
     "Fine-tuned FMAE ViT (global pool, fc_norm, head[, ID_head]) for AU detection."
-    from abaw_nb.methods.fmae import FMAEViT
+    from abaw_nb.models.vit import FMAEViT
     obj, where = read_checkpoint(source); sd = _unwrap(obj, where, ('model', 'state_dict', 'model_state_dict'))
     dims = _vit_dims(sd, where)
     if 'head.weight' not in sd: raise CheckpointError(f'{where}: no head.weight: a pre-training (MAE) file? use import_fmae_mae')
@@ -459,7 +459,7 @@ def import_fmae_vit(source,                    # fine-tuned FMAE / FMAE-IAT file
 
 def import_fmae_mae(source, device: str = 'cpu', decoder_num_heads: int = 16) -> Imported:
     "FMAE MAE pre-training model (encoder + 512-d decoder); e.g. the Face9M ViT-S/B/L files."
-    from abaw_nb.methods.fmae import MaskedAutoencoderViT
+    from abaw_nb.models.vit import MaskedAutoencoderViT
     obj, where = read_checkpoint(source); sd = _unwrap(obj, where, ('model', 'state_dict', 'model_state_dict'))
     dims = _vit_dims(sd, where)
     if 'decoder_embed.weight' not in sd: raise CheckpointError(f'{where}: no decoder_embed.weight: a fine-tuned file? use import_fmae_vit')

@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 from ..core import Config, check_choice, get_device, seed_everything, write_json, progress
 from ..models.backbones import build_backbone, size_kwargs, count_params, model_report
 from ..models.heads import TemporalGRUHead, va_bin_anchors, va_to_bins
+from ..models.audio import AUDIO_DEFAULTS, MarbleNetEncoder, log_mel, frame_windows
 from ..train.losses import MultiTaskLoss, DistillationLoss
 from ..data.loading import ClipDataset, label_arrays, scatter_predictions
 from ..data.formats import read_rgb
@@ -23,101 +24,12 @@ from ..data.frames import au_columns, expr_names
 from ..metrics import ece, nll, classwise_ece, score_frames
 
 # %% auto #0
-__all__ = ['AUDIO_DEFAULTS', 'DB_MEAN', 'DB_STD', 'TASKS', 'AU_POS_WEIGHT', 'EXPR_WEIGHT', 'hz_to_mel', 'mel_to_hz',
-           'mel_filterbank', 'log_mel', 'frame_windows', 'SepConv1d', 'MarbleBlock', 'MarbleNetEncoder', 'EMENet',
-           'emenet_transform', 'video_fps', 'audio_path', 'load_teacher', 'save_teacher', 'EMENetClips',
-           'TaskReweighting', 'batch_gt', 'make_loss', 'config_overrides', 'build_model', 'forward_fn', 'entropy_norm',
-           'make_predict_fn', 'recipe', 'decompose', 'binary', 'fit_temperature', 'mc_dropout', 'predict_frames',
-           'logits_to_probs', 'ensemble_table', 'va_calibration', 'score_table', 'member_dir', 'load_member',
-           'iterative_distillation', 'round_table', 'frame_prediction', 'uncertainty_figure', 'annotate_video']
-
-# %% ../../nbs/05c_methods.emenet.ipynb #f548e372
-def hz_to_mel(f): return 2595.0 * np.log10(1.0 + np.asarray(f, np.float64) / 700.0)
-def mel_to_hz(m): return 700.0 * (10.0 ** (np.asarray(m, np.float64) / 2595.0) - 1.0)
-
-def mel_filterbank(n_mels: int = 64,      # mel bands
-                   n_fft: int = 400,      # FFT size (n_fft//2 + 1 frequency bins)
-                   sr: int = 16000,       # sample rate
-                   fmin: float = 0.0, fmax: float | None = None, # band limits in Hz (default: Nyquist)
-                  ) -> torch.Tensor:
-    "(n_mels, n_fft//2+1) triangular HTK-mel filters with peak 1, centres equally spaced on the mel scale."
-    fmax = sr / 2 if fmax is None else fmax
-    if not 0 <= fmin < fmax <= sr / 2: raise ValueError(f'need 0 <= fmin < fmax <= sr/2, got fmin={fmin}, fmax={fmax}, sr={sr}')
-    pts = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
-    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
-    lo, c, hi = pts[:-2, None], pts[1:-1, None], pts[2:, None]
-    fb = np.maximum(0, np.minimum((freqs - lo) / (c - lo), (hi - freqs) / (hi - c)))
-    return torch.tensor(fb, dtype=torch.float32)
-
-AUDIO_DEFAULTS = dict(sr=16000, n_fft=400, hop=160, n_mels=64, steps=64)
-DB_MEAN, DB_STD = -14.8, 19.895          # the original's MelSpectrogram normalisation
-
-def log_mel(samples,                       # (n,) waveform, float in [-1, 1] or int16
-            sr: int = 16000, n_fft: int = 400, hop: int = 160, n_mels: int = 64,
-            normalize: bool = True,        # standardise the dB values with the original's constants
-           ) -> torch.Tensor:
-    "(n_mels, 1 + n // hop) mel power spectrogram in dB (centred STFT frames, Hann window)."
-    x = torch.as_tensor(np.asarray(samples))
-    x = x.float() / 32768.0 if not x.is_floating_point() else x.float()
-    if x.dim() != 1: raise ValueError(f'log_mel expects a 1-D waveform, got shape {tuple(x.shape)}')
-    if len(x) < n_fft // 2 + 1: x = F.pad(x, (0, n_fft // 2 + 1 - len(x)))
-    spec = torch.stft(x, n_fft, hop, n_fft, torch.hann_window(n_fft), center=True, pad_mode='reflect', return_complex=True)
-    mel = mel_filterbank(n_mels, n_fft, sr) @ spec.abs() ** 2
-    db = 10 * torch.log10(mel + 1e-10)
-    return (db - DB_MEAN) / DB_STD if normalize else db
-
-def frame_windows(spec: torch.Tensor,  # (n_mels, S) spectrogram of a whole video
-                  times,               # (T,) centre time of each frame in seconds
-                  hop_s: float = 0.01, # seconds per spectrogram step
-                  steps: int = 64,     # window length in steps
-                 ) -> torch.Tensor:
-    "(T, n_mels, steps) windows centred on `times`; steps outside the recording repeat the edge step."
-    c = np.round(np.asarray(times, np.float64) / hop_s).astype(np.int64)
-    idx = np.clip(c[:, None] + np.arange(steps)[None] - steps // 2, 0, spec.shape[1] - 1)
-    return spec[:, torch.as_tensor(idx)].permute(1, 0, 2).contiguous()
-
-# %% ../../nbs/05c_methods.emenet.ipynb #02955884
-class SepConv1d(nn.Module):
-    "Time-channel separable 1-D convolution: depthwise (kernel k, dilation d) → pointwise → BatchNorm."
-    def __init__(self, cin, cout, k, dilation=1):
-        super().__init__()
-        self.dw = nn.Conv1d(cin, cin, k, padding=dilation * (k // 2), dilation=dilation, groups=cin, bias=False)
-        self.pw = nn.Conv1d(cin, cout, 1, bias=False)
-        self.bn = nn.BatchNorm1d(cout)
-    def forward(self, x): return self.bn(self.pw(self.dw(x)))
-
-class MarbleBlock(nn.Module):
-    "R separable sub-blocks with a 1×1 conv + BN residual added before the last ReLU."
-    def __init__(self, cin, cout, k, repeat=2, dropout=0.0):
-        super().__init__()
-        self.convs = nn.ModuleList([SepConv1d(cin if i == 0 else cout, cout, k) for i in range(repeat)])
-        self.res = nn.Sequential(nn.Conv1d(cin, cout, 1, bias=False), nn.BatchNorm1d(cout))
-        self.drop = nn.Dropout(dropout)
-    def forward(self, x):
-        y = x
-        for i, c in enumerate(self.convs):
-            y = c(y)
-            if i == len(self.convs) - 1: y = y + self.res(x)
-            y = self.drop(F.relu(y))
-        return y
-
-class MarbleNetEncoder(nn.Module):
-    "MarbleNet-BxRxC audio encoder: (N, n_mels, steps) log-mel windows → (N, out_dim) time-averaged features."
-    def __init__(self, n_mels: int = 64,
-                 width: float = 1.0,              # channel multiplier (1.0: MarbleNet-3x2x64)
-                 kernels=(13, 15, 17), repeat: int = 2, dropout: float = 0.0):
-        super().__init__()
-        c = lambda n: max(8, int(round(n * width)))
-        c64, c128 = c(64), c(128)
-        self.prologue = nn.Sequential(SepConv1d(n_mels, c128, 11), nn.ReLU())
-        self.blocks = nn.Sequential(*[MarbleBlock(c128 if i == 0 else c64, c64, k, repeat, dropout) for i, k in enumerate(kernels)])
-        self.epilogue = nn.Sequential(SepConv1d(c64, c128, 29, dilation=2), nn.ReLU(),
-                                      nn.Conv1d(c128, c128, 1, bias=False), nn.BatchNorm1d(c128), nn.ReLU())
-        self.out_dim, self.n_mels = c128, n_mels
-    def forward(self, x):
-        if x.dim() != 3 or x.shape[1] != self.n_mels:
-            raise ValueError(f'MarbleNetEncoder expects (N, {self.n_mels}, steps), got {tuple(x.shape)}')
-        return self.epilogue(self.blocks(self.prologue(x))).mean(-1)
+__all__ = ['TASKS', 'AU_POS_WEIGHT', 'EXPR_WEIGHT', 'EMENet', 'emenet_transform', 'video_fps', 'audio_path', 'load_teacher',
+           'save_teacher', 'EMENetClips', 'TaskReweighting', 'batch_gt', 'make_loss', 'config_overrides', 'build_model',
+           'forward_fn', 'entropy_norm', 'make_predict_fn', 'recipe', 'decompose', 'binary', 'fit_temperature',
+           'mc_dropout', 'predict_frames', 'logits_to_probs', 'ensemble_table', 'va_calibration', 'score_table',
+           'member_dir', 'load_member', 'iterative_distillation', 'round_table', 'frame_prediction',
+           'uncertainty_figure', 'annotate_video']
 
 # %% ../../nbs/05c_methods.emenet.ipynb #bea1a2a0
 TASKS = ('au', 'expr', 'va')   # the original's head order (tmodels 0, 1, 2)
