@@ -11,9 +11,180 @@ from .core import outputs_dir, cache_dir, repo_path, provenance, write_json, wri
 
 # %% auto #0
 __all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'BENCH_EXTRA', 'PIPELINE_SIZES', 'TARGETS',
-           'gemm_peak', 'bench_machine', 'count_step_flops', 'bench_method_step', 'bench_data_pipeline',
-           'read_rgb_shape', 'consumption', 'reproduce_times', 'targets', 'run_benchmarks', 'bench_figure',
-           'fixes_table', 'gemm_evidence', 'render_markdown', 'main']
+           'matmul_peak', 'rss_now_bytes', 'reset_peak_rss', 'maxrss_bytes', 'bench_backbone_step', 'bench_isolated',
+           'bench_train_step', 'bench_scoring', 'gemm_peak', 'bench_machine', 'count_step_flops', 'bench_method_step',
+           'bench_data_pipeline', 'read_rgb_shape', 'consumption', 'reproduce_times', 'targets', 'run_benchmarks',
+           'bench_figure', 'fixes_table', 'gemm_evidence', 'render_markdown', 'main']
+
+# %% ../nbs/10_bench.ipynb #9cc966a2
+from torch import nn
+import torch.nn.functional as F
+from .core import get_device
+from .models.backbones import build_backbone, size_kwargs, count_params, flop_counter, model_report
+from .metrics import toy_tables, score_frames
+
+# %% ../nbs/10_bench.ipynb #8966ed79
+def matmul_peak(device='cpu', n: int | None = None, dtype=torch.float32, reps: int = 5) -> float:
+    "Achieved FLOP/s of a large square `torch.matmul` (best of `reps`): the machine's practical peak."
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == 'cuda' else 2048)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    torch.matmul(a, b)
+    best = float('inf')
+    for _ in range(reps):
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    except OSError:
+        return None
+
+def rss_now_bytes() -> int:
+    "Current resident set (Linux /proc); falls back to the high-water mark elsewhere."
+    kb = _proc_status_kb('VmRSS')
+    return kb * 1024 if kb is not None else maxrss_bytes()
+
+def reset_peak_rss() -> bool:
+    "Reset the process's RSS high-water mark (Linux: write 5 to /proc/self/clear_refs); False where unsupported."
+    try:
+        Path('/proc/self/clear_refs').write_text('5')
+        return True
+    except OSError:
+        return False
+
+def maxrss_bytes() -> int:
+    "RSS high-water mark: VmHWM on Linux (resettable), else ru_maxrss."
+    kb = _proc_status_kb('VmHWM')
+    if kb is not None:
+        return kb * 1024
+    import resource, sys
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == 'darwin' else r * 1024
+
+# %% ../nbs/10_bench.ipynb #8022b727
+def bench_backbone_step(name, batch, steps, warmup, input_size, device, precision, channels_last, compile_, kw) -> dict:
+    "One backbone's training step (10-way linear head, cross-entropy, SGD): time, FLOPs, peak memory."
+    from abaw_nb.core import autocast
+    dev = torch.device(device)
+    cuda = dev.type == 'cuda'
+    # the local matmul peak first: its buffers are returned to the OS before the memory baseline below
+    local_peak = matmul_peak(dev, dtype=torch.bfloat16 if precision == 'bf16' else torch.float32)
+    torch.manual_seed(0)
+    bb = build_backbone(name, **(size_kwargs(name, input_size) | kw))
+    s = input_size or bb.input_size
+    model = nn.Sequential(bb, nn.Linear(bb.out_dim, 10)).to(dev)
+    x = torch.randn(batch, 3, s, s, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    run = torch.compile(model) if compile_ else model
+    # memory baseline before any forward pass: the CPU allocator keeps freed activations resident, so the
+    # baseline must precede the first step (the FLOP-counting step below is an ordinary forward + backward)
+    import gc
+    gc.collect()
+    rss0 = rss_now_bytes()
+    reset_peak_rss()
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        m0 = torch.cuda.memory_allocated(dev)
+    def step():
+        with autocast(dev, precision):
+            loss = F.cross_entropy(run(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with flop_counter() as fc:      # counted on the eager model, one step
+        with autocast(dev, precision):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    flops = fc.get_total_flops()
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize(dev)
+    dt = (time.perf_counter() - t) / steps
+    peak = (torch.cuda.max_memory_allocated(dev) - m0) if cuda else (maxrss_bytes() - rss0)
+    return {'backbone': name, 'input_size': s, 'batch': batch, 'params': count_params(bb), 'step_s': dt,
+            'images_per_s': batch / dt, 'flops_per_step': flops, 'achieved_flops': flops / dt,
+            'peak_mem_bytes': int(peak), 'device': str(dev), 'precision': precision,
+            'matmul_peak_flops_local': local_peak}
+
+# %% ../nbs/10_bench.ipynb #fe070a40
+def bench_isolated(args: tuple, threads: int) -> dict:
+    # a fresh interpreter per backbone, so ru_maxrss starts from this backbone alone (works from scripts,
+    # notebooks and papermill alike, unlike multiprocessing's spawn, which re-imports the caller's __main__)
+    import subprocess, sys
+    code = ('import json, sys, torch; from abaw_nb.bench import bench_backbone_step; '
+            'a = json.loads(sys.argv[1]); torch.set_num_threads(a.pop()); '
+            'print("@@" + json.dumps(bench_backbone_step(*a)))')
+    p = subprocess.run([sys.executable, '-c', code, json.dumps(list(args) + [threads])], capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith('@@'):
+            return json.loads(line[2:])
+    return {'backbone': args[0], 'error': (p.stderr.strip().splitlines() or ['no output'])[-1]}
+
+def bench_train_step(names,                  # backbone names (see `list_backbones()`)
+                     batch: int = 4,         # images per step
+                     steps: int = 3,         # timed steps
+                     warmup: int = 1,        # untimed steps first
+                     input_size: int | None = None, # default: each backbone's paper input size
+                     device: str = 'cpu',    # 'cpu', 'cuda', 'auto'
+                     precision: str = 'fp32',# 'fp32' or 'bf16' (autocast)
+                     channels_last: bool = False,
+                     compile: bool = False,  # torch.compile the model first
+                     isolate: bool | None = None, # a fresh interpreter per backbone (default: on CPU): clean ru_maxrss
+                     **kw,                   # passed to build_backbone
+                    ) -> list[dict]:
+    "Training-step throughput, achieved FLOP/s vs a measured matmul peak, and peak memory, per backbone."
+    dev = get_device(device)
+    peak = matmul_peak(dev, dtype=torch.bfloat16 if precision == 'bf16' else torch.float32)
+    isolate = (dev.type == 'cpu') if isolate is None else isolate
+    rows = []
+    for name in ([names] if isinstance(names, str) else names):
+        args = (name, batch, steps, warmup, input_size, str(dev), precision, channels_last, compile, kw)
+        r = bench_isolated(args, torch.get_num_threads()) if isolate else bench_backbone_step(*args)
+        if 'error' not in r:
+            # two peaks: one at the start of the call, one right before this backbone's timed steps (on a
+            # shared machine the load can change between them); the fraction uses the larger
+            r['matmul_peak_flops'] = max(peak, r['matmul_peak_flops_local'])
+            r['fraction_of_peak'] = r['achieved_flops'] / r['matmul_peak_flops']
+            cpu_kind = 'peak RSS during steps - RSS before'
+            r['peak_mem_kind'] = 'cuda max_memory_allocated' if dev.type == 'cuda' else cpu_kind
+        rows.append(r)
+    return rows
+
+# %% ../nbs/10_bench.ipynb #faf702b4
+def bench_scoring(n: int = 1_000_000,  # frames
+                  repeat: int = 3,     # timed runs; the best is returned
+                  edition: str = 'abaw3',
+                  calibration: bool = False,
+                  seed: int = 0) -> float:
+    "Seconds to score `n` frames for VA, EXPR and AU with `score_frames` (best of `repeat`)."
+    frames, preds = toy_tables(n, max(1, n // 2000), seed=seed)
+    best = float('inf')
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        score_frames(frames, preds, edition=edition, calibration=calibration)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 # %% ../nbs/10_bench.ipynb #64a85eec
 SECTIONS = ('machine', 'train_step', 'inference', 'data_pipeline', 'synth', 'scoring', 'reproduce')
@@ -41,7 +212,6 @@ def _conv1x1_peak(dev, dtype, c: int, hw: int = 56, batch: int = 4, reps: int = 
 
 def gemm_peak(device='cpu', dtype=torch.float32, quick: bool = False) -> dict:
     "The best dense-GEMM FLOP/s of this device: `torch.matmul` (BLAS: MKL on x86, cuBLAS) and a channels_last 1x1 convolution (oneDNN, cuDNN); the peak is the larger."
-    from abaw_nb.models.backbones import matmul_peak
     dev = torch.device(device); cuda = dev.type == 'cuda'
     sizes = (256,) if quick else ((4096, 8192) if cuda else (1024, 2048))
     mm = max(matmul_peak(dev, n=n, dtype=dtype) for n in sizes)
@@ -70,7 +240,6 @@ def count_step_flops(model,             # any module
                      train: bool = True,# forward + backward (True) or forward only under no_grad
                     ) -> int:
     "FLOPs of one forward (+ backward when `train`) as counted by torch's FlopCounterMode (grouped-conv backward corrected)."
-    from abaw_nb.models.backbones import flop_counter
     if train:
         with flop_counter() as fc:
             out = fwd(); l = loss(out) if loss else out.sum()
@@ -143,7 +312,6 @@ def _profile_step(step, cuda):
 
 def _method_step(method, preset='paper', batch=None, steps=3, warmup=1, device='cpu', precision='fp32',
                  channels_last=False, optim_impl=None, compile=False, profile=False, peak_n=None):
-    from abaw_nb.models.backbones import _rss_now_bytes, _reset_peak_rss, _maxrss_bytes
     from abaw_nb.train.engine import _to
     dev = torch.device(device); cuda = dev.type == 'cuda'
     local_peak = gemm_peak(dev, torch.bfloat16 if precision == 'bf16' else torch.float32, quick=bool(peak_n and peak_n <= 512))['peak_gflops'] * 1e9
@@ -160,11 +328,12 @@ def _method_step(method, preset='paper', batch=None, steps=3, warmup=1, device='
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     gc.collect()
     if cuda: sync(); torch.cuda.reset_peak_memory_stats(dev); m0 = torch.cuda.memory_allocated(dev)
-    rss0 = _rss_now_bytes(); _reset_peak_rss()     # baseline: model, optimiser, batch built; no forward pass yet
-    peak_mem = lambda: (torch.cuda.max_memory_allocated(dev) - m0) if cuda else (_maxrss_bytes() - rss0)
+    rss0 = rss_now_bytes()     # baseline: model, optimiser, batch built; no forward pass yet
+    reset_peak_rss()
+    peak_mem = lambda: (torch.cuda.max_memory_allocated(dev) - m0) if cuda else (maxrss_bytes() - rss0)
     def reset_peak():
         if cuda: torch.cuda.reset_peak_memory_stats(dev)
-        else: _reset_peak_rss()
+        else: reset_peak_rss()
     def timed(fn, n):
         for _ in range(warmup): fn()
         sync(); t = time.perf_counter()
@@ -429,7 +598,6 @@ def run_benchmarks(out: str | Path | None = None,    # folder (default outputs/b
         from abaw_nb.data.synth import bench_synth
         tabs['synth'] = pd.DataFrame([timed('synth', lambda: bench_synth(n_frames=40 if quick else 800))])
     if 'scoring' in sections:
-        from abaw_nb.metrics import bench_scoring
         n = 20_000 if quick else 1_000_000
         tabs['scoring'] = pd.DataFrame([dict(frames=n, seconds=timed('scoring', lambda: bench_scoring(n, repeat=1 if quick else 2)))])
         tabs['scoring']['frames_per_s'] = n / tabs['scoring']['seconds']

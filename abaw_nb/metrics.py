@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_metrics.ipynb #2bc359bb
 from __future__ import annotations
-import re, time
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,7 +19,7 @@ __all__ = ['EXPR_SPACES', 'AU_SPACES', 'EDITIONS', 'expr_classes', 'au_names', '
            'va_metrics', 'rmse', 'sagr', 'pcc', 'confusion_matrix', 'f1_from_counts', 'expr_metrics', 'au_counts',
            'au_metrics', 'au_auc', 'mtl_score', 'reliability_bins', 'ece', 'classwise_ece', 'nll', 'brier',
            'reliability_diagram', 'gaussian_nll', 'spearman', 'uncertainty_error_corr', 'search_au_thresholds',
-           'AUThresholds', 'score_frames', 'fit_au_thresholds', 'toy_tables', 'bench_scoring']
+           'AUThresholds', 'score_frames', 'fit_au_thresholds', 'toy_tables']
 
 # %% ../nbs/02_metrics.ipynb #f92d0662
 # The label spaces are defined once, in `abaw_nb.data.frames`; here they are viewed as tuples of
@@ -835,18 +835,3 @@ def toy_tables(n: int = 1000,          # frames
                        pd.DataFrame(pa.astype(np.float32), columns=[f'prob_{a}' for a in aus])], axis=1)
     if shuffle: preds = preds.iloc[rng.permutation(n)].reset_index(drop=True)
     return frames, preds
-
-# %% ../nbs/02_metrics.ipynb #1f21a568
-def bench_scoring(n: int = 1_000_000,  # frames
-                  repeat: int = 3,     # timed runs; the best is returned
-                  edition: str = 'abaw3',
-                  calibration: bool = False,
-                  seed: int = 0) -> float:
-    "Seconds to score `n` frames for VA, EXPR and AU with `score_frames` (best of `repeat`)."
-    frames, preds = toy_tables(n, max(1, n // 2000), seed=seed)
-    best = float('inf')
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        score_frames(frames, preds, edition=edition, calibration=calibration)
-        best = min(best, time.perf_counter() - t0)
-    return best
