@@ -16,14 +16,14 @@ __all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'B
            'bench_data_pipeline', 'read_rgb_shape', 'consumption', 'reproduce_times', 'targets', 'run_benchmarks',
            'bench_figure', 'fixes_table', 'gemm_evidence', 'render_markdown', 'main']
 
-# %% ../nbs/10_bench.ipynb #9cc966a2
+# %% ../nbs/10_bench.ipynb #423f8fce
 from torch import nn
 import torch.nn.functional as F
 from .core import get_device
 from .models.backbones import build_backbone, size_kwargs, count_params, flop_counter, model_report
 from .metrics import toy_tables, score_frames
 
-# %% ../nbs/10_bench.ipynb #8966ed79
+# %% ../nbs/10_bench.ipynb #6d7bf45e
 def matmul_peak(device='cpu', n: int | None = None, dtype=torch.float32, reps: int = 5) -> float:
     "Achieved FLOP/s of a large square `torch.matmul` (best of `reps`): the machine's practical peak."
     dev = torch.device(device)
@@ -71,7 +71,7 @@ def maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == 'darwin' else r * 1024
 
-# %% ../nbs/10_bench.ipynb #8022b727
+# %% ../nbs/10_bench.ipynb #0afb4cd7
 def bench_backbone_step(name, batch, steps, warmup, input_size, device, precision, channels_last, compile_, kw) -> dict:
     "One backbone's training step (10-way linear head, cross-entropy, SGD): time, FLOPs, peak memory."
     from abaw_nb.core import autocast
@@ -127,7 +127,7 @@ def bench_backbone_step(name, batch, steps, warmup, input_size, device, precisio
             'peak_mem_bytes': int(peak), 'device': str(dev), 'precision': precision,
             'matmul_peak_flops_local': local_peak}
 
-# %% ../nbs/10_bench.ipynb #fe070a40
+# %% ../nbs/10_bench.ipynb #0102a998
 def bench_isolated(args: tuple, threads: int) -> dict:
     # a fresh interpreter per backbone, so ru_maxrss starts from this backbone alone (works from scripts,
     # notebooks and papermill alike, unlike multiprocessing's spawn, which re-imports the caller's __main__)
@@ -171,7 +171,7 @@ def bench_train_step(names,                  # backbone names (see `list_backbon
         rows.append(r)
     return rows
 
-# %% ../nbs/10_bench.ipynb #faf702b4
+# %% ../nbs/10_bench.ipynb #2e8ce42d
 def bench_scoring(n: int = 1_000_000,  # frames
                   repeat: int = 3,     # timed runs; the best is returned
                   edition: str = 'abaw3',
@@ -312,11 +312,12 @@ def _profile_step(step, cuda):
 
 def _method_step(method, preset='paper', batch=None, steps=3, warmup=1, device='cpu', precision='fp32',
                  channels_last=False, optim_impl=None, compile=False, profile=False, peak_n=None):
-    from abaw_nb.train.engine import _to
+    from abaw_nb.train.engine import to_device
     dev = torch.device(device); cuda = dev.type == 'cuda'
     local_peak = gemm_peak(dev, torch.bfloat16 if precision == 'bf16' else torch.float32, quick=bool(peak_n and peak_n <= 512))['peak_gflops'] * 1e9
     cfg, rec, b, opt = _method_setup(method, preset, batch, device)
-    model = rec['model'].to(dev); b = _to(b, dev)
+    model = rec['model'].to(dev)
+    b = to_device(b, dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         if b['image'].dim() == 4: b['image'] = b['image'].contiguous(memory_format=torch.channels_last)

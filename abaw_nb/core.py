@@ -86,7 +86,7 @@ PRESETS = ('smoke', 'cpu', 'paper')
 
 @dataclass
 class Config:
-    "Settings of one run. Every field is JSON-serialisable; `method` holds method-specific settings."
+    "Settings of one run, every field JSON-serialisable; `extra` holds the method's own settings (`abaw_nb.methods`)."
     preset: str = 'smoke'          # smoke | cpu | paper
     task: str = 'multi'            # va | expr | au | multi
     method: str = ''               # fpn | mtl_cnn | mtl_cnn_rnn | emenet | emotion_gcn | fmae
@@ -115,7 +115,16 @@ class Config:
     channels_last: bool = True     # 2-D conv weights and 4-D image batches in channels_last memory format (models with
                                    # Conv2d only): oneDNN's (CPU) and cuDNN's fast layout; see `make bench`
     fused_optim: bool = True       # torch's fused Adam/AdamW/SGD kernels (CPU and CUDA) instead of the per-tensor loops
-    extra: dict = field(default_factory=dict)  # method-specific settings
+    momentum: float = 0.9          # optimizer='sgd': momentum
+    nesterov: bool = False         # optimizer='sgd': Nesterov momentum
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # optimizer='adam' | 'adamw': (beta1, beta2)
+    step_epochs: int = 10          # schedule='step': the lr is multiplied by `gamma` every `step_epochs` epochs
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0      # schedule='cosine': the final lr as a share of `lr`
+    expr_space: str = 'expr7'      # data_format='affectnet': the expression space read (expr7 | expr8_contempt)
+    data_seed: int = 0             # SynthAffect: seed of the generated world
+    synth: dict = field(default_factory=dict)  # SynthAffect: SynthSize overrides (e.g. {'n_videos': 8})
+    extra: dict = field(default_factory=dict)  # the method's settings (a dict of its `MethodSpec.settings` fields)
 
     def to_dict(self) -> dict: return asdict(self)
     def to_json(self, **kw) -> str: return json.dumps(self.to_dict(), sort_keys=True, **kw)
@@ -160,9 +169,10 @@ def get_config(preset: str = 'smoke', # smoke | cpu | paper
 
 # %% ../nbs/00_core.ipynb #fda0ac88
 _TYPES = {'str': (str,), 'int': (int, np.integer), 'float': (int, float, np.integer, np.floating), 'bool': (bool, np.bool_),
-          'dict': (dict,), 'None': (type(None),)}
+          'dict': (dict,), 'list': (list, tuple), 'None': (type(None),)}
 _MIN = {'epochs': 1, 'batch_size': 1, 'grad_accum': 1, 'max_steps_per_epoch': 1, 'num_workers': 0, 'img_size': 1,
-        'lr': 0.0, 'weight_decay': 0.0, 'warmup_epochs': 0.0}
+        'lr': 0.0, 'weight_decay': 0.0, 'warmup_epochs': 0.0, 'momentum': 0.0, 'step_epochs': 1, 'gamma': 0.0,
+        'min_lr_ratio': 0.0, 'data_seed': 0}
 
 def validate_config(cfg: Config) -> Config:
     "Check every field's type and range and the choice fields; the error names the field, the value and what is valid."
@@ -177,7 +187,9 @@ def validate_config(cfg: Config) -> Config:
     check_choice('optimizer', cfg.optimizer, ('sgd', 'adam', 'adamw'))
     check_choice('schedule', cfg.schedule, ('none', 'step', 'cosine'))
     check_choice('precision', cfg.precision, ('auto', 'bf16', 'fp32'))
-    return cfg
+    if len(cfg.betas) != 2 or not all(isinstance(b, _TYPES['float']) for b in cfg.betas):
+        raise TypeError(f'betas={cfg.betas!r} is not valid; expected two numbers (beta1, beta2)')
+    return cfg.replace(betas=[float(b) for b in cfg.betas])   # a list, as config.json gives it back
 
 # %% ../nbs/00_core.ipynb #8edc5806
 def seed_everything(seed: int = 0,            # the one seed of a run

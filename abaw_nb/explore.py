@@ -115,7 +115,7 @@ class RunModel:
         self.cfg = cfg.replace(device=device, num_workers=0, progress=False, batch_size=batch_size)
         self.n_expr, self.au_names = _run_spaces(p)
         self.au_space = _space_of(self.au_names)
-        space = cfg.extra.get('expr_space') or {7: 'expr7', 8: 'expr8_other'}.get(self.n_expr)
+        space = cfg.expr_space if cfg.data_format == 'affectnet' else {7: 'expr7', 8: 'expr8_other'}.get(self.n_expr)
         self.expr_space = space if space in EXPR_SPACES and len(expr_names(space)) == self.n_expr else None
         self.expr_labels = expr_names(self.expr_space) if self.expr_space else [f'class {k}' for k in range(self.n_expr)]
         mod = method_module(cfg.method)
@@ -436,7 +436,7 @@ def run_view(run) -> RunView:
                                        **{a: f'label_{a}' for a in aus}})
     pr = pred[['video', 'frame'] + _pred_label_cols(pred, aus, n_expr)]
     t = pr.merge(lab, on=['video', 'frame'], how='left', validate='one_to_one').sort_values(['video', 'frame']).reset_index(drop=True)
-    space = r['config'].extra.get('expr_space') or frames.attrs.get('expr_space', 'expr7')
+    space = frames.attrs.get('expr_space', 'expr7')
     labels = expr_names(space) if len(expr_names(space)) == n_expr else [f'class {k}' for k in range(n_expr)]
     return RunView(p, r['config'], t, Path(root), aus, labels)
 

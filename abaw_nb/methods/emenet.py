@@ -227,8 +227,9 @@ def config_overrides(preset: str, task: str) -> dict:
     base = dict(audio=False, hidden=128, dropout=0.5, va_loss='ccc', reweight=True, student_gt=False, n_bins=20)
     if preset == 'paper':
         return dict(img_size=112, batch_size=15, epochs=10, optimizer='adam', lr=1e-3, weight_decay=0.0, schedule='step',
-                    num_workers=4, extra={**base, 'backbone': 'mobilefacenet', 'seq_len': 16, 'eval_len': 64, 'step_epochs': 3,
-                                          'gamma': 0.1, 'members': 5, 'rounds': 4, 'paper_weights': True, 'cache': False,
+                    step_epochs=3, gamma=0.1,
+                    num_workers=4, extra={**base, 'backbone': 'mobilefacenet', 'seq_len': 16, 'eval_len': 64,
+                                          'members': 5, 'rounds': 4, 'paper_weights': True, 'cache': False,
                                           'audio_width': 1.0})
     if preset == 'cpu':
         return dict(img_size=32, batch_size=16, epochs=2, max_steps_per_epoch=25, optimizer='adam', lr=2e-3, schedule='none',

@@ -250,7 +250,7 @@ def config_overrides(preset: str, task: str) -> dict:
                   embeddings='minilm', hidden=512)
     if preset == 'paper':
         return dict(img_size=112, batch_size=35, epochs=10, optimizer='sgd', lr=1e-3, weight_decay=1e-3, schedule='step',
-                    extra={**common, 'backbone': 'densenet121', 'momentum': 0.9, 'step_epochs': 10, 'gamma': 0.1})
+                    momentum=0.9, step_epochs=10, gamma=0.1, extra={**common, 'backbone': 'densenet121'})
     if preset == 'cpu':
         return dict(img_size=64, batch_size=32, epochs=3, max_steps_per_epoch=200, optimizer='adam', lr=1e-3, weight_decay=0.0,
                     schedule='none', extra={**common, 'backbone': 'densenet_s'})
@@ -280,7 +280,7 @@ def multi_tasks(cfg) -> tuple:
 def graph_for(cfg, train_frames: pd.DataFrame | None, n_expr: int) -> tuple[torch.Tensor, pd.DataFrame | None]:
     "(A, rho) of a run: from its training labels, the published AffectNet graph, or the identity."
     how = cfg.extra.get('adjacency', 'labels'); check_choice('adjacency', how, ('labels', 'affectnet', 'identity'))
-    space = train_frames.attrs['expr_space'] if train_frames is not None else cfg.extra.get('expr_space', 'expr7')
+    space = train_frames.attrs['expr_space'] if train_frames is not None else cfg.expr_space
     if how == 'identity': return torch.eye(n_expr + 2), None
     if how == 'affectnet': return published_adjacency(space), None
     if train_frames is None: raise ValueError("adjacency='labels' needs the training frames (recipe(..., train_frames=...)); or use adjacency='affectnet'")
@@ -291,7 +291,7 @@ def recipe(cfg, n_expr: int = 7, au_names=None,
           ) -> dict:
     "Model, loss and prediction functions of Emotion-GCN (variant from the task and `cfg.extra['variant']`)."
     v = _variant(cfg); x = cfg.extra
-    space = train_frames.attrs['expr_space'] if train_frames is not None else x.get('expr_space', 'expr7')
+    space = train_frames.attrs['expr_space'] if train_frames is not None else cfg.expr_space
     if len(expr_names(space)) != n_expr: raise ValueError(f'n_expr={n_expr} but the expression space {space} has {len(expr_names(space))} classes')
     A = E = rho = None
     if v == 'emotion_gcn':

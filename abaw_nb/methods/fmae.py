@@ -77,7 +77,7 @@ def stage_config(lr: float, epochs: int, warmup: float, batch: int, max_steps: i
     "A `Config` carrying one stage's optimiser and schedule (AdamW, warmup + half-cycle cosine)."
     return Config(method='fmae', optimizer='adamw', lr=lr, weight_decay=weight_decay, schedule='cosine', warmup_epochs=warmup,
                   epochs=epochs, batch_size=batch, max_steps_per_epoch=max_steps, seed=seed, device=device, progress=False,
-                  extra={'betas': list(betas), 'min_lr_ratio': min_lr / lr if lr else 0.0})
+                  betas=list(betas), min_lr_ratio=min_lr / lr if lr else 0.0)
 
 def make_optimizer(model: nn.Module, cfg: Config, layer_decay: float | None = None):
     "AdamW over `model` with no decay on 1-D/token parameters and (for a ViT) layer-wise lr decay."
@@ -365,8 +365,8 @@ def config_overrides(preset: str, task: str) -> dict:
     s = fmae_settings(preset)
     if preset == 'paper':
         return dict(img_size=224, batch_size=64, epochs=20, optimizer='adamw', lr=5e-4 * 64 / 256, weight_decay=0.05,
-                    schedule='cosine', warmup_epochs=2, extra={'size': 'large', 'layer_decay': 0.65, 'drop_path': 0.1,
-                                                               'min_lr_ratio': 1e-6 / (5e-4 * 64 / 256)})
+                    schedule='cosine', warmup_epochs=2, min_lr_ratio=1e-6 / (5e-4 * 64 / 256),
+                    extra={'size': 'large', 'layer_decay': 0.65, 'drop_path': 0.1})
     if preset == 'cpu':
         return dict(img_size=s['img_size'], batch_size=32, epochs=3, max_steps_per_epoch=40, optimizer='adamw', lr=2e-3 * 32 / 256,
                     weight_decay=0.05, schedule='cosine', warmup_epochs=1, extra={'size': 'small', 'layer_decay': 0.65, 'drop_path': 0.1})

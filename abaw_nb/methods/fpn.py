@@ -13,7 +13,7 @@ from ..models.backbones import build_backbone
 from ..train.losses import MultiTaskLoss, masked_mse, kd_kl
 from ..data.frames import au_columns, expr_names, validate
 from ..data.loading import FrameDataset, make_transform
-from ..train.engine import set_memory_layout, _to
+from ..train.engine import set_memory_layout, to_device
 
 # %% auto #0
 __all__ = ['TASKS', 'LOSSES', 'KEY', 'narrow_fpn', 'FPNNet', 'config_overrides', 'batch_targets', 'fpn_transform', 'soft_loss',
@@ -65,12 +65,11 @@ def config_overrides(preset: str, task: str) -> dict:
     "The FPN method's settings for `preset` and `task` (va | expr | au | multi)."
     single = task != 'multi'
     if preset == 'paper':
-        single_opt = dict(optimizer='sgd', lr=3e-4, weight_decay=1e-4, extra={'momentum': 0.9})
-        multi_opt = dict(optimizer='adam', lr=1e-3, weight_decay=0.0, extra={})
+        single_opt = dict(optimizer='sgd', lr=3e-4, weight_decay=1e-4, momentum=0.9)
+        multi_opt = dict(optimizer='adam', lr=1e-3, weight_decay=0.0)
         opt = single_opt if single else multi_opt
-        return dict(img_size=128, batch_size=128, epochs=20, schedule='step', optimizer=opt['optimizer'], lr=opt['lr'],
-                    weight_decay=opt['weight_decay'],
-                    extra={**opt['extra'], 'step_epochs': 50, 'gamma': 0.1, 'backbone': 'resnet50_fpn'})
+        return dict(img_size=128, batch_size=128, epochs=20, schedule='step', step_epochs=50, gamma=0.1, **opt,
+                    extra={'backbone': 'resnet50_fpn'})
     if preset == 'cpu':
         # 3 single-task + 1 multi-task trainings + pseudo labels must fit a few minutes of a 2-core CPU: 64 px (the faces'
         # mouth/brow cues need it), a 128-wide pyramid (the 256-wide 3x3 output convs cost more than the ResNet-18 itself
@@ -270,7 +269,8 @@ def predict_frames(model,                  # run folder / checkpoint path, or (m
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=nw)
     cols: dict = {}
     for b in dl:
-        with autocast(dev, cfg.precision): out = model(_to(b['image'], dev, cl))
+        with autocast(dev, cfg.precision):
+            out = model(to_device(b['image'], dev, cl))
         rows = {'index': b['index'].numpy()}
         for k, v in pred_fn(out, b).items():
             v = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
@@ -465,7 +465,7 @@ def run_fpn(preset: str = 'smoke',      # smoke | cpu | paper
     frames, root = load_frames(base)
     if synth:
         from abaw_nb.data.synth import generate_cached
-        generate_cached(base.synth_size, seed=base.extra.get('data_seed', 0), formats=('affwild2', *synth), show_progress=False)
+        generate_cached(base.synth_size, seed=base.data_seed, formats=('affwild2', *synth), show_progress=False)
         ext = synth_external(root, synth)
         affectnet, expw = ext.get('affectnet', affectnet), ext.get('expw', expw)
     if data_root is None: frames = synth_subjects(root, frames)      # who each video shows (Aff-Wild2 tables lack it)

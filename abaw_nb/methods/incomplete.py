@@ -268,8 +268,8 @@ def config_overrides(preset: str, task: str, method: str = 'mtl_cnn') -> dict:
     rnn = method == 'mtl_cnn_rnn'
     if preset == 'paper':
         base = dict(img_size=112, batch_size=20 if rnn else 60, epochs=3 if rnn else 8, optimizer='adam', lr=1e-4,
-                    schedule='none', num_workers=4)
-        x = dict(backbone='resnet50', betas=(0.5, 0.999), n_students=5, student_epochs=3, seq_len=32, eval_stride=16)
+                    schedule='none', num_workers=4, betas=[0.5, 0.999])
+        x = dict(backbone='resnet50', n_students=5, student_epochs=3, seq_len=32, eval_stride=16)
     elif preset == 'cpu':
         base = dict(img_size=64, batch_size=8 if rnn else 64, epochs=2 if rnn else 3, optimizer='adam', lr=1e-3,
                     schedule='none', max_steps_per_epoch=30 if rnn else 40, num_workers=0)
@@ -340,7 +340,7 @@ def external_root_frames(cfg, root, formats, attrs: dict) -> pd.DataFrame:
     "External frames of a run: SynthAffect's own layouts (added to the cached folder if missing), else those under `extra.external_root` (default the data root)."
     if cfg.data_root is None:
         from abaw_nb.data.synth import generate_cached
-        eroot = generate_cached(cfg.synth_size, seed=cfg.extra.get('data_seed', 0), formats=('affwild2', *formats), show_progress=False)
+        eroot = generate_cached(cfg.synth_size, seed=cfg.data_seed, formats=('affwild2', *formats), show_progress=False)
     else: eroot = Path(cfg.extra.get('external_root') or root)
     ext, rep = external_frames(eroot, attrs['au_space'], attrs['expr_space'], formats)
     if cfg.out_dir: write_csv(Path(cfg.out_dir)/'external_report.csv', rep)
@@ -417,7 +417,7 @@ def predict_frames(model: nn.Module, info: dict,   # from `load_model`
                    num_workers: int = 1,             # decoding processes: one overlaps JPEG decoding with the forward passes
                   ) -> pd.DataFrame:
     "Per-frame prediction table (split, video, frame, prob_expr_k, expr, prob_AU<n>, valence, arousal) of `model` on `df`."
-    from abaw_nb.train.engine import clip_rows, set_memory_layout, _to
+    from abaw_nb.train.engine import clip_rows, set_memory_layout, to_device
     cfg = info['config']; x = cfg.extra
     bb = x.get('backbone', 'resnet50'); tf = make_transform(False, img_size or cfg.img_size, bb)
     if info['temporal']:
@@ -431,7 +431,7 @@ def predict_frames(model: nn.Module, info: dict,   # from `load_model`
     cl = set_memory_layout(model, cfg)
     cols: dict = {}
     for b in torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        out = model(_to(b['image'], dev, cl))
+        out = model(to_device(b['image'], dev, cl))
         idx = b['index'].numpy(); rows = {'index': idx}
         for k, v in predict_columns(out, info['au_names'], info.get('n_bins', N_BINS), x.get('anchors', 'centres'), False).items():
             v = v.float().cpu().numpy()

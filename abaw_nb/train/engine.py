@@ -17,8 +17,9 @@ from ..core import (Config, autocast, check_choice, get_device, outputs_dir, pro
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'KEY_COLUMNS', 'vit_layer_id', 'param_groups', 'build_optimizer', 'lr_factor',
            'build_scheduler', 'dist_info', 'dist_timeout', 'DistributedFailure', 'init_distributed', 'IndexedDataset',
-           'make_loader', 'UnsafeCheckpoint', 'load_checkpoint', 'CheckpointMismatch', 'load_weights',
-           'uses_channels_last', 'set_memory_layout', 'clip_rows', 'estimate_run_bytes', 'Trainer']
+           'make_loader', 'UnsafeCheckpoint', 'load_checkpoint', 'CheckpointMismatch', 'load_weights', 'to_device',
+           'uses_channels_last', 'set_memory_layout', 'clip_rows', 'predict_table', 'with_keys', 'estimate_run_bytes',
+           'Trainer']
 
 # %% ../../nbs/04b_train.engine.ipynb #159808a0
 def vit_layer_id(name: str, num_layers: int) -> int:
@@ -52,33 +53,32 @@ def param_groups(model: nn.Module,
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 
 def build_optimizer(params: nn.Module | list, cfg: Config) -> torch.optim.Optimizer:
-    "SGD (momentum `extra['momentum']`, default 0.9), Adam or AdamW (`extra['betas']`) at `cfg.lr` scaled by each group's `lr_scale`; torch's fused kernels unless `cfg.fused_optim=False`."
+    "SGD (`cfg.momentum`, `cfg.nesterov`), Adam or AdamW (`cfg.betas`) at `cfg.lr` x each group's `lr_scale`."
     check_choice('optimizer', cfg.optimizer, OPTIMIZERS)
     if isinstance(params, nn.Module): params = param_groups(params, cfg.weight_decay)
     groups = [{k: v for k, v in g.items() if k != 'names'} for g in params]
     for g in groups: g['lr'] = cfg.lr * g.get('lr_scale', 1.0)
-    x = cfg.extra
     # fused: one kernel for all of a group's tensors (CPU and CUDA since torch 2.4); with channels_last, 1.05-1.7x faster CPU
     # training steps at the paper sizes (`make bench`, fixes table)
     fused = cfg.fused_optim and all(p.dtype.is_floating_point for g in groups for p in g['params'])
     if cfg.optimizer == 'sgd':
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=x.get('momentum', 0.9), weight_decay=cfg.weight_decay,
-                               nesterov=x.get('nesterov', False), fused=fused or None)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov, fused=fused or None)
     cls = torch.optim.Adam if cfg.optimizer == 'adam' else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr, betas=tuple(x.get('betas', (0.9, 0.999))), weight_decay=cfg.weight_decay, fused=fused or None)
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused or None)
 
 SCHEDULES = ('none', 'step', 'cosine')
 
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
-    "Multiplier of the base lr after `step` optimiser steps: constant, step decay (`extra['step_epochs']`, `extra['gamma']`) or linear warmup + half-cycle cosine to `extra['min_lr_ratio']`."
+    "lr multiplier after `step` steps: constant, step decay (`cfg.step_epochs`, `cfg.gamma`) or warmup + cosine."
     check_choice('schedule', cfg.schedule, SCHEDULES)
     epoch = step / max(steps_per_epoch, 1)
     warm = cfg.warmup_epochs
     if warm > 0 and epoch < warm: return epoch / warm
     if cfg.schedule == 'none': return 1.0
     if cfg.schedule == 'step':
-        return cfg.extra.get('gamma', 0.1) ** int(epoch // cfg.extra.get('step_epochs', 10))
-    lo = cfg.extra.get('min_lr_ratio', 0.0)
+        return cfg.gamma ** int(epoch // cfg.step_epochs)
+    lo = cfg.min_lr_ratio
     t = min(max((epoch - warm) / max(cfg.epochs - warm, 1e-12), 0.0), 1.0)
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -175,12 +175,14 @@ def load_weights(model: nn.Module, state: dict, source: str = 'checkpoint') -> n
     return model
 
 # %% ../../nbs/04b_train.engine.ipynb #33a7b80d
-def _to(batch, device, channels_last: bool = False):
-    "Move a batch (dicts of tensors) to `device`; with `channels_last`, 4-D float tensors (image batches) take that memory format."
-    if isinstance(batch, dict): return {k: _to(v, device, channels_last) for k, v in batch.items()}
+def to_device(batch, device, channels_last: bool = False):
+    "Move a batch (dicts of tensors) to `device`; with `channels_last`, 4-D float tensors (images) take that layout."
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     if torch.is_tensor(batch):
         batch = batch.to(device, non_blocking=True)
-        if channels_last and batch.dim() == 4 and batch.is_floating_point(): batch = batch.contiguous(memory_format=torch.channels_last)
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():
+            batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
     return batch
 
@@ -189,7 +191,7 @@ def uses_channels_last(model: nn.Module, cfg: Config) -> bool:
     return bool(cfg.channels_last) and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 def set_memory_layout(model: nn.Module, cfg: Config) -> bool:
-    "Put `model` (in place) in the layout the engine runs it in; returns whether that is channels_last (pass it to `_to` with each batch)."
+    "Put `model` (in place) in the layout the engine runs it in; returns whether that is channels_last."
     cl = uses_channels_last(model, cfg)
     if cl: model.to(memory_format=torch.channels_last)
     return cl
@@ -224,6 +226,71 @@ def clip_rows(cols: dict) -> pd.DataFrame:
             out[k] = np.array([first[r] for r in rows])
     return pd.DataFrame(out)
 
+# %% ../../nbs/04b_train.engine.ipynb #9df59085
+@torch.no_grad()
+def predict_table(model: nn.Module, ds,             # a dataset of dict items (frames or clips)
+                  cfg: Config,
+                  predict_fn: Callable,             # (out, batch) -> {column: (B[, T][, K]) array}
+                  forward_fn: Callable | None = None, # (model, batch) -> out; default model(batch['image'])
+                  collate_fn: Callable | None = None,
+                  batch_size: int | None = None,    # default cfg.batch_size
+                  num_workers: int | None = None,   # decoding processes; default cfg.num_workers
+                  device=None,                      # default cfg.device
+                  channels_last: bool | None = None,# None: the engine's rule for the model (`set_memory_layout`)
+                  show_progress: bool | None = False,
+                 ) -> pd.DataFrame:
+    "One row per row of `ds`, in dataset order: `index`, the items' key columns, `predict_fn`'s columns."
+    dev = get_device(cfg.device) if device is None else torch.device(device)
+    model.to(dev)
+    cl = set_memory_layout(model, cfg) if channels_last is None else channels_last
+    c = cfg if num_workers is None else cfg.replace(num_workers=num_workers)
+    loader = make_loader(ds, c, False, batch_size=batch_size, drop_last=False, collate_fn=collate_fn)
+    forward_fn = forward_fn or _default_forward
+    model.eval()
+    cols: dict[str, list] = {}
+    for batch in progress(loader, desc='predict', enabled=show_progress):
+        batch = to_device(batch, dev, cl)
+        with autocast(dev, cfg.precision):
+            out = forward_fn(model, batch)
+        for k, v in _batch_rows(batch, predict_fn(out, batch)).items():
+            cols.setdefault(k, []).append(v)
+    cols = {k: np.concatenate(v) for k, v in cols.items()}
+    df = clip_rows(cols) if cols['index'].ndim == 2 else pd.DataFrame(cols)
+    rank, world = dist_info()
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, df)
+        df = pd.concat(parts)
+    return df.drop_duplicates('index').sort_values('index').reset_index(drop=True)
+
+def _batch_rows(batch: dict, pred: dict) -> dict:
+    "The columns of one batch: index, key columns of the items, prediction columns (K-wide ones split)."
+    idx = _np(batch['index'])
+    rows = {'index': idx}
+    for k in KEY_COLUMNS:
+        if k in batch:
+            rows[k] = _np(batch[k]) if torch.is_tensor(batch[k]) else np.asarray(batch[k])
+    for k, v in pred.items():
+        v = _np(v)
+        if v.ndim == idx.ndim + 1:
+            rows.update({f'{k}_{j}': v[..., j] for j in range(v.shape[-1])})
+        elif v.ndim == idx.ndim:
+            rows[k] = v
+        else:
+            raise ValueError(f'predict_fn column {k!r} has shape {v.shape}; expected {idx.shape} or {idx.shape} + (K,)')
+    return rows
+
+def with_keys(frames: pd.DataFrame,       # the frame table the dataset was built on
+              pred: pd.DataFrame,         # `predict_table` output
+              keys=('split', 'video', 'frame'),
+              keep_index: bool = True,
+             ) -> pd.DataFrame:
+    "The key columns of `frames` at each row's `index`, then the prediction columns."
+    k = frames[list(keys)].iloc[pred['index'].to_numpy()].reset_index(drop=True)
+    drop = [c for c in k.columns if c in pred.columns] + ([] if keep_index else ['index'])
+    return pd.concat([k, pred.drop(columns=drop).reset_index(drop=True)], axis=1)
+
+# %% ../../nbs/04b_train.engine.ipynb #5a9d4026
 def estimate_run_bytes(model: nn.Module, optimizer=None, margin: int = 16 * 2**20) -> int:
     "Disk bytes a run folder needs at its peak: `best.pt` (weights), `last.pt` (weights + optimiser state) and a temporary copy of `last.pt` while it is rewritten, plus `margin` for tables."
     w = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -338,7 +405,7 @@ class Trainer:
         bar = progress(total=max_batches, desc=f'epoch {self.epoch + 1}/{cfg.epochs}', enabled=self._progress)
         for i, batch in enumerate(loader):
             if i >= max_batches: break
-            batch = _to(batch, self.device, self.channels_last)
+            batch = to_device(batch, self.device, self.channels_last)
             with autocast(self.device, cfg.precision):
                 out = self.forward_fn(net, batch); loss, parts = self._loss(out, batch)
             (loss / cfg.grad_accum).backward()
@@ -356,31 +423,12 @@ class Trainer:
         res.update({f'train_{k}': stats[2 + j].item() / n for j, k in enumerate(parts_tot)})
         return res
 
-    @torch.no_grad()
     def predict(self, ds, batch_size: int | None = None) -> pd.DataFrame:
-        "Per-frame prediction table over `ds` in dataset order (gathered over DDP ranks); clip batches are scattered back to frames."
-        if self.predict_fn is None: raise ValueError('predict needs a predict_fn (out, batch) -> {column: array}')
-        loader = make_loader(ds, self.cfg, False, batch_size=batch_size, drop_last=False, collate_fn=self.collate_fn)
-        self.model.eval(); cols: dict[str, list] = {}
-        for batch in progress(loader, desc='predict', enabled=self._progress):
-            batch = _to(batch, self.device, self.channels_last)
-            with autocast(self.device, self.cfg.precision):
-                out = self.forward_fn(self.model, batch)
-            idx = _np(batch['index'])
-            rows = {'index': idx}
-            for k in KEY_COLUMNS:
-                if k in batch: rows[k] = _np(batch[k]) if torch.is_tensor(batch[k]) else np.asarray(batch[k])
-            for k, v in self.predict_fn(out, batch).items():
-                v = _np(v)
-                if v.ndim == idx.ndim + 1: rows.update({f'{k}_{j}': v[..., j] for j in range(v.shape[-1])})
-                elif v.ndim == idx.ndim: rows[k] = v
-                else: raise ValueError(f'predict_fn column {k!r} has shape {v.shape}; expected {idx.shape} or {idx.shape} + (K,)')
-            for k, v in rows.items(): cols.setdefault(k, []).append(v)
-        cols = {k: np.concatenate(v) for k, v in cols.items()}
-        df = clip_rows(cols) if cols['index'].ndim == 2 else pd.DataFrame(cols)
-        if self.world > 1:
-            parts = [None] * self.world; torch.distributed.all_gather_object(parts, df); df = pd.concat(parts)
-        return df.drop_duplicates('index').sort_values('index').reset_index(drop=True)
+        "Per-frame prediction table over `ds` in dataset order (`predict_table` with this trainer's functions)."
+        if self.predict_fn is None:
+            raise ValueError('predict needs a predict_fn (out, batch) -> {column: array}')
+        return predict_table(self.model, ds, self.cfg, self.predict_fn, self.forward_fn, self.collate_fn, batch_size,
+                             device=self.device, channels_last=self.channels_last, show_progress=self._progress)
 
     def evaluate(self, ds=None) -> tuple[dict, pd.DataFrame]:
         "Predict on `ds` (default: validation) and score the whole table with `score_fn` (dataset level)."

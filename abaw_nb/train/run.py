@@ -64,14 +64,14 @@ def load_frames(cfg: Config) -> tuple[pd.DataFrame, Path]:
     if cfg.data_format == 'affectnet':
         root = Path(cfg.data_root).expanduser()
         if not root.is_dir(): raise FileNotFoundError(f'data_root={str(root)!r} is not a folder')
-        df = read_affectnet(root, expr_space=cfg.extra.get('expr_space', 'expr7'))
+        df = read_affectnet(root, expr_space=cfg.expr_space)
         for a in au_columns(df.attrs['au_space']):     # AffectNet has no AU labels: NA columns keep the frame contract
             if a not in df.columns: df[a] = pd.array([pd.NA] * len(df), dtype='Int8')
         return df, root
     if cfg.data_root is None:
         from abaw_nb.data.synth import generate_cached
-        # extra['synth']: SynthSize overrides (e.g. {'n_videos': 8}) for a smaller or larger world in its own cache folder
-        root = generate_cached(cfg.synth_size, seed=cfg.extra.get('data_seed', 0), show_progress=False, **cfg.extra.get('synth', {}))
+        # cfg.synth: SynthSize overrides (e.g. {'n_videos': 8}) for a smaller or larger world in its own cache folder
+        root = generate_cached(cfg.synth_size, seed=cfg.data_seed, show_progress=False, **cfg.synth)
         dataset = 'synthaffect'
     else:
         root = Path(cfg.data_root).expanduser()
