@@ -72,21 +72,23 @@ def require_data(ok: bool, reason: str) -> None:
 def evaluate_published(checkpoint,            # an authors' released checkpoint file (see the README for where each is published)
                        method: str, task: str,  # the abaw-nb method it belongs to, and the task to score ('multi': all it predicts)
                        preset: str, out,        # the notebook's preset and output folder
-                       seed: int = 0, data_root=None, extra: dict | None = None,  # run options as in train_multi (`extra`: importer options)
+                       seed: int = 0, data_root=None,
+                       options: dict | None = None,   # the importer's options, e.g. {'embeddings': 'glove_9x300.npy'}
                        name: str | None = None, # table name (default `<method>_published_checkpoint`)
                       ) -> pd.DataFrame:
-    "The `checkpoint` parameter of the paper notebooks: import a released model (`abaw_nb.checkpoints`), score it on the notebook's validation data, save a table."
-    from abaw_nb.checkpoints import evaluate_checkpoint
-    from abaw_nb.train.run import run_config, headline
-    cfg = run_config(method, task, preset, seed=seed, data_root=data_root, extra=extra or {},
+    """The `checkpoint` parameter of the paper notebooks: import a released model, score it on the validation data, save
+    a table."""
+    from abaw_nb.train.run import run_config, headline, evaluate_checkpoint
+    cfg = run_config(method, task, preset, seed=seed, data_root=data_root,
                      out_dir=str(Path(out)/'runs'/'published'/f'{method}-{task}'))
-    res = evaluate_checkpoint(cfg, checkpoint)
+    res = evaluate_checkpoint(cfg, checkpoint, options=options)
     tab = pd.DataFrame([{'checkpoint': Path(str(checkpoint)).name, 'format': res['imported'].fmt, 'n_val': res['n_val'],
                          **headline(res['scores'])}])
     data = str(data_root) if data_root else f'SynthAffect/{cfg.synth_size}'
     save_table(tab, name or f'{method}_published_checkpoint', out, provenance_line(preset, data, seed, split='val'),
-               note='The authors\' released network imported by abaw_nb.checkpoints (no training) and scored on the validation frames '
-                    'with the same metrics as the reproduced rows; on the real data this reproduces the published numbers directly.')
+               note="The authors' released network imported by its method's importer (no training) and scored on the "
+                    'validation frames with the same metrics as the reproduced rows; on the real data this reproduces '
+                    'the published numbers directly.')
     return tab
 
 def published_column(df: pd.DataFrame, key: str, published: dict, name: str = 'published') -> pd.DataFrame:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_bench.ipynb #ccd072da
 from __future__ import annotations
-import argparse, gc, inspect, json, math, os, platform, subprocess, sys, time
+import argparse, gc, json, math, os, platform, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from .core import outputs_dir, cache_dir, repo_path, provenance, write_json, write_text, write_csv, save_png, autocast
@@ -16,14 +16,14 @@ __all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'B
            'bench_data_pipeline', 'read_rgb_shape', 'consumption', 'reproduce_times', 'targets', 'run_benchmarks',
            'bench_figure', 'fixes_table', 'gemm_evidence', 'render_markdown', 'main']
 
-# %% ../nbs/10_bench.ipynb #423f8fce
+# %% ../nbs/10_bench.ipynb #d773f8c4
 from torch import nn
 import torch.nn.functional as F
 from .core import get_device
 from .models.backbones import build_backbone, size_kwargs, count_params, flop_counter, model_report
 from .metrics import toy_tables, score_frames
 
-# %% ../nbs/10_bench.ipynb #6d7bf45e
+# %% ../nbs/10_bench.ipynb #5cb2fd42
 def matmul_peak(device='cpu', n: int | None = None, dtype=torch.float32, reps: int = 5) -> float:
     "Achieved FLOP/s of a large square `torch.matmul` (best of `reps`): the machine's practical peak."
     dev = torch.device(device)
@@ -71,7 +71,7 @@ def maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == 'darwin' else r * 1024
 
-# %% ../nbs/10_bench.ipynb #0afb4cd7
+# %% ../nbs/10_bench.ipynb #75a707da
 def bench_backbone_step(name, batch, steps, warmup, input_size, device, precision, channels_last, compile_, kw) -> dict:
     "One backbone's training step (10-way linear head, cross-entropy, SGD): time, FLOPs, peak memory."
     from abaw_nb.core import autocast
@@ -127,7 +127,7 @@ def bench_backbone_step(name, batch, steps, warmup, input_size, device, precisio
             'peak_mem_bytes': int(peak), 'device': str(dev), 'precision': precision,
             'matmul_peak_flops_local': local_peak}
 
-# %% ../nbs/10_bench.ipynb #0102a998
+# %% ../nbs/10_bench.ipynb #373d1bc1
 def bench_isolated(args: tuple, threads: int) -> dict:
     # a fresh interpreter per backbone, so ru_maxrss starts from this backbone alone (works from scripts,
     # notebooks and papermill alike, unlike multiprocessing's spawn, which re-imports the caller's __main__)
@@ -171,7 +171,7 @@ def bench_train_step(names,                  # backbone names (see `list_backbon
         rows.append(r)
     return rows
 
-# %% ../nbs/10_bench.ipynb #2e8ce42d
+# %% ../nbs/10_bench.ipynb #402cb649
 def bench_scoring(n: int = 1_000_000,  # frames
                   repeat: int = 3,     # timed runs; the best is returned
                   edition: str = 'abaw3',
@@ -260,25 +260,26 @@ BENCH_EXTRA = {}
 def _n_images(img: torch.Tensor) -> int: return int(math.prod(img.shape[:-3]))
 
 def _method_setup(method, preset, batch, device):
-    from abaw_nb.train.run import run_config, load_frames, task_frames, method_module, check_recipe
+    from abaw_nb.train.run import run_config, load_frames
     from abaw_nb.train.engine import make_loader, build_optimizer
-    from abaw_nb.data.frames import au_columns, expr_names
-    from abaw_nb.data.loading import FrameDataset, make_transform
-    cfg = run_config(method, BENCH_METHODS[method], preset, device=device, progress=False, num_workers=0, extra=BENCH_EXTRA.get(method))
-    mod = method_module(method)
+    from abaw_nb.data.frames import task_frames
+    from abaw_nb.methods import get_method, get_settings, RunData
+    cfg = run_config(method, BENCH_METHODS[method], preset, device=device, progress=False, num_workers=0,
+                     extra=BENCH_EXTRA.get(method))
+    spec = get_method(method)
     frames, root = load_frames(cfg)
-    multi = mod.multi_tasks(cfg) if hasattr(mod, 'multi_tasks') else None
     def part(s):
-        d = task_frames(frames[frames['split'] == s].reset_index(drop=True), cfg.task, multi); d.attrs = dict(frames.attrs); return d
+        d = task_frames(frames[frames['split'] == s].reset_index(drop=True), cfg.task, spec.multi_tasks)
+        d.attrs = dict(frames.attrs)
+        return d
     tr, va = part('train'), part('val')
-    kw = {'train_frames': tr} if 'train_frames' in inspect.signature(mod.recipe).parameters else {}
     torch.manual_seed(cfg.seed)
-    rec = check_recipe(mod.recipe(cfg, n_expr=len(expr_names(frames.attrs['expr_space'])), au_names=au_columns(frames.attrs['au_space']), **kw), method)
-    ds = (rec['make_datasets'](tr, va, root, cfg)[0] if 'make_datasets' in rec
-          else FrameDataset(tr, root, make_transform(True, cfg.img_size, rec.get('backbone', 'resnet50'))))
-    b = next(iter(make_loader(ds, cfg, True, batch_size=batch or cfg.batch_size, collate_fn=rec.get('collate_fn'))))
+    rec = spec.recipe(cfg, get_settings(cfg), RunData.from_frames(tr, va, root))
+    ds = rec.train_data(tr, root)
+    b = next(iter(make_loader(ds, cfg, True, batch_size=batch or cfg.batch_size, collate_fn=rec.collate_fn)))
     # torch's own optimiser kernels here (the engine defaults to fused ones): `optim_impl` and `channels_last` switch each fix on
-    opt = build_optimizer(rec['param_groups'] if 'param_groups' in rec else rec['model'], cfg.replace(fused_optim=False))
+    opt = build_optimizer(rec.param_groups if rec.param_groups is not None else rec.model,
+                          cfg.replace(fused_optim=False))
     return cfg, rec, b, opt
 
 def _set_optim_impl(opt, impl):
@@ -316,14 +317,14 @@ def _method_step(method, preset='paper', batch=None, steps=3, warmup=1, device='
     dev = torch.device(device); cuda = dev.type == 'cuda'
     local_peak = gemm_peak(dev, torch.bfloat16 if precision == 'bf16' else torch.float32, quick=bool(peak_n and peak_n <= 512))['peak_gflops'] * 1e9
     cfg, rec, b, opt = _method_setup(method, preset, batch, device)
-    model = rec['model'].to(dev)
+    model = rec.model.to(dev)
     b = to_device(b, dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         if b['image'].dim() == 4: b['image'] = b['image'].contiguous(memory_format=torch.channels_last)
     _set_optim_impl(opt, optim_impl)
-    fwd = rec.get('forward_fn', lambda net, bb: net(bb['image']))
-    loss_of = lambda out: (lambda r: r[0] if isinstance(r, tuple) else r)(rec['loss_fn'](out, b))
+    fwd = rec.forward_fn or (lambda net, bb: net(bb['image']))
+    loss_of = lambda out: (lambda r: r[0] if isinstance(r, tuple) else r)(rec.loss_fn(out, b))
     run = torch.compile(model) if compile else model
     n_img = _n_images(b['image'])
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
@@ -334,7 +335,8 @@ def _method_step(method, preset='paper', batch=None, steps=3, warmup=1, device='
     peak_mem = lambda: (torch.cuda.max_memory_allocated(dev) - m0) if cuda else (maxrss_bytes() - rss0)
     def reset_peak():
         if cuda: torch.cuda.reset_peak_memory_stats(dev)
-        else: reset_peak_rss()
+        else:
+            reset_peak_rss()
     def timed(fn, n):
         for _ in range(warmup): fn()
         sync(); t = time.perf_counter()
@@ -353,7 +355,7 @@ def _method_step(method, preset='paper', batch=None, steps=3, warmup=1, device='
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     train_s = timed(step, steps); train_mem = peak_mem()
     from abaw_nb.models.backbones import BACKBONES
-    bb = f"vit_{cfg.extra.get('size', 'large')}16" if method == 'fmae' else (cfg.extra.get('backbone') or rec.get('backbone') or '')
+    bb = rec.backbone
     fam = 'vit' if bb.startswith('vit') else BACKBONES[bb].family if bb in BACKBONES else 'cnn'
     r = dict(method=method, preset=preset, task=cfg.task, backbone=bb, family=fam, input_size=cfg.img_size,
              paper_batch=cfg.batch_size, batch=int(b['image'].shape[0]), images_per_step=n_img, device=str(dev), precision=precision,

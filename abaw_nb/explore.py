@@ -4,14 +4,13 @@
 
 # %% ../nbs/11_explore.ipynb #3a3897df
 from __future__ import annotations
-import inspect, json, math, re, tempfile, warnings
+import json, math, re, tempfile, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np, pandas as pd, torch
 from .core import Config, cache_dir, check_choice, fingerprint, write_csv, save_png
-from .data.frames import make_frames, expr_names, au_columns, AU_SPACES, EXPR_SPACES
-from .data.loading import FrameDataset, make_transform
+from .data.frames import make_frames, expr_names, au_columns
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'DETECTORS', 'haar_available', 'FaceDetector', 'crop_face', 'RunModel', 'demo_run',
@@ -82,70 +81,46 @@ def crop_face(img: np.ndarray,        # H x W x 3 frame
     return np.ascontiguousarray(img[y0:y0 + s, x0:x0 + s])
 
 # %% ../nbs/11_explore.ipynb #6a055ec6
-def _space_of(aus: list[str]) -> str:
-    for k in AU_SPACES:
-        if au_columns(k) == list(aus): return k
-    return 'affwild2_12'
-
-def _run_spaces(p: Path) -> tuple[int, list[str]]:
-    "(number of expression classes, AU names) a run predicts, from its validation prediction columns."
-    n_expr, aus = 7, au_columns('affwild2_12')
-    f = p/'predictions_val.csv'
-    if f.is_file():
-        cols = list(pd.read_csv(f, nrows=0).columns)
-        pe = [c for c in cols if re.fullmatch(r'prob_expr_\d+', c)]
-        pa = [c[5:] for c in cols if re.fullmatch(r'prob_AU\d+', c)]
-        if pe: n_expr = len(pe)
-        if pa: aus = pa
-    return n_expr, aus
+def _labels_of(p: Path, frames: pd.DataFrame | None = None) -> dict:
+    "The label spaces of a run (labels.json), else those of its data's frame table, else Aff-Wild2's."
+    from abaw_nb.methods import read_run_labels
+    lab = read_run_labels(p)
+    if lab:
+        return lab
+    if frames is not None:
+        return {'expr_space': frames.attrs['expr_space'], 'au_space': frames.attrs['au_space']}
+    return {'expr_space': 'expr7', 'au_space': 'affwild2_12'}
 
 class RunModel:
     "The network of a run folder, ready to predict on face crops."
     def __init__(self, run,            # a run folder (config.json + best.pt/last.pt)
                  device: str = 'cpu',  # where to run it
                  batch_size: int = 32):
-        from abaw_nb.train.run import method_module, load_frames, task_frames
-        from abaw_nb.train.engine import load_checkpoint, Trainer
+        from abaw_nb.train.run import load_run_recipe
+        from abaw_nb.methods import run_checkpoint
         p = Path(run)
-        if not (p/'config.json').is_file(): raise FileNotFoundError(f'{p} is not a run folder (no config.json)')
-        ck = p/'best.pt' if (p/'best.pt').is_file() else p/'last.pt'
-        if not ck.is_file(): raise FileNotFoundError(f'run folder {p} has no checkpoint (best.pt or last.pt)')
-        cfg = Config.from_json((p/'config.json').read_text())
-        self.path, self.checkpoint = p, ck
+        self.checkpoint = run_checkpoint(p) if p.is_dir() else None
+        if self.checkpoint is None:
+            raise FileNotFoundError(f'{p} is not a run folder (no config.json)')
+        self.recipe, cfg = load_run_recipe(p, device)
+        self.path = p
         self.cfg = cfg.replace(device=device, num_workers=0, progress=False, batch_size=batch_size)
-        self.n_expr, self.au_names = _run_spaces(p)
-        self.au_space = _space_of(self.au_names)
-        space = cfg.expr_space if cfg.data_format == 'affectnet' else {7: 'expr7', 8: 'expr8_other'}.get(self.n_expr)
-        self.expr_space = space if space in EXPR_SPACES and len(expr_names(space)) == self.n_expr else None
-        self.expr_labels = expr_names(self.expr_space) if self.expr_space else [f'class {k}' for k in range(self.n_expr)]
-        mod = method_module(cfg.method)
-        kw = {}
-        if 'train_frames' in inspect.signature(mod.recipe).parameters:
-            frames, _ = load_frames(cfg)
-            tr = frames[frames['split'] == 'train'].reset_index(drop=True); tr.attrs = dict(frames.attrs)
-            kw['train_frames'] = task_frames(tr, cfg.task)
-        self.recipe = rec = mod.recipe(self.cfg, n_expr=self.n_expr, au_names=self.au_names, **kw)
-        rec['model'].load_state_dict(load_checkpoint(ck)['model'])
-        self.tasks = tuple(rec['tasks'])
+        lab = _labels_of(p)
+        self.expr_space, self.au_space = lab['expr_space'], lab['au_space']
+        self.au_names, self.expr_labels = au_columns(self.au_space), expr_names(self.expr_space)
+        self.n_expr = len(self.expr_labels)
+        self.tasks = tuple(self.recipe.tasks)
         self._tmp = tempfile.TemporaryDirectory(prefix='abaw-runmodel-')
-        opt = {k: rec[k] for k in ('forward_fn', 'collate_fn') if k in rec}
-        self.trainer = Trainer(rec['model'], self.cfg, rec['loss_fn'], predict_fn=rec['predict_fn'],
-                               out_dir=Path(self._tmp.name)/'run', resume=False, **opt)
-        self.trainer.model.eval()
 
-    def __repr__(self): return f'RunModel({self.cfg.method}/{self.cfg.task}, tasks={self.tasks}, {self.path})'
-
-    def _dataset(self, df, root):
-        if 'make_datasets' in self.recipe:
-            try: return self.recipe['make_datasets'](df, df, root, self.cfg)[1]
-            except Exception: pass   # a training set that needs labels: fall back to the evaluation transform
-        return FrameDataset(df, root, make_transform(False, self.cfg.img_size, self.recipe.get('backbone', 'resnet50')))
+    def __repr__(self):
+        return f'RunModel({self.cfg.method}/{self.cfg.task}, tasks={self.tasks}, {self.path})'
 
     def predict_faces(self, faces: list,   # RGB uint8 H x W x 3 face crops (frames of one video in order, or stills)
                       video: str = 'user', # name of the sequence (clip models treat the list as one video)
                      ) -> pd.DataFrame:
         "One row per face: valence, arousal, prob_expr_k, expr, prob_AU<n> and any unc_ columns the method predicts."
         import cv2
+        from abaw_nb.train.engine import predict_table
         if len(faces) == 0:   # no face: the run's columns with no rows (a blank crop gives the column set)
             return self.predict_faces([np.zeros((self.cfg.img_size, self.cfg.img_size, 3), np.uint8)], video).iloc[:0]
         with tempfile.TemporaryDirectory(dir=self._tmp.name) as d:
@@ -154,12 +129,14 @@ class RunModel:
                 if not cv2.imwrite(str(Path(d)/n), np.ascontiguousarray(np.asarray(f, np.uint8)[..., ::-1])):
                     raise RuntimeError(f'could not write the face crop {n} to {d}')
             df = make_frames(dict(dataset='user', split='test', video=str(video), frame=np.arange(len(faces)), path=names),
-                             expr_space=self.expr_space or 'expr7', au_space=self.au_space)
-            pred = self.trainer.predict(self._dataset(df, d))
+                             expr_space=self.expr_space, au_space=self.au_space)
+            r = self.recipe
+            pred = predict_table(r.model, r.eval_data(df, d), self.cfg, r.predict_fn, r.forward_fn, r.collate_fn)
         pred = pred.drop(columns=[c for c in pred.columns if c in ('split', 'dataset', 'video', 'frame')])
         pred.insert(0, 'frame', df['frame'].to_numpy()[pred.pop('index').to_numpy()])
         pe = [c for c in pred.columns if c.startswith('prob_expr_')]
-        if pe: pred['expr'] = pred[pe].to_numpy().argmax(1)
+        if pe:
+            pred['expr'] = pred[pe].to_numpy().argmax(1)
         return pred.reset_index(drop=True)
 
 # %% ../nbs/11_explore.ipynb #2c7cdac7
@@ -429,16 +406,15 @@ def run_view(run) -> RunView:
     p = Path(run); r = load_run(p)
     if 'predictions' not in r: raise FileNotFoundError(f'run folder {p} has no predictions_val.csv')
     frames, root = load_frames(r['config'])
-    n_expr, aus = _run_spaces(p)
+    spaces = _labels_of(p, frames)
+    n_expr, aus = len(expr_names(spaces['expr_space'])), au_columns(spaces['au_space'])
     pred = r['predictions']
     keep = ['video', 'frame', 'path', 'valence', 'arousal', 'expr', *[a for a in aus if a in frames]]
     lab = frames[keep].rename(columns={'valence': 'label_valence', 'arousal': 'label_arousal', 'expr': 'label_expr',
                                        **{a: f'label_{a}' for a in aus}})
     pr = pred[['video', 'frame'] + _pred_label_cols(pred, aus, n_expr)]
     t = pr.merge(lab, on=['video', 'frame'], how='left', validate='one_to_one').sort_values(['video', 'frame']).reset_index(drop=True)
-    space = frames.attrs.get('expr_space', 'expr7')
-    labels = expr_names(space) if len(expr_names(space)) == n_expr else [f'class {k}' for k in range(n_expr)]
-    return RunView(p, r['config'], t, Path(root), aus, labels)
+    return RunView(p, r['config'], t, Path(root), aus, expr_names(spaces['expr_space']))
 
 def worst_frames(view: RunView, task: str, n: int = 10) -> pd.DataFrame:
     "The `n` frames with the largest error on `task` (va | expr | au) among those labelled for it."

@@ -27,19 +27,20 @@ __all__ = ['EXPR_SPACES', 'AU_SPACES', 'EDITIONS', 'expr_classes', 'au_names', '
 EXPR_SPACES = {k: tuple(v) for k, v in _frames.EXPR_SPACES.items()}
 AU_SPACES = {k: tuple(_frames.au_columns(k)) for k in _frames.AU_SPACES}
 
+def _space_names(kind: str, space, table: dict) -> tuple:
+    "The names of a label space given by name (a key of `table`, checked as `kind`) or as a sequence of names."
+    if isinstance(space, str):
+        check_choice(kind, space, table)
+        return table[space]
+    return tuple(space)
+
 def expr_classes(space: str | Sequence[str]) -> tuple:
     "Class names of an EXPR label space, given by name (`EXPR_SPACES`) or as a sequence of names."
-    if isinstance(space, str):
-        check_choice('expr_space', space, EXPR_SPACES)
-        return EXPR_SPACES[space]
-    return tuple(space)
+    return _space_names('expr_space', space, EXPR_SPACES)
 
 def au_names(space: str | Sequence[str]) -> tuple:
     "AU column names of an AU label space, given by name (`AU_SPACES`) or as a sequence of names."
-    if isinstance(space, str):
-        check_choice('au_space', space, AU_SPACES)
-        return AU_SPACES[space]
-    return tuple(space)
+    return _space_names('au_space', space, AU_SPACES)
 
 # %% ../nbs/02_metrics.ipynb #d136b1bf
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
 """Checkpoint importers against the reference parity kit (tests/parity_kit in the checkout, or $ABAW_PARITY_KIT): every kit folder with outputs under both
-fill rules, key-list-only folders on the meta device, and the failure naming a renamed key or a changed shape.
+fill rules, key-list-only folders on the meta device, and the failure naming a renamed key or a changed shape. The
+harness (fill rules, the originals' layouts, import -> forward -> compare) is tests/parity.py; the importers live beside
+their methods and `abaw_nb.methods.import_checkpoint` dispatches by format.
 
 Kept in pytest rather than the notebook: each case writes a full-size checkpoint (up to 350 MB for the ViT-B) to a
 temporary file in the original's layout and imports it from there."""
-import math
+import json, math
 from pathlib import Path
 import numpy as np, pytest, torch
-from abaw_nb import checkpoints as ck
+import parity as ck
+from abaw_nb.checkpoints import CheckpointError, Imported, Preprocess, Labels
+from abaw_nb.methods import import_checkpoint, checkpoint_formats
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +29,30 @@ def test_parity(folder, rule, tmp_path):
         for k in ('expr_logits', 'va'):
             assert np.abs(got[k] - ref[k]).max() <= 1e-3 * np.abs(ref[k]).max()
 
+def test_fill_rule_and_input_rule_match_the_kit():
+    "The kit README's worked examples, the checksums and first values of every key (rule A and B), and the input rule."
+    np.testing.assert_allclose(ck.fill_values('head.bias', (12,))[:3], [0.096029369, 0.051716877, -0.069358972],
+                               atol=1e-7)
+    np.testing.assert_allclose(ck.fill_values('head.bias', (12,), rule='B')[:3],
+                               [0.072325008, 0.077477833, 0.090000224], atol=1e-7)
+    np.testing.assert_allclose(ck.fill_values('backbone.conv1.conv.weight', (64, 3, 3, 3)).ravel()[:3],
+                               [0.2455298, 0.0800898, -0.1369565], atol=1e-6)
+    assert (ck.fill_values('x.num_batches_tracked', (), 'int64') == np.zeros((), np.int64)).all()
+    for f in json.loads((ck.kit_dir()/'index.json').read_text())['models']:
+        for rule in ck.kit_fill_sources(f['folder']):
+            adj = (ck.kit_dir(f['folder'])/'A.npy').is_file()      # the original's adjacency is data, not rule-filled
+            assert ck.check_fill(f['folder'], rule, max_numel=50_000) == f['n_keys'] - adj
+    np.testing.assert_allclose(ck.kit_input((2, 3, 112, 112)).ravel()[:2],
+                               [0.1, 0.5 * math.sin(0.001) + 0.1 * math.cos(0.017)],
+                               atol=1e-7)
+    k, s, dt = ck.kit_keys('emenet_v')['keys'][0]                  # a fill of the wrong rule is caught
+    assert not np.allclose(ck.fill_values(k, s, dt, 'B', first=3),
+                           ck.kit_fill_sources('emenet_v')['A']['fill_first_values'][k])
+
+def test_every_released_format_has_an_importer_in_the_registry():
+    assert set(ck.FORMATS) == set(checkpoint_formats())
+    assert {ck.KIT[f][0] for f in ck.KIT} | set(ck.KEYS_ONLY.values()) == set(ck.FORMATS)
+
 def test_input_rule_matches_the_kits_files():
     found = 0
     for folder, (_, _, shape) in ck.KIT.items():
@@ -41,7 +69,7 @@ def test_fill_rule_checksums_of_every_key(rule):
 def _meta_import(folder, sd):
     fmt = ck.KIT[folder][0] if folder in ck.KIT else ck.KEYS_ONLY[folder]
     kw = {'embeddings': np.zeros((9, 300), np.float32)} if fmt == 'emotion_gcn' else {}
-    return ck.import_checkpoint(sd, fmt, device='meta', **kw)
+    return import_checkpoint(sd, fmt, device='meta', **kw)
 
 ALL = sorted(ck.KIT) + sorted(ck.KEYS_ONLY)
 
@@ -60,10 +88,11 @@ def test_renamed_key_or_changed_shape_is_named(folder):
     keys = [k for k, v in sd.items() if v.dim() >= 1 and k != 'A']
     k = keys[len(keys) // 2]
     bad = dict(sd); bad[k.replace('.', '._renamed_', 1)] = bad.pop(k)
-    with pytest.raises(ck.CheckpointError, match=rf"unexpected key.*{k.replace('.', '._renamed_', 1)}.*missing from the file.*{k}"):
+    with pytest.raises(CheckpointError,
+                       match=rf"unexpected key.*{k.replace('.', '._renamed_', 1)}.*missing from the file.*{k}"):
         _meta_import(folder, bad)
     bad = dict(sd); s = list(sd[k].shape); s[0] += 1; bad[k] = torch.empty(s, device='meta')
-    with pytest.raises(ck.CheckpointError, match=rf"another shape.*{k}: file \({s[0]},"):
+    with pytest.raises(CheckpointError, match=rf"another shape.*{k}: file \({s[0]},"):
         _meta_import(folder, bad)
 
 def test_lightning_file_with_pickled_class_is_refused_then_converted(tmp_path):
@@ -79,15 +108,19 @@ def test_lightning_file_with_pickled_class_is_refused_then_converted(tmp_path):
         torch.save({'state_dict': {'VA_head.linear.bias': torch.zeros(1)}, 'hyper_parameters': AttributeDict(img_size=128), 'epoch': 3}, src)
     finally:
         for n in names: sys.modules.pop(n, None)
-    with pytest.raises(ck.CheckpointError, match=r'pytorch_lightning\.utilities\.parsing\.AttributeDict.*python -m abaw_nb\.checkpoints convert'):
-        ck.import_fpn_multitask(src)
+    with pytest.raises(CheckpointError,
+                       match=r'pytorch_lightning\.utilities\.parsing\.AttributeDict.*'
+                             r'python -m abaw_nb\.checkpoints convert'):
+        import_checkpoint(src, 'fpn_multitask')
     dst = tmp_path/'fpn_multi.weights.pt'
     r = subprocess.run([sys.executable, '-m', 'abaw_nb.checkpoints', 'convert', str(src), str(dst)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     obj = torch.load(dst, weights_only=True)
     assert list(obj['state_dict']) == ['VA_head.linear.bias']
-    with pytest.raises(ck.CheckpointError, match=r'286 key\(s\) missing.*VA_head\.linear\.bias: file \(1,\), model \(2,\)'):   # a 1-key file: counted and named
-        ck.import_fpn_multitask(dst)
+    with pytest.raises(CheckpointError,
+                       # a 1-key file: counted and named
+                       match=r'286 key\(s\) missing.*VA_head\.linear\.bias: file \(1,\), model \(2,\)'):
+        import_checkpoint(dst, 'fpn_multitask')
 
 def test_train_multi_evaluates_a_published_checkpoint(root, tmp_path):
     "train_multi with checkpoint=: no training; the imported EMENet-V (a rule-B file in the released layout) scored on SynthAffect smoke."
@@ -124,14 +157,14 @@ def test_evaluate_scores_only_the_aus_a_model_predicts(tmp_path):
     "A per-frame model with the 8 FG-2020 AUs on Aff-Wild2-layout data (12 AUs): the 7 shared AUs are scored, the rest listed."
     import json
     from abaw_nb.methods.incomplete import MultitaskCNN
-    from abaw_nb.train.run import run_config, load_frames, task_frames
+    from abaw_nb.train.run import run_config, load_frames, evaluate_checkpoint
     from abaw_nb.metrics import score_frames
-    from abaw_nb.data.frames import au_columns, EXPR_SPACES
+    from abaw_nb.data.frames import au_columns, EXPR_SPACES, task_frames
     torch.manual_seed(0)
-    imp = ck.Imported(MultitaskCNN(7, 8, 'resnet18').eval(), 'multitask_cnn', 'mtl_cnn', ck.Preprocess(32, 'square'),
-                      ck.Labels(EXPR_SPACES['expr7'], 'expr7', au_columns('abaw1_8'), 'bins_linspace'))
+    imp = Imported(MultitaskCNN(7, 8, 'resnet18').eval(), 'multitask_cnn', 'mtl_cnn', Preprocess(32, 'square'),
+                   Labels(EXPR_SPACES['expr7'], 'expr7', au_columns('abaw1_8'), 'bins_linspace'))
     cfg = run_config('mtl_cnn', 'au', 'smoke', out_dir=str(tmp_path/'run'), device='cpu')
-    r = ck.evaluate_checkpoint(cfg, imp)
+    r = evaluate_checkpoint(cfg, imp)
     info = json.loads((tmp_path/'run'/'import.json').read_text())
     assert info['au_not_predicted'] == ['AU7', 'AU10', 'AU23', 'AU24', 'AU26'] and 'au_score' in info
     assert 'au_score' not in r['scores'] and 'score' not in r['scores']

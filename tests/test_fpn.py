@@ -3,7 +3,9 @@ import json
 import numpy as np, pandas as pd
 import pytest
 import torch
-from abaw_nb.methods.fpn import run_fpn, KEY, TASKS, check_no_subject_leak, load_model, read_pseudo_labels
+from abaw_nb.pipelines.fpn import run_fpn, KEY, TASKS, check_no_subject_leak
+from abaw_nb.methods.fpn import read_pseudo_labels
+from abaw_nb.train.run import load_run_model
 
 @pytest.fixture(scope='module')
 def res(tmp_path_factory):
@@ -16,7 +18,8 @@ def test_every_stage_leaves_its_files(res):
     out = res['out_dir']
     for t in TASKS:
         assert (out/f'single_{t}'/'best.pt').is_file() and (out/'split'/f'multi_{t}.pt').is_file()
-        m, cfg = load_model(out/'split'/f'multi_{t}.pt'); assert cfg.task == t and list(m.heads) == [t]
+        m, cfg = load_run_model(out/'split'/f'multi_{t}.pt')
+        assert cfg.task == t and list(m.heads) == [t]
     assert (out/'multi'/'best.pt').is_file()
     scores = json.loads((out/'scores_validation.json').read_text())
     assert set(scores) == {f'{k}_{t}' for k in ('single', 'multi') for t in TASKS}

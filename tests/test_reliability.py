@@ -3,7 +3,7 @@ table would come from, each proven by fault injection, subprocesses and papermil
 
 - kill and resume: `tests/fault_toy.py` (the real engine on a tiny MLP) SIGKILLs itself at a chosen point
   (`$ABAW_NB_FAULT`, see `abaw_nb.core.fault_point`); no file is ever half-written and a restart ends with the
-  metrics and prediction table of an uninterrupted run;
+  metrics and prediction table of an uninterrupted run; FMAE's pretraining and fine-tuning (`tests/fmae_toy.py`) too;
 - determinism: same seed, same bytes; another seed, other numbers;
 - safe checkpoints: only `torch.load(weights_only=True)` in the package; a pickle that would create a file is
   refused; mismatching state dicts are reported key by key;
@@ -93,6 +93,30 @@ def test_kill_and_resume_gives_the_uninterrupted_numbers(fault, reference, tmp_p
     assert json.loads((run/'scores_val.json').read_text()) == json.loads((reference/'scores_val.json').read_text())
     assert load_checkpoint(run/'best.pt')['epoch'] == load_checkpoint(reference/'best.pt')['epoch']
     assert not (run/'last.pt').exists() and (run/'finished.json').is_file()   # a finished run keeps its weights only
+
+
+def _fmae(out, stage, fault=None):
+    env = _env(**({'ABAW_NB_FAULT': fault} if fault else {}))
+    return subprocess.run([sys.executable, str(HERE/'fmae_toy.py'), str(out), stage], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+# killed in epoch 2 (3 and 2 steps an epoch)
+@pytest.mark.parametrize('stage,fault', [('mae', 'step@4'), ('au', 'step@3')])
+def test_fmae_stages_resume_after_a_kill(stage, fault, tmp_path):
+    """FMAE's MAE pretraining and AU fine-tuning are engine runs: killed mid-epoch, they resume to the uninterrupted
+    numbers."""
+    from abaw_nb.train.engine import load_checkpoint
+    ref, run = tmp_path/'ref', tmp_path/'killed'
+    r = _fmae(ref, stage)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _fmae(run, stage, fault)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    assert load_checkpoint(run/'run'/'last.pt')['epoch'] == 1 and not (run/'result.json').exists()
+    r = _fmae(run, stage)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(_metrics(run/'run')) == 2 and _metrics(run/'run') == _metrics(ref/'run')
+    assert json.loads((run/'result.json').read_text()) == json.loads((ref/'result.json').read_text())
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(reference, tmp_path):
@@ -239,7 +263,7 @@ def test_bad_annotation_line_stops_with_file_and_line(tiny_world, tmp_path):
     rc, log = _run(tmp_path/'out.ipynb', '-p', 'data_root', str(tmp_path/'data'), '-p', 'out_dir', str(run))
     assert rc != 0
     i, src, msg = _first_error(tmp_path/'out.ipynb')
-    assert 'train(cfg)' in src                                   # the first failing cell: where the data is read
+    assert 'train(with_prerequisites(cfg))' in src   # the first failing cell: where the data is read
     assert f"FormatError: {f}, line 5: non-numeric value 'abc' in '0.25,abc'" in msg
     assert not run.exists()                                      # no partial run folder
 
@@ -253,7 +277,7 @@ def test_corrupt_image_stops_with_the_file_and_leaves_no_run_folder(tiny_world, 
     rc, log = _run(tmp_path/'out.ipynb', '-p', 'data_root', str(tmp_path/'data'), '-p', 'out_dir', str(run))
     assert rc != 0
     i, src, msg = _first_error(tmp_path/'out.ipynb')
-    assert 'train(cfg)' in src
+    assert 'train(with_prerequisites(cfg))' in src
     assert re.search(rf'ImageReadError: corrupt or truncated image {folder}/\d{{5}}\.jpg', msg), msg[-2000:]
     assert not run.exists()                                      # config.json etc. of the failed run were removed
 
@@ -271,7 +295,7 @@ def test_missing_image_and_out_of_range_labels_are_counted_and_reported(tiny_wor
     run = tmp_path/'run'
     rc, log = _run(tmp_path/'out.ipynb', '-p', 'data_root', str(tmp_path/'data'), '-p', 'out_dir', str(run))
     assert rc == 0, log[-3000:]
-    train_out = next(t for s, t, e in _cells(tmp_path/'out.ipynb') if 'train(cfg)' in s)
+    train_out = next(t for s, t, e in _cells(tmp_path/'out.ipynb') if 'train(with_prerequisites(cfg))' in s)
     assert f"out_of_range: {base.get('out_of_range', 0) + 2} in" in train_out and 'VA_Set/Train_Set/synth_0002.txt' in train_out
     assert f"missing_image: {base.get('missing_image', 0) + 1} in" in train_out
     rep = pd.read_csv(run/'data_report.csv')
@@ -280,7 +304,8 @@ def test_missing_image_and_out_of_range_labels_are_counted_and_reported(tiny_wor
 
 
 def test_wrongly_typed_parameters_fail_fast_with_what_is_valid(tmp_path):
-    "papermill -p epochs ten: the first cell after the parameters stops with the expected type (test_train_multi.py has task='pose')."
+    """papermill -p epochs ten: the first cell after the parameters stops with the expected type (test_train_multi.py
+    has task='pose')."""
     out = tmp_path/'out.ipynb'
     rc, log = _run(out, '-p', 'epochs', 'ten', ABAW_NB_CACHE=tmp_path/'cache')
     assert rc != 0
@@ -315,7 +340,8 @@ def test_unwritable_out_dir_is_refused_before_reading_data(tmp_path, monkeypatch
 def test_two_runs_at_once_share_a_fresh_cache(tmp_path):
     cache = tmp_path/'cache'
     tiny = 'config: {synth: {n_subjects: 10, n_videos: 12, frames: [12, 16], n_pool: 0, img_size: 32}}'
-    procs = [(_papermill(tmp_path/f'out{i}.ipynb', '-p', 'out_dir', str(tmp_path/f'run{i}'), '-y', tiny, ABAW_NB_CACHE=cache), i)
+    procs = [(_papermill(tmp_path/f'out{i}.ipynb', '-p', 'out_dir', str(tmp_path/f'run{i}'), '-y', tiny,
+                         ABAW_NB_CACHE=cache), i)
              for i in (0, 1)]
     for p, i in procs:
         out, err = p.communicate(timeout=900)

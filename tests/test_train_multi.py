@@ -37,19 +37,15 @@ def test_train_multi_rejects_invalid_parameters_first(root, tmp_path):
     first_code_after = next(i for i in range(inj + 1, len(cells)) if cells[i]['cell_type'] == 'code')
     assert failed == [first_code_after]           # the first cell after the parameters stops the run
     r = _papermill(root, out, '-p', 'method', 'nosuch')
-    from abaw_nb.train.run import ALL_METHODS
+    # the registered (built-in) methods are listed
     assert r.returncode != 0
-    assert "method='nosuch' is not valid; choose one of: " + ", ".join(ALL_METHODS) in r.stderr
-
-def test_planned_method_is_refused_clearly(monkeypatch):
-    "A registered method whose module does not exist (yet) is refused with the list of the available ones."
-    import abaw_nb.train.run as run
-    monkeypatch.setitem(run.METHOD_MODULES, 'fmae', 'abaw_nb.methods._not_written_yet')
-    assert 'fmae' not in run.available_methods()
-    with pytest.raises(NotImplementedError, match="method='fmae' is not implemented yet; available: " + ", ".join(run.available_methods())):
-        run.method_module('fmae')
-    with pytest.raises(NotImplementedError, match='not implemented yet'):
-        run.run_config('fmae', 'au')
+    methods = 'fpn, mtl_cnn, mtl_cnn_rnn, emenet, emotion_gcn, fmae'
+    assert f"method='nosuch' is not valid; choose one of: {methods}" in r.stderr
+    # a misspelt setting is refused
+    r = _papermill(root, out, '-p', 'method', 'emenet', '-y', 'extra: {seq_lenn: 6}')
+    assert r.returncode != 0
+    assert "unknown setting(s) ['seq_lenn'] of method 'emenet'; valid settings: backbone (str), audio (bool)" \
+        in r.stderr
 
 def test_train_multi_emenet_clips(root, tmp_path):
     "A clip-based method through the same entry point: one prediction row per validation frame, with uncertainties."
@@ -71,6 +67,8 @@ def test_train_multi_mtl_cnn_rnn_smoke(root, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     back = load_run(run)
     assert (back['config'].method, back['config'].extra['seq_len']) == ('mtl_cnn_rnn', 8)
+    cnn = Path(back['config'].extra['cnn_run'])                         # the Multitask-CNN it froze, trained first
+    assert cnn.name.startswith('mtl_cnn-') and load_run(cnn)['config'].method == 'mtl_cnn'
     assert {'va_score', 'expr_score', 'au_score', 'score'} <= set(back['scores'])
     pred = back['predictions']
     assert pred[['video', 'frame']].duplicated().sum() == 0          # overlapping windows averaged to one row per frame

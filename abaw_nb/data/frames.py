@@ -16,7 +16,7 @@ import pandas as pd
 __all__ = ['EXPR7', 'EXPR8_OTHER', 'AFFECTNET8', 'EXPW7', 'RAFDB7', 'EXPR_SPACES', 'AFFWILD2_12', 'BP4D_12', 'DISFA_8', 'ABAW1_8',
            'AU_SPACES', 'KEY_COLUMNS', 'STR_COLUMNS', 'SPLITS', 'expr_names', 'au_list', 'au_columns', 'frame_columns',
            'expr_index_map', 'map_expr', 'convert_expr', 'convert_aus', 'FrameTableError', 'make_frames',
-           'empty_frames', 'validate', 'add_issue', 'issues_table', 'data_report', 'report_figures']
+           'empty_frames', 'validate', 'add_issue', 'issues_table', 'data_report', 'report_figures', 'task_frames']
 
 # %% ../../nbs/01a_data.frames.ipynb #d8aa7583
 EXPR7 = ['Neutral', 'Anger', 'Disgust', 'Fear', 'Happiness', 'Sadness', 'Surprise']   # Aff-Wild2 / ABAW order
@@ -285,3 +285,20 @@ def report_figures(df: pd.DataFrame, # frame table
     ax.set_xlabel('valence'); ax.set_ylabel('arousal'); ax.set_title(f'VA 2-D histogram (log1p, n={len(va)})')
     fig.colorbar(im, ax=ax, fraction=0.046); fig.tight_layout(); figs['va_hist2d'] = fig
     return figs
+
+# %% ../../nbs/01a_data.frames.ipynb #1752438f
+def task_frames(df: pd.DataFrame, task: str,
+                tasks=None,   # for task 'multi': the tasks a method trains (default va, expr, au)
+               ) -> pd.DataFrame:
+    "Frames that carry a label of `task` (for multi: a label of any of `tasks`)."
+    from abaw_nb.core import check_choice
+    aus = [a for a in au_columns(df.attrs['au_space']) if a in df.columns]
+    has_au = df[aus].notna().all(axis=1) if aus else pd.Series(False, index=df.index)
+    has = dict(va=df['valence'].notna() & df['arousal'].notna(), expr=df['expr'].notna(), au=has_au)
+    multi = tuple(tasks) if tasks is not None else ('va', 'expr', 'au')
+    for t in multi:
+        check_choice('task', t, ('va', 'expr', 'au'))
+    keep = has[task].to_numpy() if task != 'multi' else np.logical_or.reduce([has[t].to_numpy() for t in multi])
+    out = df[keep].reset_index(drop=True)
+    out.attrs = dict(df.attrs)
+    return out

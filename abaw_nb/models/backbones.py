@@ -21,8 +21,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..core import check_choice
 
 # %% auto #0
-__all__ = ['BACKBONES', 'count_params', 'BackboneSpec', 'register_backbone', 'list_backbones', 'load_pretrained', 'resnet50',
-           'resnet18', 'ResNetFPN', 'resnet50_fpn', 'resnet18_fpn', 'ConvBlock', 'DepthWise', 'Residual', 'GDC',
+__all__ = ['BACKBONES', 'resnet50', 'resnet18', 'count_params', 'BackboneSpec', 'register_backbone', 'list_backbones',
+           'load_pretrained', 'ResNetFPN', 'resnet50_fpn', 'resnet18_fpn', 'ConvBlock', 'DepthWise', 'Residual', 'GDC',
            'MobileFaceNet', 'mobilefacenet', 'mobilefacenet_s', 'DenseNetBackbone', 'densenet121', 'BReGShortcut',
            'BReGLayer', 'BReGNeXt', 'bregnext', 'build_backbone', 'size_kwargs', 'flop_counter', 'model_report']
 
@@ -120,19 +120,14 @@ def _resnet(depth: int, caffe_style: bool = False, norm_layer=None) -> nn.Module
                 blk.conv1.stride, blk.conv2.stride = (2, 2), (1, 1)
     return m
 
-@register_backbone('resnet50', 112, 'resnet', 'resnet50-0676ba61.pth',
-                   _imagenet_download(torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
-                   'torchvision ResNet-50, pooled 2048-d feature')
-def resnet50(caffe_style: bool = False) -> nn.Module:
-    "ResNet-50 without its classifier (`out_dim` 2048)."
-    return _resnet(50, caffe_style)
-
-@register_backbone('resnet18', 112, 'resnet', 'resnet18-f37072fd.pth',
-                   _imagenet_download(torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
-                   'torchvision ResNet-18 (cpu-preset sibling of ResNet-50), pooled 512-d feature')
-def resnet18(caffe_style: bool = False) -> nn.Module:
-    "ResNet-18 without its classifier (`out_dim` 512)."
-    return _resnet(18, caffe_style)
+resnet50 = partial(_resnet, 50)   # ResNet-50 without its classifier (`out_dim` 2048); resnet50(caffe_style=True)
+resnet18 = partial(_resnet, 18)   # ResNet-18 without its classifier (`out_dim` 512)
+register_backbone('resnet50', 112, 'resnet', 'resnet50-0676ba61.pth',
+                  _imagenet_download(torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
+                  'torchvision ResNet-50, pooled 2048-d feature')(resnet50)
+register_backbone('resnet18', 112, 'resnet', 'resnet18-f37072fd.pth',
+                  _imagenet_download(torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+                  'torchvision ResNet-18 (cpu-preset sibling of ResNet-50), pooled 512-d feature')(resnet18)
 
 # %% ../../nbs/03a_models.backbones.ipynb #b6a6a6ee
 class ResNetFPN(nn.Module):

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from .heads import grad_reverse
 
 # %% auto #0
-__all__ = ['VIT_SIZES', 'sincos_pos_embed', 'patchify', 'unpatchify', 'MaskedAutoencoderViT', 'mae_vit_small_patch16',
-           'mae_vit_base_patch16', 'mae_vit_large_patch16', 'FMAEViT', 'vit_small_patch16', 'vit_base_patch16',
-           'vit_large_patch16', 'state_layout', 'resize_pos_embed', 'encoder_state', 'load_encoder']
+__all__ = ['VIT_SIZES', 'mae_vit_small_patch16', 'mae_vit_base_patch16', 'mae_vit_large_patch16', 'vit_small_patch16',
+           'vit_base_patch16', 'vit_large_patch16', 'sincos_pos_embed', 'patchify', 'unpatchify',
+           'MaskedAutoencoderViT', 'vit_sized', 'FMAEViT', 'state_layout', 'resize_pos_embed', 'encoder_state',
+           'load_encoder']
 
 # %% ../../nbs/03c_models.vit.ipynb #1d9d920f
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -165,19 +166,14 @@ class MaskedAutoencoderViT(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 # %% ../../nbs/03c_models.vit.ipynb #0fdc7b50
-def _mae(size, **kw):
+def vit_sized(cls, size: str, **kw) -> nn.Module:
+    "A `cls` (`MaskedAutoencoderViT` or `FMAEViT`) of a named size of `VIT_SIZES` (width, blocks, heads)."
     d, depth, h = VIT_SIZES[size]
-    return MaskedAutoencoderViT(embed_dim=d, depth=depth, num_heads=h, **kw)
+    return cls(embed_dim=d, depth=depth, num_heads=h, **kw)
 
-def mae_vit_small_patch16(**kw) -> MaskedAutoencoderViT:
-    "MAE ViT-S/16 (384-d, 12 blocks, 6 heads)."
-    return _mae('small', **kw)
-def mae_vit_base_patch16(**kw) -> MaskedAutoencoderViT:
-    "MAE ViT-B/16 (768-d, 12 blocks, 12 heads)."
-    return _mae('base', **kw)
-def mae_vit_large_patch16(**kw) -> MaskedAutoencoderViT:
-    "MAE ViT-L/16 (1024-d, 24 blocks, 16 heads)."
-    return _mae('large', **kw)
+mae_vit_small_patch16 = partial(vit_sized, MaskedAutoencoderViT, 'small')   # 384-d, 12 blocks, 6 heads
+mae_vit_base_patch16 = partial(vit_sized, MaskedAutoencoderViT, 'base')     # 768-d, 12 blocks, 12 heads
+mae_vit_large_patch16 = partial(vit_sized, MaskedAutoencoderViT, 'large')   # 1024-d, 24 blocks, 16 heads
 
 # %% ../../nbs/03c_models.vit.ipynb #e08833dc
 class FMAEViT(nn.Module):
@@ -228,19 +224,9 @@ class FMAEViT(nn.Module):
         return self.head(f), self.ID_head(grad_reverse(f, self.grad_reverse))
 
 # %% ../../nbs/03c_models.vit.ipynb #79bafa3f
-def _vit(size, **kw):
-    d, depth, h = VIT_SIZES[size]
-    return FMAEViT(embed_dim=d, depth=depth, num_heads=h, **kw)
-
-def vit_small_patch16(**kw) -> FMAEViT:
-    "Fine-tuning ViT-S/16."
-    return _vit('small', **kw)
-def vit_base_patch16(**kw) -> FMAEViT:
-    "Fine-tuning ViT-B/16."
-    return _vit('base', **kw)
-def vit_large_patch16(**kw) -> FMAEViT:
-    "Fine-tuning ViT-L/16."
-    return _vit('large', **kw)
+vit_small_patch16 = partial(vit_sized, FMAEViT, 'small')   # fine-tuning ViT-S/16
+vit_base_patch16 = partial(vit_sized, FMAEViT, 'base')     # fine-tuning ViT-B/16
+vit_large_patch16 = partial(vit_sized, FMAEViT, 'large')   # fine-tuning ViT-L/16
 
 # %% ../../nbs/03c_models.vit.ipynb #83913413
 def state_layout(model: nn.Module) -> list:

@@ -226,7 +226,7 @@ def clip_rows(cols: dict) -> pd.DataFrame:
             out[k] = np.array([first[r] for r in rows])
     return pd.DataFrame(out)
 
-# %% ../../nbs/04b_train.engine.ipynb #9df59085
+# %% ../../nbs/04b_train.engine.ipynb #c5dbc82f
 @torch.no_grad()
 def predict_table(model: nn.Module, ds,             # a dataset of dict items (frames or clips)
                   cfg: Config,
@@ -240,7 +240,7 @@ def predict_table(model: nn.Module, ds,             # a dataset of dict items (f
                   show_progress: bool | None = False,
                  ) -> pd.DataFrame:
     "One row per row of `ds`, in dataset order: `index`, the items' key columns, `predict_fn`'s columns."
-    dev = get_device(cfg.device) if device is None else torch.device(device)
+    dev = get_device(cfg.device if device is None else device)
     model.to(dev)
     cl = set_memory_layout(model, cfg) if channels_last is None else channels_last
     c = cfg if num_workers is None else cfg.replace(num_workers=num_workers)
@@ -290,7 +290,7 @@ def with_keys(frames: pd.DataFrame,       # the frame table the dataset was buil
     drop = [c for c in k.columns if c in pred.columns] + ([] if keep_index else ['index'])
     return pd.concat([k, pred.drop(columns=drop).reset_index(drop=True)], axis=1)
 
-# %% ../../nbs/04b_train.engine.ipynb #5a9d4026
+# %% ../../nbs/04b_train.engine.ipynb #5d66e12d
 def estimate_run_bytes(model: nn.Module, optimizer=None, margin: int = 16 * 2**20) -> int:
     "Disk bytes a run folder needs at its peak: `best.pt` (weights), `last.pt` (weights + optimiser state) and a temporary copy of `last.pt` while it is rewritten, plus `margin` for tables."
     w = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -13,8 +13,9 @@ from ..core import check_choice
 from ..models.heads import bins_to_va, va_to_bins, va_bin_anchors
 
 # %% auto #0
-__all__ = ['valid_mask', 'ccc', 'ccc_loss', 'masked_mse', 'masked_ccc_loss', 'masked_ce', 'masked_bce', 'masked_va_bins_loss',
-           'MultiTaskLoss', 'kd_kl', 'kd_kl_bins', 'bce_soft', 'kd_ccc', 'kd_mse', 'mix', 'DistillationLoss']
+__all__ = ['valid_mask', 'batch_targets', 'ccc', 'ccc_loss', 'masked_mse', 'masked_ccc_loss', 'masked_ce', 'masked_bce',
+           'masked_va_bins_loss', 'MultiTaskLoss', 'kd_kl', 'kd_kl_bins', 'bce_soft', 'kd_ccc', 'kd_mse', 'mix',
+           'DistillationLoss']
 
 # %% ../../nbs/04a_train.losses.ipynb #bf0c3321
 def valid_mask(target: torch.Tensor, # labels: VA/AU float with NaN, EXPR int with -1 (or float with NaN)
@@ -26,6 +27,18 @@ def valid_mask(target: torch.Tensor, # labels: VA/AU float with NaN, EXPR int wi
     else: ok = torch.ones_like(target, dtype=torch.bool)
     if task in ('expr', 'au'): ok = ok & (torch.nan_to_num(target.double(), nan=-1.0) >= 0)
     return ok
+
+# %% ../../nbs/04a_train.losses.ipynb #0b598d1f
+def batch_targets(batch: dict) -> dict:
+    "Targets of a loader batch in the NaN / -1 encoding of the losses (masked entries become NaN or -1)."
+    out = {}
+    if 'va' in batch:
+        out['va'] = torch.where(batch['va_mask'][..., None], batch['va'], torch.nan)
+    if 'expr' in batch:
+        out['expr'] = torch.where(batch['expr_mask'], batch['expr'], -1)
+    if 'au' in batch:
+        out['au'] = torch.where(batch['au_mask'], batch['au'], torch.nan)
+    return out
 
 # %% ../../nbs/04a_train.losses.ipynb #ba6e9d8f
 def ccc(x: torch.Tensor, y: torch.Tensor, dim: int = 0, eps: float = 1e-8) -> torch.Tensor:
