@@ -320,7 +320,11 @@ def read_affwild2(root,                                  # dataset root (holds c
     issues = []
     if edition is not None and edition not in AFFWILD2_EDITIONS:
         raise ValueError(f'unknown edition {edition!r}; valid: {list(AFFWILD2_EDITIONS)}')
-    edition = edition or affwild2_edition(root, annotations)
+    found = affwild2_edition(root, annotations)
+    if edition and found and edition != found:
+        train = AFFWILD2_EDITIONS[found][0]['train']
+        raise FormatError(f'edition={edition!r} but {root/annotations} has the {found} folders ({train})')
+    edition = edition or found
     names, space = AFFWILD2_EDITIONS[edition or 'abaw2']
     expect = space if edition else None
     ann, where, spaces = _read_affwild2_annotations(root/annotations, tasks, splits, names, expect, issues)
@@ -1083,8 +1087,11 @@ def read_disfa_intensity(path, issues: list | None = None) -> pd.Series:
     return s.where(~bad)
 
 def extract_video_frames(video, out_dir, quality: int = 95) -> int:
-    "Decode every frame of a video file to out_dir/%05d.jpg (1-based); the number of frames. Errors name the file."
+    "Decode every frame of a video to out_dir/%05d.jpg (1-based; the folder appears whole or not at all); the count."
     import cv2
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + '.partial')
+    shutil.rmtree(tmp, ignore_errors=True)
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
         raise ImageReadError(f'cannot open video {video}')
@@ -1094,10 +1101,12 @@ def extract_video_frames(video, out_dir, quality: int = 95) -> int:
         if not ok:
             break
         n += 1
-        write_image(Path(out_dir)/f'{n:05d}.jpg', np.ascontiguousarray(frame[..., ::-1]), quality)
+        write_image(tmp/f'{n:05d}.jpg', np.ascontiguousarray(frame[..., ::-1]), quality)
     cap.release()
     if n == 0:
         raise ImageReadError(f'no frame could be decoded from {video}')
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
     return n
 
 
