@@ -15,7 +15,7 @@ from .faces import as_bgr
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'VideoReadError', 'Frame', 'natural_key', 'VideoReader', 'image_paths', 'input_kind',
-           'iter_frames', 'read_batches', 'VideoWriter', 'write_video']
+           'iter_frames', 'read_batches', 'VideoWriter', 'write_video', 'detect_batches', 'face_rows']
 
 # %% ../nbs/11b_video.ipynb #afe6ca92
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -257,3 +257,24 @@ def write_video(path, frames, fps: float = 30.0, times=None, **kw) -> Path:
         for img in frames:
             w.write(img, None if times is None else next(times))
     return Path(path)
+
+# %% ../nbs/11b_video.ipynb #cf9250f1
+def detect_batches(src, detector='auto', batch_size: int = 32, every: int = 1,
+                   max_frames: int | None = None) -> Iterator[tuple[list[Frame], list]]:
+    "(frames, their `Faces`) in batches: any input, any detector of `abaw_nb.faces.get_detector`."
+    from abaw_nb.faces import Faces, get_detector
+    det = get_detector(detector)
+    for batch in read_batches(src, batch_size, every, max_frames):
+        found = det.batch([f.image for f in batch if f.image is not None])
+        it = iter(found)
+        yield batch, [next(it) if f.image is not None else Faces.make() for f in batch]
+
+def face_rows(src, detector='auto', batch_size: int = 32, every: int = 1, max_frames: int | None = None):
+    "One row per face of every kept frame (frame, time, name, error, then `abaw_nb.faces.FACE_COLUMNS`)."
+    import pandas as pd
+    from abaw_nb.faces import faces_table
+    parts = []
+    for frames, faces in detect_batches(src, detector, batch_size, every, max_frames):
+        keys = pd.DataFrame([dict(frame=f.index, time=f.time, name=f.name, error=f.error) for f in frames])
+        parts.append(faces_table(faces, keys))
+    return pd.concat(parts, ignore_index=True)
