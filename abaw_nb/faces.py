@@ -319,11 +319,12 @@ register_align_style(AlignStyle('box', 224, 'box', scale=1.4, box_margin=1.4, so
 register_align_style(AlignStyle('whole', 112, 'whole', source=(
     "the frame is an aligned crop already (Aff-Wild2 cropped_aligned, SynthAffect)")))
 
-# %% ../nbs/11a_faces.ipynb #c850ded3
+# %% ../nbs/11a_faces.ipynb #279c72c3
 def _square(r: np.ndarray, centre, side: float, size: int) -> np.ndarray:
-    "The affine p -> (r p - (centre - side / 2)) size / side: rotate by r, then map a square of `side` to size x size."
+    "Rotate by r, then map the square of `side` around `centre` onto the size x size grid (centre to (size - 1) / 2)."
     k = size / side
-    return np.column_stack([k * r, k * (side / 2 - np.asarray(centre, np.float64))])
+    # pixel indices are pixel centres (OpenCV): the square's edges go to -0.5 and size - 0.5
+    return np.column_stack([k * r, k * (side / 2 - np.asarray(centre, np.float64)) - 0.5])
 
 def _levelling(lm: np.ndarray) -> np.ndarray:
     "The rotation (2 x 2) that makes the line from eye_l to eye_r horizontal."
