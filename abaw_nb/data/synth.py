@@ -23,8 +23,8 @@ __all__ = ['AU_ALL', 'EXPR7', 'EXPR_PRIOR', 'AU_THRESHOLD', 'CONFOUND_AU', 'LOOK
            'plan_segments', 'deal_expressions', 'expression_segments', 'au_activation', 'brow_points', 'eye_open',
            'mouth_shape', 'lip_curves', 'render_frame', 'neutral_row', 'au_pixel_change', 'face_landmarks',
            'SynthWorld', 'make_world', 'synth_audio', 'write_wav', 'read_wav', 'frame_table', 'format_root',
-           'still_frames', 'au_subject_ids', 'write_formats', 'read_format', 'format_sources', 'generate',
-           'load_latent', 'add_formats', 'conflict_shares', 'confound_table', 'colour_histograms',
+           'still_frames', 'au_subject_ids', 'disfa_intensities', 'write_formats', 'read_format', 'format_sources',
+           'generate', 'load_latent', 'add_formats', 'conflict_shares', 'confound_table', 'colour_histograms',
            'colour_identity_probe', 'pool_report', 'generate_cached', 'bench_synth', 'bench_synth_reading']
 
 # %% ../../nbs/01c_data.synth.ipynb #1ad0c67d
@@ -883,7 +883,8 @@ def _run_jobs(jobs, workers, show):
         return sum(progress(ex.map(_render_job, jobs, chunksize=1), total=len(jobs), desc='SynthAffect', enabled=show))
 
 # %% ../../nbs/01c_data.synth.ipynb #7f42255c
-FORMATS = ('affwild2', 'affectnet', 'expw', 'bp4d', 'bp4dp', 'disfa', 'rafdb', 'affectnet8', 'afew_va')  # layouts SynthAffect writes
+FORMATS = ('affwild2', 'affectnet', 'expw', 'bp4d', 'bp4dp', 'disfa', 'rafdb', 'affectnet8', 'afew_va',
+           'affwild2_abaw1', 'affwild2_test', 'disfa_raw')   # layouts SynthAffect writes
 DEFAULT_FORMATS = ('affwild2',)   # what `generate` / `generate_cached` write unless told otherwise
 AU_DATASETS = {'bp4d': 'bp4d', 'bp4dp': 'bp4d+', 'disfa': 'disfa'}   # format -> dataset name of `abaw_nb.data.formats`
 EVAL_SPLIT = {'affectnet': 'val', 'affectnet8': 'val', 'rafdb': 'test'}  # where held-out subjects go in 2-split layouts
@@ -946,6 +947,7 @@ def au_subject_ids(world: SynthWorld, # from `make_world`
         for j in range(s): out[next(it)] = f[j]
     return out
 
+# %% ../../nbs/01c_data.synth.ipynb
 def _sources(t, pos, world):
     "Map a layout's (video, frame) keys to the world's video and frame."
     return pd.DataFrame({'video': t['video'].to_numpy(), 'frame': t['frame'].to_numpy(),
@@ -1006,6 +1008,7 @@ def _fmt_expw(world, root, out):
     write_expw(t, out, dict(zip(zip(vids, [0] * len(vids)), _crop_file(root, world, pos))), quality=JPEG_QUALITY)
     return _sources(t, pos, world)
 
+# %% ../../nbs/01c_data.synth.ipynb
 def _fmt_au(fmt):
     def write(world, root, out):
         from abaw_nb.data.formats import AU_JSON, write_au_json
@@ -1047,6 +1050,23 @@ def _fmt_folder(fmt):
         return _sources(t, pos, world)
     return write
 
+def _afew_va_frames(world, t, pos):
+    "Each AFEW-VA row's face landmarks, place in a frame 1.5x the crop (centre, scale, turn) and background, seeded."
+    S, lat = world.size.img_size, world.latent.iloc[pos].to_dict('records')
+    by_path = dict(zip(t['path'], lat))
+    idr = {r['subject']: r for r in world.identities.to_dict('records')}
+    rng = _rng(world.seed, 13)
+    n, W = len(t), S * 3 // 2
+    xy = rng.uniform(0.45 * W, 0.55 * W, (n, 2))
+    place = dict(zip(t['path'], zip(xy[:, 0], xy[:, 1], rng.uniform(0.8, 1.0, n), rng.uniform(-15, 15, n))))
+    def landmarks(row):
+        r = by_path[row['path']]
+        return face_landmarks(idr[r['subject']], r, S)
+    def background(row):
+        r = by_path[row['path']]
+        return _background(np.array([r['bg_r'], r['bg_g'], r['bg_b']]) * _lighting(r), W)
+    return landmarks, (W, W), lambda row: place[row['path']], background
+
 def _fmt_afew_va(world, root, out):
     import cv2
     from abaw_nb.data.formats import write_afew_va
@@ -1055,21 +1075,84 @@ def _fmt_afew_va(world, root, out):
     vids = world.videos.video[world.videos.VA & (world.videos.split == 'train')].tolist()
     name = {v: f'{j + 1:03d}' for j, v in enumerate(vids)}
     part = {v: f'{j % 12 + 1:02d}' for j, v in enumerate(vids)}
-    keep = world.latent.face.to_numpy(bool) & ft.valence.notna().to_numpy() & ft.arousal.notna().to_numpy() & ft.video.isin(vids).to_numpy()
-    pos = np.flatnonzero(keep); d = ft.iloc[pos]
+    va = ft.valence.notna().to_numpy() & ft.arousal.notna().to_numpy()
+    keep = world.latent.face.to_numpy(bool) & va & ft.video.isin(vids).to_numpy()
+    pos = np.flatnonzero(keep)
+    d = ft.iloc[pos]
     t = make_frames(dict(dataset='afew_va', split='train', video=d.video.map(name).to_numpy(), subject=d.subject.to_numpy(),
                          frame=d.frame.to_numpy(), path=[f'{part[v]}/{name[v]}/{f:05d}.png' for v, f in zip(d.video, d.frame)],
                          valence=d.valence.to_numpy(), arousal=d.arousal.to_numpy()))
     src = dict(zip(t['path'], _crop_file(root, world, pos)))
-    image = lambda row: np.ascontiguousarray(cv2.imread(str(src[row['path']]))[..., ::-1])   # the JPEG crop, saved as PNG
+    image = lambda row: np.ascontiguousarray(cv2.imread(str(src[row['path']]))[..., ::-1])   # the JPEG crop
+    landmarks, size, placement, background = _afew_va_frames(world, t, pos)
     for p in sorted(set(part.values())):
         g = t[t['path'].str.startswith(p + '/')]
-        if len(g): write_afew_va(g, out, image, part=p)
+        if len(g):
+            write_afew_va(g, out, image, part=p, landmarks=landmarks, frame_size=size, placement=placement,
+                          background=background)
     return _sources(t, pos, world)
 
+# %% ../../nbs/01c_data.synth.ipynb
+def _fmt_affwild2_abaw1(world, root, out):
+    "FG 2020 (ABAW1) Aff-Wild2: 8 AUs, Training_Set / Validation_Set, no test labels; images through a link to the crops."
+    from abaw_nb.data.formats import write_affwild2
+    n = dict(zip(world.videos.video, world.videos.n_frames.astype(int)))
+    write_affwild2(frame_table(world, au_space='abaw1_8', audio=False), out, images=None, n_frames=n, test_labels=False)
+    (out / 'cropped_aligned').symlink_to(Path('..') / 'cropped_aligned', target_is_directory=True)
+    return None
+
+def _fmt_affwild2_test(world, root, out):
+    "The unlabelled Aff-Wild2 test set: the test videos' face crops and the challenge's per-task 'video nframes' lists."
+    from abaw_nb.data.formats import write_affwild2_test
+    v = world.videos[world.videos.split == 'test']
+    n = dict(zip(v.video, v.n_frames.astype(int)))
+    lists = {t.lower(): {x: n[x] for x in v.video[v[t].to_numpy(bool)]} for t in TASKS}
+    listed = set().union(*lists.values())
+    ft = frame_table(world, audio=False)
+    keep = world.latent.face.to_numpy(bool) & ft.video.isin(listed).to_numpy()
+    write_affwild2_test(ft[keep], out, images=root, test_lists=lists, kind='challenge')
+    return None
+
+def disfa_intensities(latent, labels) -> np.ndarray:
+    """0-5 DISFA intensities that agree with noisy presence labels (present = intensity >= 2): the rounded latent
+    intensity, raised to 2 where the label says present and lowered to 1 where it says absent; NaN where unlabelled."""
+    x = np.clip(np.round(np.asarray(latent, float)), 0, 5)
+    lab = pd.to_numeric(pd.Series(labels), errors='coerce').to_numpy(float)
+    return np.where(lab == 1, np.maximum(x, 2), np.where(lab == 0, np.minimum(x, 1), np.nan))
+
+def _fmt_disfa_raw(world, root, out):
+    """DISFA as it ships: per-AU intensity files and one left-camera video per subject (the subject's videos run on;
+    frames without a face show the background)."""
+    import cv2
+    from abaw_nb.data.formats import write_disfa_raw, disfa_video, disfa_frame_path
+    from abaw_nb.data.frames import make_frames, au_columns
+    sid, aus = au_subject_ids(world, 'disfa'), au_columns('disfa_8')
+    ft = frame_table(world, au_space='disfa_8', audio=False)
+    pos = np.flatnonzero(ft.subject.isin(list(sid)).to_numpy())
+    d, lat = ft.iloc[pos], world.latent.iloc[pos]
+    v = world.videos[world.videos.subject.isin(list(sid))]
+    off = (v.groupby('subject').n_frames.cumsum() - v.n_frames).set_axis(v.video)
+    video = [disfa_video(sid[s]) for s in d.subject]
+    frame = d.frame.to_numpy() + off.loc[d.video].to_numpy()
+    face = lat.face.to_numpy(bool)
+    labels = {c: d[c].where(face).to_numpy() for c in aus}   # no label without a face
+    t = make_frames(dict(dataset='disfa', split='train', video=video, subject=d.subject.map(sid).to_numpy(), frame=frame,
+                         path=[disfa_frame_path(a, b) for a, b in zip(video, frame)], **labels), au_space='disfa_8')
+    inten = pd.DataFrame({c: disfa_intensities(lat[f'{c}_int'], t[c]) for c in aus}, index=t.index)
+    crops = dict(zip(t['path'], _crop_file(root, world, pos)))
+    bgs = dict(zip(t['path'], lat[['bg_r', 'bg_g', 'bg_b']].to_numpy() * np.stack([_lighting(r) for r in lat.to_dict('records')])))
+    S = world.size.img_size
+    def image(row):
+        f = crops[row['path']]
+        return np.ascontiguousarray(cv2.imread(str(f))[..., ::-1]) if f.is_file() else _background(bgs[row['path']], S)
+    write_disfa_raw(t, out, image, frames='video', extracted=False, intensities=inten)
+    return _sources(t, pos, world)
+
+# %% ../../nbs/01c_data.synth.ipynb
 _FORMAT_WRITERS = {'affwild2': _fmt_affwild2, 'affectnet': _fmt_affectnet, 'expw': _fmt_expw,
                    **{f: _fmt_au(f) for f in AU_DATASETS}, 'rafdb': _fmt_folder('rafdb'),
-                   'affectnet8': _fmt_folder('affectnet8'), 'afew_va': _fmt_afew_va}
+                   'affectnet8': _fmt_folder('affectnet8'), 'afew_va': _fmt_afew_va,
+                   'affwild2_abaw1': _fmt_affwild2_abaw1, 'affwild2_test': _fmt_affwild2_test, 'disfa_raw': _fmt_disfa_raw}
 
 def write_formats(world: SynthWorld, # from `make_world` (its frames already rendered under `root`)
                   root,              # the generated folder
@@ -1099,7 +1182,7 @@ def read_format(root,      # a generated SynthAffect folder
     if fmt == 'expw': return F.read_expw(r, **kw), r
     if fmt in AU_DATASETS: return F.read_au_json(r / f'{fmt}.json', AU_DATASETS[fmt], **kw), r
     if fmt in ('rafdb', 'affectnet8'): return F.read_image_folder(r, fmt, **kw), r
-    return F.read_afew_va(r, **kw), r
+    return F.read_dataset(r, fmt, **kw), r
 
 def format_sources(root, fmt: str) -> pd.DataFrame:
     "The (video, frame) -> (src_video, src_frame) map of layout `fmt` (join with `load_latent(root)['frames']`)."
