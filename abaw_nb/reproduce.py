@@ -53,9 +53,11 @@ def write_report(out: str | Path | None = None,   # the outputs folder (default:
              'commit, and each notebook section its wall time. Published numbers, where the papers give them, sit in their own column.', '']
     lines += _claims_section(out)
     if ledger:
-        lines += ['## Notebooks run', '', '| notebook | status | preset | data | seconds | commit |', '|---|---|---|---|---|---|']
+        lines += ['## Notebooks run', '', '| notebook | status | preset | data | seconds | peak memory (MiB) | commit |',
+                  '|---|---|---|---|---|---|---|']
         for name, r in ledger.items():
-            lines.append(f"| `{name}` | {r['status']} | {r.get('preset', '')} | {r.get('data', '')} | {r.get('seconds', float('nan')):.1f} | "
+            lines.append(f"| `{name}` | {r['status']} | {r.get('preset', '')} | {r.get('data', '')} | "
+                         f"{r.get('seconds', float('nan')):.1f} | {r.get('peak_rss_mb', float('nan')):.0f} | "
                          f"`{r.get('commit', '')}` |")
         lines.append('')
     seen = {'claims.md'}
@@ -77,19 +79,23 @@ def write_report(out: str | Path | None = None,   # the outputs folder (default:
         lines += [f'- [{f.stem}](figures/{f.name})' for f in figures]
     return write_text(out/'REPORT.md', '\n'.join(lines).rstrip() + '\n')
 
-# %% ../nbs/09_reproduce.ipynb #2a09f6ab
+# %% ../nbs/09_reproduce.ipynb
 def run_notebook(nb: str | Path, out_nb: str | Path, parameters: dict, kernel: str = 'python3',
                  cwd: str | Path | None = None, timeout: int | None = None, progress: bool = False):
     "Execute one notebook with papermill; refuses a notebook without exactly one `parameters` cell."
     import papermill as pm
     n = parameter_cells(nb)
-    if n != 1: raise ValueError(f'{nb}: {n} cells tagged `parameters` (need exactly 1, or papermill injects at the top and the defaults win)')
+    if n != 1:
+        raise ValueError(f'{nb}: {n} cells tagged `parameters` (need exactly 1, or papermill injects at the top '
+                         'and the defaults win)')
     Path(out_nb).parent.mkdir(parents=True, exist_ok=True)
     return pm.execute_notebook(str(nb), str(out_nb), parameters=parameters, kernel_name=kernel, language='python',
                                cwd=str(cwd) if cwd else None, execution_timeout=timeout, progress_bar=progress)
 
 def _written_since(folder: Path, pattern: str, t0: float) -> list[str]:
-    return sorted(p.name for p in folder.glob(pattern) if p.stat().st_mtime >= t0) if folder.exists() else []
+    if not folder.exists():
+        return []
+    return sorted(p.name for p in folder.glob(pattern) if p.stat().st_mtime >= t0)
 
 def _error_text(e: Exception) -> tuple[str, bool]:
     "(one-line error naming the failing cell, whether it is a DataNotAvailable skip)."
@@ -101,95 +107,140 @@ def _error_text(e: Exception) -> tuple[str, bool]:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[-1] if msg else ''}", False
 
+# %% ../nbs/09_reproduce.ipynb
+def _peak_children_mb() -> float:
+    "Largest resident set (MiB) of the terminated children of this process (Linux reports KiB, macOS bytes)."
+    import resource
+    kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(kb / (2**20 if sys.platform == 'darwin' else 2**10), 1)
+
 def _run_one(nb: Path, target: Path, out: Path, params: dict, root: Path, timeout, threads: int | None = None) -> dict:
-    "Run one notebook writing its tables and figures to `target`; the record (status, seconds, what it wrote). Never raises."
-    if threads: os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(threads)   # inherited by the kernel
-    t0 = time.time(); data = params.get('data_root', 'SynthAffect')
+    "Run one notebook writing its tables and figures to `target`; the record (status, seconds, memory, what it wrote)."
+    if threads:   # inherited by the kernel
+        os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(threads)
+    t0 = time.time()
+    data = params.get('data_root', 'SynthAffect')
     print(f"[reproduce] {nb.name} (preset {params['preset']}, data {data}) ...", flush=True)
     rec = dict(name=nb.name, preset=params['preset'], data=data, commit=git_commit())
-    for sub in ('tables', 'figures'): (target/sub).mkdir(parents=True, exist_ok=True)
+    for sub in ('tables', 'figures'):
+        (target/sub).mkdir(parents=True, exist_ok=True)
     try:
         run_notebook(nb, out/'notebooks'/nb.name, {**params, 'out_dir': str(target)}, cwd=root, timeout=timeout)
         rec['status'] = 'ok'
     except Exception as e:
         msg, skip = _error_text(e)
-        if skip: rec.update(status='skipped', reason=msg.split(': DataNotAvailable: ', 1)[-1])
-        else: rec.update(status='failed', error=msg)
+        if skip:
+            rec.update(status='skipped', reason=msg.split(': DataNotAvailable: ', 1)[-1])
+        else:
+            rec.update(status='failed', error=msg)
     rec['seconds'] = round(time.time() - t0, 1)
-    rec['tables'] = _written_since(target/'tables', '*.md', t0); rec['figures'] = _written_since(target/'figures', '*.png', t0)
-    print(f"[reproduce] {nb.name}: {rec['status']} in {rec['seconds']:.1f} s"
-          + (f": {rec.get('error') or rec.get('reason')}" if rec['status'] in ('failed', 'skipped') else ''), flush=True)
+    rec['peak_rss_mb'] = _peak_children_mb()
+    rec['tables'] = _written_since(target/'tables', '*.md', t0)
+    rec['figures'] = _written_since(target/'figures', '*.png', t0)
+    why = f": {rec.get('error') or rec.get('reason')}" if rec['status'] in ('failed', 'skipped') else ''
+    print(f"[reproduce] {nb.name}: {rec['status']} in {rec['seconds']:.1f} s, peak {rec['peak_rss_mb']:.0f} MiB{why}",
+          flush=True)
     return rec
 
-STAGING = '.parallel'   # with jobs > 1: each notebook writes into outputs/.parallel/<notebook>/, merged into outputs/ when it succeeds
+# %% ../nbs/09_reproduce.ipynb
+STAGING = '.parallel'   # with jobs > 1: each notebook writes into outputs/.parallel/<notebook>/, merged on success
 
 def _merge_staged(stage: Path, out: Path) -> None:
-    "Move every file a finished notebook wrote into its staging folder (tables, figures, anything else) to the same place under `out`; its training runs stay in the staging folder's `runs/` (where a rerun with the same jobs finds them)."
+    "Move every file a finished notebook wrote into its staging folder to the same place under `out`; runs/ stays."
     for f in sorted(stage.rglob('*')):
         rel = f.relative_to(stage)
         if f.is_file() and rel.parts[0] != 'runs':
-            (out/rel).parent.mkdir(parents=True, exist_ok=True); os.replace(f, out/rel)
+            (out/rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, out/rel)
 
+def _clean_stage(stage: Path) -> None:
+    "Remove what a failed earlier attempt left in a staging folder; its training runs are kept (they resume)."
+    for p in (stage.iterdir() if stage.exists() else []):
+        if p.name == 'runs':
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+# %% ../nbs/09_reproduce.ipynb
+def _schedule(nbs: list[Path], jobs: int, submit, finish) -> None:
+    """Run notebooks `jobs` at a time, each in a fresh spawned process: `submit(executor, nb)` starts one and returns
+    its future, `finish(nb, record)` takes each result and returns False to start no further notebook (a failure)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, FIRST_COMPLETED, wait
+    pending, running, go = list(nbs), {}, True
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn'), max_tasks_per_child=1) as ex:
+        while running or (pending and go):
+            while pending and go and len(running) < jobs:
+                nb = pending.pop(0)
+                running[submit(ex, nb)] = nb
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                go = finish(running.pop(f), f.result()) and go
+
+# %% ../nbs/09_reproduce.ipynb
 def reproduce(preset: str = 'cpu',                 # smoke | cpu | paper
               only: list[str] | None = None,        # run only notebooks whose name contains one of these
               out: str | Path | None = None,        # outputs folder (default: outputs/; for smoke a cache scratch folder)
               timeout: int | None = None,           # per-cell timeout in seconds
               notebooks: list[Path] | None = None,  # explicit notebooks (default: `paper_notebooks()`)
               data_root: str | Path | None = None,  # real data for every notebook (None: SynthAffect)
-              jobs: int | None = None,              # notebooks run at once; None: 2 for smoke (mostly kernel start and imports,
-                                                    # single-threaded), 1 otherwise (training uses every core; one order of
-                                                    # floating-point work, so the committed cpu tables are what a rerun gives)
+              jobs: int | None = None,              # notebooks at once; None: 2 for smoke (kernel start and imports are
+                                                    # single-threaded), 1 otherwise (training uses every core, and one
+                                                    # order of floating-point work keeps the committed cpu tables)
              ) -> list[dict]:
-    """Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one record per
-    notebook. With `jobs` > 1 the notebooks run in separate processes (each kernel gets cores/jobs threads) and each writes
-    into its own staging folder, merged into `out` only when it succeeds: a failure still leaves every other notebook's
-    previous outputs intact, the notebooks already running finish, and no new one starts."""
+    """Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one
+    record per notebook. Each notebook runs in its own process; with `jobs` > 1 each kernel gets cores/jobs threads
+    and writes into its own staging folder, merged into `out` only when it succeeds: a failure leaves every other
+    notebook's previous outputs intact, the notebooks already running finish, and no new one starts."""
     from abaw_nb.core import cache_dir
     check_choice('preset', preset, PRESETS)
     jobs = (2 if preset == 'smoke' else 1) if jobs is None else int(jobs)
-    if jobs < 1: raise ValueError(f'jobs={jobs}: run at least 1 notebook at a time')
+    if jobs < 1:
+        raise ValueError(f'jobs={jobs}: run at least 1 notebook at a time')
     out = Path(out) if out else (cache_dir('smoke-outputs') if preset == 'smoke' else outputs_dir())
-    for sub in ('tables', 'figures'): (out/sub).mkdir(parents=True, exist_ok=True)
+    for sub in ('tables', 'figures'):
+        (out/sub).mkdir(parents=True, exist_ok=True)
     root = find_repo_root()
     nbs = notebooks if notebooks is not None else paper_notebooks(root)
-    if only: nbs = [p for p in nbs if any(o in p.name for o in only)]
+    if only:
+        nbs = [p for p in nbs if any(o in p.name for o in only)]
     params = dict(preset=preset, out_dir=str(out))
-    if data_root is not None: params['data_root'] = str(Path(data_root).expanduser().resolve())
-    ledger, done, stopped = read_ledger(out), {}, False
+    if data_root is not None:
+        params['data_root'] = str(Path(data_root).expanduser().resolve())
+    ledger, done = read_ledger(out), {}
+    threads = max((os.cpu_count() or 1) // jobs, 1) if jobs > 1 else None
+    def target(nb):
+        return out/STAGING/nb.stem if jobs > 1 else out
+    def submit(ex, nb):
+        if jobs > 1:
+            _clean_stage(target(nb))
+        return ex.submit(_run_one, nb, target(nb), out, params, root, timeout, threads)
     def finish(nb, rec):
-        nonlocal stopped
         done[nb.name] = rec
-        if rec['status'] == 'failed': stopped = True
-        else: ledger[nb.name] = {k: v for k, v in rec.items() if k != 'name'}   # a failed notebook keeps its previous entry (and files)
-    if jobs == 1:
-        for nb in nbs:
-            if stopped: break
-            finish(nb, _run_one(nb, out, out, params, root, timeout))
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, FIRST_COMPLETED, wait
-        threads = max((os.cpu_count() or 1) // jobs, 1)
-        pending, running = list(nbs), {}
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn')) as ex:
-            while running or (pending and not stopped):
-                while pending and not stopped and len(running) < jobs:
-                    nb = pending.pop(0); stage = out/STAGING/nb.stem
-                    for p in (stage.iterdir() if stage.exists() else []):   # what a failed earlier attempt left; runs are kept
-                        if p.name != 'runs': shutil.rmtree(p) if p.is_dir() else p.unlink()
-                    running[ex.submit(_run_one, nb, stage, out, params, root, timeout, threads)] = nb
-                fin, _ = wait(running, return_when=FIRST_COMPLETED)
-                for f in fin:
-                    nb = running.pop(f); rec = f.result()
-                    if rec['status'] != 'failed': _merge_staged(out/STAGING/nb.stem, out)
-                    finish(nb, rec)
+        if rec['status'] == 'failed':   # it keeps its previous ledger entry (and files)
+            return False
+        if jobs > 1:
+            _merge_staged(target(nb), out)
+        ledger[nb.name] = {k: v for k, v in rec.items() if k != 'name'}
+        return True
+    _schedule(nbs, jobs, submit, finish)
+    if not nbs:
+        print('[reproduce] no paper notebooks found in nbs/paper/ yet', flush=True)
     runs = [done.get(nb.name) or dict(name=nb.name, status='not run') for nb in nbs]
-    if not nbs: print('[reproduce] no paper notebooks found in nbs/paper/ yet', flush=True)
-    ledger = dict(sorted(ledger.items()))
+    return _write_results(out, ledger, runs, preset)
+
+# %% ../nbs/09_reproduce.ipynb
+def _write_results(out: Path, ledger: dict, runs: list[dict], preset: str) -> list[dict]:
+    "Write the ledger (successful records) and REPORT.md (which also shows this run's failures); returns `runs`."
     from abaw_nb.core import write_json
+    ledger = dict(sorted(ledger.items()))
     write_json(out/LEDGER, ledger)
     for r in runs:                 # the report shows this run's failure beside the previous results
-        if r['status'] in ('failed', 'not run'): ledger[r['name']] = {**ledger.get(r['name'], {}), 'status': r['status'], **(
-            {'error': r['error']} if 'error' in r else {})}
+        if r['status'] in ('failed', 'not run'):
+            err = {'error': r['error']} if 'error' in r else {}
+            ledger[r['name']] = {**ledger.get(r['name'], {}), 'status': r['status'], **err}
     report = write_report(out, dict(sorted(ledger.items())), preset)
     print(f'[reproduce] wrote {report}', flush=True)
     return runs
@@ -206,5 +257,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     runs = reproduce(a.preset, a.only, a.out, a.timeout, data_root=a.data_root, jobs=a.jobs)
     failed = [r for r in runs if r['status'] == 'failed']
-    if failed: print(f"[reproduce] FAILED: {failed[0]['name']}: {failed[0]['error']}", file=sys.stderr); return 1
+    if failed:
+        print(f"[reproduce] FAILED: {failed[0]['name']}: {failed[0]['error']}", file=sys.stderr)
+        return 1
     return 0
