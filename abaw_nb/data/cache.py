@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,9 @@ from .loading import FrameDataset, ClipDataset, video_windows, normalization, ma
 
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'CHUNK_BYTES', 'fit_square', 'crop_box', 'cache_entries', 'file_stats', 'cache_slot',
-           'data_fingerprint', 'FrameCache', 'frame_cache', 'CachedFrames', 'CachedClips', 'crop_params',
-           'erase_params', 'geometry', 'color_jitter', 'randaugment', 'erase', 'BatchAugment']
+           'data_fingerprint', 'FrameCache', 'frame_cache', 'BatchItems', 'PackedBatch', 'collate', 'CachedFrames',
+           'CachedClips', 'crop_params', 'erase_params', 'geometry', 'color_jitter', 'randaugment', 'erase',
+           'BatchAugment', 'keep_freed_memory']
 
 # %% ../../nbs/01f_data.cache.ipynb #9e7d9c57
 CACHE_VERSION = 1   # bump when the pixels stored for a key would change (resize rule, layout)
@@ -230,6 +232,59 @@ def _served(ds, df, root, size, boxes, on_error, cache_kw):
             add_issue(ds.issues, k, str(root), len(hit), 'e.g. ' + ', '.join(map(str, df['path'].iloc[hit[:3]])))
     ds.rows = np.flatnonzero(kind == '')
 
+class BatchItems(Sequence):
+    "What `__getitems__` of a cached dataset returns: the per-item dicts (built on access) of a batch it read and collated at once."
+    def __init__(self, batch: dict, n: int): self.batch, self.n = batch, n
+    def __len__(self): return self.n
+    def __getitem__(self, j):
+        if not -self.n <= j < self.n: raise IndexError(j)
+        return {k: v[j] for k, v in self.batch.items()}
+
+def _unpack(buf: torch.Tensor, layout: list) -> dict:
+    "The batch of a `PackedBatch`: each tensor a view of the one byte buffer."
+    return {k: buf[o:o + n].view(dt).view(shape) for k, o, n, dt, shape in layout}
+
+def _layout(spec) -> tuple[list, int]:
+    "Byte offsets of (key, dtype, shape) tensors in one buffer, each 64-byte aligned so that every dtype can view its slice."
+    layout, total = [], 0
+    for k, dt, shape in spec:
+        n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+        layout.append((k, total, n, dt, tuple(shape)))
+        total += -(-n // 64) * 64
+    return layout, total
+
+def _buffer(total: int) -> torch.Tensor:
+    "A byte buffer; in a DataLoader worker, in shared memory (as `default_collate` does), so that sending it copies nothing."
+    if torch.utils.data.get_worker_info() is None: return torch.empty(total, dtype=torch.uint8)
+    elem = torch.empty(0, dtype=torch.uint8)
+    return elem.new(elem._typed_storage()._new_shared(total, device='cpu'))
+
+class PackedBatch(dict):
+    "A batch dict that pickles as one byte buffer: from a DataLoader worker, one shared-memory transfer instead of one per tensor."
+    @classmethod
+    def allocate(cls, spec) -> 'PackedBatch':
+        "Empty tensors (key, dtype, shape) that are already views of one buffer: filled in place, they pickle without a copy."
+        layout, total = _layout(spec)
+        b = cls(_unpack(_buffer(total), layout))
+        b._packed = (next(iter(b.values())).untyped_storage(), layout) if layout else None
+        return b
+
+    def __reduce__(self):
+        if not all(isinstance(v, torch.Tensor) and v.device.type == 'cpu' for v in self.values()): return (dict, (dict(self),))
+        packed = getattr(self, '_packed', None)
+        if packed and [k for k, *_ in packed[1]] == list(self) and all(
+                v.untyped_storage().data_ptr() == packed[0].data_ptr() for v in self.values()):
+            buf = torch.empty(0, dtype=torch.uint8).set_(packed[0])
+            return (_unpack, (buf, packed[1]))                  # filled in place: nothing to copy
+        layout, total = _layout([(k, v.dtype, v.shape) for k, v in self.items()])
+        buf = _buffer(total)
+        for k, o, n, dt, shape in layout: buf[o:o + n].view(dt).view(shape).copy_(self[k])
+        return (_unpack, (buf, layout))
+
+def collate(samples) -> PackedBatch:
+    "A DataLoader `collate_fn`: the batch a cached dataset already collated (no stacking), else `default_collate`; packed for the trip from a worker."
+    return PackedBatch(samples.batch if isinstance(samples, BatchItems) else default_collate(samples))
+
 class CachedFrames(FrameDataset):
     "`FrameDataset` over a frame cache: the same items with `image` a 3 x size x size uint8 tensor (augment batches with `BatchAugment`)."
     def __init__(self, df: pd.DataFrame, root,
@@ -244,12 +299,13 @@ class CachedFrames(FrameDataset):
     def load(self, r: int) -> torch.Tensor: return self.cache.frames([self.entry[r]])[0]
     def finish(self, img: torch.Tensor) -> torch.Tensor: return self.transform(img) if self.transform else img
     def __getitem__(self, i): return super().__getitem__(int(self.rows[i]))
-    def __getitems__(self, idx: list) -> list[dict]:
+    def __getitems__(self, idx: list) -> BatchItems:
+        if self.transform is not None: return [self[i] for i in idx]
         rows = self.rows[np.asarray(idx, np.int64)]
-        imgs = self.cache.frames(self.entry[rows]).contiguous()
-        lab = {k: torch.as_tensor(v[rows]) for k, v in self.labels.items()}
-        return [{**{k: v[j] for k, v in lab.items()}, 'image': self.finish(imgs[j]), 'index': torch.tensor(int(r))}
-                for j, r in enumerate(rows)]
+        b = {k: torch.as_tensor(v[rows]) for k, v in self.labels.items()}
+        b['image'] = self.cache.frames(self.entry[rows]).contiguous()   # one read of the memory map for the batch
+        b['index'] = torch.as_tensor(rows)
+        return BatchItems(b, len(rows))
 
 class CachedClips(ClipDataset):
     "`ClipDataset` over a frame cache: the same clips with `image` a T x 3 x size x size uint8 tensor."
@@ -262,6 +318,21 @@ class CachedClips(ClipDataset):
             self.windows = [np.where(w >= 0, self.rows[np.maximum(w, 0)], -1) for w in wins]
     def load_clip(self, src: np.ndarray) -> torch.Tensor: return self.cache.frames(self.entry[src])
     def finish(self, imgs: torch.Tensor) -> torch.Tensor: return self.transform(imgs) if self.transform else imgs
+    def __getitems__(self, idx: list) -> BatchItems:
+        if self.transform is not None: return [self[i] for i in idx]
+        idx = np.stack([self.windows[i] for i in idx])                     # (k, T) rows, -1 = padding
+        valid = idx >= 0
+        last = np.take_along_axis(idx, (valid.cumsum(1).argmax(1))[:, None], 1)   # each clip's last real frame
+        src = np.where(valid, idx, last)
+        k, T = idx.shape
+        b = {}
+        for key, v in self.labels.items():
+            a = torch.as_tensor(v[src])
+            if key.endswith('_mask'): a = a & torch.as_tensor(valid).reshape(k, T, *([1] * (a.dim() - 2)))
+            b[key] = a
+        b['image'] = self.cache.frames(self.entry[src.ravel()]).contiguous().view(k, T, 3, self.size, self.size)
+        b['index'], b['valid'] = torch.as_tensor(idx), torch.as_tensor(valid)
+        return BatchItems(b, k)
 
 # %% ../../nbs/01f_data.cache.ipynb #bcc92f34
 def _first_fit(ok: torch.Tensor, *vals):
@@ -325,18 +396,20 @@ def geometry(x: torch.Tensor,    # (n, C, H, W) float images (a clip: its frames
     grid = pair(f * cos * sx, sin * sy) * ux + (pair(-f * sin * sx, cos * sy) * uy + pair((2 * left + w) / W - 1, (2 * top + h) / H - 1))
     out = F.grid_sample(x, grid.permute(0, 2, 3, 1), mode='bilinear', padding_mode='border', align_corners=False)
     if bool((angle != 0).any()):                                    # rotation fill: 0 outside the rotated image
-        v = pair(cos, sin) * ux + pair(-sin, cos) * uy
-        out = out.mul_(((v[:, 0].abs() <= 1) & (v[:, 1].abs() <= 1))[:, None])
+        v = (pair(-sin, cos) * uy + pair(cos, sin) * ux).abs_().amax(1, keepdim=True)
+        out = out.mul_(v <= 1)
     return out
 
 def color_jitter(x: torch.Tensor,       # (n, T, 3, H, W) in [0, bound]
                  factors: torch.Tensor, # (n, 3) brightness, contrast, saturation factors
                  order: torch.Tensor,   # (n, 3) a permutation of (0, 1, 2) per image: the order of the three ops
                  bound: float = 1.0,    # the white level (1 for [0, 1] images, 255 for uint8 levels held in floats)
+                 inplace: bool = False, # overwrite `x` (saves allocating the batch again: large allocations are slow here)
                 ) -> torch.Tensor:
     "`ColorJitter` with per-image factors and order, clamped to [0, bound] after each op as torchvision does."
     n = len(x)
     col = lambda t, k=5: t.to(x.device, x.dtype).view(n, *([1] * (k - 1)))
+    x = x if inplace else x.clone()
     for step in range(3):
         op = order[:, step]
         fac = factors.gather(1, op[:, None])[:, 0]
@@ -345,10 +418,10 @@ def color_jitter(x: torch.Tensor,       # (n, T, 3, H, W) in [0, bound]
             gray = (r * _GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2])
             mean = gray.mean((2, 3), keepdim=True)
             other = gray.mul_(col((op == 2) * (1 - fac), 4)).add_(mean * col((op == 1) * (1 - fac), 4))
-            x = (x * col(fac)).add_(other[:, :, None])
+            x.mul_(col(fac)).add_(other[:, :, None])
         else:                      # brightness only: a blend with black
-            x = x * col(fac)
-        x = x.clamp_(0, bound)
+            x.mul_(col(fac))
+        x.clamp_(0, bound)
     return x
 
 # %% ../../nbs/01f_data.cache.ipynb #bcccb2a5
@@ -375,7 +448,7 @@ def randaugment(x: torch.Tensor,          # (n, T, 3, H, W) uint8
     return x
 
 def erase(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    "Set the (top, left, height, width) box of each image (all frames of a clip) to 0; height 0 leaves it unchanged."
+    "Set the (top, left, height, width) box of each image (all frames of a clip) to 0, in place; height 0 leaves it unchanged."
     H, W = x.shape[-2:]
     b = box.to(x.device)
     r = torch.arange(H, device=x.device)
@@ -383,7 +456,7 @@ def erase(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     rows = (r[None] >= b[:, :1]) & (r[None] < b[:, :1] + b[:, 2:3])
     cols = (c[None] >= b[:, 1:2]) & (c[None] < b[:, 1:2] + b[:, 3:4])
     mask = (rows[:, :, None] & cols[:, None, :]).view(len(x), *([1] * (x.dim() - 3)), H, W)
-    return x.masked_fill(mask, 0.0)
+    return x.masked_fill_(mask, 0.0)
 
 # %% ../../nbs/01f_data.cache.ipynb #43f7bc40
 class BatchAugment:
@@ -416,26 +489,35 @@ class BatchAugment:
         std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return x.sub(mean).div_(std)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, out: torch.Tensor | None = None) -> dict:
+        "The batch with `image` augmented (or preprocessed) and normalised; `out`: a float32 tensor of the result's shape to write into."
         x = batch['image']
         if x.dtype != torch.uint8: raise TypeError(f'BatchAugment expects a uint8 image batch, got {x.dtype}')
         if x.dim() not in (4, 5): raise ValueError(f'image batch must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(x.shape)}')
         clip = x.dim() == 5
         x5 = x if clip else x[:, None]
-        y = self.augment_chunked(x5) if self.train else self.evaluate(x5)
+        o5 = None if out is None else (out if clip else out[:, None])
+        y = self.augment_chunked(x5, o5) if self.train else self.evaluate(x5, o5)
         return {**batch, 'image': y if clip else y[:, 0]}
 
-    def collate(self, samples: list) -> dict:
-        "`default_collate` then this augmentation: pass as a DataLoader's `collate_fn` to augment in its workers."
-        return self(default_collate(samples))
+    def collate(self, samples) -> PackedBatch:
+        "`collate` then this augmentation, written straight into the packed batch: a DataLoader `collate_fn` that augments in its workers."
+        b = collate(samples)
+        shape = (*b['image'].shape[:-3], 3, self.size, self.size)
+        out = PackedBatch.allocate([(k, torch.float32, shape) if k == 'image' else (k, v.dtype, v.shape) for k, v in b.items()])
+        for k, v in b.items():
+            if k != 'image': out[k].copy_(v)
+        self(b, out=out['image'])
+        return out
 
 # %% ../../nbs/01f_data.cache.ipynb #c9782800
 @torch.no_grad()
-def _evaluate(self, x: torch.Tensor) -> torch.Tensor:
+def _evaluate(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     "Evaluation: (resize + centre crop when the frames are not size x size), float conversion, normalisation."
     if x.shape[-2:] != (self.size, self.size):
         x = fit_square(x.flatten(0, 1), self.size).view(*x.shape[:2], 3, self.size, self.size)
-    return self.normalise(x.to(torch.float32).mul_(1.0 / 255))
+    y = self.normalise(x.to(torch.float32).mul_(1.0 / 255))
+    return y if out is None else out.copy_(y)
 
 def _sample(self, n: int, H: int, W: int) -> dict:
     "Every random parameter of a batch of n images (clips), drawn on the CPU."
@@ -450,7 +532,7 @@ def _sample(self, n: int, H: int, W: int) -> dict:
     return p
 
 @torch.no_grad()
-def _augment(self, x: torch.Tensor, p: dict | None = None) -> torch.Tensor:
+def _augment(self, x: torch.Tensor, p: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     "Training: geometry, colour jitter, RandAugment, normalisation, erasing (in uint8 levels held in floats); `p` fixes the random draws."
     if x.shape[-1] != self.size or x.shape[-2] != self.size:
         raise ValueError(f'training frames must be {self.size}x{self.size} (build the cache at the training size), got {tuple(x.shape[-2:])}')
@@ -461,25 +543,39 @@ def _augment(self, x: torch.Tensor, p: dict | None = None) -> torch.Tensor:
         y = torch.where(p['flip'].to(x.device).view(n, 1, 1, 1, 1), x.flip(-1), x).to(torch.float32)
     else:
         y = geometry(x.reshape(n, T * C, S, S).to(torch.float32), p['box'], p['flip'], p['angle'], S).view(n, T, C, S, S)
-    if self.jitter: y = color_jitter(y, p['factors'], p['order'], bound=255.0)
+    if self.jitter: y = color_jitter(y, p['factors'], p['order'], bound=255.0, inplace=True)
     if self.randaugment: y = randaugment(y.round_().to(torch.uint8), generator=self.generator).to(torch.float32)
     mean = torch.as_tensor(self.mean, dtype=y.dtype, device=y.device).view(-1, 1, 1)
     std = torch.as_tensor(self.std, dtype=y.dtype, device=y.device).view(-1, 1, 1)
-    y = (y * (1 / (255 * std))).add_(-mean / std)        # (y / 255 - mean) / std
+    y = torch.mul(y, 1 / (255 * std), out=out if out is not None else y).add_(-mean / std)   # (y / 255 - mean) / std
     if p['erase'] is not None: y = erase(y, p['erase'])
     return y
 
-CHUNK_BYTES = 1 << 20   # float pixels per chunk of a training batch: its dozen passes then run in the CPU's cache
+CHUNK_BYTES = 4 << 20   # float pixels per chunk of a training batch: its dozen passes then run in the CPU's cache
 
-def _augment_chunked(self, x: torch.Tensor) -> torch.Tensor:
+def _augment_chunked(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     "`augment` over chunks of about `CHUNK_BYTES` of float pixels (parameters drawn once for the batch), into one output."
     n, T, C, H, W = x.shape
     p = self.sample(n, H, W)
     k = max(1, CHUNK_BYTES // (T * C * H * W * 4)) if x.device.type == 'cpu' else n
-    if k >= n: return self.augment(x, p)
-    out = torch.empty(n, T, C, self.size, self.size, dtype=torch.float32, device=x.device)
+    if out is None: out = torch.empty(n, T, C, self.size, self.size, dtype=torch.float32, device=x.device)
     for i in range(0, n, k):
-        out[i:i + k] = self.augment(x[i:i + k], {key: v[i:i + k] if v is not None else None for key, v in p.items()})
+        self.augment(x[i:i + k], {key: v[i:i + k] if v is not None else None for key, v in p.items()}, out=out[i:i + k])
     return out
 
 BatchAugment.evaluate, BatchAugment.sample, BatchAugment.augment, BatchAugment.augment_chunked = _evaluate, _sample, _augment, _augment_chunked
+
+# %% ../../nbs/01f_data.cache.ipynb #8810f596
+def keep_freed_memory(mmap_threshold: int = 32 << 20,   # blocks below this come from the heap (glibc's maximum: 32 MiB)
+                      trim_threshold: int = 1 << 30,    # free memory at the heap's top kept up to this many bytes
+                     ) -> bool:
+    "Make glibc's malloc reuse freed blocks instead of returning them to the system (process-wide); False where it cannot (not glibc, value refused)."
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
