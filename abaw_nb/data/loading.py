@@ -86,7 +86,8 @@ class FrameDataset(Dataset):
         self.labels = label_arrays(df)
     def __len__(self): return len(self.paths)
     def load(self, i: int) -> torch.Tensor: return read_rgb(self.paths[i])
-    def finish(self, img: torch.Tensor) -> torch.Tensor: return self.transform(img) if self.transform else img.float() / 255
+    def finish(self, img: torch.Tensor) -> torch.Tensor:
+        return self.transform(img) if self.transform else img.float() / 255
     def __getitem__(self, i):
         img = self.finish(self.load(i))
         out = {k: torch.as_tensor(v[i]) for k, v in self.labels.items()}
@@ -133,8 +134,10 @@ class ClipDataset(Dataset):
         self.labels = label_arrays(df)
         self.windows = video_windows(df, length, stride or length, end)
     def __len__(self): return len(self.windows)
-    def load_clip(self, src: np.ndarray) -> torch.Tensor: return torch.stack([read_rgb(self.paths[j]) for j in src])
-    def finish(self, imgs: torch.Tensor) -> torch.Tensor: return self.transform(imgs) if self.transform else imgs.float() / 255
+    def load_clip(self, src: np.ndarray) -> torch.Tensor:
+        return torch.stack([read_rgb(self.paths[j]) for j in src])
+    def finish(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.transform(imgs) if self.transform else imgs.float() / 255
     def __getitem__(self, i):
         idx = self.windows[i]; valid = idx >= 0
         last = idx[valid][-1]
@@ -231,23 +234,26 @@ def _proc_cpu_s(pid: int) -> float:
 def pipeline_rates(ds, workers: int = 0, batch_size: int = 64,
                    n_batches: int = 20,   # batches timed
                    warmup: int = 2,       # batches taken before the clock starts
-                   collate_fn=None,       # the DataLoader's collate_fn (runs in the workers, or here with 0 workers)
+                   collate_fn=None,       # the DataLoader's collate_fn (runs in the workers; here with 0 workers)
                    augment=None,          # batch -> batch, run here on every batch (timed)
                   ) -> dict:
-    "Steady-state images per wall second and per CPU-second (this process + its workers) of a shuffled DataLoader over `ds`."
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_fn, drop_last=True,
-                    generator=torch.Generator().manual_seed(0))
+    "Steady-state images per wall second and per CPU-second (this process + its workers) of a shuffled DataLoader."
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_fn,
+                    drop_last=True, generator=torch.Generator().manual_seed(0))
     take = (lambda b: len(augment(b)['index'])) if augment else (lambda b: len(b['index']))
     it = iter(dl)
-    for _ in range(warmup): take(next(it))
+    for _ in range(warmup):
+        take(next(it))
     pids = [w.pid for w in getattr(it, '_workers', [])]
     cpu = lambda: time.process_time() + sum(_proc_cpu_s(p) for p in pids)
     c0 = cpu()
     t0 = time.perf_counter()
     n = 0
     for _ in range(n_batches):
-        try: n += take(next(it))
-        except StopIteration: break
+        try:
+            n += take(next(it))
+        except StopIteration:
+            break
     dt = time.perf_counter() - t0
     dc = cpu() - c0
     del it
