@@ -28,19 +28,19 @@ from .loading import FrameDataset, ClipDataset, video_windows, normalization, ma
 
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'CHUNK_BYTES', 'fit_square', 'crop_box', 'cache_entries', 'file_stats', 'cache_slot',
-           'data_fingerprint', 'FrameCache', 'frame_cache', 'BatchItems', 'PackedBatch', 'collate', 'CachedFrames',
-           'CachedClips', 'crop_params', 'erase_params', 'geometry', 'color_jitter', 'randaugment', 'erase',
-           'BatchAugment', 'keep_freed_memory']
+           'data_fingerprint', 'FrameCache', 'frame_cache', 'BatchItems', 'PackedBatch', 'collate', 'augment_packed',
+           'CachedFrames', 'CachedClips', 'crop_params', 'erase_params', 'geometry', 'color_jitter', 'randaugment',
+           'erase', 'BatchAugment', 'keep_freed_memory']
 
 # %% ../../nbs/01f_data.cache.ipynb #9e7d9c57
 CACHE_VERSION = 1   # bump when the pixels stored for a key would change (resize rule, layout)
 
 def fit_square(img: torch.Tensor, size: int) -> torch.Tensor:
-    "Resize the shorter side to `size` (antialiased) and centre crop: `make_transform(False, size)` before its float conversion."
+    "Shorter side to `size` (antialiased), centre crop: `make_transform(False, size)` before its float conversion."
     return v2.functional.center_crop(v2.functional.resize(img, size, antialias=True), size)
 
 def crop_box(img: torch.Tensor, box, path='') -> torch.Tensor:
-    "Crop a 3xHxW image to `box` = (left, top, right, bottom), clipped to the image; an empty box is an `ImageReadError`."
+    "Crop a 3xHxW image to `box` = (left, top, right, bottom), clipped to the image; empty: an `ImageReadError`."
     H, W = img.shape[-2:]
     left, top = max(0, int(box[0])), max(0, int(box[1]))
     right, bottom = min(W, int(box[2])), min(H, int(box[3]))
@@ -65,7 +65,7 @@ def cache_entries(paths, boxes=None) -> tuple[list, np.ndarray]:
 
 # %% ../../nbs/01f_data.cache.ipynb #551fcff9
 def file_stats(root, rel_paths, content: bool = False) -> list[tuple]:
-    "(relative path, bytes, mtime in ns) per file, or with `content` (relative path, bytes, sha1 of the bytes); (path, -1, -1) when missing."
+    "(path, bytes, mtime in ns) per file, or with `content` (path, bytes, sha1 of its bytes); (path, -1, -1): missing."
     root = Path(root)
     out = []
     for p in rel_paths:
@@ -87,19 +87,20 @@ def _digest(*parts) -> str:
     return h.hexdigest()
 
 def cache_slot(root, entries: list, size: int, name: str = 'frames') -> str:
-    "Folder name of what is cached: `name`, entry count, size, and a hash of the resolved root, the entries and the size."
+    "Folder name of what is cached: `name`, entry count, size, and a hash of the resolved root, the entries, the size."
     tag = ''.join(c if c.isalnum() or c in '-_+' else '_' for c in name)[:40]
     return f'{tag}-{len(entries)}f-{size}px-{_digest(str(Path(root).resolve()), entries, size, CACHE_VERSION)[:12]}'
 
 def data_fingerprint(root, entries: list, size: int, mode: str = 'stat') -> str:
-    "Version of the cached files: a hash over `file_stats` of every distinct file (`mode` 'stat' or 'content'), the entries and the size."
-    if mode not in ('stat', 'content'): raise ValueError(f"fingerprint must be 'stat' or 'content', got {mode!r}")
+    "Version of the cached files: a hash of `file_stats` of each file (`mode`: 'stat' or 'content'), entries, size."
+    if mode not in ('stat', 'content'):
+        raise ValueError(f"fingerprint must be 'stat' or 'content', got {mode!r}")
     files = sorted({p for p, _ in entries})
     return _digest(file_stats(root, files, content=mode == 'content'), entries, size, CACHE_VERSION)[:20]
 
 # %% ../../nbs/01f_data.cache.ipynb #bb8d99e1
 class FrameCache:
-    "A published frame cache: `frames.npy` ((N, size, size, 3) uint8), memory-mapped read-only once per process, and `meta.json`."
+    "A published frame cache: `frames.npy` ((N, size, size, 3) uint8), memory-mapped read-only per process; `meta`."
     def __init__(self, folder, built: bool = False):
         self.folder, self.built = Path(folder), built
         self.meta = json.loads((self.folder/'meta.json').read_text())
@@ -133,7 +134,7 @@ def _error_kind(path: Path) -> str:
     return 'unreadable_image' if path.is_file() else 'missing_image'
 
 class _DecodeEntries(Dataset):
-    "What the builder's DataLoader reads: entry i decoded, cropped and resized, or (on_error='skip') zeros and the error."
+    "What the builder's DataLoader reads: entry i decoded, cropped and resized, or (on_error='skip') zeros + the error."
     def __init__(self, root, entries, size, decode, skip):
         self.root, self.entries, self.size, self.decode, self.skip = Path(root), entries, size, decode, skip
     def __len__(self): return len(self.entries)
@@ -142,10 +143,12 @@ class _DecodeEntries(Dataset):
         path = self.root/p
         try:
             img = self.decode(path)
-            if box is not None: img = crop_box(img, box, path)
+            if box is not None:
+                img = crop_box(img, box, path)
             return i, fit_square(img, self.size).permute(1, 2, 0).contiguous(), ''
         except ImageReadError as e:
-            if not self.skip: raise
+            if not self.skip:
+                raise
             return i, torch.zeros(self.size, self.size, 3, dtype=torch.uint8), f'{_error_kind(path)}\t{e}'
 
 def _write_frames(tmp: Path, ds: _DecodeEntries, workers: int, desc: str, show) -> list:
@@ -157,69 +160,82 @@ def _write_frames(tmp: Path, ds: _DecodeEntries, workers: int, desc: str, show) 
     for items in progress(dl, desc=desc, total=len(dl), enabled=show):
         for i, img, err in items:
             arr[i] = img.numpy()
-            if err: bad.append([i, *err.split('\t', 1)])
+            if err:
+                bad.append([i, *err.split('\t', 1)])
         fault_point('frame_cache_build')   # test hook: SIGKILL here leaves a half-written build
     arr.flush()
     del arr
-    with open(tmp/'frames.npy', 'rb') as f: os.fsync(f.fileno())
+    with open(tmp/'frames.npy', 'rb') as f:
+        os.fsync(f.fileno())
     return bad
 
 # %% ../../nbs/01f_data.cache.ipynb #76cf4054
 def _checked(fc: FrameCache, on_error: str) -> FrameCache:
+    "The cache, or (on_error='raise') the error naming the first of the frames it could not read."
     if on_error == 'raise' and fc.meta['bad']:
         i, kind, msg = fc.meta['bad'][0]
-        raise ImageReadError(f"{len(fc.meta['bad'])} of {fc.n} frames could not be read (cache {fc.folder.parent.name} was built "
-                             f"with on_error='skip'); first: {msg}")
+        raise ImageReadError(f"{len(fc.meta['bad'])} of {fc.n} frames could not be read (cache {fc.folder.parent.name} "
+                             f"was built with on_error='skip'); first: {msg}")
     return fc
 
+def _build(slot: Path, fp: str, root, entries, size, on_error, fingerprint, workers, decode, show) -> None:
+    "Under the slot's lock: remove dead builds, decode into a temporary folder, publish it by a rename, drop old ones."
+    for stale in slot.glob('.tmp-*'):
+        shutil.rmtree(stale, ignore_errors=True)      # only a dead build leaves these: a live one holds the lock
+    tmp = slot/f'.tmp-{fp}-{os.getpid()}-{uuid.uuid4().hex[:6]}'
+    tmp.mkdir()
+    try:
+        w = workers if workers is not None else (min(2, os.cpu_count() or 1) if len(entries) >= 2000 else 0)
+        t0 = time.perf_counter()
+        ds = _DecodeEntries(root, entries, size, decode, on_error == 'skip')
+        bad = _write_frames(tmp, ds, w, f'frame cache {slot.name}', show)
+        meta = dict(version=CACHE_VERSION, n=len(entries), size=size, fingerprint=fp, fingerprint_mode=fingerprint,
+                    root=str(Path(root).resolve()), bad=bad, seconds=round(time.perf_counter() - t0, 2),
+                    built=time.strftime('%Y-%m-%dT%H:%M:%S'), pid=os.getpid())
+        write_text(tmp/'meta.json', json.dumps(meta))
+        os.rename(tmp, slot/fp)                       # publish: readers see the whole cache or none of it
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in slot.iterdir():                        # superseded versions of the same files
+        if old.is_dir() and not old.name.startswith('.') and old.name != fp:
+            shutil.rmtree(old, ignore_errors=True)
+
+# %% ../../nbs/01f_data.cache.ipynb #5f315760
 def frame_cache(root,                       # dataset root the paths are relative to
-                paths,                      # relative image paths (e.g. a frame table's `path`); duplicates are stored once
+                paths,                      # relative image paths (e.g. a frame table's `path`); duplicates stored once
                 size: int,                  # side of the stored square frames
-                boxes=None,                 # (N, 4) face boxes (left, top, right, bottom) to crop before resizing, or None
+                boxes=None,                 # (N, 4) face boxes (left, top, right, bottom) to crop before resizing
                 name: str = 'frames',       # readable prefix of the cache folder (e.g. the dataset's name)
-                on_error: str = 'raise',    # missing/undecodable image: 'raise' ImageReadError naming it, or 'skip' (recorded)
+                on_error: str = 'raise',    # missing/undecodable image: 'raise' ImageReadError, or 'skip' (recorded)
                 fingerprint: str = 'stat',  # 'stat' (bytes + mtime of each file) or 'content' (sha1 of each file)
                 folder=None,                # where caches live (default `cache_dir('frames')`)
-                workers: int | None = None, # decoding processes for a build (default: up to 2 for 2,000 frames or more, else 0)
+                workers: int | None = None, # decoding processes for a build (default: 2 from 2,000 frames, else 0)
                 decode=read_rgb,            # path -> 3xHxW uint8 tensor (tests inject failures and delays here)
                 show_progress: bool | None = None,
                ) -> tuple[FrameCache, np.ndarray]:
-    "The frame cache of `paths` at `size`, built on first use (file lock, atomic publish); returns it and each path's entry number."
+    "The frame cache of `paths` at `size`, built on first use (file lock, atomic publish), and each path's entry."
     from filelock import FileLock
-    if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_error not in ('raise', 'skip'):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     entries, pos = cache_entries(paths, boxes)
-    if not entries: raise ValueError('frame_cache: no frames to cache')
+    if not entries:
+        raise ValueError('frame_cache: no frames to cache')
     slot = Path(folder or cache_dir('frames'))/cache_slot(root, entries, size, name)
     fp = data_fingerprint(root, entries, size, fingerprint)
-    final = slot/fp
-    if (final/'meta.json').is_file(): return _checked(FrameCache(final), on_error), pos   # the common case takes no lock
+    if (slot/fp/'meta.json').is_file():               # the common case takes no lock
+        return _checked(FrameCache(slot/fp), on_error), pos
     slot.mkdir(parents=True, exist_ok=True)
     with FileLock(str(slot/'.lock')):
-        if (final/'meta.json').is_file(): return _checked(FrameCache(final), on_error), pos   # built while we waited
-        for stale in slot.glob('.tmp-*'): shutil.rmtree(stale, ignore_errors=True)   # only a dead build leaves these
-        tmp = slot/f'.tmp-{fp}-{os.getpid()}-{uuid.uuid4().hex[:6]}'
-        tmp.mkdir()
-        try:
-            w = workers if workers is not None else (min(2, os.cpu_count() or 1) if len(entries) >= 2000 else 0)
-            t0 = time.perf_counter()
-            ds = _DecodeEntries(root, entries, size, decode, on_error == 'skip')
-            bad = _write_frames(tmp, ds, w, f'frame cache {slot.name}', show_progress)
-            meta = dict(version=CACHE_VERSION, n=len(entries), size=size, fingerprint=fp, fingerprint_mode=fingerprint,
-                        root=str(Path(root).resolve()), bad=bad, seconds=round(time.perf_counter() - t0, 2),
-                        built=time.strftime('%Y-%m-%dT%H:%M:%S'), pid=os.getpid())
-            write_text(tmp/'meta.json', json.dumps(meta))
-            os.rename(tmp, final)                  # publish: readers see the whole cache or none of it
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        for old in slot.iterdir():                # superseded versions of the same files
-            if old.is_dir() and not old.name.startswith('.') and old.name != fp: shutil.rmtree(old, ignore_errors=True)
-    return _checked(FrameCache(final, built=True), on_error), pos
+        built = not (slot/fp/'meta.json').is_file()   # or another process built it while this one waited
+        if built:
+            _build(slot, fp, root, entries, size, on_error, fingerprint, workers, decode, show_progress)
+    return _checked(FrameCache(slot/fp, built=built), on_error), pos
 
-# %% ../../nbs/01f_data.cache.ipynb #9742feb0
-def _served(ds, df, root, size, boxes, on_error, cache_kw):
-    "Open (or build) the cache of `df` for a dataset: sets cache, entry (per row), rows (served rows) and issues."
-    ds.size, ds.issues = size, []
+# %% ../../nbs/01f_data.cache.ipynb #24977d42
+def _served(ds, df, root, size, boxes, on_error, augment, cache_kw):
+    "Open (or build) the cache of `df` for a dataset: sets cache, entry (per row), rows (served rows), issues, augment."
+    ds.size, ds.issues, ds.augment = size, [], augment
     ds.cache, ds.entry = None, np.zeros(len(df), np.int64)
     if len(df):
         name = '+'.join(sorted(map(str, pd.unique(df['dataset']))))
@@ -233,19 +249,21 @@ def _served(ds, df, root, size, boxes, on_error, cache_kw):
     ds.rows = np.flatnonzero(kind == '')
 
 class BatchItems(Sequence):
-    "What `__getitems__` of a cached dataset returns: the per-item dicts (built on access) of a batch it read and collated at once."
+    "What a cached dataset's `__getitems__` returns: a batch read and collated at once; per-item dicts on demand."
     def __init__(self, batch: dict, n: int): self.batch, self.n = batch, n
     def __len__(self): return self.n
     def __getitem__(self, j):
-        if not -self.n <= j < self.n: raise IndexError(j)
+        if not -self.n <= j < self.n:
+            raise IndexError(j)
         return {k: v[j] for k, v in self.batch.items()}
 
+# %% ../../nbs/01f_data.cache.ipynb #5fca9b52
 def _unpack(buf: torch.Tensor, layout: list) -> dict:
     "The batch of a `PackedBatch`: each tensor a view of the one byte buffer."
     return {k: buf[o:o + n].view(dt).view(shape) for k, o, n, dt, shape in layout}
 
 def _layout(spec) -> tuple[list, int]:
-    "Byte offsets of (key, dtype, shape) tensors in one buffer, each 64-byte aligned so that every dtype can view its slice."
+    "Byte offsets of (key, dtype, shape) tensors in one buffer, each 64-byte aligned so that every dtype can view it."
     layout, total = [], 0
     for k, dt, shape in spec:
         n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
@@ -254,126 +272,151 @@ def _layout(spec) -> tuple[list, int]:
     return layout, total
 
 def _buffer(total: int) -> torch.Tensor:
-    "A byte buffer; in a DataLoader worker, in shared memory (as `default_collate` does), so that sending it copies nothing."
-    if torch.utils.data.get_worker_info() is None: return torch.empty(total, dtype=torch.uint8)
+    "A byte buffer; in a DataLoader worker in shared memory (as `default_collate` does): sending it copies nothing."
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(total, dtype=torch.uint8)
     elem = torch.empty(0, dtype=torch.uint8)
     return elem.new(elem._typed_storage()._new_shared(total, device='cpu'))
 
 class PackedBatch(dict):
-    "A batch dict that pickles as one byte buffer: from a DataLoader worker, one shared-memory transfer instead of one per tensor."
+    "A batch dict that pickles as one byte buffer: from a DataLoader worker, one shared-memory transfer, not eight."
     @classmethod
-    def allocate(cls, spec) -> 'PackedBatch':
-        "Empty tensors (key, dtype, shape) that are already views of one buffer: filled in place, they pickle without a copy."
+    def allocate(cls, spec) -> PackedBatch:
+        "Empty tensors (key, dtype, shape) that are views of one buffer: filled in place, they pickle without a copy."
         layout, total = _layout(spec)
         b = cls(_unpack(_buffer(total), layout))
         b._packed = (next(iter(b.values())).untyped_storage(), layout) if layout else None
         return b
 
-    def __reduce__(self):
-        if not all(isinstance(v, torch.Tensor) and v.device.type == 'cpu' for v in self.values()): return (dict, (dict(self),))
+    def _in_place(self) -> bool:
         packed = getattr(self, '_packed', None)
-        if packed and [k for k, *_ in packed[1]] == list(self) and all(
-                v.untyped_storage().data_ptr() == packed[0].data_ptr() for v in self.values()):
-            buf = torch.empty(0, dtype=torch.uint8).set_(packed[0])
-            return (_unpack, (buf, packed[1]))                  # filled in place: nothing to copy
+        return bool(packed) and [k for k, *_ in packed[1]] == list(self) and all(
+            v.untyped_storage().data_ptr() == packed[0].data_ptr() for v in self.values())
+
+    def __reduce__(self):
+        if not all(isinstance(v, torch.Tensor) and v.device.type == 'cpu' for v in self.values()):
+            return (dict, (dict(self),))
+        if self._in_place():                                   # filled in place: nothing to copy
+            return (_unpack, (torch.empty(0, dtype=torch.uint8).set_(self._packed[0]), self._packed[1]))
         layout, total = _layout([(k, v.dtype, v.shape) for k, v in self.items()])
         buf = _buffer(total)
-        for k, o, n, dt, shape in layout: buf[o:o + n].view(dt).view(shape).copy_(self[k])
+        for k, o, n, dt, shape in layout:
+            buf[o:o + n].view(dt).view(shape).copy_(self[k])
         return (_unpack, (buf, layout))
 
 def collate(samples) -> PackedBatch:
-    "A DataLoader `collate_fn`: the batch a cached dataset already collated (no stacking), else `default_collate`; packed for the trip from a worker."
+    "A DataLoader `collate_fn`: the batch a cached dataset read and collated (no stacking), else `default_collate`."
     return PackedBatch(samples.batch if isinstance(samples, BatchItems) else default_collate(samples))
 
+def augment_packed(batch: dict, augment) -> PackedBatch:
+    "`augment(batch)` as a `PackedBatch`, a `BatchAugment`'s float images written straight into the packed buffer."
+    if not hasattr(augment, 'output_shape'):
+        return PackedBatch(augment(batch))
+    shape = augment.output_shape(batch['image'])
+    spec = [(k, torch.float32, shape) if k == 'image' else (k, v.dtype, v.shape) for k, v in batch.items()]
+    out = PackedBatch.allocate(spec)
+    for k, v in batch.items():
+        if k != 'image':
+            out[k].copy_(v)
+    augment(batch, out=out['image'])
+    return out
+
+# %% ../../nbs/01f_data.cache.ipynb #bcc92f34
 class CachedFrames(FrameDataset):
-    "`FrameDataset` over a frame cache: the same items with `image` a 3 x size x size uint8 tensor (augment batches with `BatchAugment`)."
+    "`FrameDataset` over a frame cache: the same items with `image` a 3 x size x size uint8 tensor (or `augment`ed)."
     def __init__(self, df: pd.DataFrame, root,
                  size: int,                 # side of the cached frames (the model's input side)
-                 transform=None,            # optional per-item transform of the uint8 frame (default: none)
+                 augment=None,              # a `BatchAugment` applied to every batch read (in the DataLoader's workers)
+                 transform=None,            # or a per-item transform of the uint8 frame (the slow path)
                  on_error: str = 'raise',   # see `frame_cache`; 'skip' leaves unreadable rows out (counted in `issues`)
                  boxes=None,                # (N, 4) face boxes to crop before resizing, or None
                  **cache_kw):               # `frame_cache` options (folder, fingerprint, workers, show_progress)
         super().__init__(df, root, transform)
-        _served(self, df, root, size, boxes, on_error, cache_kw)
+        _served(self, df, root, size, boxes, on_error, augment, cache_kw)
     def __len__(self): return len(self.rows)
     def load(self, r: int) -> torch.Tensor: return self.cache.frames([self.entry[r]])[0]
-    def finish(self, img: torch.Tensor) -> torch.Tensor: return self.transform(img) if self.transform else img
+    def finish(self, img: torch.Tensor) -> torch.Tensor:
+        if self.augment is not None:
+            return self.augment({'image': img[None]})['image'][0]
+        return self.transform(img) if self.transform else img
     def __getitem__(self, i): return super().__getitem__(int(self.rows[i]))
-    def __getitems__(self, idx: list) -> BatchItems:
-        if self.transform is not None: return [self[i] for i in idx]
+    def __getitems__(self, idx: list) -> BatchItems | list:
+        if self.transform is not None and self.augment is None:
+            return [self[i] for i in idx]
         rows = self.rows[np.asarray(idx, np.int64)]
         b = {k: torch.as_tensor(v[rows]) for k, v in self.labels.items()}
         b['image'] = self.cache.frames(self.entry[rows]).contiguous()   # one read of the memory map for the batch
         b['index'] = torch.as_tensor(rows)
-        return BatchItems(b, len(rows))
+        return BatchItems(augment_packed(b, self.augment) if self.augment is not None else b, len(rows))
 
+# %% ../../nbs/01f_data.cache.ipynb #90255e69
 class CachedClips(ClipDataset):
-    "`ClipDataset` over a frame cache: the same clips with `image` a T x 3 x size x size uint8 tensor."
-    def __init__(self, df: pd.DataFrame, root, size: int, length: int = 16, stride: int | None = None, end: str = 'align',
-                 transform=None, on_error: str = 'raise', boxes=None, **cache_kw):
+    "`ClipDataset` over a frame cache: the same clips with `image` a T x 3 x size x size uint8 tensor (or `augment`ed)."
+    def __init__(self, df: pd.DataFrame, root, size: int, length: int = 16, stride: int | None = None,
+                 end: str = 'align', augment=None, transform=None, on_error: str = 'raise', boxes=None, **cache_kw):
         super().__init__(df, root, length, stride, end, transform)
-        _served(self, df, root, size, boxes, on_error, cache_kw)
+        _served(self, df, root, size, boxes, on_error, augment, cache_kw)
         if len(self.rows) < len(df):   # clips over the frames that could be read
             wins = video_windows(df.iloc[self.rows], length, stride or length, end)
             self.windows = [np.where(w >= 0, self.rows[np.maximum(w, 0)], -1) for w in wins]
     def load_clip(self, src: np.ndarray) -> torch.Tensor: return self.cache.frames(self.entry[src])
-    def finish(self, imgs: torch.Tensor) -> torch.Tensor: return self.transform(imgs) if self.transform else imgs
-    def __getitems__(self, idx: list) -> BatchItems:
-        if self.transform is not None: return [self[i] for i in idx]
+    finish = CachedFrames.finish
+    def __getitems__(self, idx: list) -> BatchItems | list:
+        if self.transform is not None and self.augment is None:
+            return [self[i] for i in idx]
         idx = np.stack([self.windows[i] for i in idx])                     # (k, T) rows, -1 = padding
         valid = idx >= 0
-        last = np.take_along_axis(idx, (valid.cumsum(1).argmax(1))[:, None], 1)   # each clip's last real frame
-        src = np.where(valid, idx, last)
+        src = np.where(valid, idx, np.take_along_axis(idx, valid.cumsum(1).argmax(1)[:, None], 1))   # pad: last frame
         k, T = idx.shape
         b = {}
         for key, v in self.labels.items():
             a = torch.as_tensor(v[src])
-            if key.endswith('_mask'): a = a & torch.as_tensor(valid).reshape(k, T, *([1] * (a.dim() - 2)))
-            b[key] = a
+            b[key] = a & torch.as_tensor(valid).reshape(k, T, *([1] * (a.dim() - 2))) if key.endswith('_mask') else a
         b['image'] = self.cache.frames(self.entry[src.ravel()]).contiguous().view(k, T, 3, self.size, self.size)
         b['index'], b['valid'] = torch.as_tensor(idx), torch.as_tensor(valid)
-        return BatchItems(b, k)
+        return BatchItems(augment_packed(b, self.augment) if self.augment is not None else b, k)
 
-# %% ../../nbs/01f_data.cache.ipynb #bcc92f34
+# %% ../../nbs/01f_data.cache.ipynb #ee999f05
 def _first_fit(ok: torch.Tensor, *vals):
     "For each row, the values at the first try that fits (and whether any did)."
     k = ok.to(torch.uint8).argmax(1)
     r = torch.arange(len(ok))
     return ok.any(1), *(v[r, k] for v in vals)
 
-def crop_params(n: int, H: int, W: int, scale=(0.8, 1.0), ratio=(0.9, 1.1), generator=None) -> torch.Tensor:
-    "`RandomResizedCrop`'s parameters for n images at once: (n, 4) long (top, left, height, width)."
-    area = H * W
+def _tries(n: int, area: int, scale, ratio, generator):
+    "10 tries per image: target areas and aspect ratios (float64), drawn as torchvision draws them."
     target = area * torch.empty(n, 10, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
     logr = torch.empty(n, 10, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    w = torch.sqrt(target * torch.exp(logr)).round()
-    h = torch.sqrt(target / torch.exp(logr)).round()
+    return target, torch.exp(logr)
+
+def crop_params(n: int, H: int, W: int, scale=(0.8, 1.0), ratio=(0.9, 1.1), generator=None) -> torch.Tensor:
+    "`RandomResizedCrop`'s parameters for n images at once: (n, 4) long (top, left, height, width)."
+    target, ar = _tries(n, H * W, scale, ratio, generator)
+    w, h = torch.sqrt(target * ar).round(), torch.sqrt(target / ar).round()
     hit, w, h = _first_fit((w > 0) & (w <= W) & (h > 0) & (h <= H), w, h)
-    if W / H < min(ratio): fw, fh = W, round(W / min(ratio))
-    elif W / H > max(ratio): fw, fh = round(H * max(ratio)), H
-    else: fw, fh = W, H
+    fw, fh = W, H                                        # the fallback: the centre crop, its ratio clamped
+    if W / H < min(ratio):
+        fh = round(W / min(ratio))
+    elif W / H > max(ratio):
+        fw = round(H * max(ratio))
     w, h = torch.where(hit, w, fw), torch.where(hit, h, fh)
     u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
     top = torch.where(hit, (u[:, 0] * (H - h + 1)).floor(), (H - fh) // 2)
     left = torch.where(hit, (u[:, 1] * (W - w + 1)).floor(), (W - fw) // 2)
     return torch.stack([top, left, h, w], 1).long()
 
-def erase_params(n: int, H: int, W: int, p: float, scale=(0.02, 0.33), ratio=(0.3, 3.3), generator=None) -> torch.Tensor:
+def erase_params(n: int, H: int, W: int, p: float, scale=(0.02, 0.33), ratio=(0.3, 3.3),
+                 generator=None) -> torch.Tensor:
     "`RandomErasing`'s parameters for n images: (n, 4) long (top, left, height, width); height 0: nothing erased."
-    area = H * W
-    target = area * torch.empty(n, 10, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
-    logr = torch.empty(n, 10, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    h = torch.sqrt(target * torch.exp(logr)).round()
-    w = torch.sqrt(target / torch.exp(logr)).round()
+    target, ar = _tries(n, H * W, scale, ratio, generator)
+    h, w = torch.sqrt(target * ar).round(), torch.sqrt(target / ar).round()
     hit, h, w = _first_fit((h < H) & (w < W), h, w)
     on = hit & (torch.rand(n, dtype=torch.float64, generator=generator) < p)
     u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
     top, left = (u[:, 0] * (H - h + 1)).floor(), (u[:, 1] * (W - w + 1)).floor()
     return torch.stack([top, left, torch.where(on, h, 0), torch.where(on, w, 0)], 1).long()
 
-# %% ../../nbs/01f_data.cache.ipynb #7883b93f
-_GRAY = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights
-
+# %% ../../nbs/01f_data.cache.ipynb #406bb7e9
 def geometry(x: torch.Tensor,    # (n, C, H, W) float images (a clip: its frames' channels stacked, C = 3T)
              box: torch.Tensor,  # (n, 4) crop (top, left, height, width) in input pixels
              flip: torch.Tensor, # (n,) bool: mirror horizontally after the crop
@@ -393,18 +436,22 @@ def geometry(x: torch.Tensor,    # (n, C, H, W) float images (a clip: its frames
     # v = flip(rotate(u)) is where an output pixel lies in the resized crop; the grid scales v into the crop's box.
     # Built as (n, 2, S, S) and handed to grid_sample permuted (it takes the strides as they are): no interleaving copy.
     sx, sy = w / W, h / H
-    grid = pair(f * cos * sx, sin * sy) * ux + (pair(-f * sin * sx, cos * sy) * uy + pair((2 * left + w) / W - 1, (2 * top + h) / H - 1))
+    centre = pair((2 * left + w) / W - 1, (2 * top + h) / H - 1)
+    grid = pair(f * cos * sx, sin * sy) * ux + (pair(-f * sin * sx, cos * sy) * uy + centre)
     out = F.grid_sample(x, grid.permute(0, 2, 3, 1), mode='bilinear', padding_mode='border', align_corners=False)
     if bool((angle != 0).any()):                                    # rotation fill: 0 outside the rotated image
         v = (pair(-sin, cos) * uy + pair(cos, sin) * ux).abs_().amax(1, keepdim=True)
         out = out.mul_(v <= 1)
     return out
 
+# %% ../../nbs/01f_data.cache.ipynb #c7ee1a98
+_GRAY = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights
+
 def color_jitter(x: torch.Tensor,       # (n, T, 3, H, W) in [0, bound]
                  factors: torch.Tensor, # (n, 3) brightness, contrast, saturation factors
                  order: torch.Tensor,   # (n, 3) a permutation of (0, 1, 2) per image: the order of the three ops
                  bound: float = 1.0,    # the white level (1 for [0, 1] images, 255 for uint8 levels held in floats)
-                 inplace: bool = False, # overwrite `x` (saves allocating the batch again: large allocations are slow here)
+                 inplace: bool = False, # overwrite `x` (saves allocating the batch again: large allocations are slow)
                 ) -> torch.Tensor:
     "`ColorJitter` with per-image factors and order, clamped to [0, bound] after each op as torchvision does."
     n = len(x)
@@ -424,11 +471,11 @@ def color_jitter(x: torch.Tensor,       # (n, T, 3, H, W) in [0, bound]
         x.clamp_(0, bound)
     return x
 
-# %% ../../nbs/01f_data.cache.ipynb #bcccb2a5
+# %% ../../nbs/01f_data.cache.ipynb #5945bf71
 def randaugment(x: torch.Tensor,          # (n, T, 3, H, W) uint8
                 num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31,
                 generator=None) -> torch.Tensor:
-    "torchvision's `RandAugment` with one draw per image (per clip): each op is applied to the images that drew it, in one call."
+    "torchvision's `RandAugment` with one draw per image (clip): each op runs once, on the images that drew it."
     ra = v2.RandAugment(num_ops, magnitude, num_magnitude_bins)
     space = ra._AUGMENTATION_SPACE
     names = list(space)
@@ -444,11 +491,12 @@ def randaugment(x: torch.Tensor,          # (n, T, 3, H, W) uint8
                 sel = (op == k) if sign is None else (op == k) & (neg == sign)
                 idx = sel.nonzero().squeeze(1).to(x.device)
                 if len(idx):
-                    x[idx] = ra._apply_image_or_video_transform(x[idx], names[k], -m if sign else m, ra.interpolation, ra._fill)
+                    x[idx] = ra._apply_image_or_video_transform(x[idx], names[k], -m if sign else m,
+                                                                ra.interpolation, ra._fill)
     return x
 
 def erase(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    "Set the (top, left, height, width) box of each image (all frames of a clip) to 0, in place; height 0 leaves it unchanged."
+    "Zero the (top, left, height, width) box of each image (all frames of a clip), in place; height 0: unchanged."
     H, W = x.shape[-2:]
     b = box.to(x.device)
     r = torch.arange(H, device=x.device)
@@ -458,17 +506,17 @@ def erase(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     mask = (rows[:, :, None] & cols[:, None, :]).view(len(x), *([1] * (x.dim() - 3)), H, W)
     return x.masked_fill_(mask, 0.0)
 
-# %% ../../nbs/01f_data.cache.ipynb #43f7bc40
+# %% ../../nbs/01f_data.cache.ipynb #794e49d6
 class BatchAugment:
-    "`make_transform`'s preprocessing on a collated batch: uint8 `image` (B, 3, H, W) or clips (B, T, 3, H, W) -> normalised float32, on the batch's device."
+    "`make_transform`'s preprocessing on a collated batch: uint8 `image` (B, [T,] 3, H, W) -> normalised float32."
     def __init__(self, train: bool,                 # training augmentation or evaluation preprocessing
                  size: int = 112,                   # output side (the cache's side)
                  backbone: str = 'resnet50',        # picks the normalisation; 'vit*' turns on RandAugment + erasing
                  scale: tuple = (0.8, 1.0), flip: float = 0.5, rotation: float = 10.0, jitter: float = 0.3,
-                 randaugment: bool | None = None, erasing: float | None = None,   # the same options as `make_transform`
+                 randaugment: bool | None = None, erasing: float | None = None,   # as in `make_transform`
                  ratio: tuple = (0.9, 1.1),         # crop aspect-ratio range (as `make_transform` uses)
                  mean=None, std=None,               # override the backbone's normalisation
-                 generator: torch.Generator | None = None, # random draws (default: torch's global RNG, seeded per DataLoader worker)
+                 generator: torch.Generator | None = None, # default: torch's global RNG (seeded per DataLoader worker)
                 ):
         m, s = normalization(backbone)
         vit = backbone.startswith('vit')
@@ -480,7 +528,8 @@ class BatchAugment:
         self.generator = generator
 
     def __repr__(self):
-        keys = ('train', 'size', 'scale', 'ratio', 'flip', 'rotation', 'jitter', 'randaugment', 'erasing', 'mean', 'std')
+        keys = ('train', 'size', 'scale', 'ratio', 'flip', 'rotation', 'jitter', 'randaugment', 'erasing', 'mean',
+                'std')
         return f"BatchAugment({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -489,28 +538,27 @@ class BatchAugment:
         std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return x.sub(mean).div_(std)
 
+    def output_shape(self, x: torch.Tensor) -> tuple:
+        return (*x.shape[:-3], 3, self.size, self.size)
+
     def __call__(self, batch: dict, out: torch.Tensor | None = None) -> dict:
-        "The batch with `image` augmented (or preprocessed) and normalised; `out`: a float32 tensor of the result's shape to write into."
+        "The batch with `image` augmented (or preprocessed) and normalised; `out`: a float32 tensor to write it into."
         x = batch['image']
-        if x.dtype != torch.uint8: raise TypeError(f'BatchAugment expects a uint8 image batch, got {x.dtype}')
-        if x.dim() not in (4, 5): raise ValueError(f'image batch must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(x.shape)}')
+        if x.dtype != torch.uint8:
+            raise TypeError(f'BatchAugment expects a uint8 image batch, got {x.dtype}')
+        if x.dim() not in (4, 5):
+            raise ValueError(f'image batch must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(x.shape)}')
         clip = x.dim() == 5
         x5 = x if clip else x[:, None]
-        o5 = None if out is None else (out if clip else out[:, None])
+        o5 = out if out is None or clip else out[:, None]
         y = self.augment_chunked(x5, o5) if self.train else self.evaluate(x5, o5)
         return {**batch, 'image': y if clip else y[:, 0]}
 
     def collate(self, samples) -> PackedBatch:
-        "`collate` then this augmentation, written straight into the packed batch: a DataLoader `collate_fn` that augments in its workers."
-        b = collate(samples)
-        shape = (*b['image'].shape[:-3], 3, self.size, self.size)
-        out = PackedBatch.allocate([(k, torch.float32, shape) if k == 'image' else (k, v.dtype, v.shape) for k, v in b.items()])
-        for k, v in b.items():
-            if k != 'image': out[k].copy_(v)
-        self(b, out=out['image'])
-        return out
+        "A DataLoader `collate_fn` that augments in the workers: `collate`, then this, into the packed batch."
+        return augment_packed(collate(samples), self)
 
-# %% ../../nbs/01f_data.cache.ipynb #c9782800
+# %% ../../nbs/01f_data.cache.ipynb #ae42ad69
 @torch.no_grad()
 def _evaluate(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     "Evaluation: (resize + centre crop when the frames are not size x size), float conversion, normalisation."
@@ -522,60 +570,64 @@ def _evaluate(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
 def _sample(self, n: int, H: int, W: int) -> dict:
     "Every random parameter of a batch of n images (clips), drawn on the CPU."
     g = self.generator
-    p = dict(box=crop_params(n, H, W, self.scale, self.ratio, g),
-             flip=torch.rand(n, generator=g) < self.flip,
-             angle=torch.empty(n).uniform_(-self.rotation, self.rotation, generator=g) if self.rotation else torch.zeros(n))
-    lo = max(0.0, 1 - self.jitter)
-    p['factors'] = torch.empty(n, 3).uniform_(lo, 1 + self.jitter, generator=g)
+    angle = torch.empty(n).uniform_(-self.rotation, self.rotation, generator=g) if self.rotation else torch.zeros(n)
+    p = dict(box=crop_params(n, H, W, self.scale, self.ratio, g), flip=torch.rand(n, generator=g) < self.flip)
+    p['angle'] = angle
+    p['factors'] = torch.empty(n, 3).uniform_(max(0.0, 1 - self.jitter), 1 + self.jitter, generator=g)
     p['order'] = torch.rand(n, 3, generator=g).argsort(1)
     p['erase'] = erase_params(n, self.size, self.size, self.erasing, generator=g) if self.erasing else None
     return p
 
 @torch.no_grad()
 def _augment(self, x: torch.Tensor, p: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    "Training: geometry, colour jitter, RandAugment, normalisation, erasing (in uint8 levels held in floats); `p` fixes the random draws."
+    "Training: geometry, jitter, RandAugment, normalisation, erasing (uint8 levels held in floats); `p`: fixed draws."
     if x.shape[-1] != self.size or x.shape[-2] != self.size:
-        raise ValueError(f'training frames must be {self.size}x{self.size} (build the cache at the training size), got {tuple(x.shape[-2:])}')
+        raise ValueError(f'training frames must be {self.size}x{self.size} (build the cache at the training size), '
+                         f'got {tuple(x.shape[-2:])}')
     n, T, C, S, _ = x.shape
     p = p or self.sample(n, S, S)
     full = bool(((p['box'] == torch.tensor([0, 0, S, S])).all(1)).all())
     if full and not bool((p['angle'] != 0).any()):   # no crop, no rotation (e.g. FPN): flips only
         y = torch.where(p['flip'].to(x.device).view(n, 1, 1, 1, 1), x.flip(-1), x).to(torch.float32)
     else:
-        y = geometry(x.reshape(n, T * C, S, S).to(torch.float32), p['box'], p['flip'], p['angle'], S).view(n, T, C, S, S)
-    if self.jitter: y = color_jitter(y, p['factors'], p['order'], bound=255.0, inplace=True)
-    if self.randaugment: y = randaugment(y.round_().to(torch.uint8), generator=self.generator).to(torch.float32)
+        y = geometry(x.reshape(n, T * C, S, S).to(torch.float32), p['box'], p['flip'], p['angle'], S)
+        y = y.view(n, T, C, S, S)
+    if self.jitter:
+        y = color_jitter(y, p['factors'], p['order'], bound=255.0, inplace=True)
+    if self.randaugment:
+        y = randaugment(y.round_().to(torch.uint8), generator=self.generator).to(torch.float32)
     mean = torch.as_tensor(self.mean, dtype=y.dtype, device=y.device).view(-1, 1, 1)
     std = torch.as_tensor(self.std, dtype=y.dtype, device=y.device).view(-1, 1, 1)
-    y = torch.mul(y, 1 / (255 * std), out=out if out is not None else y).add_(-mean / std)   # (y / 255 - mean) / std
-    if p['erase'] is not None: y = erase(y, p['erase'])
-    return y
+    y = torch.mul(y, 1 / (255 * std), out=y if out is None else out).add_(-mean / std)   # (y / 255 - mean) / std
+    return y if p['erase'] is None else erase(y, p['erase'])
 
-CHUNK_BYTES = 4 << 20   # float pixels per chunk of a training batch: its dozen passes then run in the CPU's cache
+CHUNK_BYTES = 4 << 20   # float pixels per chunk of a large training batch: its passes then stay in the CPU's cache
 
 def _augment_chunked(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    "`augment` over chunks of about `CHUNK_BYTES` of float pixels (parameters drawn once for the batch), into one output."
+    "`augment` over chunks of about `CHUNK_BYTES` of float pixels (parameters drawn once for the batch), into `out`."
     n, T, C, H, W = x.shape
     p = self.sample(n, H, W)
     k = max(1, CHUNK_BYTES // (T * C * H * W * 4)) if x.device.type == 'cpu' else n
-    if out is None: out = torch.empty(n, T, C, self.size, self.size, dtype=torch.float32, device=x.device)
+    if out is None:
+        out = torch.empty(n, T, C, self.size, self.size, dtype=torch.float32, device=x.device)
     for i in range(0, n, k):
         self.augment(x[i:i + k], {key: v[i:i + k] if v is not None else None for key, v in p.items()}, out=out[i:i + k])
     return out
 
-BatchAugment.evaluate, BatchAugment.sample, BatchAugment.augment, BatchAugment.augment_chunked = _evaluate, _sample, _augment, _augment_chunked
+BatchAugment.evaluate, BatchAugment.sample = _evaluate, _sample
+BatchAugment.augment, BatchAugment.augment_chunked = _augment, _augment_chunked
 
-# %% ../../nbs/01f_data.cache.ipynb #8810f596
+# %% ../../nbs/01f_data.cache.ipynb #5cf20151
 def keep_freed_memory(mmap_threshold: int = 32 << 20,   # blocks below this come from the heap (glibc's maximum: 32 MiB)
                       trim_threshold: int = 1 << 30,    # free memory at the heap's top kept up to this many bytes
                      ) -> bool:
-    "Make glibc's malloc reuse freed blocks instead of returning them to the system (process-wide); False where it cannot (not glibc, value refused)."
+    "Make glibc's malloc keep freed blocks for reuse instead of returning them to the system (process-wide)."
     import ctypes
     import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        return False
+        return False                                    # not glibc: nothing changed
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
