@@ -79,7 +79,7 @@ def write_report(out: str | Path | None = None,   # the outputs folder (default:
         lines += [f'- [{f.stem}](figures/{f.name})' for f in figures]
     return write_text(out/'REPORT.md', '\n'.join(lines).rstrip() + '\n')
 
-# %% ../nbs/09_reproduce.ipynb
+# %% ../nbs/09_reproduce.ipynb #06d2aef1
 def run_notebook(nb: str | Path, out_nb: str | Path, parameters: dict, kernel: str = 'python3',
                  cwd: str | Path | None = None, timeout: int | None = None, progress: bool = False):
     "Execute one notebook with papermill; refuses a notebook without exactly one `parameters` cell."
@@ -107,7 +107,7 @@ def _error_text(e: Exception) -> tuple[str, bool]:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[-1] if msg else ''}", False
 
-# %% ../nbs/09_reproduce.ipynb
+# %% ../nbs/09_reproduce.ipynb #8c384d72
 def _peak_children_mb() -> float:
     "Largest resident set (MiB) of the terminated children of this process (Linux reports KiB, macOS bytes)."
     import resource
@@ -142,7 +142,7 @@ def _run_one(nb: Path, target: Path, out: Path, params: dict, root: Path, timeou
           flush=True)
     return rec
 
-# %% ../nbs/09_reproduce.ipynb
+# %% ../nbs/09_reproduce.ipynb #c99d3292
 STAGING = '.parallel'   # with jobs > 1: each notebook writes into outputs/.parallel/<notebook>/, merged on success
 
 def _merge_staged(stage: Path, out: Path) -> None:
@@ -163,7 +163,7 @@ def _clean_stage(stage: Path) -> None:
         else:
             p.unlink()
 
-# %% ../nbs/09_reproduce.ipynb
+# %% ../nbs/09_reproduce.ipynb #32fe5453
 def _schedule(nbs: list[Path], jobs: int, submit, finish) -> None:
     """Run notebooks `jobs` at a time, each in a fresh spawned process: `submit(executor, nb)` starts one and returns
     its future, `finish(nb, record)` takes each result and returns False to start no further notebook (a failure)."""
@@ -179,7 +179,7 @@ def _schedule(nbs: list[Path], jobs: int, submit, finish) -> None:
             for f in done:
                 go = finish(running.pop(f), f.result()) and go
 
-# %% ../nbs/09_reproduce.ipynb
+# %% ../nbs/09_reproduce.ipynb #dee6b7f5
 def reproduce(preset: str = 'cpu',                 # smoke | cpu | paper
               only: list[str] | None = None,        # run only notebooks whose name contains one of these
               out: str | Path | None = None,        # outputs folder (default: outputs/; for smoke a cache scratch folder)
@@ -231,7 +231,7 @@ def reproduce(preset: str = 'cpu',                 # smoke | cpu | paper
     runs = [done.get(nb.name) or dict(name=nb.name, status='not run') for nb in nbs]
     return _write_results(out, ledger, runs, preset)
 
-# %% ../nbs/09_reproduce.ipynb
+# %% ../nbs/09_reproduce.ipynb #a53e68d8
 def _write_results(out: Path, ledger: dict, runs: list[dict], preset: str) -> list[dict]:
     "Write the ledger (successful records) and REPORT.md (which also shows this run's failures); returns `runs`."
     from abaw_nb.core import write_json

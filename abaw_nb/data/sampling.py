@@ -130,7 +130,7 @@ class PoolSampler:
     def __iter__(self): return iter(self.plan()[0].tolist())
     def __len__(self): return self.per_pool * len(self.pools)
 
-# %% ../../nbs/01d_data.sampling.ipynb
+# %% ../../nbs/01d_data.sampling.ipynb #897925a9
 class RankShard:
     "The `rank`-th of `world` interleaved shares of another sampler's epoch draw (padded to a multiple of `world`)."
     def __init__(self, sampler, rank: int, world: int):

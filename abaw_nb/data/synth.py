@@ -947,7 +947,7 @@ def au_subject_ids(world: SynthWorld, # from `make_world`
         for j in range(s): out[next(it)] = f[j]
     return out
 
-# %% ../../nbs/01c_data.synth.ipynb
+# %% ../../nbs/01c_data.synth.ipynb #c902240d
 def _sources(t, pos, world):
     "Map a layout's (video, frame) keys to the world's video and frame."
     return pd.DataFrame({'video': t['video'].to_numpy(), 'frame': t['frame'].to_numpy(),
@@ -1008,7 +1008,7 @@ def _fmt_expw(world, root, out):
     write_expw(t, out, dict(zip(zip(vids, [0] * len(vids)), _crop_file(root, world, pos))), quality=JPEG_QUALITY)
     return _sources(t, pos, world)
 
-# %% ../../nbs/01c_data.synth.ipynb
+# %% ../../nbs/01c_data.synth.ipynb #14f48b78
 def _fmt_au(fmt):
     def write(world, root, out):
         from abaw_nb.data.formats import AU_JSON, write_au_json
@@ -1092,7 +1092,7 @@ def _fmt_afew_va(world, root, out):
                           background=background)
     return _sources(t, pos, world)
 
-# %% ../../nbs/01c_data.synth.ipynb
+# %% ../../nbs/01c_data.synth.ipynb #3ca926f3
 def _fmt_affwild2_abaw1(world, root, out):
     "FG 2020 (ABAW1) Aff-Wild2: 8 AUs, Training_Set / Validation_Set, no test labels; images through a link to the crops."
     from abaw_nb.data.formats import write_affwild2
@@ -1148,7 +1148,7 @@ def _fmt_disfa_raw(world, root, out):
     write_disfa_raw(t, out, image, frames='video', extracted=False, intensities=inten)
     return _sources(t, pos, world)
 
-# %% ../../nbs/01c_data.synth.ipynb
+# %% ../../nbs/01c_data.synth.ipynb #16bf8286
 _FORMAT_WRITERS = {'affwild2': _fmt_affwild2, 'affectnet': _fmt_affectnet, 'expw': _fmt_expw,
                    **{f: _fmt_au(f) for f in AU_DATASETS}, 'rafdb': _fmt_folder('rafdb'),
                    'affectnet8': _fmt_folder('affectnet8'), 'afew_va': _fmt_afew_va,
