@@ -11,10 +11,12 @@ from .core import outputs_dir, cache_dir, repo_path, provenance, write_json, wri
 
 # %% auto #0
 __all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'BENCH_EXTRA', 'PIPELINE_SIZES', 'TARGETS',
-           'matmul_peak', 'rss_now_bytes', 'reset_peak_rss', 'maxrss_bytes', 'bench_backbone_step', 'bench_isolated',
-           'bench_train_step', 'bench_scoring', 'gemm_peak', 'bench_machine', 'count_step_flops', 'bench_method_step',
-           'bench_data_pipeline', 'read_rgb_shape', 'consumption', 'reproduce_times', 'targets', 'run_benchmarks',
-           'bench_figure', 'fixes_table', 'gemm_evidence', 'render_markdown', 'main']
+           'CACHED_PIPELINE_SIZES', 'matmul_peak', 'rss_now_bytes', 'reset_peak_rss', 'maxrss_bytes',
+           'bench_backbone_step', 'bench_isolated', 'bench_train_step', 'bench_scoring', 'gemm_peak', 'bench_machine',
+           'count_step_flops', 'bench_method_step', 'bench_data_pipeline', 'read_rgb_shape', 'consumption',
+           'reproduce_times', 'targets', 'run_benchmarks', 'bench_figure', 'fixes_table', 'gemm_evidence',
+           'render_markdown', 'main', 'bench_cached_pipeline', 'pipeline_consumption', 'pipeline_targets',
+           'run_pipeline_bench', 'render_pipeline_markdown']
 
 # %% ../nbs/10_bench.ipynb #d773f8c4
 from torch import nn
@@ -750,3 +752,149 @@ def main(argv=None):
     res = run_benchmarks(a.out, a.sections, a.quick, a.methods)
     print(f"[bench] wrote {res['out']}")
     return 0
+
+# %% ../nbs/10_bench.ipynb #60ebebfd
+CACHED_PIPELINE_SIZES = ((32, 'resnet50'), (64, 'resnet50'), (112, 'resnet50'), (128, 'resnet50'), (224, 'vit'))
+
+def _pipeline_setups(df, root, size, bb, paths, cache_folder) -> list:
+    "(path, where the augmentation runs, dataset, pipeline_rates options, cache build seconds) per path measured."
+    from abaw_nb.data.loading import FrameDataset, make_transform
+    from abaw_nb.data.cache import CachedFrames, BatchAugment, collate
+    setups = []
+    if 'jpeg' in paths:
+        setups.append(('jpeg', 'loader', FrameDataset(df, root, make_transform(True, size, bb)), {}, None))
+    if 'cache' in paths:
+        t0 = time.perf_counter()
+        ds = CachedFrames(df, root, size, folder=cache_folder, show_progress=False)
+        built = round(time.perf_counter() - t0, 2) if ds.cache.built else 0.0
+        aug = BatchAugment(True, size, bb)
+        setups.append(('cache', 'loader', ds, dict(collate_fn=aug.collate), built))
+        setups.append(('cache', 'after loader', ds, dict(collate_fn=collate, augment=aug), built))
+    return setups
+
+def bench_cached_pipeline(root=None,                       # SynthAffect (Aff-Wild2 layout); default: the `cpu` size
+                          sizes=CACHED_PIPELINE_SIZES,     # (side, backbone whose augmentation is used)
+                          workers=(0, 1, 2),
+                          batch_size: int = 64,
+                          n_batches: int = 24,             # batches timed per setting
+                          warmup: int = 2,                 # batches before the clock starts
+                          repeats: int = 2,                # runs per setting; the best per CPU-second is kept
+                          paths=('jpeg', 'cache'),
+                          cache_folder=None,               # frame caches (default `cache_dir('frames')`)
+                          keep_memory: bool = True,        # `keep_freed_memory` first (process-wide: both paths)
+                         ) -> list[dict]:
+    "Steady-state images/s (wall, per CPU-second) of the per-image and the cached path per side, workers, augmentation."
+    from abaw_nb.data.synth import generate_cached
+    from abaw_nb.data.formats import read_affwild2
+    from abaw_nb.data.loading import pipeline_rates
+    from abaw_nb.data.cache import keep_freed_memory
+    malloc = 'keeps freed memory' if keep_memory and keep_freed_memory() else 'default'
+    root = Path(root) if root is not None else generate_cached('cpu', 0, show_progress=False)
+    df = read_affwild2(root)
+    src = int(read_rgb_shape(root, df)[-1])
+    rows = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)   # as a DataLoader worker runs; the main process too
+    try:
+        for size, bb in sizes:
+            for path, at, ds, kw, built in _pipeline_setups(df, root, size, bb, paths, cache_folder):
+                for w in workers:
+                    if at == 'after loader' and w == 0:
+                        continue   # with 0 workers the loader's collate runs in this process too
+                    runs = [pipeline_rates(ds, w, batch_size, n_batches, warmup, **kw) for _ in range(repeats)]
+                    r = max(runs, key=lambda d: d['images_per_cpu_s'])
+                    rows.append(dict(size=size, augment=bb, path=path, augment_at=at, workers=w, **r,
+                                     batch_size=batch_size, source_px=src, frames=len(df), cache_build_s=built,
+                                     malloc=malloc))
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
+# %% ../nbs/10_bench.ipynb #e103f099
+def pipeline_consumption(pipe: pd.DataFrame,   # `bench_cached_pipeline` rows
+                         train: pd.DataFrame,  # train_step rows (`bench_method_step`)
+                        ) -> pd.DataFrame:
+    "Each method's fastest training step against each pipeline setting at the nearest side >= its input: both ratios."
+    t = train[train['error'].isna()] if 'error' in train else train
+    best = t.sort_values('train_images_per_s').groupby(['method', 'preset'], sort=False).tail(1)
+    sizes = sorted(pipe['size'].unique())
+    out = []
+    for _, r in best.sort_values(['preset', 'method']).iterrows():
+        s = next((x for x in sizes if x >= r['input_size']), sizes[-1])
+        for _, p in pipe[pipe['size'] == s].iterrows():
+            out.append(dict(preset=r['preset'], method=r['method'], input_size=int(r['input_size']),
+                            pipeline_size=int(s), consumes_images_per_s=r['train_images_per_s'], path=p['path'],
+                            augment_at=p['augment_at'], workers=int(p['workers']),
+                            ratio_wall=p['images_per_s'] / r['train_images_per_s'],
+                            ratio_per_cpu_s=p['images_per_cpu_s'] / r['train_images_per_s']))
+    return pd.DataFrame(out)
+
+def pipeline_targets(cons: pd.DataFrame, threshold: float = TARGETS['pipeline_ratio']) -> pd.DataFrame:
+    "Per preset, path, place of the augmentation and workers: the worst method's ratios, PASS/MISS against `threshold`."
+    out = []
+    for key, g in cons.groupby(['preset', 'path', 'augment_at', 'workers'], sort=True):
+        w, c = g.loc[g['ratio_wall'].idxmin()], g.loc[g['ratio_per_cpu_s'].idxmin()]
+        out.append(dict(zip(['preset', 'path', 'augment_at', 'workers'], key), worst_method_wall=w['method'],
+                        ratio_wall=w['ratio_wall'], verdict_wall='PASS' if w['ratio_wall'] >= threshold else 'MISS',
+                        worst_method_cpu=c['method'], ratio_per_cpu_s=c['ratio_per_cpu_s'],
+                        verdict_per_cpu_s='PASS' if c['ratio_per_cpu_s'] >= threshold else 'MISS'))
+    return pd.DataFrame(out)
+
+# %% ../nbs/10_bench.ipynb #79a0bd80
+def _smoke_consumption(quick: bool) -> pd.DataFrame:
+    "The smoke preset's training steps, measured now with the engine's defaults (quick: EMENet alone, in this process)."
+    kw = dict(methods=tuple(BENCH_METHODS), steps=3)
+    if quick:
+        kw = dict(methods=('emenet',), steps=1, warmup=0, isolate=False, peak_n=256)
+    rows = bench_method_step(preset='smoke', channels_last=True, optim_impl='fused', **kw)
+    return pd.DataFrame([{k: v for k, v in r.items() if k != 'profile'} | {'variant': _variant(r)} for r in rows])
+
+def run_pipeline_bench(out=None,            # folder (default outputs/bench/cached_pipeline)
+                       quick: bool = False, # smoke data, one size, few batches: for tests, not for reporting
+                       train=None,          # train_step rows for cpu/paper (default: outputs/bench/train_step.csv)
+                       **kw,                # passed to `bench_cached_pipeline`
+                      ) -> dict:
+    "The cached pipeline against the per-image one and consumption: pipeline, consumption, targets csv, PIPELINE.md."
+    out = Path(out) if out else outputs_dir('bench', 'cached_pipeline')
+    out.mkdir(parents=True, exist_ok=True)
+    prov = provenance(quick=quick, load_average_start=os.getloadavg(), cpu=_cpu_name(), cores=os.cpu_count())
+    t_all = time.perf_counter()
+    if quick:
+        from abaw_nb.data.synth import generate_cached
+        kw = dict(root=generate_cached('smoke', 0, show_progress=False), sizes=((32, 'resnet50'),), workers=(0, 1),
+                  batch_size=16, n_batches=2, warmup=1, repeats=1, **kw)
+    pipe = pd.DataFrame(bench_cached_pipeline(**kw))
+    if train is None:
+        f = outputs_dir('bench', create=False)/'train_step.csv'
+        train = pd.read_csv(f) if f.is_file() and not quick else pd.DataFrame()
+    train = pd.concat([train, _smoke_consumption(quick)], ignore_index=True)
+    tabs = dict(pipeline=pipe, consumption=pipeline_consumption(pipe, train))
+    tabs['targets'] = pipeline_targets(tabs['consumption'])
+    prov.update(load_average_end=os.getloadavg(), seconds=round(time.perf_counter() - t_all, 1))
+    for k, v in tabs.items():
+        write_csv(out/f'{k}.csv', v)
+    write_json(out/'provenance.json', prov)
+    write_text(out/'PIPELINE.md', render_pipeline_markdown(tabs, prov))
+    return dict(provenance=prov, tables=tabs, out=out)
+
+# %% ../nbs/10_bench.ipynb #b28c0d08
+def render_pipeline_markdown(tabs: dict, prov: dict) -> str:
+    "PIPELINE.md: provenance, the targets per preset, the pipeline table, the per-method ratios."
+    la, le = (' / '.join(f'{x:.2f}' for x in prov[k]) for k in ('load_average_start', 'load_average_end'))
+    p = tabs['pipeline']
+    cols = ['size', 'augment', 'path', 'augment_at', 'workers', 'images_per_s', 'images_per_cpu_s', 'images_timed',
+            'batch_size', 'source_px', 'frames', 'cache_build_s', 'malloc']
+    L = ['# Cached data pipeline vs per-image pipeline', '',
+         f"commit `{prov['commit']}`, {prov['time']}, torch {prov['torch']}, {prov.get('cpu')} ({prov.get('cores')} "
+         f"cores); load average (1/5/15 min) at start {la}, at end {le}; {prov['seconds']:.0f} s."
+         + (' **Quick run: not for reporting.**' if prov.get('quick') else ''), '',
+         'Reproduce: `.venv/bin/python -c "from abaw_nb.bench import run_pipeline_bench; run_pipeline_bench()"`.', '',
+         f"## Targets (pipeline >= {TARGETS['pipeline_ratio']:g}x the fastest training step, worst method per preset)",
+         '', _md(tabs['targets']), '', '## Pipeline (steady state, images per wall second and per CPU-second)', '',
+         _md(p, cols), '']
+    sp = p.pivot_table(index=['size', 'workers'], columns='path', values='images_per_cpu_s', aggfunc='max')
+    if {'jpeg', 'cache'} <= set(sp.columns):
+        sp = (sp['cache'] / sp['jpeg']).rename('speedup_per_cpu_s').reset_index()
+        L += ['Cached path (best place of the augmentation) over the per-image path, per CPU-second:', '', _md(sp), '']
+    L += ['## Each method against the pipeline at its size', '', _md(tabs['consumption']), '']
+    return '\n'.join(L) + '\n'

@@ -127,3 +127,18 @@ def test_parallel_notebooks_keep_their_own_tables_and_stop_at_a_failure(tmp_path
     assert '| 10 |' in (out/'tables'/'10_a.md').read_text()        # the notebook running beside it finished and was merged
     assert '| 2 |' in (out/'tables'/'20_b.md').read_text()         # the failed notebook's previous table, untouched
     assert '| 3 |' in (out/'tables'/'30_c.md').read_text()
+
+
+def test_peak_memory_of_each_notebook_is_its_own(tmp_path):
+    "Each notebook runs in a fresh process: a notebook holding 400 MiB reports at least that, the small one after it does not."
+    def nb(code):
+        return _nb([("preset = 'smoke'\nout_dir = None\ndata_root = None", ['parameters']), (code, [])])
+    nbs = tmp_path/'nbs'
+    nbs.mkdir()
+    (nbs/'10_big.ipynb').write_text(json.dumps(nb('import numpy as np\nx = np.ones(400 * 2**20 // 8)\nx.sum()')))
+    (nbs/'20_small.ipynb').write_text(json.dumps(nb('y = 1')))
+    runs = reproduce('smoke', out=tmp_path/'out', notebooks=sorted(nbs.glob('*.ipynb')), jobs=1)
+    big, small = (r['peak_rss_mb'] for r in runs)
+    assert big >= 400 and small < big - 300, (big, small)
+    report = (tmp_path/'out'/'REPORT.md').read_text()
+    assert '| peak memory (MiB) |' in report and f"| {big:.0f} |" in report

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/01e_data.loading.ipynb #6357b21f
 from __future__ import annotations
+import os
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from .formats import read_rgb, ImageReadError
 
 # %% auto #0
 __all__ = ['NORMALIZATION', 'BACKBONE_NORM', 'normalization', 'make_transform', 'label_arrays', 'FrameDataset', 'clip_windows',
-           'ClipDataset', 'scatter_predictions', 'bench_layout', 'bench_read_affwild2', 'bench_loader', 'loader_rates']
+           'video_windows', 'ClipDataset', 'scatter_predictions', 'bench_layout', 'bench_read_affwild2', 'bench_loader',
+           'loader_rates', 'pipeline_rates']
 
 # %% ../../nbs/01e_data.loading.ipynb #d8569874
 NORMALIZATION = {'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 'half': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
@@ -84,9 +86,10 @@ class FrameDataset(Dataset):
         self.labels = label_arrays(df)
     def __len__(self): return len(self.paths)
     def load(self, i: int) -> torch.Tensor: return read_rgb(self.paths[i])
+    def finish(self, img: torch.Tensor) -> torch.Tensor:
+        return self.transform(img) if self.transform else img.float() / 255
     def __getitem__(self, i):
-        img = self.load(i)
-        img = self.transform(img) if self.transform else img.float() / 255
+        img = self.finish(self.load(i))
         out = {k: torch.as_tensor(v[i]) for k, v in self.labels.items()}
         out['image'] = img; out['index'] = torch.tensor(i)
         return out
@@ -107,6 +110,16 @@ def clip_windows(n: int,              # frames in the video
         if nxt < n: starts.append(nxt)
     return [np.array([s + k if s + k < n else -1 for k in range(length)], np.int64) for s in starts]
 
+def video_windows(df: pd.DataFrame, length: int, stride: int, end: str = 'align') -> list[np.ndarray]:
+    "`clip_windows` over every (dataset, video) of a frame table, as row positions of `df` (-1 = padding)."
+    out = []
+    order = df.reset_index(drop=True).sort_values(['dataset', 'video', 'frame'], kind='stable')
+    for _, g in order.groupby(['dataset', 'video'], sort=True):
+        rows = g.index.to_numpy()
+        for w in clip_windows(len(rows), length, stride, end):
+            out.append(np.where(w >= 0, rows[np.maximum(w, 0)], -1))
+    return out
+
 class ClipDataset(Dataset):
     "Fixed-length clips of consecutive frames per video, with padding masks and row indices."
     def __init__(self, df: pd.DataFrame,   # frame table
@@ -119,19 +132,17 @@ class ClipDataset(Dataset):
         validate(df); self.df, self.root, self.transform, self.length = df, Path(root), transform, length
         self.paths = [str(self.root/p) for p in df['path']]
         self.labels = label_arrays(df)
-        self.windows = []
-        order = df.reset_index(drop=True).sort_values(['dataset', 'video', 'frame'], kind='stable')
-        for _, g in order.groupby(['dataset', 'video'], sort=True):
-            rows = g.index.to_numpy()
-            for w in clip_windows(len(rows), length, stride or length, end):
-                self.windows.append(np.where(w >= 0, rows[np.maximum(w, 0)], -1))
+        self.windows = video_windows(df, length, stride or length, end)
     def __len__(self): return len(self.windows)
+    def load_clip(self, src: np.ndarray) -> torch.Tensor:
+        return torch.stack([read_rgb(self.paths[j]) for j in src])
+    def finish(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.transform(imgs) if self.transform else imgs.float() / 255
     def __getitem__(self, i):
         idx = self.windows[i]; valid = idx >= 0
         last = idx[valid][-1]
         src = np.where(valid, idx, last)   # padding repeats the last real frame
-        imgs = torch.stack([read_rgb(self.paths[j]) for j in src])
-        imgs = self.transform(imgs) if self.transform else imgs.float() / 255
+        imgs = self.finish(self.load_clip(src))
         out = {}
         for k, v in self.labels.items():
             a = torch.as_tensor(v[src])
@@ -213,3 +224,37 @@ def loader_rates(ds, workers: int, batch_size: int, n_batches: int) -> tuple:
 
 def _bench_loop(ds, workers, batch_size, n_batches, res):
     for w in workers: res[f'workers_{w}'] = loader_rates(ds, w, batch_size, n_batches)[0]
+
+# %% ../../nbs/01e_data.loading.ipynb #b2e1d4c3
+def _proc_cpu_s(pid: int) -> float:
+    "CPU seconds (user + system, all threads) a live process has used, from /proc/<pid>/stat."
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+def pipeline_rates(ds, workers: int = 0, batch_size: int = 64,
+                   n_batches: int = 20,   # batches timed
+                   warmup: int = 2,       # batches taken before the clock starts
+                   collate_fn=None,       # the DataLoader's collate_fn (runs in the workers; here with 0 workers)
+                   augment=None,          # batch -> batch, run here on every batch (timed)
+                  ) -> dict:
+    "Steady-state images per wall second and per CPU-second (this process + its workers) of a shuffled DataLoader."
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_fn,
+                    drop_last=True, generator=torch.Generator().manual_seed(0))
+    take = (lambda b: len(augment(b)['index'])) if augment else (lambda b: len(b['index']))
+    it = iter(dl)
+    for _ in range(warmup):
+        take(next(it))
+    pids = [w.pid for w in getattr(it, '_workers', [])]
+    cpu = lambda: time.process_time() + sum(_proc_cpu_s(p) for p in pids)
+    c0 = cpu()
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(n_batches):
+        try:
+            n += take(next(it))
+        except StopIteration:
+            break
+    dt = time.perf_counter() - t0
+    dc = cpu() - c0
+    del it
+    return dict(images_per_s=n / dt, images_per_cpu_s=n / max(dc, 1e-9), images_timed=n, wall_s=dt, cpu_s=dc)

@@ -9,7 +9,7 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['ml_ros_weights', 'imbalance_ratios', 'expr_weights', 'va_weights', 'EpochWeightedSampler', 'weighted_sampler',
-           'PoolSampler']
+           'PoolSampler', 'RankShard']
 
 # %% ../../nbs/01d_data.sampling.ipynb #aa5f5d77
 def _labels(y):
@@ -129,3 +129,22 @@ class PoolSampler:
         return rows[order], pool[order]
     def __iter__(self): return iter(self.plan()[0].tolist())
     def __len__(self): return self.per_pool * len(self.pools)
+
+# %% ../../nbs/01d_data.sampling.ipynb #897925a9
+class RankShard:
+    "The `rank`-th of `world` interleaved shares of another sampler's epoch draw (padded to a multiple of `world`)."
+    def __init__(self, sampler, rank: int, world: int):
+        if not 0 <= rank < world:
+            raise ValueError(f'rank {rank} is not in 0..{world - 1}')
+        self.sampler, self.rank, self.world = sampler, int(rank), int(world)
+    def set_epoch(self, epoch: int) -> None:
+        "Passed on: every rank draws the epoch of the same `(seed, epoch)`."
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.world)
+    def __iter__(self):
+        draw = list(self.sampler)
+        pad = len(self) * self.world - len(draw)
+        draw += draw[:pad]
+        return iter(draw[self.rank::self.world])
