@@ -7,39 +7,66 @@ from __future__ import annotations
 import json, shutil
 from pathlib import Path
 import pandas as pd
-from .core import cache_dir, outputs_dir, git_commit, write_csv, write_text, write_json, save_png, check_choice, PRESETS
+from abaw_nb.core import (
+    cache_dir,
+    outputs_dir,
+    git_commit,
+    write_csv,
+    write_text,
+    write_json,
+    save_png,
+    check_choice,
+    PRESETS,
+)
 
 # %% auto #0
 __all__ = ['paper_outputs', 'paper_runs', 'provenance_line', 'save_table', 'save_figure', 'DataNotAvailable', 'require_data',
            'evaluate_published', 'published_column']
 
 # %% ../nbs/08_analysis.ipynb #30857f45
-def paper_outputs(out_dir: str | Path | None = None, # explicit folder (papermill `-p out_dir ...`)
-                  preset: str = 'smoke',             # smoke | cpu | paper
-                 ) -> Path:
+def paper_outputs(
+    out_dir: str | Path | None = None,  # explicit folder (papermill `-p out_dir ...`)
+    preset: str = 'smoke',  # smoke | cpu | paper
+) -> Path:
     "Output folder of a paper notebook: `out_dir` if given, a cache scratch folder for smoke runs, else `outputs/`."
     check_choice('preset', preset, PRESETS)
-    if out_dir is not None: p = Path(out_dir)
-    elif preset == 'smoke': p = cache_dir('smoke-outputs')
-    else: p = outputs_dir()
-    for sub in ('tables', 'figures'): (p/sub).mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        p = Path(out_dir)
+    elif preset == 'smoke':
+        p = cache_dir('smoke-outputs')
+    else:
+        p = outputs_dir()
+    for sub in ('tables', 'figures'):
+        (p / sub).mkdir(parents=True, exist_ok=True)
     return p
 
-def paper_runs(out: str | Path,           # the notebook's outputs folder (`paper_outputs`)
-               name: str,                   # the notebook's run folder name, e.g. 'fpn'
-               preset: str, data: str,      # what the runs train on (part of the stamp)
-               commit: str | None = None,   # default: the checkout's `git_commit()`
-              ) -> Path:
+
+def paper_runs(
+    out: str | Path,  # the notebook's outputs folder (`paper_outputs`)
+    name: str,  # the notebook's run folder name, e.g. 'fpn'
+    preset: str,
+    data: str,  # what the runs train on (part of the stamp)
+    commit: str | None = None,  # default: the checkout's `git_commit()`
+) -> Path:
     """Folder for a paper notebook's training runs, `out/runs/<name>`. It is reused (finished runs reopen, a killed run resumes)
     only when the same preset and data made it at the same clean commit; otherwise it is emptied first, so no table is ever
     computed from a model that other code trained. Smoke runs always start empty (they cost seconds)."""
-    d = Path(out)/'runs'/name; stamp = d/'.made_by.json'
+    d = Path(out) / 'runs' / name
+    stamp = d / '.made_by.json'
     made_by = dict(preset=preset, data=str(data), commit=commit or git_commit())
-    reuse = (preset != 'smoke' and not made_by['commit'].endswith('+dirty') and made_by['commit'] != 'unknown'
-             and stamp.is_file() and json.loads(stamp.read_text()) == made_by)
-    if not reuse and d.exists(): shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True); write_json(stamp, made_by)
+    reuse = (
+        preset != 'smoke'
+        and not made_by['commit'].endswith('+dirty')
+        and made_by['commit'] != 'unknown'
+        and stamp.is_file()
+        and json.loads(stamp.read_text()) == made_by
+    )
+    if not reuse and d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, made_by)
     return d
+
 
 def provenance_line(preset: str, data: str, seed: int | str, commit: str | None = None, **extra) -> str:
     "The one line every table and figure carries: data, preset, seed, commit (+ anything else)."
@@ -47,51 +74,88 @@ def provenance_line(preset: str, data: str, seed: int | str, commit: str | None 
     parts += [f'{k}: {v}' for k, v in extra.items()]
     return '; '.join(parts)
 
-def save_table(df: pd.DataFrame, name: str, out: str | Path, provenance: str,
-               note: str | None = None,   # a sentence under the table (what changed vs the paper, caveats)
-               floatfmt: str = '.4f') -> Path:
+
+def save_table(
+    df: pd.DataFrame,
+    name: str,
+    out: str | Path,
+    provenance: str,
+    note: str | None = None,  # a sentence under the table (what changed vs the paper, caveats)
+    floatfmt: str = '.4f',
+) -> Path:
     "Write `tables/<name>.csv` and `tables/<name>.md` (provenance line, table, note); returns the markdown path."
     out = Path(out)
-    write_csv(out/'tables'/f'{name}.csv', df)
+    write_csv(out / 'tables' / f'{name}.csv', df)
     md = f'{provenance}\n\n' + df.to_markdown(index=False, floatfmt=floatfmt) + (f'\n\n{note}' if note else '') + '\n'
-    return write_text(out/'tables'/f'{name}.md', md)
+    return write_text(out / 'tables' / f'{name}.md', md)
+
 
 def save_figure(fig, name: str, out: str | Path, provenance: str, dpi: int = 120) -> Path:
     "Write `figures/<name>.png` and `figures/<name>.json` (its provenance)."
     out = Path(out)
-    write_json(out/'figures'/f'{name}.json', {'figure': f'{name}.png', 'provenance': provenance})
-    return save_png(out/'figures'/f'{name}.png', fig, dpi=dpi)
+    write_json(out / 'figures' / f'{name}.json', {'figure': f'{name}.png', 'provenance': provenance})
+    return save_png(out / 'figures' / f'{name}.png', fig, dpi=dpi)
+
 
 class DataNotAvailable(RuntimeError):
     "Raised by a paper notebook when the `data_root` it was given cannot feed it; `make reproduce` records a skip, not a failure."
 
+
 def require_data(ok: bool, reason: str) -> None:
     "Stop a paper notebook with `DataNotAvailable(reason)` unless `ok` (e.g. `require_data(data_root is None or is_bp4d(data_root), ...)`)."
-    if not ok: raise DataNotAvailable(reason)
+    if not ok:
+        raise DataNotAvailable(reason)
 
-def evaluate_published(checkpoint,            # an authors' released checkpoint file (see the README for where each is published)
-                       method: str, task: str,  # the abaw-nb method it belongs to, and the task to score ('multi': all it predicts)
-                       preset: str, out,        # the notebook's preset and output folder
-                       seed: int = 0, data_root=None,
-                       options: dict | None = None,   # the importer's options, e.g. {'embeddings': 'glove_9x300.npy'}
-                       name: str | None = None, # table name (default `<method>_published_checkpoint`)
-                      ) -> pd.DataFrame:
+
+def evaluate_published(
+    checkpoint,  # an authors' released checkpoint file (see the README for where each is published)
+    method: str,
+    task: str,  # the abaw-nb method it belongs to, and the task to score ('multi': all it predicts)
+    preset: str,
+    out,  # the notebook's preset and output folder
+    seed: int = 0,
+    data_root=None,
+    options: dict | None = None,  # the importer's options, e.g. {'embeddings': 'glove_9x300.npy'}
+    name: str | None = None,  # table name (default `<method>_published_checkpoint`)
+) -> pd.DataFrame:
     """The `checkpoint` parameter of the paper notebooks: import a released model, score it on the validation data, save
     a table."""
     from abaw_nb.train.run import run_config, headline, evaluate_checkpoint
-    cfg = run_config(method, task, preset, seed=seed, data_root=data_root,
-                     out_dir=str(Path(out)/'runs'/'published'/f'{method}-{task}'))
+
+    cfg = run_config(
+        method,
+        task,
+        preset,
+        seed=seed,
+        data_root=data_root,
+        out_dir=str(Path(out) / 'runs' / 'published' / f'{method}-{task}'),
+    )
     res = evaluate_checkpoint(cfg, checkpoint, options=options)
-    tab = pd.DataFrame([{'checkpoint': Path(str(checkpoint)).name, 'format': res['imported'].fmt, 'n_val': res['n_val'],
-                         **headline(res['scores'])}])
+    tab = pd.DataFrame(
+        [
+            {
+                'checkpoint': Path(str(checkpoint)).name,
+                'format': res['imported'].fmt,
+                'n_val': res['n_val'],
+                **headline(res['scores']),
+            }
+        ]
+    )
     data = str(data_root) if data_root else f'SynthAffect/{cfg.synth_size}'
-    save_table(tab, name or f'{method}_published_checkpoint', out, provenance_line(preset, data, seed, split='val'),
-               note="The authors' released network imported by its method's importer (no training) and scored on the "
-                    'validation frames with the same metrics as the reproduced rows; on the real data this reproduces '
-                    'the published numbers directly.')
+    save_table(
+        tab,
+        name or f'{method}_published_checkpoint',
+        out,
+        provenance_line(preset, data, seed, split='val'),
+        note="The authors' released network imported by its method's importer (no training) and scored on the "
+        'validation frames with the same metrics as the reproduced rows; on the real data this reproduces '
+        'the published numbers directly.',
+    )
     return tab
+
 
 def published_column(df: pd.DataFrame, key: str, published: dict, name: str = 'published') -> pd.DataFrame:
     "Add the papers' numbers (`published[key value]`, typed from the paper) beside the reproduced ones; missing ones stay empty."
-    out = df.copy(); out[name] = [published.get(k) for k in out[key]]
+    out = df.copy()
+    out[name] = [published.get(k) for k in out[key]]
     return out

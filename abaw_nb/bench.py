@@ -7,7 +7,17 @@ from __future__ import annotations
 import argparse, gc, json, math, os, platform, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from .core import outputs_dir, cache_dir, repo_path, provenance, write_json, write_text, write_csv, save_png, autocast
+from abaw_nb.core import (
+    outputs_dir,
+    cache_dir,
+    repo_path,
+    provenance,
+    write_json,
+    write_text,
+    write_csv,
+    save_png,
+    autocast,
+)
 
 # %% auto #0
 __all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'BENCH_EXTRA', 'PIPELINE_SIZES', 'TARGETS',
@@ -41,7 +51,8 @@ def matmul_peak(device='cpu', n: int | None = None, dtype=torch.float32, reps: i
         if dev.type == 'cuda':
             torch.cuda.synchronize(dev)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
+
 
 def _proc_status_kb(field: str) -> int | None:
     try:
@@ -51,10 +62,12 @@ def _proc_status_kb(field: str) -> int | None:
     except OSError:
         return None
 
+
 def rss_now_bytes() -> int:
     "Current resident set (Linux /proc); falls back to the high-water mark elsewhere."
     kb = _proc_status_kb('VmRSS')
     return kb * 1024 if kb is not None else maxrss_bytes()
+
 
 def reset_peak_rss() -> bool:
     "Reset the process's RSS high-water mark (Linux: write 5 to /proc/self/clear_refs); False where unsupported."
@@ -64,12 +77,14 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
 
+
 def maxrss_bytes() -> int:
     "RSS high-water mark: VmHWM on Linux (resettable), else ru_maxrss."
     kb = _proc_status_kb('VmHWM')
     if kb is not None:
         return kb * 1024
     import resource, sys
+
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == 'darwin' else r * 1024
 
@@ -77,6 +92,7 @@ def maxrss_bytes() -> int:
 def bench_backbone_step(name, batch, steps, warmup, input_size, device, precision, channels_last, compile_, kw) -> dict:
     "One backbone's training step (10-way linear head, cross-entropy, SGD): time, FLOPs, peak memory."
     from abaw_nb.core import autocast
+
     dev = torch.device(device)
     cuda = dev.type == 'cuda'
     # the local matmul peak first: its buffers are returned to the OS before the memory baseline below
@@ -94,6 +110,7 @@ def bench_backbone_step(name, batch, steps, warmup, input_size, device, precisio
     # memory baseline before any forward pass: the CPU allocator keeps freed activations resident, so the
     # baseline must precede the first step (the FLOP-counting step below is an ordinary forward + backward)
     import gc
+
     gc.collect()
     rss0 = rss_now_bytes()
     reset_peak_rss()
@@ -101,13 +118,15 @@ def bench_backbone_step(name, batch, steps, warmup, input_size, device, precisio
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         m0 = torch.cuda.memory_allocated(dev)
+
     def step():
         with autocast(dev, precision):
             loss = F.cross_entropy(run(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with flop_counter() as fc:      # counted on the eager model, one step
+
+    with flop_counter() as fc:  # counted on the eager model, one step
         with autocast(dev, precision):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -124,43 +143,58 @@ def bench_backbone_step(name, batch, steps, warmup, input_size, device, precisio
         torch.cuda.synchronize(dev)
     dt = (time.perf_counter() - t) / steps
     peak = (torch.cuda.max_memory_allocated(dev) - m0) if cuda else (maxrss_bytes() - rss0)
-    return {'backbone': name, 'input_size': s, 'batch': batch, 'params': count_params(bb), 'step_s': dt,
-            'images_per_s': batch / dt, 'flops_per_step': flops, 'achieved_flops': flops / dt,
-            'peak_mem_bytes': int(peak), 'device': str(dev), 'precision': precision,
-            'matmul_peak_flops_local': local_peak}
+    return {
+        'backbone': name,
+        'input_size': s,
+        'batch': batch,
+        'params': count_params(bb),
+        'step_s': dt,
+        'images_per_s': batch / dt,
+        'flops_per_step': flops,
+        'achieved_flops': flops / dt,
+        'peak_mem_bytes': int(peak),
+        'device': str(dev),
+        'precision': precision,
+        'matmul_peak_flops_local': local_peak,
+    }
 
 # %% ../nbs/10_bench.ipynb #373d1bc1
 def bench_isolated(args: tuple, threads: int) -> dict:
     # a fresh interpreter per backbone, so ru_maxrss starts from this backbone alone (works from scripts,
     # notebooks and papermill alike, unlike multiprocessing's spawn, which re-imports the caller's __main__)
     import subprocess, sys
-    code = ('import json, sys, torch; from abaw_nb.bench import bench_backbone_step; '
-            'a = json.loads(sys.argv[1]); torch.set_num_threads(a.pop()); '
-            'print("@@" + json.dumps(bench_backbone_step(*a)))')
+
+    code = (
+        'import json, sys, torch; from abaw_nb.bench import bench_backbone_step; '
+        'a = json.loads(sys.argv[1]); torch.set_num_threads(a.pop()); '
+        'print("@@" + json.dumps(bench_backbone_step(*a)))'
+    )
     p = subprocess.run([sys.executable, '-c', code, json.dumps(list(args) + [threads])], capture_output=True, text=True)
     for line in p.stdout.splitlines():
         if line.startswith('@@'):
             return json.loads(line[2:])
     return {'backbone': args[0], 'error': (p.stderr.strip().splitlines() or ['no output'])[-1]}
 
-def bench_train_step(names,                  # backbone names (see `list_backbones()`)
-                     batch: int = 4,         # images per step
-                     steps: int = 3,         # timed steps
-                     warmup: int = 1,        # untimed steps first
-                     input_size: int | None = None, # default: each backbone's paper input size
-                     device: str = 'cpu',    # 'cpu', 'cuda', 'auto'
-                     precision: str = 'fp32',# 'fp32' or 'bf16' (autocast)
-                     channels_last: bool = False,
-                     compile: bool = False,  # torch.compile the model first
-                     isolate: bool | None = None, # a fresh interpreter per backbone (default: on CPU): clean ru_maxrss
-                     **kw,                   # passed to build_backbone
-                    ) -> list[dict]:
+
+def bench_train_step(
+    names,  # backbone names (see `list_backbones()`)
+    batch: int = 4,  # images per step
+    steps: int = 3,  # timed steps
+    warmup: int = 1,  # untimed steps first
+    input_size: int | None = None,  # default: each backbone's paper input size
+    device: str = 'cpu',  # 'cpu', 'cuda', 'auto'
+    precision: str = 'fp32',  # 'fp32' or 'bf16' (autocast)
+    channels_last: bool = False,
+    compile: bool = False,  # torch.compile the model first
+    isolate: bool | None = None,  # a fresh interpreter per backbone (default: on CPU): clean ru_maxrss
+    **kw,  # passed to build_backbone
+) -> list[dict]:
     "Training-step throughput, achieved FLOP/s vs a measured matmul peak, and peak memory, per backbone."
     dev = get_device(device)
     peak = matmul_peak(dev, dtype=torch.bfloat16 if precision == 'bf16' else torch.float32)
     isolate = (dev.type == 'cpu') if isolate is None else isolate
     rows = []
-    for name in ([names] if isinstance(names, str) else names):
+    for name in [names] if isinstance(names, str) else names:
         args = (name, batch, steps, warmup, input_size, str(dev), precision, channels_last, compile, kw)
         r = bench_isolated(args, torch.get_num_threads()) if isolate else bench_backbone_step(*args)
         if 'error' not in r:
@@ -174,11 +208,13 @@ def bench_train_step(names,                  # backbone names (see `list_backbon
     return rows
 
 # %% ../nbs/10_bench.ipynb #402cb649
-def bench_scoring(n: int = 1_000_000,  # frames
-                  repeat: int = 3,     # timed runs; the best is returned
-                  edition: str = 'abaw3',
-                  calibration: bool = False,
-                  seed: int = 0) -> float:
+def bench_scoring(
+    n: int = 1_000_000,  # frames
+    repeat: int = 3,  # timed runs; the best is returned
+    edition: str = 'abaw3',
+    calibration: bool = False,
+    seed: int = 0,
+) -> float:
     "Seconds to score `n` frames for VA, EXPR and AU with `score_frames` (best of `repeat`)."
     frames, preds = toy_tables(n, max(1, n // 2000), seed=seed)
     best = float('inf')
@@ -190,39 +226,64 @@ def bench_scoring(n: int = 1_000_000,  # frames
 
 # %% ../nbs/10_bench.ipynb #64a85eec
 SECTIONS = ('machine', 'train_step', 'inference', 'data_pipeline', 'synth', 'scoring', 'reproduce')
-PAPER_BACKBONES = ('resnet50', 'resnet50_fpn', 'mobilefacenet', 'densenet121', 'bregnext', 'vit_s16', 'vit_b16', 'vit_l16')
+PAPER_BACKBONES = (
+    'resnet50',
+    'resnet50_fpn',
+    'mobilefacenet',
+    'densenet121',
+    'bregnext',
+    'vit_s16',
+    'vit_b16',
+    'vit_l16',
+)
+
 
 def _cpu_name() -> str:
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'): return line.split(':', 1)[1].strip()
-    except OSError: pass
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
+
 
 def _conv1x1_peak(dev, dtype, c: int, hw: int = 56, batch: int = 4, reps: int = 5) -> float:
     "FLOP/s of a 1x1 convolution over channels_last tensors: a dense GEMM through oneDNN (CPU) or cuDNN (GPU)."
     import torch.nn.functional as F
+
     x = torch.randn(batch, c, hw, hw, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(c, c, 1, 1, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    F.conv2d(x, w); best = float('inf')
+    F.conv2d(x, w)
+    best = float('inf')
     for _ in range(reps):
-        if dev.type == 'cuda': torch.cuda.synchronize(dev)
-        t = time.perf_counter(); F.conv2d(x, w)
-        if dev.type == 'cuda': torch.cuda.synchronize(dev)
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        F.conv2d(x, w)
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
         best = min(best, time.perf_counter() - t)
     return 2 * batch * hw * hw * c * c / best
 
+
 def gemm_peak(device='cpu', dtype=torch.float32, quick: bool = False) -> dict:
     "The best dense-GEMM FLOP/s of this device: `torch.matmul` (BLAS: MKL on x86, cuBLAS) and a channels_last 1x1 convolution (oneDNN, cuDNN); the peak is the larger."
-    dev = torch.device(device); cuda = dev.type == 'cuda'
+    dev = torch.device(device)
+    cuda = dev.type == 'cuda'
     sizes = (256,) if quick else ((4096, 8192) if cuda else (1024, 2048))
     mm = max(matmul_peak(dev, n=n, dtype=dtype) for n in sizes)
-    cv = max(_conv1x1_peak(dev, dtype, c, batch=64 if cuda else 4) for c in ((64,) if quick else ((512, 1024) if cuda else (256, 512))))
+    cv = max(
+        _conv1x1_peak(dev, dtype, c, batch=64 if cuda else 4)
+        for c in ((64,) if quick else ((512, 1024) if cuda else (256, 512)))
+    )
     return dict(matmul_gflops=mm / 1e9, conv1x1_gflops=cv / 1e9, peak_gflops=max(mm, cv) / 1e9)
 
-def bench_machine(quick: bool = False,   # small matrices (tests)
-                  device: str | None = None, # None: the CPU, and CUDA too when present
-                 ) -> list[dict]:
+
+def bench_machine(
+    quick: bool = False,  # small matrices (tests)
+    device: str | None = None,  # None: the CPU, and CUDA too when present
+) -> list[dict]:
     "The measured dense-GEMM peak per device and dtype (`gemm_peak`: best of 5 runs at each of two sizes of each kind, the largest kept)."
     rows = []
     devs = [device] if device else ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
@@ -230,100 +291,173 @@ def bench_machine(quick: bool = False,   # small matrices (tests)
         cuda = dev.startswith('cuda')
         dtypes = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
         for dt in dtypes:
-            rows.append(dict(device=dev, name=torch.cuda.get_device_name(0) if cuda else _cpu_name(),
-                             dtype=str(dt).replace('torch.', ''), **gemm_peak(dev, dt, quick),
-                             cores=os.cpu_count(), torch_threads=torch.get_num_threads()))
+            rows.append(
+                dict(
+                    device=dev,
+                    name=torch.cuda.get_device_name(0) if cuda else _cpu_name(),
+                    dtype=str(dt).replace('torch.', ''),
+                    **gemm_peak(dev, dt, quick),
+                    cores=os.cpu_count(),
+                    torch_threads=torch.get_num_threads(),
+                )
+            )
     return rows
 
 # %% ../nbs/10_bench.ipynb #fb6ae288
-def count_step_flops(model,             # any module
-                     fwd,               # () -> output: runs the model on its batch
-                     loss=None,         # output -> scalar loss; None: sum of the output
-                     train: bool = True,# forward + backward (True) or forward only under no_grad
-                    ) -> int:
+def count_step_flops(
+    model,  # any module
+    fwd,  # () -> output: runs the model on its batch
+    loss=None,  # output -> scalar loss; None: sum of the output
+    train: bool = True,  # forward + backward (True) or forward only under no_grad
+) -> int:
     "FLOPs of one forward (+ backward when `train`) as counted by torch's FlopCounterMode (grouped-conv backward corrected)."
     if train:
         with flop_counter() as fc:
-            out = fwd(); l = loss(out) if loss else out.sum()
+            out = fwd()
+            l = loss(out) if loss else out.sum()
             l.backward()
-        for p in model.parameters(): p.grad = None
+        for p in model.parameters():
+            p.grad = None
     else:
-        with torch.no_grad(), flop_counter() as fc: fwd()
+        with torch.no_grad(), flop_counter() as fc:
+            fwd()
     return int(fc.get_total_flops())
 
 # %% ../nbs/10_bench.ipynb #17863744
-BENCH_METHODS = {'fpn': 'multi', 'mtl_cnn': 'multi', 'emenet': 'multi', 'emotion_gcn': 'expr', 'fmae': 'multi'}  # method -> task benchmarked
+BENCH_METHODS = {
+    'fpn': 'multi',
+    'mtl_cnn': 'multi',
+    'emenet': 'multi',
+    'emotion_gcn': 'expr',
+    'fmae': 'multi',
+}  # method -> task benchmarked
 # the batch timed at the paper preset on a CPU (images per step stays a few seconds of work); on a GPU the paper's own batch
-CPU_PAPER_BATCH = {'fpn': 8, 'mtl_cnn': 8, 'emenet': 1, 'emotion_gcn': 8, 'fmae': 1}   # emenet: one clip of 16 frames
+CPU_PAPER_BATCH = {'fpn': 8, 'mtl_cnn': 8, 'emenet': 1, 'emotion_gcn': 8, 'fmae': 1}  # emenet: one clip of 16 frames
 
 # method settings beside the paper preset's, per method (none needed: every method runs its published settings)
 BENCH_EXTRA = {}
 
-def _n_images(img: torch.Tensor) -> int: return int(math.prod(img.shape[:-3]))
+
+def _n_images(img: torch.Tensor) -> int:
+    return int(math.prod(img.shape[:-3]))
+
 
 def _method_setup(method, preset, batch, device):
     from abaw_nb.train.run import run_config, load_frames
     from abaw_nb.train.engine import make_loader, build_optimizer
     from abaw_nb.data.frames import task_frames
     from abaw_nb.methods import get_method, get_settings, RunData
-    cfg = run_config(method, BENCH_METHODS[method], preset, device=device, progress=False, num_workers=0,
-                     extra=BENCH_EXTRA.get(method))
+
+    cfg = run_config(
+        method,
+        BENCH_METHODS[method],
+        preset,
+        device=device,
+        progress=False,
+        num_workers=0,
+        extra=BENCH_EXTRA.get(method),
+    )
     spec = get_method(method)
     frames, root = load_frames(cfg)
+
     def part(s):
         d = task_frames(frames[frames['split'] == s].reset_index(drop=True), cfg.task, spec.multi_tasks)
         d.attrs = dict(frames.attrs)
         return d
+
     tr, va = part('train'), part('val')
     torch.manual_seed(cfg.seed)
     rec = spec.recipe(cfg, get_settings(cfg), RunData.from_frames(tr, va, root))
     ds = rec.train_data(tr, root)
     b = next(iter(make_loader(ds, cfg, True, batch_size=batch or cfg.batch_size, collate_fn=rec.collate_fn)))
     # torch's own optimiser kernels here (the engine defaults to fused ones): `optim_impl` and `channels_last` switch each fix on
-    opt = build_optimizer(rec.param_groups if rec.param_groups is not None else rec.model,
-                          cfg.replace(fused_optim=False))
+    opt = build_optimizer(
+        rec.param_groups if rec.param_groups is not None else rec.model, cfg.replace(fused_optim=False)
+    )
     return cfg, rec, b, opt
+
 
 def _set_optim_impl(opt, impl):
     "Switch an optimiser's kernels ('fused', 'foreach', 'loop') before its first step."
-    if impl is None: return
+    if impl is None:
+        return
     for g in opt.param_groups:
-        if 'fused' in g: g['fused'] = impl == 'fused'
-        if 'foreach' in g: g['foreach'] = impl == 'foreach'
+        if 'fused' in g:
+            g['fused'] = impl == 'fused'
+        if 'foreach' in g:
+            g['foreach'] = impl == 'foreach'
+
 
 def _op_kind(name: str) -> str:
     n = name.lower()
-    if 'conv' in n: return 'convolution'
-    if any(k in n for k in ('addmm', 'aten::mm', 'bmm', 'matmul', 'linear', 'baddbmm', 'attention')): return 'matmul/attention'
-    if 'batch_norm' in n or 'layer_norm' in n or 'group_norm' in n: return 'normalisation'
-    if any(k in n for k in ('pool', 'cat', 'copy', 'contiguous', 'clone', 'to_dense', 'reorder', 'empty', 'zero', 'fill')): return 'pool/concat/copy'
-    if any(k in n for k in ('adam', 'sgd', 'foreach', 'lerp', 'addcdiv', 'sqrt')): return 'optimiser'
+    if 'conv' in n:
+        return 'convolution'
+    if any(k in n for k in ('addmm', 'aten::mm', 'bmm', 'matmul', 'linear', 'baddbmm', 'attention')):
+        return 'matmul/attention'
+    if 'batch_norm' in n or 'layer_norm' in n or 'group_norm' in n:
+        return 'normalisation'
+    if any(
+        k in n for k in ('pool', 'cat', 'copy', 'contiguous', 'clone', 'to_dense', 'reorder', 'empty', 'zero', 'fill')
+    ):
+        return 'pool/concat/copy'
+    if any(k in n for k in ('adam', 'sgd', 'foreach', 'lerp', 'addcdiv', 'sqrt')):
+        return 'optimiser'
     return 'elementwise/other'
+
 
 def _profile_step(step, cuda):
     from torch.profiler import profile, ProfilerActivity
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof: step()
+    with profile(activities=acts) as prof:
+        step()
     ev = [e for e in prof.key_averages() if e.key.startswith('aten::')]
     attr = 'self_device_time_total' if cuda else 'self_cpu_time_total'
     tot = sum(getattr(e, attr) for e in ev) or 1
-    ops = sorted(({'op': e.key, 'self_ms': getattr(e, attr) / 1e3, 'share': getattr(e, attr) / tot, 'kind': _op_kind(e.key)} for e in ev),
-                 key=lambda d: -d['self_ms'])
+    ops = sorted(
+        (
+            {'op': e.key, 'self_ms': getattr(e, attr) / 1e3, 'share': getattr(e, attr) / tot, 'kind': _op_kind(e.key)}
+            for e in ev
+        ),
+        key=lambda d: -d['self_ms'],
+    )
     kinds = {}
-    for o in ops: kinds[o['kind']] = kinds.get(o['kind'], 0.0) + o['share']
+    for o in ops:
+        kinds[o['kind']] = kinds.get(o['kind'], 0.0) + o['share']
     return {'top_ops': ops[:8], 'by_kind': dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
 
-def _method_step(method, preset='paper', batch=None, steps=3, warmup=1, device='cpu', precision='fp32',
-                 channels_last=False, optim_impl=None, compile=False, profile=False, peak_n=None):
+
+def _method_step(
+    method,
+    preset='paper',
+    batch=None,
+    steps=3,
+    warmup=1,
+    device='cpu',
+    precision='fp32',
+    channels_last=False,
+    optim_impl=None,
+    compile=False,
+    profile=False,
+    peak_n=None,
+):
     from abaw_nb.train.engine import to_device
-    dev = torch.device(device); cuda = dev.type == 'cuda'
-    local_peak = gemm_peak(dev, torch.bfloat16 if precision == 'bf16' else torch.float32, quick=bool(peak_n and peak_n <= 512))['peak_gflops'] * 1e9
+
+    dev = torch.device(device)
+    cuda = dev.type == 'cuda'
+    local_peak = (
+        gemm_peak(dev, torch.bfloat16 if precision == 'bf16' else torch.float32, quick=bool(peak_n and peak_n <= 512))[
+            'peak_gflops'
+        ]
+        * 1e9
+    )
     cfg, rec, b, opt = _method_setup(method, preset, batch, device)
     model = rec.model.to(dev)
     b = to_device(b, dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        if b['image'].dim() == 4: b['image'] = b['image'].contiguous(memory_format=torch.channels_last)
+        if b['image'].dim() == 4:
+            b['image'] = b['image'].contiguous(memory_format=torch.channels_last)
     _set_optim_impl(opt, optim_impl)
     fwd = rec.forward_fn or (lambda net, bb: net(bb['image']))
     loss_of = lambda out: (lambda r: r[0] if isinstance(r, tuple) else r)(rec.loss_fn(out, b))
@@ -331,172 +465,319 @@ def _method_step(method, preset='paper', batch=None, steps=3, warmup=1, device='
     n_img = _n_images(b['image'])
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     gc.collect()
-    if cuda: sync(); torch.cuda.reset_peak_memory_stats(dev); m0 = torch.cuda.memory_allocated(dev)
-    rss0 = rss_now_bytes()     # baseline: model, optimiser, batch built; no forward pass yet
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats(dev)
+        m0 = torch.cuda.memory_allocated(dev)
+    rss0 = rss_now_bytes()  # baseline: model, optimiser, batch built; no forward pass yet
     reset_peak_rss()
     peak_mem = lambda: (torch.cuda.max_memory_allocated(dev) - m0) if cuda else (maxrss_bytes() - rss0)
+
     def reset_peak():
-        if cuda: torch.cuda.reset_peak_memory_stats(dev)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
         else:
             reset_peak_rss()
+
     def timed(fn, n):
-        for _ in range(warmup): fn()
-        sync(); t = time.perf_counter()
-        for _ in range(n): fn()
-        sync(); return (time.perf_counter() - t) / n
+        for _ in range(warmup):
+            fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t) / n
+
     # inference first (eval, no_grad), then training, both against the same pre-forward baseline
     model.eval()
-    with autocast(dev, precision): inf_flops = count_step_flops(model, lambda: fwd(model, b), train=False)
+    with autocast(dev, precision):
+        inf_flops = count_step_flops(model, lambda: fwd(model, b), train=False)
+
     def infer():
-        with torch.no_grad(), autocast(dev, precision): fwd(run, b)
-    inf_s = timed(infer, steps); inf_mem = peak_mem()
-    model.train(); reset_peak()
-    with autocast(dev, precision): train_flops = count_step_flops(model, lambda: fwd(model, b), loss_of)
+        with torch.no_grad(), autocast(dev, precision):
+            fwd(run, b)
+
+    inf_s = timed(infer, steps)
+    inf_mem = peak_mem()
+    model.train()
+    reset_peak()
+    with autocast(dev, precision):
+        train_flops = count_step_flops(model, lambda: fwd(model, b), loss_of)
+
     def step():
-        with autocast(dev, precision): loss = loss_of(fwd(run, b))
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    train_s = timed(step, steps); train_mem = peak_mem()
+        with autocast(dev, precision):
+            loss = loss_of(fwd(run, b))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    train_s = timed(step, steps)
+    train_mem = peak_mem()
     from abaw_nb.models.backbones import BACKBONES
+
     bb = rec.backbone
     fam = 'vit' if bb.startswith('vit') else BACKBONES[bb].family if bb in BACKBONES else 'cnn'
-    r = dict(method=method, preset=preset, task=cfg.task, backbone=bb, family=fam, input_size=cfg.img_size,
-             paper_batch=cfg.batch_size, batch=int(b['image'].shape[0]), images_per_step=n_img, device=str(dev), precision=precision,
-             channels_last=channels_last, optimizer=cfg.optimizer, optim_impl=optim_impl or 'default', compile=compile,
-             params=sum(p.numel() for p in model.parameters()),
-             train_step_s=train_s, train_images_per_s=n_img / train_s, train_flops_per_image=train_flops / n_img,
-             train_achieved_gflops=train_flops / train_s / 1e9, train_peak_mem_mib=train_mem / 2**20,
-             inference_step_s=inf_s, inference_images_per_s=n_img / inf_s, inference_flops_per_image=inf_flops / n_img,
-             inference_achieved_gflops=inf_flops / inf_s / 1e9, inference_peak_mem_mib=inf_mem / 2**20,
-             local_peak_gflops=local_peak / 1e9)
-    if profile: r['profile'] = _profile_step(step, cuda)
+    r = dict(
+        method=method,
+        preset=preset,
+        task=cfg.task,
+        backbone=bb,
+        family=fam,
+        input_size=cfg.img_size,
+        paper_batch=cfg.batch_size,
+        batch=int(b['image'].shape[0]),
+        images_per_step=n_img,
+        device=str(dev),
+        precision=precision,
+        channels_last=channels_last,
+        optimizer=cfg.optimizer,
+        optim_impl=optim_impl or 'default',
+        compile=compile,
+        params=sum(p.numel() for p in model.parameters()),
+        train_step_s=train_s,
+        train_images_per_s=n_img / train_s,
+        train_flops_per_image=train_flops / n_img,
+        train_achieved_gflops=train_flops / train_s / 1e9,
+        train_peak_mem_mib=train_mem / 2**20,
+        inference_step_s=inf_s,
+        inference_images_per_s=n_img / inf_s,
+        inference_flops_per_image=inf_flops / n_img,
+        inference_achieved_gflops=inf_flops / inf_s / 1e9,
+        inference_peak_mem_mib=inf_mem / 2**20,
+        local_peak_gflops=local_peak / 1e9,
+    )
+    if profile:
+        r['profile'] = _profile_step(step, cuda)
     return r
+
 
 def _isolated(fn: str, kw: dict, threads: int) -> dict:
     # a fresh interpreter per benchmark, so its memory high-water mark is its own
-    code = ('import json, sys, torch; import abaw_nb.bench as B; a = json.loads(sys.argv[1]); torch.set_num_threads(a.pop("_threads")); '
-            'f = getattr(B, a.pop("_fn")); print("@@" + json.dumps(f(**a)))')
-    p = subprocess.run([sys.executable, '-c', code, json.dumps({**kw, '_fn': fn, '_threads': threads})], capture_output=True, text=True)
+    code = (
+        'import json, sys, torch; import abaw_nb.bench as B; a = json.loads(sys.argv[1]); torch.set_num_threads(a.pop("_threads")); '
+        'f = getattr(B, a.pop("_fn")); print("@@" + json.dumps(f(**a)))'
+    )
+    p = subprocess.run(
+        [sys.executable, '-c', code, json.dumps({**kw, '_fn': fn, '_threads': threads})], capture_output=True, text=True
+    )
     for line in p.stdout.splitlines():
-        if line.startswith('@@'): return json.loads(line[2:])
-    return {**{k: v for k, v in kw.items() if k in ('method', 'preset')}, 'error': ' | '.join((p.stderr.strip().splitlines() or ['no output'])[-3:])}
+        if line.startswith('@@'):
+            return json.loads(line[2:])
+    return {
+        **{k: v for k, v in kw.items() if k in ('method', 'preset')},
+        'error': ' | '.join((p.stderr.strip().splitlines() or ['no output'])[-3:]),
+    }
 
-def bench_method_step(methods=tuple(BENCH_METHODS), # methods (keys of `BENCH_METHODS`)
-                      preset: str = 'paper',    # preset whose backbone and input size are used
-                      batch: int | dict | None = None, # images (clips) per step; dict per method; None: `CPU_PAPER_BATCH` (paper, CPU) or the preset's
-                      steps: int = 3,           # timed steps
-                      warmup: int = 1,          # untimed steps first
-                      device: str = 'cpu',      # 'cpu' or 'cuda'
-                      precision: str = 'fp32',  # 'fp32' or 'bf16' (autocast)
-                      channels_last: bool = False,
-                      optim_impl: str | None = None, # 'fused' | 'foreach' | 'loop' | None (the optimiser's default)
-                      compile: bool = False,    # torch.compile the model
-                      profile: bool = False,    # add a torch.profiler breakdown of one training step
-                      isolate: bool | None = None, # one fresh interpreter per method (default: on CPU), for an honest peak memory
-                      peak_gflops: float | None = None, # the run's matmul peak (the larger of it and each process's own is used)
-                      peak_n: int | None = None, # matrix side of each process's own peak (None: matmul_peak's default)
-                     ) -> list[dict]:
+
+def bench_method_step(
+    methods=tuple(BENCH_METHODS),  # methods (keys of `BENCH_METHODS`)
+    preset: str = 'paper',  # preset whose backbone and input size are used
+    batch: int
+    | dict
+    | None = None,  # images (clips) per step; dict per method; None: `CPU_PAPER_BATCH` (paper, CPU) or the preset's
+    steps: int = 3,  # timed steps
+    warmup: int = 1,  # untimed steps first
+    device: str = 'cpu',  # 'cpu' or 'cuda'
+    precision: str = 'fp32',  # 'fp32' or 'bf16' (autocast)
+    channels_last: bool = False,
+    optim_impl: str | None = None,  # 'fused' | 'foreach' | 'loop' | None (the optimiser's default)
+    compile: bool = False,  # torch.compile the model
+    profile: bool = False,  # add a torch.profiler breakdown of one training step
+    isolate: bool | None = None,  # one fresh interpreter per method (default: on CPU), for an honest peak memory
+    peak_gflops: float | None = None,  # the run's matmul peak (the larger of it and each process's own is used)
+    peak_n: int | None = None,  # matrix side of each process's own peak (None: matmul_peak's default)
+) -> list[dict]:
     "Training- and inference-step throughput, FLOPs per image, achieved FLOP/s and fraction of peak, peak memory, per method."
     isolate = (device == 'cpu') if isolate is None else isolate
     rows = []
-    for m in ([methods] if isinstance(methods, str) else methods):
-        if m not in BENCH_METHODS: raise ValueError(f'method {m!r} is not benchmarked; valid: {", ".join(BENCH_METHODS)}')
+    for m in [methods] if isinstance(methods, str) else methods:
+        if m not in BENCH_METHODS:
+            raise ValueError(f'method {m!r} is not benchmarked; valid: {", ".join(BENCH_METHODS)}')
         bs = batch.get(m) if isinstance(batch, dict) else batch
-        if bs is None and preset == 'paper' and device == 'cpu': bs = CPU_PAPER_BATCH[m]
-        kw = dict(method=m, preset=preset, batch=bs, steps=steps, warmup=warmup, device=device, precision=precision,
-                  channels_last=channels_last, optim_impl=optim_impl, compile=compile, profile=profile, peak_n=peak_n)
+        if bs is None and preset == 'paper' and device == 'cpu':
+            bs = CPU_PAPER_BATCH[m]
+        kw = dict(
+            method=m,
+            preset=preset,
+            batch=bs,
+            steps=steps,
+            warmup=warmup,
+            device=device,
+            precision=precision,
+            channels_last=channels_last,
+            optim_impl=optim_impl,
+            compile=compile,
+            profile=profile,
+            peak_n=peak_n,
+        )
         t0 = time.perf_counter()
         r = _isolated('_method_step', kw, torch.get_num_threads()) if isolate else _method_step(**kw)
-        r['bench_wall_s'] = time.perf_counter() - t0   # the whole benchmark of this row: build, peak, counting, warm-up, timing
+        r['bench_wall_s'] = (
+            time.perf_counter() - t0
+        )  # the whole benchmark of this row: build, peak, counting, warm-up, timing
         if 'error' not in r:
             pk = max(peak_gflops or 0.0, r['local_peak_gflops'])
             r['peak_gflops'] = pk
             r['train_fraction_of_peak'] = r['train_achieved_gflops'] / pk
             r['inference_fraction_of_peak'] = r['inference_achieved_gflops'] / pk
-            r['mem_kind'] = ('cuda max_memory_allocated - allocated before the first step' if device.startswith('cuda')
-                             else 'VmHWM - RSS before the first forward, fresh interpreter' if isolate else 'VmHWM - RSS before the first forward (shared process)')
+            r['mem_kind'] = (
+                'cuda max_memory_allocated - allocated before the first step'
+                if device.startswith('cuda')
+                else 'VmHWM - RSS before the first forward, fresh interpreter'
+                if isolate
+                else 'VmHWM - RSS before the first forward (shared process)'
+            )
         rows.append(r)
     return rows
 
 # %% ../nbs/10_bench.ipynb #b2231474
-PIPELINE_SIZES = ((64, 'resnet50'), (112, 'resnet50'), (224, 'vit'))  # (output side, backbone whose augmentation is used)
+PIPELINE_SIZES = (
+    (64, 'resnet50'),
+    (112, 'resnet50'),
+    (224, 'vit'),
+)  # (output side, backbone whose augmentation is used)
 
-def bench_data_pipeline(root=None,            # a SynthAffect (Aff-Wild2 layout) folder; default: the cached `cpu` size
-                        sizes=PIPELINE_SIZES, # (side, backbone) pairs
-                        workers=(0, 1, 2),    # DataLoader worker counts
-                        batch_size: int = 64, # images per batch
-                        n_batches: int = 8,   # batches timed per setting (after the first, which pays the worker start-up)
-                       ) -> list[dict]:
+
+def bench_data_pipeline(
+    root=None,  # a SynthAffect (Aff-Wild2 layout) folder; default: the cached `cpu` size
+    sizes=PIPELINE_SIZES,  # (side, backbone) pairs
+    workers=(0, 1, 2),  # DataLoader worker counts
+    batch_size: int = 64,  # images per batch
+    n_batches: int = 8,  # batches timed per setting (after the first, which pays the worker start-up)
+) -> list[dict]:
     "DataLoader images/s of decode + training augmentation per output size and worker count."
     from abaw_nb.data.synth import generate_cached
     from abaw_nb.data.formats import read_affwild2
     from abaw_nb.data.loading import FrameDataset, make_transform, loader_rates
+
     root = Path(root) if root is not None else generate_cached('cpu', 0, show_progress=False)
-    df = read_affwild2(root); src = int(read_rgb_shape(root, df)[-1])
-    rows = []; old = torch.get_num_threads(); torch.set_num_threads(1)
+    df = read_affwild2(root)
+    src = int(read_rgb_shape(root, df)[-1])
+    rows = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for size, bb in sizes:
             ds = FrameDataset(df, root, make_transform(True, size, bb))
             for w in workers:
                 ips, ipc = loader_rates(ds, w, batch_size, n_batches)
-                rows.append(dict(size=size, augment=bb, workers=w, images_per_s=ips, images_per_cpu_s=ipc, batch_size=batch_size,
-                                 images_timed=batch_size * n_batches, source_px=src))
-    finally: torch.set_num_threads(old)
+                rows.append(
+                    dict(
+                        size=size,
+                        augment=bb,
+                        workers=w,
+                        images_per_s=ips,
+                        images_per_cpu_s=ipc,
+                        batch_size=batch_size,
+                        images_timed=batch_size * n_batches,
+                        source_px=src,
+                    )
+                )
+    finally:
+        torch.set_num_threads(old)
     return rows
+
 
 def read_rgb_shape(root, df) -> tuple:
     "Shape of the first image of a frame table (the stored JPEG size the pipeline decodes)."
     from abaw_nb.data.formats import read_rgb
-    return tuple(read_rgb(Path(root)/df['path'].iloc[0]).shape)
 
-def consumption(train: pd.DataFrame,     # train_step rows (`bench_method_step`)
-                pipe: pd.DataFrame,      # data_pipeline rows (`bench_data_pipeline`)
-               ) -> pd.DataFrame:
+    return tuple(read_rgb(Path(root) / df['path'].iloc[0]).shape)
+
+
+def consumption(
+    train: pd.DataFrame,  # train_step rows (`bench_method_step`)
+    pipe: pd.DataFrame,  # data_pipeline rows (`bench_data_pipeline`)
+) -> pd.DataFrame:
     "Each method's training-step consumption (its best variant) against the pipeline at the nearest measured size >= its input."
     t = train[train.get('error', pd.Series(index=train.index, dtype=object)).isna()] if 'error' in train else train
-    if 'device' not in t: t = t.assign(device='cpu')
+    if 'device' not in t:
+        t = t.assign(device='cpu')
     best = t.sort_values('train_images_per_s').groupby(['method', 'preset', 'device'], sort=False).tail(1)
-    sizes = sorted(pipe['size'].unique()); out = []
+    sizes = sorted(pipe['size'].unique())
+    out = []
     for _, r in best.iterrows():
         s = next((x for x in sizes if x >= r['input_size']), sizes[-1])
         p = pipe[pipe['size'] == s].set_index('workers')['images_per_s']
-        out.append(dict(method=r['method'], preset=r['preset'], device=r['device'], input_size=r['input_size'], pipeline_size=s,
-                        consumes_images_per_s=r['train_images_per_s'],
-                        **{f'ratio_workers_{w}': p[w] / r['train_images_per_s'] for w in p.index}))
+        out.append(
+            dict(
+                method=r['method'],
+                preset=r['preset'],
+                device=r['device'],
+                input_size=r['input_size'],
+                pipeline_size=s,
+                consumes_images_per_s=r['train_images_per_s'],
+                **{f'ratio_workers_{w}': p[w] / r['train_images_per_s'] for w in p.index},
+            )
+        )
     return pd.DataFrame(out)
 
 # %% ../nbs/10_bench.ipynb #6a4d5ffb
 def _rel(p: Path) -> str:
-    try: return str(Path(p).resolve().relative_to(repo_path().resolve()))
-    except ValueError: return str(p)
+    try:
+        return str(Path(p).resolve().relative_to(repo_path().resolve()))
+    except ValueError:
+        return str(p)
 
-def reproduce_times(ledgers: dict | None = None, # preset -> ledger path; default: cpu `outputs/reproduce.json`, smoke `.cache/smoke-outputs/reproduce.json`
-                   ) -> list[dict]:
+
+def reproduce_times(
+    ledgers: dict
+    | None = None,  # preset -> ledger path; default: cpu `outputs/reproduce.json`, smoke `.cache/smoke-outputs/reproduce.json`
+) -> list[dict]:
     "Wall time per paper notebook of the last `make reproduce` at each preset, from the ledgers (absent ledgers give a row saying so)."
     if ledgers is None:
-        ledgers = {'smoke': cache_dir('smoke-outputs', create=False)/'reproduce.json', 'cpu': outputs_dir(create=False)/'reproduce.json'}
+        ledgers = {
+            'smoke': cache_dir('smoke-outputs', create=False) / 'reproduce.json',
+            'cpu': outputs_dir(create=False) / 'reproduce.json',
+        }
     rows = []
     for preset, p in ledgers.items():
         p = Path(p)
-        if not p.is_file(): rows.append(dict(preset=preset, notebook=None, status='no ledger', seconds=None, commit=None, ledger=_rel(p))); continue
+        if not p.is_file():
+            rows.append(
+                dict(preset=preset, notebook=None, status='no ledger', seconds=None, commit=None, ledger=_rel(p))
+            )
+            continue
         for nb, e in json.loads(p.read_text()).items():
-            rows.append(dict(preset=e.get('preset', preset), notebook=nb, status=e.get('status'), seconds=e.get('seconds'),
-                             commit=e.get('commit'), ledger=_rel(p)))
+            rows.append(
+                dict(
+                    preset=e.get('preset', preset),
+                    notebook=nb,
+                    status=e.get('status'),
+                    seconds=e.get('seconds'),
+                    commit=e.get('commit'),
+                    ledger=_rel(p),
+                )
+            )
     return rows
 
 # %% ../nbs/10_bench.ipynb #d0180002
-TARGETS = {'cpu_conv_train_fraction': 0.40,   # convolutional methods' training step / fp32 matmul peak (CPU)
-           'pipeline_ratio': 3.0,             # data pipeline with 2 workers / the fastest method's training-step consumption
-           'synth_fps_per_core': 1000.0,      # SynthAffect frames/s per core at 112 px
-           'gpu_vit_train_fraction': 0.40,    # ViT training step / bf16 matmul peak (GPU)
-           'gpu_conv_train_fraction': 0.25}   # convolutional training steps / bf16 matmul peak (GPU)
+TARGETS = {
+    'cpu_conv_train_fraction': 0.40,  # convolutional methods' training step / fp32 matmul peak (CPU)
+    'pipeline_ratio': 3.0,  # data pipeline with 2 workers / the fastest method's training-step consumption
+    'synth_fps_per_core': 1000.0,  # SynthAffect frames/s per core at 112 px
+    'gpu_vit_train_fraction': 0.40,  # ViT training step / bf16 matmul peak (GPU)
+    'gpu_conv_train_fraction': 0.25,
+}  # convolutional training steps / bf16 matmul peak (GPU)
+
 
 def targets(tables: dict) -> pd.DataFrame:
     "One row per target: what, threshold, achieved, PASS/MISS/not run."
     rows = []
+
     def add(target, what, thr, val, ok=None):
         v = None if val is None or (isinstance(val, float) and math.isnan(val)) else float(val)
-        rows.append(dict(target=target, what=what, threshold=thr, achieved=v,
-                         verdict='not run' if v is None else ('PASS' if (v >= thr if ok is None else ok) else 'MISS')))
+        rows.append(
+            dict(
+                target=target,
+                what=what,
+                threshold=thr,
+                achieved=v,
+                verdict='not run' if v is None else ('PASS' if (v >= thr if ok is None else ok) else 'MISS'),
+            )
+        )
+
     tr = tables.get('train_step')
     if tr is not None and len(tr):
         tr = tr[tr['error'].isna()] if 'error' in tr else tr
@@ -505,68 +786,132 @@ def targets(tables: dict) -> pd.DataFrame:
             best = d.sort_values('train_fraction_of_peak').groupby('method', sort=False).tail(1).sort_values('method')
             for _, r in best.iterrows():
                 vit = r['family'] == 'vit'
-                if dev == 'cpu' and vit: continue   # the CPU target names convolutional backbones
+                if dev == 'cpu' and vit:
+                    continue  # the CPU target names convolutional backbones
                 key = f'{prefix}_{"vit" if vit else "conv"}_train_fraction'
-                add(key, f"{r['method']} ({r['backbone']}, {r['input_size']} px) training step / {'bf16' if prefix == 'gpu' else 'fp32'} matmul peak",
-                    TARGETS[key], r['train_fraction_of_peak'])
-            if prefix == 'gpu' and not len(d): add('gpu_*_train_fraction', 'GPU training steps (no GPU in this run)', TARGETS['gpu_conv_train_fraction'], None)
+                add(
+                    key,
+                    f"{r['method']} ({r['backbone']}, {r['input_size']} px) training step / {'bf16' if prefix == 'gpu' else 'fp32'} matmul peak",
+                    TARGETS[key],
+                    r['train_fraction_of_peak'],
+                )
+            if prefix == 'gpu' and not len(d):
+                add(
+                    'gpu_*_train_fraction',
+                    'GPU training steps (no GPU in this run)',
+                    TARGETS['gpu_conv_train_fraction'],
+                    None,
+                )
     c = tables.get('consumption')
     if c is not None and len(c) and 'ratio_workers_2' in c:
         for preset, dev in (('paper', 'cpu'), ('cpu', 'cpu'), ('paper', 'cuda')):
             d = c[(c['preset'] == preset) & c['device'].str.startswith(dev)]
-            if not len(d): continue
+            if not len(d):
+                continue
             r = d.loc[d['consumes_images_per_s'].idxmax()]
-            add('pipeline_ratio', f"2-worker pipeline at {r['pipeline_size']} px / fastest {preset}-preset training step on {dev} ({r['method']}, "
-                f"{r['consumes_images_per_s']:.0f} images/s)", TARGETS['pipeline_ratio'], r['ratio_workers_2'])
+            add(
+                'pipeline_ratio',
+                f"2-worker pipeline at {r['pipeline_size']} px / fastest {preset}-preset training step on {dev} ({r['method']}, "
+                f"{r['consumes_images_per_s']:.0f} images/s)",
+                TARGETS['pipeline_ratio'],
+                r['ratio_workers_2'],
+            )
     s = tables.get('synth')
     if s is not None and len(s):
-        r = s.iloc[0]; cpu = r.get('frames_per_cpu_s')   # per CPU-second of the rendering thread: one core's rate even on a shared core
-        add('synth_fps_per_core', f"SynthAffect frames per {'CPU-second of one core' if cpu is not None else 'second on one core'} at {int(r['img_size'])} px "
-            f"(wall clock: {r['frames_per_s_per_core']:.0f}/s)", TARGETS['synth_fps_per_core'], r['frames_per_s_per_core'] if cpu is None else cpu)
+        r = s.iloc[0]
+        cpu = r.get('frames_per_cpu_s')  # per CPU-second of the rendering thread: one core's rate even on a shared core
+        add(
+            'synth_fps_per_core',
+            f"SynthAffect frames per {'CPU-second of one core' if cpu is not None else 'second on one core'} at {int(r['img_size'])} px "
+            f"(wall clock: {r['frames_per_s_per_core']:.0f}/s)",
+            TARGETS['synth_fps_per_core'],
+            r['frames_per_s_per_core'] if cpu is None else cpu,
+        )
     return pd.DataFrame(rows)
 
 # %% ../nbs/10_bench.ipynb #8b1a1c2e
 def _variant(r) -> str:
-    if r.get('error'): return 'error'
-    v = [r['precision']] + (['channels_last'] if r['channels_last'] else []) + ([f"{r['optim_impl']} optim"] if r['optim_impl'] != 'default' else []) \
+    if r.get('error'):
+        return 'error'
+    v = (
+        [r['precision']]
+        + (['channels_last'] if r['channels_last'] else [])
+        + ([f"{r['optim_impl']} optim"] if r['optim_impl'] != 'default' else [])
         + (['compile'] if r['compile'] else [])
+    )
     return ' + '.join(v)
 
+
 def _method_passes(quick, conv):
-    if quick: return [dict(methods=('emenet',), preset='smoke', steps=1, warmup=0, isolate=False, peak_n=256)]
+    if quick:
+        return [dict(methods=('emenet',), preset='smoke', steps=1, warmup=0, isolate=False, peak_n=256)]
     vit = tuple(m for m in BENCH_METHODS if m not in conv)
     # 2 timed steps after 1 warm-up: the whole CPU run stays under 10 minutes on 2 cores
-    ps = [dict(methods=tuple(conv), preset='paper', profile=True, steps=2),   # as the project trains, profiled
-          dict(methods=vit, preset='paper', steps=1),                         # ViT-L/16 at 224 px: ~15 s a training step on 2 cores
-          dict(methods=tuple(conv), preset='paper', channels_last=True, optim_impl='fused', steps=2),   # the CPU fixes
-          dict(preset='cpu', channels_last=True, optim_impl='fused', steps=2)]   # as make reproduce trains (the engine's defaults)
-    if torch.cuda.is_available():   # untested in the session that wrote it (no GPU)
+    ps = [
+        dict(methods=tuple(conv), preset='paper', profile=True, steps=2),  # as the project trains, profiled
+        dict(methods=vit, preset='paper', steps=1),  # ViT-L/16 at 224 px: ~15 s a training step on 2 cores
+        dict(methods=tuple(conv), preset='paper', channels_last=True, optim_impl='fused', steps=2),  # the CPU fixes
+        dict(preset='cpu', channels_last=True, optim_impl='fused', steps=2),
+    ]  # as make reproduce trains (the engine's defaults)
+    if torch.cuda.is_available():  # untested in the session that wrote it (no GPU)
         big = {m: None for m in BENCH_METHODS}
-        ps += [dict(methods=tuple(conv), preset='paper', device='cuda', precision='bf16', channels_last=True, batch=big, steps=10, warmup=3),
-               dict(methods=tuple(m for m in BENCH_METHODS if m not in conv), preset='paper', device='cuda', precision='bf16', batch=big, steps=10, warmup=3),
-               dict(preset='paper', device='cuda', precision='bf16', compile=True, batch=big, steps=10, warmup=5)]
+        ps += [
+            dict(
+                methods=tuple(conv),
+                preset='paper',
+                device='cuda',
+                precision='bf16',
+                channels_last=True,
+                batch=big,
+                steps=10,
+                warmup=3,
+            ),
+            dict(
+                methods=tuple(m for m in BENCH_METHODS if m not in conv),
+                preset='paper',
+                device='cuda',
+                precision='bf16',
+                batch=big,
+                steps=10,
+                warmup=3,
+            ),
+            dict(preset='paper', device='cuda', precision='bf16', compile=True, batch=big, steps=10, warmup=5),
+        ]
     return ps
 
-def run_benchmarks(out: str | Path | None = None,    # folder (default outputs/bench)
-                   sections=SECTIONS,                # which sections to run
-                   quick: bool = False,              # tiny sizes (for tests), not for reporting
-                   methods=None,                     # benchmark only these methods (default: all of `BENCH_METHODS`)
-                  ) -> dict:
+
+def run_benchmarks(
+    out: str | Path | None = None,  # folder (default outputs/bench)
+    sections=SECTIONS,  # which sections to run
+    quick: bool = False,  # tiny sizes (for tests), not for reporting
+    methods=None,  # benchmark only these methods (default: all of `BENCH_METHODS`)
+) -> dict:
     "Run the benchmark sections; write a csv per section (each as soon as it is measured), `bench.json`, `BENCH.md` and `bench.png`; return the tables."
     bad = [s for s in sections if s not in SECTIONS]
-    if bad: raise ValueError(f'unknown section(s) {bad}; valid: {", ".join(SECTIONS)}')
+    if bad:
+        raise ValueError(f'unknown section(s) {bad}; valid: {", ".join(SECTIONS)}')
     bad = [m for m in (methods or ()) if m not in BENCH_METHODS]
-    if bad: raise ValueError(f'unknown method(s) {bad}; valid: {", ".join(BENCH_METHODS)}')
+    if bad:
+        raise ValueError(f'unknown method(s) {bad}; valid: {", ".join(BENCH_METHODS)}')
     out = Path(out) if out else outputs_dir('bench')
     out.mkdir(parents=True, exist_ok=True)
     prov = provenance(quick=quick, load_average_start=os.getloadavg(), cpu=_cpu_name(), cores=os.cpu_count())
-    class _Tabs(dict):   # every table is written the moment it is measured: a killed run keeps what it finished
-        def __setitem__(self, k, v): super().__setitem__(k, v); write_csv(out/f'{k}.csv', v)
+
+    class _Tabs(dict):  # every table is written the moment it is measured: a killed run keeps what it finished
+        def __setitem__(self, k, v):
+            super().__setitem__(k, v)
+            write_csv(out / f'{k}.csv', v)
+
     tabs, raw, t_all = _Tabs(), {}, time.perf_counter()
+
     def timed(name, fn):
-        t0 = time.perf_counter(); print(f'[bench] {name} ...', flush=True)
-        r = fn(); print(f'[bench] {name}: {time.perf_counter() - t0:.1f} s', flush=True); return r
-    peaks = {}   # (device type, dtype) -> measured matmul peak (GFLOP/s)
+        t0 = time.perf_counter()
+        print(f'[bench] {name} ...', flush=True)
+        r = fn()
+        print(f'[bench] {name}: {time.perf_counter() - t0:.1f} s', flush=True)
+        return r
+
+    peaks = {}  # (device type, dtype) -> measured matmul peak (GFLOP/s)
     if 'machine' in sections:
         tabs['machine'] = pd.DataFrame(timed('machine', lambda: bench_machine(quick)))
         peaks = {(r['device'].split(':')[0], r['dtype']): r['peak_gflops'] for r in tabs['machine'].to_dict('records')}
@@ -575,79 +920,146 @@ def run_benchmarks(out: str | Path | None = None,    # folder (default outputs/b
         rows = []
         for kw in _method_passes(quick, conv):
             kw = {'methods': tuple(BENCH_METHODS), **kw}
-            if methods: kw['methods'] = tuple(m for m in kw['methods'] if m in methods)
-            if not kw['methods']: continue
-            peak = peaks.get((kw.get('device', 'cpu').split(':')[0], 'bfloat16' if kw.get('precision') == 'bf16' else 'float32'))
-            rows += timed(f"methods {kw['preset']} {kw.get('device', 'cpu')} {kw.get('precision', '')}{' cl' if kw.get('channels_last') else ''}"
-                          f"{' fused' if kw.get('optim_impl') else ''}{' compile' if kw.get('compile') else ''}",
-                          lambda: bench_method_step(peak_gflops=peak, **kw))
-            write_json(out/'method_steps.partial.json', rows)   # what a killed run leaves behind
-        (out/'method_steps.partial.json').unlink(missing_ok=True)
+            if methods:
+                kw['methods'] = tuple(m for m in kw['methods'] if m in methods)
+            if not kw['methods']:
+                continue
+            peak = peaks.get(
+                (kw.get('device', 'cpu').split(':')[0], 'bfloat16' if kw.get('precision') == 'bf16' else 'float32')
+            )
+            rows += timed(
+                f"methods {kw['preset']} {kw.get('device', 'cpu')} {kw.get('precision', '')}{' cl' if kw.get('channels_last') else ''}"
+                f"{' fused' if kw.get('optim_impl') else ''}{' compile' if kw.get('compile') else ''}",
+                lambda: bench_method_step(peak_gflops=peak, **kw),
+            )
+            write_json(out / 'method_steps.partial.json', rows)  # what a killed run leaves behind
+        (out / 'method_steps.partial.json').unlink(missing_ok=True)
         raw['method_steps'] = rows
-        for r in rows: r['variant'] = _variant(r)
+        for r in rows:
+            r['variant'] = _variant(r)
         df = pd.DataFrame([{k: v for k, v in r.items() if k != 'profile'} for r in rows])
-        keys = ['method', 'preset', 'variant', 'backbone', 'family', 'input_size', 'paper_batch', 'batch', 'images_per_step', 'device', 'params']
+        keys = [
+            'method',
+            'preset',
+            'variant',
+            'backbone',
+            'family',
+            'input_size',
+            'paper_batch',
+            'batch',
+            'images_per_step',
+            'device',
+            'params',
+        ]
         for sec in ('train', 'inference'):
-            cols = keys + [c for c in df.columns if c.startswith(sec + '_')] + [c for c in ('peak_gflops', 'mem_kind', 'error') if c in df]
+            cols = (
+                keys
+                + [c for c in df.columns if c.startswith(sec + '_')]
+                + [c for c in ('peak_gflops', 'mem_kind', 'error') if c in df]
+            )
             tabs['train_step' if sec == 'train' else 'inference'] = df[[c for c in cols if c in df]]
         tabs['fixes'] = fixes_table(df)
         tabs['gemm_evidence'] = gemm_evidence([{**r, 'peak_gflops': r.get('peak_gflops')} for r in rows])
     if 'data_pipeline' in sections:
         if quick:
             from abaw_nb.data.synth import generate_cached
-            kw = dict(root=generate_cached('smoke', 0, show_progress=False), sizes=((32, 'resnet50'),), workers=(0,), batch_size=8, n_batches=2)
-        else: kw = {}
+
+            kw = dict(
+                root=generate_cached('smoke', 0, show_progress=False),
+                sizes=((32, 'resnet50'),),
+                workers=(0,),
+                batch_size=8,
+                n_batches=2,
+            )
+        else:
+            kw = {}
         tabs['data_pipeline'] = pd.DataFrame(timed('data_pipeline', lambda: bench_data_pipeline(**kw)))
-        if 'train_step' in tabs: tabs['consumption'] = consumption(tabs['train_step'], tabs['data_pipeline'])
+        if 'train_step' in tabs:
+            tabs['consumption'] = consumption(tabs['train_step'], tabs['data_pipeline'])
     if 'synth' in sections:
         from abaw_nb.data.synth import bench_synth
+
         tabs['synth'] = pd.DataFrame([timed('synth', lambda: bench_synth(n_frames=40 if quick else 800))])
     if 'scoring' in sections:
         n = 20_000 if quick else 1_000_000
-        tabs['scoring'] = pd.DataFrame([dict(frames=n, seconds=timed('scoring', lambda: bench_scoring(n, repeat=1 if quick else 2)))])
+        tabs['scoring'] = pd.DataFrame(
+            [dict(frames=n, seconds=timed('scoring', lambda: bench_scoring(n, repeat=1 if quick else 2)))]
+        )
         tabs['scoring']['frames_per_s'] = n / tabs['scoring']['seconds']
-    if 'reproduce' in sections: tabs['reproduce'] = pd.DataFrame(reproduce_times())
+    if 'reproduce' in sections:
+        tabs['reproduce'] = pd.DataFrame(reproduce_times())
     tabs['targets'] = targets(tabs)
     prov.update(load_average_end=os.getloadavg(), seconds=round(time.perf_counter() - t_all, 1))
-    for k, v in tabs.items(): write_csv(out/f'{k}.csv', v)
-    write_json(out/'bench.json', dict(provenance=prov, **{k: v.to_dict('records') for k, v in tabs.items()}, raw=raw))
+    for k, v in tabs.items():
+        write_csv(out / f'{k}.csv', v)
+    write_json(out / 'bench.json', dict(provenance=prov, **{k: v.to_dict('records') for k, v in tabs.items()}, raw=raw))
     fig = bench_figure(tabs)
     if fig is not None:
-        save_png(out/'bench.png', fig)
-        import matplotlib.pyplot as plt; plt.close(fig)
-    write_text(out/'BENCH.md', render_markdown(tabs, prov, raw, figure='bench.png' if fig is not None else None))
+        save_png(out / 'bench.png', fig)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    write_text(out / 'BENCH.md', render_markdown(tabs, prov, raw, figure='bench.png' if fig is not None else None))
     return dict(provenance=prov, tables=tabs, raw=raw, out=out)
+
 
 def bench_figure(tabs: dict):
     "Fraction of the matmul peak per method (training and inference, with the 40% target) and the data pipeline against consumption."
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
+
     tr, pipe = tabs.get('train_step'), tabs.get('data_pipeline')
-    if tr is None and pipe is None: return None
+    if tr is None and pipe is None:
+        return None
     fig, axs = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axs[0]
     if tr is not None and 'train_fraction_of_peak' in tr:
         t = tr[tr['train_fraction_of_peak'].notna()].copy()
-        t['label'] = t['method'] + ' ' + t['preset'] + ' ' + t['input_size'].astype(str) + 'px\n' + t['variant'] + ' (' + t['device'] + ')'
+        t['label'] = (
+            t['method']
+            + ' '
+            + t['preset']
+            + ' '
+            + t['input_size'].astype(str)
+            + 'px\n'
+            + t['variant']
+            + ' ('
+            + t['device']
+            + ')'
+        )
         inf = tabs['inference'].loc[t.index, 'inference_fraction_of_peak']
         y = np.arange(len(t))
         ax.barh(y - 0.2, t['train_fraction_of_peak'], 0.4, label='training step')
         ax.barh(y + 0.2, inf, 0.4, label='inference')
         ax.axvline(TARGETS['cpu_conv_train_fraction'], color='k', ls='--', lw=1, label='CPU target (conv, 40%)')
-        ax.set_yticks(y, t['label'], fontsize=7); ax.invert_yaxis(); ax.set_xlabel('achieved FLOP/s / measured dense-GEMM peak')
-        ax.set_title('Fraction of peak per method'); ax.legend(fontsize=7, loc='lower right')
+        ax.set_yticks(y, t['label'], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel('achieved FLOP/s / measured dense-GEMM peak')
+        ax.set_title('Fraction of peak per method')
+        ax.legend(fontsize=7, loc='lower right')
     ax = axs[1]
     if pipe is not None and len(pipe):
-        for s, d in pipe.groupby('size'): ax.plot(d['workers'], d['images_per_s'], 'o-', label=f'pipeline {s} px ({d["augment"].iloc[0]} aug.)')
+        for s, d in pipe.groupby('size'):
+            ax.plot(d['workers'], d['images_per_s'], 'o-', label=f'pipeline {s} px ({d["augment"].iloc[0]} aug.)')
         c = tabs.get('consumption')
         if c is not None:
             for _, r in c.iterrows():
                 ax.axhline(r['consumes_images_per_s'], ls=':', lw=1, color='C3' if r['preset'] == 'cpu' else 'C4')
-                ax.text(pipe['workers'].max(), r['consumes_images_per_s'], f" {r['method']} {r['preset']}", fontsize=6, va='center')
-        ax.set_yscale('log'); ax.set_xlabel('DataLoader workers'); ax.set_ylabel('images/s')
+                ax.text(
+                    pipe['workers'].max(),
+                    r['consumes_images_per_s'],
+                    f" {r['method']} {r['preset']}",
+                    fontsize=6,
+                    va='center',
+                )
+        ax.set_yscale('log')
+        ax.set_xlabel('DataLoader workers')
+        ax.set_ylabel('images/s')
         ax.set_xticks(sorted(pipe['workers'].unique()))
-        ax.set_title('Data pipeline vs training-step consumption (dotted; purple: paper, red: cpu preset)', fontsize=9); ax.legend(fontsize=7)
+        ax.set_title('Data pipeline vs training-step consumption (dotted; purple: paper, red: cpu preset)', fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
 
 def fixes_table(train: pd.DataFrame) -> pd.DataFrame:
     "Each fix tried (a variant at the paper preset, same device) against the method's plain run: speed-up of the training step, kept when >= 5% faster."
@@ -655,99 +1067,213 @@ def fixes_table(train: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (m, dev), d in t[t['preset'] == 'paper'].groupby(['method', 'device'], sort=False):
         base = d[(d['channels_last'] == False) & (d['optim_impl'] == 'default') & (d['compile'] == False)]
-        if not len(base): continue
+        if not len(base):
+            continue
         b = base.iloc[0]
         for _, r in d.drop(base.index).iterrows():
             sp = r['train_images_per_s'] / b['train_images_per_s']
-            out.append(dict(method=m, device=dev, baseline=b['variant'], variant=r['variant'], baseline_images_per_s=b['train_images_per_s'],
-                            variant_images_per_s=r['train_images_per_s'], speedup=sp,
-                            inference_speedup=r['inference_images_per_s'] / b['inference_images_per_s'], kept='yes' if sp >= 1.05 else 'no'))
+            out.append(
+                dict(
+                    method=m,
+                    device=dev,
+                    baseline=b['variant'],
+                    variant=r['variant'],
+                    baseline_images_per_s=b['train_images_per_s'],
+                    variant_images_per_s=r['train_images_per_s'],
+                    speedup=sp,
+                    inference_speedup=r['inference_images_per_s'] / b['inference_images_per_s'],
+                    kept='yes' if sp >= 1.05 else 'no',
+                )
+            )
     return pd.DataFrame(out)
+
 
 def gemm_evidence(rows: list[dict]) -> pd.DataFrame:
     "From the profiled steps: share of the step in convolution + matmul kernels, and what those kernels alone achieve (fraction of peak / GEMM share)."
     out = []
     for r in rows:
-        if not r.get('profile') or r.get('error'): continue
-        k = r['profile']['by_kind']; g = k.get('convolution', 0.0) + k.get('matmul/attention', 0.0)
+        if not r.get('profile') or r.get('error'):
+            continue
+        k = r['profile']['by_kind']
+        g = k.get('convolution', 0.0) + k.get('matmul/attention', 0.0)
         frac = r['train_achieved_gflops'] / r['peak_gflops'] if r.get('peak_gflops') else float('nan')
         rest = {n: v for n, v in k.items() if n not in ('convolution', 'matmul/attention')}
         top = max(rest, key=rest.get) if rest else ''
-        out.append(dict(method=r['method'], backbone=r['backbone'], input_size=r['input_size'], variant=r['variant'],
-                        train_fraction_of_peak=frac, gemm_share_of_step=g, gemm_kernels_fraction_of_peak=frac / g if g else float('nan'),
-                        largest_other_kind=top, its_share=rest.get(top, float('nan'))))
+        out.append(
+            dict(
+                method=r['method'],
+                backbone=r['backbone'],
+                input_size=r['input_size'],
+                variant=r['variant'],
+                train_fraction_of_peak=frac,
+                gemm_share_of_step=g,
+                gemm_kernels_fraction_of_peak=frac / g if g else float('nan'),
+                largest_other_kind=top,
+                its_share=rest.get(top, float('nan')),
+            )
+        )
     return pd.DataFrame(out)
+
 
 def _md(df: pd.DataFrame, cols=None) -> str:
     d = df[[c for c in cols if c in df]] if cols else df
     return d.to_markdown(index=False, floatfmt='.4g')
 
+
 def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str | None = None) -> str:
     "BENCH.md: provenance, the targets with PASS/MISS, each section's table, the profiles, how things were measured."
     la, le = prov.get('load_average_start', [float('nan')] * 3), prov.get('load_average_end', [float('nan')] * 3)
-    L = ['# abaw-nb benchmarks', '',
-         f"commit `{prov['commit']}`, {prov['time']}, torch {prov['torch']}, host {prov['host']} ({prov.get('cpu')}, {prov.get('cores')} cores), "
-         f"{prov['cpu_threads']} torch threads, GPU: {prov.get('cuda') or 'none'}; load average (1/5/15 min) at start "
-         f"{' / '.join(f'{x:.2f}' for x in la)}, at end {' / '.join(f'{x:.2f}' for x in le)}; {prov.get('seconds', 0):.0f} s in all."
-         + (' **Quick run: not for reporting.**' if prov.get('quick') else ''), '',
-         'Reproduce with `make bench` (= `abaw-bench`; `abaw-bench --quick --out DIR` is the seconds-long smoke check). '
-         'Every figure below comes from this one run; ratios compare numbers measured side by side.', '']
+    L = [
+        '# abaw-nb benchmarks',
+        '',
+        f"commit `{prov['commit']}`, {prov['time']}, torch {prov['torch']}, host {prov['host']} ({prov.get('cpu')}, {prov.get('cores')} cores), "
+        f"{prov['cpu_threads']} torch threads, GPU: {prov.get('cuda') or 'none'}; load average (1/5/15 min) at start "
+        f"{' / '.join(f'{x:.2f}' for x in la)}, at end {' / '.join(f'{x:.2f}' for x in le)}; {prov.get('seconds', 0):.0f} s in all."
+        + (' **Quick run: not for reporting.**' if prov.get('quick') else ''),
+        '',
+        'Reproduce with `make bench` (= `abaw-bench`; `abaw-bench --quick --out DIR` is the seconds-long smoke check). '
+        'Every figure below comes from this one run; ratios compare numbers measured side by side.',
+        '',
+    ]
     busy = max(la[0], le[0]) if la and le else float('nan')
     if busy == busy and prov.get('cores') and busy > 0.5 * prov['cores']:
-        L += [f"**The machine was busy during this run (load average up to {busy:.1f} on {prov['cores']} cores):** absolute rates are "
-              'understated and noisy; the fractions of peak use a peak measured in the same process just before each benchmark, '
-              'which absorbs part of the load, and the rates per CPU-second (rendering, data pipeline) do not depend on it.', '']
+        L += [
+            f"**The machine was busy during this run (load average up to {busy:.1f} on {prov['cores']} cores):** absolute rates are "
+            'understated and noisy; the fractions of peak use a peak measured in the same process just before each benchmark, '
+            'which absorbs part of the load, and the rates per CPU-second (rendering, data pipeline) do not depend on it.',
+            '',
+        ]
     if not prov.get('cuda'):
-        L += ['No GPU in this run: the GPU passes (bf16 autocast, channels_last, torch.compile, bf16 peak) were not run; '
-              'the code for them exists but has not been run on a GPU yet.', '']
+        L += [
+            'No GPU in this run: the GPU passes (bf16 autocast, channels_last, torch.compile, bf16 peak) were not run; '
+            'the code for them exists but has not been run on a GPU yet.',
+            '',
+        ]
     if 'targets' in tabs and len(tabs['targets']):
         L += ['## Targets', '', _md(tabs['targets']), '']
-    if 'machine' in tabs: L += ['## Machine peak (dense GEMM: torch.matmul and a channels_last 1x1 convolution)', '', _md(tabs['machine']), '']
+    if 'machine' in tabs:
+        L += [
+            '## Machine peak (dense GEMM: torch.matmul and a channels_last 1x1 convolution)',
+            '',
+            _md(tabs['machine']),
+            '',
+        ]
     if 'train_step' in tabs:
-        cols = ['method', 'preset', 'variant', 'backbone', 'input_size', 'paper_batch', 'batch', 'images_per_step', 'train_images_per_s',
-                'train_flops_per_image', 'train_achieved_gflops', 'train_fraction_of_peak', 'train_peak_mem_mib', 'error']
-        L += ['## Training step per method', '', 'FLOPs per image: forward + backward of the loss as counted by FlopCounterMode. '
-              'Peak memory: ' + (tabs['train_step']['mem_kind'].dropna().iloc[0] if 'mem_kind' in tabs['train_step'] and tabs['train_step']['mem_kind'].notna().any() else '') + '.', '',
-              _md(tabs['train_step'], cols), '']
-        L += ['## Inference per method', '', _md(tabs['inference'], [c.replace('train_', 'inference_') for c in cols]), '']
+        cols = [
+            'method',
+            'preset',
+            'variant',
+            'backbone',
+            'input_size',
+            'paper_batch',
+            'batch',
+            'images_per_step',
+            'train_images_per_s',
+            'train_flops_per_image',
+            'train_achieved_gflops',
+            'train_fraction_of_peak',
+            'train_peak_mem_mib',
+            'error',
+        ]
+        L += [
+            '## Training step per method',
+            '',
+            'FLOPs per image: forward + backward of the loss as counted by FlopCounterMode. '
+            'Peak memory: '
+            + (
+                tabs['train_step']['mem_kind'].dropna().iloc[0]
+                if 'mem_kind' in tabs['train_step'] and tabs['train_step']['mem_kind'].notna().any()
+                else ''
+            )
+            + '.',
+            '',
+            _md(tabs['train_step'], cols),
+            '',
+        ]
+        L += [
+            '## Inference per method',
+            '',
+            _md(tabs['inference'], [c.replace('train_', 'inference_') for c in cols]),
+            '',
+        ]
     if 'data_pipeline' in tabs:
         L += ['## Data pipeline (decode + augment) vs consumption', '', _md(tabs['data_pipeline']), '']
-        if 'consumption' in tabs: L += ['Each method\'s fastest measured training step against the pipeline at the nearest measured size at or above its input (ratio = pipeline images/s / consumption):', '', _md(tabs['consumption']), '']
-    if 'synth' in tabs: L += ['## SynthAffect rendering', '', _md(tabs['synth']), '']
-    if 'scoring' in tabs: L += ['## Scoring', '', _md(tabs['scoring']), '']
+        if 'consumption' in tabs:
+            L += [
+                'Each method\'s fastest measured training step against the pipeline at the nearest measured size at or above its input (ratio = pipeline images/s / consumption):',
+                '',
+                _md(tabs['consumption']),
+                '',
+            ]
+    if 'synth' in tabs:
+        L += ['## SynthAffect rendering', '', _md(tabs['synth']), '']
+    if 'scoring' in tabs:
+        L += ['## Scoring', '', _md(tabs['scoring']), '']
     if 'reproduce' in tabs:
         rp = tabs['reproduce']
         L += ['## `make reproduce` wall time per notebook (from the ledgers, not re-run)', '', _md(rp), '']
         ok = rp.dropna(subset=['seconds'])
-        if len(ok): L += ['Totals: ' + ', '.join(f"{p}: {g['seconds'].sum() / 60:.1f} min over {len(g)} notebooks (commit {', '.join(sorted(set(map(str, g['commit']))))})"
-                                                  for p, g in ok.groupby('preset')) + '.', '']
+        if len(ok):
+            L += [
+                'Totals: '
+                + ', '.join(
+                    f"{p}: {g['seconds'].sum() / 60:.1f} min over {len(g)} notebooks (commit {', '.join(sorted(set(map(str, g['commit']))))})"
+                    for p, g in ok.groupby('preset')
+                )
+                + '.',
+                '',
+            ]
     if 'fixes' in tabs and len(tabs['fixes']):
-        L += ['## Fixes tried (measured in this run, paper preset)', '', 'A fix is kept when the training step gets at least 5% faster.', '', _md(tabs['fixes']), '']
+        L += [
+            '## Fixes tried (measured in this run, paper preset)',
+            '',
+            'A fix is kept when the training step gets at least 5% faster.',
+            '',
+            _md(tabs['fixes']),
+            '',
+        ]
     if 'gemm_evidence' in tabs and len(tabs['gemm_evidence']):
-        L += ['## Evidence for the remaining limit', '',
-              'From one profiled training step per method: the share of the step spent in convolution and matmul kernels, and the fraction of '
-              'the matmul peak those kernels alone reach (achieved FLOP/s counts only their FLOPs; the other kinds of op do next to none). '
-              'A method whose GEMM kernels run near the peak but whose step spends much of its time elsewhere (normalisation, elementwise '
-              'activations and their backward, pooling/concatenation/copies, the optimiser) is bound by memory bandwidth, not arithmetic.', '',
-              _md(tabs['gemm_evidence']), '']
+        L += [
+            '## Evidence for the remaining limit',
+            '',
+            'From one profiled training step per method: the share of the step spent in convolution and matmul kernels, and the fraction of '
+            'the matmul peak those kernels alone reach (achieved FLOP/s counts only their FLOPs; the other kinds of op do next to none). '
+            'A method whose GEMM kernels run near the peak but whose step spends much of its time elsewhere (normalisation, elementwise '
+            'activations and their backward, pooling/concatenation/copies, the optimiser) is bound by memory bandwidth, not arithmetic.',
+            '',
+            _md(tabs['gemm_evidence']),
+            '',
+        ]
     prof = [r for r in (raw or {}).get('method_steps', []) if r.get('profile')]
     if prof:
         L += ['## Where the training step spends its time (torch.profiler, one step, self CPU time of aten ops)', '']
         for r in prof:
             k = ', '.join(f'{n} {v:.0%}' for n, v in r['profile']['by_kind'].items())
             top = ', '.join(f"`{o['op']}` {o['share']:.0%}" for o in r['profile']['top_ops'][:5])
-            L += [f"- **{r['method']}** ({r['backbone']}, {r['input_size']} px, {r['variant']}): by kind: {k}. Top ops: {top}."]
+            L += [
+                f"- **{r['method']}** ({r['backbone']}, {r['input_size']} px, {r['variant']}): by kind: {k}. Top ops: {top}."
+            ]
         L += ['']
-    if figure: L += [f'![fraction of peak and data pipeline]({figure})', '']
+    if figure:
+        L += [f'![fraction of peak and data pipeline]({figure})', '']
     return '\n'.join(L) + '\n'
+
 
 def main(argv=None):
     "Command line: `abaw-bench [--quick] [--sections ...] [--out DIR]` (what `make bench` calls)."
     ap = argparse.ArgumentParser(prog='abaw-bench', description=run_benchmarks.__doc__)
     ap.add_argument('--sections', nargs='*', default=list(SECTIONS), choices=SECTIONS)
-    ap.add_argument('--quick', action='store_true', help='tiny sizes, for testing the runner (figures not for reporting)')
+    ap.add_argument(
+        '--quick', action='store_true', help='tiny sizes, for testing the runner (figures not for reporting)'
+    )
     ap.add_argument('--out', default=None, help='output folder (default outputs/bench)')
-    ap.add_argument('--methods', nargs='*', default=None, choices=list(BENCH_METHODS), help='only these methods in train_step/inference')
+    ap.add_argument(
+        '--methods',
+        nargs='*',
+        default=None,
+        choices=list(BENCH_METHODS),
+        help='only these methods in train_step/inference',
+    )
     a = ap.parse_args(argv)
     res = run_benchmarks(a.out, a.sections, a.quick, a.methods)
     print(f"[bench] wrote {res['out']}")
@@ -756,10 +1282,12 @@ def main(argv=None):
 # %% ../nbs/10_bench.ipynb #60ebebfd
 CACHED_PIPELINE_SIZES = ((32, 'resnet50'), (64, 'resnet50'), (112, 'resnet50'), (128, 'resnet50'), (224, 'vit'))
 
+
 def _pipeline_setups(df, root, size, bb, paths, cache_folder) -> list:
     "(path, where the augmentation runs, dataset, pipeline_rates options, cache build seconds) per path measured."
     from abaw_nb.data.loading import FrameDataset, make_transform
     from abaw_nb.data.cache import CachedFrames, BatchAugment, collate
+
     setups = []
     if 'jpeg' in paths:
         setups.append(('jpeg', 'loader', FrameDataset(df, root, make_transform(True, size, bb)), {}, None))
@@ -772,48 +1300,64 @@ def _pipeline_setups(df, root, size, bb, paths, cache_folder) -> list:
         setups.append(('cache', 'after loader', ds, dict(collate_fn=collate, augment=aug), built))
     return setups
 
-def bench_cached_pipeline(root=None,                       # SynthAffect (Aff-Wild2 layout); default: the `cpu` size
-                          sizes=CACHED_PIPELINE_SIZES,     # (side, backbone whose augmentation is used)
-                          workers=(0, 1, 2),
-                          batch_size: int = 64,
-                          n_batches: int = 24,             # batches timed per setting
-                          warmup: int = 2,                 # batches before the clock starts
-                          repeats: int = 2,                # runs per setting; the best per CPU-second is kept
-                          paths=('jpeg', 'cache'),
-                          cache_folder=None,               # frame caches (default `cache_dir('frames')`)
-                          keep_memory: bool = True,        # `keep_freed_memory` first (process-wide: both paths)
-                         ) -> list[dict]:
+
+def bench_cached_pipeline(
+    root=None,  # SynthAffect (Aff-Wild2 layout); default: the `cpu` size
+    sizes=CACHED_PIPELINE_SIZES,  # (side, backbone whose augmentation is used)
+    workers=(0, 1, 2),
+    batch_size: int = 64,
+    n_batches: int = 24,  # batches timed per setting
+    warmup: int = 2,  # batches before the clock starts
+    repeats: int = 2,  # runs per setting; the best per CPU-second is kept
+    paths=('jpeg', 'cache'),
+    cache_folder=None,  # frame caches (default `cache_dir('frames')`)
+    keep_memory: bool = True,  # `keep_freed_memory` first (process-wide: both paths)
+) -> list[dict]:
     "Steady-state images/s (wall, per CPU-second) of the per-image and the cached path per side, workers, augmentation."
     from abaw_nb.data.synth import generate_cached
     from abaw_nb.data.formats import read_affwild2
     from abaw_nb.data.loading import pipeline_rates
     from abaw_nb.data.cache import keep_freed_memory
+
     malloc = 'keeps freed memory' if keep_memory and keep_freed_memory() else 'default'
     root = Path(root) if root is not None else generate_cached('cpu', 0, show_progress=False)
     df = read_affwild2(root)
     src = int(read_rgb_shape(root, df)[-1])
     rows = []
     old = torch.get_num_threads()
-    torch.set_num_threads(1)   # as a DataLoader worker runs; the main process too
+    torch.set_num_threads(1)  # as a DataLoader worker runs; the main process too
     try:
         for size, bb in sizes:
             for path, at, ds, kw, built in _pipeline_setups(df, root, size, bb, paths, cache_folder):
                 for w in workers:
                     if at == 'after loader' and w == 0:
-                        continue   # with 0 workers the loader's collate runs in this process too
+                        continue  # with 0 workers the loader's collate runs in this process too
                     runs = [pipeline_rates(ds, w, batch_size, n_batches, warmup, **kw) for _ in range(repeats)]
                     r = max(runs, key=lambda d: d['images_per_cpu_s'])
-                    rows.append(dict(size=size, augment=bb, path=path, augment_at=at, workers=w, **r,
-                                     batch_size=batch_size, source_px=src, frames=len(df), cache_build_s=built,
-                                     malloc=malloc))
+                    rows.append(
+                        dict(
+                            size=size,
+                            augment=bb,
+                            path=path,
+                            augment_at=at,
+                            workers=w,
+                            **r,
+                            batch_size=batch_size,
+                            source_px=src,
+                            frames=len(df),
+                            cache_build_s=built,
+                            malloc=malloc,
+                        )
+                    )
     finally:
         torch.set_num_threads(old)
     return rows
 
 # %% ../nbs/10_bench.ipynb #e103f099
-def pipeline_consumption(pipe: pd.DataFrame,   # `bench_cached_pipeline` rows
-                         train: pd.DataFrame,  # train_step rows (`bench_method_step`)
-                        ) -> pd.DataFrame:
+def pipeline_consumption(
+    pipe: pd.DataFrame,  # `bench_cached_pipeline` rows
+    train: pd.DataFrame,  # train_step rows (`bench_method_step`)
+) -> pd.DataFrame:
     "Each method's fastest training step against each pipeline setting at the nearest side >= its input: both ratios."
     t = train[train['error'].isna()] if 'error' in train else train
     best = t.sort_values('train_images_per_s').groupby(['method', 'preset'], sort=False).tail(1)
@@ -822,22 +1366,39 @@ def pipeline_consumption(pipe: pd.DataFrame,   # `bench_cached_pipeline` rows
     for _, r in best.sort_values(['preset', 'method']).iterrows():
         s = next((x for x in sizes if x >= r['input_size']), sizes[-1])
         for _, p in pipe[pipe['size'] == s].iterrows():
-            out.append(dict(preset=r['preset'], method=r['method'], input_size=int(r['input_size']),
-                            pipeline_size=int(s), consumes_images_per_s=r['train_images_per_s'], path=p['path'],
-                            augment_at=p['augment_at'], workers=int(p['workers']),
-                            ratio_wall=p['images_per_s'] / r['train_images_per_s'],
-                            ratio_per_cpu_s=p['images_per_cpu_s'] / r['train_images_per_s']))
+            out.append(
+                dict(
+                    preset=r['preset'],
+                    method=r['method'],
+                    input_size=int(r['input_size']),
+                    pipeline_size=int(s),
+                    consumes_images_per_s=r['train_images_per_s'],
+                    path=p['path'],
+                    augment_at=p['augment_at'],
+                    workers=int(p['workers']),
+                    ratio_wall=p['images_per_s'] / r['train_images_per_s'],
+                    ratio_per_cpu_s=p['images_per_cpu_s'] / r['train_images_per_s'],
+                )
+            )
     return pd.DataFrame(out)
+
 
 def pipeline_targets(cons: pd.DataFrame, threshold: float = TARGETS['pipeline_ratio']) -> pd.DataFrame:
     "Per preset, path, place of the augmentation and workers: the worst method's ratios, PASS/MISS against `threshold`."
     out = []
     for key, g in cons.groupby(['preset', 'path', 'augment_at', 'workers'], sort=True):
         w, c = g.loc[g['ratio_wall'].idxmin()], g.loc[g['ratio_per_cpu_s'].idxmin()]
-        out.append(dict(zip(['preset', 'path', 'augment_at', 'workers'], key), worst_method_wall=w['method'],
-                        ratio_wall=w['ratio_wall'], verdict_wall='PASS' if w['ratio_wall'] >= threshold else 'MISS',
-                        worst_method_cpu=c['method'], ratio_per_cpu_s=c['ratio_per_cpu_s'],
-                        verdict_per_cpu_s='PASS' if c['ratio_per_cpu_s'] >= threshold else 'MISS'))
+        out.append(
+            dict(
+                zip(['preset', 'path', 'augment_at', 'workers'], key),
+                worst_method_wall=w['method'],
+                ratio_wall=w['ratio_wall'],
+                verdict_wall='PASS' if w['ratio_wall'] >= threshold else 'MISS',
+                worst_method_cpu=c['method'],
+                ratio_per_cpu_s=c['ratio_per_cpu_s'],
+                verdict_per_cpu_s='PASS' if c['ratio_per_cpu_s'] >= threshold else 'MISS',
+            )
+        )
     return pd.DataFrame(out)
 
 # %% ../nbs/10_bench.ipynb #79a0bd80
@@ -849,11 +1410,13 @@ def _smoke_consumption(quick: bool) -> pd.DataFrame:
     rows = bench_method_step(preset='smoke', channels_last=True, optim_impl='fused', **kw)
     return pd.DataFrame([{k: v for k, v in r.items() if k != 'profile'} | {'variant': _variant(r)} for r in rows])
 
-def run_pipeline_bench(out=None,            # folder (default outputs/bench/cached_pipeline)
-                       quick: bool = False, # smoke data, one size, few batches: for tests, not for reporting
-                       train=None,          # train_step rows for cpu/paper (default: outputs/bench/train_step.csv)
-                       **kw,                # passed to `bench_cached_pipeline`
-                      ) -> dict:
+
+def run_pipeline_bench(
+    out=None,  # folder (default outputs/bench/cached_pipeline)
+    quick: bool = False,  # smoke data, one size, few batches: for tests, not for reporting
+    train=None,  # train_step rows for cpu/paper (default: outputs/bench/train_step.csv)
+    **kw,  # passed to `bench_cached_pipeline`
+) -> dict:
     "The cached pipeline against the per-image one and consumption: pipeline, consumption, targets csv, PIPELINE.md."
     out = Path(out) if out else outputs_dir('bench', 'cached_pipeline')
     out.mkdir(parents=True, exist_ok=True)
@@ -861,20 +1424,29 @@ def run_pipeline_bench(out=None,            # folder (default outputs/bench/cach
     t_all = time.perf_counter()
     if quick:
         from abaw_nb.data.synth import generate_cached
-        kw = dict(root=generate_cached('smoke', 0, show_progress=False), sizes=((32, 'resnet50'),), workers=(0, 1),
-                  batch_size=16, n_batches=2, warmup=1, repeats=1, **kw)
+
+        kw = dict(
+            root=generate_cached('smoke', 0, show_progress=False),
+            sizes=((32, 'resnet50'),),
+            workers=(0, 1),
+            batch_size=16,
+            n_batches=2,
+            warmup=1,
+            repeats=1,
+            **kw,
+        )
     pipe = pd.DataFrame(bench_cached_pipeline(**kw))
     if train is None:
-        f = outputs_dir('bench', create=False)/'train_step.csv'
+        f = outputs_dir('bench', create=False) / 'train_step.csv'
         train = pd.read_csv(f) if f.is_file() and not quick else pd.DataFrame()
     train = pd.concat([train, _smoke_consumption(quick)], ignore_index=True)
     tabs = dict(pipeline=pipe, consumption=pipeline_consumption(pipe, train))
     tabs['targets'] = pipeline_targets(tabs['consumption'])
     prov.update(load_average_end=os.getloadavg(), seconds=round(time.perf_counter() - t_all, 1))
     for k, v in tabs.items():
-        write_csv(out/f'{k}.csv', v)
-    write_json(out/'provenance.json', prov)
-    write_text(out/'PIPELINE.md', render_pipeline_markdown(tabs, prov))
+        write_csv(out / f'{k}.csv', v)
+    write_json(out / 'provenance.json', prov)
+    write_text(out / 'PIPELINE.md', render_pipeline_markdown(tabs, prov))
     return dict(provenance=prov, tables=tabs, out=out)
 
 # %% ../nbs/10_bench.ipynb #b28c0d08
@@ -882,16 +1454,39 @@ def render_pipeline_markdown(tabs: dict, prov: dict) -> str:
     "PIPELINE.md: provenance, the targets per preset, the pipeline table, the per-method ratios."
     la, le = (' / '.join(f'{x:.2f}' for x in prov[k]) for k in ('load_average_start', 'load_average_end'))
     p = tabs['pipeline']
-    cols = ['size', 'augment', 'path', 'augment_at', 'workers', 'images_per_s', 'images_per_cpu_s', 'images_timed',
-            'batch_size', 'source_px', 'frames', 'cache_build_s', 'malloc']
-    L = ['# Cached data pipeline vs per-image pipeline', '',
-         f"commit `{prov['commit']}`, {prov['time']}, torch {prov['torch']}, {prov.get('cpu')} ({prov.get('cores')} "
-         f"cores); load average (1/5/15 min) at start {la}, at end {le}; {prov['seconds']:.0f} s."
-         + (' **Quick run: not for reporting.**' if prov.get('quick') else ''), '',
-         'Reproduce: `.venv/bin/python -c "from abaw_nb.bench import run_pipeline_bench; run_pipeline_bench()"`.', '',
-         f"## Targets (pipeline >= {TARGETS['pipeline_ratio']:g}x the fastest training step, worst method per preset)",
-         '', _md(tabs['targets']), '', '## Pipeline (steady state, images per wall second and per CPU-second)', '',
-         _md(p, cols), '']
+    cols = [
+        'size',
+        'augment',
+        'path',
+        'augment_at',
+        'workers',
+        'images_per_s',
+        'images_per_cpu_s',
+        'images_timed',
+        'batch_size',
+        'source_px',
+        'frames',
+        'cache_build_s',
+        'malloc',
+    ]
+    L = [
+        '# Cached data pipeline vs per-image pipeline',
+        '',
+        f"commit `{prov['commit']}`, {prov['time']}, torch {prov['torch']}, {prov.get('cpu')} ({prov.get('cores')} "
+        f"cores); load average (1/5/15 min) at start {la}, at end {le}; {prov['seconds']:.0f} s."
+        + (' **Quick run: not for reporting.**' if prov.get('quick') else ''),
+        '',
+        'Reproduce: `.venv/bin/python -c "from abaw_nb.bench import run_pipeline_bench; run_pipeline_bench()"`.',
+        '',
+        f"## Targets (pipeline >= {TARGETS['pipeline_ratio']:g}x the fastest training step, worst method per preset)",
+        '',
+        _md(tabs['targets']),
+        '',
+        '## Pipeline (steady state, images per wall second and per CPU-second)',
+        '',
+        _md(p, cols),
+        '',
+    ]
     sp = p.pivot_table(index=['size', 'workers'], columns='path', values='images_per_cpu_s', aggfunc='max')
     if {'jpeg', 'cache'} <= set(sp.columns):
         sp = (sp['cache'] / sp['jpeg']).rename('speedup_per_cpu_s').reset_index()

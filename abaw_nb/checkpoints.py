@@ -24,53 +24,72 @@ __all__ = ['IMAGENET_NORM', 'CONVERT_CMD', 'Preprocess', 'Labels', 'CheckpointEr
 @dataclass
 class Preprocess:
     "How the original prepared a face image for its network."
-    size: int                          # side the network sees
-    resize: str = 'shorter'            # 'shorter' (Resize(n) on the shorter side) | 'square' (Resize((n, n)))
-    resize_size: int | None = None     # n of the resize (default: size)
-    crop: int | None = None            # CenterCrop after the resize (None: none)
-    mean: tuple = (0.0, 0.0, 0.0)      # subtracted after scaling to [0, 1] (per channel, RGB)
-    std: tuple = (1.0, 1.0, 1.0)       # divided after the mean
-    channels: str = 'RGB'              # channel order the network was trained with
-    note: str = ''                     # the original's pipeline in words
+
+    size: int  # side the network sees
+    resize: str = 'shorter'  # 'shorter' (Resize(n) on the shorter side) | 'square' (Resize((n, n)))
+    resize_size: int | None = None  # n of the resize (default: size)
+    crop: int | None = None  # CenterCrop after the resize (None: none)
+    mean: tuple = (0.0, 0.0, 0.0)  # subtracted after scaling to [0, 1] (per channel, RGB)
+    std: tuple = (1.0, 1.0, 1.0)  # divided after the mean
+    channels: str = 'RGB'  # channel order the network was trained with
+    note: str = ''  # the original's pipeline in words
 
     def transform(self) -> v2.Compose:
         "uint8 C×H×W (or T×C×H×W) RGB → the float tensor the imported network expects."
         n = self.resize_size or self.size
         ts = [v2.Resize(n if self.resize == 'shorter' else (n, n), antialias=True)]
-        if self.crop: ts.append(v2.CenterCrop(self.crop))
-        elif self.resize == 'shorter': ts.append(v2.CenterCrop(self.size))   # non-square crops: keep batches square
+        if self.crop:
+            ts.append(v2.CenterCrop(self.crop))
+        elif self.resize == 'shorter':
+            ts.append(v2.CenterCrop(self.size))  # non-square crops: keep batches square
         ts += [v2.ToDtype(torch.float32, scale=True)]
-        if tuple(self.mean) != (0.0, 0.0, 0.0) or tuple(self.std) != (1.0, 1.0, 1.0): ts.append(v2.Normalize(list(self.mean), list(self.std)))
-        if self.channels == 'BGR': ts.append(v2.Lambda(lambda x: x.flip(-3)))
+        if tuple(self.mean) != (0.0, 0.0, 0.0) or tuple(self.std) != (1.0, 1.0, 1.0):
+            ts.append(v2.Normalize(list(self.mean), list(self.std)))
+        if self.channels == 'BGR':
+            ts.append(v2.Lambda(lambda x: x.flip(-3)))
         return v2.Compose(ts)
 
-IMAGENET_NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))   # Preprocess(..., **IMAGENET_NORM)
+
+IMAGENET_NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # Preprocess(..., **IMAGENET_NORM)
 
 _SYN = {'happy': 'happiness', 'sad': 'sadness', 'angry': 'anger', 'surprised': 'surprise', 'fearful': 'fear'}
-def _word(n: str) -> str: w = n.strip().lower(); return _SYN.get(w, w)
+
+
+def _word(n: str) -> str:
+    w = n.strip().lower()
+    return _SYN.get(w, w)
+
 
 @dataclass
 class Labels:
     "What the original's outputs mean, and how they map onto abaw-nb's label spaces."
-    expr_names: list | None = None     # expression logits, in the original's output order
-    expr_space: str = 'expr7'          # abaw-nb space the expressions are reported in
-    au_names: list | None = None       # AU logits in output order ('AU1', ...)
-    va: str | None = None              # 'raw' | 'raw_clip' (clipped to ±0.99) | 'bins_linspace' (20+20 bins, expectation over linspace(-1,1,20))
-    au_decision: str = 'prob>0.5'      # how the original decides an AU: 'prob>0.5' | 'logit>0.5'
+
+    expr_names: list | None = None  # expression logits, in the original's output order
+    expr_space: str = 'expr7'  # abaw-nb space the expressions are reported in
+    au_names: list | None = None  # AU logits in output order ('AU1', ...)
+    va: str | None = (
+        None  # 'raw' | 'raw_clip' (clipped to ±0.99) | 'bins_linspace' (20+20 bins, expectation over linspace(-1,1,20))
+    )
+    au_decision: str = 'prob>0.5'  # how the original decides an AU: 'prob>0.5' | 'logit>0.5'
     n_bins: int = 20
 
     def expr_index(self) -> list:
         "For each class of `expr_space`, the index of the original's output holding it."
-        names = [_word(n) for n in self.expr_names]; want = [_word(n) for n in EXPR_SPACES[self.expr_space]]
+        names = [_word(n) for n in self.expr_names]
+        want = [_word(n) for n in EXPR_SPACES[self.expr_space]]
         if sorted(names) != sorted(want):
-            raise ValueError(f'the original predicts {self.expr_names}; it cannot be reported in {self.expr_space} {EXPR_SPACES[self.expr_space]}')
+            raise ValueError(
+                f'the original predicts {self.expr_names}; it cannot be reported in {self.expr_space} {EXPR_SPACES[self.expr_space]}'
+            )
         return [names.index(w) for w in want]
 
 # %% ../nbs/07_checkpoints.ipynb #aaf5dd64
 class CheckpointError(ValueError):
     "A released file that does not match the importer's format (the message names the keys) or cannot be read safely."
 
+
 CONVERT_CMD = 'python -m abaw_nb.checkpoints convert {src} {dst}'
+
 
 def read_checkpoint(source) -> tuple[object, str]:
     "(the unpickled object, a description of where it came from); `source` is a path or an already loaded object."
@@ -87,14 +106,19 @@ def read_checkpoint(source) -> tuple[object, str]:
         except Exception:
             names = []
         what = f' (it pickles {", ".join(names)})' if names else ''
-        raise CheckpointError(f'{p}: cannot be read with torch.load(weights_only=True){what}; abaw-nb never loads a pickle that may run code. '
-                              f'Convert it once to a plain weights file with:  {CONVERT_CMD.format(src=p, dst=p.with_suffix(".weights.pt"))}  '
-                              f'({type(e).__name__}: {str(e).splitlines()[0][:160]})') from None
+        raise CheckpointError(
+            f'{p}: cannot be read with torch.load(weights_only=True){what}; abaw-nb never loads a pickle that may run code. '
+            f'Convert it once to a plain weights file with:  {CONVERT_CMD.format(src=p, dst=p.with_suffix(".weights.pt"))}  '
+            f'({type(e).__name__}: {str(e).splitlines()[0][:160]})'
+        ) from None
+
 
 class _Inert:
     "Stand-in for a pickled class during conversion: stores the state it is given, runs nothing."
+
     def __setstate__(self, state):
         self.__dict__['_state'] = state
+
 
 def convert_checkpoint(src, dst) -> Path:
     "Write the weights of a released file that needs more than `weights_only` as a plain `{'state_dict': ...}` file (no code from `src` runs)."
@@ -105,11 +129,15 @@ def convert_checkpoint(src, dst) -> Path:
         with torch.serialization.safe_globals(stand):
             obj = torch.load(src, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise CheckpointError(f'{src}: cannot be converted safely (classes {names}): {str(e).splitlines()[0][:200]}') from None
+        raise CheckpointError(
+            f'{src}: cannot be converted safely (classes {names}): {str(e).splitlines()[0][:200]}'
+        ) from None
     sd = unwrap_state(obj, str(src))
     from abaw_nb.core import torch_save
+
     torch_save(dst, {'state_dict': sd, 'converted_from': src.name})
     return dst
+
 
 def unwrap_state(obj, where: str, wrappers=('state_dict', 'model_state_dict', 'model')) -> dict:
     "The state dict inside a released file's wrapper dict (or the file itself when it is one)."
@@ -117,17 +145,26 @@ def unwrap_state(obj, where: str, wrappers=('state_dict', 'model_state_dict', 'm
         for k in wrappers:
             if k in obj and isinstance(obj[k], dict):
                 return unwrap_state(obj[k], where, wrappers)
-        raise CheckpointError(f'{where}: no state dict found: the file is a dict with keys {sorted(map(str, obj))[:10]}, '
-                              f'none of {list(wrappers)} holds tensors')
+        raise CheckpointError(
+            f'{where}: no state dict found: the file is a dict with keys {sorted(map(str, obj))[:10]}, '
+            f'none of {list(wrappers)} holds tensors'
+        )
     if not isinstance(obj, dict):
         raise CheckpointError(f'{where}: holds a {type(obj).__name__}, not a state dict')
     return dict(obj)
 
+
 def _main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(prog='python -m abaw_nb.checkpoints', description='Convert a released checkpoint to a plain weights file.')
+
+    ap = argparse.ArgumentParser(
+        prog='python -m abaw_nb.checkpoints', description='Convert a released checkpoint to a plain weights file.'
+    )
     sub = ap.add_subparsers(dest='cmd', required=True)
-    c = sub.add_parser('convert', help='read IN with weights_only=True and inert stand-ins for pickled classes; write its weights to OUT')
+    c = sub.add_parser(
+        'convert',
+        help='read IN with weights_only=True and inert stand-ins for pickled classes; write its weights to OUT',
+    )
     c.add_argument('src')
     c.add_argument('dst')
     a = ap.parse_args(argv)
@@ -137,9 +174,10 @@ def _main(argv=None):
 @dataclass
 class Imported:
     "A released checkpoint loaded into an abaw-nb model, with the original's preprocessing and label order."
-    model: nn.Module                   # abaw-nb model, eval mode
-    fmt: str                           # importer format name (`abaw_nb.methods.checkpoint_formats()`)
-    method: str | None                 # abaw-nb method whose model it is
+
+    model: nn.Module  # abaw-nb model, eval mode
+    fmt: str  # importer format name (`abaw_nb.methods.checkpoint_formats()`)
+    method: str | None  # abaw-nb method whose model it is
     preprocess: Preprocess
     labels: Labels
     report: dict = field(default_factory=dict)  # mapped / ignored keys and where each value came from
@@ -174,13 +212,15 @@ class Imported:
         return p
 
 # %% ../nbs/07_checkpoints.ipynb #0aa471f6
-def map_state(sd: dict,                # the file's state dict (original names)
-              model: nn.Module,        # the abaw-nb model it goes into
-              orig_name,               # abaw-nb key -> original key (None: not in the file)
-              where: str, fmt: str,
-              ignorable=lambda k: None,# original key -> reason it may be left unused (None: it must be used)
-              rename_file=lambda k: k, # normalises alternative spellings of file keys (e.g. newer torchvision names)
-             ) -> tuple[dict, dict]:
+def map_state(
+    sd: dict,  # the file's state dict (original names)
+    model: nn.Module,  # the abaw-nb model it goes into
+    orig_name,  # abaw-nb key -> original key (None: not in the file)
+    where: str,
+    fmt: str,
+    ignorable=lambda k: None,  # original key -> reason it may be left unused (None: it must be used)
+    rename_file=lambda k: k,  # normalises alternative spellings of file keys (e.g. newer torchvision names)
+) -> tuple[dict, dict]:
     "(state dict in abaw-nb names, report); fails naming every unexpected, missing or mis-shaped key."
     sd = {rename_file(k): v for k, v in sd.items()}
     own = model.state_dict()
@@ -188,22 +228,29 @@ def map_state(sd: dict,                # the file's state dict (original names)
     inv = {o: k for k, o in want.items() if o is not None}
     unexpected = [k for k in sd if k not in inv and ignorable(k) is None]
     missing = [f'{o} (abaw-nb {k})' for k, o in want.items() if o is not None and o not in sd]
-    shape = [f'{o}: file {tuple(sd[o].shape)}, model {tuple(own[k].shape)} (abaw-nb {k})' for k, o in want.items()
-             if o is not None and o in sd and tuple(sd[o].shape) != tuple(own[k].shape)]
+    shape = [
+        f'{o}: file {tuple(sd[o].shape)}, model {tuple(own[k].shape)} (abaw-nb {k})'
+        for k, o in want.items()
+        if o is not None and o in sd and tuple(sd[o].shape) != tuple(own[k].shape)
+    ]
     if unexpected or missing or shape:
         cap = lambda l: l[:12] + ([f'... {len(l) - 12} more'] if len(l) > 12 else [])
-        parts = ([f'{len(unexpected)} unexpected key(s) in the file: {cap(unexpected)}'] if unexpected else []) + \
-                ([f'{len(missing)} key(s) missing from the file: {cap(missing)}'] if missing else []) + \
-                ([f'{len(shape)} key(s) with another shape: {cap(shape)}'] if shape else [])
+        parts = (
+            ([f'{len(unexpected)} unexpected key(s) in the file: {cap(unexpected)}'] if unexpected else [])
+            + ([f'{len(missing)} key(s) missing from the file: {cap(missing)}'] if missing else [])
+            + ([f'{len(shape)} key(s) with another shape: {cap(shape)}'] if shape else [])
+        )
         raise CheckpointError(f'{where}: does not match the released {fmt} layout: ' + '; '.join(parts))
     mapped = {k: sd[o] for k, o in want.items() if o is not None}
     ignored = {k: ignorable(k) for k in sd if k not in inv}
     return mapped, dict(mapped=len(mapped), from_elsewhere=[k for k, o in want.items() if o is None], ignored=ignored)
 
+
 def load_mapped(model: nn.Module, mapped: dict, device: str) -> nn.Module:
     "Load mapped weights strictly (assign on the meta device: shapes only, no copy)."
     model.load_state_dict(mapped, strict=True, assign=(device == 'meta'))
     return model.eval()
+
 
 def build_on(device: str, fn):
     "`fn()` on `device`: on the meta device only shapes exist (no memory, no initialisation)."
@@ -213,23 +260,26 @@ def build_on(device: str, fn):
     return fn()
 
 # %% ../nbs/07_checkpoints.ipynb #4905ba71
-def head_key(k: str,           # abaw-nb state-dict key
-             prefix: str,      # the original's list of heads, e.g. 'tmodels'
-             index: dict,      # task -> its position in that list
-            ) -> str | None:
+def head_key(
+    k: str,  # abaw-nb state-dict key
+    prefix: str,  # the original's list of heads, e.g. 'tmodels'
+    index: dict,  # task -> its position in that list
+) -> str | None:
     "The original name `<prefix>.<index[task]>.<rest>` of `heads.<task>.<rest>`; None for a key outside the heads."
     if not k.startswith('heads.'):
         return None
-    task, rest = k[len('heads.'):].split('.', 1)
+    task, rest = k[len('heads.') :].split('.', 1)
     return f'{prefix}.{index[task]}.{rest}'
 
 # %% ../nbs/07_checkpoints.ipynb #709dd92e
 @dataclass
 class CheckpointFormat:
     "One released checkpoint format: its importer, the repository that published it, what its files are."
-    importer: Callable      # (source, **options) -> Imported
-    repo: str               # owner/name of the original repository
-    files: str = ''         # the released files and their layout, in words
+
+    importer: Callable  # (source, **options) -> Imported
+    repo: str  # owner/name of the original repository
+    files: str = ''  # the released files and their layout, in words
 
 # %% ../nbs/07_checkpoints.ipynb #14c92aa0
-if __name__ == '__main__' and '__file__' in globals(): _main()   # not when a notebook runs this cell
+if __name__ == '__main__' and '__file__' in globals():
+    _main()  # not when a notebook runs this cell

@@ -20,10 +20,11 @@ __all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'SYNTH_NOTE', 'majority_floor', 'all_pos
            'bootstrap_effect', 'verdict', 'claim_row', 'save_claims', 'collect_claims']
 
 # %% ../nbs/08b_claims.ipynb #273c5821
-def majority_floor(train_expr,   # training EXPR labels (NaN / NA = unlabelled, skipped)
-                   test_expr,    # test EXPR labels (NaN / NA skipped)
-                   space: str,   # the label space (macro-F1 is over all of its classes)
-                  ) -> dict:
+def majority_floor(
+    train_expr,  # training EXPR labels (NaN / NA = unlabelled, skipped)
+    test_expr,  # test EXPR labels (NaN / NA skipped)
+    space: str,  # the label space (macro-F1 is over all of its classes)
+) -> dict:
     "Accuracy and macro-F1 of predicting the majority training class on every test frame."
     n = len(expr_names(space))
     tr = pd.to_numeric(pd.Series(train_expr), errors='coerce').dropna().astype(int).to_numpy()
@@ -34,9 +35,11 @@ def majority_floor(train_expr,   # training EXPR labels (NaN / NA = unlabelled, 
     m = expr_metrics(te, np.full(len(te), k), space=space)
     return dict(majority_class=expr_names(space)[k], acc=m['acc'], f1=m['f1'])
 
-def all_positive_floor(test_au,          # (N, K) 0/1 test AU labels, NaN = unlabelled
-                       aus: Sequence[str] | None = None,
-                      ) -> dict:
+
+def all_positive_floor(
+    test_au,  # (N, K) 0/1 test AU labels, NaN = unlabelled
+    aus: Sequence[str] | None = None,
+) -> dict:
     "Per-AU and mean F1 (and accuracy) of deciding every AU present on every labelled test frame."
     y = np.asarray(test_au, np.float64)
     mask = ~np.isnan(y)
@@ -44,17 +47,19 @@ def all_positive_floor(test_au,          # (N, K) 0/1 test AU labels, NaN = unla
     return dict(f1=m['f1'], acc=m['acc'], f1_per_au=m['f1_per_au'])
 
 # %% ../nbs/08b_claims.ipynb #5e1c8a13
-def pixel_features(paths: Sequence[str],  # image paths, relative to `root`
-                   root,                  # folder the paths are relative to
-                   size: int = 24,        # side of the grey thumbnail
-                  ) -> np.ndarray:
+def pixel_features(
+    paths: Sequence[str],  # image paths, relative to `root`
+    root,  # folder the paths are relative to
+    size: int = 24,  # side of the grey thumbnail
+) -> np.ndarray:
     "(N, size²) float32 grey thumbnails in [0, 1]; an unreadable file raises naming it."
     import cv2
+
     out = np.empty((len(paths), size * size), np.float32)
     for i, p in enumerate(paths):
-        img = cv2.imread(str(Path(root)/p), cv2.IMREAD_GRAYSCALE)
+        img = cv2.imread(str(Path(root) / p), cv2.IMREAD_GRAYSCALE)
         if img is None:
-            raise FileNotFoundError(f'pixel_features: cannot read {Path(root)/p}')
+            raise FileNotFoundError(f'pixel_features: cannot read {Path(root) / p}')
         out[i] = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).reshape(-1) / 255.0
     return out
 
@@ -63,6 +68,7 @@ def _fit_predict(X_tr, y_tr, X_te, kind: str, seed: int = 0) -> np.ndarray:
     "Predictions of one linear probe: class probabilities ('clf'), P(positive) ('bin') or values ('reg')."
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
+
     sc = StandardScaler().fit(X_tr)
     a, b = sc.transform(X_tr), sc.transform(X_te)
     if kind == 'reg':
@@ -74,12 +80,15 @@ def _fit_predict(X_tr, y_tr, X_te, kind: str, seed: int = 0) -> np.ndarray:
     p = lr.predict_proba(b)
     return p[:, 1] if kind == 'bin' else p
 
-def pixel_probe(X_train: np.ndarray, train: pd.DataFrame,  # training thumbnails and their frame-table rows
-                X_test: np.ndarray,                          # test thumbnails
-                task: str,                                   # 'expr' | 'au' | 'va'
-                aus: Sequence[str] = (),                     # AU columns (task 'au')
-                n_classes: int = 7,                          # EXPR classes (task 'expr')
-               ) -> np.ndarray:
+
+def pixel_probe(
+    X_train: np.ndarray,
+    train: pd.DataFrame,  # training thumbnails and their frame-table rows
+    X_test: np.ndarray,  # test thumbnails
+    task: str,  # 'expr' | 'au' | 'va'
+    aus: Sequence[str] = (),  # AU columns (task 'au')
+    n_classes: int = 7,  # EXPR classes (task 'expr')
+) -> np.ndarray:
     "Test predictions of the pixel probe trained on the labelled training frames: (N, n_classes), (N, K) or (N, 2)."
     if task == 'expr':
         ok = train['expr'].notna().to_numpy()
@@ -103,30 +112,41 @@ def expr_f1_metric(space: str) -> Callable:
     "Macro-F1 over the classes of `space`; predictions are class probabilities (N, K) or class indices."
     return lambda y, p: expr_metrics(y, p, space=space)['f1']
 
+
 def expr_acc_metric(space: str) -> Callable:
     "Accuracy; predictions as in `expr_f1_metric`."
     return lambda y, p: expr_metrics(y, p, space=space)['acc']
 
+
 def ccc_metric(dim: int | None = None) -> Callable:
     "CCC of valence (dim 0), arousal (1), or their mean (None); labels and predictions are (N, 2)."
+
     def f(y, p):
         vals = [ccc(y[:, d], p[:, d]) for d in ((0, 1) if dim is None else (dim,))]
         return float(np.mean(vals))
+
     return f
+
 
 def au_f1_metric(thresholds) -> Callable:
     "Mean AU F1 of probabilities (N, K) at `thresholds` (K,) or one number; labels (N, K) with NaN = unlabelled."
+
     def f(y, p):
         mask = ~np.isnan(y)
         return au_metrics(np.where(mask, y, 0), np.asarray(p) >= np.asarray(thresholds), mask=mask)['f1']
+
     return f
+
 
 def au_auc_metric() -> Callable:
     "Mean ROC-AUC over the AUs (AUs with one class in the resample left out)."
+
     def f(y, p):
         mask = ~np.isnan(y)
         return float(np.nanmean(list(au_auc(np.where(mask, y, 0), p, mask=mask).values())))
+
     return f
+
 
 def accuracy_metric() -> Callable:
     "Share of rows whose prediction equals the label (e.g. identity probes)."
@@ -135,6 +155,7 @@ def accuracy_metric() -> Callable:
 # %% ../nbs/08b_claims.ipynb #9118983a
 def _take(x, idx):
     return x.iloc[idx] if isinstance(x, (pd.DataFrame, pd.Series)) else np.asarray(x)[idx]
+
 
 def _effect(metric, y, a, b, idx, seeds) -> float:
     "Mean over `seeds` of metric(A) - metric(B) on rows `idx`."
@@ -145,15 +166,17 @@ def _effect(metric, y, a, b, idx, seeds) -> float:
         diffs.append(metric(ys, _take(a[s], idx)) - ref)
     return float(np.mean(diffs))
 
-def bootstrap_effect(metric: Callable,   # (labels, predictions) -> float, dataset level
-                     y,                  # test labels, one row per frame
-                     a: list,            # model A's predictions per seed (rows aligned with y)
-                     b: list | None,     # reference predictions per seed (same length as a, or 1); None: effect = metric(A)
-                     subjects,           # subject of each frame (the bootstrap's cluster)
-                     n_boot: int = 1000, # replicates
-                     seed: int = 0,      # the bootstrap's own generator
-                     level: float = 0.95,
-                    ) -> dict:
+
+def bootstrap_effect(
+    metric: Callable,  # (labels, predictions) -> float, dataset level
+    y,  # test labels, one row per frame
+    a: list,  # model A's predictions per seed (rows aligned with y)
+    b: list | None,  # reference predictions per seed (same length as a, or 1); None: effect = metric(A)
+    subjects,  # subject of each frame (the bootstrap's cluster)
+    n_boot: int = 1000,  # replicates
+    seed: int = 0,  # the bootstrap's own generator
+    level: float = 0.95,
+) -> dict:
     "Effect (mean over seeds) with a percentile interval from resampling seeds and test subjects; see above."
     if b is not None and len(b) not in (1, len(a)):
         raise ValueError(f'b has {len(b)} seeds; give one per seed of a ({len(a)}) or a single reference')
@@ -175,9 +198,12 @@ def bootstrap_effect(metric: Callable,   # (labels, predictions) -> float, datas
 CLAIM_COLUMNS = ('method', 'claim', 'metric', 'effect', 'ci_low', 'ci_high', 'n_seeds', 'verdict', 'reason')
 VERDICTS = ('shown', 'not shown', 'contradicted', 'untestable here')
 
-def verdict(ci_low: float, ci_high: float,
-            direction: int = 1,   # +1: the claim says the effect is positive; -1: negative
-           ) -> str:
+
+def verdict(
+    ci_low: float,
+    ci_high: float,
+    direction: int = 1,  # +1: the claim says the effect is positive; -1: negative
+) -> str:
     "shown / contradicted when the interval excludes 0 in / against the claimed direction, else not shown."
     if direction not in (1, -1):
         raise ValueError(f'direction must be +1 or -1, got {direction!r}')
@@ -186,39 +212,73 @@ def verdict(ci_low: float, ci_high: float,
         return 'not shown'
     return 'shown' if lo > 0 else ('contradicted' if hi < 0 else 'not shown')
 
-def claim_row(method: str, claim: str, metric: str,
-              boot: dict | None,        # `bootstrap_effect`'s result; None with `untestable`
-              direction: int = 1,
-              reason: str = '',         # why (always given for not shown / contradicted by the caller if known)
-              untestable: str | None = None,  # the reason this claim cannot be tested here
-             ) -> dict:
+
+def claim_row(
+    method: str,
+    claim: str,
+    metric: str,
+    boot: dict | None,  # `bootstrap_effect`'s result; None with `untestable`
+    direction: int = 1,
+    reason: str = '',  # why (always given for not shown / contradicted by the caller if known)
+    untestable: str | None = None,  # the reason this claim cannot be tested here
+) -> dict:
     "One row of the claims table."
     if untestable is not None:
         if not untestable.strip():
             raise ValueError('untestable here needs a reason')
-        return dict(method=method, claim=claim, metric=metric, effect=np.nan, ci_low=np.nan, ci_high=np.nan,
-                    n_seeds=0, verdict='untestable here', reason=untestable)
+        return dict(
+            method=method,
+            claim=claim,
+            metric=metric,
+            effect=np.nan,
+            ci_low=np.nan,
+            ci_high=np.nan,
+            n_seeds=0,
+            verdict='untestable here',
+            reason=untestable,
+        )
     if boot is None:
         raise ValueError('claim_row needs a bootstrap result, or untestable=<reason>')
     v = verdict(boot['ci_low'], boot['ci_high'], direction)
-    why = reason or f"95 % CI [{boot['ci_low']:+.3f}, {boot['ci_high']:+.3f}] over {boot['n_seeds']} seeds and " \
-                    f"{boot.get('n_subjects', '?')} test subjects"
-    return dict(method=method, claim=claim, metric=metric, effect=boot['effect'], ci_low=boot['ci_low'],
-                ci_high=boot['ci_high'], n_seeds=boot['n_seeds'], verdict=v, reason=why)
+    why = (
+        reason
+        or f"95 % CI [{boot['ci_low']:+.3f}, {boot['ci_high']:+.3f}] over {boot['n_seeds']} seeds and "
+        f"{boot.get('n_subjects', '?')} test subjects"
+    )
+    return dict(
+        method=method,
+        claim=claim,
+        metric=metric,
+        effect=boot['effect'],
+        ci_low=boot['ci_low'],
+        ci_high=boot['ci_high'],
+        n_seeds=boot['n_seeds'],
+        verdict=v,
+        reason=why,
+    )
 
 # %% ../nbs/08b_claims.ipynb #ddb5a7fe
-SYNTH_NOTE = ('SynthAffect builds each of these mechanisms in: a shown verdict proves that the implementation recovers '
-              'the mechanism, not that the claim holds on real faces.')
+SYNTH_NOTE = (
+    'SynthAffect builds each of these mechanisms in: a shown verdict proves that the implementation recovers '
+    'the mechanism, not that the claim holds on real faces.'
+)
 
-def save_claims(rows: list[dict], out, name: str,  # rows from `claim_row`; outputs folder; notebook's short name
-                provenance: str) -> Path:
+
+def save_claims(
+    rows: list[dict],
+    out,
+    name: str,  # rows from `claim_row`; outputs folder; notebook's short name
+    provenance: str,
+) -> Path:
     "Write `tables/claims_<name>.csv` (and .md) for one paper notebook; `collect_claims` merges them."
     from abaw_nb.analysis import save_table
+
     df = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
     bad = sorted(set(df['verdict']) - set(VERDICTS))
     if bad:
         raise ValueError(f'unknown verdict(s) {bad}; valid: {", ".join(VERDICTS)}')
     return save_table(df, f'claims_{name}', out, provenance, note=SYNTH_NOTE, floatfmt='+.3f')
+
 
 def collect_claims(out) -> pd.DataFrame | None:
     "Merge every `tables/claims_*.csv` under `out` into `tables/claims.csv` and `claims.md`; None when there is none."
@@ -228,8 +288,11 @@ def collect_claims(out) -> pd.DataFrame | None:
     df = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)[list(CLAIM_COLUMNS)]
     write_csv(Path(out, 'tables', 'claims.csv'), df)
     counts = ', '.join(f'{(df.verdict == v).sum()} {v}' for v in VERDICTS)
-    md = (f'{len(df)} published claims tested: {counts}. Effects are means over seeds; intervals are 95 % percentile '
-          f'intervals over seeds and test subjects.\n\n{SYNTH_NOTE}\n\n'
-          + df.to_markdown(index=False, floatfmt='+.3f') + '\n')
+    md = (
+        f'{len(df)} published claims tested: {counts}. Effects are means over seeds; intervals are 95 % percentile '
+        f'intervals over seeds and test subjects.\n\n{SYNTH_NOTE}\n\n'
+        + df.to_markdown(index=False, floatfmt='+.3f')
+        + '\n'
+    )
     write_text(Path(out, 'tables', 'claims.md'), md)
     return df

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib, dataclasses, errno, hashlib, importlib.util, io, json, os, random, shutil, signal, subprocess, sys, tempfile, time, uuid
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -23,111 +23,136 @@ __all__ = ['PRESETS', 'FAULT_ENV', 'RepoRootNotFound', 'find_repo_root', 'repo_p
 class RepoRootNotFound(FileNotFoundError):
     "Raised when no abaw-nb checkout can be found."
 
-def _is_root(p: Path) -> bool:
-    ini = p/'settings.ini'
-    if not ini.is_file(): return False
-    try: return any(l.replace(' ', '') == 'lib_name=abaw_nb' for l in ini.read_text().splitlines())
-    except OSError: return False
 
-def find_repo_root(start: str | Path | None = None, # where to start searching (default: the working directory)
-                   use_env: bool = True,              # honour `$ABAW_NB_ROOT`
-                   use_package: bool = True,          # fall back to the folder of the installed package
-                  ) -> Path:
+def _is_root(p: Path) -> bool:
+    ini = p / 'settings.ini'
+    if not ini.is_file():
+        return False
+    try:
+        return any(l.replace(' ', '') == 'lib_name=abaw_nb' for l in ini.read_text().splitlines())
+    except OSError:
+        return False
+
+
+def find_repo_root(
+    start: str | Path | None = None,  # where to start searching (default: the working directory)
+    use_env: bool = True,  # honour `$ABAW_NB_ROOT`
+    use_package: bool = True,  # fall back to the folder of the installed package
+) -> Path:
     "The abaw-nb checkout that contains `start`, the working directory or the installed package."
     looked = []
     if use_env and os.environ.get('ABAW_NB_ROOT'):
         p = Path(os.environ['ABAW_NB_ROOT']).expanduser().resolve()
-        if _is_root(p): return p
+        if _is_root(p):
+            return p
         looked.append(f'$ABAW_NB_ROOT={p}')
     starts = [Path(start or os.getcwd()).resolve()]
     if use_package:
         spec = importlib.util.find_spec('abaw_nb')
-        if spec and spec.origin: starts.append(Path(spec.origin).resolve().parent)
+        if spec and spec.origin:
+            starts.append(Path(spec.origin).resolve().parent)
     for s in starts:
         for p in [s, *s.parents]:
-            if _is_root(p): return p
+            if _is_root(p):
+                return p
         looked.append(f'{s} and its parents')
-    raise RepoRootNotFound('no abaw-nb checkout (a folder whose settings.ini says lib_name = abaw_nb) found; looked at: '
-                           + '; '.join(looked) + '. Set ABAW_NB_ROOT to the checkout or run from inside it.')
+    raise RepoRootNotFound(
+        'no abaw-nb checkout (a folder whose settings.ini says lib_name = abaw_nb) found; looked at: '
+        + '; '.join(looked)
+        + '. Set ABAW_NB_ROOT to the checkout or run from inside it.'
+    )
 
 # %% ../nbs/00_core.ipynb #76432b8e
 def repo_path(*parts) -> Path:
     "A path inside the checkout."
     return find_repo_root().joinpath(*parts)
 
+
 def outputs_dir(*parts, create: bool = True) -> Path:
     "`outputs/` (or `$ABAW_NB_OUTPUTS`), where tables, figures, runs and REPORT.md go."
     base = Path(os.environ['ABAW_NB_OUTPUTS']) if os.environ.get('ABAW_NB_OUTPUTS') else repo_path('outputs')
     p = base.joinpath(*parts)
-    if create: p.mkdir(parents=True, exist_ok=True)
+    if create:
+        p.mkdir(parents=True, exist_ok=True)
     return p
+
 
 def cache_dir(*parts, create: bool = True) -> Path:
     "Cache for generated data (SynthAffect): `$ABAW_NB_CACHE`, else `.cache/` in the checkout, else `~/.cache/abaw_nb`."
-    if os.environ.get('ABAW_NB_CACHE'): base = Path(os.environ['ABAW_NB_CACHE'])
+    if os.environ.get('ABAW_NB_CACHE'):
+        base = Path(os.environ['ABAW_NB_CACHE'])
     else:
-        try: base = find_repo_root()/'.cache'
-        except RepoRootNotFound: base = Path.home()/'.cache'/'abaw_nb'
+        try:
+            base = find_repo_root() / '.cache'
+        except RepoRootNotFound:
+            base = Path.home() / '.cache' / 'abaw_nb'
     p = base.joinpath(*parts)
-    if create: p.mkdir(parents=True, exist_ok=True)
+    if create:
+        p.mkdir(parents=True, exist_ok=True)
     return p
+
 
 def parity_kit_dir(folder: str | None = None) -> Path:
     "The checkpoint parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `tests/parity_kit/` in the checkout."
     env = os.environ.get('ABAW_PARITY_KIT')
     base = Path(env) if env else repo_path('tests', 'parity_kit')
-    if not (base/'index.json').is_file():
+    if not (base / 'index.json').is_file():
         where = '$ABAW_PARITY_KIT' if env else 'the checkout'
         raise FileNotFoundError(f'parity kit not found: {base} has no index.json (from {where})')
-    return base/folder if folder else base
+    return base / folder if folder else base
 
 # %% ../nbs/00_core.ipynb #4916db51
 PRESETS = ('smoke', 'cpu', 'paper')
 
+
 @dataclass
 class Config:
     "Settings of one run, every field JSON-serialisable; `extra` holds the method's own settings (`abaw_nb.methods`)."
-    preset: str = 'smoke'          # smoke | cpu | paper
-    task: str = 'multi'            # va | expr | au | multi
-    method: str = ''               # fpn | mtl_cnn | mtl_cnn_rnn | emenet | emotion_gcn | fmae
-    data_root: str | None = None   # None: SynthAffect generated into the cache; else a real dataset root
+
+    preset: str = 'smoke'  # smoke | cpu | paper
+    task: str = 'multi'  # va | expr | au | multi
+    method: str = ''  # fpn | mtl_cnn | mtl_cnn_rnn | emenet | emotion_gcn | fmae
+    data_root: str | None = None  # None: SynthAffect generated into the cache; else a real dataset root
     data_format: str = 'affwild2'  # on-disk format read from data_root
-    synth_size: str = 'smoke'      # SynthAffect size when data_root is None
-    img_size: int = 32             # input side in pixels
+    synth_size: str = 'smoke'  # SynthAffect size when data_root is None
+    img_size: int = 32  # input side in pixels
     epochs: int = 1
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
-    optimizer: str = 'adam'        # sgd | adam | adamw
-    schedule: str = 'none'         # none | step | cosine
+    optimizer: str = 'adam'  # sgd | adam | adamw
+    schedule: str = 'none'  # none | step | cosine
     warmup_epochs: float = 0.0
     grad_accum: int = 1
     max_steps_per_epoch: int | None = None  # cap on optimiser steps per epoch (smoke runs)
     num_workers: int = 0
     seed: int = 0
     deterministic: bool = True
-    device: str = 'auto'           # auto | cpu | cuda | cuda:N
-    precision: str = 'auto'        # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
-    progress: bool | None = None   # progress bars: None follows $ABAW_NB_PROGRESS (default on)
-    out_dir: str | None = None     # run folder (default: outputs/runs/<run-id>)
-    keep_last: bool = False        # keep last.pt (weights + optimiser state) once the run has finished, so it can be trained
-                                   # for more epochs; False: a finished run keeps best.pt (weights) only, a third of the disk
-    channels_last: bool = True     # 2-D conv weights and 4-D image batches in channels_last memory format (models with
-                                   # Conv2d only): oneDNN's (CPU) and cuDNN's fast layout; see `make bench`
-    fused_optim: bool = True       # torch's fused Adam/AdamW/SGD kernels (CPU and CUDA) instead of the per-tensor loops
-    momentum: float = 0.9          # optimizer='sgd': momentum
-    nesterov: bool = False         # optimizer='sgd': Nesterov momentum
+    device: str = 'auto'  # auto | cpu | cuda | cuda:N
+    precision: str = 'auto'  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
+    progress: bool | None = None  # progress bars: None follows $ABAW_NB_PROGRESS (default on)
+    out_dir: str | None = None  # run folder (default: outputs/runs/<run-id>)
+    keep_last: bool = False  # keep last.pt (weights + optimiser state) once the run has finished, so it can be trained
+    # for more epochs; False: a finished run keeps best.pt (weights) only, a third of the disk
+    channels_last: bool = True  # 2-D conv weights and 4-D image batches in channels_last memory format (models with
+    # Conv2d only): oneDNN's (CPU) and cuDNN's fast layout; see `make bench`
+    fused_optim: bool = True  # torch's fused Adam/AdamW/SGD kernels (CPU and CUDA) instead of the per-tensor loops
+    momentum: float = 0.9  # optimizer='sgd': momentum
+    nesterov: bool = False  # optimizer='sgd': Nesterov momentum
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # optimizer='adam' | 'adamw': (beta1, beta2)
-    step_epochs: int = 10          # schedule='step': the lr is multiplied by `gamma` every `step_epochs` epochs
+    step_epochs: int = 10  # schedule='step': the lr is multiplied by `gamma` every `step_epochs` epochs
     gamma: float = 0.1
-    min_lr_ratio: float = 0.0      # schedule='cosine': the final lr as a share of `lr`
-    expr_space: str = 'expr7'      # data_format='affectnet': the expression space read (expr7 | expr8_contempt)
-    data_seed: int = 0             # SynthAffect: seed of the generated world
+    min_lr_ratio: float = 0.0  # schedule='cosine': the final lr as a share of `lr`
+    expr_space: str = 'expr7'  # data_format='affectnet': the expression space read (expr7 | expr8_contempt)
+    data_seed: int = 0  # SynthAffect: seed of the generated world
     synth: dict = field(default_factory=dict)  # SynthAffect: SynthSize overrides (e.g. {'n_videos': 8})
     extra: dict = field(default_factory=dict)  # the method's settings (a dict of its `MethodSpec.settings` fields)
 
-    def to_dict(self) -> dict: return asdict(self)
-    def to_json(self, **kw) -> str: return json.dumps(self.to_dict(), sort_keys=True, **kw)
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, **kw)
 
     @classmethod
     def from_dict(cls, d: dict) -> 'Config':
@@ -136,68 +161,106 @@ class Config:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, s: str) -> 'Config': return cls.from_dict(json.loads(s))
+    def from_json(cls, s: str) -> 'Config':
+        return cls.from_dict(json.loads(s))
 
     def replace(self, **overrides) -> 'Config':
         "A copy with `overrides` applied (unknown keys refused)."
         check_keys(overrides, type(self))
         return dataclasses.replace(self, **overrides)
 
+
 def check_keys(d: dict, cls) -> None:
     "Raise `KeyError` naming the valid keys when `d` has a key that `cls` (a dataclass) lacks."
     valid = [f.name for f in fields(cls)]
     bad = sorted(set(d) - set(valid))
-    if bad: raise KeyError(f'unknown {cls.__name__} key(s) {bad}; valid keys: {", ".join(valid)}')
+    if bad:
+        raise KeyError(f'unknown {cls.__name__} key(s) {bad}; valid keys: {", ".join(valid)}')
+
 
 def check_choice(name: str, value, valid: Iterable) -> None:
     "Raise `ValueError` naming the valid values when `value` is not one of them."
     valid = list(valid)
-    if value not in valid: raise ValueError(f'{name}={value!r} is not valid; choose one of: {", ".join(map(str, valid))}')
+    if value not in valid:
+        raise ValueError(f'{name}={value!r} is not valid; choose one of: {", ".join(map(str, valid))}')
+
 
 _PRESET_BASE = {
     'smoke': dict(synth_size='smoke', img_size=32, epochs=1, batch_size=16, lr=1e-3, max_steps_per_epoch=4),
-    'cpu':   dict(synth_size='cpu', img_size=64, epochs=4, batch_size=64, lr=1e-3),
+    'cpu': dict(synth_size='cpu', img_size=64, epochs=4, batch_size=64, lr=1e-3),
     'paper': dict(synth_size='cpu', img_size=112, epochs=10, batch_size=64, lr=1e-4, num_workers=4),
 }
 
-def get_config(preset: str = 'smoke', # smoke | cpu | paper
-               **overrides,            # any `Config` field
-              ) -> Config:
+
+def get_config(
+    preset: str = 'smoke',  # smoke | cpu | paper
+    **overrides,  # any `Config` field
+) -> Config:
     "The `Config` of a preset with `overrides` applied; unknown presets or keys raise an error naming the valid ones."
     check_choice('preset', preset, PRESETS)
     return Config(preset=preset, **_PRESET_BASE[preset]).replace(**overrides)
 
 # %% ../nbs/00_core.ipynb #fda0ac88
-_TYPES = {'str': (str,), 'int': (int, np.integer), 'float': (int, float, np.integer, np.floating), 'bool': (bool, np.bool_),
-          'dict': (dict,), 'list': (list, tuple), 'None': (type(None),)}
-_MIN = {'epochs': 1, 'batch_size': 1, 'grad_accum': 1, 'max_steps_per_epoch': 1, 'num_workers': 0, 'img_size': 1,
-        'lr': 0.0, 'weight_decay': 0.0, 'warmup_epochs': 0.0, 'momentum': 0.0, 'step_epochs': 1, 'gamma': 0.0,
-        'min_lr_ratio': 0.0, 'data_seed': 0}
+_TYPES = {
+    'str': (str,),
+    'int': (int, np.integer),
+    'float': (int, float, np.integer, np.floating),
+    'bool': (bool, np.bool_),
+    'dict': (dict,),
+    'list': (list, tuple),
+    'None': (type(None),),
+}
+_MIN = {
+    'epochs': 1,
+    'batch_size': 1,
+    'grad_accum': 1,
+    'max_steps_per_epoch': 1,
+    'num_workers': 0,
+    'img_size': 1,
+    'lr': 0.0,
+    'weight_decay': 0.0,
+    'warmup_epochs': 0.0,
+    'momentum': 0.0,
+    'step_epochs': 1,
+    'gamma': 0.0,
+    'min_lr_ratio': 0.0,
+    'data_seed': 0,
+}
+
 
 def validate_config(cfg: Config) -> Config:
     "Check every field's type and range and the choice fields; the error names the field, the value and what is valid."
     for f in fields(cfg):
         v, allowed = getattr(cfg, f.name), [t.strip() for t in str(f.type).split('|')]
-        ok = any(isinstance(v, _TYPES[a]) and not (a in ('int', 'float') and isinstance(v, (bool, np.bool_))) for a in allowed)
+        ok = any(
+            isinstance(v, _TYPES[a]) and not (a in ('int', 'float') and isinstance(v, (bool, np.bool_)))
+            for a in allowed
+        )
         if not ok:
             raise TypeError(f'{f.name}={v!r} has type {type(v).__name__}; expected {" or ".join(allowed)}')
         if f.name in _MIN and v is not None and (v < _MIN[f.name] or (f.name == 'lr' and v <= 0)):
-            raise ValueError(f'{f.name}={v!r} is out of range; expected {">" if f.name == "lr" else ">="} {_MIN[f.name]}')
+            raise ValueError(
+                f'{f.name}={v!r} is out of range; expected {">" if f.name == "lr" else ">="} {_MIN[f.name]}'
+            )
     check_choice('preset', cfg.preset, PRESETS)
     check_choice('optimizer', cfg.optimizer, ('sgd', 'adam', 'adamw'))
     check_choice('schedule', cfg.schedule, ('none', 'step', 'cosine'))
     check_choice('precision', cfg.precision, ('auto', 'bf16', 'fp32'))
     if len(cfg.betas) != 2 or not all(isinstance(b, _TYPES['float']) for b in cfg.betas):
         raise TypeError(f'betas={cfg.betas!r} is not valid; expected two numbers (beta1, beta2)')
-    return cfg.replace(betas=[float(b) for b in cfg.betas])   # a list, as config.json gives it back
+    return cfg.replace(betas=[float(b) for b in cfg.betas])  # a list, as config.json gives it back
 
 # %% ../nbs/00_core.ipynb #8edc5806
-def seed_everything(seed: int = 0,            # the one seed of a run
-                    deterministic: bool = True # also switch torch to deterministic kernels
-                   ) -> int:
+def seed_everything(
+    seed: int = 0,  # the one seed of a run
+    deterministic: bool = True,  # also switch torch to deterministic kernels
+) -> int:
     "Seed python, numpy and torch; optionally make torch deterministic. Returns the seed."
     import torch
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -207,199 +270,293 @@ def seed_everything(seed: int = 0,            # the one seed of a run
         torch.backends.cudnn.deterministic = False
     return seed
 
+
 def seed_worker(worker_id: int) -> None:
     "`worker_init_fn` for DataLoader: seeds numpy and random in each worker from torch's per-worker seed."
     import torch
+
     s = torch.initial_seed() % 2**32
-    np.random.seed(s); random.seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
 
 def make_generator(seed: int = 0):
     "A seeded `torch.Generator` for DataLoader shuffling and samplers."
     import torch
-    g = torch.Generator(); g.manual_seed(seed); return g
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
 
 # %% ../nbs/00_core.ipynb #fa199982
-def get_device(device: str | None = 'auto'): # auto | cpu | cuda | cuda:N
+def get_device(device: str | None = 'auto'):  # auto | cpu | cuda | cuda:N
     "The torch device to use: `auto` = `$ABAW_NB_DEVICE` if set, else cuda when available, else cpu."
     import torch
+
     if device in (None, 'auto'):
         device = os.environ.get('ABAW_NB_DEVICE') or ('cuda' if torch.cuda.is_available() else 'cpu')
     dev = torch.device(device)
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError(f'device={device!r} asked for, but torch sees no CUDA device; use device="cpu" or "auto"')
-    if dev.type not in ('cpu', 'cuda'): raise ValueError(f'device={device!r}: choose auto, cpu, cuda or cuda:N')
+    if dev.type not in ('cpu', 'cuda'):
+        raise ValueError(f'device={device!r}: choose auto, cpu, cuda or cuda:N')
     return dev
+
 
 def resolve_precision(precision: str, device) -> str:
     "`auto` -> `bf16` on cuda, `fp32` elsewhere."
     check_choice('precision', precision, ('auto', 'bf16', 'fp32'))
-    if precision == 'auto': return 'bf16' if str(device).startswith('cuda') else 'fp32'
+    if precision == 'auto':
+        return 'bf16' if str(device).startswith('cuda') else 'fp32'
     return precision
+
 
 def autocast(device, precision: str = 'auto'):
     "Context manager: bf16 autocast when the resolved precision is bf16, else a no-op."
     import torch
+
     p = resolve_precision(precision, device)
-    if p == 'fp32': return contextlib.nullcontext()
+    if p == 'fp32':
+        return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 # %% ../nbs/00_core.ipynb #4e48db40
 FAULT_ENV = 'ABAW_NB_FAULT'
 _fault_hits: dict[str, int] = {}
 
+
 def fault_point(name: str) -> None:
     "Fault-injection hook for tests: when `$ABAW_NB_FAULT` lists `name` (or `name@n`), the process kills itself with SIGKILL the n-th time (default: first) it passes here."
     spec = os.environ.get(FAULT_ENV)
-    if not spec: return
+    if not spec:
+        return
     for one in spec.split(','):
         point, _, n = one.strip().partition('@')
-        if point != name: continue
+        if point != name:
+            continue
         _fault_hits[name] = _fault_hits.get(name, 0) + 1
         if _fault_hits[name] == int(n or 1):
-            sys.stdout.flush(); sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no finally blocks: what a power cut or the OOM killer does
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(
+                os.getpid(), signal.SIGKILL
+            )  # no cleanup, no finally blocks: what a power cut or the OOM killer does
+
 
 def _umask() -> int:
-    m = os.umask(0); os.umask(m); return m
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, # the final file
-                 mode: str = 'w',  # 'w' text or 'wb' bytes
-                 **open_kw):
+def atomic_write(
+    path: str | Path,  # the final file
+    mode: str = 'w',  # 'w' text or 'wb' bytes
+    **open_kw,
+):
     "Open a temporary file next to `path`; on success rename it over `path`, on error remove it."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600 files; results get the usual permissions
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; results get the usual permissions
         with os.fdopen(fd, mode, **open_kw) as f:
             yield f
-            fault_point(f'write:{path.name}')   # test hook: killed with the whole content in the temporary file
-            f.flush(); os.fsync(f.fileno())
+            fault_point(f'write:{path.name}')  # test hook: killed with the whole content in the temporary file
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
+
 
 def write_text(path, text: str) -> Path:
     "Atomically write text (UTF-8)."
-    with atomic_write(path, 'w', encoding='utf-8') as f: f.write(text)
+    with atomic_write(path, 'w', encoding='utf-8') as f:
+        f.write(text)
     return Path(path)
 
+
 def _default(o):
-    if isinstance(o, (np.integer,)): return int(o)
-    if isinstance(o, (np.floating,)): return float(o)
-    if isinstance(o, np.ndarray): return o.tolist()
-    if isinstance(o, Path): return str(o)
-    if dataclasses.is_dataclass(o): return asdict(o)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if dataclasses.is_dataclass(o):
+        return asdict(o)
     raise TypeError(f'cannot write {type(o).__name__} to JSON')
+
 
 def write_json(path, obj, indent: int = 2) -> Path:
     "Atomically write `obj` as JSON (numpy scalars/arrays, paths and dataclasses converted)."
     return write_text(path, json.dumps(obj, indent=indent, default=_default, sort_keys=False) + '\n')
 
+
 def write_csv(path, df, index: bool = False, **kw) -> Path:
     "Atomically write a DataFrame as csv."
-    with atomic_write(path, 'w', encoding='utf-8', newline='') as f: df.to_csv(f, index=index, **kw)
+    with atomic_write(path, 'w', encoding='utf-8', newline='') as f:
+        df.to_csv(f, index=index, **kw)
     return Path(path)
+
 
 def save_png(path, fig, dpi: int = 120, **kw) -> Path:
     "Atomically save a matplotlib figure as PNG."
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight', **kw)
-    with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight', **kw)
+    with atomic_write(path, 'wb') as f:
+        f.write(buf.getvalue())
     return Path(path)
+
 
 def torch_save(path, obj) -> Path:
     "Atomically `torch.save` (plain tensors/containers, loadable with `weights_only=True`)."
     import torch
-    buf = io.BytesIO(); torch.save(obj, buf); data = buf.getbuffer(); half = len(data) // 2
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    half = len(data) // 2
     with atomic_write(path, 'wb') as f:
-        f.write(data[:half]); f.flush()
-        fault_point(f'partial:{Path(path).name}')   # test hook: killed with half a checkpoint on disk
+        f.write(data[:half])
+        f.flush()
+        fault_point(f'partial:{Path(path).name}')  # test hook: killed with half a checkpoint on disk
         f.write(data[half:])
     return Path(path)
+
 
 def clean_stale_temps(folder) -> int:
     "Remove the temporary files (`.<name>.*.tmp`) that a killed `atomic_write` left in `folder`; returns how many."
     n = 0
     for p in Path(folder).glob('.*.tmp'):
-        if p.is_file(): p.unlink(missing_ok=True); n += 1
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
     return n
 
 # %% ../nbs/00_core.ipynb #a2c72dcc
 class OutputDirError(OSError):
     "The run folder cannot be written, or its disk lacks the space the run needs."
-    def __init__(self, code: int, message: str):
-        super().__init__(message); self.errno = code   # str() is the message alone, without '[Errno n]'
 
-def check_out_dir(path,                # the run folder (created when missing)
-                  need_bytes: int = 0, # estimated bytes the run will write there
-                 ) -> Path:
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.errno = code  # str() is the message alone, without '[Errno n]'
+
+
+def check_out_dir(
+    path,  # the run folder (created when missing)
+    need_bytes: int = 0,  # estimated bytes the run will write there
+) -> Path:
     "Make sure `path` can be created and written and that `need_bytes` fit on its disk, before any training; `OutputDirError` otherwise."
     path = Path(path)
     missing = [p for p in [path, *path.parents] if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix='.write-probe.', suffix='.tmp', dir=path)
-        os.close(fd); os.unlink(probe)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
-        raise OutputDirError(e.errno, f'the output folder {path} is not writable ({e.strerror or e}); '
-                                      'choose another out_dir or fix its permissions') from None
+        raise OutputDirError(
+            e.errno,
+            f'the output folder {path} is not writable ({e.strerror or e}); '
+            'choose another out_dir or fix its permissions',
+        ) from None
     free = shutil.disk_usage(path).free
     if need_bytes > free:
-        for p in missing:                      # leave nothing behind for a run that never started
-            with contextlib.suppress(OSError): p.rmdir()
-        raise OutputDirError(errno.ENOSPC, f'not enough free disk space for the run in {path}: {free / 2**20:,.1f} MiB free, '
-                                           f'about {need_bytes / 2**20:,.1f} MiB needed (checkpoints, predictions); free some '
-                                           'space or choose another out_dir')
+        for p in missing:  # leave nothing behind for a run that never started
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise OutputDirError(
+            errno.ENOSPC,
+            f'not enough free disk space for the run in {path}: {free / 2**20:,.1f} MiB free, '
+            f'about {need_bytes / 2**20:,.1f} MiB needed (checkpoints, predictions); free some '
+            'space or choose another out_dir',
+        )
     return path
 
 # %% ../nbs/00_core.ipynb #52c3a3bb
 def progress_enabled(enabled: bool | None = None) -> bool:
     "Whether progress bars are shown: the argument wins, else `$ABAW_NB_PROGRESS` (default on)."
-    if enabled is not None: return bool(enabled)
+    if enabled is not None:
+        return bool(enabled)
     return os.environ.get('ABAW_NB_PROGRESS', '1').strip().lower() not in ('0', 'false', 'off', 'no')
+
 
 def progress(iterable=None, desc: str | None = None, total: int | None = None, enabled: bool | None = None, **kw):
     "A `tqdm.auto` bar over `iterable`, or a silent pass-through when progress is switched off."
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=not progress_enabled(enabled), leave=kw.pop('leave', False), **kw)
+
+    return tqdm(
+        iterable, desc=desc, total=total, disable=not progress_enabled(enabled), leave=kw.pop('leave', False), **kw
+    )
 
 # %% ../nbs/00_core.ipynb #48afe808
 def git_commit(root: str | Path | None = None) -> str:
     "Short commit hash of the checkout, `+dirty` when there are uncommitted changes outside outputs/; `unknown` outside git."
-    try: root = Path(root) if root else find_repo_root()
-    except RepoRootNotFound: return 'unknown'
+    try:
+        root = Path(root) if root else find_repo_root()
+    except RepoRootNotFound:
+        return 'unknown'
+
     def _git(*a):
         return subprocess.run(['git', '-C', str(root), *a], capture_output=True, text=True, timeout=20)
+
     r = _git('rev-parse', '--short=10', 'HEAD')
-    if r.returncode != 0: return 'unknown'
+    if r.returncode != 0:
+        return 'unknown'
     # outputs/ is what runs write: regenerating it must not mark the code that produced it as modified
     dirty = _git('status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)outputs').stdout.strip()
     return r.stdout.strip() + ('+dirty' if dirty else '')
+
 
 def run_id(prefix: str = 'run') -> str:
     "A unique, time-sortable id: `<prefix>-YYYYmmdd-HHMMSS-<6 hex>`."
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
+
 def provenance(config: Config | None = None, data_fingerprint: str | None = None, **extra) -> dict:
     "What produced a result: commit, preset, seed, data, library versions, host and time."
     import platform, torch
-    d = dict(commit=git_commit(), time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), python=platform.python_version(),
-             torch=torch.__version__, host=platform.node(), cpu_threads=torch.get_num_threads(),
-             cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+    d = dict(
+        commit=git_commit(),
+        time=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        host=platform.node(),
+        cpu_threads=torch.get_num_threads(),
+        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )
     if config is not None:
-        d.update(preset=config.preset, seed=config.seed, method=config.method, task=config.task,
-                 data=config.data_root or f'SynthAffect/{config.synth_size}')
-    if data_fingerprint: d['data_fingerprint'] = data_fingerprint
+        d.update(
+            preset=config.preset,
+            seed=config.seed,
+            method=config.method,
+            task=config.task,
+            data=config.data_root or f'SynthAffect/{config.synth_size}',
+        )
+    if data_fingerprint:
+        d['data_fingerprint'] = data_fingerprint
     d.update(extra)
     return d
+
 
 def fingerprint(*items) -> str:
     "A short sha256 over strings, bytes, paths (their bytes) or JSON-able objects."
     h = hashlib.sha256()
     for it in items:
-        if isinstance(it, Path): it = it.read_bytes()
-        if isinstance(it, str): it = it.encode()
-        if not isinstance(it, bytes): it = json.dumps(it, sort_keys=True, default=_default).encode()
-        h.update(len(it).to_bytes(8, 'little')); h.update(it)
+        if isinstance(it, Path):
+            it = it.read_bytes()
+        if isinstance(it, str):
+            it = it.encode()
+        if not isinstance(it, bytes):
+            it = json.dumps(it, sort_keys=True, default=_default).encode()
+        h.update(len(it).to_bytes(8, 'little'))
+        h.update(it)
     return h.hexdigest()[:16]

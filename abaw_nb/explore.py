@@ -4,8 +4,8 @@
 
 # %% ../nbs/11_explore.ipynb #3a3897df
 from __future__ import annotations
-import json, math, re, tempfile, warnings
-from dataclasses import dataclass, field
+import re, tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np, pandas as pd, torch
@@ -22,68 +22,103 @@ __all__ = ['IMAGE_EXTENSIONS', 'DETECTORS', 'haar_available', 'FaceDetector', 'c
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 DETECTORS = ('auto', 'haar', 'whole')
 
+
 def haar_available() -> bool:
     "Whether the installed OpenCV ships the Haar cascade (`cv2.CascadeClassifier` and its XML files; OpenCV < 5)."
     import cv2
+
     d = getattr(getattr(cv2, 'data', None), 'haarcascades', None)
-    return hasattr(cv2, 'CascadeClassifier') and d is not None and (Path(d)/'haarcascade_frontalface_default.xml').is_file()
+    return (
+        hasattr(cv2, 'CascadeClassifier')
+        and d is not None
+        and (Path(d) / 'haarcascade_frontalface_default.xml').is_file()
+    )
+
 
 class FaceDetector:
     "Finds the largest face of a BGR frame: `detector(bgr) -> (x, y, w, h)` in pixels, or None."
-    def __init__(self, kind='auto',          # 'auto' | 'haar' | 'whole' | a callable bgr -> list of (x, y, w, h)
-                 min_size: float = 0.15,     # Haar: smallest face side as a fraction of the frame's shorter side
-                 min_std: float = 3.0,       # 'whole': grey-level std below which a frame has no face (blank)
-                 verbose: bool = True):      # say when 'auto' falls back to 'whole'
+
+    def __init__(
+        self,
+        kind='auto',  # 'auto' | 'haar' | 'whole' | a callable bgr -> list of (x, y, w, h)
+        min_size: float = 0.15,  # Haar: smallest face side as a fraction of the frame's shorter side
+        min_std: float = 3.0,  # 'whole': grey-level std below which a frame has no face (blank)
+        verbose: bool = True,
+    ):  # say when 'auto' falls back to 'whole'
         self.min_size, self.min_std, self._fn, self._cascade = min_size, min_std, None, None
-        if callable(kind): self.name, self._fn = getattr(kind, '__name__', 'custom'), kind; return
+        if callable(kind):
+            self.name, self._fn = getattr(kind, '__name__', 'custom'), kind
+            return
         check_choice('detector', kind, DETECTORS)
         if kind == 'auto':
             kind = 'haar' if haar_available() else 'whole'
             if kind == 'whole' and verbose:
-                print("FaceDetector: this OpenCV has no Haar cascade (removed in OpenCV 5); using detector='whole' "
-                      "(the whole frame is the face). Pass a callable detector for uncropped footage.")
+                print(
+                    "FaceDetector: this OpenCV has no Haar cascade (removed in OpenCV 5); using detector='whole' "
+                    "(the whole frame is the face). Pass a callable detector for uncropped footage."
+                )
         if kind == 'haar':
             import cv2
+
             if not haar_available():
-                raise RuntimeError(f'detector=\'haar\' needs the Haar cascade that OpenCV < 5 ships; this is OpenCV {cv2.__version__}. '
-                                   "Install opencv-python-headless<5, or use detector='whole' or a callable detector")
-            self._cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades)/'haarcascade_frontalface_default.xml'))
+                raise RuntimeError(
+                    f'detector=\'haar\' needs the Haar cascade that OpenCV < 5 ships; this is OpenCV {cv2.__version__}. '
+                    "Install opencv-python-headless<5, or use detector='whole' or a callable detector"
+                )
+            self._cascade = cv2.CascadeClassifier(
+                str(Path(cv2.data.haarcascades) / 'haarcascade_frontalface_default.xml')
+            )
         self.name = kind
 
     def boxes(self, bgr: np.ndarray) -> list:
         "All faces found, as (x, y, w, h) int tuples."
         import cv2
+
         H, W = bgr.shape[:2]
-        if self._fn is not None: return [tuple(int(v) for v in b[:4]) for b in self._fn(bgr)]
+        if self._fn is not None:
+            return [tuple(int(v) for v in b[:4]) for b in self._fn(bgr)]
         grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY) if bgr.ndim == 3 else bgr
         if self.name == 'whole':
-            if float(grey.std()) < self.min_std: return []
-            s = min(H, W); return [((W - s) // 2, (H - s) // 2, s, s)]
+            if float(grey.std()) < self.min_std:
+                return []
+            s = min(H, W)
+            return [((W - s) // 2, (H - s) // 2, s, s)]
         m = max(8, int(self.min_size * min(H, W)))
-        return [tuple(int(v) for v in b) for b in self._cascade.detectMultiScale(cv2.equalizeHist(grey), 1.1, 5, minSize=(m, m))]
+        return [
+            tuple(int(v) for v in b)
+            for b in self._cascade.detectMultiScale(cv2.equalizeHist(grey), 1.1, 5, minSize=(m, m))
+        ]
 
     def __call__(self, bgr: np.ndarray):
         b = self.boxes(bgr)
         return max(b, key=lambda r: r[2] * r[3]) if b else None
 
-def crop_face(img: np.ndarray,        # H x W x 3 frame
-              box,                    # (x, y, w, h) from a detector
-              margin: float = 1.0,    # side of the square crop / the box's longer side (detectors box the inner face)
-             ) -> np.ndarray:
+
+def crop_face(
+    img: np.ndarray,  # H x W x 3 frame
+    box,  # (x, y, w, h) from a detector
+    margin: float = 1.0,  # side of the square crop / the box's longer side (detectors box the inner face)
+) -> np.ndarray:
     "A square crop centred on `box` (edges replicated where it leaves the frame)."
     import cv2
+
     x, y, w, h = box
-    s = max(1, int(round(max(w, h) * margin))); cx, cy = x + w / 2, y + h / 2
+    s = max(1, int(round(max(w, h) * margin)))
+    cx, cy = x + w / 2, y + h / 2
     x0, y0 = int(round(cx - s / 2)), int(round(cy - s / 2))
     H, W = img.shape[:2]
     pad = max(0, -x0, -y0, x0 + s - W, y0 + s - H)
-    if pad: img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE); x0 += pad; y0 += pad
-    return np.ascontiguousarray(img[y0:y0 + s, x0:x0 + s])
+    if pad:
+        img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        x0 += pad
+        y0 += pad
+    return np.ascontiguousarray(img[y0 : y0 + s, x0 : x0 + s])
 
 # %% ../nbs/11_explore.ipynb #6a055ec6
 def _labels_of(p: Path, frames: pd.DataFrame | None = None) -> dict:
     "The label spaces of a run (labels.json), else those of its data's frame table, else Aff-Wild2's."
     from abaw_nb.methods import read_run_labels
+
     lab = read_run_labels(p)
     if lab:
         return lab
@@ -91,13 +126,19 @@ def _labels_of(p: Path, frames: pd.DataFrame | None = None) -> dict:
         return {'expr_space': frames.attrs['expr_space'], 'au_space': frames.attrs['au_space']}
     return {'expr_space': 'expr7', 'au_space': 'affwild2_12'}
 
+
 class RunModel:
     "The network of a run folder, ready to predict on face crops."
-    def __init__(self, run,            # a run folder (config.json + best.pt/last.pt)
-                 device: str = 'cpu',  # where to run it
-                 batch_size: int = 32):
+
+    def __init__(
+        self,
+        run,  # a run folder (config.json + best.pt/last.pt)
+        device: str = 'cpu',  # where to run it
+        batch_size: int = 32,
+    ):
         from abaw_nb.train.run import load_run_recipe
         from abaw_nb.methods import run_checkpoint
+
         p = Path(run)
         self.checkpoint = run_checkpoint(p) if p.is_dir() else None
         if self.checkpoint is None:
@@ -115,21 +156,27 @@ class RunModel:
     def __repr__(self):
         return f'RunModel({self.cfg.method}/{self.cfg.task}, tasks={self.tasks}, {self.path})'
 
-    def predict_faces(self, faces: list,   # RGB uint8 H x W x 3 face crops (frames of one video in order, or stills)
-                      video: str = 'user', # name of the sequence (clip models treat the list as one video)
-                     ) -> pd.DataFrame:
+    def predict_faces(
+        self,
+        faces: list,  # RGB uint8 H x W x 3 face crops (frames of one video in order, or stills)
+        video: str = 'user',  # name of the sequence (clip models treat the list as one video)
+    ) -> pd.DataFrame:
         "One row per face: valence, arousal, prob_expr_k, expr, prob_AU<n> and any unc_ columns the method predicts."
         import cv2
         from abaw_nb.train.engine import predict_table
-        if len(faces) == 0:   # no face: the run's columns with no rows (a blank crop gives the column set)
+
+        if len(faces) == 0:  # no face: the run's columns with no rows (a blank crop gives the column set)
             return self.predict_faces([np.zeros((self.cfg.img_size, self.cfg.img_size, 3), np.uint8)], video).iloc[:0]
         with tempfile.TemporaryDirectory(dir=self._tmp.name) as d:
             names = [f'{i:06d}.png' for i in range(len(faces))]
             for n, f in zip(names, faces):
-                if not cv2.imwrite(str(Path(d)/n), np.ascontiguousarray(np.asarray(f, np.uint8)[..., ::-1])):
+                if not cv2.imwrite(str(Path(d) / n), np.ascontiguousarray(np.asarray(f, np.uint8)[..., ::-1])):
                     raise RuntimeError(f'could not write the face crop {n} to {d}')
-            df = make_frames(dict(dataset='user', split='test', video=str(video), frame=np.arange(len(faces)), path=names),
-                             expr_space=self.expr_space, au_space=self.au_space)
+            df = make_frames(
+                dict(dataset='user', split='test', video=str(video), frame=np.arange(len(faces)), path=names),
+                expr_space=self.expr_space,
+                au_space=self.au_space,
+            )
             r = self.recipe
             pred = predict_table(r.model, r.eval_data(df, d), self.cfg, r.predict_fn, r.forward_fn, r.collate_fn)
         pred = pred.drop(columns=[c for c in pred.columns if c in ('split', 'dataset', 'video', 'frame')])
@@ -140,25 +187,36 @@ class RunModel:
         return pred.reset_index(drop=True)
 
 # %% ../nbs/11_explore.ipynb #2c7cdac7
-def demo_run(method: str = 'fpn', task: str = 'multi',
-             n_videos: int = 6,        # training videos (validation: 2 videos)
-             out_dir=None,             # default: a cache folder keyed by the settings
-             seed: int = 0) -> Path:
+def demo_run(
+    method: str = 'fpn',
+    task: str = 'multi',
+    n_videos: int = 6,  # training videos (validation: 2 videos)
+    out_dir=None,  # default: a cache folder keyed by the settings
+    seed: int = 0,
+) -> Path:
     "A tiny trained run folder (smoke preset, a few SynthAffect videos), trained once and cached."
     from abaw_nb.train.run import run_config, train, load_frames
+
     cfg = run_config(method, task, 'smoke', seed=seed, max_steps_per_epoch=2, progress=False)
-    out = Path(out_dir) if out_dir else cache_dir('explore', f'{method}-{task}-{n_videos}-{seed}-{fingerprint(cfg.to_json())[:10]}')
+    out = (
+        Path(out_dir)
+        if out_dir
+        else cache_dir('explore', f'{method}-{task}-{n_videos}-{seed}-{fingerprint(cfg.to_json())[:10]}')
+    )
     # scores_val.json is the last file `train` writes: a folder without it is still training (the engine writes best.pt and an
     # index-only predictions_val.csv every better epoch); the lock makes a second caller (another notebook) wait for the first
     from filelock import FileLock
+
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + '.lock'):
-        if (out/'scores_val.json').is_file(): return out
+        if (out / 'scores_val.json').is_file():
+            return out
         frames, root = load_frames(cfg)
         keep = []
         for s, k in (('train', n_videos), ('val', 2)):
             keep += list(pd.unique(frames.loc[frames['split'] == s, 'video'])[:k])
-        sub = frames[frames['video'].isin(keep)].reset_index(drop=True); sub.attrs = dict(frames.attrs)
+        sub = frames[frames['video'].isin(keep)].reset_index(drop=True)
+        sub.attrs = dict(frames.attrs)
         train(cfg.replace(out_dir=str(out)), verbose=False, data=(sub, root))
     return out
 
@@ -166,27 +224,39 @@ def demo_run(method: str = 'fpn', task: str = 'multi',
 class VideoReadError(ValueError):
     "A video file that OpenCV cannot open or decode."
 
+
 def _as_run_model(run) -> RunModel:
     return run if isinstance(run, RunModel) else RunModel(run)
+
 
 def _video_frames(path, max_frames=None, stride: int = 1):
     "(frame index, BGR image) of a video file; a clear error when it cannot be opened or has no decodable frame."
     import cv2
+
     p = Path(path)
-    if not p.is_file(): raise VideoReadError(f'video file not found: {p}')
+    if not p.is_file():
+        raise VideoReadError(f'video file not found: {p}')
     cap = cv2.VideoCapture(str(p))
-    if not cap.isOpened(): raise VideoReadError(f'OpenCV cannot open {p} as a video (unknown format or corrupt file)')
+    if not cap.isOpened():
+        raise VideoReadError(f'OpenCV cannot open {p} as a video (unknown format or corrupt file)')
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+
     def gen():
         i = n = 0
         try:
             while max_frames is None or n < max_frames:
                 ok, img = cap.read()
-                if not ok or img is None: break
-                if i % stride == 0: yield i, img; n += 1
+                if not ok or img is None:
+                    break
+                if i % stride == 0:
+                    yield i, img
+                    n += 1
                 i += 1
-        finally: cap.release()
+        finally:
+            cap.release()
+
     return (fps if 0 < fps < 1000 else 30.0), gen()
+
 
 def _table(keys: pd.DataFrame, pred: pd.DataFrame, rm: RunModel) -> pd.DataFrame:
     "Per-frame keys joined with the predictions of the rows that had a face (NA elsewhere)."
@@ -194,31 +264,49 @@ def _table(keys: pd.DataFrame, pred: pd.DataFrame, rm: RunModel) -> pd.DataFrame
     out = keys.copy()
     pos = np.flatnonzero(out['face'].to_numpy(bool))
     for c in cols:
-        v = np.full(len(out), np.nan); v[pos] = pred[c].to_numpy(np.float64); out[c] = v
+        v = np.full(len(out), np.nan)
+        v[pos] = pred[c].to_numpy(np.float64)
+        out[c] = v
     if 'expr' in pred:
-        e = pd.array([pd.NA] * len(out), dtype='Int64'); e[pos] = pred['expr'].to_numpy(); out['expr'] = e
-        out['expr_name'] = pd.array([rm.expr_labels[int(k)] if k is not pd.NA else pd.NA for k in out['expr']], dtype='string')
-    first = [c for c in ('valence', 'arousal') if c in out] + [c for c in out if c.startswith('prob_expr_')] + \
-            [c for c in ('expr', 'expr_name') if c in out] + [c for c in out if c.startswith('prob_AU')]
+        e = pd.array([pd.NA] * len(out), dtype='Int64')
+        e[pos] = pred['expr'].to_numpy()
+        out['expr'] = e
+        out['expr_name'] = pd.array(
+            [rm.expr_labels[int(k)] if k is not pd.NA else pd.NA for k in out['expr']], dtype='string'
+        )
+    first = (
+        [c for c in ('valence', 'arousal') if c in out]
+        + [c for c in out if c.startswith('prob_expr_')]
+        + [c for c in ('expr', 'expr_name') if c in out]
+        + [c for c in out if c.startswith('prob_AU')]
+    )
     rest = [c for c in out if c not in first and c not in keys.columns]
     return out[list(keys.columns) + first + rest]
 
+
 def _save(df: pd.DataFrame, out_dir, stem: str) -> dict:
     import matplotlib.pyplot as plt
-    out_dir = Path(out_dir); files = {'csv': write_csv(out_dir/f'{stem}.csv', df)}
+
+    out_dir = Path(out_dir)
+    files = {'csv': write_csv(out_dir / f'{stem}.csv', df)}
     for name, fn in (('va', plot_va_time), ('au', plot_au_heatmap)):
         fig = fn(df)
-        if fig is not None: files[name] = save_png(out_dir/f'{stem}_{name}.png', fig); plt.close(fig)
+        if fig is not None:
+            files[name] = save_png(out_dir / f'{stem}_{name}.png', fig)
+            plt.close(fig)
     return files
 
-def predict_video(path,                    # a video file OpenCV can decode (mp4, avi, ...)
-                  run,                     # a run folder or a `RunModel`
-                  out_dir=None,            # where csv/png(/mp4) go (default: beside the video); False: write nothing
-                  detector='auto',         # see `FaceDetector`
-                  margin: float | None = None, # crop side / box side (default 1.4 for a detector's box, 1.0 for 'whole')
-                  annotate: bool = False,  # also write `<stem>_annotated.mp4`
-                  max_frames: int | None = None, stride: int = 1, # decode at most `max_frames`, every `stride`-th frame
-                 ) -> pd.DataFrame:
+
+def predict_video(
+    path,  # a video file OpenCV can decode (mp4, avi, ...)
+    run,  # a run folder or a `RunModel`
+    out_dir=None,  # where csv/png(/mp4) go (default: beside the video); False: write nothing
+    detector='auto',  # see `FaceDetector`
+    margin: float | None = None,  # crop side / box side (default 1.4 for a detector's box, 1.0 for 'whole')
+    annotate: bool = False,  # also write `<stem>_annotated.mp4`
+    max_frames: int | None = None,
+    stride: int = 1,  # decode at most `max_frames`, every `stride`-th frame
+) -> pd.DataFrame:
     "Per-frame predictions of `run` on the faces of a video (NA rows for frames without a face); csv + plots saved."
     rm = _as_run_model(run)
     det = detector if isinstance(detector, FaceDetector) else FaceDetector(detector)
@@ -228,153 +316,233 @@ def predict_video(path,                    # a video file OpenCV can decode (mp4
     for i, bgr in frames:
         box = det(bgr)
         keys.append(dict(frame=i, time=i / fps, face=box is not None, box=box))
-        if box is not None: faces.append(crop_face(bgr, box, m)[..., ::-1])
-    if not keys: raise VideoReadError(f'no frame could be decoded from {path}')
+        if box is not None:
+            faces.append(crop_face(bgr, box, m)[..., ::-1])
+    if not keys:
+        raise VideoReadError(f'no frame could be decoded from {path}')
     k = pd.DataFrame(keys)
     b = np.array([r if r is not None else (np.nan,) * 4 for r in k.pop('box')], float)
     k.insert(0, 'video', Path(path).stem)
-    for j, c in enumerate(('face_x', 'face_y', 'face_w', 'face_h')): k[c] = b[:, j]
+    for j, c in enumerate(('face_x', 'face_y', 'face_w', 'face_h')):
+        k[c] = b[:, j]
     k['detector'] = det.name
     df = _table(k, rm.predict_faces(faces, video=Path(path).stem), rm)
-    df.attrs.update(source=str(path), fps=fps, run=str(rm.path), n_frames=len(df), n_faces=int(df['face'].sum()), detector=det.name)
-    if not df['face'].any(): print(f'predict_video: no face found in any of the {len(df)} frames of {path} (detector {det.name!r})')
+    df.attrs.update(
+        source=str(path), fps=fps, run=str(rm.path), n_frames=len(df), n_faces=int(df['face'].sum()), detector=det.name
+    )
+    if not df['face'].any():
+        print(f'predict_video: no face found in any of the {len(df)} frames of {path} (detector {det.name!r})')
     if out_dir is not False:
         od = Path(out_dir) if out_dir else Path(path).parent
         df.attrs['files'] = _save(df, od, Path(path).stem)
-        if annotate: df.attrs['files']['mp4'] = annotate_video(path, df, od/f'{Path(path).stem}_annotated.mp4', fps=fps, stride=stride)
+        if annotate:
+            df.attrs['files']['mp4'] = annotate_video(
+                path, df, od / f'{Path(path).stem}_annotated.mp4', fps=fps, stride=stride
+            )
     return df
 
-def _natural_key(name: str): return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', name)]
 
-def predict_images(folder,                 # folder of images (frames of one video in name order, or stills)
-                   run,                    # a run folder or a `RunModel`
-                   out_dir=None,           # where csv/png go (default: the folder's parent); False: write nothing
-                   detector='auto', margin: float | None = None,
-                  ) -> pd.DataFrame:
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', name)]
+
+
+def predict_images(
+    folder,  # folder of images (frames of one video in name order, or stills)
+    run,  # a run folder or a `RunModel`
+    out_dir=None,  # where csv/png go (default: the folder's parent); False: write nothing
+    detector='auto',
+    margin: float | None = None,
+) -> pd.DataFrame:
     "Per-image predictions (`path`, `error` for images that fail to decode: NA rows); other files are listed and skipped."
     import cv2
+
     d = Path(folder)
-    if not d.is_dir(): raise FileNotFoundError(f'image folder not found: {d}')
+    if not d.is_dir():
+        raise FileNotFoundError(f'image folder not found: {d}')
     files = sorted((f for f in d.iterdir() if f.is_file()), key=lambda f: _natural_key(f.name))
     imgs = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
     other = [f.name for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
-    if other: print(f'predict_images: skipped {len(other)} non-image file(s) in {d}: {", ".join(other[:5])}{" ..." if len(other) > 5 else ""}')
-    if not imgs: raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {d}')
+    if other:
+        print(
+            f'predict_images: skipped {len(other)} non-image file(s) in {d}: {", ".join(other[:5])}{" ..." if len(other) > 5 else ""}'
+        )
+    if not imgs:
+        raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {d}')
     rm = _as_run_model(run)
     det = detector if isinstance(detector, FaceDetector) else FaceDetector(detector)
     m = margin if margin is not None else (1.0 if det.name == 'whole' else 1.4)
     keys, faces = [], []
     for i, f in enumerate(imgs):
-        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR); err = None if bgr is not None else f'cannot decode {f.name}'
+        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        err = None if bgr is not None else f'cannot decode {f.name}'
         box = det(bgr) if bgr is not None else None
         keys.append(dict(frame=i, path=f.name, face=box is not None, box=box, error=err))
-        if box is not None: faces.append(crop_face(bgr, box, m)[..., ::-1])
-    k = pd.DataFrame(keys); err = k.pop('error')
+        if box is not None:
+            faces.append(crop_face(bgr, box, m)[..., ::-1])
+    k = pd.DataFrame(keys)
+    err = k.pop('error')
     b = np.array([r if r is not None else (np.nan,) * 4 for r in k.pop('box')], float)
     k.insert(0, 'video', d.name)
-    for j, c in enumerate(('face_x', 'face_y', 'face_w', 'face_h')): k[c] = b[:, j]
+    for j, c in enumerate(('face_x', 'face_y', 'face_w', 'face_h')):
+        k[c] = b[:, j]
     k['detector'] = det.name
     df = _table(k, rm.predict_faces(faces, video=d.name), rm)
     df['error'] = err.astype('string')
     bad = int(df['error'].notna().sum())
-    if bad: print(f'predict_images: {bad} image(s) could not be decoded (NA rows): {", ".join(df.loc[df.error.notna(), "path"][:5])}')
+    if bad:
+        print(
+            f'predict_images: {bad} image(s) could not be decoded (NA rows): {", ".join(df.loc[df.error.notna(), "path"][:5])}'
+        )
     df.attrs.update(source=str(d), run=str(rm.path), skipped=other, n_faces=int(df['face'].sum()), detector=det.name)
-    if out_dir is not False: df.attrs['files'] = _save(df, Path(out_dir) if out_dir else d.parent, d.name)
+    if out_dir is not False:
+        df.attrs['files'] = _save(df, Path(out_dir) if out_dir else d.parent, d.name)
     return df
 
 # %% ../nbs/11_explore.ipynb #8008867d
 def plot_va_time(df: pd.DataFrame, labels: pd.DataFrame | None = None, ax=None, mark: int | None = None):
     "Valence and arousal over time (x: `time` if present, else `frame`); optional `labels` table (same x) dashed; `mark` a frame."
     import matplotlib.pyplot as plt
-    if not {'valence', 'arousal'} <= set(df.columns): return None
+
+    if not {'valence', 'arousal'} <= set(df.columns):
+        return None
     x = df['time'].to_numpy(float) if 'time' in df else df['frame'].to_numpy(float)
-    fig, ax = (plt.subplots(figsize=(8, 2.6)) if ax is None else (ax.figure, ax))
+    fig, ax = plt.subplots(figsize=(8, 2.6)) if ax is None else (ax.figure, ax)
     for c, col in (('valence', 'tab:purple'), ('arousal', 'tab:red')):
-        y = df[c].to_numpy(float); ax.plot(x, y, color=col, lw=1.5, label=f'{c} (pred.)')
+        y = df[c].to_numpy(float)
+        ax.plot(x, y, color=col, lw=1.5, label=f'{c} (pred.)')
         if f'unc_{c}' in df:
-            u = df[f'unc_{c}'].to_numpy(float); ax.fill_between(x, y - u, y + u, color=col, alpha=0.18, lw=0)
+            u = df[f'unc_{c}'].to_numpy(float)
+            ax.fill_between(x, y - u, y + u, color=col, alpha=0.18, lw=0)
         if labels is not None and c in labels:
             xl = labels['time'].to_numpy(float) if 'time' in labels else labels['frame'].to_numpy(float)
             ax.plot(xl, labels[c].to_numpy(float), color=col, lw=1, ls='--', label=f'{c} (label)')
     if mark is not None:
-        ax.axvline(float(x[np.flatnonzero(df['frame'].to_numpy() == mark)[0]]) if (df['frame'] == mark).any() else mark, color='k', lw=0.8)
-    lo, hi = np.nanmin(df[['valence', 'arousal']].to_numpy(float), initial=0), np.nanmax(df[['valence', 'arousal']].to_numpy(float), initial=0)
-    ax.set_ylim(min(-1.05, lo - 0.05), max(1.05, hi + 0.05)); ax.axhline(0, color='gray', lw=0.5); ax.set_xlabel('time (s)' if 'time' in df else 'frame')
+        ax.axvline(
+            float(x[np.flatnonzero(df['frame'].to_numpy() == mark)[0]]) if (df['frame'] == mark).any() else mark,
+            color='k',
+            lw=0.8,
+        )
+    lo, hi = (
+        np.nanmin(df[['valence', 'arousal']].to_numpy(float), initial=0),
+        np.nanmax(df[['valence', 'arousal']].to_numpy(float), initial=0),
+    )
+    ax.set_ylim(min(-1.05, lo - 0.05), max(1.05, hi + 0.05))
+    ax.axhline(0, color='gray', lw=0.5)
+    ax.set_xlabel('time (s)' if 'time' in df else 'frame')
     band = ' (band: ± uncertainty)' if any(f'unc_{c}' in df for c in ('valence', 'arousal')) else ''
-    ax.set_title('valence / arousal over time' + band, fontsize=10); ax.legend(fontsize=7, ncol=4, loc='lower left')
+    ax.set_title('valence / arousal over time' + band, fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc='lower left')
     return fig
+
 
 def plot_au_heatmap(df: pd.DataFrame, ax=None):
     "AU probabilities per frame as a heatmap (frames without a face: grey)."
     import matplotlib.pyplot as plt
+
     cols = [c for c in df.columns if re.fullmatch(r'prob_AU\d+', c)]
-    if not cols: return None
-    fig, ax = (plt.subplots(figsize=(8, 0.25 * len(cols) + 1.2)) if ax is None else (ax.figure, ax))
-    cmap = plt.get_cmap('viridis').copy(); cmap.set_bad('lightgrey')
-    im = ax.imshow(np.ma.masked_invalid(df[cols].to_numpy(float).T), aspect='auto', cmap=cmap, vmin=0, vmax=1,
-                   interpolation='nearest')
-    ax.set_yticks(range(len(cols)), [c[5:] for c in cols], fontsize=7); ax.set_xlabel('frame')
-    ax.set_title('AU probability per frame', fontsize=10); fig.colorbar(im, ax=ax, fraction=0.03)
+    if not cols:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.25 * len(cols) + 1.2)) if ax is None else (ax.figure, ax)
+    cmap = plt.get_cmap('viridis').copy()
+    cmap.set_bad('lightgrey')
+    im = ax.imshow(
+        np.ma.masked_invalid(df[cols].to_numpy(float).T),
+        aspect='auto',
+        cmap=cmap,
+        vmin=0,
+        vmax=1,
+        interpolation='nearest',
+    )
+    ax.set_yticks(range(len(cols)), [c[5:] for c in cols], fontsize=7)
+    ax.set_xlabel('frame')
+    ax.set_title('AU probability per frame', fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03)
     return fig
 
 # %% ../nbs/11_explore.ipynb #abb8a9ab
 def annotate_video(path, df: pd.DataFrame, out_path, fps: float = 30.0, stride: int = 1, width: int = 480) -> Path:
     "Write `out_path` (mp4): the frames of `path` that are rows of `df` with their face box and predictions drawn."
     import cv2
-    by = df.set_index('frame'); out_path = Path(out_path); out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    by = df.set_index('frame')
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     _, frames = _video_frames(path, None, stride)
-    tmp = out_path.with_name(out_path.stem + '.tmp.mp4'); writer = None
+    tmp = out_path.with_name(out_path.stem + '.tmp.mp4')
+    writer = None
     aus = [c for c in df.columns if re.fullmatch(r'prob_AU\d+', c)]
     try:
         for i, bgr in frames:
-            if i not in by.index: continue
-            r = by.loc[i]; s = width / bgr.shape[1]
+            if i not in by.index:
+                continue
+            r = by.loc[i]
+            s = width / bgr.shape[1]
             img = cv2.resize(bgr, (width, int(round(bgr.shape[0] * s))), interpolation=cv2.INTER_AREA)
             lines = []
             if bool(r['face']):
                 x, y, w, h = (int(round(float(r[c]) * s)) for c in ('face_x', 'face_y', 'face_w', 'face_h'))
                 cv2.rectangle(img, (x, y), (x + w - 1, y + h - 1), (0, 255, 0), 2)
-                if 'valence' in r: lines.append(f"V {r['valence']:+.2f}  A {r['arousal']:+.2f}")
-                if 'expr_name' in r and r['expr_name'] is not pd.NA: lines.append(str(r['expr_name']))
+                if 'valence' in r:
+                    lines.append(f"V {r['valence']:+.2f}  A {r['arousal']:+.2f}")
+                if 'expr_name' in r and r['expr_name'] is not pd.NA:
+                    lines.append(str(r['expr_name']))
                 on = [c[5:] for c in aus if float(r[c]) >= 0.5]
-                if aus: lines.append('AU ' + (' '.join(a[2:] for a in on) if on else '-'))
-            else: lines.append('no face')
+                if aus:
+                    lines.append('AU ' + (' '.join(a[2:] for a in on) if on else '-'))
+            else:
+                lines.append('no face')
             for k, t in enumerate(lines):
                 cv2.putText(img, t, (6, 18 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
                 cv2.putText(img, t, (6, 18 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
             if writer is None:
-                writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*'mp4v'), fps / stride, (img.shape[1], img.shape[0]))
-                if not writer.isOpened(): raise RuntimeError(f'OpenCV cannot write {out_path} with the mp4v codec')
+                writer = cv2.VideoWriter(
+                    str(tmp), cv2.VideoWriter_fourcc(*'mp4v'), fps / stride, (img.shape[1], img.shape[0])
+                )
+                if not writer.isOpened():
+                    raise RuntimeError(f'OpenCV cannot write {out_path} with the mp4v codec')
             writer.write(img)
     finally:
-        if writer is not None: writer.release()
-    if writer is None: raise VideoReadError(f'no frame of {path} to annotate')
+        if writer is not None:
+            writer.release()
+    if writer is None:
+        raise VideoReadError(f'no frame of {path} to annotate')
     tmp.replace(out_path)
     return out_path
 
 # %% ../nbs/11_explore.ipynb #e1c1a32f
-def synth_video(path,                   # the .mp4 to write
-                video: int = 0,         # which video of the world
-                size: int = 128,        # frame side in pixels
-                n_frames: int | None = None, # first n frames (default: all)
-                world: str = 'smoke', seed: int = 0, fps: int = 30,
-                blank_frames=(),        # extra frame indices to write blank (no face)
-               ) -> pd.DataFrame:
+def synth_video(
+    path,  # the .mp4 to write
+    video: int = 0,  # which video of the world
+    size: int = 128,  # frame side in pixels
+    n_frames: int | None = None,  # first n frames (default: all)
+    world: str = 'smoke',
+    seed: int = 0,
+    fps: int = 30,
+    blank_frames=(),  # extra frame indices to write blank (no face)
+) -> pd.DataFrame:
     "Render SynthAffect video `video` to an mp4; returns its latent rows (with `face` False where the frame is blank)."
     import cv2
     from abaw_nb.data.synth import make_world, render_frame
+
     w = make_world(world, seed)
     v = w.videos.iloc[video]
     lat = w.latent[w.latent['video'] == v.video].reset_index(drop=True)
-    if n_frames is not None: lat = lat.iloc[:n_frames].copy()
+    if n_frames is not None:
+        lat = lat.iloc[:n_frames].copy()
     lat.loc[lat['frame'].isin(list(blank_frames)), 'face'] = False
     ident = w.identities.set_index('subject').loc[v.subject].to_dict()
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     wr = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'), fps, (size, size))
-    if not wr.isOpened(): raise RuntimeError(f'OpenCV cannot write {path} with the mp4v codec')
+    if not wr.isOpened():
+        raise RuntimeError(f'OpenCV cannot write {path} with the mp4v codec')
     blank = np.full((size, size, 3), 40, np.uint8)
     for r in lat.to_dict('records'):
-        wr.write(np.ascontiguousarray(render_frame(ident, r, size, (v.bg_r, v.bg_g, v.bg_b))[..., ::-1]) if r['face'] else blank)
+        wr.write(
+            np.ascontiguousarray(render_frame(ident, r, size, (v.bg_r, v.bg_g, v.bg_b))[..., ::-1])
+            if r['face']
+            else blank
+        )
     wr.release()
     return lat
 
@@ -382,80 +550,125 @@ def synth_video(path,                   # the .mp4 to write
 def find_runs(root=None) -> list[Path]:
     "Run folders (config.json + predictions_val.csv) under `root` (default: outputs/runs and .cache/explore), newest first."
     from abaw_nb.core import outputs_dir
+
     roots = [Path(root)] if root else [outputs_dir('runs', create=False), cache_dir('explore', create=False)]
-    found = {p.parent for r in roots if Path(r).is_dir() for p in Path(r).rglob('predictions_val.csv') if (p.parent/'config.json').is_file()}
+    found = {
+        p.parent
+        for r in roots
+        if Path(r).is_dir()
+        for p in Path(r).rglob('predictions_val.csv')
+        if (p.parent / 'config.json').is_file()
+    }
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
 
 @dataclass
 class RunView:
     "A run's validation predictions joined with its labels: what the run browser shows."
+
     path: Path
     config: Config
-    table: pd.DataFrame          # video, frame, path, label columns (valence, arousal, expr, AU<n>), pred_* columns
-    root: Path                   # image root
+    table: pd.DataFrame  # video, frame, path, label columns (valence, arousal, expr, AU<n>), pred_* columns
+    root: Path  # image root
     au_names: list
     expr_labels: list
 
+
 def _pred_label_cols(p, aus, n_expr):
-    return [c for c in ['valence', 'arousal', *[f'prob_expr_{k}' for k in range(n_expr)], 'expr', *[f'prob_{a}' for a in aus]] if c in p] + \
-           [c for c in p if c.startswith('unc_')]
+    return [
+        c
+        for c in ['valence', 'arousal', *[f'prob_expr_{k}' for k in range(n_expr)], 'expr', *[f'prob_{a}' for a in aus]]
+        if c in p
+    ] + [c for c in p if c.startswith('unc_')]
+
 
 def run_view(run) -> RunView:
     "Load a run folder for browsing (its predictions joined with the labels of its data)."
     from abaw_nb.train.run import load_run, load_frames
-    p = Path(run); r = load_run(p)
-    if 'predictions' not in r: raise FileNotFoundError(f'run folder {p} has no predictions_val.csv')
+
+    p = Path(run)
+    r = load_run(p)
+    if 'predictions' not in r:
+        raise FileNotFoundError(f'run folder {p} has no predictions_val.csv')
     frames, root = load_frames(r['config'])
     spaces = _labels_of(p, frames)
     n_expr, aus = len(expr_names(spaces['expr_space'])), au_columns(spaces['au_space'])
     pred = r['predictions']
     keep = ['video', 'frame', 'path', 'valence', 'arousal', 'expr', *[a for a in aus if a in frames]]
-    lab = frames[keep].rename(columns={'valence': 'label_valence', 'arousal': 'label_arousal', 'expr': 'label_expr',
-                                       **{a: f'label_{a}' for a in aus}})
+    lab = frames[keep].rename(
+        columns={
+            'valence': 'label_valence',
+            'arousal': 'label_arousal',
+            'expr': 'label_expr',
+            **{a: f'label_{a}' for a in aus},
+        }
+    )
     pr = pred[['video', 'frame'] + _pred_label_cols(pred, aus, n_expr)]
-    t = pr.merge(lab, on=['video', 'frame'], how='left', validate='one_to_one').sort_values(['video', 'frame']).reset_index(drop=True)
+    t = (
+        pr.merge(lab, on=['video', 'frame'], how='left', validate='one_to_one')
+        .sort_values(['video', 'frame'])
+        .reset_index(drop=True)
+    )
     return RunView(p, r['config'], t, Path(root), aus, expr_names(spaces['expr_space']))
+
 
 def worst_frames(view: RunView, task: str, n: int = 10) -> pd.DataFrame:
     "The `n` frames with the largest error on `task` (va | expr | au) among those labelled for it."
     check_choice('task', task, ('va', 'expr', 'au'))
     t, eps = view.table, 1e-7
     if task == 'va':
-        if 'valence' not in t: return pd.DataFrame()
+        if 'valence' not in t:
+            return pd.DataFrame()
         err = (np.abs(t['valence'] - t['label_valence']) + np.abs(t['arousal'] - t['label_arousal'])) / 2
     elif task == 'expr':
         pe = [f'prob_expr_{k}' for k in range(len(view.expr_labels))]
-        if pe[0] not in t: return pd.DataFrame()
-        y = t['label_expr'].astype('Int64'); ok = y.notna().to_numpy()
+        if pe[0] not in t:
+            return pd.DataFrame()
+        y = t['label_expr'].astype('Int64')
+        ok = y.notna().to_numpy()
         p = np.full(len(t), np.nan)
         p[ok] = t[pe].to_numpy(float)[np.flatnonzero(ok), y[ok].to_numpy(int)]
         err = pd.Series(-np.log(np.clip(p, eps, 1)), index=t.index)
     else:
         pa = [f'prob_{a}' for a in view.au_names]
-        if pa[0] not in t: return pd.DataFrame()
-        P = np.clip(t[pa].to_numpy(float), eps, 1 - eps); Y = t[[f'label_{a}' for a in view.au_names]].astype('float64').to_numpy()
+        if pa[0] not in t:
+            return pd.DataFrame()
+        P = np.clip(t[pa].to_numpy(float), eps, 1 - eps)
+        Y = t[[f'label_{a}' for a in view.au_names]].astype('float64').to_numpy()
         with np.errstate(invalid='ignore'):
             bce = -(Y * np.log(P) + (1 - Y) * np.log(1 - P))
-            err = pd.Series(np.where(np.isnan(Y).all(1), np.nan, np.nanmean(np.where(np.isnan(Y), np.nan, bce), 1)), index=t.index)
+            err = pd.Series(
+                np.where(np.isnan(Y).all(1), np.nan, np.nanmean(np.where(np.isnan(Y), np.nan, bce), 1)), index=t.index
+            )
     out = t[['video', 'frame']].assign(error=err.to_numpy()).dropna(subset=['error'])
     return out.sort_values('error', ascending=False, kind='stable').head(n).reset_index(drop=True)
+
 
 def plot_frame(view: RunView, video: str | None = None, frame: int | None = None):
     "One frame of a run: image, AU bars (pred. vs label), expression probabilities, the video's VA trajectory."
     import matplotlib.pyplot as plt, cv2
+
     t = view.table
     video = video if video is not None else t['video'].iloc[0]
     tv = t[t['video'] == video].reset_index(drop=True)
-    if tv.empty: raise KeyError(f'video {video!r} is not in the predictions of {view.path}; e.g. {", ".join(pd.unique(t.video)[:5])}')
+    if tv.empty:
+        raise KeyError(
+            f'video {video!r} is not in the predictions of {view.path}; e.g. {", ".join(pd.unique(t.video)[:5])}'
+        )
     frame = int(tv['frame'].iloc[0] if frame is None else frame)
-    if not (tv['frame'] == frame).any(): raise KeyError(f'frame {frame} of {video!r} has no prediction (frames {tv.frame.min()}..{tv.frame.max()})')
+    if not (tv['frame'] == frame).any():
+        raise KeyError(f'frame {frame} of {video!r} has no prediction (frames {tv.frame.min()}..{tv.frame.max()})')
     r = tv[tv['frame'] == frame].iloc[0]
-    fig = plt.figure(figsize=(12, 5.6)); gs = fig.add_gridspec(2, 3, height_ratios=[3, 2], width_ratios=[1, 1.3, 1.3])
+    fig = plt.figure(figsize=(12, 5.6))
+    gs = fig.add_gridspec(2, 3, height_ratios=[3, 2], width_ratios=[1, 1.3, 1.3])
     ax = fig.add_subplot(gs[0, 0])
-    img = cv2.imread(str(view.root/r['path'])) if isinstance(r.get('path'), str) else None
-    if img is not None: ax.imshow(img[..., ::-1])
-    else: ax.text(0.5, 0.5, 'no image', ha='center')
-    ax.set_title(f'{video} frame {frame}', fontsize=9); ax.axis('off')
+    img = cv2.imread(str(view.root / r['path'])) if isinstance(r.get('path'), str) else None
+    if img is not None:
+        ax.imshow(img[..., ::-1])
+    else:
+        ax.text(0.5, 0.5, 'no image', ha='center')
+    ax.set_title(f'{video} frame {frame}', fontsize=9)
+    ax.axis('off')
     a = fig.add_subplot(gs[0, 1])
     pa = [f'prob_{x}' for x in view.au_names]
     if pa[0] in r:
@@ -463,152 +676,304 @@ def plot_frame(view: RunView, video: str | None = None, frame: int | None = None
         a.barh(y, r[pa].to_numpy(float), color='tab:blue', label='predicted p')
         lab = np.array([r.get(f'label_{x}') for x in view.au_names], dtype=object)
         ok = np.array([v is not None and not pd.isna(v) for v in lab])
-        a.scatter(np.where(ok, [float(v) if o else 0 for v, o in zip(lab, ok)], np.nan), y, color='k', marker='|', s=200, label='label', zorder=3)
-        a.set_yticks(y, view.au_names, fontsize=7); a.set_xlim(0, 1.05); a.axvline(0.5, color='gray', lw=0.5, ls='--')
+        a.scatter(
+            np.where(ok, [float(v) if o else 0 for v, o in zip(lab, ok)], np.nan),
+            y,
+            color='k',
+            marker='|',
+            s=200,
+            label='label',
+            zorder=3,
+        )
+        a.set_yticks(y, view.au_names, fontsize=7)
+        a.set_xlim(0, 1.05)
+        a.axvline(0.5, color='gray', lw=0.5, ls='--')
         a.legend(fontsize=7, loc='lower right')
     a.set_title('action units', fontsize=10)
-    e = fig.add_subplot(gs[0, 2]); pe = [f'prob_expr_{k}' for k in range(len(view.expr_labels))]
+    e = fig.add_subplot(gs[0, 2])
+    pe = [f'prob_expr_{k}' for k in range(len(view.expr_labels))]
     if pe[0] in r:
-        y = np.arange(len(pe))[::-1]; le = r.get('label_expr')
-        col = ['tab:green' if (le is not None and not pd.isna(le) and int(le) == k) else 'tab:gray' for k in range(len(pe))]
-        e.barh(y, r[pe].to_numpy(float), color=col); e.set_yticks(y, view.expr_labels, fontsize=8); e.set_xlim(0, 1)
-        e.set_title('expression (green: label)' if le is not None and not pd.isna(le) else 'expression (no label)', fontsize=10)
-    else: e.set_title('expression: not predicted', fontsize=10)
+        y = np.arange(len(pe))[::-1]
+        le = r.get('label_expr')
+        col = [
+            'tab:green' if (le is not None and not pd.isna(le) and int(le) == k) else 'tab:gray' for k in range(len(pe))
+        ]
+        e.barh(y, r[pe].to_numpy(float), color=col)
+        e.set_yticks(y, view.expr_labels, fontsize=8)
+        e.set_xlim(0, 1)
+        e.set_title(
+            'expression (green: label)' if le is not None and not pd.isna(le) else 'expression (no label)', fontsize=10
+        )
+    else:
+        e.set_title('expression: not predicted', fontsize=10)
     v = fig.add_subplot(gs[1, :])
     if 'valence' in tv:
-        plot_va_time(tv, labels=tv[['frame', 'label_valence', 'label_arousal']].rename(columns=lambda c: c.replace('label_', '')),
-                     ax=v, mark=frame)
-    else: v.set_title('valence / arousal: not predicted', fontsize=10); v.axis('off')
+        plot_va_time(
+            tv,
+            labels=tv[['frame', 'label_valence', 'label_arousal']].rename(columns=lambda c: c.replace('label_', '')),
+            ax=v,
+            mark=frame,
+        )
+    else:
+        v.set_title('valence / arousal: not predicted', fontsize=10)
+        v.axis('off')
     fig.tight_layout()
     return fig
 
 # %% ../nbs/11_explore.ipynb #bbc9368f
-def design_row(aus: dict | None = None,   # {AU number: intensity 0..5}; others 0
-               roll: float = 0.0, yaw: float = 0.0, pitch: float = 0.0, scale: float = 1.0, # pose (degrees, -1..1, -1..1, size)
-               occlusion: bool = False, blur: bool = False, illumination: bool = False, jpeg: bool = False,
-               arousal: float = 0.0,      # skin flush of the renderer
-               noise_seed: int = 0) -> dict:
+def design_row(
+    aus: dict | None = None,  # {AU number: intensity 0..5}; others 0
+    roll: float = 0.0,
+    yaw: float = 0.0,
+    pitch: float = 0.0,
+    scale: float = 1.0,  # pose (degrees, -1..1, -1..1, size)
+    occlusion: bool = False,
+    blur: bool = False,
+    illumination: bool = False,
+    jpeg: bool = False,
+    arousal: float = 0.0,  # skin flush of the renderer
+    noise_seed: int = 0,
+) -> dict:
     "A SynthAffect latent row (what `render_frame` draws) from designer settings."
     from abaw_nb.data.synth import AU_ALL
+
     aus = dict(aus or {})
     bad = sorted(set(aus) - set(AU_ALL))
-    if bad: raise KeyError(f'AU(s) {bad} are not simulated by SynthAffect; valid: {AU_ALL}')
+    if bad:
+        raise KeyError(f'AU(s) {bad} are not simulated by SynthAffect; valid: {AU_ALL}')
     r = {f'AU{a}_int': float(np.clip(aus.get(a, 0.0), 0, 5)) for a in AU_ALL}
-    r.update(roll=roll, yaw=yaw, pitch=pitch, dx=0.0, dy=0.0, scale=scale, arousal=arousal,
-             occlusion=occlusion, blur=blur, illumination=illumination, pose=False, jpeg=jpeg,
-             occ_x=0.0, occ_y=0.35, occ_w=0.8, occ_h=0.45, occ_grey=120.0, blur_sigma=0.045, gain=0.3, grad=0.4,
-             jpeg_q=5, noise_seed=noise_seed)
+    r.update(
+        roll=roll,
+        yaw=yaw,
+        pitch=pitch,
+        dx=0.0,
+        dy=0.0,
+        scale=scale,
+        arousal=arousal,
+        occlusion=occlusion,
+        blur=blur,
+        illumination=illumination,
+        pose=False,
+        jpeg=jpeg,
+        occ_x=0.0,
+        occ_y=0.35,
+        occ_w=0.8,
+        occ_h=0.45,
+        occ_grey=120.0,
+        blur_sigma=0.045,
+        gain=0.3,
+        grad=0.4,
+        jpeg_q=5,
+        noise_seed=noise_seed,
+    )
     return r
+
 
 def design_face(identity: int = 0, size: int = 112, seed: int = 0, **settings) -> np.ndarray:
     "RGB face drawn by SynthAffect for `identity` (an identity of world `seed`) with `design_row(**settings)`."
     from abaw_nb.data.synth import render_frame
+
     ids = _identities(seed)
-    if not 0 <= identity < len(ids): raise IndexError(f'identity {identity} out of range 0..{len(ids) - 1}')
+    if not 0 <= identity < len(ids):
+        raise IndexError(f'identity {identity} out of range 0..{len(ids) - 1}')
     return render_frame(ids[identity], design_row(**settings), size)
 
+
 _IDS = {}
+
+
 def _identities(seed: int) -> list:
     if seed not in _IDS:
         from abaw_nb.data.synth import make_identities
+
         _IDS[seed] = make_identities(24, np.random.default_rng([seed, 77]), splits=True).to_dict('records')
     return _IDS[seed]
+
 
 def plot_design(face: np.ndarray, pred: pd.DataFrame | None = None, rm: RunModel | None = None, title: str = ''):
     "The designed face and, with a prediction row, the model's AU probabilities, expression probabilities and VA point."
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(1, 4, figsize=(12, 3.2), gridspec_kw=dict(width_ratios=[1, 1.2, 1.2, 0.9]))
-    ax[0].imshow(face); ax[0].axis('off'); ax[0].set_title(title or 'SynthAffect face', fontsize=9)
+    ax[0].imshow(face)
+    ax[0].axis('off')
+    ax[0].set_title(title or 'SynthAffect face', fontsize=9)
     if pred is None or rm is None:
-        for a in ax[1:]: a.axis('off')
+        for a in ax[1:]:
+            a.axis('off')
         ax[1].text(0, 0.5, 'no run chosen: pick a trained run to see its prediction', fontsize=9)
-        fig.tight_layout(); return fig
-    r = pred.iloc[0]; pa = [f'prob_{a}' for a in rm.au_names]
+        fig.tight_layout()
+        return fig
+    r = pred.iloc[0]
+    pa = [f'prob_{a}' for a in rm.au_names]
     if pa[0] in r:
-        y = np.arange(len(pa))[::-1]; ax[1].barh(y, r[pa].to_numpy(float), color='tab:blue')
-        ax[1].set_yticks(y, rm.au_names, fontsize=7); ax[1].set_xlim(0, 1); ax[1].axvline(0.5, color='gray', lw=0.5, ls='--')
+        y = np.arange(len(pa))[::-1]
+        ax[1].barh(y, r[pa].to_numpy(float), color='tab:blue')
+        ax[1].set_yticks(y, rm.au_names, fontsize=7)
+        ax[1].set_xlim(0, 1)
+        ax[1].axvline(0.5, color='gray', lw=0.5, ls='--')
     ax[1].set_title('AU probability', fontsize=9)
     pe = [f'prob_expr_{k}' for k in range(rm.n_expr)]
     if pe[0] in r:
-        y = np.arange(len(pe))[::-1]; p = r[pe].to_numpy(float)
+        y = np.arange(len(pe))[::-1]
+        p = r[pe].to_numpy(float)
         ax[2].barh(y, p, color=['tab:green' if k == p.argmax() else 'tab:gray' for k in range(len(p))])
-        ax[2].set_yticks(y, rm.expr_labels, fontsize=8); ax[2].set_xlim(0, 1)
+        ax[2].set_yticks(y, rm.expr_labels, fontsize=8)
+        ax[2].set_xlim(0, 1)
     ax[2].set_title('expression', fontsize=9)
     if 'valence' in r:
         ax[3].scatter([r['valence']], [r['arousal']], color='tab:red', s=60, zorder=3)
         if 'unc_valence' in r:
-            ax[3].errorbar([r['valence']], [r['arousal']], xerr=[r['unc_valence']], yerr=[r['unc_arousal']], color='tab:red')
-    ax[3].set_xlim(-1, 1); ax[3].set_ylim(-1, 1); ax[3].axhline(0, color='gray', lw=0.5); ax[3].axvline(0, color='gray', lw=0.5)
-    ax[3].set_xlabel('valence', fontsize=8); ax[3].set_ylabel('arousal', fontsize=8); ax[3].set_title('VA', fontsize=9)
-    fig.tight_layout(); return fig
+            ax[3].errorbar(
+                [r['valence']], [r['arousal']], xerr=[r['unc_valence']], yerr=[r['unc_arousal']], color='tab:red'
+            )
+    ax[3].set_xlim(-1, 1)
+    ax[3].set_ylim(-1, 1)
+    ax[3].axhline(0, color='gray', lw=0.5)
+    ax[3].axvline(0, color='gray', lw=0.5)
+    ax[3].set_xlabel('valence', fontsize=8)
+    ax[3].set_ylabel('arousal', fontsize=8)
+    ax[3].set_title('VA', fontsize=9)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/11_explore.ipynb #e9b010e9
 def fig_png(fig, dpi: int = 90) -> bytes:
     "PNG bytes of a matplotlib figure (what the widgets show: an image widget renders the same in JupyterLab and headless)."
     import io
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight'); return buf.getvalue()
 
-def run_browser(runs=None,        # run folders (default: `find_runs()`)
-                max_worst: int = 8):
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight')
+    return buf.getvalue()
+
+
+def run_browser(
+    runs=None,  # run folders (default: `find_runs()`)
+    max_worst: int = 8,
+):
     "An ipywidgets run browser: run -> video -> frame viewer, with the worst frames per task."
     import ipywidgets as W, matplotlib.pyplot as plt
+
     runs = [Path(r) for r in (runs if runs is not None else find_runs())]
-    if not runs: return W.HTML('<b>No run folders found</b> (train one with <code>abaw_nb.train.run.train</code> or <code>demo_run()</code>).')
-    run_dd = W.Dropdown(options=[(f'{p.parent.name}/{p.name}', str(p)) for p in runs], description='run', layout=W.Layout(width='480px'))
-    vid_dd = W.Dropdown(description='video'); fr = W.IntSlider(description='frame', continuous_update=False)
+    if not runs:
+        return W.HTML(
+            '<b>No run folders found</b> (train one with <code>abaw_nb.train.run.train</code> or <code>demo_run()</code>).'
+        )
+    run_dd = W.Dropdown(
+        options=[(f'{p.parent.name}/{p.name}', str(p)) for p in runs], description='run', layout=W.Layout(width='480px')
+    )
+    vid_dd = W.Dropdown(description='video')
+    fr = W.IntSlider(description='frame', continuous_update=False)
     task_dd = W.ToggleButtons(options=['va', 'expr', 'au'], description='worst')
     worst = W.Select(rows=max_worst, description='', layout=W.Layout(width='320px'))
-    out = W.Image(format='png', layout=W.Layout(max_width='1100px')); state = {}
+    out = W.Image(format='png', layout=W.Layout(max_width='1100px'))
+    state = {}
+
     def draw(*_):
         v = state.get('view')
-        if v is None or vid_dd.value is None: return
-        fig = plot_frame(v, vid_dd.value, int(fr.value)); out.value = fig_png(fig); plt.close(fig)
+        if v is None or vid_dd.value is None:
+            return
+        fig = plot_frame(v, vid_dd.value, int(fr.value))
+        out.value = fig_png(fig)
+        plt.close(fig)
+
     def set_video(*_):
-        v = state['view']; fs = v.table.loc[v.table['video'] == vid_dd.value, 'frame']
-        if len(fs): fr.unobserve(draw, 'value'); fr.min, fr.max = 0, int(fs.max()); fr.min = int(fs.min()); fr.value = int(fs.min()); fr.observe(draw, 'value')
+        v = state['view']
+        fs = v.table.loc[v.table['video'] == vid_dd.value, 'frame']
+        if len(fs):
+            fr.unobserve(draw, 'value')
+            fr.min, fr.max = 0, int(fs.max())
+            fr.min = int(fs.min())
+            fr.value = int(fs.min())
+            fr.observe(draw, 'value')
         draw()
+
     def set_worst(*_):
-        v = state['view']; w = worst_frames(v, task_dd.value, max_worst)
+        v = state['view']
+        w = worst_frames(v, task_dd.value, max_worst)
         worst.unobserve(pick_worst, 'value')
-        worst.options = [(f'{r.video} #{r.frame}  err {r.error:.3f}', (r.video, int(r.frame))) for r in w.itertuples()] or [('(no labelled frames)', None)]
-        worst.value = None; worst.observe(pick_worst, 'value')
+        worst.options = [
+            (f'{r.video} #{r.frame}  err {r.error:.3f}', (r.video, int(r.frame))) for r in w.itertuples()
+        ] or [('(no labelled frames)', None)]
+        worst.value = None
+        worst.observe(pick_worst, 'value')
+
     def pick_worst(ch):
-        if ch['new'] is None: return
+        if ch['new'] is None:
+            return
         vid, f = ch['new']
-        vid_dd.unobserve(set_video, 'value'); vid_dd.value = vid; vid_dd.observe(set_video, 'value')
+        vid_dd.unobserve(set_video, 'value')
+        vid_dd.value = vid
+        vid_dd.observe(set_video, 'value')
         fs = state['view'].table.loc[state['view'].table['video'] == vid, 'frame']
-        fr.unobserve(draw, 'value'); fr.min, fr.max = 0, int(fs.max()); fr.min = int(fs.min()); fr.value = f; fr.observe(draw, 'value')
+        fr.unobserve(draw, 'value')
+        fr.min, fr.max = 0, int(fs.max())
+        fr.min = int(fs.min())
+        fr.value = f
+        fr.observe(draw, 'value')
         draw()
+
     def set_run(*_):
         state['view'] = v = run_view(run_dd.value)
         vids = list(pd.unique(v.table['video']))
-        vid_dd.unobserve(set_video, 'value'); vid_dd.options = vids; vid_dd.value = vids[0]; vid_dd.observe(set_video, 'value')
-        set_worst(); set_video()
-    run_dd.observe(set_run, 'value'); vid_dd.observe(set_video, 'value'); fr.observe(draw, 'value')
-    task_dd.observe(set_worst, 'value'); worst.observe(pick_worst, 'value')
+        vid_dd.unobserve(set_video, 'value')
+        vid_dd.options = vids
+        vid_dd.value = vids[0]
+        vid_dd.observe(set_video, 'value')
+        set_worst()
+        set_video()
+
+    run_dd.observe(set_run, 'value')
+    vid_dd.observe(set_video, 'value')
+    fr.observe(draw, 'value')
+    task_dd.observe(set_worst, 'value')
+    worst.observe(pick_worst, 'value')
     set_run()
     return W.VBox([W.HBox([run_dd, vid_dd]), fr, W.HBox([task_dd, worst]), out])
 
-def face_designer(run=None,          # a run folder or `RunModel` whose prediction is shown (None: face only)
-                  seed: int = 0, size: int = 112):
+
+def face_designer(
+    run=None,  # a run folder or `RunModel` whose prediction is shown (None: face only)
+    seed: int = 0,
+    size: int = 112,
+):
     "An ipywidgets SynthAffect face designer: sliders for AUs, identity, pose and corruptions; the face and the run's prediction."
     import ipywidgets as W, matplotlib.pyplot as plt
     from abaw_nb.data.synth import AU_ALL
+
     rm = _as_run_model(run) if run is not None else None
-    sl = {a: W.FloatSlider(0, min=0, max=5, step=0.25, description=f'AU{a}', continuous_update=False, layout=W.Layout(width='250px')) for a in AU_ALL}
+    sl = {
+        a: W.FloatSlider(
+            0, min=0, max=5, step=0.25, description=f'AU{a}', continuous_update=False, layout=W.Layout(width='250px')
+        )
+        for a in AU_ALL
+    }
     ident = W.IntSlider(0, min=0, max=len(_identities(seed)) - 1, description='identity', continuous_update=False)
-    pose = dict(roll=W.FloatSlider(0, min=-35, max=35, description='roll °', continuous_update=False),
-                yaw=W.FloatSlider(0, min=-0.7, max=0.7, step=0.05, description='yaw', continuous_update=False),
-                pitch=W.FloatSlider(0, min=-0.5, max=0.5, step=0.05, description='pitch', continuous_update=False),
-                scale=W.FloatSlider(1, min=0.7, max=1.2, step=0.05, description='scale', continuous_update=False))
+    pose = dict(
+        roll=W.FloatSlider(0, min=-35, max=35, description='roll °', continuous_update=False),
+        yaw=W.FloatSlider(0, min=-0.7, max=0.7, step=0.05, description='yaw', continuous_update=False),
+        pitch=W.FloatSlider(0, min=-0.5, max=0.5, step=0.05, description='pitch', continuous_update=False),
+        scale=W.FloatSlider(1, min=0.7, max=1.2, step=0.05, description='scale', continuous_update=False),
+    )
     corr = {c: W.Checkbox(False, description=c, indent=False) for c in ('occlusion', 'blur', 'illumination', 'jpeg')}
     out = W.Image(format='png', layout=W.Layout(max_width='1100px'))
+
     def draw(*_):
-        face = design_face(ident.value, size, seed, aus={a: s.value for a, s in sl.items()},
-                           **{k: w.value for k, w in pose.items()}, **{k: w.value for k, w in corr.items()})
+        face = design_face(
+            ident.value,
+            size,
+            seed,
+            aus={a: s.value for a, s in sl.items()},
+            **{k: w.value for k, w in pose.items()},
+            **{k: w.value for k, w in corr.items()},
+        )
         pred = rm.predict_faces([face]) if rm is not None else None
-        fig = plot_design(face, pred, rm, title=f'identity {ident.value}'); out.value = fig_png(fig); plt.close(fig)
-    for w in [*sl.values(), ident, *pose.values(), *corr.values()]: w.observe(draw, 'value')
+        fig = plot_design(face, pred, rm, title=f'identity {ident.value}')
+        out.value = fig_png(fig)
+        plt.close(fig)
+
+    for w in [*sl.values(), ident, *pose.values(), *corr.values()]:
+        w.observe(draw, 'value')
     draw()
     cols = list(sl.values())
     return W.VBox([W.HBox([W.VBox(cols[:9]), W.VBox(cols[9:]), W.VBox([ident, *pose.values(), *corr.values()])]), out])

@@ -21,16 +21,18 @@ __all__ = ['LANDMARKS', 'LANDMARK_COLUMNS', 'FACE_COLUMNS', 'DETECTORS', 'DEFAUL
            'align_matrix', 'align_face', 'align_faces', 'draw_faces']
 
 # %% ../nbs/11a_faces.ipynb #e9068341
-LANDMARKS = ('eye_l', 'eye_r', 'nose', 'mouth_l', 'mouth_r')   # l / r: image left / right
+LANDMARKS = ('eye_l', 'eye_r', 'nose', 'mouth_l', 'mouth_r')  # l / r: image left / right
 LANDMARK_COLUMNS = [f'{p}_{a}' for p in LANDMARKS for a in ('x', 'y')]
 FACE_COLUMNS = ['face', 'x', 'y', 'w', 'h', 'score', *LANDMARK_COLUMNS]
+
 
 @dataclass(frozen=True, eq=False)
 class Faces:
     "The faces of one frame, largest box first."
-    boxes: np.ndarray       # (n, 4): x, y, w, h in pixels of the frame
-    scores: np.ndarray      # (n,): the detector's confidence in [0, 1]; NaN where it gives none (Haar, whole)
-    landmarks: np.ndarray   # (n, 5, 2): the points of `LANDMARKS`; NaN where the detector gives none
+
+    boxes: np.ndarray  # (n, 4): x, y, w, h in pixels of the frame
+    scores: np.ndarray  # (n,): the detector's confidence in [0, 1]; NaN where it gives none (Haar, whole)
+    landmarks: np.ndarray  # (n, 5, 2): the points of `LANDMARKS`; NaN where the detector gives none
 
     @classmethod
     def make(cls, boxes=(), scores=None, landmarks=None) -> Faces:
@@ -64,10 +66,11 @@ class Faces:
         return faces_table([self], keep_empty=False).drop(columns='frame')
 
 # %% ../nbs/11a_faces.ipynb #58f0a8f1
-def faces_table(faces,                    # a `Faces`, or a list of them (one per frame)
-                keys: pd.DataFrame | None = None, # one row per frame, put in front (default: `frame` = 0, 1, ...)
-                keep_empty: bool = True,  # a frame without a face gives one row with `face` NA and NaN box
-               ) -> pd.DataFrame:
+def faces_table(
+    faces,  # a `Faces`, or a list of them (one per frame)
+    keys: pd.DataFrame | None = None,  # one row per frame, put in front (default: `frame` = 0, 1, ...)
+    keep_empty: bool = True,  # a frame without a face gives one row with `face` NA and NaN box
+) -> pd.DataFrame:
     "One row per face: the frame's keys, `face` (0 = largest box), x, y, w, h, score and the 5 landmarks."
     faces = [faces] if isinstance(faces, Faces) else list(faces)
     keys = pd.DataFrame({'frame': np.arange(len(faces))}) if keys is None else keys.reset_index(drop=True)
@@ -79,7 +82,7 @@ def faces_table(faces,                    # a `Faces`, or a list of them (one pe
     starts = np.concatenate([[0], np.cumsum(m)[:-1]]).astype(int)
     for f, s in zip(faces, starts):
         if len(f):
-            data[s:s + len(f)] = np.column_stack([np.arange(len(f)), f.boxes, f.scores, f.landmarks.reshape(-1, 10)])
+            data[s : s + len(f)] = np.column_stack([np.arange(len(f)), f.boxes, f.scores, f.landmarks.reshape(-1, 10)])
     tab = pd.DataFrame(data, columns=FACE_COLUMNS)
     tab['face'] = tab['face'].astype('Int64')
     front = keys.iloc[np.repeat(np.arange(len(faces)), m)].reset_index(drop=True)
@@ -89,6 +92,7 @@ def faces_table(faces,                    # a `Faces`, or a list of them (one pe
 def as_bgr(img) -> np.ndarray:
     "`img` as a contiguous H x W x 3 uint8 BGR array (grey and BGRA converted); a clear error for anything else."
     import cv2
+
     a = np.asarray(img)
     if a.dtype != np.uint8:
         raise TypeError(f'a frame must be a uint8 array (0-255); got dtype {a.dtype}')
@@ -100,15 +104,18 @@ def as_bgr(img) -> np.ndarray:
         a = cv2.cvtColor(a, cv2.COLOR_BGRA2BGR)
     return np.ascontiguousarray(a)
 
+
 class Detector:
     "Base class of the face detectors: `det(bgr) -> Faces`, `det.batch(frames) -> [Faces]`; subclasses define `_detect`"
+
     name = 'detector'
     gives_landmarks = False
 
-    def __init__(self,
-                 min_score: float = 0.5,      # faces scored below are dropped (faces without a score are kept)
-                 max_side: int | None = 640,  # longest frame side given to the detector (larger frames are shrunk)
-                ):
+    def __init__(
+        self,
+        min_score: float = 0.5,  # faces scored below are dropped (faces without a score are kept)
+        max_side: int | None = 640,  # longest frame side given to the detector (larger frames are shrunk)
+    ):
         self.min_score = min_score
         self.max_side = max_side
 
@@ -117,6 +124,7 @@ class Detector:
 
     def __call__(self, img) -> Faces:
         import cv2
+
         bgr = as_bgr(img)
         H, W = bgr.shape[:2]
         s = min(1.0, self.max_side / max(H, W)) if self.max_side else 1.0
@@ -140,17 +148,22 @@ def yunet_available() -> bool:
     "Whether `yuface` (YuNet with its weights compiled in) is installed."
     return importlib.util.find_spec('yuface') is not None
 
+
 class YuNet(Detector):
     "YuNet, its weights compiled into the `yuface` wheel: boxes, scores and the 5 landmarks."
+
     name = 'yunet'
     gives_landmarks = True
 
     def __init__(self, min_score: float = 0.5, max_side: int | None = 640):
         super().__init__(min_score, max_side)
         if not yunet_available():
-            raise ImportError("detector='yunet' needs the `yuface` package (wheels for CPython <= 3.11 on Linux x86_64 "
-                              "and Windows): pip install yuface==2023.5.1, or use detector='haar'")
+            raise ImportError(
+                "detector='yunet' needs the `yuface` package (wheels for CPython <= 3.11 on Linux x86_64 "
+                "and Windows): pip install yuface==2023.5.1, or use detector='haar'"
+            )
         import yuface
+
         self._detect_fn = yuface.detect
 
     def _detect(self, bgr: np.ndarray) -> Faces:
@@ -161,30 +174,41 @@ class YuNet(Detector):
 def haar_cascade_path() -> Path | None:
     "The frontal-face cascade file of the installed OpenCV, or None when this OpenCV ships none."
     import cv2
+
     d = getattr(getattr(cv2, 'data', None), 'haarcascades', None)
-    p = Path(d)/'haarcascade_frontalface_default.xml' if d else None
+    p = Path(d) / 'haarcascade_frontalface_default.xml' if d else None
     return p if p is not None and p.is_file() and hasattr(cv2, 'CascadeClassifier') else None
+
 
 class Haar(Detector):
     "OpenCV's frontal-face Haar cascade: boxes only (score NaN, no landmarks)."
+
     name = 'haar'
 
-    def __init__(self, min_score: float = 0.5,   # no effect: the cascade gives no score
-                 max_side: int | None = 640,
-                 min_face: float = 0.1,           # smallest face side as a fraction of the frame's shorter side
-                 scale_factor: float = 1.1, min_neighbors: int = 5):
+    def __init__(
+        self,
+        min_score: float = 0.5,  # no effect: the cascade gives no score
+        max_side: int | None = 640,
+        min_face: float = 0.1,  # smallest face side as a fraction of the frame's shorter side
+        scale_factor: float = 1.1,
+        min_neighbors: int = 5,
+    ):
         import cv2
+
         super().__init__(min_score, max_side)
         p = haar_cascade_path()
         if p is None:
-            raise RuntimeError(f"detector='haar' needs the Haar cascade, which OpenCV {cv2.__version__} does not ship "
-                               "here: install opencv-python-headless<5 or opencv-contrib-python-headless, "
-                               "or use detector='yunet'")
+            raise RuntimeError(
+                f"detector='haar' needs the Haar cascade, which OpenCV {cv2.__version__} does not ship "
+                "here: install opencv-python-headless<5 or opencv-contrib-python-headless, "
+                "or use detector='yunet'"
+            )
         self._cascade = cv2.CascadeClassifier(str(p))
         self.min_face, self.scale_factor, self.min_neighbors = min_face, scale_factor, min_neighbors
 
     def _detect(self, bgr: np.ndarray) -> Faces:
         import cv2
+
         grey = cv2.equalizeHist(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
         m = max(12, round(self.min_face * min(grey.shape)))
         return Faces.make(self._cascade.detectMultiScale(grey, self.scale_factor, self.min_neighbors, minSize=(m, m)))
@@ -192,23 +216,28 @@ class Haar(Detector):
 # %% ../nbs/11a_faces.ipynb #7cd58827
 class Whole(Detector):
     "The frame is the face: one box, the centred square of side min(H, W); none in a blank frame."
+
     name = 'whole'
 
-    def __init__(self, min_score: float = 0.5, max_side: int | None = None,
-                 min_std: float = 3.0):   # grey-level standard deviation below which a frame is blank
+    def __init__(
+        self, min_score: float = 0.5, max_side: int | None = None, min_std: float = 3.0
+    ):  # grey-level standard deviation below which a frame is blank
         super().__init__(min_score, None)
         self.min_std = min_std
 
     def _detect(self, bgr: np.ndarray) -> Faces:
         import cv2
+
         if float(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY).std()) < self.min_std:
             return Faces.make()
         H, W = bgr.shape[:2]
         s = min(H, W)
         return Faces.make([((W - s) // 2, (H - s) // 2, s, s)])
 
+
 class FnDetector(Detector):
     "A callable `bgr -> [(x, y, w, h[, score[, landmarks 5 x 2]]), ...]` as a detector."
+
     def __init__(self, fn, min_score: float = 0.5, max_side: int | None = None, name: str | None = None):
         super().__init__(min_score, max_side)
         self.fn = fn
@@ -225,13 +254,17 @@ class FnDetector(Detector):
 DETECTORS = {'yunet': YuNet, 'haar': Haar, 'whole': Whole}
 DEFAULT_DETECTOR = 'yunet'
 
+
 def register_detector(name: str, factory) -> None:
     "Make `get_detector(name, **kw)` return `factory(**kw)` (a `Detector` subclass or a function returning one)."
     DETECTORS[name] = factory
 
-def get_detector(kind='auto',            # 'auto', a name in `DETECTORS`, a `Detector`, or a callable (see `FnDetector`)
-                 verbose: bool = True,   # say when 'auto' falls back to Haar
-                 **kw) -> Detector:
+
+def get_detector(
+    kind='auto',  # 'auto', a name in `DETECTORS`, a `Detector`, or a callable (see `FnDetector`)
+    verbose: bool = True,  # say when 'auto' falls back to Haar
+    **kw,
+) -> Detector:
     "A face detector: 'auto' is YuNet where `yuface` is installed, else Haar."
     if isinstance(kind, Detector):
         return kind
@@ -243,9 +276,11 @@ def get_detector(kind='auto',            # 'auto', a name in `DETECTORS`, a `Det
     if kind == 'auto':
         kind = DEFAULT_DETECTOR if yunet_available() else 'haar'
         if kind == 'haar' and verbose:
-            print("get_detector: `yuface` is not installed (wheels for CPython <= 3.11 on Linux x86_64 and Windows); "
-                  "using OpenCV's Haar cascade: upright frontal faces only, no score, no landmarks "
-                  "(crops fall back to the box)")
+            print(
+                "get_detector: `yuface` is not installed (wheels for CPython <= 3.11 on Linux x86_64 and Windows); "
+                "using OpenCV's Haar cascade: upright frontal faces only, no score, no landmarks "
+                "(crops fall back to the box)"
+            )
     return DETECTORS[kind](**kw)
 
 # %% ../nbs/11a_faces.ipynb #b1e1327c
@@ -258,8 +293,9 @@ def similarity_transform(src, dst) -> np.ndarray:
     u, sig, vt = np.linalg.svd(xd.T @ xs / len(s))
     e = np.diag([1.0, 1.0 if np.linalg.det(u) * np.linalg.det(vt) >= 0 else -1.0])
     r = u @ e @ vt
-    c = float(np.trace(np.diag(sig) @ e) / (xs ** 2).sum(1).mean())
+    c = float(np.trace(np.diag(sig) @ e) / (xs**2).sum(1).mean())
     return np.column_stack([c * r, md - c * r @ ms])
+
 
 def transform_points(m, pts) -> np.ndarray:
     "Points (..., 2) mapped by the 2 x 3 affine `m`."
@@ -269,31 +305,37 @@ def transform_points(m, pts) -> np.ndarray:
 # %% ../nbs/11a_faces.ipynb #bc028546
 ALIGN_METHODS = ('template', 'eyes_square', 'eyes_box', 'box', 'whole')
 
+
 @dataclass(frozen=True)
 class AlignStyle:
     "How a method's training faces were cropped: the recipe `align_face` applies to a detected face."
-    name: str                 # registry name (`ALIGN_STYLES`)
-    size: int                 # side of the square crop in pixels
-    method: str               # one of `ALIGN_METHODS` (see `align_matrix`)
-    template: tuple = ()      # 'template': the 5 (x, y) targets of `LANDMARKS` as fractions of `size`
-    scale: float = 1.0        # 'eyes_square': side / max(eye distance, eye-mouth height); 'eyes_box', 'box': side / box
-    box_margin: float = 1.0   # without landmarks: square side / the box's longer side, centred on the box
-    source: str = ''          # what the recipe reproduces, and how faithfully
+
+    name: str  # registry name (`ALIGN_STYLES`)
+    size: int  # side of the square crop in pixels
+    method: str  # one of `ALIGN_METHODS` (see `align_matrix`)
+    template: tuple = ()  # 'template': the 5 (x, y) targets of `LANDMARKS` as fractions of `size`
+    scale: float = 1.0  # 'eyes_square': side / max(eye distance, eye-mouth height); 'eyes_box', 'box': side / box
+    box_margin: float = 1.0  # without landmarks: square side / the box's longer side, centred on the box
+    source: str = ''  # what the recipe reproduces, and how faithfully
 
     def __post_init__(self):
         check_choice('method', self.method, ALIGN_METHODS)
         if self.method == 'template' and np.shape(self.template) != (5, 2):
-            raise ValueError(f'align style {self.name!r}: a template needs 5 (x, y) points; '
-                             f'got {np.shape(self.template)}')
+            raise ValueError(
+                f'align style {self.name!r}: a template needs 5 (x, y) points; got {np.shape(self.template)}'
+            )
         if self.size < 1 or self.scale <= 0 or self.box_margin <= 0:
             raise ValueError(f'align style {self.name!r}: size, scale and box_margin must be positive')
 
+
 ALIGN_STYLES: dict[str, AlignStyle] = {}
+
 
 def register_align_style(style: AlignStyle) -> AlignStyle:
     "Add `style` to `ALIGN_STYLES` under its name (a method declares its style by that name)."
     ALIGN_STYLES[style.name] = style
     return style
+
 
 def get_align_style(style, size: int | None = None) -> AlignStyle:
     "The style named `style` (or `style` itself), with its crop side changed to `size` when given."
@@ -304,20 +346,71 @@ def get_align_style(style, size: int | None = None) -> AlignStyle:
 
 # %% ../nbs/11a_faces.ipynb #f42255aa
 # 5-point 112 x 112 template of the insightface toolkit (RetinaFace/ArcFace authors), as fractions of the side
-TEMPLATE_112 = tuple((x / 112, y / 112) for x, y in ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366),
-                                                     (41.5493, 92.3655), (70.7299, 92.2041)))
-register_align_style(AlignStyle('affwild2', 112, 'template', TEMPLATE_112, box_margin=1.05, source=(
-    "Aff-Wild2 cropped_aligned (ABAW organisers: RetinaFace, 5 landmarks, similarity, 112 x 112); template assumed")))
-register_align_style(AlignStyle('fg2020_mtcnn', 112, 'eyes_square', scale=2.0, box_margin=0.72, source=(
-    "incomplete labels (FG 2020): MTCNN_alignment_with_video.py, eyes levelled, square 2 max(eye dist, eye-mouth)")))
-register_align_style(AlignStyle('affectnet_gcn', 227, 'eyes_box', scale=1.0, box_margin=0.88, source=(
-    "Emotion-GCN aligner.py on AffectNet: eyes levelled, the face box (here a square on its rotated centre)")))
-register_align_style(AlignStyle('fmae_224', 224, 'template', TEMPLATE_112, box_margin=1.05, source=(
-    "FMAE: 224 x 224 face crops by an unpublished face_align step; the affwild2 template stands in")))
-register_align_style(AlignStyle('box', 224, 'box', scale=1.4, box_margin=1.4, source=(
-    "a square of 1.4 x the detector box around its centre, not rotated (un-aligned crops such as ExpW's)")))
-register_align_style(AlignStyle('whole', 112, 'whole', source=(
-    "the frame is an aligned crop already (Aff-Wild2 cropped_aligned, SynthAffect)")))
+TEMPLATE_112 = tuple(
+    (x / 112, y / 112)
+    for x, y in ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041))
+)
+register_align_style(
+    AlignStyle(
+        'affwild2',
+        112,
+        'template',
+        TEMPLATE_112,
+        box_margin=1.05,
+        source=(
+            "Aff-Wild2 cropped_aligned (ABAW organisers: RetinaFace, 5 landmarks, similarity, 112 x 112); template assumed"
+        ),
+    )
+)
+register_align_style(
+    AlignStyle(
+        'fg2020_mtcnn',
+        112,
+        'eyes_square',
+        scale=2.0,
+        box_margin=0.72,
+        source=(
+            "incomplete labels (FG 2020): MTCNN_alignment_with_video.py, eyes levelled, square 2 max(eye dist, eye-mouth)"
+        ),
+    )
+)
+register_align_style(
+    AlignStyle(
+        'affectnet_gcn',
+        227,
+        'eyes_box',
+        scale=1.0,
+        box_margin=0.88,
+        source=(
+            "Emotion-GCN aligner.py on AffectNet: eyes levelled, the face box (here a square on its rotated centre)"
+        ),
+    )
+)
+register_align_style(
+    AlignStyle(
+        'fmae_224',
+        224,
+        'template',
+        TEMPLATE_112,
+        box_margin=1.05,
+        source=("FMAE: 224 x 224 face crops by an unpublished face_align step; the affwild2 template stands in"),
+    )
+)
+register_align_style(
+    AlignStyle(
+        'box',
+        224,
+        'box',
+        scale=1.4,
+        box_margin=1.4,
+        source=("a square of 1.4 x the detector box around its centre, not rotated (un-aligned crops such as ExpW's)"),
+    )
+)
+register_align_style(
+    AlignStyle(
+        'whole', 112, 'whole', source=("the frame is an aligned crop already (Aff-Wild2 cropped_aligned, SynthAffect)")
+    )
+)
 
 # %% ../nbs/11a_faces.ipynb #279c72c3
 def _square(r: np.ndarray, centre, side: float, size: int) -> np.ndarray:
@@ -326,16 +419,19 @@ def _square(r: np.ndarray, centre, side: float, size: int) -> np.ndarray:
     # pixel indices are pixel centres (OpenCV): the square's edges go to -0.5 and size - 0.5
     return np.column_stack([k * r, k * (side / 2 - np.asarray(centre, np.float64)) - 0.5])
 
+
 def _levelling(lm: np.ndarray) -> np.ndarray:
     "The rotation (2 x 2) that makes the line from eye_l to eye_r horizontal."
     a = math.atan2(lm[1, 1] - lm[0, 1], lm[1, 0] - lm[0, 0])
     return np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
 
-def align_matrix(style,                   # an `AlignStyle` or its name
-                 box,                     # (x, y, w, h) of the face in the frame
-                 landmarks=None,          # (5, 2) points of `LANDMARKS`, or None / NaN
-                 frame_shape=None,        # (H, W, ...) of the frame: needed by 'whole'
-                ) -> np.ndarray:
+
+def align_matrix(
+    style,  # an `AlignStyle` or its name
+    box,  # (x, y, w, h) of the face in the frame
+    landmarks=None,  # (5, 2) points of `LANDMARKS`, or None / NaN
+    frame_shape=None,  # (H, W, ...) of the frame: needed by 'whole'
+) -> np.ndarray:
     "The 2 x 3 affine from frame pixels to the style's size x size crop of one face."
     st = get_align_style(style)
     lm = None if landmarks is None else np.asarray(landmarks, np.float64).reshape(5, 2)
@@ -365,6 +461,7 @@ def align_matrix(style,                   # an `AlignStyle` or its name
 def _warp(img: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     "cv2.warpAffine to size x size (edges replicated); a strong shrink first shrinks the needed region by area."
     import cv2
+
     k = math.sqrt(abs(float(np.linalg.det(m[:, :2]))))
     if k >= 0.75:
         return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
@@ -379,16 +476,19 @@ def _warp(img: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     m2 = np.column_stack([m[:, 0] / sx, m[:, 1] / sy, m[:, 2] + m[:, :2] @ (x0 + 0.5 / sx - 0.5, y0 + 0.5 / sy - 0.5)])
     return cv2.warpAffine(small, m2, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
-def align_face(img,                  # the frame (H x W x C)
-               style,                # an `AlignStyle` or its name
-               box=None,             # (x, y, w, h) of the face ('whole' needs none)
-               landmarks=None,       # (5, 2) points, or None / NaN (box fallback)
-               size: int | None = None, # crop side (default: the style's)
-              ) -> tuple[np.ndarray, np.ndarray]:
+
+def align_face(
+    img,  # the frame (H x W x C)
+    style,  # an `AlignStyle` or its name
+    box=None,  # (x, y, w, h) of the face ('whole' needs none)
+    landmarks=None,  # (5, 2) points, or None / NaN (box fallback)
+    size: int | None = None,  # crop side (default: the style's)
+) -> tuple[np.ndarray, np.ndarray]:
     "The aligned face crop (size x size) and its 2 x 3 affine from frame pixels (for `transform_points`)."
     st = get_align_style(style, size)
     m = align_matrix(st, box, landmarks, np.shape(img))
     return _warp(np.asarray(img), m, st.size), m
+
 
 def align_faces(img, faces: Faces, style, size: int | None = None) -> list[np.ndarray]:
     "The aligned crops of every face of a frame, in `faces` order."
@@ -398,6 +498,7 @@ def align_faces(img, faces: Faces, style, size: int | None = None) -> list[np.nd
 def draw_faces(img, faces: Faces, color=(0, 255, 0), thickness: int = 2) -> np.ndarray:
     "A copy of the BGR frame with each face's box, index and score, and its landmarks, drawn."
     import cv2
+
     out = as_bgr(img).copy()
     for k in range(len(faces)):
         x, y, w, h = (int(round(v)) for v in faces.boxes[k])

@@ -27,6 +27,7 @@ __all__ = ['EXPR_SPACES', 'AU_SPACES', 'EDITIONS', 'expr_classes', 'au_names', '
 EXPR_SPACES = {k: tuple(v) for k, v in _frames.EXPR_SPACES.items()}
 AU_SPACES = {k: tuple(_frames.au_columns(k)) for k in _frames.AU_SPACES}
 
+
 def _space_names(kind: str, space, table: dict) -> tuple:
     "The names of a label space given by name (a key of `table`, checked as `kind`) or as a sequence of names."
     if isinstance(space, str):
@@ -34,9 +35,11 @@ def _space_names(kind: str, space, table: dict) -> tuple:
         return table[space]
     return tuple(space)
 
+
 def expr_classes(space: str | Sequence[str]) -> tuple:
     "Class names of an EXPR label space, given by name (`EXPR_SPACES`) or as a sequence of names."
     return _space_names('expr_space', space, EXPR_SPACES)
+
 
 def au_names(space: str | Sequence[str]) -> tuple:
     "AU column names of an AU label space, given by name (`AU_SPACES`) or as a sequence of names."
@@ -46,108 +49,215 @@ def au_names(space: str | Sequence[str]) -> tuple:
 @dataclass(frozen=True)
 class Edition:
     "One ABAW edition: label spaces and the formula of each track's score."
-    name: str               # abaw1 ... abaw8
-    venue: str              # conference and year
-    arxiv: str              # challenge paper
-    expr_space: str         # key of `EXPR_SPACES`
-    au_space: str           # key of `AU_SPACES`
-    expr_f1_w: float        # EXPR score = expr_f1_w * macro-F1 + expr_acc_w * accuracy
+
+    name: str  # abaw1 ... abaw8
+    venue: str  # conference and year
+    arxiv: str  # challenge paper
+    expr_space: str  # key of `EXPR_SPACES`
+    au_space: str  # key of `AU_SPACES`
+    expr_f1_w: float  # EXPR score = expr_f1_w * macro-F1 + expr_acc_w * accuracy
     expr_acc_w: float
-    au_f1_w: float          # AU score = au_f1_w * mean F1 + au_acc_w * element-wise accuracy
+    au_f1_w: float  # AU score = au_f1_w * mean F1 + au_acc_w * element-wise accuracy
     au_acc_w: float
-    mtl: bool               # defines the multi-task score mean CCC + EXPR F1 + AU F1
+    mtl: bool  # defines the multi-task score mean CCC + EXPR F1 + AU F1
     note: str = ''
 
     def va_score(self, ccc_valence: float, ccc_arousal: float) -> float:
         "The VA track score: the mean of the two CCCs."
         return (ccc_valence + ccc_arousal) / 2
+
     def expr_score(self, f1: float, acc: float) -> float:
         "The EXPR track score from macro-F1 and accuracy."
         return self.expr_f1_w * f1 + (self.expr_acc_w * acc if self.expr_acc_w else 0.0)
+
     def au_score(self, f1: float, acc: float) -> float:
         "The AU track score from mean F1 and element-wise accuracy."
         return self.au_f1_w * f1 + (self.au_acc_w * acc if self.au_acc_w else 0.0)
+
     def mtl_score(self, ccc_mean: float, expr_f1: float, au_f1: float) -> float:
         "The multi-task score mean CCC + EXPR macro-F1 + AU mean F1 (ABAW3 and later)."
-        if not self.mtl: raise ValueError(f'{self.name} defines no multi-task score; editions with one: '
-                                          + ', '.join(e for e, v in EDITIONS.items() if v.mtl))
+        if not self.mtl:
+            raise ValueError(
+                f'{self.name} defines no multi-task score; editions with one: '
+                + ', '.join(e for e, v in EDITIONS.items() if v.mtl)
+            )
         return ccc_mean + expr_f1 + au_f1
 
     @staticmethod
     def _formula(f1w, accw, f1='F1'):
         return f1 if not accw else f'{f1w:g}*{f1} + {accw:g}*Acc'
+
     @property
     def formulas(self) -> dict:
         "The formulas as text."
-        return dict(va='(CCC_V + CCC_A) / 2',
-                    expr=self._formula(self.expr_f1_w, self.expr_acc_w, f'macroF1[{len(EXPR_SPACES[self.expr_space])}]'),
-                    au=self._formula(self.au_f1_w, self.au_acc_w, f'meanF1[{len(AU_SPACES[self.au_space])}]'),
-                    mtl='mean CCC + EXPR F1 + AU F1' if self.mtl else '')
+        return dict(
+            va='(CCC_V + CCC_A) / 2',
+            expr=self._formula(self.expr_f1_w, self.expr_acc_w, f'macroF1[{len(EXPR_SPACES[self.expr_space])}]'),
+            au=self._formula(self.au_f1_w, self.au_acc_w, f'meanF1[{len(AU_SPACES[self.au_space])}]'),
+            mtl='mean CCC + EXPR F1 + AU F1' if self.mtl else '',
+        )
+
 
 _later = 'VA/EXPR/AU/MTL formulas as ABAW3'
-EDITIONS = {e.name: e for e in [
-    Edition('abaw1', 'FG 2020', '2001.11409', 'expr7', 'abaw1_8', 0.67, 0.33, 0.5, 0.5, False,
-            'team code sums the CCCs; the challenge metric is the mean'),
-    Edition('abaw2', 'ICCV 2021', '2106.15318', 'expr7', 'affwild2_12', 0.67, 0.33, 0.5, 0.5, False),
-    Edition('abaw3', 'CVPR 2022', '2202.10659', 'expr8_other', 'affwild2_12', 1.0, 0.0, 1.0, 0.0, True,
-            'F1 only; EXPR counts the Other class'),
-    Edition('abaw4', 'ECCV 2022', '2207.01138', 'expr8_other', 'affwild2_12', 1.0, 0.0, 1.0, 0.0, True,
-            _later + '; MTL on s-Aff-Wild2'),
-    Edition('abaw5', 'CVPR 2023', '2303.01498', 'expr8_other', 'affwild2_12', 1.0, 0.0, 1.0, 0.0, True, _later),
-    Edition('abaw6', 'CVPR 2024', '2402.19344', 'expr8_other', 'affwild2_12', 1.0, 0.0, 1.0, 0.0, True,
-            _later + '; adds CE and EMI tracks (not scored here)'),
-    Edition('abaw7', 'ECCV 2024', '2407.03835', 'expr8_other', 'affwild2_12', 1.0, 0.0, 1.0, 0.0, True,
-            _later + '; adds CE (not scored here)'),
-    Edition('abaw8', 'CVPR 2025', '', 'expr8_other', 'affwild2_12', 1.0, 0.0, 1.0, 0.0, True,
-            _later + '; adds BAH (not scored here)'),
-]}
+EDITIONS = {
+    e.name: e
+    for e in [
+        Edition(
+            'abaw1',
+            'FG 2020',
+            '2001.11409',
+            'expr7',
+            'abaw1_8',
+            0.67,
+            0.33,
+            0.5,
+            0.5,
+            False,
+            'team code sums the CCCs; the challenge metric is the mean',
+        ),
+        Edition('abaw2', 'ICCV 2021', '2106.15318', 'expr7', 'affwild2_12', 0.67, 0.33, 0.5, 0.5, False),
+        Edition(
+            'abaw3',
+            'CVPR 2022',
+            '2202.10659',
+            'expr8_other',
+            'affwild2_12',
+            1.0,
+            0.0,
+            1.0,
+            0.0,
+            True,
+            'F1 only; EXPR counts the Other class',
+        ),
+        Edition(
+            'abaw4',
+            'ECCV 2022',
+            '2207.01138',
+            'expr8_other',
+            'affwild2_12',
+            1.0,
+            0.0,
+            1.0,
+            0.0,
+            True,
+            _later + '; MTL on s-Aff-Wild2',
+        ),
+        Edition('abaw5', 'CVPR 2023', '2303.01498', 'expr8_other', 'affwild2_12', 1.0, 0.0, 1.0, 0.0, True, _later),
+        Edition(
+            'abaw6',
+            'CVPR 2024',
+            '2402.19344',
+            'expr8_other',
+            'affwild2_12',
+            1.0,
+            0.0,
+            1.0,
+            0.0,
+            True,
+            _later + '; adds CE and EMI tracks (not scored here)',
+        ),
+        Edition(
+            'abaw7',
+            'ECCV 2024',
+            '2407.03835',
+            'expr8_other',
+            'affwild2_12',
+            1.0,
+            0.0,
+            1.0,
+            0.0,
+            True,
+            _later + '; adds CE (not scored here)',
+        ),
+        Edition(
+            'abaw8',
+            'CVPR 2025',
+            '',
+            'expr8_other',
+            'affwild2_12',
+            1.0,
+            0.0,
+            1.0,
+            0.0,
+            True,
+            _later + '; adds BAH (not scored here)',
+        ),
+    ]
+}
+
 
 def get_edition(edition: str | Edition) -> Edition:
     "An `Edition` by name (`abaw1` ... `abaw8`), or the one given."
-    if isinstance(edition, Edition): return edition
+    if isinstance(edition, Edition):
+        return edition
     check_choice('edition', edition, EDITIONS)
     return EDITIONS[edition]
+
 
 def editions_table() -> pd.DataFrame:
     "The ABAW editions with their formulas, label spaces and AU lists, one row per edition."
     rows = []
     for e in EDITIONS.values():
         f = e.formulas
-        rows.append(dict(edition=e.name, venue=e.venue, arxiv=e.arxiv, va=f['va'], expr=f['expr'], au=f['au'],
-                         mtl=f['mtl'], expr_space=e.expr_space, expr_classes=', '.join(EXPR_SPACES[e.expr_space]),
-                         au_space=e.au_space, aus=', '.join(AU_SPACES[e.au_space]), note=e.note))
+        rows.append(
+            dict(
+                edition=e.name,
+                venue=e.venue,
+                arxiv=e.arxiv,
+                va=f['va'],
+                expr=f['expr'],
+                au=f['au'],
+                mtl=f['mtl'],
+                expr_space=e.expr_space,
+                expr_classes=', '.join(EXPR_SPACES[e.expr_space]),
+                au_space=e.au_space,
+                aus=', '.join(AU_SPACES[e.au_space]),
+                note=e.note,
+            )
+        )
     return pd.DataFrame(rows)
 
 # %% ../nbs/02_metrics.ipynb #6b78e860
 def _vec(x, name: str, dtype=np.float64) -> np.ndarray:
     a = np.asarray(x, dtype=dtype)
-    if a.ndim == 2 and 1 in a.shape: a = a.reshape(-1)   # a column or row vector
-    if a.ndim != 1: raise ValueError(f'{name} must be 1-D, got shape {a.shape}')
+    if a.ndim == 2 and 1 in a.shape:
+        a = a.reshape(-1)  # a column or row vector
+    if a.ndim != 1:
+        raise ValueError(f'{name} must be 1-D, got shape {a.shape}')
     return a
 
-def _same_len(a, b, na='y_true', nb='y_pred'):
-    if len(a) != len(b): raise ValueError(f'{na} has {len(a)} values but {nb} has {len(b)}')
-    if len(a) == 0: raise ValueError(f'{na} and {nb} are empty: nothing to score')
 
-def ccc(y_true, # ground truth, 1-D
-        y_pred, # predictions, same length
-       ) -> float:
+def _same_len(a, b, na='y_true', nb='y_pred'):
+    if len(a) != len(b):
+        raise ValueError(f'{na} has {len(a)} values but {nb} has {len(b)}')
+    if len(a) == 0:
+        raise ValueError(f'{na} and {nb} are empty: nothing to score')
+
+
+def ccc(
+    y_true,  # ground truth, 1-D
+    y_pred,  # predictions, same length
+) -> float:
     "Concordance correlation coefficient with population statistics; 1.0 when both series are constant and equal."
     x, y = _vec(y_true, 'y_true'), _vec(y_pred, 'y_pred')
     _same_len(x, y)
     for a, n in ((x, 'y_true'), (y, 'y_pred')):
-        if not np.isfinite(a).all(): raise ValueError(f'{n} has {int((~np.isfinite(a)).sum())} NaN/inf values; drop missing labels first')
+        if not np.isfinite(a).all():
+            raise ValueError(f'{n} has {int((~np.isfinite(a)).sum())} NaN/inf values; drop missing labels first')
     mx, my = x.mean(), y.mean()
     dx, dy = x - mx, y - my
     n = len(x)
     vx, vy, cov = dx @ dx / n, dy @ dy / n, dx @ dy / n
     den = vx + vy + (mx - my) ** 2
-    if den == 0: return 1.0
+    if den == 0:
+        return 1.0
     return float(np.clip(2 * cov / den, -1.0, 1.0))
 
-def va_metrics(y_true, # (N, 2) valence, arousal
-               y_pred, # (N, 2) predictions
-              ) -> dict:
+
+def va_metrics(
+    y_true,  # (N, 2) valence, arousal
+    y_pred,  # (N, 2) predictions
+) -> dict:
     "Per-dimension CCC and their mean (the VA score of every ABAW edition)."
     t, p = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
     if t.ndim != 2 or t.shape[1] != 2 or t.shape != p.shape:
@@ -160,27 +270,34 @@ def _va_pair(y_true, y_pred):
     x, y = _vec(y_true, 'y_true'), _vec(y_pred, 'y_pred')
     _same_len(x, y)
     for a, n in ((x, 'y_true'), (y, 'y_pred')):
-        if not np.isfinite(a).all(): raise ValueError(f'{n} has {int((~np.isfinite(a)).sum())} NaN/inf values; drop missing labels first')
+        if not np.isfinite(a).all():
+            raise ValueError(f'{n} has {int((~np.isfinite(a)).sum())} NaN/inf values; drop missing labels first')
     return x, y
 
-def rmse(y_true, # ground truth, 1-D
-         y_pred, # predictions, same length
-        ) -> float:
+
+def rmse(
+    y_true,  # ground truth, 1-D
+    y_pred,  # predictions, same length
+) -> float:
     "Root mean squared error."
     x, y = _va_pair(y_true, y_pred)
     d = x - y
     return float(np.sqrt(d @ d / len(d)))
 
-def sagr(y_true, # ground truth, 1-D
-         y_pred, # predictions, same length
-        ) -> float:
+
+def sagr(
+    y_true,  # ground truth, 1-D
+    y_pred,  # predictions, same length
+) -> float:
     "Sign agreement: share of frames with sign(prediction) == sign(label) (np.sign: 0 agrees only with 0)."
     x, y = _va_pair(y_true, y_pred)
     return float(np.mean(np.sign(x) == np.sign(y)))
 
-def pcc(y_true, # ground truth, 1-D
-        y_pred, # predictions, same length
-       ) -> float:
+
+def pcc(
+    y_true,  # ground truth, 1-D
+    y_pred,  # predictions, same length
+) -> float:
     "Pearson correlation coefficient; NaN when either series is constant (undefined)."
     x, y = _va_pair(y_true, y_pred)
     dx, dy = x - x.mean(), y - y.mean()
@@ -190,27 +307,37 @@ def pcc(y_true, # ground truth, 1-D
 # %% ../nbs/02_metrics.ipynb #0e0eae09
 _UNDEFINED = ('zero', 'nan')
 
+
 def _labels(y, name: str, n_classes: int) -> np.ndarray:
     a = np.asarray(y)
-    if a.ndim != 1: raise ValueError(f'{name} must be 1-D class indices, got shape {a.shape}')
+    if a.ndim != 1:
+        raise ValueError(f'{name} must be 1-D class indices, got shape {a.shape}')
     if a.dtype.kind == 'f':
-        if not np.isfinite(a).all(): raise ValueError(f'{name} has {int((~np.isfinite(a)).sum())} NaN values; drop missing labels first')
-        if (a != np.round(a)).any(): raise ValueError(f'{name} must hold integer class indices')
-    elif a.dtype.kind not in 'iub': raise ValueError(f'{name} must hold integer class indices, got dtype {a.dtype}')
+        if not np.isfinite(a).all():
+            raise ValueError(f'{name} has {int((~np.isfinite(a)).sum())} NaN values; drop missing labels first')
+        if (a != np.round(a)).any():
+            raise ValueError(f'{name} must hold integer class indices')
+    elif a.dtype.kind not in 'iub':
+        raise ValueError(f'{name} must hold integer class indices, got dtype {a.dtype}')
     a = a.astype(np.int64, copy=False)
     if len(a) and (a.min() < 0 or a.max() >= n_classes):
         bad = a[(a < 0) | (a >= n_classes)]
-        raise ValueError(f'{name} has {len(bad)} values outside 0..{n_classes-1} (e.g. {bad[0]}); the label space has {n_classes} classes')
+        raise ValueError(
+            f'{name} has {len(bad)} values outside 0..{n_classes - 1} (e.g. {bad[0]}); the label space has {n_classes} classes'
+        )
     return a
 
-def confusion_matrix(y_true,         # true class indices, 1-D
-                     y_pred,         # predicted class indices, 1-D
-                     n_classes: int, # size of the label space (all classes, present or not)
-                    ) -> np.ndarray:
+
+def confusion_matrix(
+    y_true,  # true class indices, 1-D
+    y_pred,  # predicted class indices, 1-D
+    n_classes: int,  # size of the label space (all classes, present or not)
+) -> np.ndarray:
     "K x K counts, rows = truth, columns = prediction."
     t, p = _labels(y_true, 'y_true', n_classes), _labels(y_pred, 'y_pred', n_classes)
     _same_len(t, p)
     return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
 
 def f1_from_counts(tp, n_true, n_pred, undefined: str = 'zero') -> np.ndarray:
     "Per-class F1 = 2 TP / (#true + #predicted); 0/0 gives 0 (`undefined='zero'`) or NaN (`'nan'`)."
@@ -220,105 +347,146 @@ def f1_from_counts(tp, n_true, n_pred, undefined: str = 'zero') -> np.ndarray:
         f1 = np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), 0.0 if undefined == 'zero' else np.nan)
     return f1
 
+
 def _mean_f1(f1: np.ndarray) -> float:
     return float(np.nanmean(f1)) if np.isfinite(f1).any() else float('nan')
 
-def expr_metrics(y_true,                      # true class indices, 1-D
-                 y_pred,                      # predicted class indices (N,), or class probabilities (N, K): argmax
-                 space: str | Sequence[str] | None = None, # label space name or class names (default: the edition's)
-                 edition: str | Edition | None = None,     # adds the edition's `score`
-                 undefined: str = 'zero',     # F1 of a class absent from truth and prediction: 'zero' | 'nan'
-                ) -> dict:
+
+def expr_metrics(
+    y_true,  # true class indices, 1-D
+    y_pred,  # predicted class indices (N,), or class probabilities (N, K): argmax
+    space: str | Sequence[str] | None = None,  # label space name or class names (default: the edition's)
+    edition: str | Edition | None = None,  # adds the edition's `score`
+    undefined: str = 'zero',  # F1 of a class absent from truth and prediction: 'zero' | 'nan'
+) -> dict:
     "Accuracy, macro-F1 over all classes of the label space, per-class F1, confusion matrix and the edition's score."
     ed = get_edition(edition) if edition is not None else None
     if space is None:
-        if ed is None: raise ValueError('give the label space (space=...) or an edition: the class count is never guessed from the labels present')
+        if ed is None:
+            raise ValueError(
+                'give the label space (space=...) or an edition: the class count is never guessed from the labels present'
+            )
         space = ed.expr_space
     classes = expr_classes(space)
     if ed is not None and isinstance(space, str) and space != ed.expr_space:
-        raise ValueError(f'{ed.name} scores EXPR in {ed.expr_space} ({len(EXPR_SPACES[ed.expr_space])} classes) '
-                         f'but the labels are in {space}; use the edition the labels belong to')
+        raise ValueError(
+            f'{ed.name} scores EXPR in {ed.expr_space} ({len(EXPR_SPACES[ed.expr_space])} classes) '
+            f'but the labels are in {space}; use the edition the labels belong to'
+        )
     k = len(classes)
     p = np.asarray(y_pred)
     if p.ndim == 2:
-        if p.shape[1] != k: raise ValueError(f'y_pred has {p.shape[1]} class probabilities but the label space has {k} classes')
+        if p.shape[1] != k:
+            raise ValueError(f'y_pred has {p.shape[1]} class probabilities but the label space has {k} classes')
         p = p.argmax(1)
     cm = confusion_matrix(y_true, p, k)
     tp, n_true, n_pred = np.diag(cm), cm.sum(1), cm.sum(0)
     f1 = f1_from_counts(tp, n_true, n_pred, undefined)
-    out = dict(n=int(cm.sum()), acc=float(tp.sum() / cm.sum()), f1=_mean_f1(f1),
-               f1_per_class=dict(zip(classes, f1.tolist())), support=dict(zip(classes, n_true.tolist())),
-               confusion=cm, classes=classes, undefined=[c for c, d in zip(classes, n_true + n_pred) if d == 0])
-    if ed is not None: out['score'] = ed.expr_score(out['f1'], out['acc'])
+    out = dict(
+        n=int(cm.sum()),
+        acc=float(tp.sum() / cm.sum()),
+        f1=_mean_f1(f1),
+        f1_per_class=dict(zip(classes, f1.tolist())),
+        support=dict(zip(classes, n_true.tolist())),
+        confusion=cm,
+        classes=classes,
+        undefined=[c for c, d in zip(classes, n_true + n_pred) if d == 0],
+    )
+    if ed is not None:
+        out['score'] = ed.expr_score(out['f1'], out['acc'])
     return out
 
 # %% ../nbs/02_metrics.ipynb #75a07b65
 def _binary(a, name: str) -> np.ndarray:
     a = np.asarray(a)
-    if a.dtype == bool: return a
-    if a.dtype.kind == 'f' and np.isnan(a).any(): raise ValueError(f'{name} has NaN entries; pass mask= to skip missing labels')
+    if a.dtype == bool:
+        return a
+    if a.dtype.kind == 'f' and np.isnan(a).any():
+        raise ValueError(f'{name} has NaN entries; pass mask= to skip missing labels')
     ok = (a == 0) | (a == 1)
-    if not ok.all(): raise ValueError(f'{name} must be 0/1, found {a[~ok][0]!r} ({int((~ok).sum())} entries)')
+    if not ok.all():
+        raise ValueError(f'{name} must be 0/1, found {a[~ok][0]!r} ({int((~ok).sum())} entries)')
     return a.astype(bool)
+
 
 def au_counts(y_true, y_pred, mask=None) -> dict:
     "Per-AU counts over valid entries: true positives, #true, #predicted, #correct, #valid."
     t, p = _binary(y_true, 'y_true'), _binary(y_pred, 'y_pred')
-    if t.ndim != 2 or t.shape != p.shape: raise ValueError(f'y_true and y_pred must both be (N, n_AUs); got {t.shape} and {p.shape}')
+    if t.ndim != 2 or t.shape != p.shape:
+        raise ValueError(f'y_true and y_pred must both be (N, n_AUs); got {t.shape} and {p.shape}')
     if mask is not None:
         m = np.asarray(mask, bool)
-        if m.shape != t.shape: raise ValueError(f'mask has shape {m.shape}, labels {t.shape}')
+        if m.shape != t.shape:
+            raise ValueError(f'mask has shape {m.shape}, labels {t.shape}')
         t, p = t & m, p & m
         n_valid = m.sum(0)
-    else: n_valid = np.full(t.shape[1], t.shape[0])
+    else:
+        n_valid = np.full(t.shape[1], t.shape[0])
     tp = np.count_nonzero(t & p, axis=0)
     n_true, n_pred = np.count_nonzero(t, axis=0), np.count_nonzero(p, axis=0)
     # correct = valid - (false positives + false negatives)
     return dict(tp=tp, n_true=n_true, n_pred=n_pred, correct=n_valid - (n_true - tp) - (n_pred - tp), n_valid=n_valid)
 
-def au_metrics(y_true,                   # (N, K) 0/1 ground truth
-               y_pred,                   # (N, K) 0/1 decisions (threshold probabilities first)
-               aus: Sequence[str] | str | None = None, # AU names or an AU space (default: the edition's, else AU0..)
-               mask=None,                # (N, K) bool, True = label present; None = all present
-               edition: str | Edition | None = None,  # adds the edition's `score`
-               undefined: str = 'zero',  # F1 of an AU with no positives in truth and prediction: 'zero' | 'nan'
-              ) -> dict:
+
+def au_metrics(
+    y_true,  # (N, K) 0/1 ground truth
+    y_pred,  # (N, K) 0/1 decisions (threshold probabilities first)
+    aus: Sequence[str] | str | None = None,  # AU names or an AU space (default: the edition's, else AU0..)
+    mask=None,  # (N, K) bool, True = label present; None = all present
+    edition: str | Edition | None = None,  # adds the edition's `score`
+    undefined: str = 'zero',  # F1 of an AU with no positives in truth and prediction: 'zero' | 'nan'
+) -> dict:
     "Per-AU F1, mean F1, element-wise accuracy and the edition's AU score; AUs with undefined F1 are listed."
     ed = get_edition(edition) if edition is not None else None
     c = au_counts(y_true, y_pred, mask)
     k = len(c['tp'])
     names = au_names(aus) if aus is not None else (AU_SPACES[ed.au_space] if ed else tuple(f'AU{i}' for i in range(k)))
-    if len(names) != k: raise ValueError(f'{k} AU columns but {len(names)} AU names ({", ".join(names)})')
+    if len(names) != k:
+        raise ValueError(f'{k} AU columns but {len(names)} AU names ({", ".join(names)})')
     if ed is not None and set(names) != set(AU_SPACES[ed.au_space]):
-        raise ValueError(f'{ed.name} scores the AUs of {ed.au_space} ({", ".join(AU_SPACES[ed.au_space])}); got {", ".join(names)}')
+        raise ValueError(
+            f'{ed.name} scores the AUs of {ed.au_space} ({", ".join(AU_SPACES[ed.au_space])}); got {", ".join(names)}'
+        )
     f1 = f1_from_counts(c['tp'], c['n_true'], c['n_pred'], undefined)
     n_valid = c['n_valid'].sum()
-    if n_valid == 0: raise ValueError('no valid AU label to score')
-    out = dict(n_frames=int(np.asarray(mask, bool).any(1).sum()) if mask is not None else int(np.shape(y_true)[0]),
-               f1=_mean_f1(f1), acc=float(c['correct'].sum() / n_valid),
-               f1_per_au=dict(zip(names, f1.tolist())), n_pos_true=dict(zip(names, c['n_true'].tolist())),
-               n_pos_pred=dict(zip(names, c['n_pred'].tolist())), aus=names,
-               undefined=[a for a, d in zip(names, c['n_true'] + c['n_pred']) if d == 0])
-    if ed is not None: out['score'] = ed.au_score(out['f1'], out['acc'])
+    if n_valid == 0:
+        raise ValueError('no valid AU label to score')
+    out = dict(
+        n_frames=int(np.asarray(mask, bool).any(1).sum()) if mask is not None else int(np.shape(y_true)[0]),
+        f1=_mean_f1(f1),
+        acc=float(c['correct'].sum() / n_valid),
+        f1_per_au=dict(zip(names, f1.tolist())),
+        n_pos_true=dict(zip(names, c['n_true'].tolist())),
+        n_pos_pred=dict(zip(names, c['n_pred'].tolist())),
+        aus=names,
+        undefined=[a for a, d in zip(names, c['n_true'] + c['n_pred']) if d == 0],
+    )
+    if ed is not None:
+        out['score'] = ed.au_score(out['f1'], out['acc'])
     return out
 
 # %% ../nbs/02_metrics.ipynb #5e81b9f3
-def au_auc(y_true,                   # (N, K) 0/1 ground truth
-           probs,                    # (N, K) scores (probabilities or logits: only their order counts)
-           aus: Sequence[str] | str | None = None, # AU names or an AU space (default AU0..)
-           mask=None,                # (N, K) bool, True = label present; None = all present
-          ) -> dict:
+def au_auc(
+    y_true,  # (N, K) 0/1 ground truth
+    probs,  # (N, K) scores (probabilities or logits: only their order counts)
+    aus: Sequence[str] | str | None = None,  # AU names or an AU space (default AU0..)
+    mask=None,  # (N, K) bool, True = label present; None = all present
+) -> dict:
     "ROC-AUC per AU over its valid frames (ties count half); NaN for an AU with one class only."
     from scipy.stats import rankdata
+
     t, p = _binary(y_true, 'y_true'), np.asarray(probs, np.float64)
-    if t.ndim != 2 or t.shape != p.shape: raise ValueError(f'y_true and probs must both be (N, n_AUs); got {t.shape} and {p.shape}')
+    if t.ndim != 2 or t.shape != p.shape:
+        raise ValueError(f'y_true and probs must both be (N, n_AUs); got {t.shape} and {p.shape}')
     m = np.ones(t.shape, bool) if mask is None else np.asarray(mask, bool)
     names = au_names(aus) if aus is not None else tuple(f'AU{i}' for i in range(t.shape[1]))
-    if len(names) != t.shape[1]: raise ValueError(f'{t.shape[1]} AU columns but {len(names)} AU names ({", ".join(names)})')
+    if len(names) != t.shape[1]:
+        raise ValueError(f'{t.shape[1]} AU columns but {len(names)} AU names ({", ".join(names)})')
     out = {}
     for j, a in enumerate(names):
         yj, pj = t[m[:, j], j], p[m[:, j], j]
-        n1 = int(yj.sum()); n0 = len(yj) - n1
+        n1 = int(yj.sum())
+        n0 = len(yj) - n1
         out[a] = float((rankdata(pj)[yj].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)) if n1 and n0 else float('nan')
     return out
 
@@ -330,135 +498,194 @@ def mtl_score(ccc_mean: float, expr_f1: float, au_f1: float, edition: str | Edit
 # %% ../nbs/02_metrics.ipynb #f077bf15
 def _probs(probs, name='probs') -> np.ndarray:
     p = np.asarray(probs, np.float64)
-    if p.ndim not in (1, 2): raise ValueError(f'{name} must be (N,) or (N, K), got shape {p.shape}')
-    if not np.isfinite(p).all(): raise ValueError(f'{name} has NaN/inf values')
-    if len(p) and (p.min() < 0 or p.max() > 1): raise ValueError(f'{name} must lie in [0, 1]; found values in [{p.min():.3g}, {p.max():.3g}]')
+    if p.ndim not in (1, 2):
+        raise ValueError(f'{name} must be (N,) or (N, K), got shape {p.shape}')
+    if not np.isfinite(p).all():
+        raise ValueError(f'{name} has NaN/inf values')
+    if len(p) and (p.min() < 0 or p.max() > 1):
+        raise ValueError(f'{name} must lie in [0, 1]; found values in [{p.min():.3g}, {p.max():.3g}]')
     return p
+
 
 def _conf_outcome(probs, labels):
     p = _probs(probs)
     if p.ndim == 1:
         y = _binary(labels, 'labels').astype(np.float64)
-        if y.shape != p.shape: raise ValueError(f'binary probs {p.shape} and labels {y.shape} differ')
+        if y.shape != p.shape:
+            raise ValueError(f'binary probs {p.shape} and labels {y.shape} differ')
         return p, y
     y = np.asarray(labels)
-    if y.ndim != 1: raise ValueError('multi-class probs (N, K) need labels as class indices (N,); for multi-label AUs use classwise_ece')
-    y = _labels(y, 'labels', p.shape[1]); _same_len(y, p, 'labels', 'probs')
+    if y.ndim != 1:
+        raise ValueError(
+            'multi-class probs (N, K) need labels as class indices (N,); for multi-label AUs use classwise_ece'
+        )
+    y = _labels(y, 'labels', p.shape[1])
+    _same_len(y, p, 'labels', 'probs')
     return p.max(1), (p.argmax(1) == y).astype(np.float64)
 
+
 def _bins(conf, outcome, n_bins):
-    if int(n_bins) != n_bins or n_bins < 1: raise ValueError(f'n_bins must be a positive integer, got {n_bins}')
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f'n_bins must be a positive integer, got {n_bins}')
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     b = np.clip(np.searchsorted(edges, conf, side='right') - 1, 0, n_bins - 1)
     return edges, np.bincount(b, minlength=n_bins), np.bincount(b, conf, n_bins), np.bincount(b, outcome, n_bins)
 
-def reliability_bins(probs,            # (N, K) class probabilities or (N,) positive-class probabilities
-                     labels,           # (N,) class indices, or (N,) 0/1 for binary
-                     n_bins: int = 10, # number of equal-width confidence bins on [0, 1]
-                    ) -> pd.DataFrame:
+
+def reliability_bins(
+    probs,  # (N, K) class probabilities or (N,) positive-class probabilities
+    labels,  # (N,) class indices, or (N,) 0/1 for binary
+    n_bins: int = 10,  # number of equal-width confidence bins on [0, 1]
+) -> pd.DataFrame:
     "One row per bin: edges, count, mean confidence and observed accuracy (NaN in empty bins)."
     conf, out = _conf_outcome(probs, labels)
     edges, n, sc, so = _bins(conf, out, n_bins)
     with np.errstate(invalid='ignore', divide='ignore'):
         return pd.DataFrame(dict(lo=edges[:-1], hi=edges[1:], count=n, conf=sc / n, acc=so / n))
 
-def ece(probs,            # (N, K) class probabilities or (N,) positive-class probabilities
-        labels,           # (N,) class indices, or (N,) 0/1 for binary
-        n_bins: int = 10, # number of equal-width confidence bins on [0, 1]
-       ) -> float:
+
+def ece(
+    probs,  # (N, K) class probabilities or (N,) positive-class probabilities
+    labels,  # (N,) class indices, or (N,) 0/1 for binary
+    n_bins: int = 10,  # number of equal-width confidence bins on [0, 1]
+) -> float:
     "Expected calibration error: sum over bins of (bin share) x |accuracy - confidence|."
     conf, out = _conf_outcome(probs, labels)
     _, n, sc, so = _bins(conf, out, n_bins)
-    return float(np.abs(so - sc).sum() / n.sum())    # n_b/N * |so/n_b - sc/n_b| = |so - sc| / N
+    return float(np.abs(so - sc).sum() / n.sum())  # n_b/N * |so/n_b - sc/n_b| = |so - sc| / N
 
-def classwise_ece(probs,            # (N, K) per-AU (or per-class) probabilities
-                  labels,           # (N, K) 0/1 (multi-label), or (N,) class indices (one-vs-rest)
-                  n_bins: int = 10, # bins per class
-                  mask=None,        # (N, K) bool valid entries (multi-label only)
-                 ) -> np.ndarray:
+
+def classwise_ece(
+    probs,  # (N, K) per-AU (or per-class) probabilities
+    labels,  # (N, K) 0/1 (multi-label), or (N,) class indices (one-vs-rest)
+    n_bins: int = 10,  # bins per class
+    mask=None,  # (N, K) bool valid entries (multi-label only)
+) -> np.ndarray:
     "Binary ECE of each column (the positive-class curve of each AU); take `.mean()` for the classwise ECE."
     p = _probs(probs)
-    if p.ndim != 2: raise ValueError(f'probs must be (N, K), got shape {p.shape}')
+    if p.ndim != 2:
+        raise ValueError(f'probs must be (N, K), got shape {p.shape}')
     y = np.asarray(labels)
-    if y.ndim == 1: y = np.eye(p.shape[1], dtype=bool)[_labels(y, 'labels', p.shape[1])]
+    if y.ndim == 1:
+        y = np.eye(p.shape[1], dtype=bool)[_labels(y, 'labels', p.shape[1])]
     y = _binary(y, 'labels')
-    if y.shape != p.shape: raise ValueError(f'labels {y.shape} and probs {p.shape} differ')
+    if y.shape != p.shape:
+        raise ValueError(f'labels {y.shape} and probs {p.shape} differ')
     m = np.ones_like(y) if mask is None else np.asarray(mask, bool)
     out = np.full(p.shape[1], np.nan)
-    for j in range(p.shape[1]):        # a loop over AUs, not frames
-        if m[:, j].any(): out[j] = ece(p[m[:, j], j], y[m[:, j], j], n_bins)
+    for j in range(p.shape[1]):  # a loop over AUs, not frames
+        if m[:, j].any():
+            out[j] = ece(p[m[:, j], j], y[m[:, j], j], n_bins)
     return out
 
+
 _EPS = 1e-12
-def nll(probs,  # (N, K) class probs with (N,) labels; (N,) or (N, K) binary probs with same-shape 0/1 labels
-        labels, # class indices or 0/1
-        mask=None, # same shape as binary labels: valid entries
-       ) -> float:
+
+
+def nll(
+    probs,  # (N, K) class probs with (N,) labels; (N,) or (N, K) binary probs with same-shape 0/1 labels
+    labels,  # class indices or 0/1
+    mask=None,  # same shape as binary labels: valid entries
+) -> float:
     "Mean negative log-likelihood (natural log): categorical for class indices, Bernoulli for 0/1 labels."
-    p = _probs(probs); y = np.asarray(labels)
+    p = _probs(probs)
+    y = np.asarray(labels)
     if p.ndim == 2 and y.ndim == 1:
-        y = _labels(y, 'labels', p.shape[1]); _same_len(y, p, 'labels', 'probs')
+        y = _labels(y, 'labels', p.shape[1])
+        _same_len(y, p, 'labels', 'probs')
         return float(-np.log(np.clip(p[np.arange(len(y)), y], _EPS, 1)).mean())
     y = _binary(y, 'labels')
-    if y.shape != p.shape: raise ValueError(f'labels {y.shape} and probs {p.shape} differ')
-    ll = np.log(np.clip(np.where(y, p, 1 - p), _EPS, 1))   # probability given to the observed outcome
+    if y.shape != p.shape:
+        raise ValueError(f'labels {y.shape} and probs {p.shape} differ')
+    ll = np.log(np.clip(np.where(y, p, 1 - p), _EPS, 1))  # probability given to the observed outcome
     return float(-(ll[np.asarray(mask, bool)] if mask is not None else ll).mean())
+
 
 def brier(probs, labels, mask=None) -> float:
     "Brier score: mean over samples of the summed squared error of the class-probability vector; for 0/1 labels the mean (p - y)^2."
-    p = _probs(probs); y = np.asarray(labels)
+    p = _probs(probs)
+    y = np.asarray(labels)
     if p.ndim == 2 and y.ndim == 1:
-        y = _labels(y, 'labels', p.shape[1]); _same_len(y, p, 'labels', 'probs')
-        sq = p ** 2; sq[np.arange(len(y)), y] = (1 - p[np.arange(len(y)), y]) ** 2
+        y = _labels(y, 'labels', p.shape[1])
+        _same_len(y, p, 'labels', 'probs')
+        sq = p**2
+        sq[np.arange(len(y)), y] = (1 - p[np.arange(len(y)), y]) ** 2
         return float(sq.sum(1).mean())
     y = _binary(y, 'labels')
-    if y.shape != p.shape: raise ValueError(f'labels {y.shape} and probs {p.shape} differ')
+    if y.shape != p.shape:
+        raise ValueError(f'labels {y.shape} and probs {p.shape} differ')
     se = (p - y) ** 2
     return float((se[np.asarray(mask, bool)] if mask is not None else se).mean())
 
 # %% ../nbs/02_metrics.ipynb #98ead723
-def reliability_diagram(probs,            # (N, K) class probabilities or (N,) positive-class probabilities
-                        labels,           # (N,) class indices, or (N,) 0/1 for binary
-                        n_bins: int = 10, # equal-width bins on [0, 1]
-                        title: str | None = None,
-                        ax=None,          # draw into this Axes instead of a new Figure
-                       ):
+def reliability_diagram(
+    probs,  # (N, K) class probabilities or (N,) positive-class probabilities
+    labels,  # (N,) class indices, or (N,) 0/1 for binary
+    n_bins: int = 10,  # equal-width bins on [0, 1]
+    title: str | None = None,
+    ax=None,  # draw into this Axes instead of a new Figure
+):
     "Reliability diagram (accuracy per confidence bin, gap to the diagonal, ECE annotation); returns the Figure."
     from matplotlib.figure import Figure
+
     rb = reliability_bins(probs, labels, n_bins)
     e = ece(probs, labels, n_bins)
-    if ax is None: fig = Figure(figsize=(4, 4)); ax = fig.add_subplot()
-    else: fig = ax.figure
+    if ax is None:
+        fig = Figure(figsize=(4, 4))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
     centers, w = (rb.lo + rb.hi).values / 2, 1.0 / n_bins
     acc, conf = rb.acc.fillna(0).values, rb.conf.fillna(0).values
     ax.bar(centers, acc, width=w, edgecolor='black', color='tab:blue', label='accuracy')
-    ax.bar(centers, np.where(rb['count'] > 0, conf - acc, 0), bottom=acc, width=w, color='tab:red', alpha=0.3,
-           edgecolor='tab:red', hatch='//', label='gap')
+    ax.bar(
+        centers,
+        np.where(rb['count'] > 0, conf - acc, 0),
+        bottom=acc,
+        width=w,
+        color='tab:red',
+        alpha=0.3,
+        edgecolor='tab:red',
+        hatch='//',
+        label='gap',
+    )
     ax.plot([0, 1], [0, 1], ls='--', color='gray')
     ax.text(0.04, 0.93, f'ECE = {e:.4f}', transform=ax.transAxes, gid='ece')
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='confidence', ylabel='accuracy',
-           title=title or f'reliability ({n_bins} bins, N = {int(rb["count"].sum())})')
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel='confidence',
+        ylabel='accuracy',
+        title=title or f'reliability ({n_bins} bins, N = {int(rb["count"].sum())})',
+    )
     ax.legend(loc='lower right')
     return fig
 
 # %% ../nbs/02_metrics.ipynb #093b851c
-def gaussian_nll(y_true, # (N,) targets
-                 mean,   # (N,) predicted means
-                 var,    # (N,) predicted variances, > 0
-                ) -> float:
+def gaussian_nll(
+    y_true,  # (N,) targets
+    mean,  # (N,) predicted means
+    var,  # (N,) predicted variances, > 0
+) -> float:
     "Mean Gaussian negative log-likelihood, including the 0.5 log(2 pi) constant."
     y, mu, v = _vec(y_true, 'y_true'), _vec(mean, 'mean'), _vec(var, 'var')
-    _same_len(y, mu); _same_len(y, v, 'y_true', 'var')
-    if not (v > 0).all(): raise ValueError(f'var must be > 0; {int((~(v > 0)).sum())} values are not (min {np.nanmin(v):.3g})')
+    _same_len(y, mu)
+    _same_len(y, v, 'y_true', 'var')
+    if not (v > 0).all():
+        raise ValueError(f'var must be > 0; {int((~(v > 0)).sum())} values are not (min {np.nanmin(v):.3g})')
     return float(0.5 * (np.log(2 * np.pi * v) + (y - mu) ** 2 / v).mean())
+
 
 def spearman(a, b) -> float:
     "Spearman rank correlation (average ranks for ties); NaN when either series is constant."
     from scipy.stats import rankdata
-    x, y = _vec(a, 'a'), _vec(b, 'b'); _same_len(x, y, 'a', 'b')
+
+    x, y = _vec(a, 'a'), _vec(b, 'b')
+    _same_len(x, y, 'a', 'b')
     rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
     den = np.sqrt((rx @ rx) * (ry @ ry))
     return float(rx @ ry / den) if den > 0 else float('nan')
+
 
 def uncertainty_error_corr(uncertainty, y_true, y_pred) -> float:
     "Spearman correlation between predicted uncertainty and absolute error |y_true - y_pred|."
@@ -469,25 +696,30 @@ def _au_f1(y, d, m):
     c = au_counts(y, d, m)
     return f1_from_counts(c['tp'], c['n_true'], c['n_pred'])
 
+
 def _f1_cuts(s, y):
     "Descending probabilities `s` with labels `y`: TP and #predicted at each distinct cut (predict the top k)."
-    o = np.argsort(-s, kind='stable'); s, y = s[o], y[o]
+    o = np.argsort(-s, kind='stable')
+    s, y = s[o], y[o]
     tp = np.cumsum(y)
-    last = np.r_[s[1:] != s[:-1], True]          # keep the last index of each tie group
+    last = np.r_[s[1:] != s[:-1], True]  # keep the last index of each tie group
     k = np.nonzero(last)[0]
     return s, tp[k], k + 1, k
 
-def search_au_thresholds(y_true,                 # (N, K) 0/1 validation labels
-                         probs,                  # (N, K) validation probabilities
-                         mask=None,              # (N, K) bool valid entries
-                         method: str = 'f1',     # 'f1' (max F1 per AU) | 'break_even' (precision closest to recall)
-                         shared: bool = False,   # one threshold for every AU (max mean F1 over a 0.01..0.99 grid)
-                         default: float = 0.5,   # for an AU without positives in the data
-                        ) -> tuple:
+
+def search_au_thresholds(
+    y_true,  # (N, K) 0/1 validation labels
+    probs,  # (N, K) validation probabilities
+    mask=None,  # (N, K) bool valid entries
+    method: str = 'f1',  # 'f1' (max F1 per AU) | 'break_even' (precision closest to recall)
+    shared: bool = False,  # one threshold for every AU (max mean F1 over a 0.01..0.99 grid)
+    default: float = 0.5,  # for an AU without positives in the data
+) -> tuple:
     "Per-AU thresholds on probabilities; returns (thresholds, F1 at the thresholds on this data, indices of fallback AUs)."
     check_choice('method', method, ('f1', 'break_even'))
     y, p = _binary(y_true, 'y_true'), _probs(probs)
-    if p.ndim != 2 or p.shape != y.shape: raise ValueError(f'y_true and probs must both be (N, n_AUs); got {y.shape} and {p.shape}')
+    if p.ndim != 2 or p.shape != y.shape:
+        raise ValueError(f'y_true and probs must both be (N, n_AUs); got {y.shape} and {p.shape}')
     m = np.ones_like(y) if mask is None else np.asarray(mask, bool)
     k = p.shape[1]
     if shared:
@@ -497,94 +729,125 @@ def search_au_thresholds(y_true,                 # (N, K) 0/1 validation labels
         thr = np.full(k, best)
     else:
         thr = np.full(k, float(default))
-        for j in range(k):                        # a loop over AUs; each step is vectorised over frames
+        for j in range(k):  # a loop over AUs; each step is vectorised over frames
             s, yj = p[m[:, j], j], y[m[:, j], j]
             P = int(yj.sum())
-            if P == 0: continue
+            if P == 0:
+                continue
             s, tp, npred, idx = _f1_cuts(s, yj)
-            if method == 'f1': b = int(np.argmax(2 * tp / (npred + P)))
-            else: b = int(np.argmin(np.abs(tp / npred - tp / P)))
+            if method == 'f1':
+                b = int(np.argmax(2 * tp / (npred + P)))
+            else:
+                b = int(np.argmin(np.abs(tp / npred - tp / P)))
             i = idx[b]
             thr[j] = (s[i] + s[i + 1]) / 2 if i + 1 < len(s) else s[i]
     fb = [j for j in range(k) if not (y & m)[:, j].any()]
     return thr, _au_f1(y, p >= thr, m), fb
 
+
 @dataclass
 class AUThresholds:
     "Per-AU probability thresholds fitted on validation predictions; `apply` them to other predictions."
-    aus: tuple                 # AU names, e.g. ('AU1', 'AU2', ...)
-    values: np.ndarray         # threshold per AU: decision = prob >= value
+
+    aus: tuple  # AU names, e.g. ('AU1', 'AU2', ...)
+    values: np.ndarray  # threshold per AU: decision = prob >= value
     method: str = 'f1'
     fitted_splits: tuple = ()  # splits of the frames it was fitted on
     fitted_videos: tuple = ()  # videos it was fitted on (scoring any of them is refused)
-    fit_f1: np.ndarray | None = None   # per-AU F1 on the fitting data (optimistic by construction)
-    fallback: tuple = ()       # AUs without positives in the fitting data (threshold = default)
+    fit_f1: np.ndarray | None = None  # per-AU F1 on the fitting data (optimistic by construction)
+    fallback: tuple = ()  # AUs without positives in the fitting data (threshold = default)
 
     def values_for(self, aus: Sequence[str]) -> np.ndarray:
         "The thresholds of `aus`, in that order."
         d = dict(zip(self.aus, np.asarray(self.values, np.float64)))
         lack = [a for a in aus if a not in d]
-        if lack: raise ValueError(f'no threshold for {", ".join(lack)}; these thresholds are for {", ".join(self.aus)}')
+        if lack:
+            raise ValueError(f'no threshold for {", ".join(lack)}; these thresholds are for {", ".join(self.aus)}')
         return np.array([d[a] for a in aus])
 
     def decide(self, probs, aus: Sequence[str] | None = None) -> np.ndarray:
         "0/1 decisions (int8) for an (N, K) probability array whose columns are `aus` (default: `self.aus`)."
         aus = self.aus if aus is None else tuple(aus)
         p = _probs(probs)
-        if p.ndim != 2 or p.shape[1] != len(aus): raise ValueError(f'probs must be (N, {len(aus)}), got {p.shape}')
+        if p.ndim != 2 or p.shape[1] != len(aus):
+            raise ValueError(f'probs must be (N, {len(aus)}), got {p.shape}')
         return (p >= self.values_for(aus)).astype(np.int8)
 
     def apply(self, preds: pd.DataFrame) -> pd.DataFrame:
         "A copy of a prediction table with `AU<n>` decision columns from its `prob_AU<n>` columns."
         need = [f'prob_{a}' for a in self.aus]
         miss = [c for c in need if c not in preds.columns]
-        if miss: raise KeyError(f'prediction table lacks {", ".join(miss)} (thresholds are for {", ".join(self.aus)})')
+        if miss:
+            raise KeyError(f'prediction table lacks {", ".join(miss)} (thresholds are for {", ".join(self.aus)})')
         out = preds.copy()
         d = self.decide(preds[need].to_numpy(np.float64))
-        for j, a in enumerate(self.aus): out[a] = d[:, j]
+        for j, a in enumerate(self.aus):
+            out[a] = d[:, j]
         return out
 
     def to_dict(self) -> dict:
         "JSON-able form (write it next to the run with `core.write_json`)."
-        return dict(aus=list(self.aus), values=np.asarray(self.values).tolist(), method=self.method,
-                    fitted_splits=list(self.fitted_splits), fitted_videos=list(self.fitted_videos),
-                    fit_f1=None if self.fit_f1 is None else np.asarray(self.fit_f1).tolist(), fallback=list(self.fallback))
+        return dict(
+            aus=list(self.aus),
+            values=np.asarray(self.values).tolist(),
+            method=self.method,
+            fitted_splits=list(self.fitted_splits),
+            fitted_videos=list(self.fitted_videos),
+            fit_f1=None if self.fit_f1 is None else np.asarray(self.fit_f1).tolist(),
+            fallback=list(self.fallback),
+        )
+
     @classmethod
     def from_dict(cls, d: dict) -> 'AUThresholds':
         "Inverse of `to_dict`."
-        return cls(aus=tuple(d['aus']), values=np.asarray(d['values'], np.float64), method=d.get('method', 'f1'),
-                   fitted_splits=tuple(d.get('fitted_splits', ())), fitted_videos=tuple(d.get('fitted_videos', ())),
-                   fit_f1=None if d.get('fit_f1') is None else np.asarray(d['fit_f1']), fallback=tuple(d.get('fallback', ())))
+        return cls(
+            aus=tuple(d['aus']),
+            values=np.asarray(d['values'], np.float64),
+            method=d.get('method', 'f1'),
+            fitted_splits=tuple(d.get('fitted_splits', ())),
+            fitted_videos=tuple(d.get('fitted_videos', ())),
+            fit_f1=None if d.get('fit_f1') is None else np.asarray(d['fit_f1']),
+            fallback=tuple(d.get('fallback', ())),
+        )
 
 # %% ../nbs/02_metrics.ipynb #17ceec6e
 _AU_RE = re.compile(r'^AU\d+$')
+
 
 def _align(frames: pd.DataFrame, preds: pd.DataFrame):
     "Row of `preds` for each row of `frames` (-1: no prediction); None when both already share the same key order."
     for name, df in (('frame table', frames), ('prediction table', preds)):
         miss = [c for c in ('video', 'frame') if c not in df.columns]
-        if miss: raise KeyError(f'{name} lacks key column(s) {miss}; both tables are keyed by video + frame')
+        if miss:
+            raise KeyError(f'{name} lacks key column(s) {miss}; both tables are keyed by video + frame')
     fv, pv = frames['video'].to_numpy(object), preds['video'].to_numpy(object)
     ff, pf = frames['frame'].to_numpy(np.int64), preds['frame'].to_numpy(np.int64)
     for name, a in (('frame table', ff), ('prediction table', pf)):
-        if len(a) and a.min() < 0: raise ValueError(f'{name} has negative frame indices (min {a.min()}); frames are 0-based')
+        if len(a) and a.min() < 0:
+            raise ValueError(f'{name} has negative frame indices (min {a.min()}); frames are 0-based')
     vcodes, uniq = pd.factorize(fv)
     pcodes = pd.Index(uniq).get_indexer(pv)
     base = int(max(ff.max(initial=0), pf.max(initial=0))) + 1
     fk = vcodes.astype(np.int64) * base + ff
-    pk = np.where(pcodes >= 0, pcodes.astype(np.int64) * base + pf, -1 - np.arange(len(pv)))  # unknown videos never match
+    pk = np.where(
+        pcodes >= 0, pcodes.astype(np.int64) * base + pf, -1 - np.arange(len(pv))
+    )  # unknown videos never match
     pidx = pd.Index(pk)
     for name, idx, v, f in (('frame table', pd.Index(fk), fv, ff), ('prediction table', pidx, pv, pf)):
-        if not idx.is_unique:   # (negative keys of unknown videos are unique by construction)
-            dup = idx.duplicated(); i = int(np.argmax(dup))
+        if not idx.is_unique:  # (negative keys of unknown videos are unique by construction)
+            dup = idx.duplicated()
+            i = int(np.argmax(dup))
             raise ValueError(f'{name} has {int(dup.sum())} duplicated (video, frame) keys, e.g. ({v[i]!r}, {f[i]})')
-    if len(fk) == len(pk) and np.array_equal(fk, pk): return None
+    if len(fk) == len(pk) and np.array_equal(fk, pk):
+        return None
     return pidx.get_indexer(fk)
+
 
 def _rows(lab, ix):
     "Rows of the frame table to score (`lab` True) and the prediction-table row of each."
     rows = np.nonzero(lab)[0]
     return rows, (rows if ix is None else ix[rows])
+
 
 def _gather(df, cols, src=None, dtype=np.float64):
     "Columns `cols` of `df` at rows `src` (None: all rows) as a (len(cols), n) array, one contiguous row per column."
@@ -594,75 +857,97 @@ def _gather(df, cols, src=None, dtype=np.float64):
         out[j] = col if src is None else col[src]
     return out
 
+
 def _check_missing(task, labelled, ix, frames, missing):
-    if ix is None: return labelled, 0
+    if ix is None:
+        return labelled, 0
     nopred = labelled & (ix < 0)
     n = int(nopred.sum())
     if n and missing == 'error':
         i = int(np.argmax(nopred))
-        raise ValueError(f'{n} frames labelled for {task} have no prediction, e.g. video {frames["video"].iat[i]!r} frame '
-                         f'{frames["frame"].iat[i]}; predict every labelled frame or pass missing="skip"')
+        raise ValueError(
+            f'{n} frames labelled for {task} have no prediction, e.g. video {frames["video"].iat[i]!r} frame '
+            f'{frames["frame"].iat[i]}; predict every labelled frame or pass missing="skip"'
+        )
     return labelled & ~nopred, n
+
 
 def _resolve_expr_space(frames, expr_space, ed):
     space = expr_space or frames.attrs.get('expr_space') or (ed.expr_space if ed else None)
     if space is None:
         raise ValueError("unknown EXPR label space: set frames.attrs['expr_space'], pass expr_space= or an edition")
-    return space   # expr_metrics checks it against the edition
+    return space  # expr_metrics checks it against the edition
+
 
 def _prob_expr_cols(preds):
     cols = [c for c in preds.columns if c.startswith('prob_expr_')]
     return sorted(cols, key=lambda c: int(c.rsplit('_', 1)[1]))
+
 
 def _score_va(frames, preds, ix, ed, missing, calibration, va_uncertainty, out):
     res = {}
     for dim in ('valence', 'arousal'):
         t = frames[dim].to_numpy(np.float64, na_value=np.nan)
         lab, nmiss = _check_missing(f'VA ({dim})', ~np.isnan(t), ix, frames, missing)
-        if not lab.any(): raise ValueError(f'no frame has a {dim} label to score')
+        if not lab.any():
+            raise ValueError(f'no frame has a {dim} label to score')
         rows, src = _rows(lab, ix)
         t, p = t[rows], _gather(preds, [dim], src)[0]
-        if np.isnan(p).any(): raise ValueError(f'{int(np.isnan(p).sum())} labelled frames have a NaN {dim} prediction')
+        if np.isnan(p).any():
+            raise ValueError(f'{int(np.isnan(p).sum())} labelled frames have a NaN {dim} prediction')
         res[dim] = ccc(t, p)
         out[f'va_n_{dim}'] = len(rows)
-        if nmiss: out[f'va_n_missing_{dim}'] = nmiss
+        if nmiss:
+            out[f'va_n_missing_{dim}'] = nmiss
         out[f'va_ccc_{dim}'] = res[dim]
         out[f'va_rmse_{dim}'], out[f'va_sagr_{dim}'], out[f'va_pcc_{dim}'] = rmse(t, p), sagr(t, p), pcc(t, p)
         if calibration and f'unc_{dim}' in preds.columns:
             u = _gather(preds, [f'unc_{dim}'], src)[0]
             out[f'va_unc_spearman_{dim}'] = uncertainty_error_corr(u, t, p)
-            if va_uncertainty == 'variance': out[f'va_gnll_{dim}'] = gaussian_nll(t, p, u)
+            if va_uncertainty == 'variance':
+                out[f'va_gnll_{dim}'] = gaussian_nll(t, p, u)
     out['va_ccc_mean'] = (res['valence'] + res['arousal']) / 2
     out['va_score'] = out['va_ccc_mean']
 
+
 def _score_expr(frames, preds, ix, ed, space, missing, undefined, calibration, n_bins, out):
-    classes = expr_classes(space); k = len(classes)
+    classes = expr_classes(space)
+    k = len(classes)
     s = frames['expr']
     lab, nmiss = _check_missing('EXPR', s.notna().to_numpy(), ix, frames, missing)
-    if not lab.any(): raise ValueError('no frame has an EXPR label to score')
+    if not lab.any():
+        raise ValueError('no frame has an EXPR label to score')
     rows, src = _rows(lab, ix)
     t = s.to_numpy(np.int64, na_value=-1)[rows]
     pcols = _prob_expr_cols(preds)
     if pcols and len(pcols) != k:
-        raise ValueError(f'prediction table has {len(pcols)} prob_expr_* columns but the label space {space} has {k} classes')
+        raise ValueError(
+            f'prediction table has {len(pcols)} prob_expr_* columns but the label space {space} has {k} classes'
+        )
     need_probs = pcols and (calibration or 'expr' not in preds.columns)
     probs = _gather(preds, pcols, src).T if need_probs else None
     if 'expr' in preds.columns:
         p = _gather(preds, ['expr'], src)[0]
-        if np.isnan(p).any(): raise ValueError(f"{int(np.isnan(p).sum())} labelled frames have an NA 'expr' prediction")
+        if np.isnan(p).any():
+            raise ValueError(f"{int(np.isnan(p).sum())} labelled frames have an NA 'expr' prediction")
         p = p.astype(np.int64)
-    elif probs is not None: p = probs.argmax(1)
-    else: raise KeyError("prediction table has neither 'expr' nor prob_expr_* columns")
+    elif probs is not None:
+        p = probs.argmax(1)
+    else:
+        raise KeyError("prediction table has neither 'expr' nor prob_expr_* columns")
     m = expr_metrics(t, p, space, ed, undefined)
     out.update(expr_n=m['n'], expr_acc=m['acc'], expr_f1=m['f1'])
-    if nmiss: out['expr_n_missing'] = nmiss
-    if ed is not None: out['expr_score'] = m['score']
+    if nmiss:
+        out['expr_n_missing'] = nmiss
+    if ed is not None:
+        out['expr_score'] = m['score']
     out.update({f'expr_f1_{c}': v for c, v in m['f1_per_class'].items()})
     out.update({f'expr_support_{c}': v for c, v in m['support'].items()})
     out['expr_undefined'] = m['undefined']
     out['expr_confusion'] = m['confusion'].tolist()
     if calibration and probs is not None:
         out.update(expr_ece=ece(probs, t, n_bins), expr_nll=nll(probs, t), expr_brier=brier(probs, t))
+
 
 def _au_labels(frames, aus):
     "(K, N) int8 AU labels, -1 = missing; refuses values other than 0/1."
@@ -672,21 +957,31 @@ def _au_labels(frames, aus):
         raise ValueError(f'AU labels must be 0/1 or NA; column {aus[j]} has other values')
     return y
 
+
 def _score_au(frames, preds, ix, ed, thresholds, missing, undefined, calibration, n_bins, allow_tuned, out):
     fa = [c for c in frames.columns if _AU_RE.match(c)]
     have = lambda a: (a in preds.columns) or (f'prob_{a}' in preds.columns)
     if ed is not None:
         aus = list(AU_SPACES[ed.au_space])
         lack = [a for a in aus if a not in fa or not have(a)]
-        if lack: raise KeyError(f'{ed.name} scores {", ".join(aus)}; missing in the frame or prediction table: {", ".join(lack)}')
-    else: aus = [a for a in fa if have(a)]
-    if not aus: raise KeyError('no AU column is present in both the frame table (AU<n>) and the predictions (AU<n> or prob_AU<n>)')
+        if lack:
+            raise KeyError(
+                f'{ed.name} scores {", ".join(aus)}; missing in the frame or prediction table: {", ".join(lack)}'
+            )
+    else:
+        aus = [a for a in fa if have(a)]
+    if not aus:
+        raise KeyError(
+            'no AU column is present in both the frame table (AU<n>) and the predictions (AU<n> or prob_AU<n>)'
+        )
     if isinstance(thresholds, AUThresholds):
-        thresholds.values_for(aus)    # raises, naming the AUs without a threshold
+        thresholds.values_for(aus)  # raises, naming the AUs without a threshold
         seen = set(thresholds.fitted_videos).intersection(frames['video'].unique())
         if seen and not allow_tuned:
-            raise ValueError(f'AU thresholds were fitted on {len(seen)} of the videos being scored (e.g. {sorted(seen)[0]!r}): '
-                             'the score would be optimistic. Score a disjoint split, or pass allow_tuned_on_scored=True')
+            raise ValueError(
+                f'AU thresholds were fitted on {len(seen)} of the videos being scored (e.g. {sorted(seen)[0]!r}): '
+                'the score would be optimistic. Score a disjoint split, or pass allow_tuned_on_scored=True'
+            )
     y = _au_labels(frames, aus)
     lab, nmiss = _check_missing('AU', (y >= 0).any(0), ix, frames, missing)
     rows, src = _rows(lab, ix)
@@ -694,9 +989,14 @@ def _score_au(frames, preds, ix, ed, thresholds, missing, undefined, calibration
     valid = y >= 0
     has_probs = all(f'prob_{a}' in preds.columns for a in aus)
     use_probs = thresholds is not None or not all(a in preds.columns for a in aus)
-    probs = _gather(preds, [f'prob_{a}' for a in aus], src, np.float32) if has_probs and (use_probs or calibration) else None
+    probs = (
+        _gather(preds, [f'prob_{a}' for a in aus], src, np.float32)
+        if has_probs and (use_probs or calibration)
+        else None
+    )
     if use_probs:
-        if probs is None: raise KeyError(f'AU decisions need prob_AU<n> columns (or AU<n> decisions) for {", ".join(aus)}')
+        if probs is None:
+            raise KeyError(f'AU decisions need prob_AU<n> columns (or AU<n> decisions) for {", ".join(aus)}')
         if isinstance(thresholds, AUThresholds):
             dec = thresholds.decide(probs.T, aus).T.astype(bool)
             how = f'fitted thresholds ({thresholds.method}, fitted on {"+".join(thresholds.fitted_splits) or "?"})'
@@ -705,14 +1005,18 @@ def _score_au(frames, preds, ix, ed, thresholds, missing, undefined, calibration
             dec, how = probs >= thr, f'prob >= {thr:g}'
     else:
         dec = _gather(preds, aus, src, np.int8)
-        if (dec[valid] < 0).any(): raise ValueError('AU decision columns have NA values on labelled frames')
-        if (dec > 1).any(): raise ValueError('AU decision columns must be 0/1')
+        if (dec[valid] < 0).any():
+            raise ValueError('AU decision columns have NA values on labelled frames')
+        if (dec > 1).any():
+            raise ValueError('AU decision columns must be 0/1')
         dec, how = dec == 1, 'AU<n> decision columns'
     # (K, N) arrays passed transposed: per-AU reductions run over contiguous memory
     m = au_metrics((y == 1).T, dec.T, aus, valid.T, ed, undefined)
     out.update(au_n_frames=m['n_frames'], au_n_labels=int(valid.sum()), au_f1=m['f1'], au_acc=m['acc'])
-    if nmiss: out['au_n_missing'] = nmiss
-    if ed is not None: out['au_score'] = m['score']
+    if nmiss:
+        out['au_n_missing'] = nmiss
+    if ed is not None:
+        out['au_score'] = m['score']
     out.update({f'au_f1_{a}': v for a, v in m['f1_per_au'].items()})
     out.update({f'au_npos_{a}': v for a, v in m['n_pos_true'].items()})
     out['au_undefined'] = m['undefined']
@@ -723,89 +1027,132 @@ def _score_au(frames, preds, ix, ed, thresholds, missing, undefined, calibration
         out.update({f'au_ece_{a}': v for a, v in zip(aus, cw.tolist())})
         out.update(au_ece=float(np.nanmean(cw)), au_nll=nll(pr, yb, valid.T), au_brier=brier(pr, yb, valid.T))
 
+
 _TASKS = ('va', 'expr', 'au')
 
-def score_frames(frames: pd.DataFrame,        # frame table (shared data contract), labels with NA = missing
-                 preds: pd.DataFrame,         # prediction table keyed by video + frame
-                 tasks: Sequence[str] | str | None = None,  # subset of 'va', 'expr', 'au'; None = every task labelled and predicted
-                 edition: str | Edition | None = None,      # adds the edition's track scores, headline `score`, label-space checks
-                 thresholds: float | AUThresholds | None = None,  # AU decisions from prob_AU<n> (None: AU<n> columns, else 0.5)
-                 expr_space: str | Sequence[str] | None = None,   # overrides frames.attrs['expr_space']
-                 undefined: str = 'zero',     # F1 of a class/AU absent from truth and prediction: 'zero' | 'nan'
-                 missing: str = 'error',      # labelled frame without prediction: 'error' | 'skip' (counted)
-                 calibration: bool = False,   # also ECE/NLL/Brier and VA uncertainty-error correlation
-                 va_uncertainty: str = 'score',  # what unc_valence/unc_arousal hold: 'score' | 'variance' (adds Gaussian NLL)
-                 n_bins: int = 10,            # ECE bins
-                 allow_tuned_on_scored: bool = False,  # allow scoring videos the AU thresholds were fitted on
-                ) -> dict:
+
+def score_frames(
+    frames: pd.DataFrame,  # frame table (shared data contract), labels with NA = missing
+    preds: pd.DataFrame,  # prediction table keyed by video + frame
+    tasks: Sequence[str] | str | None = None,  # subset of 'va', 'expr', 'au'; None = every task labelled and predicted
+    edition: str | Edition | None = None,  # adds the edition's track scores, headline `score`, label-space checks
+    thresholds: float | AUThresholds | None = None,  # AU decisions from prob_AU<n> (None: AU<n> columns, else 0.5)
+    expr_space: str | Sequence[str] | None = None,  # overrides frames.attrs['expr_space']
+    undefined: str = 'zero',  # F1 of a class/AU absent from truth and prediction: 'zero' | 'nan'
+    missing: str = 'error',  # labelled frame without prediction: 'error' | 'skip' (counted)
+    calibration: bool = False,  # also ECE/NLL/Brier and VA uncertainty-error correlation
+    va_uncertainty: str = 'score',  # what unc_valence/unc_arousal hold: 'score' | 'variance' (adds Gaussian NLL)
+    n_bins: int = 10,  # ECE bins
+    allow_tuned_on_scored: bool = False,  # allow scoring videos the AU thresholds were fitted on
+) -> dict:
     "Dataset-level scores of a per-frame prediction table against a frame table, for any subset of tasks."
-    check_choice('undefined', undefined, _UNDEFINED); check_choice('missing', missing, ('error', 'skip'))
+    check_choice('undefined', undefined, _UNDEFINED)
+    check_choice('missing', missing, ('error', 'skip'))
     check_choice('va_uncertainty', va_uncertainty, ('score', 'variance'))
     ed = get_edition(edition) if edition is not None else None
-    has = dict(va=all(c in frames.columns for c in ('valence', 'arousal')) and all(c in preds.columns for c in ('valence', 'arousal')),
-               expr='expr' in frames.columns and ('expr' in preds.columns or bool(_prob_expr_cols(preds))),
-               au=any(_AU_RE.match(c) and (c in preds.columns or f'prob_{c}' in preds.columns) for c in frames.columns))
+    has = dict(
+        va=all(c in frames.columns for c in ('valence', 'arousal'))
+        and all(c in preds.columns for c in ('valence', 'arousal')),
+        expr='expr' in frames.columns and ('expr' in preds.columns or bool(_prob_expr_cols(preds))),
+        au=any(_AU_RE.match(c) and (c in preds.columns or f'prob_{c}' in preds.columns) for c in frames.columns),
+    )
     if tasks is None:
         tasks = [t for t in _TASKS if has[t]]
-        if not tasks: raise ValueError('no task is both labelled in the frame table and predicted in the prediction table')
+        if not tasks:
+            raise ValueError('no task is both labelled in the frame table and predicted in the prediction table')
     else:
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         for t in tasks:
             check_choice('task', t, _TASKS)
-            if not has[t]: raise KeyError(f'task {t!r}: the frame table or the prediction table lacks its columns')
+            if not has[t]:
+                raise KeyError(f'task {t!r}: the frame table or the prediction table lacks its columns')
     ix = _align(frames, preds)
     out = dict(edition=ed.name if ed else None, tasks=list(tasks))
-    if 'va' in tasks: _score_va(frames, preds, ix, ed, missing, calibration, va_uncertainty, out)
+    if 'va' in tasks:
+        _score_va(frames, preds, ix, ed, missing, calibration, va_uncertainty, out)
     if 'expr' in tasks:
-        _score_expr(frames, preds, ix, ed, _resolve_expr_space(frames, expr_space, ed), missing, undefined,
-                    calibration, n_bins, out)
-    if 'au' in tasks: _score_au(frames, preds, ix, ed, thresholds, missing, undefined, calibration, n_bins,
-                                allow_tuned_on_scored, out)
+        _score_expr(
+            frames,
+            preds,
+            ix,
+            ed,
+            _resolve_expr_space(frames, expr_space, ed),
+            missing,
+            undefined,
+            calibration,
+            n_bins,
+            out,
+        )
+    if 'au' in tasks:
+        _score_au(
+            frames, preds, ix, ed, thresholds, missing, undefined, calibration, n_bins, allow_tuned_on_scored, out
+        )
     if ed is not None:
-        if len(tasks) == 1: out['score'] = out[f'{tasks[0]}_score']
-        elif set(tasks) == set(_TASKS) and ed.mtl: out['score'] = ed.mtl_score(out['va_ccc_mean'], out['expr_f1'], out['au_f1'])
-        if set(tasks) == set(_TASKS) and ed.mtl: out['mtl_score'] = out['score']
+        if len(tasks) == 1:
+            out['score'] = out[f'{tasks[0]}_score']
+        elif set(tasks) == set(_TASKS) and ed.mtl:
+            out['score'] = ed.mtl_score(out['va_ccc_mean'], out['expr_f1'], out['au_f1'])
+        if set(tasks) == set(_TASKS) and ed.mtl:
+            out['mtl_score'] = out['score']
     return out
 
 # %% ../nbs/02_metrics.ipynb #d2054400
-def fit_au_thresholds(frames: pd.DataFrame,      # validation frame table (split 'val'; 'test' refused)
-                      preds: pd.DataFrame,       # predictions with prob_AU<n> columns for those frames
-                      aus: Sequence[str] | str | None = None, # AUs (names or space); default: AU columns in both tables
-                      method: str = 'f1',        # 'f1' | 'break_even'
-                      shared: bool = False,      # one threshold for all AUs
-                      default: float = 0.5,      # for AUs without positives
-                     ) -> AUThresholds:
+def fit_au_thresholds(
+    frames: pd.DataFrame,  # validation frame table (split 'val'; 'test' refused)
+    preds: pd.DataFrame,  # predictions with prob_AU<n> columns for those frames
+    aus: Sequence[str] | str | None = None,  # AUs (names or space); default: AU columns in both tables
+    method: str = 'f1',  # 'f1' | 'break_even'
+    shared: bool = False,  # one threshold for all AUs
+    default: float = 0.5,  # for AUs without positives
+) -> AUThresholds:
     "Fit per-AU thresholds on validation predictions (never test) for `AUThresholds.apply` / `score_frames`."
     if 'split' in frames.columns:
         splits = tuple(sorted(frames['split'].dropna().astype(str).unique()))
         if 'test' in splits:
-            raise ValueError(f"fit_au_thresholds refuses test frames ({int((frames['split'] == 'test').sum())} rows with split 'test'): "
-                             "fit on validation predictions and apply the thresholds to test")
-    else: splits = ()
-    names = list(au_names(aus)) if aus is not None else [c for c in frames.columns if _AU_RE.match(c) and f'prob_{c}' in preds.columns]
+            raise ValueError(
+                f"fit_au_thresholds refuses test frames ({int((frames['split'] == 'test').sum())} rows with split 'test'): "
+                "fit on validation predictions and apply the thresholds to test"
+            )
+    else:
+        splits = ()
+    names = (
+        list(au_names(aus))
+        if aus is not None
+        else [c for c in frames.columns if _AU_RE.match(c) and f'prob_{c}' in preds.columns]
+    )
     lack = [a for a in names if a not in frames.columns or f'prob_{a}' not in preds.columns]
-    if lack or not names: raise KeyError(f'need AU<n> labels and prob_AU<n> predictions; missing: {", ".join(lack) or "every AU"}')
+    if lack or not names:
+        raise KeyError(f'need AU<n> labels and prob_AU<n> predictions; missing: {", ".join(lack) or "every AU"}')
     ix = _align(frames, preds)
     y = _au_labels(frames, names)
     lab = (y >= 0).any(0) & (True if ix is None else ix >= 0)
     rows, src = _rows(lab, ix)
-    if not len(rows): raise ValueError('no frame has both an AU label and a prediction')
+    if not len(rows):
+        raise ValueError('no frame has both an AU label and a prediction')
     y, probs = y[:, rows].T, _gather(preds, [f'prob_{a}' for a in names], src).T
     valid = y >= 0
     thr, f1, fb = search_au_thresholds(np.where(valid, y, 0), probs, valid, method, shared, default)
-    return AUThresholds(tuple(names), thr, method + ('/shared' if shared else ''), splits,
-                        tuple(sorted(map(str, frames['video'].iloc[rows].unique()))), f1, tuple(names[j] for j in fb))
+    return AUThresholds(
+        tuple(names),
+        thr,
+        method + ('/shared' if shared else ''),
+        splits,
+        tuple(sorted(map(str, frames['video'].iloc[rows].unique()))),
+        f1,
+        tuple(names[j] for j in fb),
+    )
 
 # %% ../nbs/02_metrics.ipynb #afb81b0f
-def toy_tables(n: int = 1000,          # frames
-               n_videos: int = 10,     # videos (frames split evenly)
-               expr_space: str = 'expr8_other',
-               au_space: str = 'affwild2_12',
-               split: str = 'val',
-               seed: int = 0,
-               p_missing: float = 0.2, # share of NA labels per task
-               shuffle: bool = True,   # predictions in a different row order than the frames
-              ) -> tuple:
+def toy_tables(
+    n: int = 1000,  # frames
+    n_videos: int = 10,  # videos (frames split evenly)
+    expr_space: str = 'expr8_other',
+    au_space: str = 'affwild2_12',
+    split: str = 'val',
+    seed: int = 0,
+    p_missing: float = 0.2,  # share of NA labels per task
+    shuffle: bool = True,  # predictions in a different row order than the frames
+) -> tuple:
     "A synthetic (frames, preds) pair in the shared data contract, for tests and the scoring benchmark."
     rng = np.random.default_rng(seed)
     per = -(-n // n_videos)
@@ -815,24 +1162,51 @@ def toy_tables(n: int = 1000,          # frames
     va = np.clip(rng.normal(0, 0.4, (n, 2)), -1, 1)
     ex = rng.integers(0, k, n)
     au = (rng.random((n, len(aus))) < rng.uniform(0.05, 0.5, len(aus))).astype(np.int8)
-    frames = pd.DataFrame({'dataset': 'toy', 'split': split, 'video': pd.array(vid, dtype='str'), 'subject': pd.NA,
-                           'frame': fr, 'path': [f'{v}/{f:05d}.jpg' for v, f in zip(vid, fr)] if n <= 100_000 else pd.NA,
-                           'valence': np.where(rng.random(n) < p_missing, np.nan, va[:, 0]),
-                           'arousal': np.where(rng.random(n) < p_missing, np.nan, va[:, 1]),
-                           'expr': pd.array(ex, dtype='Int64')})
+    frames = pd.DataFrame(
+        {
+            'dataset': 'toy',
+            'split': split,
+            'video': pd.array(vid, dtype='str'),
+            'subject': pd.NA,
+            'frame': fr,
+            'path': [f'{v}/{f:05d}.jpg' for v, f in zip(vid, fr)] if n <= 100_000 else pd.NA,
+            'valence': np.where(rng.random(n) < p_missing, np.nan, va[:, 0]),
+            'arousal': np.where(rng.random(n) < p_missing, np.nan, va[:, 1]),
+            'expr': pd.array(ex, dtype='Int64'),
+        }
+    )
     frames.loc[rng.random(n) < p_missing, 'expr'] = pd.NA
-    miss_au = rng.random(n) < p_missing          # AU labels missing for whole frames, as in Aff-Wild2
+    miss_au = rng.random(n) < p_missing  # AU labels missing for whole frames, as in Aff-Wild2
     for j, a in enumerate(aus):
-        col = pd.array(au[:, j], dtype='Int8'); col[miss_au] = pd.NA; frames[a] = col
+        col = pd.array(au[:, j], dtype='Int8')
+        col[miss_au] = pd.NA
+        frames[a] = col
     frames.attrs.update(expr_space=expr_space, au_space=au_space)
-    logits = rng.normal(0, 1, (n, k)); logits[np.arange(n), ex] += 1.5
-    pe = np.exp(logits); pe /= pe.sum(1, keepdims=True)
+    logits = rng.normal(0, 1, (n, k))
+    logits[np.arange(n), ex] += 1.5
+    pe = np.exp(logits)
+    pe /= pe.sum(1, keepdims=True)
     pa = 1 / (1 + np.exp(-(rng.normal(0, 1, au.shape) + 2.0 * (au - 0.5) * 1.5)))
     noise = rng.uniform(0.05, 0.4, (n, 2))
-    preds = pd.DataFrame({'video': vid, 'frame': fr, 'valence': np.clip(va[:, 0] * 0.7 + rng.normal(size=n) * noise[:, 0], -1, 1),
-                          'arousal': np.clip(va[:, 1] * 0.7 + rng.normal(size=n) * noise[:, 1], -1, 1),
-                          'expr': pe.argmax(1), 'unc_valence': noise[:, 0] ** 2, 'unc_arousal': noise[:, 1] ** 2})
-    preds = pd.concat([preds, pd.DataFrame(pe, columns=[f'prob_expr_{i}' for i in range(k)]),
-                       pd.DataFrame(pa.astype(np.float32), columns=[f'prob_{a}' for a in aus])], axis=1)
-    if shuffle: preds = preds.iloc[rng.permutation(n)].reset_index(drop=True)
+    preds = pd.DataFrame(
+        {
+            'video': vid,
+            'frame': fr,
+            'valence': np.clip(va[:, 0] * 0.7 + rng.normal(size=n) * noise[:, 0], -1, 1),
+            'arousal': np.clip(va[:, 1] * 0.7 + rng.normal(size=n) * noise[:, 1], -1, 1),
+            'expr': pe.argmax(1),
+            'unc_valence': noise[:, 0] ** 2,
+            'unc_arousal': noise[:, 1] ** 2,
+        }
+    )
+    preds = pd.concat(
+        [
+            preds,
+            pd.DataFrame(pe, columns=[f'prob_expr_{i}' for i in range(k)]),
+            pd.DataFrame(pa.astype(np.float32), columns=[f'prob_{a}' for a in aus]),
+        ],
+        axis=1,
+    )
+    if shuffle:
+        preds = preds.iloc[rng.permutation(n)].reset_index(drop=True)
     return frames, preds

@@ -20,16 +20,20 @@ __all__ = ['IMAGE_EXTENSIONS', 'VideoReadError', 'Frame', 'natural_key', 'VideoR
 # %% ../nbs/11b_video.ipynb #afe6ca92
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
+
 class VideoReadError(ValueError):
     "An input that cannot be read as frames: missing, empty, corrupt, without a video stream or without images."
 
+
 class Frame(NamedTuple):
     "One frame of an input."
-    index: int                 # position in the input, 0-based (frames that `every` skips are counted)
-    time: float                # seconds from the stream's start (container timestamps); NaN for images
-    image: np.ndarray | None   # BGR uint8; None when this image could not be decoded (`error` says why)
-    name: str                  # the image's file name, or the video's file name
-    error: str = ''            # why `image` is None
+
+    index: int  # position in the input, 0-based (frames that `every` skips are counted)
+    time: float  # seconds from the stream's start (container timestamps); NaN for images
+    image: np.ndarray | None  # BGR uint8; None when this image could not be decoded (`error` says why)
+    name: str  # the image's file name, or the video's file name
+    error: str = ''  # why `image` is None
+
 
 def natural_key(name: str) -> list:
     "Sort key that puts frame2 before frame10."
@@ -39,6 +43,7 @@ def natural_key(name: str) -> list:
 def _open_container(p: Path):
     "The opened PyAV container of a video file: one clear `VideoReadError` per way it can fail."
     import av
+
     if not p.exists():
         raise VideoReadError(f'input not found: {p}')
     if p.is_dir():
@@ -57,10 +62,14 @@ def _open_container(p: Path):
 # %% ../nbs/11b_video.ipynb #aebc6526
 class VideoReader:
     "The frames of a video file in presentation order, with times from the container's timestamps; iterate once."
-    def __init__(self, path,
-                 every: int = 1,                 # keep frames 0, every, 2 every, ...
-                 max_frames: int | None = None,  # stop after this many kept frames
-                 threads: int = 0):              # decoder threads (0: FFmpeg chooses)
+
+    def __init__(
+        self,
+        path,
+        every: int = 1,  # keep frames 0, every, 2 every, ...
+        max_frames: int | None = None,  # stop after this many kept frames
+        threads: int = 0,
+    ):  # decoder threads (0: FFmpeg chooses)
         if int(every) < 1:
             raise ValueError(f'every={every}: keep every N-th frame with N >= 1')
         self.path, self.every, self.max_frames = Path(path), int(every), max_frames
@@ -69,8 +78,8 @@ class VideoReader:
         s.thread_type = 'AUTO'
         s.codec_context.thread_count = threads
         self.codec, self.width, self.height = s.codec_context.name, s.codec_context.width, s.codec_context.height
-        self.fps = float(s.average_rate) if s.average_rate else float('nan')   # nominal; times come from pts
-        self.n_frames = int(s.frames) or None          # the container's count: absent or wrong in some formats
+        self.fps = float(s.average_rate) if s.average_rate else float('nan')  # nominal; times come from pts
+        self.n_frames = int(s.frames) or None  # the container's count: absent or wrong in some formats
         self.time_source = 'pts'
 
     def __repr__(self):
@@ -84,6 +93,7 @@ class VideoReader:
 
     def __iter__(self) -> Iterator[Frame]:
         import av
+
         i = kept = 0
         start = self.stream.start_time
         try:
@@ -114,8 +124,10 @@ class VideoReader:
 # %% ../nbs/11b_video.ipynb #3ffbb90b
 def _image_frame(i: int, p: Path) -> Frame:
     import cv2
+
     img = cv2.imread(str(p), cv2.IMREAD_COLOR) if p.is_file() else None
     return Frame(i, float('nan'), img, p.name, '' if img is not None else f'cannot decode {p.name} as an image')
+
 
 def image_paths(src) -> list[Path]:
     "The image files of a folder or of a glob pattern, in natural order; a clear error when there are none."
@@ -130,11 +142,14 @@ def image_paths(src) -> list[Path]:
     imgs = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
     other = [f.name for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
     if other:
-        print(f'skipped {len(other)} file(s) that are not images ({", ".join(IMAGE_EXTENSIONS)}) in {where}: '
-              f'{", ".join(other[:5])}{" ..." if len(other) > 5 else ""}')
+        print(
+            f'skipped {len(other)} file(s) that are not images ({", ".join(IMAGE_EXTENSIONS)}) in {where}: '
+            f'{", ".join(other[:5])}{" ..." if len(other) > 5 else ""}'
+        )
     if not imgs:
         raise VideoReadError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {where}')
     return imgs
+
 
 def input_kind(src) -> str:
     "'video', 'image', 'folder', 'glob' or 'list' (of image paths); a clear error for a path that does not exist."
@@ -150,10 +165,11 @@ def input_kind(src) -> str:
     raise VideoReadError(f'input not found: {p}')
 
 # %% ../nbs/11b_video.ipynb #7314ecdb
-def iter_frames(src,                           # video file, image file, folder, glob pattern or list of image paths
-                every: int = 1,                # keep frames 0, every, 2 every, ...
-                max_frames: int | None = None, # stop after this many kept frames
-               ) -> Iterator[Frame]:
+def iter_frames(
+    src,  # video file, image file, folder, glob pattern or list of image paths
+    every: int = 1,  # keep frames 0, every, 2 every, ...
+    max_frames: int | None = None,  # stop after this many kept frames
+) -> Iterator[Frame]:
     "The frames of any input, one at a time."
     if int(every) < 1:
         raise ValueError(f'every={every}: keep every N-th frame with N >= 1')
@@ -175,6 +191,7 @@ def iter_frames(src,                           # video file, image file, folder,
     for i in keep:
         yield _image_frame(i, paths[i])
 
+
 def read_batches(src, batch_size: int = 32, every: int = 1, max_frames: int | None = None) -> Iterator[list[Frame]]:
     "The frames of any input in lists of at most `batch_size`: one batch in memory at a time."
     if int(batch_size) < 1:
@@ -191,6 +208,7 @@ def read_batches(src, batch_size: int = 32, every: int = 1, max_frames: int | No
 # %% ../nbs/11b_video.ipynb #49c6e122
 class VideoWriter:
     "An H.264 mp4 that browsers play, one BGR frame at a time: `with VideoWriter(path, fps) as w: w.write(img)`."
+
     TIME_BASE = Fraction(1, 90000)
 
     def __init__(self, path, fps: float = 30.0, crf: int = 23, preset: str = 'veryfast'):
@@ -203,17 +221,22 @@ class VideoWriter:
 
     def _open(self, w: int, h: int):
         import av
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.size = (w + w % 2, h + h % 2)
         self._c = av.open(str(self._tmp), 'w', format='mp4', options={'movflags': '+faststart'})
-        s = self._s = self._c.add_stream('libx264', rate=Fraction(self.fps).limit_denominator(1001),
-                                         options={'crf': str(self.crf), 'preset': self.preset})
+        s = self._s = self._c.add_stream(
+            'libx264',
+            rate=Fraction(self.fps).limit_denominator(1001),
+            options={'crf': str(self.crf), 'preset': self.preset},
+        )
         s.width, s.height, s.pix_fmt = self.size[0], self.size[1], 'yuv420p'
         s.codec_context.time_base = self.TIME_BASE
 
     def write(self, img, time: float | None = None):
         "Add a frame (BGR uint8; resized to the first frame's size); `time` in seconds, default index / fps."
         import av, cv2
+
         bgr = as_bgr(img)
         if self._c is None:
             self._open(bgr.shape[1], bgr.shape[0])
@@ -250,6 +273,7 @@ class VideoWriter:
             self._c.close()
             self._tmp.unlink(missing_ok=True)
 
+
 def write_video(path, frames, fps: float = 30.0, times=None, **kw) -> Path:
     "Write BGR frames (an iterable) to an H.264 mp4; `times` (seconds, one per frame) keeps a variable frame rate."
     times = iter(times) if times is not None else None
@@ -259,20 +283,24 @@ def write_video(path, frames, fps: float = 30.0, times=None, **kw) -> Path:
     return Path(path)
 
 # %% ../nbs/11b_video.ipynb #cf9250f1
-def detect_batches(src, detector='auto', batch_size: int = 32, every: int = 1,
-                   max_frames: int | None = None) -> Iterator[tuple[list[Frame], list]]:
+def detect_batches(
+    src, detector='auto', batch_size: int = 32, every: int = 1, max_frames: int | None = None
+) -> Iterator[tuple[list[Frame], list]]:
     "(frames, their `Faces`) in batches: any input, any detector of `abaw_nb.faces.get_detector`."
     from abaw_nb.faces import Faces, get_detector
+
     det = get_detector(detector)
     for batch in read_batches(src, batch_size, every, max_frames):
         found = det.batch([f.image for f in batch if f.image is not None])
         it = iter(found)
         yield batch, [next(it) if f.image is not None else Faces.make() for f in batch]
 
+
 def face_rows(src, detector='auto', batch_size: int = 32, every: int = 1, max_frames: int | None = None):
     "One row per face of every kept frame (frame, time, name, error, then `abaw_nb.faces.FACE_COLUMNS`)."
     import pandas as pd
     from abaw_nb.faces import faces_table
+
     parts = []
     for frames, faces in detect_batches(src, detector, batch_size, every, max_frames):
         keys = pd.DataFrame([dict(frame=f.index, time=f.time, name=f.name, error=f.error) for f in frames])

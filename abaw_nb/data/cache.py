@@ -33,11 +33,13 @@ __all__ = ['CACHE_VERSION', 'CHUNK_BYTES', 'fit_square', 'crop_box', 'cache_entr
            'erase', 'BatchAugment', 'keep_freed_memory']
 
 # %% ../../nbs/01f_data.cache.ipynb #9e7d9c57
-CACHE_VERSION = 1   # bump when the pixels stored for a key would change (resize rule, layout)
+CACHE_VERSION = 1  # bump when the pixels stored for a key would change (resize rule, layout)
+
 
 def fit_square(img: torch.Tensor, size: int) -> torch.Tensor:
     "Shorter side to `size` (antialiased), centre crop: `make_transform(False, size)` before its float conversion."
     return v2.functional.center_crop(v2.functional.resize(img, size, antialias=True), size)
+
 
 def crop_box(img: torch.Tensor, box, path='') -> torch.Tensor:
     "Crop a 3xHxW image to `box` = (left, top, right, bottom), clipped to the image; empty: an `ImageReadError`."
@@ -47,6 +49,7 @@ def crop_box(img: torch.Tensor, box, path='') -> torch.Tensor:
     if right <= left or bottom <= top:
         raise ImageReadError(f'face box {tuple(int(b) for b in box)} lies outside the {W}x{H} image {path}')
     return img[..., top:bottom, left:right]
+
 
 def cache_entries(paths, boxes=None) -> tuple[list, np.ndarray]:
     "Sorted unique (path, box) entries of a table and the entry number of each row."
@@ -70,26 +73,29 @@ def file_stats(root, rel_paths, content: bool = False) -> list[tuple]:
     out = []
     for p in rel_paths:
         try:
-            st = os.stat(root/p)
+            st = os.stat(root / p)
         except OSError:
             out.append((p, -1, -1))
             continue
-        sig = hashlib.sha1((root/p).read_bytes()).hexdigest() if content else st.st_mtime_ns
+        sig = hashlib.sha1((root / p).read_bytes()).hexdigest() if content else st.st_mtime_ns
         out.append((p, st.st_size, sig))
     return out
+
 
 def _digest(*parts) -> str:
     h = hashlib.sha256()
     for part in parts:
-        for item in (part if isinstance(part, list) else [part]):
+        for item in part if isinstance(part, list) else [part]:
             h.update(repr(item).encode())
             h.update(b'\n')
     return h.hexdigest()
+
 
 def cache_slot(root, entries: list, size: int, name: str = 'frames') -> str:
     "Folder name of what is cached: `name`, entry count, size, and a hash of the resolved root, the entries, the size."
     tag = ''.join(c if c.isalnum() or c in '-_+' else '_' for c in name)[:40]
     return f'{tag}-{len(entries)}f-{size}px-{_digest(str(Path(root).resolve()), entries, size, CACHE_VERSION)[:12]}'
+
 
 def data_fingerprint(root, entries: list, size: int, mode: str = 'stat') -> str:
     "Version of the cached files: a hash of `file_stats` of each file (`mode`: 'stat' or 'content'), entries, size."
@@ -101,9 +107,10 @@ def data_fingerprint(root, entries: list, size: int, mode: str = 'stat') -> str:
 # %% ../../nbs/01f_data.cache.ipynb #bb8d99e1
 class FrameCache:
     "A published frame cache: `frames.npy` ((N, size, size, 3) uint8), memory-mapped read-only per process; `meta`."
+
     def __init__(self, folder, built: bool = False):
         self.folder, self.built = Path(folder), built
-        self.meta = json.loads((self.folder/'meta.json').read_text())
+        self.meta = json.loads((self.folder / 'meta.json').read_text())
         self.size, self.n = int(self.meta['size']), int(self.meta['n'])
         self._arr, self._pid = None, None
 
@@ -111,14 +118,15 @@ class FrameCache:
     def array(self) -> np.ndarray:
         "The (N, size, size, 3) uint8 memory map of this process (each DataLoader worker opens its own)."
         if self._arr is None or self._pid != os.getpid():
-            self._arr = np.load(self.folder/'frames.npy', mmap_mode='r')
+            self._arr = np.load(self.folder / 'frames.npy', mmap_mode='r')
             self._pid = os.getpid()
         return self._arr
 
     def __getstate__(self):
-        return {**self.__dict__, '_arr': None, '_pid': None}   # workers reopen the file; the pixels never travel
+        return {**self.__dict__, '_arr': None, '_pid': None}  # workers reopen the file; the pixels never travel
 
-    def __len__(self): return self.n
+    def __len__(self):
+        return self.n
 
     def bad(self) -> dict:
         "Entries whose image could not be read (cache built with on_error='skip'): entry -> (kind, message)."
@@ -133,14 +141,19 @@ class FrameCache:
 def _error_kind(path: Path) -> str:
     return 'unreadable_image' if path.is_file() else 'missing_image'
 
+
 class _DecodeEntries(Dataset):
     "What the builder's DataLoader reads: entry i decoded, cropped and resized, or (on_error='skip') zeros + the error."
+
     def __init__(self, root, entries, size, decode, skip):
         self.root, self.entries, self.size, self.decode, self.skip = Path(root), entries, size, decode, skip
-    def __len__(self): return len(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
     def __getitem__(self, i):
         p, box = self.entries[i]
-        path = self.root/p
+        path = self.root / p
         try:
             img = self.decode(path)
             if box is not None:
@@ -151,10 +164,11 @@ class _DecodeEntries(Dataset):
                 raise
             return i, torch.zeros(self.size, self.size, 3, dtype=torch.uint8), f'{_error_kind(path)}\t{e}'
 
+
 def _write_frames(tmp: Path, ds: _DecodeEntries, workers: int, desc: str, show) -> list:
     "Decode every entry into tmp/frames.npy; returns the [entry, kind, message] of the ones that failed (skip mode)."
     n, s = len(ds), ds.size
-    arr = np.lib.format.open_memmap(tmp/'frames.npy', mode='w+', dtype=np.uint8, shape=(n, s, s, 3))
+    arr = np.lib.format.open_memmap(tmp / 'frames.npy', mode='w+', dtype=np.uint8, shape=(n, s, s, 3))
     dl = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=lambda b: b)
     bad = []
     for items in progress(dl, desc=desc, total=len(dl), enabled=show):
@@ -162,10 +176,10 @@ def _write_frames(tmp: Path, ds: _DecodeEntries, workers: int, desc: str, show) 
             arr[i] = img.numpy()
             if err:
                 bad.append([i, *err.split('\t', 1)])
-        fault_point('frame_cache_build')   # test hook: SIGKILL here leaves a half-written build
+        fault_point('frame_cache_build')  # test hook: SIGKILL here leaves a half-written build
     arr.flush()
     del arr
-    with open(tmp/'frames.npy', 'rb') as f:
+    with open(tmp / 'frames.npy', 'rb') as f:
         os.fsync(f.fileno())
     return bad
 
@@ -174,63 +188,77 @@ def _checked(fc: FrameCache, on_error: str) -> FrameCache:
     "The cache, or (on_error='raise') the error naming the first of the frames it could not read."
     if on_error == 'raise' and fc.meta['bad']:
         i, kind, msg = fc.meta['bad'][0]
-        raise ImageReadError(f"{len(fc.meta['bad'])} of {fc.n} frames could not be read (cache {fc.folder.parent.name} "
-                             f"was built with on_error='skip'); first: {msg}")
+        raise ImageReadError(
+            f"{len(fc.meta['bad'])} of {fc.n} frames could not be read (cache {fc.folder.parent.name} "
+            f"was built with on_error='skip'); first: {msg}"
+        )
     return fc
+
 
 def _build(slot: Path, fp: str, root, entries, size, on_error, fingerprint, workers, decode, show) -> None:
     "Under the slot's lock: remove dead builds, decode into a temporary folder, publish it by a rename, drop old ones."
     for stale in slot.glob('.tmp-*'):
-        shutil.rmtree(stale, ignore_errors=True)      # only a dead build leaves these: a live one holds the lock
-    tmp = slot/f'.tmp-{fp}-{os.getpid()}-{uuid.uuid4().hex[:6]}'
+        shutil.rmtree(stale, ignore_errors=True)  # only a dead build leaves these: a live one holds the lock
+    tmp = slot / f'.tmp-{fp}-{os.getpid()}-{uuid.uuid4().hex[:6]}'
     tmp.mkdir()
     try:
         w = workers if workers is not None else (min(2, os.cpu_count() or 1) if len(entries) >= 2000 else 0)
         t0 = time.perf_counter()
         ds = _DecodeEntries(root, entries, size, decode, on_error == 'skip')
         bad = _write_frames(tmp, ds, w, f'frame cache {slot.name}', show)
-        meta = dict(version=CACHE_VERSION, n=len(entries), size=size, fingerprint=fp, fingerprint_mode=fingerprint,
-                    root=str(Path(root).resolve()), bad=bad, seconds=round(time.perf_counter() - t0, 2),
-                    built=time.strftime('%Y-%m-%dT%H:%M:%S'), pid=os.getpid())
-        write_text(tmp/'meta.json', json.dumps(meta))
-        os.rename(tmp, slot/fp)                       # publish: readers see the whole cache or none of it
+        meta = dict(
+            version=CACHE_VERSION,
+            n=len(entries),
+            size=size,
+            fingerprint=fp,
+            fingerprint_mode=fingerprint,
+            root=str(Path(root).resolve()),
+            bad=bad,
+            seconds=round(time.perf_counter() - t0, 2),
+            built=time.strftime('%Y-%m-%dT%H:%M:%S'),
+            pid=os.getpid(),
+        )
+        write_text(tmp / 'meta.json', json.dumps(meta))
+        os.rename(tmp, slot / fp)  # publish: readers see the whole cache or none of it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in slot.iterdir():                        # superseded versions of the same files
+    for old in slot.iterdir():  # superseded versions of the same files
         if old.is_dir() and not old.name.startswith('.') and old.name != fp:
             shutil.rmtree(old, ignore_errors=True)
 
 # %% ../../nbs/01f_data.cache.ipynb #5f315760
-def frame_cache(root,                       # dataset root the paths are relative to
-                paths,                      # relative image paths (e.g. a frame table's `path`); duplicates stored once
-                size: int,                  # side of the stored square frames
-                boxes=None,                 # (N, 4) face boxes (left, top, right, bottom) to crop before resizing
-                name: str = 'frames',       # readable prefix of the cache folder (e.g. the dataset's name)
-                on_error: str = 'raise',    # missing/undecodable image: 'raise' ImageReadError, or 'skip' (recorded)
-                fingerprint: str = 'stat',  # 'stat' (bytes + mtime of each file) or 'content' (sha1 of each file)
-                folder=None,                # where caches live (default `cache_dir('frames')`)
-                workers: int | None = None, # decoding processes for a build (default: 2 from 2,000 frames, else 0)
-                decode=read_rgb,            # path -> 3xHxW uint8 tensor (tests inject failures and delays here)
-                show_progress: bool | None = None,
-               ) -> tuple[FrameCache, np.ndarray]:
+def frame_cache(
+    root,  # dataset root the paths are relative to
+    paths,  # relative image paths (e.g. a frame table's `path`); duplicates stored once
+    size: int,  # side of the stored square frames
+    boxes=None,  # (N, 4) face boxes (left, top, right, bottom) to crop before resizing
+    name: str = 'frames',  # readable prefix of the cache folder (e.g. the dataset's name)
+    on_error: str = 'raise',  # missing/undecodable image: 'raise' ImageReadError, or 'skip' (recorded)
+    fingerprint: str = 'stat',  # 'stat' (bytes + mtime of each file) or 'content' (sha1 of each file)
+    folder=None,  # where caches live (default `cache_dir('frames')`)
+    workers: int | None = None,  # decoding processes for a build (default: 2 from 2,000 frames, else 0)
+    decode=read_rgb,  # path -> 3xHxW uint8 tensor (tests inject failures and delays here)
+    show_progress: bool | None = None,
+) -> tuple[FrameCache, np.ndarray]:
     "The frame cache of `paths` at `size`, built on first use (file lock, atomic publish), and each path's entry."
     from filelock import FileLock
+
     if on_error not in ('raise', 'skip'):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     entries, pos = cache_entries(paths, boxes)
     if not entries:
         raise ValueError('frame_cache: no frames to cache')
-    slot = Path(folder or cache_dir('frames'))/cache_slot(root, entries, size, name)
+    slot = Path(folder or cache_dir('frames')) / cache_slot(root, entries, size, name)
     fp = data_fingerprint(root, entries, size, fingerprint)
-    if (slot/fp/'meta.json').is_file():               # the common case takes no lock
-        return _checked(FrameCache(slot/fp), on_error), pos
+    if (slot / fp / 'meta.json').is_file():  # the common case takes no lock
+        return _checked(FrameCache(slot / fp), on_error), pos
     slot.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(slot/'.lock')):
-        built = not (slot/fp/'meta.json').is_file()   # or another process built it while this one waited
+    with FileLock(str(slot / '.lock')):
+        built = not (slot / fp / 'meta.json').is_file()  # or another process built it while this one waited
         if built:
             _build(slot, fp, root, entries, size, on_error, fingerprint, workers, decode, show_progress)
-    return _checked(FrameCache(slot/fp, built=built), on_error), pos
+    return _checked(FrameCache(slot / fp, built=built), on_error), pos
 
 # %% ../../nbs/01f_data.cache.ipynb #24977d42
 def _served(ds, df, root, size, boxes, on_error, augment, cache_kw):
@@ -248,10 +276,16 @@ def _served(ds, df, root, size, boxes, on_error, augment, cache_kw):
             add_issue(ds.issues, k, str(root), len(hit), 'e.g. ' + ', '.join(map(str, df['path'].iloc[hit[:3]])))
     ds.rows = np.flatnonzero(kind == '')
 
+
 class BatchItems(Sequence):
     "What a cached dataset's `__getitems__` returns: a batch read and collated at once; per-item dicts on demand."
-    def __init__(self, batch: dict, n: int): self.batch, self.n = batch, n
-    def __len__(self): return self.n
+
+    def __init__(self, batch: dict, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self):
+        return self.n
+
     def __getitem__(self, j):
         if not -self.n <= j < self.n:
             raise IndexError(j)
@@ -260,7 +294,8 @@ class BatchItems(Sequence):
 # %% ../../nbs/01f_data.cache.ipynb #5fca9b52
 def _unpack(buf: torch.Tensor, layout: list) -> dict:
     "The batch of a `PackedBatch`: each tensor a view of the one byte buffer."
-    return {k: buf[o:o + n].view(dt).view(shape) for k, o, n, dt, shape in layout}
+    return {k: buf[o : o + n].view(dt).view(shape) for k, o, n, dt, shape in layout}
+
 
 def _layout(spec) -> tuple[list, int]:
     "Byte offsets of (key, dtype, shape) tensors in one buffer, each 64-byte aligned so that every dtype can view it."
@@ -271,6 +306,7 @@ def _layout(spec) -> tuple[list, int]:
         total += -(-n // 64) * 64
     return layout, total
 
+
 def _buffer(total: int) -> torch.Tensor:
     "A byte buffer; in a DataLoader worker in shared memory (as `default_collate` does): sending it copies nothing."
     if torch.utils.data.get_worker_info() is None:
@@ -278,8 +314,10 @@ def _buffer(total: int) -> torch.Tensor:
     elem = torch.empty(0, dtype=torch.uint8)
     return elem.new(elem._typed_storage()._new_shared(total, device='cpu'))
 
+
 class PackedBatch(dict):
     "A batch dict that pickles as one byte buffer: from a DataLoader worker, one shared-memory transfer, not eight."
+
     @classmethod
     def allocate(cls, spec) -> PackedBatch:
         "Empty tensors (key, dtype, shape) that are views of one buffer: filled in place, they pickle without a copy."
@@ -290,23 +328,28 @@ class PackedBatch(dict):
 
     def _in_place(self) -> bool:
         packed = getattr(self, '_packed', None)
-        return bool(packed) and [k for k, *_ in packed[1]] == list(self) and all(
-            v.untyped_storage().data_ptr() == packed[0].data_ptr() for v in self.values())
+        return (
+            bool(packed)
+            and [k for k, *_ in packed[1]] == list(self)
+            and all(v.untyped_storage().data_ptr() == packed[0].data_ptr() for v in self.values())
+        )
 
     def __reduce__(self):
         if not all(isinstance(v, torch.Tensor) and v.device.type == 'cpu' for v in self.values()):
             return (dict, (dict(self),))
-        if self._in_place():                                   # filled in place: nothing to copy
+        if self._in_place():  # filled in place: nothing to copy
             return (_unpack, (torch.empty(0, dtype=torch.uint8).set_(self._packed[0]), self._packed[1]))
         layout, total = _layout([(k, v.dtype, v.shape) for k, v in self.items()])
         buf = _buffer(total)
         for k, o, n, dt, shape in layout:
-            buf[o:o + n].view(dt).view(shape).copy_(self[k])
+            buf[o : o + n].view(dt).view(shape).copy_(self[k])
         return (_unpack, (buf, layout))
+
 
 def collate(samples) -> PackedBatch:
     "A DataLoader `collate_fn`: the batch a cached dataset read and collated (no stacking), else `default_collate`."
     return PackedBatch(samples.batch if isinstance(samples, BatchItems) else default_collate(samples))
+
 
 def augment_packed(batch: dict, augment) -> PackedBatch:
     "`augment(batch)` as a `PackedBatch`, a `BatchAugment`'s float images written straight into the packed buffer."
@@ -324,49 +367,79 @@ def augment_packed(batch: dict, augment) -> PackedBatch:
 # %% ../../nbs/01f_data.cache.ipynb #bcc92f34
 class CachedFrames(FrameDataset):
     "`FrameDataset` over a frame cache: the same items with `image` a 3 x size x size uint8 tensor (or `augment`ed)."
-    def __init__(self, df: pd.DataFrame, root,
-                 size: int,                 # side of the cached frames (the model's input side)
-                 augment=None,              # a `BatchAugment` applied to every batch read (in the DataLoader's workers)
-                 transform=None,            # or a per-item transform of the uint8 frame (the slow path)
-                 on_error: str = 'raise',   # see `frame_cache`; 'skip' leaves unreadable rows out (counted in `issues`)
-                 boxes=None,                # (N, 4) face boxes to crop before resizing, or None
-                 **cache_kw):               # `frame_cache` options (folder, fingerprint, workers, show_progress)
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        root,
+        size: int,  # side of the cached frames (the model's input side)
+        augment=None,  # a `BatchAugment` applied to every batch read (in the DataLoader's workers)
+        transform=None,  # or a per-item transform of the uint8 frame (the slow path)
+        on_error: str = 'raise',  # see `frame_cache`; 'skip' leaves unreadable rows out (counted in `issues`)
+        boxes=None,  # (N, 4) face boxes to crop before resizing, or None
+        **cache_kw,
+    ):  # `frame_cache` options (folder, fingerprint, workers, show_progress)
         super().__init__(df, root, transform)
         _served(self, df, root, size, boxes, on_error, augment, cache_kw)
-    def __len__(self): return len(self.rows)
-    def load(self, r: int) -> torch.Tensor: return self.cache.frames([self.entry[r]])[0]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def load(self, r: int) -> torch.Tensor:
+        return self.cache.frames([self.entry[r]])[0]
+
     def finish(self, img: torch.Tensor) -> torch.Tensor:
         if self.augment is not None:
             return self.augment({'image': img[None]})['image'][0]
         return self.transform(img) if self.transform else img
-    def __getitem__(self, i): return super().__getitem__(int(self.rows[i]))
+
+    def __getitem__(self, i):
+        return super().__getitem__(int(self.rows[i]))
+
     def __getitems__(self, idx: list) -> BatchItems | list:
         if self.transform is not None and self.augment is None:
             return [self[i] for i in idx]
         rows = self.rows[np.asarray(idx, np.int64)]
         b = {k: torch.as_tensor(v[rows]) for k, v in self.labels.items()}
-        b['image'] = self.cache.frames(self.entry[rows]).contiguous()   # one read of the memory map for the batch
+        b['image'] = self.cache.frames(self.entry[rows]).contiguous()  # one read of the memory map for the batch
         b['index'] = torch.as_tensor(rows)
         return BatchItems(augment_packed(b, self.augment) if self.augment is not None else b, len(rows))
 
 # %% ../../nbs/01f_data.cache.ipynb #90255e69
 class CachedClips(ClipDataset):
     "`ClipDataset` over a frame cache: the same clips with `image` a T x 3 x size x size uint8 tensor (or `augment`ed)."
-    def __init__(self, df: pd.DataFrame, root, size: int, length: int = 16, stride: int | None = None,
-                 end: str = 'align', augment=None, transform=None, on_error: str = 'raise', boxes=None, **cache_kw):
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        root,
+        size: int,
+        length: int = 16,
+        stride: int | None = None,
+        end: str = 'align',
+        augment=None,
+        transform=None,
+        on_error: str = 'raise',
+        boxes=None,
+        **cache_kw,
+    ):
         super().__init__(df, root, length, stride, end, transform)
         _served(self, df, root, size, boxes, on_error, augment, cache_kw)
-        if len(self.rows) < len(df):   # clips over the frames that could be read
+        if len(self.rows) < len(df):  # clips over the frames that could be read
             wins = video_windows(df.iloc[self.rows], length, stride or length, end)
             self.windows = [np.where(w >= 0, self.rows[np.maximum(w, 0)], -1) for w in wins]
-    def load_clip(self, src: np.ndarray) -> torch.Tensor: return self.cache.frames(self.entry[src])
+
+    def load_clip(self, src: np.ndarray) -> torch.Tensor:
+        return self.cache.frames(self.entry[src])
+
     finish = CachedFrames.finish
+
     def __getitems__(self, idx: list) -> BatchItems | list:
         if self.transform is not None and self.augment is None:
             return [self[i] for i in idx]
-        idx = np.stack([self.windows[i] for i in idx])                     # (k, T) rows, -1 = padding
+        idx = np.stack([self.windows[i] for i in idx])  # (k, T) rows, -1 = padding
         valid = idx >= 0
-        src = np.where(valid, idx, np.take_along_axis(idx, valid.cumsum(1).argmax(1)[:, None], 1))   # pad: last frame
+        src = np.where(valid, idx, np.take_along_axis(idx, valid.cumsum(1).argmax(1)[:, None], 1))  # pad: last frame
         k, T = idx.shape
         b = {}
         for key, v in self.labels.items():
@@ -383,18 +456,20 @@ def _first_fit(ok: torch.Tensor, *vals):
     r = torch.arange(len(ok))
     return ok.any(1), *(v[r, k] for v in vals)
 
+
 def _tries(n: int, area: int, scale, ratio, generator):
     "10 tries per image: target areas and aspect ratios (float64), drawn as torchvision draws them."
     target = area * torch.empty(n, 10, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
     logr = torch.empty(n, 10, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     return target, torch.exp(logr)
 
+
 def crop_params(n: int, H: int, W: int, scale=(0.8, 1.0), ratio=(0.9, 1.1), generator=None) -> torch.Tensor:
     "`RandomResizedCrop`'s parameters for n images at once: (n, 4) long (top, left, height, width)."
     target, ar = _tries(n, H * W, scale, ratio, generator)
     w, h = torch.sqrt(target * ar).round(), torch.sqrt(target / ar).round()
     hit, w, h = _first_fit((w > 0) & (w <= W) & (h > 0) & (h <= H), w, h)
-    fw, fh = W, H                                        # the fallback: the centre crop, its ratio clamped
+    fw, fh = W, H  # the fallback: the centre crop, its ratio clamped
     if W / H < min(ratio):
         fh = round(W / min(ratio))
     elif W / H > max(ratio):
@@ -405,8 +480,10 @@ def crop_params(n: int, H: int, W: int, scale=(0.8, 1.0), ratio=(0.9, 1.1), gene
     left = torch.where(hit, (u[:, 1] * (W - w + 1)).floor(), (W - fw) // 2)
     return torch.stack([top, left, h, w], 1).long()
 
-def erase_params(n: int, H: int, W: int, p: float, scale=(0.02, 0.33), ratio=(0.3, 3.3),
-                 generator=None) -> torch.Tensor:
+
+def erase_params(
+    n: int, H: int, W: int, p: float, scale=(0.02, 0.33), ratio=(0.3, 3.3), generator=None
+) -> torch.Tensor:
     "`RandomErasing`'s parameters for n images: (n, 4) long (top, left, height, width); height 0: nothing erased."
     target, ar = _tries(n, H * W, scale, ratio, generator)
     h, w = torch.sqrt(target * ar).round(), torch.sqrt(target / ar).round()
@@ -417,20 +494,21 @@ def erase_params(n: int, H: int, W: int, p: float, scale=(0.02, 0.33), ratio=(0.
     return torch.stack([top, left, torch.where(on, h, 0), torch.where(on, w, 0)], 1).long()
 
 # %% ../../nbs/01f_data.cache.ipynb #406bb7e9
-def geometry(x: torch.Tensor,    # (n, C, H, W) float images (a clip: its frames' channels stacked, C = 3T)
-             box: torch.Tensor,  # (n, 4) crop (top, left, height, width) in input pixels
-             flip: torch.Tensor, # (n,) bool: mirror horizontally after the crop
-             angle: torch.Tensor,# (n,) degrees, counter-clockwise, after the flip; corners outside the image become 0
-             size: int,          # output side
-            ) -> torch.Tensor:
+def geometry(
+    x: torch.Tensor,  # (n, C, H, W) float images (a clip: its frames' channels stacked, C = 3T)
+    box: torch.Tensor,  # (n, 4) crop (top, left, height, width) in input pixels
+    flip: torch.Tensor,  # (n,) bool: mirror horizontally after the crop
+    angle: torch.Tensor,  # (n,) degrees, counter-clockwise, after the flip; corners outside the image become 0
+    size: int,  # output side
+) -> torch.Tensor:
     "Crop -> resize to size x size -> flip -> rotate, as one bilinear sampling grid per image."
     n, C, H, W = x.shape
     dev, dt = x.device, x.dtype
     top, left, h, w = box.double().unbind(1)
     a = angle.double() * (math.pi / 180)
-    f = 1 - 2 * flip.double()                                       # -1: mirrored
+    f = 1 - 2 * flip.double()  # -1: mirrored
     cos, sin = torch.cos(a), torch.sin(a)
-    u = (torch.arange(size, device=dev, dtype=dt) * 2 + 1) / size - 1   # output pixel centres in [-1, 1]
+    u = (torch.arange(size, device=dev, dtype=dt) * 2 + 1) / size - 1  # output pixel centres in [-1, 1]
     ux, uy = u.view(1, 1, 1, size), u.view(1, 1, size, 1)
     pair = lambda p, q: torch.stack([p, q], 1).to(dev, dt).view(n, 2, 1, 1)
     # v = flip(rotate(u)) is where an output pixel lies in the resized crop; the grid scales v into the crop's box.
@@ -439,20 +517,22 @@ def geometry(x: torch.Tensor,    # (n, C, H, W) float images (a clip: its frames
     centre = pair((2 * left + w) / W - 1, (2 * top + h) / H - 1)
     grid = pair(f * cos * sx, sin * sy) * ux + (pair(-f * sin * sx, cos * sy) * uy + centre)
     out = F.grid_sample(x, grid.permute(0, 2, 3, 1), mode='bilinear', padding_mode='border', align_corners=False)
-    if bool((angle != 0).any()):                                    # rotation fill: 0 outside the rotated image
+    if bool((angle != 0).any()):  # rotation fill: 0 outside the rotated image
         v = (pair(-sin, cos) * uy + pair(cos, sin) * ux).abs_().amax(1, keepdim=True)
         out = out.mul_(v <= 1)
     return out
 
 # %% ../../nbs/01f_data.cache.ipynb #c7ee1a98
-_GRAY = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
-def color_jitter(x: torch.Tensor,       # (n, T, 3, H, W) in [0, bound]
-                 factors: torch.Tensor, # (n, 3) brightness, contrast, saturation factors
-                 order: torch.Tensor,   # (n, 3) a permutation of (0, 1, 2) per image: the order of the three ops
-                 bound: float = 1.0,    # the white level (1 for [0, 1] images, 255 for uint8 levels held in floats)
-                 inplace: bool = False, # overwrite `x` (saves allocating the batch again: large allocations are slow)
-                ) -> torch.Tensor:
+
+def color_jitter(
+    x: torch.Tensor,  # (n, T, 3, H, W) in [0, bound]
+    factors: torch.Tensor,  # (n, 3) brightness, contrast, saturation factors
+    order: torch.Tensor,  # (n, 3) a permutation of (0, 1, 2) per image: the order of the three ops
+    bound: float = 1.0,  # the white level (1 for [0, 1] images, 255 for uint8 levels held in floats)
+    inplace: bool = False,  # overwrite `x` (saves allocating the batch again: large allocations are slow)
+) -> torch.Tensor:
     "`ColorJitter` with per-image factors and order, clamped to [0, bound] after each op as torchvision does."
     n = len(x)
     col = lambda t, k=5: t.to(x.device, x.dtype).view(n, *([1] * (k - 1)))
@@ -460,21 +540,25 @@ def color_jitter(x: torch.Tensor,       # (n, T, 3, H, W) in [0, bound]
     for step in range(3):
         op = order[:, step]
         fac = factors.gather(1, op[:, None])[:, 0]
-        if bool((op > 0).any()):   # contrast blends with the frame's mean gray, saturation with the gray image
+        if bool((op > 0).any()):  # contrast blends with the frame's mean gray, saturation with the gray image
             r, g, b = x.unbind(2)
             gray = (r * _GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2])
             mean = gray.mean((2, 3), keepdim=True)
             other = gray.mul_(col((op == 2) * (1 - fac), 4)).add_(mean * col((op == 1) * (1 - fac), 4))
             x.mul_(col(fac)).add_(other[:, :, None])
-        else:                      # brightness only: a blend with black
+        else:  # brightness only: a blend with black
             x.mul_(col(fac))
         x.clamp_(0, bound)
     return x
 
 # %% ../../nbs/01f_data.cache.ipynb #5945bf71
-def randaugment(x: torch.Tensor,          # (n, T, 3, H, W) uint8
-                num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31,
-                generator=None) -> torch.Tensor:
+def randaugment(
+    x: torch.Tensor,  # (n, T, 3, H, W) uint8
+    num_ops: int = 2,
+    magnitude: int = 9,
+    num_magnitude_bins: int = 31,
+    generator=None,
+) -> torch.Tensor:
     "torchvision's `RandAugment` with one draw per image (clip): each op runs once, on the images that drew it."
     ra = v2.RandAugment(num_ops, magnitude, num_magnitude_bins)
     space = ra._AUGMENTATION_SPACE
@@ -487,13 +571,15 @@ def randaugment(x: torch.Tensor,          # (n, T, 3, H, W) uint8
         for k in op.unique().tolist():
             mags, signed = space[names[k]][0](num_magnitude_bins, H, W), space[names[k]][1]
             m = float(mags[magnitude]) if mags is not None else 0.0
-            for sign in ((False, True) if signed and mags is not None else (None,)):
+            for sign in (False, True) if signed and mags is not None else (None,):
                 sel = (op == k) if sign is None else (op == k) & (neg == sign)
                 idx = sel.nonzero().squeeze(1).to(x.device)
                 if len(idx):
-                    x[idx] = ra._apply_image_or_video_transform(x[idx], names[k], -m if sign else m,
-                                                                ra.interpolation, ra._fill)
+                    x[idx] = ra._apply_image_or_video_transform(
+                        x[idx], names[k], -m if sign else m, ra.interpolation, ra._fill
+                    )
     return x
+
 
 def erase(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     "Zero the (top, left, height, width) box of each image (all frames of a clip), in place; height 0: unchanged."
@@ -509,15 +595,23 @@ def erase(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
 # %% ../../nbs/01f_data.cache.ipynb #794e49d6
 class BatchAugment:
     "`make_transform`'s preprocessing on a collated batch: uint8 `image` (B, [T,] 3, H, W) -> normalised float32."
-    def __init__(self, train: bool,                 # training augmentation or evaluation preprocessing
-                 size: int = 112,                   # output side (the cache's side)
-                 backbone: str = 'resnet50',        # picks the normalisation; 'vit*' turns on RandAugment + erasing
-                 scale: tuple = (0.8, 1.0), flip: float = 0.5, rotation: float = 10.0, jitter: float = 0.3,
-                 randaugment: bool | None = None, erasing: float | None = None,   # as in `make_transform`
-                 ratio: tuple = (0.9, 1.1),         # crop aspect-ratio range (as `make_transform` uses)
-                 mean=None, std=None,               # override the backbone's normalisation
-                 generator: torch.Generator | None = None, # default: torch's global RNG (seeded per DataLoader worker)
-                ):
+
+    def __init__(
+        self,
+        train: bool,  # training augmentation or evaluation preprocessing
+        size: int = 112,  # output side (the cache's side)
+        backbone: str = 'resnet50',  # picks the normalisation; 'vit*' turns on RandAugment + erasing
+        scale: tuple = (0.8, 1.0),
+        flip: float = 0.5,
+        rotation: float = 10.0,
+        jitter: float = 0.3,
+        randaugment: bool | None = None,
+        erasing: float | None = None,  # as in `make_transform`
+        ratio: tuple = (0.9, 1.1),  # crop aspect-ratio range (as `make_transform` uses)
+        mean=None,
+        std=None,  # override the backbone's normalisation
+        generator: torch.Generator | None = None,  # default: torch's global RNG (seeded per DataLoader worker)
+    ):
         m, s = normalization(backbone)
         vit = backbone.startswith('vit')
         self.train, self.size, self.scale, self.ratio = train, size, tuple(scale), tuple(ratio)
@@ -528,8 +622,19 @@ class BatchAugment:
         self.generator = generator
 
     def __repr__(self):
-        keys = ('train', 'size', 'scale', 'ratio', 'flip', 'rotation', 'jitter', 'randaugment', 'erasing', 'mean',
-                'std')
+        keys = (
+            'train',
+            'size',
+            'scale',
+            'ratio',
+            'flip',
+            'rotation',
+            'jitter',
+            'randaugment',
+            'erasing',
+            'mean',
+            'std',
+        )
         return f"BatchAugment({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -567,6 +672,7 @@ def _evaluate(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     y = self.normalise(x.to(torch.float32).mul_(1.0 / 255))
     return y if out is None else out.copy_(y)
 
+
 def _sample(self, n: int, H: int, W: int) -> dict:
     "Every random parameter of a batch of n images (clips), drawn on the CPU."
     g = self.generator
@@ -578,16 +684,19 @@ def _sample(self, n: int, H: int, W: int) -> dict:
     p['erase'] = erase_params(n, self.size, self.size, self.erasing, generator=g) if self.erasing else None
     return p
 
+
 @torch.no_grad()
 def _augment(self, x: torch.Tensor, p: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     "Training: geometry, jitter, RandAugment, normalisation, erasing (uint8 levels held in floats); `p`: fixed draws."
     if x.shape[-1] != self.size or x.shape[-2] != self.size:
-        raise ValueError(f'training frames must be {self.size}x{self.size} (build the cache at the training size), '
-                         f'got {tuple(x.shape[-2:])}')
+        raise ValueError(
+            f'training frames must be {self.size}x{self.size} (build the cache at the training size), '
+            f'got {tuple(x.shape[-2:])}'
+        )
     n, T, C, S, _ = x.shape
     p = p or self.sample(n, S, S)
     full = bool(((p['box'] == torch.tensor([0, 0, S, S])).all(1)).all())
-    if full and not bool((p['angle'] != 0).any()):   # no crop, no rotation (e.g. FPN): flips only
+    if full and not bool((p['angle'] != 0).any()):  # no crop, no rotation (e.g. FPN): flips only
         y = torch.where(p['flip'].to(x.device).view(n, 1, 1, 1, 1), x.flip(-1), x).to(torch.float32)
     else:
         y = geometry(x.reshape(n, T * C, S, S).to(torch.float32), p['box'], p['flip'], p['angle'], S)
@@ -598,10 +707,12 @@ def _augment(self, x: torch.Tensor, p: dict | None = None, out: torch.Tensor | N
         y = randaugment(y.round_().to(torch.uint8), generator=self.generator).to(torch.float32)
     mean = torch.as_tensor(self.mean, dtype=y.dtype, device=y.device).view(-1, 1, 1)
     std = torch.as_tensor(self.std, dtype=y.dtype, device=y.device).view(-1, 1, 1)
-    y = torch.mul(y, 1 / (255 * std), out=y if out is None else out).add_(-mean / std)   # (y / 255 - mean) / std
+    y = torch.mul(y, 1 / (255 * std), out=y if out is None else out).add_(-mean / std)  # (y / 255 - mean) / std
     return y if p['erase'] is None else erase(y, p['erase'])
 
-CHUNK_BYTES = 4 << 20   # float pixels per chunk of a large training batch: its passes then stay in the CPU's cache
+
+CHUNK_BYTES = 4 << 20  # float pixels per chunk of a large training batch: its passes then stay in the CPU's cache
+
 
 def _augment_chunked(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     "`augment` over chunks of about `CHUNK_BYTES` of float pixels (parameters drawn once for the batch), into `out`."
@@ -611,23 +722,28 @@ def _augment_chunked(self, x: torch.Tensor, out: torch.Tensor | None = None) -> 
     if out is None:
         out = torch.empty(n, T, C, self.size, self.size, dtype=torch.float32, device=x.device)
     for i in range(0, n, k):
-        self.augment(x[i:i + k], {key: v[i:i + k] if v is not None else None for key, v in p.items()}, out=out[i:i + k])
+        self.augment(
+            x[i : i + k], {key: v[i : i + k] if v is not None else None for key, v in p.items()}, out=out[i : i + k]
+        )
     return out
+
 
 BatchAugment.evaluate, BatchAugment.sample = _evaluate, _sample
 BatchAugment.augment, BatchAugment.augment_chunked = _augment, _augment_chunked
 
 # %% ../../nbs/01f_data.cache.ipynb #5cf20151
-def keep_freed_memory(mmap_threshold: int = 32 << 20,   # blocks below this come from the heap (glibc's maximum: 32 MiB)
-                      trim_threshold: int = 1 << 30,    # free memory at the heap's top kept up to this many bytes
-                     ) -> bool:
+def keep_freed_memory(
+    mmap_threshold: int = 32 << 20,  # blocks below this come from the heap (glibc's maximum: 32 MiB)
+    trim_threshold: int = 1 << 30,  # free memory at the heap's top kept up to this many bytes
+) -> bool:
     "Make glibc's malloc keep freed blocks for reuse instead of returning them to the system (process-wide)."
     import ctypes
     import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        return False                                    # not glibc: nothing changed
+        return False  # not glibc: nothing changed
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))

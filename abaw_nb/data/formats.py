@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, math, os, re, shutil
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -15,8 +15,18 @@ import torch
 from torchvision import io as tvio
 
 from ..core import write_text
-from .frames import (EXPR7, EXPR8_OTHER, AFFWILD2_12, BP4D_12, DISFA_8, FrameTableError, add_issue,
-                                 au_columns, au_list, expr_names, make_frames, map_expr, validate, frame_columns)
+from abaw_nb.data.frames import (
+    EXPR7,
+    DISFA_8,
+    FrameTableError,
+    add_issue,
+    au_columns,
+    au_list,
+    expr_names,
+    make_frames,
+    map_expr,
+    validate,
+)
 
 # %% auto #0
 __all__ = ['AFFWILD2_TASKS', 'AFFWILD2_SPLITS', 'ABAW1_SPLITS', 'AFFWILD2_EDITIONS', 'AFFWILD2_INVALID', 'TEST_LISTS',
@@ -38,12 +48,15 @@ __all__ = ['AFFWILD2_TASKS', 'AFFWILD2_SPLITS', 'ABAW1_SPLITS', 'AFFWILD2_EDITIO
 class ImageReadError(OSError):
     "An image file that is missing or cannot be decoded."
 
+
 class FormatError(ValueError):
     "An annotation file that does not follow its format (the message names the file and line)."
+
 
 def _decode_bmp(path: str, data: torch.Tensor) -> torch.Tensor:
     "A BMP file's bytes (OpenFace writes its aligned faces as .bmp) decoded by OpenCV: torchvision cannot decode BMP."
     import cv2
+
     raw = data.numpy()
     if len(raw) < 14 or raw[:2].tobytes() != b'BM' or int.from_bytes(raw[2:6].tobytes(), 'little') > len(raw):
         raise ImageReadError(f'corrupt or truncated image {path}: not a complete BMP file')
@@ -51,6 +64,7 @@ def _decode_bmp(path: str, data: torch.Tensor) -> torch.Tensor:
     if arr is None:
         raise ImageReadError(f'corrupt or truncated image {path}: OpenCV cannot decode this BMP')
     return torch.from_numpy(np.ascontiguousarray(arr[..., ::-1])).permute(2, 0, 1).contiguous()
+
 
 def read_rgb(path) -> torch.Tensor:
     "Decode an image file (JPEG, PNG, BMP) to a 3xHxW uint8 RGB tensor (grayscale/CMYK converted); errors name it."
@@ -75,10 +89,12 @@ def read_rgb(path) -> torch.Tensor:
         raise ImageReadError(f'unexpected decoded shape {tuple(img.shape)} for {path}')
     return img
 
-def write_image(path,            # file to write (.jpg/.jpeg, .png or .bmp); parents are created
-                img,             # HxWx3 (or HxW) uint8 array, or a 3xHxW uint8 tensor
-                quality: int = 95, # JPEG quality
-               ) -> Path:
+
+def write_image(
+    path,  # file to write (.jpg/.jpeg, .png or .bmp); parents are created
+    img,  # HxWx3 (or HxW) uint8 array, or a 3xHxW uint8 tensor
+    quality: int = 95,  # JPEG quality
+) -> Path:
     "Write an RGB image as JPEG with torchvision.io, PNG or BMP with OpenCV (PNG at compression 3: 4x faster than torchvision's)."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,51 +111,66 @@ def write_image(path,            # file to write (.jpg/.jpeg, .png or .bmp); par
         tvio.write_jpeg(t, str(path), quality=quality)
     elif ext == '.png':
         import cv2
+
         rgb = np.ascontiguousarray(t.permute(1, 2, 0).numpy()[..., ::-1])
         path.write_bytes(cv2.imencode('.png', rgb, [cv2.IMWRITE_PNG_COMPRESSION, 3])[1].tobytes())
     elif ext == '.bmp':
         import cv2
+
         path.write_bytes(cv2.imencode('.bmp', np.ascontiguousarray(t.permute(1, 2, 0).numpy()[..., ::-1]))[1].tobytes())
     else:
         raise ValueError(f'cannot write {path}: extension must be .jpg, .jpeg, .png or .bmp')
     return path
 
+
 def _resolve_image(images, row):
     "The image of a frame-table row from a writer's `images` argument (array, or a file path to copy)."
-    if callable(images): return images(row)
+    if callable(images):
+        return images(row)
     if isinstance(images, Mapping):
         for k in ((row['video'], int(row['frame'])), row['path']):
-            if k in images: return images[k]
+            if k in images:
+                return images[k]
         raise KeyError(f"no image for video={row['video']!r} frame={row['frame']} (path {row['path']!r})")
-    if isinstance(images, (str, Path)): return Path(images)/row['path']
+    if isinstance(images, (str, Path)):
+        return Path(images) / row['path']
     raise TypeError(f'images must be a callable, a mapping, a folder or None, got {type(images).__name__}')
+
 
 def _put_image(images, row, dst: Path, quality: int = 95):
     "Write (or copy) the image of `row` to `dst`; `images=None` means it is already there."
-    if images is None: return
+    if images is None:
+        return
     im = _resolve_image(images, row)
     if isinstance(im, Path):
         if im.resolve() != dst.resolve():
-            dst.parent.mkdir(parents=True, exist_ok=True); shutil.copyfile(im, dst)
-    else: write_image(dst, im, quality=quality)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(im, dst)
+    else:
+        write_image(dst, im, quality=quality)
 
-def check_images(df: pd.DataFrame, # frame table
-                 root,             # dataset root the paths are relative to
-                ) -> pd.DataFrame:
+
+def check_images(
+    df: pd.DataFrame,  # frame table
+    root,  # dataset root the paths are relative to
+) -> pd.DataFrame:
     "Decode every image of `df`; a DataFrame (index, path, error) of the ones that are missing or fail."
     bad = []
     for i, p in zip(df.index, df['path']):
-        try: read_rgb(Path(root)/p)
-        except ImageReadError as e: bad.append((i, p, str(e)))
+        try:
+            read_rgb(Path(root) / p)
+        except ImageReadError as e:
+            bad.append((i, p, str(e)))
     return pd.DataFrame(bad, columns=['index', 'path', 'error'])
 
 # %% ../../nbs/01b_data.formats.ipynb #f325bac9
 AFFWILD2_TASKS = {'va': 'VA_Set', 'expr': 'EXPR_Set', 'au': 'AU_Set'}
-AFFWILD2_SPLITS = {'train': 'Train_Set', 'val': 'Validation_Set', 'test': 'Test_Set'}      # ABAW2 and later
-ABAW1_SPLITS = {'train': 'Training_Set', 'val': 'Validation_Set', 'test': 'Test_Set'}      # FG 2020 (ABAW1)
-AFFWILD2_EDITIONS = {'abaw2': (AFFWILD2_SPLITS, 'affwild2_12'), 'abaw1': (ABAW1_SPLITS, 'abaw1_8')}   # folders, AUs
+AFFWILD2_SPLITS = {'train': 'Train_Set', 'val': 'Validation_Set', 'test': 'Test_Set'}  # ABAW2 and later
+ABAW1_SPLITS = {'train': 'Training_Set', 'val': 'Validation_Set', 'test': 'Test_Set'}  # FG 2020 (ABAW1)
+AFFWILD2_EDITIONS = {'abaw2': (AFFWILD2_SPLITS, 'affwild2_12'), 'abaw1': (ABAW1_SPLITS, 'abaw1_8')}  # folders, AUs
 AFFWILD2_INVALID = {'va': -5, 'expr': -1, 'au': -1}
 _FRAME_RE = re.compile(r'^(\d{5})\.jpg$')
+
 
 def affwild2_header(task: str, expr_space: str = 'expr7', au_space: str = 'affwild2_12') -> str:
     "The header line of an Aff-Wild2 annotation (and challenge prediction) file."
@@ -151,9 +182,11 @@ def affwild2_header(task: str, expr_space: str = 'expr7', au_space: str = 'affwi
         return ','.join(au_columns(au_space))
     raise ValueError(f'unknown task {task!r}; valid: {list(AFFWILD2_TASKS)}')
 
+
 def affwild2_frame_path(video: str, frame: int) -> str:
     "Path of a frame image relative to the Aff-Wild2 root."
     return f'cropped_aligned/{video}/{int(frame) + 1:05d}.jpg'
+
 
 def _header_space(path: Path, task: str, line: str, au_space: str | None = None) -> str | None:
     "The label space a header line declares (expr: expr7/expr8_other; au: affwild2_12/abaw1_8; va: None)."
@@ -169,14 +202,15 @@ def _header_space(path: Path, task: str, line: str, au_space: str | None = None)
         raise FormatError(f'{path}, line 1: wrong header {line!r}, expected ' + ' or '.join(repr(h) for h in options))
     return options[head]
 
-
 # %% ../../nbs/01b_data.formats.ipynb #066af4f4
 def _parse_rows(path: Path, lines: list[str], nvals: int, integer: bool) -> np.ndarray:
     "Parse comma-separated numeric rows; errors name the file and 1-based line number (header = line 1)."
     parts = [l.split(',') for l in lines]
     for i, p in enumerate(parts):
         if len(p) != nvals:
-            raise FormatError(f'{path}, line {i + 2}: expected {nvals} comma-separated values, got {len(p)}: {lines[i]!r}')
+            raise FormatError(
+                f'{path}, line {i + 2}: expected {nvals} comma-separated values, got {len(p)}: {lines[i]!r}'
+            )
     try:
         arr = np.array(parts, dtype=np.float64).reshape(len(lines), nvals)
     except ValueError:
@@ -191,7 +225,9 @@ def _parse_rows(path: Path, lines: list[str], nvals: int, integer: bool) -> np.n
     bad = ~np.isfinite(arr)
     if bad.any():
         i = int(np.flatnonzero(bad.any(1))[0])
-        raise FormatError(f'{path}, line {i + 2}: NaN or infinite value in {lines[i]!r}; use the invalid marker instead')
+        raise FormatError(
+            f'{path}, line {i + 2}: NaN or infinite value in {lines[i]!r}; use the invalid marker instead'
+        )
     if integer:
         nonint = arr != np.round(arr)
         if nonint.any():
@@ -199,14 +235,14 @@ def _parse_rows(path: Path, lines: list[str], nvals: int, integer: bool) -> np.n
             raise FormatError(f'{path}, line {i + 2}: expected integers, got {lines[i]!r}')
     return arr
 
-
 # %% ../../nbs/01b_data.formats.ipynb #bee3e74d
-def read_affwild2_annotation(path,          # one annotation .txt file
-                             task: str,     # 'va' | 'expr' | 'au'
-                             issues: list | None = None, # counted conversions are added here
-                             split: str = 'all',  # the split folder it came from (recorded with its issues)
-                             au_space: str | None = None, # AU files: the expected space (None: affwild2_12 or abaw1_8)
-                            ) -> tuple[pd.DataFrame, str | None]:
+def read_affwild2_annotation(
+    path,  # one annotation .txt file
+    task: str,  # 'va' | 'expr' | 'au'
+    issues: list | None = None,  # counted conversions are added here
+    split: str = 'all',  # the split folder it came from (recorded with its issues)
+    au_space: str | None = None,  # AU files: the expected space (None: affwild2_12 or abaw1_8)
+) -> tuple[pd.DataFrame, str | None]:
     "One annotation file as a DataFrame indexed by frame (NA for invalid/out-of-range values), and its label space."
     path = Path(path)
     issues = [] if issues is None else issues
@@ -245,7 +281,6 @@ def read_affwild2_annotation(path,          # one annotation .txt file
     out.index = pd.RangeIndex(len(rows), name='frame')
     return out, space
 
-
 # %% ../../nbs/01b_data.formats.ipynb #7143108b
 def _list_frames(folder: Path, issues: list, split: str = 'all') -> dict[int, str]:
     "frame index -> file name of the correctly named images in one video folder; others counted."
@@ -262,17 +297,19 @@ def _list_frames(folder: Path, issues: list, split: str = 'all') -> dict[int, st
         add_issue(issues, 'bad_frame_name', str(folder), len(bad), 'e.g. ' + ', '.join(sorted(bad)[:3]), split)
     return out
 
+
 def affwild2_edition(root, annotations: str = 'annotations') -> str | None:
     "'abaw1' if the annotation folders hold `Training_Set` folders (FG 2020), 'abaw2' if `Train_Set`, None if neither."
-    ann = Path(root)/annotations
+    ann = Path(root) / annotations
     found = {}
     for ed, (names, _) in AFFWILD2_EDITIONS.items():
-        dirs = [ann/t/names['train'] for t in AFFWILD2_TASKS.values() if (ann/t/names['train']).is_dir()]
+        dirs = [ann / t / names['train'] for t in AFFWILD2_TASKS.values() if (ann / t / names['train']).is_dir()]
         if dirs:
             found[ed] = dirs[0]
     if len(found) > 1:
         raise FormatError(f"{ann} mixes the ABAW1 and ABAW2 layouts: {found['abaw1']} and {found['abaw2']}")
     return next(iter(found), None)
+
 
 def _read_affwild2_annotations(ann: Path, tasks, splits, names: dict, au_space: str | None, issues: list):
     "Every annotation file under `ann`: {video: {task: labels}}, {video: (split, file)}, and the expr/AU spaces seen."
@@ -283,7 +320,7 @@ def _read_affwild2_annotations(ann: Path, tasks, splits, names: dict, au_space: 
         for split in splits:
             if split not in names:
                 raise ValueError(f'unknown split {split!r}; valid: {list(names)}')
-            folder = ann/AFFWILD2_TASKS[task]/names[split]
+            folder = ann / AFFWILD2_TASKS[task] / names[split]
             if not folder.is_dir():
                 continue
             for f in sorted(folder.iterdir()):
@@ -292,7 +329,9 @@ def _read_affwild2_annotations(ann: Path, tasks, splits, names: dict, au_space: 
                     continue
                 video = f.stem
                 if video in where and where[video][0] != split:
-                    raise FormatError(f'video {video!r} is in two splits: {where[video][1]} ({where[video][0]}) and {f} ({split})')
+                    raise FormatError(
+                        f'video {video!r} is in two splits: {where[video][1]} ({where[video][0]}) and {f} ({split})'
+                    )
                 where.setdefault(video, (split, f))
                 lab, sp = read_affwild2_annotation(f, task, issues, split, au_space if task == 'au' else None)
                 if task in spaces:
@@ -307,16 +346,16 @@ def _read_affwild2_annotations(ann: Path, tasks, splits, names: dict, au_space: 
             raise FormatError(f'{AFFWILD2_TASKS[task]} files mix {what} headers: {a} and {b}')
     return labels, where, {t: next(iter(s), None) for t, s in spaces.items()}
 
-
 # %% ../../nbs/01b_data.formats.ipynb #ec180df7
-def read_affwild2(root,                                  # dataset root (holds cropped_aligned/ and annotations/)
-                  tasks: Iterable[str] = ('va', 'expr', 'au'), # which annotation sets to read
-                  splits: Iterable[str] = ('train', 'val', 'test'), # which split folders to read (missing ones are skipped)
-                  drop_missing: bool = True,             # drop annotated frames without an image (no face); counted either way
-                  dataset: str = 'affwild2',             # value of the `dataset` column
-                  edition: str | None = None,            # 'abaw2' | 'abaw1' (FG 2020); None: from folders, AU headers
-                  annotations: str = 'annotations',      # name of the annotation folder under root
-                 ) -> pd.DataFrame:
+def read_affwild2(
+    root,  # dataset root (holds cropped_aligned/ and annotations/)
+    tasks: Iterable[str] = ('va', 'expr', 'au'),  # which annotation sets to read
+    splits: Iterable[str] = ('train', 'val', 'test'),  # which split folders to read (missing ones are skipped)
+    drop_missing: bool = True,  # drop annotated frames without an image (no face); counted either way
+    dataset: str = 'affwild2',  # value of the `dataset` column
+    edition: str | None = None,  # 'abaw2' | 'abaw1' (FG 2020); None: from folders, AU headers
+    annotations: str = 'annotations',  # name of the annotation folder under root
+) -> pd.DataFrame:
     "Read the ABAW2 or the FG 2020 (ABAW1) Aff-Wild2 layout into a frame table (one row per frame with an image)."
     root = Path(root)
     issues = []
@@ -325,16 +364,16 @@ def read_affwild2(root,                                  # dataset root (holds c
     found = affwild2_edition(root, annotations)
     if edition and found and edition != found:
         train = AFFWILD2_EDITIONS[found][0]['train']
-        raise FormatError(f'edition={edition!r} but {root/annotations} has the {found} folders ({train})')
+        raise FormatError(f'edition={edition!r} but {root / annotations} has the {found} folders ({train})')
     edition = edition or found
     names, space = AFFWILD2_EDITIONS[edition or 'abaw2']
     expect = space if edition else None
-    ann, where, spaces = _read_affwild2_annotations(root/annotations, tasks, splits, names, expect, issues)
+    ann, where, spaces = _read_affwild2_annotations(root / annotations, tasks, splits, names, expect, issues)
     au_space = spaces['au'] or space
     parts = []
     for video in sorted(ann):
         split = where[video][0]
-        folder = root/'cropped_aligned'/video
+        folder = root / 'cropped_aligned' / video
         imgs = _list_frames(folder, issues, split)
         labs = ann[video]
         nann = max(len(l) for l in labs.values())
@@ -342,31 +381,56 @@ def read_affwild2(root,                                  # dataset root (holds c
             add_issue(issues, 'empty_video', str(folder), 1, 'no frame images', split)
         frames = sorted(set(imgs) | (set() if drop_missing else set(range(nann))))
         missing = [f for f in range(nann) if f not in imgs]
-        add_issue(issues, 'missing_image', str(folder), len(missing),
-                  f'{len(missing)} annotated frames without image' + ('' if drop_missing else ' (kept)'), split)
+        add_issue(
+            issues,
+            'missing_image',
+            str(folder),
+            len(missing),
+            f'{len(missing)} annotated frames without image' + ('' if drop_missing else ' (kept)'),
+            split,
+        )
         if not frames:
             continue
         fr = np.array(frames, dtype=np.int64)
-        d = pd.DataFrame({'dataset': dataset, 'split': split, 'video': video, 'frame': fr,
-                          'path': [f'cropped_aligned/{video}/{imgs[f]}' if f in imgs else affwild2_frame_path(video, f) for f in frames]})
+        d = pd.DataFrame(
+            {
+                'dataset': dataset,
+                'split': split,
+                'video': video,
+                'frame': fr,
+                'path': [
+                    f'cropped_aligned/{video}/{imgs[f]}' if f in imgs else affwild2_frame_path(video, f) for f in frames
+                ],
+            }
+        )
         for task, lab in labs.items():
             beyond = int((fr >= len(lab)).sum())
             if beyond:
-                add_issue(issues, 'no_annotation', f'{AFFWILD2_TASKS[task]}/{names[split]}/{video}.txt', beyond,
-                          f'{beyond} images beyond the {len(lab)} annotation rows', split)
+                add_issue(
+                    issues,
+                    'no_annotation',
+                    f'{AFFWILD2_TASKS[task]}/{names[split]}/{video}.txt',
+                    beyond,
+                    f'{beyond} images beyond the {len(lab)} annotation rows',
+                    split,
+                )
             sub = lab.reindex(fr)
             for c in sub.columns:
                 d[c] = sub[c].to_numpy()
         parts.append(d)
-    data = pd.concat(parts, ignore_index=True) if parts else {c: [] for c in ['dataset', 'split', 'video', 'frame', 'path']}
+    data = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else {c: [] for c in ['dataset', 'split', 'video', 'frame', 'path']}
+    )
     df = make_frames(data, expr_space=spaces['expr'] or 'expr7', au_space=au_space, issues=issues)
     df.attrs['edition'] = 'abaw1' if au_space == 'abaw1_8' else 'abaw2'
     return df
 
-
 # %% ../../nbs/01b_data.formats.ipynb #88405c4f
 def _fmt_float(v) -> str:
     return repr(float(v))
+
 
 def _affwild2_task_rows(g: pd.DataFrame, task: str, cols: list[str], n: int) -> list[str] | None:
     "The n data lines of one task's annotation file for video rows `g` (invalid marker where NA); None if no label."
@@ -388,14 +452,16 @@ def _affwild2_task_rows(g: pd.DataFrame, task: str, cols: list[str], n: int) -> 
             rows[f] = ','.join(inv if pd.isna(x) else str(int(x)) for x in v)
     return rows
 
-def write_affwild2(df: pd.DataFrame,          # frame table: affwild2_12 (ABAW2) or abaw1_8 (ABAW1), expr7/expr8_other
-                   root,                      # dataset root to write into
-                   images=None,               # callable / mapping / source folder / None (see above)
-                   n_frames: Mapping[str, int] | None = None, # annotation rows per video (frames of the video); default max frame + 1
-                   test_labels: bool = True,  # write annotations of split 'test' to Test_Set folders
-                   quality: int = 95,         # JPEG quality
-                   edition: str | None = None, # 'abaw2' | 'abaw1'; default: the one whose AU space the table has
-                  ) -> Path:
+
+def write_affwild2(
+    df: pd.DataFrame,  # frame table: affwild2_12 (ABAW2) or abaw1_8 (ABAW1), expr7/expr8_other
+    root,  # dataset root to write into
+    images=None,  # callable / mapping / source folder / None (see above)
+    n_frames: Mapping[str, int] | None = None,  # annotation rows per video (frames of the video); default max frame + 1
+    test_labels: bool = True,  # write annotations of split 'test' to Test_Set folders
+    quality: int = 95,  # JPEG quality
+    edition: str | None = None,  # 'abaw2' | 'abaw1'; default: the one whose AU space the table has
+) -> Path:
     "Write a table in the ABAW2 (or FG 2020) Aff-Wild2 layout: images, per-task annotation files with invalid markers."
     validate(df)
     root = Path(root)
@@ -417,24 +483,28 @@ def write_affwild2(df: pd.DataFrame,          # frame table: affwild2_12 (ABAW2)
         if n <= fmax:
             raise ValueError(f'n_frames[{video!r}] = {n} but the table has frame {fmax}')
         for _, row in g.iterrows():
-            _put_image(images, row, root/affwild2_frame_path(video, row['frame']), quality)
+            _put_image(images, row, root / affwild2_frame_path(video, row['frame']), quality)
         if split == 'test' and not test_labels:
             continue
         for task, cols in tasks:
             rows = _affwild2_task_rows(g, task, cols, n)
             if rows is None:
                 continue
-            out = root/'annotations'/AFFWILD2_TASKS[task]/names[split]/f'{video}.txt'
+            out = root / 'annotations' / AFFWILD2_TASKS[task] / names[split] / f'{video}.txt'
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(affwild2_header(task, space, au_space) + '\n' + '\n'.join(rows) + '\n')
     return root
 
-
 # %% ../../nbs/01b_data.formats.ipynb #8d3348c1
-TEST_LISTS = {'challenge': {'va': 'test_set_VA_Challenge_frame.txt', 'expr': 'test_set_Expr_Challenge_frame.txt',
-                            'au': 'test_set_AU_Challenge_frame.txt'},          # fpn_multitask §5: 'video nframes'
-              'abaw1': {'va': 'va_test_set.txt', 'expr': 'expression_test_set.txt',
-                        'au': 'aus_test_set.txt'}}                                     # incomplete_labels §6: 'video'
+TEST_LISTS = {
+    'challenge': {
+        'va': 'test_set_VA_Challenge_frame.txt',
+        'expr': 'test_set_Expr_Challenge_frame.txt',
+        'au': 'test_set_AU_Challenge_frame.txt',
+    },  # fpn_multitask §5: 'video nframes'
+    'abaw1': {'va': 'va_test_set.txt', 'expr': 'expression_test_set.txt', 'au': 'aus_test_set.txt'},
+}  # incomplete_labels §6: 'video'
+
 
 def write_test_frame_list(path, counts: Mapping[str, int | None]) -> Path:
     "Write a test list: 'video nframes' lines, or 'video' lines where the count is None (ABAW1)."
@@ -442,6 +512,7 @@ def write_test_frame_list(path, counts: Mapping[str, int | None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(''.join(f'{v}\n' if n is None else f'{v} {int(n)}\n' for v, n in counts.items()))
     return path
+
 
 def read_test_list(path) -> dict[str, int | None]:
     "Read a test list ('video nframes' or 'video' lines, not mixed) into {video: nframes or None}; errors name lines."
@@ -461,6 +532,7 @@ def read_test_list(path) -> dict[str, int | None]:
         out[p[0]] = int(p[1]) if len(p) == 2 else None
     return out
 
+
 def read_test_frame_list(path) -> dict[str, int]:
     "Read a challenge test-frame list into {video: nframes}; errors name the line."
     out = read_test_list(path)
@@ -468,7 +540,6 @@ def read_test_frame_list(path) -> dict[str, int]:
         if len(line.split()) == 1:
             raise FormatError(f"{path}, line {i}: expected 'video nframes', got a video name only: {line!r}")
     return out
-
 
 # %% ../../nbs/01b_data.formats.ipynb #be58d771
 def _pred_columns(task: str, expr_space: str = 'expr7', au_space: str = 'affwild2_12') -> list[str]:
@@ -479,6 +550,7 @@ def _pred_columns(task: str, expr_space: str = 'expr7', au_space: str = 'affwild
     if task == 'au':
         return au_columns(au_space)
     raise ValueError(f'unknown task {task!r}; valid: va, expr, au')
+
 
 def _filled_values(g: pd.DataFrame | None, cols: list[str], n: int, video: str, fill) -> np.ndarray:
     "n x len(cols) values: each frame takes the nearest earlier prediction (before the first face, the first) or fill."
@@ -491,21 +563,23 @@ def _filled_values(g: pd.DataFrame | None, cols: list[str], n: int, video: str, 
     if fr.min() < 0 or fr.max() >= n:
         bad = fr.max() if fr.max() >= n else fr.min()
         raise ValueError(f'video {video!r}: prediction for frame {bad} outside 0..{n - 1}')
-    src = np.searchsorted(fr, np.arange(n), side='right') - 1   # index of the nearest earlier (or same) prediction
-    src[src < 0] = 0                                             # before the first face: the first prediction
+    src = np.searchsorted(fr, np.arange(n), side='right') - 1  # index of the nearest earlier (or same) prediction
+    src[src < 0] = 0  # before the first face: the first prediction
     vals = g[cols].to_numpy(dtype=np.float64)[src]
     if np.isnan(vals).any():
         raise ValueError(f'video {video!r}: NaN in predictions')
     return vals
 
-def write_challenge_predictions(pred: pd.DataFrame,          # prediction table: video, frame and the task's columns
-                                out_dir,                     # folder for <video>.txt files
-                                task: str,                   # 'va' | 'expr' | 'au'
-                                frame_counts: Mapping[str, int], # {video: nframes} from the test list
-                                expr_space: str = 'expr7',   # header of EXPR files (expr7 or expr8_other)
-                                au_space: str = 'affwild2_12', # AU columns and header (or abaw1_8 for FG 2020)
-                                fill: Mapping[str, float] | None = None, # values for a video without any prediction
-                               ) -> list[Path]:
+
+def write_challenge_predictions(
+    pred: pd.DataFrame,  # prediction table: video, frame and the task's columns
+    out_dir,  # folder for <video>.txt files
+    task: str,  # 'va' | 'expr' | 'au'
+    frame_counts: Mapping[str, int],  # {video: nframes} from the test list
+    expr_space: str = 'expr7',  # header of EXPR files (expr7 or expr8_other)
+    au_space: str = 'affwild2_12',  # AU columns and header (or abaw1_8 for FG 2020)
+    fill: Mapping[str, float] | None = None,  # values for a video without any prediction
+) -> list[Path]:
     "Write challenge prediction files: header, one row per video frame, frames without a face filled from the nearest earlier prediction."
     cols = _pred_columns(task, expr_space, au_space)
     out_dir = Path(out_dir)
@@ -526,11 +600,12 @@ def write_challenge_predictions(pred: pd.DataFrame,          # prediction table:
             rows = [f'{a!r},{b!r}' for a, b in vals.tolist()]
         else:
             rows = [','.join(str(int(x)) for x in r) for r in vals.tolist()]
-        f = out_dir/f'{video}.txt'
+        f = out_dir / f'{video}.txt'
         text = affwild2_header(task, expr_space, au_space) + '\n' + '\n'.join(rows) + '\n'
-        write_text(f, text)   # atomic: a submission file is whole or absent
+        write_text(f, text)  # atomic: a submission file is whole or absent
         files.append(f)
     return files
+
 
 def read_challenge_predictions(out_dir, task: str) -> pd.DataFrame:
     "Read challenge prediction files back into a table (video, frame, task columns; 12 or 8 AUs by the header)."
@@ -542,20 +617,22 @@ def read_challenge_predictions(out_dir, task: str) -> pd.DataFrame:
         parts.append(lab)
     return pd.concat(parts, ignore_index=True)
 
-
 # %% ../../nbs/01b_data.formats.ipynb #32afe1e5
 AFFWILD2_VIDEO_EXT = ('.mp4', '.avi', '.mkv', '.mov')
+
 
 def video_base(video: str) -> str:
     "The video file a cropped_aligned folder comes from: two-person videos' `_left` / `_right` folders share one file."
     for side in ('_left', '_right'):
         if video.endswith(side):
-            return video[:-len(side)]
+            return video[: -len(side)]
     return video
+
 
 def video_frame_count(path) -> int:
     "Number of frames of a video file by OpenCV; errors name the file."
     import cv2
+
     cap = cv2.VideoCapture(str(path))
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
     cap.release()
@@ -563,11 +640,12 @@ def video_frame_count(path) -> int:
         raise FormatError(f'{path}: cannot read the frame count of this video')
     return n
 
+
 def find_test_lists(root, lists: Mapping[str, str | Path] | None = None) -> tuple[dict[str, Path], str]:
     "The test list of each task ({task: file}) and their kind ('challenge' | 'abaw1'): given, or found in `root`."
     root = Path(root)
     if lists:
-        paths = {t: Path(p) if Path(p).is_absolute() else root/p for t, p in lists.items()}
+        paths = {t: Path(p) if Path(p).is_absolute() else root / p for t, p in lists.items()}
         for t, p in paths.items():
             if t not in AFFWILD2_TASKS:
                 raise ValueError(f'unknown task {t!r}; valid: {list(AFFWILD2_TASKS)}')
@@ -575,7 +653,7 @@ def find_test_lists(root, lists: Mapping[str, str | Path] | None = None) -> tupl
                 raise FileNotFoundError(f'test list of {t}: {p} not found')
         abaw1 = all(p.name in TEST_LISTS['abaw1'].values() for p in paths.values())
         return paths, 'abaw1' if abaw1 else 'challenge'
-    found = {k: {t: root/n for t, n in names.items() if (root/n).is_file()} for k, names in TEST_LISTS.items()}
+    found = {k: {t: root / n for t, n in names.items() if (root / n).is_file()} for k, names in TEST_LISTS.items()}
     if found['challenge'] and found['abaw1']:
         names = ', '.join(sorted(p.name for k in found for p in found[k].values()))
         raise FormatError(f'{root} holds both kinds of test list ({names}); pass lists=')
@@ -585,26 +663,27 @@ def find_test_lists(root, lists: Mapping[str, str | Path] | None = None) -> tupl
         raise FileNotFoundError(f'no test list in {root}: expected {want}')
     return found[kind], kind
 
-
 # %% ../../nbs/01b_data.formats.ipynb #ae0120f1
 def _count_from_video(root: Path, videos_dir: str, video: str) -> tuple[int | None, Path | None]:
     "Frame count of `video` from its file under root/videos_dir (any depth, as `batch*/`), or None when there is none."
     base = video_base(video)
-    folder = root/videos_dir
+    folder = root / videos_dir
     files = folder.rglob(base + '.*') if folder.is_dir() else []
     hits = sorted(p for p in files if p.suffix.lower() in AFFWILD2_VIDEO_EXT)
     return (video_frame_count(hits[0]), hits[0]) if hits else (None, None)
 
-def read_affwild2_test_lists(root,                     # dataset root (test lists, cropped_aligned/, videos/)
-                             lists: Mapping[str, str | Path] | None = None, # {task: list file}; default: found in root
-                             videos_dir: str = 'videos', # where ABAW1 name-only lists take frame counts from
-                             issues: list | None = None, # counted fallbacks are added here
-                            ) -> tuple[dict[str, dict[str, int]], str]:
+
+def read_affwild2_test_lists(
+    root,  # dataset root (test lists, cropped_aligned/, videos/)
+    lists: Mapping[str, str | Path] | None = None,  # {task: list file}; default: found in root
+    videos_dir: str = 'videos',  # where ABAW1 name-only lists take frame counts from
+    issues: list | None = None,  # counted fallbacks are added here
+) -> tuple[dict[str, dict[str, int]], str]:
     "Each task's test videos with their frame counts ({task: {video: nframes}}) and the kind of list."
     root = Path(root)
     issues = [] if issues is None else issues
     paths, kind = find_test_lists(root, lists)
-    out, seen = {}, {}   # seen: video -> (nframes, where it came from)
+    out, seen = {}, {}  # seen: video -> (nframes, where it came from)
     for task, path in paths.items():
         out[task] = {}
         for video, n in read_test_list(path).items():
@@ -615,9 +694,11 @@ def read_affwild2_test_lists(root,                     # dataset root (test list
                 n, vf = _count_from_video(root, videos_dir, video)
                 src = str(vf)
                 if n is None:
-                    imgs = _list_frames(root/'cropped_aligned'/video, [], 'test')   # bad names: counted by the reader
+                    imgs = _list_frames(
+                        root / 'cropped_aligned' / video, [], 'test'
+                    )  # bad names: counted by the reader
                     n = max(imgs) + 1 if imgs else 0
-                    src = str(root/'cropped_aligned'/video)
+                    src = str(root / 'cropped_aligned' / video)
                     detail = f'no video file for {video}: nframes = last face image'
                     add_issue(issues, 'frame_count_from_images', src, 1, detail, 'test')
             if video in seen and seen[video][0] != n:
@@ -627,15 +708,15 @@ def read_affwild2_test_lists(root,                     # dataset root (test list
             out[task][video] = int(n)
     return out, kind
 
-
 # %% ../../nbs/01b_data.formats.ipynb #29757ae1
-def read_affwild2_test(root,                      # dataset root
-                       lists: Mapping[str, str | Path] | None = None, # {task: test list}; default: found in root
-                       videos_dir: str = 'videos', # video files for ABAW1 name-only lists
-                       au_space: str | None = None, # AU columns; default abaw1_8 for ABAW1 lists, else affwild2_12
-                       expr_space: str = 'expr7',  # expression space of the (empty) expr column
-                       dataset: str = 'affwild2',  # value of the `dataset` column
-                      ) -> pd.DataFrame:
+def read_affwild2_test(
+    root,  # dataset root
+    lists: Mapping[str, str | Path] | None = None,  # {task: test list}; default: found in root
+    videos_dir: str = 'videos',  # video files for ABAW1 name-only lists
+    au_space: str | None = None,  # AU columns; default abaw1_8 for ABAW1 lists, else affwild2_12
+    expr_space: str = 'expr7',  # expression space of the (empty) expr column
+    dataset: str = 'affwild2',  # value of the `dataset` column
+) -> pd.DataFrame:
     "The Aff-Wild2 test frames with a face as a frame table (split 'test', labels NA); counts in attrs['test_lists']."
     root = Path(root)
     issues = []
@@ -645,24 +726,49 @@ def read_affwild2_test(root,                      # dataset root
     parts = []
     for video in sorted(nframes):
         n = nframes[video]
-        folder = root/'cropped_aligned'/video
+        folder = root / 'cropped_aligned' / video
         imgs = _list_frames(folder, issues, 'test')
         keep = sorted(f for f in imgs if f < n)
-        add_issue(issues, 'beyond_frame_count', str(folder), len(imgs) - len(keep),
-                  f'face images numbered beyond {n} frames (dropped)', 'test')
-        add_issue(issues, 'missing_image', str(folder), n - len(keep),
-                  'test frames without a face (the challenge writer fills them)', 'test')
+        add_issue(
+            issues,
+            'beyond_frame_count',
+            str(folder),
+            len(imgs) - len(keep),
+            f'face images numbered beyond {n} frames (dropped)',
+            'test',
+        )
+        add_issue(
+            issues,
+            'missing_image',
+            str(folder),
+            n - len(keep),
+            'test frames without a face (the challenge writer fills them)',
+            'test',
+        )
         if not keep:
             add_issue(issues, 'empty_video', str(folder), 1, 'no face image in a test video', 'test')
             continue
-        parts.append(pd.DataFrame({'dataset': dataset, 'split': 'test', 'video': video,
-                                   'frame': np.array(keep, dtype=np.int64),
-                                   'path': [f'cropped_aligned/{video}/{imgs[f]}' for f in keep]}))
-    data = pd.concat(parts, ignore_index=True) if parts else {c: [] for c in ['dataset', 'split', 'video', 'frame', 'path']}
+        parts.append(
+            pd.DataFrame(
+                {
+                    'dataset': dataset,
+                    'split': 'test',
+                    'video': video,
+                    'frame': np.array(keep, dtype=np.int64),
+                    'path': [f'cropped_aligned/{video}/{imgs[f]}' for f in keep],
+                }
+            )
+        )
+    data = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else {c: [] for c in ['dataset', 'split', 'video', 'frame', 'path']}
+    )
     df = make_frames(data, expr_space=expr_space, au_space=au_space, issues=issues)
     df.attrs['test_lists'] = counts
     df.attrs['edition'] = 'abaw1' if au_space == 'abaw1_8' else 'abaw2'
     return df
+
 
 def test_frame_counts(test: pd.DataFrame, task: str) -> dict[str, int]:
     "{video: nframes} of one task's test videos, from a `read_affwild2_test` table."
@@ -673,6 +779,7 @@ def test_frame_counts(test: pd.DataFrame, task: str) -> dict[str, int]:
         raise KeyError(f'no {task} test list; the table has {sorted(lists)}')
     return dict(lists[task])
 
+
 def missing_face_frames(test: pd.DataFrame) -> pd.DataFrame:
     "The (video, frame) test frames without a face image: those of 0..nframes-1 that have no row."
     n = {v: c for t in test.attrs['test_lists'] for v, c in test_frame_counts(test, t).items()}
@@ -680,11 +787,11 @@ def missing_face_frames(test: pd.DataFrame) -> pd.DataFrame:
     rows = [(v, f) for v in sorted(n) for f in range(n[v]) if f not in have.get(v, set())]
     return pd.DataFrame(rows, columns=['video', 'frame']).astype({'frame': np.int64})
 
-
 # %% ../../nbs/01b_data.formats.ipynb #3787e250
 def _write_count_video(path: Path, n: int, size: int = 16, fps: float = 30.0) -> Path:
     "A small MJPG .avi with `n` black frames: carries a test video's frame count for ABAW1 name-only lists."
     import cv2
+
     path.parent.mkdir(parents=True, exist_ok=True)
     w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), fps, (size, size))
     if not w.isOpened():
@@ -694,14 +801,16 @@ def _write_count_video(path: Path, n: int, size: int = 16, fps: float = 30.0) ->
     w.release()
     return path
 
-def write_affwild2_test(df: pd.DataFrame,     # the test frames with a face (split 'test'); labels are not written
-                        root,                 # dataset root
-                        images,               # callable / mapping / source folder / None
-                        test_lists: Mapping[str, Mapping[str, int]], # {task: {video: nframes}}
-                        kind: str = 'challenge', # 'challenge' (frame-count files) | 'abaw1' (name lists + video files)
-                        videos_dir: str = 'videos', # where 'abaw1' writes the videos that carry the frame counts
-                        quality: int = 95,    # JPEG quality
-                       ) -> Path:
+
+def write_affwild2_test(
+    df: pd.DataFrame,  # the test frames with a face (split 'test'); labels are not written
+    root,  # dataset root
+    images,  # callable / mapping / source folder / None
+    test_lists: Mapping[str, Mapping[str, int]],  # {task: {video: nframes}}
+    kind: str = 'challenge',  # 'challenge' (frame-count files) | 'abaw1' (name lists + video files)
+    videos_dir: str = 'videos',  # where 'abaw1' writes the videos that carry the frame counts
+    quality: int = 95,  # JPEG quality
+) -> Path:
     "Write the Aff-Wild2 test set: cropped_aligned face images and each task's test list (and, for ABAW1, the videos)."
     validate(df)
     root = Path(root)
@@ -720,45 +829,48 @@ def write_affwild2_test(df: pd.DataFrame,     # the test frames with a face (spl
         v, f = over['video'].iloc[0], over['frame'].iloc[0]
         raise ValueError(f'frame {f} of {v!r} is beyond its {n[v]} frames')
     for _, row in df.iterrows():
-        _put_image(images, row, root/affwild2_frame_path(row['video'], row['frame']), quality)
+        _put_image(images, row, root / affwild2_frame_path(row['video'], row['frame']), quality)
     for task, counts in test_lists.items():
         names = {v: (None if kind == 'abaw1' else int(c)) for v, c in counts.items()}
-        write_test_frame_list(root/TEST_LISTS[kind][task], names)
+        write_test_frame_list(root / TEST_LISTS[kind][task], names)
     if kind == 'abaw1':
         bases = {}
         for v, c in n.items():
             if bases.setdefault(video_base(v), c) != c:
                 raise ValueError(f'{v!r} and its other person share the video {video_base(v)!r} but not a frame count')
         for b, c in bases.items():
-            _write_count_video(root/videos_dir/'batch1'/f'{b}.avi', c)
+            _write_count_video(root / videos_dir / 'batch1' / f'{b}.avi', c)
     return root
 
-
 # %% ../../nbs/01b_data.formats.ipynb #32f4098e
-def write_submission(pred: pd.DataFrame,   # predictions on the test face frames: video, frame, the tasks' columns
-                     test: pd.DataFrame,   # the table from `read_affwild2_test` (its test lists and label spaces)
-                     out_dir,              # gets one folder per task: out_dir/<task>/<video>.txt
-                     tasks: Iterable[str] | None = None, # default: every task with a test list
-                     fill: Mapping[str, float] | None = None, # values for a test video without any face
-                    ) -> dict[str, list[Path]]:
+def write_submission(
+    pred: pd.DataFrame,  # predictions on the test face frames: video, frame, the tasks' columns
+    test: pd.DataFrame,  # the table from `read_affwild2_test` (its test lists and label spaces)
+    out_dir,  # gets one folder per task: out_dir/<task>/<video>.txt
+    tasks: Iterable[str] | None = None,  # default: every task with a test list
+    fill: Mapping[str, float] | None = None,  # values for a test video without any face
+) -> dict[str, list[Path]]:
     "Challenge prediction files for every task's test videos, in the test table's label spaces, missing faces filled."
     out = {}
-    for task in (tasks or list(test.attrs['test_lists'])):
+    for task in tasks or list(test.attrs['test_lists']):
         counts = test_frame_counts(test, task)
         sub = pred[pred['video'].isin(list(counts))]
-        out[task] = write_challenge_predictions(sub, Path(out_dir)/task, task, counts, test.attrs['expr_space'],
-                                                test.attrs['au_space'], fill)
+        out[task] = write_challenge_predictions(
+            sub, Path(out_dir) / task, task, counts, test.attrs['expr_space'], test.attrs['au_space'], fill
+        )
     return out
 
-def check_submission(out_dir,               # the folder `write_submission` wrote
-                     test: pd.DataFrame,    # the table from `read_affwild2_test`
-                     tasks: Iterable[str] | None = None, # default: every task with a test list
-                    ) -> pd.DataFrame:
+
+def check_submission(
+    out_dir,  # the folder `write_submission` wrote
+    test: pd.DataFrame,  # the table from `read_affwild2_test`
+    tasks: Iterable[str] | None = None,  # default: every task with a test list
+) -> pd.DataFrame:
     "Check a submission: a file per test video, header, rows for frames 1..nframes, valid values: (task, video, rows)."
     rows = []
-    for task in (tasks or list(test.attrs['test_lists'])):
+    for task in tasks or list(test.attrs['test_lists']):
         for video, n in test_frame_counts(test, task).items():
-            f = Path(out_dir)/task/f'{video}.txt'
+            f = Path(out_dir) / task / f'{video}.txt'
             if not f.is_file():
                 raise FormatError(f'{f}: missing prediction file for test video {video!r}')
             lab, space = read_affwild2_annotation(f, task, au_space=test.attrs['au_space'] if task == 'au' else None)
@@ -772,12 +884,21 @@ def check_submission(out_dir,               # the folder `write_submission` wrot
             rows.append((task, video, len(lab)))
     return pd.DataFrame(rows, columns=['task', 'video', 'rows'])
 
-
 # %% ../../nbs/01b_data.formats.ipynb #bbca2947
-AFFECTNET_COLUMNS = ['subDirectory_filePath', 'face_x', 'face_y', 'face_width', 'face_height', 'facial_landmarks',
-                     'expression', 'valence', 'arousal']
+AFFECTNET_COLUMNS = [
+    'subDirectory_filePath',
+    'face_x',
+    'face_y',
+    'face_width',
+    'face_height',
+    'facial_landmarks',
+    'expression',
+    'valence',
+    'arousal',
+]
 AFFECTNET_FILES = {'train': 'training.csv', 'val': 'validation.csv'}
 AFFECTNET_IMAGES = 'Manually_Annotated_Images'
+
 
 def _numeric_column(path, df, col, integer=False, line_offset=2):
     v = pd.to_numeric(df[col], errors='coerce')
@@ -790,94 +911,161 @@ def _numeric_column(path, df, col, integer=False, line_offset=2):
         raise FormatError(f'{path}, line {i + line_offset}: {col} must be an integer, got {df[col].iloc[i]!r}')
     return v.to_numpy(dtype=np.float64)
 
+
 def _crop_box(img: torch.Tensor, left, top, right, bottom):
     "Crop a 3xHxW tensor to a box clipped to the image; None if the clipped box is empty."
     H, W = img.shape[1:]
     l, t, r, b = max(0, int(left)), max(0, int(top)), min(W, int(right)), min(H, int(bottom))
-    if r <= l or b <= t: return None
+    if r <= l or b <= t:
+        return None
     return img[:, t:b, l:r].contiguous()
 
-def read_affectnet(root,                        # dataset root
-                   expr_space: str = 'expr7',   # 'expr7' (remapped, Contempt -> NA) or 'expr8_contempt' (AffectNet ids)
-                   crop: bool = False,          # crop face boxes to crop_dir
-                   crop_dir: str = 'cropped',   # folder (under root) for crops
-                   with_meta: bool = False,     # also return boxes + landmarks (same row order)
-                   quality: int = 95,           # JPEG quality of crops
-                  ):
+
+def read_affectnet(
+    root,  # dataset root
+    expr_space: str = 'expr7',  # 'expr7' (remapped, Contempt -> NA) or 'expr8_contempt' (AffectNet ids)
+    crop: bool = False,  # crop face boxes to crop_dir
+    crop_dir: str = 'cropped',  # folder (under root) for crops
+    with_meta: bool = False,  # also return boxes + landmarks (same row order)
+    quality: int = 95,  # JPEG quality of crops
+):
     "Read AffectNet csv files into a frame table (and optionally a meta table of face boxes and landmarks)."
-    if expr_space not in ('expr7', 'expr8_contempt'): raise ValueError(f"expr_space must be 'expr7' or 'expr8_contempt', got {expr_space!r}")
-    root = Path(root); issues = []; parts, metas = [], []
+    if expr_space not in ('expr7', 'expr8_contempt'):
+        raise ValueError(f"expr_space must be 'expr7' or 'expr8_contempt', got {expr_space!r}")
+    root = Path(root)
+    issues = []
+    parts, metas = [], []
     for split, fname in AFFECTNET_FILES.items():
-        f = root/'Manually_Annotated_file_lists'/fname
-        if not f.exists(): continue
+        f = root / 'Manually_Annotated_file_lists' / fname
+        if not f.exists():
+            continue
         head = f.open().readline().strip().split(',')
-        if head != AFFECTNET_COLUMNS: raise FormatError(f'{f}, line 1: wrong header {head}, expected {AFFECTNET_COLUMNS}')
+        if head != AFFECTNET_COLUMNS:
+            raise FormatError(f'{f}, line 1: wrong header {head}, expected {AFFECTNET_COLUMNS}')
         raw = pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[''])
-        num = {c: _numeric_column(f, raw, c, integer=c not in ('valence', 'arousal')) for c in AFFECTNET_COLUMNS[1:5] + AFFECTNET_COLUMNS[6:]}
-        e = num['expression']; noclass = np.isin(e, (8, 9, 10)); oor = ~noclass & ((e < 0) | (e > 10))
+        num = {
+            c: _numeric_column(f, raw, c, integer=c not in ('valence', 'arousal'))
+            for c in AFFECTNET_COLUMNS[1:5] + AFFECTNET_COLUMNS[6:]
+        }
+        e = num['expression']
+        noclass = np.isin(e, (8, 9, 10))
+        oor = ~noclass & ((e < 0) | (e > 10))
         add_issue(issues, 'invalid_marker', str(f), int(noclass.sum()), 'expression 8-10 (None/Uncertain/Non-face)')
         add_issue(issues, 'out_of_range', str(f), int(oor.sum()), 'expression outside 0-10')
-        ex = pd.array(np.where(noclass | oor, -1, e).astype(np.int64), dtype='Int64'); ex[noclass | oor] = pd.NA
+        ex = pd.array(np.where(noclass | oor, -1, e).astype(np.int64), dtype='Int64')
+        ex[noclass | oor] = pd.NA
         va = np.stack([num['valence'], num['arousal']], 1)
-        vmark = (va == -2).any(1); voor = ~vmark & ((va < -1) | (va > 1)).any(1)
+        vmark = (va == -2).any(1)
+        voor = ~vmark & ((va < -1) | (va > 1)).any(1)
         va[vmark | voor] = np.nan
-        add_issue(issues, 'invalid_marker', str(f), int(vmark.sum()), 'VA -2'); add_issue(issues, 'out_of_range', str(f), int(voor.sum()), 'VA outside [-1, 1]')
+        add_issue(issues, 'invalid_marker', str(f), int(vmark.sum()), 'VA -2')
+        add_issue(issues, 'out_of_range', str(f), int(voor.sum()), 'VA outside [-1, 1]')
         sub = raw['subDirectory_filePath'].astype(str)
-        d = pd.DataFrame({'dataset': 'affectnet', 'split': split, 'video': [os.path.splitext(s)[0] for s in sub], 'frame': 0,
-                          'path': [f'{AFFECTNET_IMAGES}/{s}' for s in sub], 'valence': va[:, 0], 'arousal': va[:, 1], 'expr': ex})
-        meta = pd.DataFrame({'face_x': num['face_x'].astype(int), 'face_y': num['face_y'].astype(int), 'face_width': num['face_width'].astype(int),
-                             'face_height': num['face_height'].astype(int), 'facial_landmarks': raw['facial_landmarks'].fillna('')})
-        exists = np.array([os.path.isfile(root/p) for p in d['path']], dtype=bool)
+        d = pd.DataFrame(
+            {
+                'dataset': 'affectnet',
+                'split': split,
+                'video': [os.path.splitext(s)[0] for s in sub],
+                'frame': 0,
+                'path': [f'{AFFECTNET_IMAGES}/{s}' for s in sub],
+                'valence': va[:, 0],
+                'arousal': va[:, 1],
+                'expr': ex,
+            }
+        )
+        meta = pd.DataFrame(
+            {
+                'face_x': num['face_x'].astype(int),
+                'face_y': num['face_y'].astype(int),
+                'face_width': num['face_width'].astype(int),
+                'face_height': num['face_height'].astype(int),
+                'facial_landmarks': raw['facial_landmarks'].fillna(''),
+            }
+        )
+        exists = np.array([os.path.isfile(root / p) for p in d['path']], dtype=bool)
         add_issue(issues, 'missing_image', str(f), int((~exists).sum()), 'rows whose image file is missing')
         d, meta = d[exists].reset_index(drop=True), meta[exists].reset_index(drop=True)
         if crop:
-            keep = np.ones(len(d), bool); newp = list(d['path'])
+            keep = np.ones(len(d), bool)
+            newp = list(d['path'])
             for i, (p, m) in enumerate(zip(d['path'], meta.itertuples())):
-                out = root/crop_dir/p[len(AFFECTNET_IMAGES) + 1:]
-                c = _crop_box(read_rgb(root/p), m.face_x, m.face_y, m.face_x + m.face_width, m.face_y + m.face_height)
-                if c is None: keep[i] = False; continue
-                write_image(out.with_suffix('.jpg') if out.suffix.lower() not in ('.jpg', '.jpeg', '.png') else out, c, quality)
-                newp[i] = str(Path(crop_dir)/p[len(AFFECTNET_IMAGES) + 1:])
+                out = root / crop_dir / p[len(AFFECTNET_IMAGES) + 1 :]
+                c = _crop_box(read_rgb(root / p), m.face_x, m.face_y, m.face_x + m.face_width, m.face_y + m.face_height)
+                if c is None:
+                    keep[i] = False
+                    continue
+                write_image(
+                    out.with_suffix('.jpg') if out.suffix.lower() not in ('.jpg', '.jpeg', '.png') else out, c, quality
+                )
+                newp[i] = str(Path(crop_dir) / p[len(AFFECTNET_IMAGES) + 1 :])
             d['path'] = newp
             add_issue(issues, 'bad_box', str(f), int((~keep).sum()), 'face box outside the image')
             d, meta = d[keep].reset_index(drop=True), meta[keep].reset_index(drop=True)
-        parts.append(d); metas.append(meta)
-    data = pd.concat(parts, ignore_index=True) if parts else {c: [] for c in ['dataset', 'split', 'video', 'frame', 'path']}
+        parts.append(d)
+        metas.append(meta)
+    data = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else {c: [] for c in ['dataset', 'split', 'video', 'frame', 'path']}
+    )
     df = make_frames(data, expr_space='expr8_contempt', au_space='affwild2_12', check=False)
     df = df[[c for c in df.columns if not c.startswith('AU')]]
     df = make_frames(df, expr_space='expr8_contempt', au_space='affwild2_12', issues=issues)
     if expr_space == 'expr7':
         nct = int((df['expr'] == 7).sum())
         df['expr'] = map_expr(df['expr'], 'expr8_contempt', 'expr7').to_numpy()
-        df['expr'] = df['expr'].astype('Int64'); df.attrs['expr_space'] = 'expr7'
+        df['expr'] = df['expr'].astype('Int64')
+        df.attrs['expr_space'] = 'expr7'
         add_issue(df.attrs['issues'], 'unmapped_class', 'expr8_contempt->expr7', nct, 'Contempt has no expr7 class')
     validate(df)
     return (df, pd.concat(metas, ignore_index=True) if metas else pd.DataFrame()) if with_meta else df
 
-def write_affectnet(df: pd.DataFrame,     # frame table (expr7 or expr8_contempt); path = 'Manually_Annotated_Images/<sub>'
-                    root,                 # dataset root
-                    images=None,          # callable / mapping / source folder / None
-                    meta: pd.DataFrame | None = None, # face_x, face_y, face_width, face_height, facial_landmarks per row; default whole image, no landmarks
-                    quality: int = 95,    # JPEG quality
-                   ) -> Path:
+
+def write_affectnet(
+    df: pd.DataFrame,  # frame table (expr7 or expr8_contempt); path = 'Manually_Annotated_Images/<sub>'
+    root,  # dataset root
+    images=None,  # callable / mapping / source folder / None
+    meta: pd.DataFrame
+    | None = None,  # face_x, face_y, face_width, face_height, facial_landmarks per row; default whole image, no landmarks
+    quality: int = 95,  # JPEG quality
+) -> Path:
     "Write AffectNet csv files and images (NA expression -> 8 None, NA VA -> -2)."
-    validate(df); root = Path(root)
+    validate(df)
+    root = Path(root)
     bad = [p for p in df['path'] if not p.startswith(AFFECTNET_IMAGES + '/')]
-    if bad: raise ValueError(f'AffectNet paths must start with {AFFECTNET_IMAGES}/, got {bad[:3]}')
-    ex = df['expr'] if df.attrs['expr_space'] == 'expr8_contempt' else map_expr(df['expr'], df.attrs['expr_space'], 'expr8_contempt')
+    if bad:
+        raise ValueError(f'AffectNet paths must start with {AFFECTNET_IMAGES}/, got {bad[:3]}')
+    ex = (
+        df['expr']
+        if df.attrs['expr_space'] == 'expr8_contempt'
+        else map_expr(df['expr'], df.attrs['expr_space'], 'expr8_contempt')
+    )
     rows = {s: [] for s in AFFECTNET_FILES}
     for i, (idx, row) in enumerate(df.iterrows()):
-        if row['split'] not in AFFECTNET_FILES: raise ValueError(f"AffectNet has splits {list(AFFECTNET_FILES)}, row {idx} is {row['split']!r}")
-        dst = root/row['path']; _put_image(images, row, dst, quality)
-        if meta is not None: m = meta.iloc[i]; box = [int(m.face_x), int(m.face_y), int(m.face_width), int(m.face_height)]; lm = m.facial_landmarks
+        if row['split'] not in AFFECTNET_FILES:
+            raise ValueError(f"AffectNet has splits {list(AFFECTNET_FILES)}, row {idx} is {row['split']!r}")
+        dst = root / row['path']
+        _put_image(images, row, dst, quality)
+        if meta is not None:
+            m = meta.iloc[i]
+            box = [int(m.face_x), int(m.face_y), int(m.face_width), int(m.face_height)]
+            lm = m.facial_landmarks
         else:
-            H, W = read_rgb(dst).shape[1:]; box, lm = [0, 0, W, H], ''
+            H, W = read_rgb(dst).shape[1:]
+            box, lm = [0, 0, W, H], ''
         e = ex.iloc[i]
-        va = ['-2' if pd.isna(row['valence']) or pd.isna(row['arousal']) else _fmt_float(row[c]) for c in ('valence', 'arousal')]
-        rows[row['split']].append([row['path'][len(AFFECTNET_IMAGES) + 1:], *box, lm, 8 if pd.isna(e) else int(e), *va])
+        va = [
+            '-2' if pd.isna(row['valence']) or pd.isna(row['arousal']) else _fmt_float(row[c])
+            for c in ('valence', 'arousal')
+        ]
+        rows[row['split']].append(
+            [row['path'][len(AFFECTNET_IMAGES) + 1 :], *box, lm, 8 if pd.isna(e) else int(e), *va]
+        )
     for split, r in rows.items():
-        if not r: continue
-        out = root/'Manually_Annotated_file_lists'/AFFECTNET_FILES[split]; out.parent.mkdir(parents=True, exist_ok=True)
+        if not r:
+            continue
+        out = root / 'Manually_Annotated_file_lists' / AFFECTNET_FILES[split]
+        out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(r, columns=AFFECTNET_COLUMNS).to_csv(out, index=False)
     return root
 
@@ -885,39 +1073,61 @@ def write_affectnet(df: pd.DataFrame,     # frame table (expr7 or expr8_contempt
 EXPW_LABEL = 'label/label.lst'
 EXPW_ORIGIN = 'image/origin'
 
-def read_expw(root,                       # dataset root
-              crop_dir: str = 'image/crops', # where face crops go (under root)
-              split: str = 'train',       # ExpW has no official split
-              overwrite: bool = False,    # re-write crops that already exist
-              quality: int = 95,          # JPEG quality of crops
-             ) -> pd.DataFrame:
+
+def read_expw(
+    root,  # dataset root
+    crop_dir: str = 'image/crops',  # where face crops go (under root)
+    split: str = 'train',  # ExpW has no official split
+    overwrite: bool = False,  # re-write crops that already exist
+    quality: int = 95,  # JPEG quality of crops
+) -> pd.DataFrame:
     "Read ExpW label.lst, crop every face to its own file, labels in expr7."
-    root = Path(root); issues = []; f = root/EXPW_LABEL
+    root = Path(root)
+    issues = []
+    f = root / EXPW_LABEL
     rows, seen = [], {}
     for i, line in enumerate(f.read_text().splitlines(), 1):
-        if not line.strip(): continue
+        if not line.strip():
+            continue
         p = line.split()
-        if len(p) != 8: raise FormatError(f"{f}, line {i}: expected 8 fields 'name face_id top left right bottom confidence label', got {len(p)}")
-        try: fid, top, left, right, bottom = (int(x) for x in p[1:6]); conf = float(p[6]); lab = int(p[7])
-        except ValueError: raise FormatError(f'{f}, line {i}: non-numeric field in {line!r}') from None
-        if not np.isfinite(conf): raise FormatError(f'{f}, line {i}: NaN confidence in {line!r}')
-        if (p[0], fid) in seen: raise FormatError(f'{f}, line {i}: face {fid} of {p[0]} already listed on line {seen[(p[0], fid)]}')
+        if len(p) != 8:
+            raise FormatError(
+                f"{f}, line {i}: expected 8 fields 'name face_id top left right bottom confidence label', got {len(p)}"
+            )
+        try:
+            fid, top, left, right, bottom = (int(x) for x in p[1:6])
+            conf = float(p[6])
+            lab = int(p[7])
+        except ValueError:
+            raise FormatError(f'{f}, line {i}: non-numeric field in {line!r}') from None
+        if not np.isfinite(conf):
+            raise FormatError(f'{f}, line {i}: NaN confidence in {line!r}')
+        if (p[0], fid) in seen:
+            raise FormatError(f'{f}, line {i}: face {fid} of {p[0]} already listed on line {seen[(p[0], fid)]}')
         seen[(p[0], fid)] = i
         rows.append((p[0], fid, top, left, right, bottom, lab))
     out, cache = [], {}
     nmiss = nbox = noor = 0
     for name, fid, top, left, right, bottom, lab in rows:
-        src = root/EXPW_ORIGIN/name
-        if not src.is_file(): nmiss += 1; continue
+        src = root / EXPW_ORIGIN / name
+        if not src.is_file():
+            nmiss += 1
+            continue
         rel = f'{crop_dir}/{Path(name).stem}_{fid}.jpg'
-        if overwrite or not (root/rel).exists():
-            if name not in cache: cache.clear(); cache[name] = read_rgb(src)
+        if overwrite or not (root / rel).exists():
+            if name not in cache:
+                cache.clear()
+                cache[name] = read_rgb(src)
             c = _crop_box(cache[name], left, top, right, bottom)
-            if c is None: nbox += 1; continue
-            write_image(root/rel, c, quality)
-        if not 0 <= lab <= 6: noor += 1
+            if c is None:
+                nbox += 1
+                continue
+            write_image(root / rel, c, quality)
+        if not 0 <= lab <= 6:
+            noor += 1
         out.append({'video': f'{Path(name).stem}_{fid}', 'path': rel, 'expr': lab if 0 <= lab <= 6 else None})
-    add_issue(issues, 'missing_image', str(f), nmiss, 'origin image missing'); add_issue(issues, 'bad_box', str(f), nbox, 'face box outside the image')
+    add_issue(issues, 'missing_image', str(f), nmiss, 'origin image missing')
+    add_issue(issues, 'bad_box', str(f), nbox, 'face box outside the image')
     add_issue(issues, 'out_of_range', str(f), noor, 'label outside 0-6')
     d = pd.DataFrame(out, columns=['video', 'path', 'expr'])
     d['expr'] = map_expr(d['expr'].astype('Int64'), 'expw7', 'expr7').to_numpy()
@@ -927,16 +1137,21 @@ def read_expw(root,                       # dataset root
     df = df[[c for c in df.columns if not c.startswith('AU')]]
     return make_frames(df, expr_space='expr7', au_space='affwild2_12', issues=issues)
 
-def write_expw(df: pd.DataFrame,     # one row per face, video = '<image stem>_<face_id>', expr in expr7
-               root,                 # dataset root
-               images,               # callable / mapping / source folder: the face crop of each row
-               confidence: float = 1.0, # value of the confidence field
-               quality: int = 95,    # JPEG quality of the origin images
-              ) -> Path:
+
+def write_expw(
+    df: pd.DataFrame,  # one row per face, video = '<image stem>_<face_id>', expr in expr7
+    root,  # dataset root
+    images,  # callable / mapping / source folder: the face crop of each row
+    confidence: float = 1.0,  # value of the confidence field
+    quality: int = 95,  # JPEG quality of the origin images
+) -> Path:
     "Write ExpW: origin images composed of the faces side by side, and label.lst with each face's box."
-    validate(df); root = Path(root); lines = []
+    validate(df)
+    root = Path(root)
+    lines = []
     lab = map_expr(df['expr'], df.attrs['expr_space'], 'expw7')
-    if lab.isna().any(): raise ValueError(f'ExpW needs a label for every face; rows {list(np.flatnonzero(lab.isna()))[:5]} have none')
+    if lab.isna().any():
+        raise ValueError(f'ExpW needs a label for every face; rows {list(np.flatnonzero(lab.isna()))[:5]} have none')
     key = df['video'].str.rsplit('_', n=1)
     if (key.str.len() != 2).any() or not key.str[1].str.isdigit().all():
         raise ValueError("ExpW rows need video = '<image stem>_<face_id>'")
@@ -946,33 +1161,46 @@ def write_expw(df: pd.DataFrame,     # one row per face, video = '<image stem>_<
             im = _resolve_image(images, df.loc[i])
             im = read_rgb(im).permute(1, 2, 0).numpy() if isinstance(im, Path) else np.asarray(im)
             faces.append((int(key[i][1]), im, int(lab[i])))
-        H = max(im.shape[0] for _, im, _ in faces); W = sum(im.shape[1] for _, im, _ in faces)
-        canvas = np.zeros((H, W, 3), np.uint8); x = 0
+        H = max(im.shape[0] for _, im, _ in faces)
+        W = sum(im.shape[1] for _, im, _ in faces)
+        canvas = np.zeros((H, W, 3), np.uint8)
+        x = 0
         for fid, im, l in faces:
-            h, w = im.shape[:2]; canvas[:h, x:x + w] = im
-            lines.append(f'{stem}.jpg {fid} 0 {x} {x + w} {h} {confidence!r} {l}'); x += w
-        write_image(root/EXPW_ORIGIN/f'{stem}.jpg', canvas, quality)
-    (root/EXPW_LABEL).parent.mkdir(parents=True, exist_ok=True)
-    (root/EXPW_LABEL).write_text('\n'.join(lines) + '\n')
+            h, w = im.shape[:2]
+            canvas[:h, x : x + w] = im
+            lines.append(f'{stem}.jpg {fid} 0 {x} {x + w} {h} {confidence!r} {l}')
+            x += w
+        write_image(root / EXPW_ORIGIN / f'{stem}.jpg', canvas, quality)
+    (root / EXPW_LABEL).parent.mkdir(parents=True, exist_ok=True)
+    (root / EXPW_LABEL).write_text('\n'.join(lines) + '\n')
     return root
 
 # %% ../../nbs/01b_data.formats.ipynb #5d2342ea
-AU_JSON = {'bp4d': ('bp4d_12', re.compile(r'([FM]\d{2})(?!\d)')), 'bp4d+': ('bp4d_12', re.compile(r'([FM]\d{3})(?!\d)')),
-           'disfa': ('disfa_8', re.compile(r'(SN\d{3})$'))}
+AU_JSON = {
+    'bp4d': ('bp4d_12', re.compile(r'([FM]\d{2})(?!\d)')),
+    'bp4d+': ('bp4d_12', re.compile(r'([FM]\d{3})(?!\d)')),
+    'disfa': ('disfa_8', re.compile(r'(SN\d{3})$')),
+}
 _AUJ_FRAME = re.compile(r'^frame_(\d+)\.(jpg|jpeg|png)$')
 
-BP4D_FOLDS = {1: 'F01 F02 F08 F09 F10 F18 F16 F23 M01 M04 M07 M08 M12 M14'.split(),
-              2: 'F03 F05 F11 F13 F20 F22 M02 M05 M10 M11 M13 M16 M17 M18'.split(),
-              3: 'F04 F06 F07 F12 F14 F15 F17 F19 F21 M03 M06 M09 M15'.split()}
-DISFA_FOLDS = {1: ['SN' + s for s in '001 002 009 010 016 026 027 030 032'.split()],
-               2: ['SN' + s for s in '006 011 012 013 018 021 024 028 031'.split()],
-               3: ['SN' + s for s in '003 004 005 007 008 017 023 025 029'.split()]}
+BP4D_FOLDS = {
+    1: 'F01 F02 F08 F09 F10 F18 F16 F23 M01 M04 M07 M08 M12 M14'.split(),
+    2: 'F03 F05 F11 F13 F20 F22 M02 M05 M10 M11 M13 M16 M17 M18'.split(),
+    3: 'F04 F06 F07 F12 F14 F15 F17 F19 F21 M03 M06 M09 M15'.split(),
+}
+DISFA_FOLDS = {
+    1: ['SN' + s for s in '001 002 009 010 016 026 027 030 032'.split()],
+    2: ['SN' + s for s in '006 011 012 013 018 021 024 028 031'.split()],
+    3: ['SN' + s for s in '003 004 005 007 008 017 023 025 029'.split()],
+}
 BP4DP_FOLDS = {
     1: 'M040 F072 M015 M029 M003 F076 F053 F026 F044 F066 F057 F061 F071 M050 M033 F079 F020 M025 F014 F004 F013 M017 F033 M042 M004 F038 F019 M036 M026 M048 F039 F046 M051 F047 M020'.split(),
     2: 'F074 F012 F034 M001 F056 F075 M009 M038 F024 M047 F016 M045 M034 M022 F060 M011 M044 M046 M005 M028 F077 F028 M055 M019 F032 F030 M037 M043 F031 F022 M023 M018 M016 F065 M052'.split(),
     3: 'F029 F054 F064 F045 F009 F040 F008 M041 F063 M056 M024 F001 F080 M010 F062 F035 M054 F052 F027 F043 F042 F050 M057 F078 F058 F017 M035 M030 M027 F021 M031 F069 F002 M008 F068'.split(),
-    4: 'M058 F037 F010 F023 M007 M002 F025 F073 F048 F041 F051 F011 M032 F005 M021 F018 M013 M049 M014 F070 F006 F067 M039 M006 F059 F003 F007 F049 M053 F081 F055 M012 F082 F015 F036'.split()}
+    4: 'M058 F037 F010 F023 M007 M002 F025 F073 F048 F041 F051 F011 M032 F005 M021 F018 M013 M049 M014 F070 F006 F067 M039 M006 F059 F003 F007 F049 M053 F081 F055 M012 F082 F015 F036'.split(),
+}
 AU_FOLDS = {'bp4d': BP4D_FOLDS, 'bp4d+': BP4DP_FOLDS, 'disfa': DISFA_FOLDS}
+
 
 def au_subject(img_path: str, dataset: str) -> str | None:
     "Subject id parsed from an AU-json img_path (None if it does not parse)."
@@ -980,75 +1208,115 @@ def au_subject(img_path: str, dataset: str) -> str | None:
     m = AU_JSON[dataset][1].search(folder)
     return m.group(1) if m else None
 
-def read_au_json(path,                    # the .json lines file
-                 dataset: str,            # 'bp4d' | 'bp4d+' | 'disfa'
-                 split: str = 'train',    # split of every row (see fold_split)
-                ) -> pd.DataFrame:
+
+def read_au_json(
+    path,  # the .json lines file
+    dataset: str,  # 'bp4d' | 'bp4d+' | 'disfa'
+    split: str = 'train',  # split of every row (see fold_split)
+) -> pd.DataFrame:
     "Read a BP4D/BP4D+/DISFA json-lines AU file into a frame table."
-    if dataset not in AU_JSON: raise ValueError(f'unknown AU dataset {dataset!r}; valid: {list(AU_JSON)}')
-    path = Path(path); space = AU_JSON[dataset][0]; aus = au_list(space); issues = []
+    if dataset not in AU_JSON:
+        raise ValueError(f'unknown AU dataset {dataset!r}; valid: {list(AU_JSON)}')
+    path = Path(path)
+    space = AU_JSON[dataset][0]
+    aus = au_list(space)
+    issues = []
     recs, nbad, noor = [], 0, 0
     for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip(): continue
-        try: o = json.loads(line)
-        except json.JSONDecodeError as e: raise FormatError(f'{path}, line {i}: not valid json ({e.msg})') from None
-        if not isinstance(o, dict) or 'img_path' not in o or 'AUs' not in o: raise FormatError(f"{path}, line {i}: expected keys 'img_path' and 'AUs'")
+        if not line.strip():
+            continue
+        try:
+            o = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FormatError(f'{path}, line {i}: not valid json ({e.msg})') from None
+        if not isinstance(o, dict) or 'img_path' not in o or 'AUs' not in o:
+            raise FormatError(f"{path}, line {i}: expected keys 'img_path' and 'AUs'")
         ip, v = str(o['img_path']).replace('\\', '/').strip('/'), o['AUs']
-        if not isinstance(v, list) or len(v) != len(aus): raise FormatError(f'{path}, line {i}: AUs must be a list of {len(aus)} entries ({space}), got {v!r}')
+        if not isinstance(v, list) or len(v) != len(aus):
+            raise FormatError(f'{path}, line {i}: AUs must be a list of {len(aus)} entries ({space}), got {v!r}')
         subj = au_subject(ip, dataset)
-        if subj is None: raise FormatError(f'{path}, line {i}: cannot parse a {dataset} subject id from img_path {ip!r}')
+        if subj is None:
+            raise FormatError(f'{path}, line {i}: cannot parse a {dataset} subject id from img_path {ip!r}')
         folder, _, name = ip.rpartition('/')
         m = _AUJ_FRAME.match(name)
-        if not m: nbad += 1; continue
+        if not m:
+            nbad += 1
+            continue
         row = {'video': folder, 'subject': subj, 'frame': int(m.group(1)), 'path': ip}
         for n, x in zip(aus, v):
-            if x is None: row[f'AU{n}'] = None
-            elif x == n: row[f'AU{n}'] = 1
-            elif x == 999: row[f'AU{n}'] = 0
-            else: row[f'AU{n}'] = None; noor += 1
+            if x is None:
+                row[f'AU{n}'] = None
+            elif x == n:
+                row[f'AU{n}'] = 1
+            elif x == 999:
+                row[f'AU{n}'] = 0
+            else:
+                row[f'AU{n}'] = None
+                noor += 1
         recs.append(row)
     add_issue(issues, 'bad_frame_name', str(path), nbad, "img_path not '<folder>/frame_<n>.jpg'")
     add_issue(issues, 'out_of_range', str(path), noor, 'AU entries neither the AU number nor 999')
     d = pd.DataFrame(recs, columns=['video', 'subject', 'frame', 'path'] + [f'AU{n}' for n in aus])
-    for c in d.columns[4:]: d[c] = d[c].astype('Float64').astype('Int8')
+    for c in d.columns[4:]:
+        d[c] = d[c].astype('Float64').astype('Int8')
     d['dataset'], d['split'] = dataset, split
     return make_frames(d, expr_space='expr7', au_space=space, issues=issues)
 
-def write_au_json(df: pd.DataFrame,   # frame table in the dataset's AU space; path = '<video>/frame_<n>.jpg'
-                  path,               # the .json lines file to write
-                  root,               # image root (img_path is relative to it)
-                  images=None,        # callable / mapping / source folder / None
-                  quality: int = 95,  # JPEG quality
-                 ) -> Path:
+
+def write_au_json(
+    df: pd.DataFrame,  # frame table in the dataset's AU space; path = '<video>/frame_<n>.jpg'
+    path,  # the .json lines file to write
+    root,  # image root (img_path is relative to it)
+    images=None,  # callable / mapping / source folder / None
+    quality: int = 95,  # JPEG quality
+) -> Path:
     "Write a json-lines AU file (AU number if active, 999 if not, null if unknown) and the images."
-    validate(df); aus = au_list(df.attrs['au_space']); root = Path(root); lines = []
+    validate(df)
+    aus = au_list(df.attrs['au_space'])
+    root = Path(root)
+    lines = []
     for _, row in df.iterrows():
-        _put_image(images, row, root/row['path'], quality)
-        lines.append(json.dumps({'img_path': row['path'], 'AUs': [None if pd.isna(row[f'AU{n}']) else (n if row[f'AU{n}'] == 1 else 999) for n in aus]}))
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True); path.write_text('\n'.join(lines) + '\n')
+        _put_image(images, row, root / row['path'], quality)
+        lines.append(
+            json.dumps(
+                {
+                    'img_path': row['path'],
+                    'AUs': [None if pd.isna(row[f'AU{n}']) else (n if row[f'AU{n}'] == 1 else 999) for n in aus],
+                }
+            )
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('\n'.join(lines) + '\n')
     return path
 
-def fold_split(df: pd.DataFrame, # AU frame table with subjects
-               dataset: str,     # 'bp4d' | 'bp4d+' | 'disfa'
-               fold: int,        # the test fold (1-based)
-              ) -> pd.DataFrame:
+
+def fold_split(
+    df: pd.DataFrame,  # AU frame table with subjects
+    dataset: str,  # 'bp4d' | 'bp4d+' | 'disfa'
+    fold: int,  # the test fold (1-based)
+) -> pd.DataFrame:
     "Copy of `df` whose split is 'test' for the subjects of `fold` and 'train' for the others (fmae_iat §3 folds)."
     folds = AU_FOLDS[dataset]
-    if fold not in folds: raise ValueError(f'{dataset} has folds {list(folds)}, got {fold}')
+    if fold not in folds:
+        raise ValueError(f'{dataset} has folds {list(folds)}, got {fold}')
     known = {s for f in folds.values() for s in f}
     unknown = sorted(set(df['subject'].dropna()) - known)
-    if unknown: raise ValueError(f'subjects {unknown[:5]} are in no {dataset} fold')
-    out = df.copy(); out.attrs = dict(df.attrs)
+    if unknown:
+        raise ValueError(f'subjects {unknown[:5]} are in no {dataset} fold')
+    out = df.copy()
+    out.attrs = dict(df.attrs)
     out['split'] = np.where(df['subject'].isin(folds[fold]), 'test', 'train')
     out['split'] = out['split'].astype('str')
     return validate(out)
 
 # %% ../../nbs/01b_data.formats.ipynb #af3437fa
-DISFA_AUS = [1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26]   # the AUs DISFA codes
+DISFA_AUS = [1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26]  # the AUs DISFA codes
 DISFA_LABELS = 'ActionUnit_Labels'
 DISFA_CAMERAS = ('left', 'right')
 _DISFA_SUBJECT = re.compile(r'^SN\d{3}$')
 _OPENFACE_FRAME = re.compile(r'^frame_det_\d+_(\d+)\.bmp$')
+
 
 def disfa_video(subject: str, camera: str = 'left') -> str:
     "The frame table's video name of a DISFA subject and camera: 'LeftVideoSN001'."
@@ -1056,15 +1324,17 @@ def disfa_video(subject: str, camera: str = 'left') -> str:
         raise ValueError(f'unknown camera {camera!r}; valid: {DISFA_CAMERAS}')
     return f'{camera.capitalize()}Video{subject}'
 
+
 def disfa_frame_path(video: str, frame: int, frames: str = 'video') -> str:
     "Image path (relative to the DISFA root) of a frame: extracted from the video, or OpenFace's aligned face."
     if frames == 'video':
         return f'frames/{video}/{int(frame) + 1:05d}.jpg'
     if frames == 'openface':
-        cam = video[:video.index('Video')]
+        cam = video[: video.index('Video')]
         folder = f'Videos_{cam}Camera_OpenFace_Aligned/{video}_comp/{video}_comp_aligned'
         return f'{folder}/frame_det_00_{int(frame) + 1:06d}.bmp'
     raise ValueError(f"unknown frames {frames!r}; valid: 'video', 'openface'")
+
 
 def read_disfa_intensity(path, issues: list | None = None) -> pd.Series:
     "One DISFA label file as intensities by 0-based frame (NaN where outside 0-5, counted); errors name file and line."
@@ -1088,9 +1358,11 @@ def read_disfa_intensity(path, issues: list | None = None) -> pd.Series:
     add_issue(issues, 'out_of_range', str(path), int(bad.sum()), 'intensity outside 0-5')
     return s.where(~bad)
 
+
 def extract_video_frames(video, out_dir, quality: int = 95) -> int:
     "Decode every frame of a video to out_dir/%05d.jpg (1-based; the folder appears whole or not at all); the count."
     import cv2
+
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + '.partial')
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1103,7 +1375,7 @@ def extract_video_frames(video, out_dir, quality: int = 95) -> int:
         if not ok:
             break
         n += 1
-        write_image(tmp/f'{n:05d}.jpg', np.ascontiguousarray(frame[..., ::-1]), quality)
+        write_image(tmp / f'{n:05d}.jpg', np.ascontiguousarray(frame[..., ::-1]), quality)
     cap.release()
     if n == 0:
         raise ImageReadError(f'no frame could be decoded from {video}')
@@ -1111,51 +1383,54 @@ def extract_video_frames(video, out_dir, quality: int = 95) -> int:
     tmp.rename(out_dir)
     return n
 
-
 # %% ../../nbs/01b_data.formats.ipynb #e9937a87
 def _disfa_video_file(root: Path, camera: str, subject: str) -> Path | None:
     "The camera's video of a subject (`<Camera>VideoSN001[_comp].avi`, any case), or None."
-    folder = root/f'Videos_{camera.capitalize()}Camera'
+    folder = root / f'Videos_{camera.capitalize()}Camera'
     if not folder.is_dir():
         return None
     pat = re.compile(re.escape(disfa_video(subject, camera)) + r'(_comp)?\.avi', re.IGNORECASE)
     hits = sorted(p for p in folder.iterdir() if pat.fullmatch(p.name))
     return hits[0] if hits else None
 
-def _disfa_images(root: Path, video: str, subject: str, camera: str, frames: str, extract: bool, quality: int,
-                  issues: list) -> dict[int, str]:
+
+def _disfa_images(
+    root: Path, video: str, subject: str, camera: str, frames: str, extract: bool, quality: int, issues: list
+) -> dict[int, str]:
     "frame -> image path of one DISFA video; with frames='video' the video is decoded to frames/ if they are absent."
     if frames == 'openface':
-        folder = root/Path(disfa_frame_path(video, 0, 'openface')).parent
+        folder = root / Path(disfa_frame_path(video, 0, 'openface')).parent
         names = os.listdir(folder) if folder.is_dir() else []
         found = {n: _OPENFACE_FRAME.match(n) for n in names}
         rel = folder.relative_to(root).as_posix()
         out = {int(m.group(1)) - 1: f'{rel}/{n}' for n, m in found.items() if m and int(m.group(1)) >= 1}
         add_issue(issues, 'bad_frame_name', str(folder), len(names) - len(out), 'not frame_det_<face>_<n>.bmp')
         return out
-    folder = root/'frames'/video
+    folder = root / 'frames' / video
     if extract and not (folder.is_dir() and any(folder.iterdir())):
         vf = _disfa_video_file(root, camera, subject)
         if vf is not None:
             extract_video_frames(vf, folder, quality)
     return {f: f'frames/{video}/{n}' for f, n in _list_frames(folder, issues).items()}
 
-def read_disfa_raw(root,                     # DISFA root (ActionUnit_Labels/, Videos_*Camera/, frames/)
-                   frames: str = 'video',    # 'video': frames of the camera's video (extracted once) | 'openface'
-                   camera: str = 'left',     # 'left' | 'right'
-                   au_space: str = 'disfa_8', # AUs to read (any space whose AUs DISFA codes)
-                   split: str = 'train',     # split of every row (see fold_split)
-                   extract: bool = True,     # decode a video whose frames/ folder is missing
-                   quality: int = 95,        # JPEG quality of extracted frames
-                   dataset: str = 'disfa',   # value of the dataset column
-                  ) -> pd.DataFrame:
+
+def read_disfa_raw(
+    root,  # DISFA root (ActionUnit_Labels/, Videos_*Camera/, frames/)
+    frames: str = 'video',  # 'video': frames of the camera's video (extracted once) | 'openface'
+    camera: str = 'left',  # 'left' | 'right'
+    au_space: str = 'disfa_8',  # AUs to read (any space whose AUs DISFA codes)
+    split: str = 'train',  # split of every row (see fold_split)
+    extract: bool = True,  # decode a video whose frames/ folder is missing
+    quality: int = 95,  # JPEG quality of extracted frames
+    dataset: str = 'disfa',  # value of the dataset column
+) -> pd.DataFrame:
     "Read DISFA's per-AU intensity files (presence = intensity >= 2) with the frames of each subject's video."
     root = Path(root)
     issues = []
     aus = au_list(au_space)
     if set(aus) - set(DISFA_AUS):
         raise ValueError(f'DISFA does not code AUs {sorted(set(aus) - set(DISFA_AUS))} of {au_space!r}')
-    lab_root = root/DISFA_LABELS
+    lab_root = root / DISFA_LABELS
     if not lab_root.is_dir():
         raise FileNotFoundError(f'{lab_root} not found: not a DISFA root')
     parts = []
@@ -1169,12 +1444,13 @@ def read_disfa_raw(root,                     # DISFA root (ActionUnit_Labels/, V
     d['dataset'], d['split'] = dataset, split
     return make_frames(d, au_space=au_space, issues=issues)
 
+
 def _read_disfa_subject(root, sd, aus, frames, camera, extract, quality, issues) -> pd.DataFrame | None:
     "One subject's rows (frames with an image), AU presence from the intensity files."
     subj = sd.name
     labels = {}
     for a in aus:
-        f = sd/f'{subj}_au{a}.txt'
+        f = sd / f'{subj}_au{a}.txt'
         if f.is_file():
             labels[a] = read_disfa_intensity(f, issues)
         else:
@@ -1191,21 +1467,22 @@ def _read_disfa_subject(root, sd, aus, frames, camera, extract, quality, issues)
     for a, s in labels.items():
         v = s.reindex(fr).to_numpy()
         nolab = int((~np.isin(fr, s.index)).sum())
-        add_issue(issues, 'no_annotation', str(sd/f'{subj}_au{a}.txt'), nolab, 'frames with an image but no line')
+        add_issue(issues, 'no_annotation', str(sd / f'{subj}_au{a}.txt'), nolab, 'frames with an image but no line')
         d[f'AU{a}'] = pd.array(np.where(np.isnan(v), 0, v >= 2).astype(np.int8), dtype='Int8')
         d.loc[np.isnan(v), f'AU{a}'] = pd.NA
     return d
 
-
 # %% ../../nbs/01b_data.formats.ipynb #a00086d1
 def _image_array(images, row, root: Path) -> np.ndarray:
     "HxWx3 uint8 image of a row: from the writer's `images` argument, or the file already at root/row.path."
-    im = root/row['path'] if images is None else _resolve_image(images, row)
+    im = root / row['path'] if images is None else _resolve_image(images, row)
     return read_rgb(im).permute(1, 2, 0).numpy() if isinstance(im, Path) else np.asarray(im, dtype=np.uint8)
+
 
 def _write_video(path: Path, arrays: Iterable[np.ndarray], fps: float) -> Path:
     "Write RGB frames (all one size) as an MJPG .avi."
     import cv2
+
     path.parent.mkdir(parents=True, exist_ok=True)
     w = None
     for a in arrays:
@@ -1219,15 +1496,17 @@ def _write_video(path: Path, arrays: Iterable[np.ndarray], fps: float) -> Path:
         w.release()
     return path
 
-def write_disfa_raw(df: pd.DataFrame,   # video '<Left|Right>VideoSN001', subject 'SN001', path = disfa_frame_path(...)
-                    root,               # DISFA root
-                    images=None,        # callable / mapping / source folder / None (files already at root/path)
-                    frames: str = 'video', # 'video' (the camera video; frames/ if `extracted`) | 'openface' (.bmp)
-                    extracted: bool = True, # frames='video': also write frames/ (else the reader decodes the video)
-                    intensities: pd.DataFrame | None = None, # 0-5 per AU column and row; default 2 if present, else 0
-                    fps: float = 20.0,  # frame rate of the written video (DISFA's is 20)
-                    quality: int = 95,  # JPEG quality
-                   ) -> Path:
+
+def write_disfa_raw(
+    df: pd.DataFrame,  # video '<Left|Right>VideoSN001', subject 'SN001', path = disfa_frame_path(...)
+    root,  # DISFA root
+    images=None,  # callable / mapping / source folder / None (files already at root/path)
+    frames: str = 'video',  # 'video' (the camera video; frames/ if `extracted`) | 'openface' (.bmp)
+    extracted: bool = True,  # frames='video': also write frames/ (else the reader decodes the video)
+    intensities: pd.DataFrame | None = None,  # 0-5 per AU column and row; default 2 if present, else 0
+    fps: float = 20.0,  # frame rate of the written video (DISFA's is 20)
+    quality: int = 95,  # JPEG quality
+) -> Path:
     "Write DISFA as it ships: per-subject, per-AU 'frame,intensity' files (NA: no line), the camera video, frames."
     validate(df)
     root = Path(root)
@@ -1243,16 +1522,17 @@ def write_disfa_raw(df: pd.DataFrame,   # video '<Left|Right>VideoSN001', subjec
         want = [disfa_frame_path(video, f, frames) for f in g['frame']]
         if list(g['path']) != want:
             raise ValueError(f"{video}: paths must be disfa_frame_path(video, frame, {frames!r}), e.g. {want[0]!r}")
-        _write_disfa_labels(g, root/DISFA_LABELS/m.group(2), aus, intensities)
+        _write_disfa_labels(g, root / DISFA_LABELS / m.group(2), aus, intensities)
         if frames == 'openface' or extracted:
             for _, row in g.iterrows():
-                _put_image(images, row, root/row['path'], quality)
+                _put_image(images, row, root / row['path'], quality)
         if frames == 'video':
             if list(g['frame']) != list(range(len(g))):
                 raise ValueError(f'{video}: a video needs every frame 0..{g["frame"].max()}; the table lacks some')
             arrays = (_image_array(images, row, root) for _, row in g.iterrows())
-            _write_video(root/f'Videos_{m.group(1)}Camera'/f'{video}_comp.avi', arrays, fps)
+            _write_video(root / f'Videos_{m.group(1)}Camera' / f'{video}_comp.avi', arrays, fps)
     return root
+
 
 def _write_disfa_labels(g: pd.DataFrame, folder: Path, aus: list[int], intensities: pd.DataFrame | None):
     "One subject's label files: a 'frame,intensity' line per frame whose AU is known."
@@ -1267,57 +1547,90 @@ def _write_disfa_labels(g: pd.DataFrame, folder: Path, aus: list[int], intensiti
         if intensities is not None and not agree[has].all():
             raise ValueError(f'{subj} AU{a}: intensities disagree with the labels (presence = intensity >= 2)')
         lines = [f'{f + 1},{int(v)}' for f, v, h in zip(g['frame'], val, has) if h]
-        (folder/f'{subj}_au{a}.txt').write_text(''.join(l + '\n' for l in lines))
-
+        (folder / f'{subj}_au{a}.txt').write_text(''.join(l + '\n' for l in lines))
 
 # %% ../../nbs/01b_data.formats.ipynb #849388ae
-IMAGE_FOLDER_LAYOUTS = {'rafdb': ('rafdb7', 1), 'affectnet8': ('expr8_contempt', 0)}   # native space, first folder number
+IMAGE_FOLDER_LAYOUTS = {
+    'rafdb': ('rafdb7', 1),
+    'affectnet8': ('expr8_contempt', 0),
+}  # native space, first folder number
 _IMG_EXT = ('.jpg', '.jpeg', '.png')
 
-def read_image_folder(root,                     # dataset root holding <split>/<class>/ folders
-                      layout: str = 'rafdb',    # 'rafdb' | 'affectnet8'
-                      expr_space: str | None = None, # target space (default: expr7 for rafdb, expr8_contempt for affectnet8)
-                      dataset: str | None = None,    # value of the dataset column (default: the layout)
-                     ) -> pd.DataFrame:
+
+def read_image_folder(
+    root,  # dataset root holding <split>/<class>/ folders
+    layout: str = 'rafdb',  # 'rafdb' | 'affectnet8'
+    expr_space: str | None = None,  # target space (default: expr7 for rafdb, expr8_contempt for affectnet8)
+    dataset: str | None = None,  # value of the dataset column (default: the layout)
+) -> pd.DataFrame:
     "Read a class-per-folder image dataset into a frame table."
-    if layout not in IMAGE_FOLDER_LAYOUTS: raise ValueError(f'unknown layout {layout!r}; valid: {list(IMAGE_FOLDER_LAYOUTS)}')
-    native, first = IMAGE_FOLDER_LAYOUTS[layout]; k = len(expr_names(native))
+    if layout not in IMAGE_FOLDER_LAYOUTS:
+        raise ValueError(f'unknown layout {layout!r}; valid: {list(IMAGE_FOLDER_LAYOUTS)}')
+    native, first = IMAGE_FOLDER_LAYOUTS[layout]
+    k = len(expr_names(native))
     expr_space = expr_space or ('expr7' if layout == 'rafdb' else 'expr8_contempt')
-    root = Path(root); issues = []; recs = []
+    root = Path(root)
+    issues = []
+    recs = []
     valid = {str(first + i): i for i in range(k)}
     for split in ('train', 'val', 'test'):
-        sd = root/split
-        if not sd.is_dir(): continue
+        sd = root / split
+        if not sd.is_dir():
+            continue
         for cd in sorted(sd.iterdir()):
             if not cd.is_dir():
-                add_issue(issues, 'bad_frame_name', str(sd), 1, f'not a class folder: {cd.name}'); continue
-            if cd.name not in valid: raise FormatError(f'{cd}: class folder {cd.name!r} is not one of {sorted(valid)} ({layout})')
+                add_issue(issues, 'bad_frame_name', str(sd), 1, f'not a class folder: {cd.name}')
+                continue
+            if cd.name not in valid:
+                raise FormatError(f'{cd}: class folder {cd.name!r} is not one of {sorted(valid)} ({layout})')
             for fp in sorted(cd.iterdir()):
                 if fp.suffix.lower() not in _IMG_EXT or not fp.is_file():
-                    add_issue(issues, 'bad_frame_name', str(cd), 1, f'not an image: {fp.name}'); continue
-                recs.append({'split': split, 'video': fp.stem, 'path': f'{split}/{cd.name}/{fp.name}', 'expr': valid[cd.name]})
+                    add_issue(issues, 'bad_frame_name', str(cd), 1, f'not an image: {fp.name}')
+                    continue
+                recs.append(
+                    {'split': split, 'video': fp.stem, 'path': f'{split}/{cd.name}/{fp.name}', 'expr': valid[cd.name]}
+                )
     d = pd.DataFrame(recs, columns=['split', 'video', 'path', 'expr'])
     n_before = int(d['expr'].notna().sum())
     d['expr'] = map_expr(d['expr'].astype('Int64'), native, expr_space).to_numpy()
     d['expr'] = d['expr'].astype('Int64')
     drop = d['expr'].isna()
-    add_issue(issues, 'unmapped_class', f'{native}->{expr_space}', int(drop.sum()), 'images of a class the target space lacks (dropped)')
-    d = d[~drop]; d['dataset'], d['frame'] = dataset or layout, 0
+    add_issue(
+        issues,
+        'unmapped_class',
+        f'{native}->{expr_space}',
+        int(drop.sum()),
+        'images of a class the target space lacks (dropped)',
+    )
+    d = d[~drop]
+    d['dataset'], d['frame'] = dataset or layout, 0
     df = make_frames(d, expr_space=expr_space, au_space='affwild2_12', check=False)
-    return make_frames(df[[c for c in df.columns if not c.startswith('AU')]], expr_space=expr_space, au_space='affwild2_12', issues=issues)
+    return make_frames(
+        df[[c for c in df.columns if not c.startswith('AU')]],
+        expr_space=expr_space,
+        au_space='affwild2_12',
+        issues=issues,
+    )
 
-def write_image_folder(df: pd.DataFrame,      # frame table with an expression for every row
-                       root,                  # dataset root
-                       images,                # callable / mapping / source folder
-                       layout: str = 'rafdb', # 'rafdb' | 'affectnet8'
-                       quality: int = 95,     # JPEG quality
-                      ) -> Path:
+
+def write_image_folder(
+    df: pd.DataFrame,  # frame table with an expression for every row
+    root,  # dataset root
+    images,  # callable / mapping / source folder
+    layout: str = 'rafdb',  # 'rafdb' | 'affectnet8'
+    quality: int = 95,  # JPEG quality
+) -> Path:
     "Write `<split>/<class>/<video>.jpg` folders."
-    validate(df); native, first = IMAGE_FOLDER_LAYOUTS[layout]; root = Path(root)
+    validate(df)
+    native, first = IMAGE_FOLDER_LAYOUTS[layout]
+    root = Path(root)
     lab = map_expr(df['expr'], df.attrs['expr_space'], native)
-    if lab.isna().any(): raise ValueError(f'{layout} needs a {native} class for every row; rows {list(np.flatnonzero(lab.isna()))[:5]} have none')
+    if lab.isna().any():
+        raise ValueError(
+            f'{layout} needs a {native} class for every row; rows {list(np.flatnonzero(lab.isna()))[:5]} have none'
+        )
     for (i, row), l in zip(df.iterrows(), lab):
-        _put_image(images, row, root/row['split']/str(int(l) + first)/f"{row['video']}.jpg", quality)
+        _put_image(images, row, root / row['split'] / str(int(l) + first) / f"{row['video']}.jpg", quality)
     return root
 
 # %% ../../nbs/01b_data.formats.ipynb #5ce5f7e2
@@ -1329,30 +1642,41 @@ def afew_va_crop_box(landmarks) -> tuple[float, float, float, float]:
     d = re_ - le
     th = math.atan2(d[1], d[0])
     v = mc - ec
-    height = -math.sin(th) * v[0] + math.cos(th) * v[1]   # eye-to-mouth distance across the levelled eye line
+    height = -math.sin(th) * v[0] + math.cos(th) * v[1]  # eye-to-mouth distance across the levelled eye line
     alpha = max(math.hypot(d[0], d[1]), height)
     c = (ec + mc) / 2
     return float(c[0]), float(c[1]), float(2 * alpha), math.degrees(th)
+
 
 def _box_affine(cx: float, cy: float, scale: float, angle: float, w: float, h: float) -> np.ndarray:
     "2x3 map from pixel indices of a w x h square (turned by `angle`, scaled, centred at (cx, cy)) to frame indices."
     th = math.radians(angle)
     R = scale * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
-    t = np.array([cx, cy]) - 0.5 + R @ (0.5 - np.array([w, h]) / 2)   # pixel i covers [i, i + 1)
+    t = np.array([cx, cy]) - 0.5 + R @ (0.5 - np.array([w, h]) / 2)  # pixel i covers [i, i + 1)
     return np.concatenate([R, t[:, None]], axis=1)
 
-def afew_va_crop(img: np.ndarray,  # HxWx3 frame
-                 box,              # (cx, cy, side, angle) from `afew_va_crop_box`
-                ) -> np.ndarray | None:
+
+def afew_va_crop(
+    img: np.ndarray,  # HxWx3 frame
+    box,  # (cx, cy, side, angle) from `afew_va_crop_box`
+) -> np.ndarray | None:
     "Cut the levelled square `box` out of a frame (outside the frame: black); None if the square is empty."
     import cv2
+
     cx, cy, side, angle = box
     n = int(round(side))
     if not np.isfinite(side) or n < 1:
         return None
     M = _box_affine(cx, cy, side / n, angle, n, n)
-    return cv2.warpAffine(np.ascontiguousarray(img), M, (n, n), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(
+        np.ascontiguousarray(img),
+        M,
+        (n, n),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+
 
 def afew_va_template(w: float, h: float | None = None) -> np.ndarray:
     "68 landmarks on a w x h face whose crop box is the whole image (eyes at 25 % / 75 %, 30 % down; mouth 70 % down)."
@@ -1363,13 +1687,12 @@ def afew_va_template(w: float, h: float | None = None) -> np.ndarray:
     bridge = np.stack([np.full(4, 0.5), np.linspace(0.32, 0.52, 4)], 1)
     nose = np.r_[bridge, np.stack([np.linspace(0.42, 0.58, 5), np.full(5, 0.56)], 1)]
     a = np.linspace(0, 2 * np.pi, 7)[:-1]
-    eyes = [np.stack([x + 0.08 * np.cos(np.pi - a), 0.3 + 0.03 * np.sin(a)], 1) for x in (0.25, 0.75)]   # 36-41, 42-47
+    eyes = [np.stack([x + 0.08 * np.cos(np.pi - a), 0.3 + 0.03 * np.sin(a)], 1) for x in (0.25, 0.75)]  # 36-41, 42-47
     b = np.linspace(0, 2 * np.pi, 13)[:-1]
-    outer = np.stack([0.5 - 0.15 * np.cos(b), 0.7 - 0.05 * np.sin(b)], 1)   # 48 left corner, 54 right
+    outer = np.stack([0.5 - 0.15 * np.cos(b), 0.7 - 0.05 * np.sin(b)], 1)  # 48 left corner, 54 right
     c = np.linspace(0, 2 * np.pi, 9)[:-1]
     inner = np.stack([0.5 - 0.1 * np.cos(c), 0.7 - 0.02 * np.sin(c)], 1)
     return np.concatenate([jaw, brows, nose, eyes[0], eyes[1], outer, inner]) * [w, h]
-
 
 # %% ../../nbs/01b_data.formats.ipynb #f533cdcb
 def _afew_va_landmarks(f: Path, key: str, v: dict) -> np.ndarray:
@@ -1381,6 +1704,7 @@ def _afew_va_landmarks(f: Path, key: str, v: dict) -> np.ndarray:
     if arr.shape != (68, 2) or not np.isfinite(arr).all():
         raise FormatError(f'{f}: frame {key}: landmarks must be 68 finite [x, y] pairs')
     return arr
+
 
 def _read_afew_va_file(root: Path, f: Path, crop: bool, crop_dir: str, overwrite: bool, issues: list):
     "Rows (and crop boxes) of one AFEW-VA json file; crops written under crop_dir."
@@ -1405,38 +1729,50 @@ def _read_afew_va_file(root: Path, f: Path, crop: bool, crop_dir: str, overwrite
             raise FormatError(f'{f}: frame {key}: valence/arousal missing or non-numeric') from None
         if not all(np.isfinite(va)):
             raise FormatError(f'{f}: frame {key}: NaN valence/arousal')
-        if not (root/rel/f'{key}.png').is_file():
+        if not (root / rel / f'{key}.png').is_file():
             n['missing_image'] += 1
             continue
         if any(abs(x) > 10 for x in va):
             n['out_of_range'] += 1
             va = [np.nan, np.nan]
-        rec = {'video': f.stem, 'subject': o.get('actor'), 'frame': int(key), 'path': f'{rel}/{key}.png',
-               'valence': va[0] / 10, 'arousal': va[1] / 10}
+        rec = {
+            'video': f.stem,
+            'subject': o.get('actor'),
+            'frame': int(key),
+            'path': f'{rel}/{key}.png',
+            'valence': va[0] / 10,
+            'arousal': va[1] / 10,
+        }
         if crop:
             box = afew_va_crop_box(_afew_va_landmarks(f, key, v))
             out = f'{crop_dir}/{rel}/{key}.png'
-            if overwrite or not (root/out).is_file():
-                c = afew_va_crop(read_rgb(root/rec['path']).permute(1, 2, 0).numpy(), box)
+            if overwrite or not (root / out).is_file():
+                c = afew_va_crop(read_rgb(root / rec['path']).permute(1, 2, 0).numpy(), box)
                 if c is None:
                     n['bad_box'] += 1
                     continue
-                write_image(root/out, c)
+                write_image(root / out, c)
             rec['path'] = out
             boxes.append(box)
         recs.append(rec)
-    for kind, detail in (('bad_frame_name', 'frame keys not 5 digits'), ('missing_image', ''),
-                         ('out_of_range', 'VA outside [-10, 10]'), ('bad_box', 'landmarks give an empty crop')):
+    for kind, detail in (
+        ('bad_frame_name', 'frame keys not 5 digits'),
+        ('missing_image', ''),
+        ('out_of_range', 'VA outside [-10, 10]'),
+        ('bad_box', 'landmarks give an empty crop'),
+    ):
         add_issue(issues, kind, str(f), n[kind], detail)
     return recs, boxes
 
-def read_afew_va(root,                   # dataset root
-                 split: str = 'train',   # split of every video
-                 crop: bool = False,     # cut the original's eye-levelled square from each frame (see above)
-                 crop_dir: str = 'cropped', # folder (under root) for the crops
-                 with_meta: bool = False, # also return the crop boxes (cx, cy, side, angle), same row order
-                 overwrite: bool = False, # re-write crops that already exist
-                ):
+
+def read_afew_va(
+    root,  # dataset root
+    split: str = 'train',  # split of every video
+    crop: bool = False,  # cut the original's eye-levelled square from each frame (see above)
+    crop_dir: str = 'cropped',  # folder (under root) for the crops
+    with_meta: bool = False,  # also return the crop boxes (cx, cy, side, angle), same row order
+    overwrite: bool = False,  # re-write crops that already exist
+):
     "Read AFEW-VA json + png frames into a frame table (VA / 10), optionally cropped to the face by its landmarks."
     root = Path(root)
     issues, recs, boxes = [], [], []
@@ -1452,45 +1788,54 @@ def read_afew_va(root,                   # dataset root
     meta = pd.DataFrame(boxes, columns=['cx', 'cy', 'side', 'angle'])
     return (df, meta) if with_meta else df
 
-
 # %% ../../nbs/01b_data.formats.ipynb #c5cff0dc
-def afew_va_place(face: np.ndarray,   # h x w x 3 face image
-                  canvas: np.ndarray, # H x W x 3 frame to draw on (a copy is returned)
-                  placement,          # (cx, cy, scale, angle): the face's centre in the frame, scale, turn (degrees)
-                  landmarks=None,     # 68 points on the face image; default `afew_va_template`
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def afew_va_place(
+    face: np.ndarray,  # h x w x 3 face image
+    canvas: np.ndarray,  # H x W x 3 frame to draw on (a copy is returned)
+    placement,  # (cx, cy, scale, angle): the face's centre in the frame, scale, turn (degrees)
+    landmarks=None,  # 68 points on the face image; default `afew_va_template`
+) -> tuple[np.ndarray, np.ndarray]:
     "Draw a face into a frame at a known place; the frame and the face's landmarks in frame coordinates."
     import cv2
+
     h, w = face.shape[:2]
     cx, cy, scale, angle = placement
     M = _box_affine(cx, cy, scale, angle, w, h)
-    out = cv2.warpAffine(np.ascontiguousarray(face), M, (canvas.shape[1], canvas.shape[0]), dst=canvas.copy(),
-                         flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT)
+    out = cv2.warpAffine(
+        np.ascontiguousarray(face),
+        M,
+        (canvas.shape[1], canvas.shape[0]),
+        dst=canvas.copy(),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_TRANSPARENT,
+    )
     lm = afew_va_template(w, h) if landmarks is None else np.asarray(landmarks, dtype=np.float64)
     th = math.radians(angle)
     R = scale * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
     return out, (lm - [w / 2, h / 2]) @ R.T + [cx, cy]
 
-def write_afew_va(df: pd.DataFrame,  # frame table with valence/arousal (multiples of 0.1 round-trip exactly)
-                  root,              # dataset root
-                  images=None,       # callable / mapping / source folder / None: the face (no frame_size: the frame)
-                  part: str = '',    # optional part folder ('01'..'12')
-                  landmarks=None,    # callable row -> 68x2 points on the face image; default `afew_va_template`
-                  frame_size: tuple[int, int] | None = None, # (W, H): draw each face into a frame this size
-                  placement=None,    # callable row -> (cx, cy, scale, angle) of the face; default centred, 1, 0
-                  background=0,      # frame colour (int) or callable row -> H x W x 3 frame
-                 ) -> Path:
+
+def write_afew_va(
+    df: pd.DataFrame,  # frame table with valence/arousal (multiples of 0.1 round-trip exactly)
+    root,  # dataset root
+    images=None,  # callable / mapping / source folder / None: the face (no frame_size: the frame)
+    part: str = '',  # optional part folder ('01'..'12')
+    landmarks=None,  # callable row -> 68x2 points on the face image; default `afew_va_template`
+    frame_size: tuple[int, int] | None = None,  # (W, H): draw each face into a frame this size
+    placement=None,  # callable row -> (cx, cy, scale, angle) of the face; default centred, 1, 0
+    background=0,  # frame colour (int) or callable row -> H x W x 3 frame
+) -> Path:
     "Write AFEW-VA: per-video json (VA x 10 rounded, 68 landmarks) and png frames, faces at known places."
     validate(df)
     base = Path(root)
-    root = base/part if part else base
+    root = base / part if part else base
     if images is None and frame_size is not None:
         raise ValueError('frame_size draws the faces given by images into new frames; images=None has no faces to draw')
     for video, g in df.groupby('video'):
         frames = {}
         for _, row in g.sort_values('frame').iterrows():
             key = f"{int(row['frame']):05d}"
-            dst = root/video/f'{key}.png'
+            dst = root / video / f'{key}.png'
             face = _image_array(images, row, base)
             lm = None if landmarks is None else landmarks(row)
             if frame_size is None:
@@ -1502,75 +1847,95 @@ def write_afew_va(df: pd.DataFrame,  # frame table with valence/arousal (multipl
                 frame, lm = afew_va_place(face, canvas, placement(row) if placement else (W / 2, H / 2, 1.0, 0.0), lm)
             if images is not None or frame_size is not None:
                 write_image(dst, frame)
-            frames[key] = {'valence': int(round(row['valence'] * 10)), 'arousal': int(round(row['arousal'] * 10)),
-                           'landmarks': np.round(lm, 4).tolist()}
+            frames[key] = {
+                'valence': int(round(row['valence'] * 10)),
+                'arousal': int(round(row['arousal'] * 10)),
+                'landmarks': np.round(lm, 4).tolist(),
+            }
         subj = g['subject'].iloc[0]
-        (root/video).mkdir(parents=True, exist_ok=True)
-        (root/video/f'{video}.json').write_text(json.dumps({'video_id': video, 'actor': None if pd.isna(subj) else subj, 'frames': frames}))
+        (root / video).mkdir(parents=True, exist_ok=True)
+        (root / video / f'{video}.json').write_text(
+            json.dumps({'video_id': video, 'actor': None if pd.isna(subj) else subj, 'frames': frames})
+        )
     return Path(root)
-
 
 # %% ../../nbs/01b_data.formats.ipynb #1c7c1d10
 def _au_json_file(root: Path, layout: str, json_file: str | None) -> Path:
     "The json-lines file of an AU layout: given, `<layout>.json`, or the only .json in the root."
     if json_file is not None:
-        return root/json_file
-    if (root/f'{layout}.json').is_file():
-        return root/f'{layout}.json'
+        return root / json_file
+    if (root / f'{layout}.json').is_file():
+        return root / f'{layout}.json'
     found = sorted(root.glob('*.json'))
     if len(found) != 1:
         raise FileNotFoundError(f"{root}: {len(found)} .json files and no {layout}.json; pass json='<file>'")
     return found[0]
 
+
 _AU_JSON_LAYOUTS = {'bp4d': 'bp4d', 'bp4dp': 'bp4d+', 'disfa': 'disfa'}
+
 
 def _read_au_layout(layout):
     def read(root, json: str | None = None, **kw):
         return read_au_json(_au_json_file(Path(root), layout, json), _AU_JSON_LAYOUTS[layout], **kw)
+
     return read
+
 
 def _write_au_layout(layout):
     def write(df, root, images=None, json: str | None = None, **kw):
-        return write_au_json(df, Path(root)/(json or f'{layout}.json'), root, images, **kw)
+        return write_au_json(df, Path(root) / (json or f'{layout}.json'), root, images, **kw)
+
     return write
+
 
 DATASET_LAYOUTS = {
     'affwild2': (read_affwild2, write_affwild2),
-    'affwild2_abaw1': (lambda root, **kw: read_affwild2(root, edition='abaw1', **kw),
-                       lambda df, root, images=None, **kw: write_affwild2(df, root, images, edition='abaw1', **kw)),
+    'affwild2_abaw1': (
+        lambda root, **kw: read_affwild2(root, edition='abaw1', **kw),
+        lambda df, root, images=None, **kw: write_affwild2(df, root, images, edition='abaw1', **kw),
+    ),
     'affwild2_test': (read_affwild2_test, write_affwild2_test),
     'affectnet': (read_affectnet, write_affectnet),
     'expw': (read_expw, write_expw),
     **{k: (_read_au_layout(k), _write_au_layout(k)) for k in _AU_JSON_LAYOUTS},
     'disfa_raw': (read_disfa_raw, write_disfa_raw),
-    'rafdb': (lambda root, **kw: read_image_folder(root, 'rafdb', **kw),
-              lambda df, root, images=None, **kw: write_image_folder(df, root, images, 'rafdb', **kw)),
-    'affectnet8': (lambda root, **kw: read_image_folder(root, 'affectnet8', **kw),
-                   lambda df, root, images=None, **kw: write_image_folder(df, root, images, 'affectnet8', **kw)),
+    'rafdb': (
+        lambda root, **kw: read_image_folder(root, 'rafdb', **kw),
+        lambda df, root, images=None, **kw: write_image_folder(df, root, images, 'rafdb', **kw),
+    ),
+    'affectnet8': (
+        lambda root, **kw: read_image_folder(root, 'affectnet8', **kw),
+        lambda df, root, images=None, **kw: write_image_folder(df, root, images, 'affectnet8', **kw),
+    ),
     'afew_va': (read_afew_va, write_afew_va),
 }
+
 
 def _layout(layout: str):
     if layout not in DATASET_LAYOUTS:
         raise ValueError(f'unknown layout {layout!r}; valid: {", ".join(DATASET_LAYOUTS)}')
     return DATASET_LAYOUTS[layout]
 
-def read_dataset(root,        # the dataset's root folder
-                 layout: str, # one of DATASET_LAYOUTS
-                 **kw,        # passed to the layout's reader
-                ):
+
+def read_dataset(
+    root,  # the dataset's root folder
+    layout: str,  # one of DATASET_LAYOUTS
+    **kw,  # passed to the layout's reader
+):
     "Read a dataset in `layout` into a frame table (paths relative to `root`)."
     if not Path(root).is_dir():
         raise FileNotFoundError(f'{root}: dataset root of layout {layout!r} is not a folder')
     return _layout(layout)[0](root, **kw)
 
-def write_dataset(df: pd.DataFrame, # frame table in the layout's label spaces
-                  root,             # dataset root to write into
-                  layout: str,      # one of DATASET_LAYOUTS
-                  images=None,      # callable / mapping / source folder / None
-                  **kw,             # passed to the layout's writer
-                 ) -> Path:
+
+def write_dataset(
+    df: pd.DataFrame,  # frame table in the layout's label spaces
+    root,  # dataset root to write into
+    layout: str,  # one of DATASET_LAYOUTS
+    images=None,  # callable / mapping / source folder / None
+    **kw,  # passed to the layout's writer
+) -> Path:
     "Write a frame table in `layout` with its writer."
     _layout(layout)[1](df, root, images, **kw)
     return Path(root)
-

@@ -4,10 +4,8 @@
 
 # %% ../../nbs/01a_data.frames.ipynb #53d17182
 from __future__ import annotations
-import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -19,29 +17,46 @@ __all__ = ['EXPR7', 'EXPR8_OTHER', 'AFFECTNET8', 'EXPW7', 'RAFDB7', 'EXPR_SPACES
            'empty_frames', 'validate', 'add_issue', 'issues_table', 'data_report', 'report_figures', 'task_frames']
 
 # %% ../../nbs/01a_data.frames.ipynb #d8aa7583
-EXPR7 = ['Neutral', 'Anger', 'Disgust', 'Fear', 'Happiness', 'Sadness', 'Surprise']   # Aff-Wild2 / ABAW order
-EXPR8_OTHER = EXPR7 + ['Other']                                                     # ABAW3+
+EXPR7 = ['Neutral', 'Anger', 'Disgust', 'Fear', 'Happiness', 'Sadness', 'Surprise']  # Aff-Wild2 / ABAW order
+EXPR8_OTHER = EXPR7 + ['Other']  # ABAW3+
 AFFECTNET8 = ['Neutral', 'Happy', 'Sad', 'Surprise', 'Fear', 'Disgust', 'Anger', 'Contempt']  # AffectNet ids 0-7
-EXPW7 = ['Angry', 'Disgust', 'Fear', 'Happy', 'Sad', 'Surprise', 'Neutral']          # ExpW label.lst ids 0-6
+EXPW7 = ['Angry', 'Disgust', 'Fear', 'Happy', 'Sad', 'Surprise', 'Neutral']  # ExpW label.lst ids 0-6
 RAFDB7 = ['Surprise', 'Fear', 'Disgust', 'Happiness', 'Sadness', 'Anger', 'Neutral']  # RAF-DB basic labels 1-7, minus 1
 
-EXPR_SPACES = {'expr7': EXPR7, 'expr8_other': EXPR8_OTHER, 'expr8_contempt': AFFECTNET8,
-               'expw7': EXPW7, 'rafdb7': RAFDB7}
+EXPR_SPACES = {
+    'expr7': EXPR7,
+    'expr8_other': EXPR8_OTHER,
+    'expr8_contempt': AFFECTNET8,
+    'expw7': EXPW7,
+    'rafdb7': RAFDB7,
+}
 
 AFFWILD2_12 = [1, 2, 4, 6, 7, 10, 12, 15, 23, 24, 25, 26]
-BP4D_12 = [1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24]   # BP4D and BP4D+
+BP4D_12 = [1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24]  # BP4D and BP4D+
 DISFA_8 = [1, 2, 4, 6, 9, 12, 25, 26]
-ABAW1_8 = [1, 2, 4, 6, 12, 15, 20, 25]                   # Aff-Wild2 in ABAW1 (FG-2020), incomplete_labels spec
+ABAW1_8 = [1, 2, 4, 6, 12, 15, 20, 25]  # Aff-Wild2 in ABAW1 (FG-2020), incomplete_labels spec
 AU_SPACES = {'affwild2_12': AFFWILD2_12, 'bp4d_12': BP4D_12, 'disfa_8': DISFA_8, 'abaw1_8': ABAW1_8}
 
 # synonyms: the same emotion is spelt differently by different datasets
-_CANON = {'neutral': 'neutral', 'anger': 'anger', 'angry': 'anger', 'disgust': 'disgust', 'fear': 'fear',
-          'happiness': 'happiness', 'happy': 'happiness', 'sadness': 'sadness', 'sad': 'sadness',
-          'surprise': 'surprise', 'contempt': 'contempt', 'other': 'other'}
+_CANON = {
+    'neutral': 'neutral',
+    'anger': 'anger',
+    'angry': 'anger',
+    'disgust': 'disgust',
+    'fear': 'fear',
+    'happiness': 'happiness',
+    'happy': 'happiness',
+    'sadness': 'sadness',
+    'sad': 'sadness',
+    'surprise': 'surprise',
+    'contempt': 'contempt',
+    'other': 'other',
+}
 
 KEY_COLUMNS = ['dataset', 'split', 'video', 'subject', 'frame', 'path', 'valence', 'arousal', 'expr']
 STR_COLUMNS = ['dataset', 'split', 'video', 'subject', 'path']
 SPLITS = ('train', 'val', 'test')
+
 
 def expr_names(space: str) -> list[str]:
     "Class names of an expression space, in index order."
@@ -49,33 +64,39 @@ def expr_names(space: str) -> list[str]:
         raise ValueError(f'unknown expression space {space!r}; valid: {sorted(EXPR_SPACES)}')
     return list(EXPR_SPACES[space])
 
+
 def au_list(space: str) -> list[int]:
     "AU numbers of an AU space, in column order."
     if space not in AU_SPACES:
         raise ValueError(f'unknown AU space {space!r}; valid: {sorted(AU_SPACES)}')
     return list(AU_SPACES[space])
 
+
 def au_columns(space: str) -> list[str]:
     "Frame-table column names (`AU1`, ...) of an AU space."
     return [f'AU{n}' for n in au_list(space)]
+
 
 def frame_columns(au_space: str, audio: bool = False) -> list[str]:
     "All columns of a frame table, in order."
     return KEY_COLUMNS + au_columns(au_space) + (['audio'] if audio else [])
 
 # %% ../../nbs/01a_data.frames.ipynb #6699868c
-def expr_index_map(src: str, # source expression space
-                   dst: str, # destination expression space
-                  ) -> np.ndarray:
+def expr_index_map(
+    src: str,  # source expression space
+    dst: str,  # destination expression space
+) -> np.ndarray:
     "Array `m` with `m[i]` = index in `dst` of class `i` of `src`, or -1 if `dst` has no such class."
     s, d = expr_names(src), expr_names(dst)
     dpos = {_CANON[n.lower()]: j for j, n in enumerate(d)}
     return np.array([dpos.get(_CANON[n.lower()], -1) for n in s], dtype=np.int64)
 
-def map_expr(values,   # class indices in `src` (ints, NA allowed)
-             src: str, # source expression space
-             dst: str, # destination expression space
-            ) -> pd.Series:
+
+def map_expr(
+    values,  # class indices in `src` (ints, NA allowed)
+    src: str,  # source expression space
+    dst: str,  # destination expression space
+) -> pd.Series:
     "Map expression indices between spaces; NA, out-of-range and unmappable classes give NA (`Int64`)."
     m = expr_index_map(src, dst)
     v = pd.array(pd.Series(values).astype('Float64'), dtype='Float64')
@@ -90,9 +111,11 @@ def map_expr(values,   # class indices in `src` (ints, NA allowed)
     out[idx[keep]] = mapped[keep]
     return pd.Series(out, index=getattr(values, 'index', None))
 
-def convert_expr(df: pd.DataFrame, # frame table
-                 dst: str,         # destination expression space
-                ) -> pd.DataFrame:
+
+def convert_expr(
+    df: pd.DataFrame,  # frame table
+    dst: str,  # destination expression space
+) -> pd.DataFrame:
     "Copy of `df` with `expr` remapped from `df.attrs['expr_space']` to `dst`."
     out = df.copy()
     out['expr'] = map_expr(df['expr'], df.attrs['expr_space'], dst).to_numpy()
@@ -100,9 +123,11 @@ def convert_expr(df: pd.DataFrame, # frame table
     out.attrs = {**df.attrs, 'expr_space': dst}
     return out
 
-def convert_aus(df: pd.DataFrame, # frame table
-                dst: str,         # destination AU space
-               ) -> pd.DataFrame:
+
+def convert_aus(
+    df: pd.DataFrame,  # frame table
+    dst: str,  # destination AU space
+) -> pd.DataFrame:
     "Copy of `df` with the AU columns of `dst`: shared AUs kept, AUs the source lacks are NA, others dropped."
     src_cols = set(au_columns(df.attrs['au_space']))
     out = df[[c for c in df.columns if not (c.startswith('AU') and c[2:].isdigit())]].copy()
@@ -117,53 +142,71 @@ def convert_aus(df: pd.DataFrame, # frame table
 class FrameTableError(ValueError):
     "A frame table that does not follow the schema."
 
-def make_frames(data=None,                     # dict of columns, list of row dicts or DataFrame; missing label columns -> NA
-                expr_space: str = 'expr7',     # expression space of `expr`
-                au_space: str = 'affwild2_12', # AU space (which AU columns exist)
-                issues: list | None = None,    # reader issues to carry in attrs (see `add_issue`)
-                check: bool = True,            # run `validate` on the result
-               ) -> pd.DataFrame:
+
+def make_frames(
+    data=None,  # dict of columns, list of row dicts or DataFrame; missing label columns -> NA
+    expr_space: str = 'expr7',  # expression space of `expr`
+    au_space: str = 'affwild2_12',  # AU space (which AU columns exist)
+    issues: list | None = None,  # reader issues to carry in attrs (see `add_issue`)
+    check: bool = True,  # run `validate` on the result
+) -> pd.DataFrame:
     "A frame table with the schema's columns, order and dtypes."
-    expr_names(expr_space); aus = au_columns(au_space)
+    expr_names(expr_space)
+    aus = au_columns(au_space)
     src = pd.DataFrame(data if data is not None else {})
     n = len(src)
     extra = [c for c in src.columns if c not in frame_columns(au_space, audio=True)]
-    if extra: raise FrameTableError(f'unknown columns {extra}; a {au_space} frame table has {frame_columns(au_space, True)}')
+    if extra:
+        raise FrameTableError(f'unknown columns {extra}; a {au_space} frame table has {frame_columns(au_space, True)}')
     out = {}
     for c in ['dataset', 'split', 'video', 'path']:
-        if c not in src: raise FrameTableError(f'column {c!r} is required')
+        if c not in src:
+            raise FrameTableError(f'column {c!r} is required')
         out[c] = src[c].astype('str')
-    out['subject'] = src['subject'].astype('str') if 'subject' in src else pd.Series([None]*n, index=src.index, dtype=object).astype('str')
-    if 'frame' not in src: raise FrameTableError("column 'frame' is required")
+    out['subject'] = (
+        src['subject'].astype('str')
+        if 'subject' in src
+        else pd.Series([None] * n, index=src.index, dtype=object).astype('str')
+    )
+    if 'frame' not in src:
+        raise FrameTableError("column 'frame' is required")
     out['frame'] = src['frame'].astype('int64')
     for c in ['valence', 'arousal']:
         out[c] = src[c].astype('float64') if c in src else pd.Series(np.nan, index=src.index)
     out['expr'] = src['expr'].astype('Int64') if 'expr' in src else pd.Series(pd.NA, index=src.index, dtype='Int64')
     for c in aus:
         out[c] = src[c].astype('Int8') if c in src else pd.Series(pd.NA, index=src.index, dtype='Int8')
-    if 'audio' in src: out['audio'] = src['audio'].astype('str')
+    if 'audio' in src:
+        out['audio'] = src['audio'].astype('str')
     df = pd.DataFrame(out, index=src.index)
     df = df[frame_columns(au_space, audio='audio' in src)].reset_index(drop=True)
     df.attrs = {'expr_space': expr_space, 'au_space': au_space, 'issues': list(issues or [])}
     return validate(df) if check else df
 
+
 def empty_frames(expr_space: str = 'expr7', au_space: str = 'affwild2_12', audio: bool = False) -> pd.DataFrame:
     "A frame table with no rows."
     d = {c: [] for c in ['dataset', 'split', 'video', 'path', 'frame']}
-    if audio: d['audio'] = []
+    if audio:
+        d['audio'] = []
     return make_frames(d, expr_space=expr_space, au_space=au_space)
+
 
 def _examples(df, mask, cols=('video', 'frame'), k=3):
     rows = df.loc[np.asarray(mask, dtype=bool), list(cols)].head(k)
     return '; '.join(', '.join(f'{c}={r[c]}' for c in cols) for _, r in rows.iterrows())
 
+
 def validate(df: pd.DataFrame) -> pd.DataFrame:
     "Check a frame table against the schema (columns, dtypes, ranges, NA semantics, unique keys, one split per video); returns it."
     errs = []
     for a in ('expr_space', 'au_space'):
-        if a not in df.attrs: errs.append(f"df.attrs[{a!r}] is missing")
-    if errs: raise FrameTableError('; '.join(errs))
-    ncls = len(expr_names(df.attrs['expr_space'])); aus = au_columns(df.attrs['au_space'])
+        if a not in df.attrs:
+            errs.append(f"df.attrs[{a!r}] is missing")
+    if errs:
+        raise FrameTableError('; '.join(errs))
+    ncls = len(expr_names(df.attrs['expr_space']))
+    aus = au_columns(df.attrs['au_space'])
     want = frame_columns(df.attrs['au_space'], audio='audio' in df.columns)
     if list(df.columns) != want:
         raise FrameTableError(f'columns {list(df.columns)} != expected {want} (au_space={df.attrs["au_space"]!r})')
@@ -174,39 +217,58 @@ def validate(df: pd.DataFrame) -> pd.DataFrame:
             errs.append(f'{c}: non-string values')
     for c in ['dataset', 'split', 'video', 'path']:
         if df[c].isna().any() or (df[c].astype(str) == '').any():
-            errs.append(f'{c}: empty or NA values at rows {list(np.flatnonzero(df[c].isna() | (df[c].astype(str) == ""))[:5])}')
-    if df['frame'].dtype != np.int64: errs.append(f'frame: dtype {df["frame"].dtype}, expected int64')
-    elif (df['frame'] < 0).any(): errs.append(f'frame: negative values ({_examples(df, df["frame"] < 0)})')
+            errs.append(
+                f'{c}: empty or NA values at rows {list(np.flatnonzero(df[c].isna() | (df[c].astype(str) == ""))[:5])}'
+            )
+    if df['frame'].dtype != np.int64:
+        errs.append(f'frame: dtype {df["frame"].dtype}, expected int64')
+    elif (df['frame'] < 0).any():
+        errs.append(f'frame: negative values ({_examples(df, df["frame"] < 0)})')
     bad_split = ~df['split'].isin(SPLITS)
-    if bad_split.any(): errs.append(f'split: values {sorted(set(df.loc[bad_split, "split"]))} not in {SPLITS}')
+    if bad_split.any():
+        errs.append(f'split: values {sorted(set(df.loc[bad_split, "split"]))} not in {SPLITS}')
     for c in ['valence', 'arousal']:
-        if df[c].dtype != np.float64: errs.append(f'{c}: dtype {df[c].dtype}, expected float64'); continue
+        if df[c].dtype != np.float64:
+            errs.append(f'{c}: dtype {df[c].dtype}, expected float64')
+            continue
         bad = df[c].notna() & ((df[c] < -1) | (df[c] > 1))
-        if bad.any(): errs.append(f'{c}: {int(bad.sum())} values outside [-1, 1] ({_examples(df, bad)})')
-    if df['expr'].dtype != pd.Int64Dtype(): errs.append(f'expr: dtype {df["expr"].dtype}, expected Int64')
+        if bad.any():
+            errs.append(f'{c}: {int(bad.sum())} values outside [-1, 1] ({_examples(df, bad)})')
+    if df['expr'].dtype != pd.Int64Dtype():
+        errs.append(f'expr: dtype {df["expr"].dtype}, expected Int64')
     else:
         bad = df['expr'].notna() & ((df['expr'] < 0) | (df['expr'] >= ncls))
-        if bad.any(): errs.append(f'expr: {int(bad.sum())} values outside [0, {ncls}) of {df.attrs["expr_space"]} ({_examples(df, bad.fillna(False))})')
+        if bad.any():
+            errs.append(
+                f'expr: {int(bad.sum())} values outside [0, {ncls}) of {df.attrs["expr_space"]} ({_examples(df, bad.fillna(False))})'
+            )
     for c in aus:
-        if df[c].dtype != pd.Int8Dtype(): errs.append(f'{c}: dtype {df[c].dtype}, expected Int8'); continue
+        if df[c].dtype != pd.Int8Dtype():
+            errs.append(f'{c}: dtype {df[c].dtype}, expected Int8')
+            continue
         bad = df[c].notna() & ~df[c].isin([0, 1])
-        if bad.any(): errs.append(f'{c}: {int(bad.sum())} values not 0/1 ({_examples(df, bad.fillna(False))})')
+        if bad.any():
+            errs.append(f'{c}: {int(bad.sum())} values not 0/1 ({_examples(df, bad.fillna(False))})')
     if len(df):
         dup = df.duplicated(['dataset', 'video', 'frame'], keep=False)
-        if dup.any(): errs.append(f'{int(dup.sum())} rows share (dataset, video, frame) ({_examples(df, dup)})')
+        if dup.any():
+            errs.append(f'{int(dup.sum())} rows share (dataset, video, frame) ({_examples(df, dup)})')
         ns = df.groupby(['dataset', 'video'])['split'].nunique()
-        if (ns > 1).any(): errs.append(f'videos in more than one split: {[v for _, v in ns[ns > 1].index[:5]]}')
-    if errs: raise FrameTableError('invalid frame table: ' + '; '.join(errs))
+        if (ns > 1).any():
+            errs.append(f'videos in more than one split: {[v for _, v in ns[ns > 1].index[:5]]}')
+    if errs:
+        raise FrameTableError('invalid frame table: ' + '; '.join(errs))
     return df
 
 # %% ../../nbs/01a_data.frames.ipynb #d9650670
-def add_issue(issues: list,   # the reader's issue list (mutated)
-              kind: str,      # what happened, e.g. 'invalid_marker'
-              file: str = '', # file it concerns
-              count: int = 1, # how many rows/files
-              detail: str = '', # short explanation or examples
-              split: str = 'all', # the split the file belongs to, where the reader knows it
-             ) -> list:
+def add_issue(
+    issues: list,  # the reader's issue list (mutated)
+    kind: str,  # what happened, e.g. 'invalid_marker'
+    file: str = '',  # file it concerns
+    count: int = 1,  # how many rows/files
+    detail: str = '',  # short explanation or examples
+    split: str = 'all',  # the split the file belongs to, where the reader knows it
+) -> list:
     "Record (or add to) a counted skip/conversion for the data report."
     if count <= 0:
         return issues
@@ -219,6 +281,7 @@ def add_issue(issues: list,   # the reader's issue list (mutated)
     issues.append({'kind': kind, 'split': split, 'file': str(file), 'count': int(count), 'detail': detail})
     return issues
 
+
 def _relative(file: str, root) -> str:
     "`file` relative to `root` when it lies under it, else unchanged."
     if root is None:
@@ -228,9 +291,11 @@ def _relative(file: str, root) -> str:
     except ValueError:
         return file
 
-def issues_table(df_or_issues,
-                 root=None,   # the data root: file paths under it are written relative to it
-                ) -> pd.DataFrame:
+
+def issues_table(
+    df_or_issues,
+    root=None,  # the data root: file paths under it are written relative to it
+) -> pd.DataFrame:
     "The issues of a frame table (or an issue list) as a DataFrame (kind, split, file, count, detail)."
     iss = df_or_issues.attrs.get('issues', []) if isinstance(df_or_issues, pd.DataFrame) else df_or_issues
     rows = [{**it, 'split': it.get('split', 'all'), 'file': _relative(it['file'], root)} for it in iss]
@@ -240,14 +305,18 @@ def issues_table(df_or_issues,
 def data_report(df: pd.DataFrame) -> pd.DataFrame:
     "Counts per split and task, issues, class histograms, AU base rates, VA summary, as a long DataFrame."
     rows = []
-    aus = au_columns(df.attrs['au_space']); names = expr_names(df.attrs['expr_space'])
+    aus = au_columns(df.attrs['au_space'])
+    names = expr_names(df.attrs['expr_space'])
     for sp, g in [('all', df)] + [(s, df[df['split'] == s]) for s in SPLITS if (df['split'] == s).any()]:
-        rows += [('counts', sp, 'frames', len(g)), ('counts', sp, 'videos', g[['dataset', 'video']].drop_duplicates().shape[0]),
-                 ('counts', sp, 'subjects', g['subject'].nunique()),
-                 ('task', sp, 'va', int((g['valence'].notna() & g['arousal'].notna()).sum())),
-                 ('task', sp, 'expr', int(g['expr'].notna().sum())),
-                 ('task', sp, 'au', int(g[aus].notna().all(axis=1).sum()) if aus else 0),
-                 ('task', sp, 'any', int(((g['valence'].notna()) | g['expr'].notna() | g[aus].notna().any(axis=1)).sum()))]
+        rows += [
+            ('counts', sp, 'frames', len(g)),
+            ('counts', sp, 'videos', g[['dataset', 'video']].drop_duplicates().shape[0]),
+            ('counts', sp, 'subjects', g['subject'].nunique()),
+            ('task', sp, 'va', int((g['valence'].notna() & g['arousal'].notna()).sum())),
+            ('task', sp, 'expr', int(g['expr'].notna().sum())),
+            ('task', sp, 'au', int(g[aus].notna().all(axis=1).sum()) if aus else 0),
+            ('task', sp, 'any', int(((g['valence'].notna()) | g['expr'].notna() | g[aus].notna().any(axis=1)).sum())),
+        ]
         vc = g['expr'].dropna().astype(int).value_counts()
         rows += [('expr_hist', sp, n, int(vc.get(i, 0))) for i, n in enumerate(names)]
         for c in aus:
@@ -260,38 +329,59 @@ def data_report(df: pd.DataFrame) -> pd.DataFrame:
         per_split[(it['kind'], it.get('split', 'all'))] += it['count']
     rows += [('issues', sp, kind, n) for (kind, sp), n in sorted(per_split.items())]
     tot = Counter()
-    for it in df.attrs.get('issues', []): tot[it['kind']] += it['count']
+    for it in df.attrs.get('issues', []):
+        tot[it['kind']] += it['count']
     rows += [('issues_total', 'all', k, v) for k, v in sorted(tot.items())]
     return pd.DataFrame(rows, columns=['section', 'split', 'key', 'value'])
 
-def report_figures(df: pd.DataFrame, # frame table
-                   bins: int = 20,   # VA histogram bins per axis
-                  ) -> dict:
+
+def report_figures(
+    df: pd.DataFrame,  # frame table
+    bins: int = 20,  # VA histogram bins per axis
+) -> dict:
     "Figures of the data report: 'expr_hist', 'au_base_rates', 'va_hist2d' (matplotlib Figures)."
-    import matplotlib; import matplotlib.pyplot as plt
-    rep = data_report(df); figs = {}
+    import matplotlib.pyplot as plt
+
+    rep = data_report(df)
+    figs = {}
     fig, ax = plt.subplots(figsize=(6, 3))
     h = rep[(rep.section == 'expr_hist') & (rep.split == 'all')]
-    ax.bar(h['key'], h['value'].astype(float)); ax.set_ylabel('frames'); ax.set_title('expression classes')
-    ax.tick_params(axis='x', rotation=45); fig.tight_layout(); figs['expr_hist'] = fig
+    ax.bar(h['key'], h['value'].astype(float))
+    ax.set_ylabel('frames')
+    ax.set_title('expression classes')
+    ax.tick_params(axis='x', rotation=45)
+    fig.tight_layout()
+    figs['expr_hist'] = fig
     fig, ax = plt.subplots(figsize=(6, 3))
     a = rep[(rep.section == 'au_base_rate') & (rep.split == 'all')]
-    ax.bar(a['key'], a['value'].astype(float)); ax.set_ylim(0, 1); ax.set_ylabel('P(active)'); ax.set_title('AU base rates')
-    ax.tick_params(axis='x', rotation=45); fig.tight_layout(); figs['au_base_rates'] = fig
+    ax.bar(a['key'], a['value'].astype(float))
+    ax.set_ylim(0, 1)
+    ax.set_ylabel('P(active)')
+    ax.set_title('AU base rates')
+    ax.tick_params(axis='x', rotation=45)
+    fig.tight_layout()
+    figs['au_base_rates'] = fig
     fig, ax = plt.subplots(figsize=(4, 4))
     va = df[['valence', 'arousal']].dropna()
     H, _, _ = np.histogram2d(va['valence'], va['arousal'], bins=bins, range=[[-1, 1], [-1, 1]])
     im = ax.imshow(np.log1p(H.T), origin='lower', extent=[-1, 1, -1, 1], cmap='viridis')
-    ax.set_xlabel('valence'); ax.set_ylabel('arousal'); ax.set_title(f'VA 2-D histogram (log1p, n={len(va)})')
-    fig.colorbar(im, ax=ax, fraction=0.046); fig.tight_layout(); figs['va_hist2d'] = fig
+    ax.set_xlabel('valence')
+    ax.set_ylabel('arousal')
+    ax.set_title(f'VA 2-D histogram (log1p, n={len(va)})')
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    figs['va_hist2d'] = fig
     return figs
 
 # %% ../../nbs/01a_data.frames.ipynb #1752438f
-def task_frames(df: pd.DataFrame, task: str,
-                tasks=None,   # for task 'multi': the tasks a method trains (default va, expr, au)
-               ) -> pd.DataFrame:
+def task_frames(
+    df: pd.DataFrame,
+    task: str,
+    tasks=None,  # for task 'multi': the tasks a method trains (default va, expr, au)
+) -> pd.DataFrame:
     "Frames that carry a label of `task` (for multi: a label of any of `tasks`)."
     from abaw_nb.core import check_choice
+
     aus = [a for a in au_columns(df.attrs['au_space']) if a in df.columns]
     has_au = df[aus].notna().all(axis=1) if aus else pd.Series(False, index=df.index)
     has = dict(va=df['valence'].notna() & df['arousal'].notna(), expr=df['expr'].notna(), au=has_au)

@@ -24,26 +24,40 @@ __all__ = ['NORMALIZATION', 'BACKBONE_NORM', 'normalization', 'make_transform', 
 
 # %% ../../nbs/01e_data.loading.ipynb #d8569874
 NORMALIZATION = {'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 'half': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
-BACKBONE_NORM = {'resnet18': 'imagenet', 'resnet50': 'imagenet', 'densenet121': 'imagenet', 'fpn': 'imagenet',
-                 'mobilenet_v2': 'imagenet', 'vit': 'imagenet', 'vit_small': 'imagenet', 'vit_base': 'imagenet',
-                 'vit_large': 'imagenet', 'inception': 'half', 'none': 'half'}
+BACKBONE_NORM = {
+    'resnet18': 'imagenet',
+    'resnet50': 'imagenet',
+    'densenet121': 'imagenet',
+    'fpn': 'imagenet',
+    'mobilenet_v2': 'imagenet',
+    'vit': 'imagenet',
+    'vit_small': 'imagenet',
+    'vit_base': 'imagenet',
+    'vit_large': 'imagenet',
+    'inception': 'half',
+    'none': 'half',
+}
+
 
 def normalization(backbone: str) -> tuple:
     "(mean, std) used for a backbone."
     key = backbone if backbone in BACKBONE_NORM else backbone.split('_')[0]
-    if key not in BACKBONE_NORM: raise ValueError(f'unknown backbone {backbone!r}; valid: {sorted(BACKBONE_NORM)}')
+    if key not in BACKBONE_NORM:
+        raise ValueError(f'unknown backbone {backbone!r}; valid: {sorted(BACKBONE_NORM)}')
     return NORMALIZATION[BACKBONE_NORM[key]]
 
-def make_transform(train: bool,                  # training augmentation or evaluation preprocessing
-                   size: int = 112,              # output side in pixels
-                   backbone: str = 'resnet50',   # picks the normalisation; 'vit*' turns on RandAugment + erasing
-                   scale: tuple = (0.8, 1.0),    # RandomResizedCrop area range
-                   flip: float = 0.5,            # horizontal flip probability
-                   rotation: float = 10.0,       # max rotation in degrees (0: off)
-                   jitter: float = 0.3,          # brightness/contrast/saturation jitter (0: off)
-                   randaugment: bool | None = None, # default: True for ViTs
-                   erasing: float | None = None, # random erasing probability; default 0.25 for ViTs, else 0
-                  ) -> v2.Compose:
+
+def make_transform(
+    train: bool,  # training augmentation or evaluation preprocessing
+    size: int = 112,  # output side in pixels
+    backbone: str = 'resnet50',  # picks the normalisation; 'vit*' turns on RandAugment + erasing
+    scale: tuple = (0.8, 1.0),  # RandomResizedCrop area range
+    flip: float = 0.5,  # horizontal flip probability
+    rotation: float = 10.0,  # max rotation in degrees (0: off)
+    jitter: float = 0.3,  # brightness/contrast/saturation jitter (0: off)
+    randaugment: bool | None = None,  # default: True for ViTs
+    erasing: float | None = None,  # random erasing probability; default 0.25 for ViTs, else 0
+) -> v2.Compose:
     "A torchvision.transforms.v2 pipeline from uint8 C×H×W (or T×C×H×W) to a normalised float tensor."
     mean, std = normalization(backbone)
     vit = backbone.startswith('vit')
@@ -53,12 +67,17 @@ def make_transform(train: bool,                  # training augmentation or eval
         ts = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     else:
         ts = [v2.RandomResizedCrop(size, scale=scale, ratio=(0.9, 1.1), antialias=True)]
-        if flip: ts.append(v2.RandomHorizontalFlip(flip))
-        if rotation: ts.append(v2.RandomRotation(rotation))
-        if jitter: ts.append(v2.ColorJitter(jitter, jitter, jitter))
-        if ra: ts.append(v2.RandAugment())
+        if flip:
+            ts.append(v2.RandomHorizontalFlip(flip))
+        if rotation:
+            ts.append(v2.RandomRotation(rotation))
+        if jitter:
+            ts.append(v2.ColorJitter(jitter, jitter, jitter))
+        if ra:
+            ts.append(v2.RandAugment())
     ts += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if train and er: ts.append(v2.RandomErasing(er))
+    if train and er:
+        ts.append(v2.RandomErasing(er))
     return v2.Compose(ts)
 
 # %% ../../nbs/01e_data.loading.ipynb #79979d79
@@ -71,44 +90,69 @@ def label_arrays(df: pd.DataFrame) -> dict:
     expr = df['expr'].fillna(0).to_numpy(dtype=np.int64)
     aum = df[aus].notna().to_numpy() if aus else np.zeros((len(df), 0), bool)
     au = df[aus].astype('Float32').fillna(0).to_numpy(dtype=np.float32) if aus else np.zeros((len(df), 0), np.float32)
-    return {'va': np.where(va_mask[:, None], va, 0).astype(np.float32), 'va_mask': va_mask, 'expr': expr, 'expr_mask': expr_mask,
-            'au': au, 'au_mask': aum}
+    return {
+        'va': np.where(va_mask[:, None], va, 0).astype(np.float32),
+        'va_mask': va_mask,
+        'expr': expr,
+        'expr_mask': expr_mask,
+        'au': au,
+        'au_mask': aum,
+    }
 
 # %% ../../nbs/01e_data.loading.ipynb #03233e3e
 class FrameDataset(Dataset):
     "Single frames of a frame table: decoded RGB image, targets, masks and row index."
-    def __init__(self, df: pd.DataFrame,   # frame table
-                 root,                     # dataset root the paths are relative to
-                 transform=None,           # v2 transform (uint8 C×H×W -> float); None: float in [0, 1]
-                ):
-        validate(df); self.df, self.root, self.transform = df, Path(root), transform
-        self.paths = [str(self.root/p) for p in df['path']]
+
+    def __init__(
+        self,
+        df: pd.DataFrame,  # frame table
+        root,  # dataset root the paths are relative to
+        transform=None,  # v2 transform (uint8 C×H×W -> float); None: float in [0, 1]
+    ):
+        validate(df)
+        self.df, self.root, self.transform = df, Path(root), transform
+        self.paths = [str(self.root / p) for p in df['path']]
         self.labels = label_arrays(df)
-    def __len__(self): return len(self.paths)
-    def load(self, i: int) -> torch.Tensor: return read_rgb(self.paths[i])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, i: int) -> torch.Tensor:
+        return read_rgb(self.paths[i])
+
     def finish(self, img: torch.Tensor) -> torch.Tensor:
         return self.transform(img) if self.transform else img.float() / 255
+
     def __getitem__(self, i):
         img = self.finish(self.load(i))
         out = {k: torch.as_tensor(v[i]) for k, v in self.labels.items()}
-        out['image'] = img; out['index'] = torch.tensor(i)
+        out['image'] = img
+        out['index'] = torch.tensor(i)
         return out
 
-def clip_windows(n: int,              # frames in the video
-                 length: int,         # clip length
-                 stride: int,         # step between window starts
-                 end: str = 'align',  # 'align': last window ends on the last frame; 'pad': pad past the end
-                ) -> list[np.ndarray]:
+
+def clip_windows(
+    n: int,  # frames in the video
+    length: int,  # clip length
+    stride: int,  # step between window starts
+    end: str = 'align',  # 'align': last window ends on the last frame; 'pad': pad past the end
+) -> list[np.ndarray]:
     "Positions (0..n-1, -1 = padding) of each window over a video of n frames."
-    if length < 1 or stride < 1: raise ValueError(f'length and stride must be >= 1, got {length}, {stride}')
-    if end not in ('align', 'pad'): raise ValueError(f"end must be 'align' or 'pad', got {end!r}")
-    if n == 0: return []
-    if n <= length: return [np.r_[np.arange(n), -np.ones(length - n, np.int64)].astype(np.int64)]
+    if length < 1 or stride < 1:
+        raise ValueError(f'length and stride must be >= 1, got {length}, {stride}')
+    if end not in ('align', 'pad'):
+        raise ValueError(f"end must be 'align' or 'pad', got {end!r}")
+    if n == 0:
+        return []
+    if n <= length:
+        return [np.r_[np.arange(n), -np.ones(length - n, np.int64)].astype(np.int64)]
     starts = list(range(0, n - length + 1, stride))
-    if starts[-1] + length < n:   # the last full window stops short of the video end
+    if starts[-1] + length < n:  # the last full window stops short of the video end
         nxt = n - length if end == 'align' else starts[-1] + stride
-        if nxt < n: starts.append(nxt)
+        if nxt < n:
+            starts.append(nxt)
     return [np.array([s + k if s + k < n else -1 for k in range(length)], np.int64) for s in starts]
+
 
 def video_windows(df: pd.DataFrame, length: int, stride: int, end: str = 'align') -> list[np.ndarray]:
     "`clip_windows` over every (dataset, video) of a frame table, as row positions of `df` (-1 = padding)."
@@ -120,51 +164,72 @@ def video_windows(df: pd.DataFrame, length: int, stride: int, end: str = 'align'
             out.append(np.where(w >= 0, rows[np.maximum(w, 0)], -1))
     return out
 
+
 class ClipDataset(Dataset):
     "Fixed-length clips of consecutive frames per video, with padding masks and row indices."
-    def __init__(self, df: pd.DataFrame,   # frame table
-                 root,                     # dataset root
-                 length: int = 16,         # frames per clip
-                 stride: int | None = None, # step between clip starts (default: length, non-overlapping)
-                 end: str = 'align',       # 'align' | 'pad' (see above)
-                 transform=None,           # v2 transform applied to the whole T×C×H×W clip
-                ):
-        validate(df); self.df, self.root, self.transform, self.length = df, Path(root), transform, length
-        self.paths = [str(self.root/p) for p in df['path']]
+
+    def __init__(
+        self,
+        df: pd.DataFrame,  # frame table
+        root,  # dataset root
+        length: int = 16,  # frames per clip
+        stride: int | None = None,  # step between clip starts (default: length, non-overlapping)
+        end: str = 'align',  # 'align' | 'pad' (see above)
+        transform=None,  # v2 transform applied to the whole T×C×H×W clip
+    ):
+        validate(df)
+        self.df, self.root, self.transform, self.length = df, Path(root), transform, length
+        self.paths = [str(self.root / p) for p in df['path']]
         self.labels = label_arrays(df)
         self.windows = video_windows(df, length, stride or length, end)
-    def __len__(self): return len(self.windows)
+
+    def __len__(self):
+        return len(self.windows)
+
     def load_clip(self, src: np.ndarray) -> torch.Tensor:
         return torch.stack([read_rgb(self.paths[j]) for j in src])
+
     def finish(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.transform(imgs) if self.transform else imgs.float() / 255
+
     def __getitem__(self, i):
-        idx = self.windows[i]; valid = idx >= 0
+        idx = self.windows[i]
+        valid = idx >= 0
         last = idx[valid][-1]
-        src = np.where(valid, idx, last)   # padding repeats the last real frame
+        src = np.where(valid, idx, last)  # padding repeats the last real frame
         imgs = self.finish(self.load_clip(src))
         out = {}
         for k, v in self.labels.items():
             a = torch.as_tensor(v[src])
-            if k.endswith('_mask'): a = a & torch.as_tensor(valid).reshape(-1, *([1] * (a.dim() - 1)))
+            if k.endswith('_mask'):
+                a = a & torch.as_tensor(valid).reshape(-1, *([1] * (a.dim() - 1)))
             out[k] = a
-        out['image'] = imgs; out['index'] = torch.as_tensor(idx); out['valid'] = torch.as_tensor(valid)
+        out['image'] = imgs
+        out['index'] = torch.as_tensor(idx)
+        out['valid'] = torch.as_tensor(valid)
         return out
 
-def scatter_predictions(index,        # (N,) or (N, T) row indices from the datasets (-1 = padding)
-                        values,       # (N, ...) or (N, T, ...) per-frame outputs
-                        n_rows: int,  # rows of the frame table
-                       ) -> tuple[np.ndarray, np.ndarray]:
+
+def scatter_predictions(
+    index,  # (N,) or (N, T) row indices from the datasets (-1 = padding)
+    values,  # (N, ...) or (N, T, ...) per-frame outputs
+    n_rows: int,  # rows of the frame table
+) -> tuple[np.ndarray, np.ndarray]:
     "Average per-frame outputs onto frame-table rows (overlapping clips averaged); returns (values, counts)."
-    index = np.asarray(index); values = np.asarray(values, dtype=np.float64)
-    if values.shape[:index.ndim] != index.shape:
+    index = np.asarray(index)
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape[: index.ndim] != index.shape:
         raise ValueError(f'values shape {values.shape} does not start with the index shape {index.shape}')
-    values = values.reshape(index.size, *values.shape[index.ndim:]); index = index.reshape(-1)
+    values = values.reshape(index.size, *values.shape[index.ndim :])
+    index = index.reshape(-1)
     keep = index >= 0
     index, values = index[keep], values[keep]
-    if (index >= n_rows).any(): raise IndexError(f'row index {index.max()} out of range for {n_rows} rows')
-    acc = np.zeros((n_rows, *values.shape[1:])); cnt = np.zeros(n_rows, np.int64)
-    np.add.at(acc, index, values); np.add.at(cnt, index, 1)
+    if (index >= n_rows).any():
+        raise IndexError(f'row index {index.max()} out of range for {n_rows} rows')
+    acc = np.zeros((n_rows, *values.shape[1:]))
+    cnt = np.zeros(n_rows, np.int64)
+    np.add.at(acc, index, values)
+    np.add.at(cnt, index, 1)
     with np.errstate(invalid='ignore', divide='ignore'):
         out = acc / cnt.reshape(-1, *([1] * (acc.ndim - 1)))
     return out, cnt
@@ -172,58 +237,110 @@ def scatter_predictions(index,        # (N,) or (N, T) row indices from the data
 # %% ../../nbs/01e_data.loading.ipynb #b71e469f
 def bench_layout(root, n_videos: int = 10, n_frames: int = 300, size: int = 112, seed: int = 0) -> Path:
     "Write an Aff-Wild2 layout of n_videos x n_frames random-label frames (noise images) for benchmarks."
-    rng = np.random.default_rng(seed); rows = []
+    rng = np.random.default_rng(seed)
+    rows = []
     from abaw_nb.data.formats import write_affwild2, affwild2_frame_path
     from abaw_nb.data.frames import make_frames
+
     for v in range(n_videos):
         for f in range(n_frames):
-            rows.append({'dataset': 'affwild2', 'split': 'train' if v % 5 else 'val', 'video': f'vid{v:03d}', 'frame': f,
-                         'path': affwild2_frame_path(f'vid{v:03d}', f), 'valence': rng.uniform(-1, 1), 'arousal': rng.uniform(-1, 1),
-                         'expr': int(rng.integers(0, 7)), **{c: int(rng.integers(0, 2)) for c in au_columns('affwild2_12')}})
+            rows.append(
+                {
+                    'dataset': 'affwild2',
+                    'split': 'train' if v % 5 else 'val',
+                    'video': f'vid{v:03d}',
+                    'frame': f,
+                    'path': affwild2_frame_path(f'vid{v:03d}', f),
+                    'valence': rng.uniform(-1, 1),
+                    'arousal': rng.uniform(-1, 1),
+                    'expr': int(rng.integers(0, 7)),
+                    **{c: int(rng.integers(0, 2)) for c in au_columns('affwild2_12')},
+                }
+            )
     base = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     write_affwild2(make_frames(rows), root, lambda r: np.roll(base, int(r['frame']), axis=1), quality=90)
     return Path(root)
 
+
 def bench_read_affwild2(root, repeats: int = 3) -> dict:
     "Time read_affwild2 on a layout (best of `repeats`)."
     from abaw_nb.data.formats import read_affwild2
+
     best = np.inf
     for _ in range(repeats):
-        t0 = time.perf_counter(); df = read_affwild2(root); best = min(best, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        df = read_affwild2(root)
+        best = min(best, time.perf_counter() - t0)
     return {'frames': len(df), 'seconds': best, 'frames_per_s': len(df) / best}
 
-def bench_loader(root, df: pd.DataFrame | None = None, size: int = 112, batch_size: int = 64, n_batches: int = 20,
-                 workers=(0, 2), train: bool = True, threads: int | None = 1) -> dict:
+
+def bench_loader(
+    root,
+    df: pd.DataFrame | None = None,
+    size: int = 112,
+    batch_size: int = 64,
+    n_batches: int = 20,
+    workers=(0, 2),
+    train: bool = True,
+    threads: int | None = 1,
+) -> dict:
     "DataLoader images/s (decode + augment at `size`) for each number of workers (main process at `threads` torch threads)."
     from abaw_nb.data.formats import read_affwild2
+
     df = read_affwild2(root) if df is None else df
     ds = FrameDataset(df, root, make_transform(train, size=size))
-    res = {}; old = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)   # workers use 1 thread each; so does the main process by default
-    try: _bench_loop(ds, workers, batch_size, n_batches, res)
-    finally: torch.set_num_threads(old)
+    res = {}
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)  # workers use 1 thread each; so does the main process by default
+    try:
+        _bench_loop(ds, workers, batch_size, n_batches, res)
+    finally:
+        torch.set_num_threads(old)
     return res
+
 
 def _cpu_s() -> float:
     import resource
-    return sum(getattr(resource.getrusage(k), f) for k in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ('ru_utime', 'ru_stime'))
+
+    return sum(
+        getattr(resource.getrusage(k), f)
+        for k in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ('ru_utime', 'ru_stime')
+    )
+
 
 def loader_rates(ds, workers: int, batch_size: int, n_batches: int) -> tuple:
     "(images per wall second after the first batch, images per CPU-second of the main process + its reaped workers over all batches) of a shuffled DataLoader over `ds`."
     import gc
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(0),
-                    persistent_workers=False)
-    c0 = _cpu_s(); it = iter(dl); n0 = len(next(it)['index'])   # start-up (worker spawn) and the first batch not in the wall time
-    t0 = time.perf_counter(); n = 0
+
+    dl = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(0),
+        persistent_workers=False,
+    )
+    c0 = _cpu_s()
+    it = iter(dl)
+    n0 = len(next(it)['index'])  # start-up (worker spawn) and the first batch not in the wall time
+    t0 = time.perf_counter()
+    n = 0
     for _ in range(n_batches):
-        try: n += len(next(it)['index'])
-        except StopIteration: break
+        try:
+            n += len(next(it)['index'])
+        except StopIteration:
+            break
     dt = time.perf_counter() - t0
-    del it; gc.collect()                      # workers exit and are reaped: their CPU time lands in RUSAGE_CHILDREN
+    del it
+    gc.collect()  # workers exit and are reaped: their CPU time lands in RUSAGE_CHILDREN
     return n / dt, (n + n0) / max(_cpu_s() - c0, 1e-9)
 
+
 def _bench_loop(ds, workers, batch_size, n_batches, res):
-    for w in workers: res[f'workers_{w}'] = loader_rates(ds, w, batch_size, n_batches)[0]
+    for w in workers:
+        res[f'workers_{w}'] = loader_rates(ds, w, batch_size, n_batches)[0]
 
 # %% ../../nbs/01e_data.loading.ipynb #b2e1d4c3
 def _proc_cpu_s(pid: int) -> float:
@@ -231,15 +348,26 @@ def _proc_cpu_s(pid: int) -> float:
     fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
-def pipeline_rates(ds, workers: int = 0, batch_size: int = 64,
-                   n_batches: int = 20,   # batches timed
-                   warmup: int = 2,       # batches taken before the clock starts
-                   collate_fn=None,       # the DataLoader's collate_fn (runs in the workers; here with 0 workers)
-                   augment=None,          # batch -> batch, run here on every batch (timed)
-                  ) -> dict:
+
+def pipeline_rates(
+    ds,
+    workers: int = 0,
+    batch_size: int = 64,
+    n_batches: int = 20,  # batches timed
+    warmup: int = 2,  # batches taken before the clock starts
+    collate_fn=None,  # the DataLoader's collate_fn (runs in the workers; here with 0 workers)
+    augment=None,  # batch -> batch, run here on every batch (timed)
+) -> dict:
     "Steady-state images per wall second and per CPU-second (this process + its workers) of a shuffled DataLoader."
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_fn,
-                    drop_last=True, generator=torch.Generator().manual_seed(0))
+    dl = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     take = (lambda b: len(augment(b)['index'])) if augment else (lambda b: len(b['index']))
     it = iter(dl)
     for _ in range(warmup):

@@ -17,40 +17,55 @@ def _labels(y):
     a = y.astype('Float64').to_numpy(dtype=float, na_value=np.nan)
     return a
 
-def ml_ros_weights(labels,                    # (N, L) 0/1 AU labels (array or DataFrame; NA allowed)
-                   mean_ir: float = 2.0,      # target imbalance ratio (the original's preset MeanIR)
-                   batch: int = 32,           # positives cloned per step
-                   max_clone_frac: float = 0.5, # stop when clones reach this fraction of N
-                   seed: int = 0,             # seed of the clone choice
-                  ) -> np.ndarray:
+
+def ml_ros_weights(
+    labels,  # (N, L) 0/1 AU labels (array or DataFrame; NA allowed)
+    mean_ir: float = 2.0,  # target imbalance ratio (the original's preset MeanIR)
+    batch: int = 32,  # positives cloned per step
+    max_clone_frac: float = 0.5,  # stop when clones reach this fraction of N
+    seed: int = 0,  # seed of the clone choice
+) -> np.ndarray:
     "Per-frame sampling weights (copies / total copies) from ML-ROS; rows with any NA label get weight 0."
     a = _labels(labels)
-    if a.ndim != 2: raise ValueError(f'labels must be (N, L), got shape {a.shape}')
+    if a.ndim != 2:
+        raise ValueError(f'labels must be (N, L), got shape {a.shape}')
     ok = ~np.isnan(a).any(1)
     Y = np.where(np.isnan(a), 0, a)[ok]
     bad = ~np.isin(Y, (0, 1))
-    if bad.any(): raise ValueError(f'labels must be 0/1; found {np.unique(Y[bad])[:5]}')
+    if bad.any():
+        raise ValueError(f'labels must be 0/1; found {np.unique(Y[bad])[:5]}')
     rng = np.random.default_rng(seed)
-    n = len(Y); copies = np.ones(n); counts = Y.sum(0)
+    n = len(Y)
+    copies = np.ones(n)
+    counts = Y.sum(0)
     budget, cloned = int(max_clone_frac * n), 0
-    with np.errstate(divide='ignore'): irl = counts.max() / counts
+    with np.errstate(divide='ignore'):
+        irl = counts.max() / counts
     for l in np.flatnonzero((irl > mean_ir) & (counts > 0)):
         pool = list(np.flatnonzero(Y[:, l]))
         while counts.max() / counts[l] > mean_ir and cloned < budget:
             k = min(batch, budget - cloned)
             pick = rng.choice(np.array(pool), k, replace=len(pool) < k)
-            for i in pick: copies[i] += 1; counts += Y[i]
-            pool.extend(pick.tolist()); cloned += k
-        if cloned >= budget: break
-    w = np.zeros(len(a)); w[ok] = copies / copies.sum()
+            for i in pick:
+                copies[i] += 1
+                counts += Y[i]
+            pool.extend(pick.tolist())
+            cloned += k
+        if cloned >= budget:
+            break
+    w = np.zeros(len(a))
+    w[ok] = copies / copies.sum()
     return w
+
 
 def imbalance_ratios(labels, weights=None) -> np.ndarray:
     "IRLbl of each label: max positive count / its positive count (weighted by `weights` if given)."
-    a = _labels(labels); ok = ~np.isnan(a).any(1)
+    a = _labels(labels)
+    ok = ~np.isnan(a).any(1)
     w = np.ones(len(a)) if weights is None else np.asarray(weights, float)
     c = (np.where(np.isnan(a), 0, a)[ok] * w[ok, None]).sum(0)
-    with np.errstate(divide='ignore'): return c.max() / c
+    with np.errstate(divide='ignore'):
+        return c.max() / c
 
 # %% ../../nbs/01d_data.sampling.ipynb #0bf6d93f
 def expr_weights(expr) -> np.ndarray:
@@ -63,63 +78,87 @@ def expr_weights(expr) -> np.ndarray:
     w[ok] = 1.0 / cnt.loc[cls].to_numpy()
     return w / w.sum()
 
-def va_weights(valence, arousal,         # per-frame values (NA allowed)
-               bins: int = 20,            # bins per axis
-               value_range: tuple | None = None, # None: data min/max (the original); e.g. (-1, 1) for fixed bins
-              ) -> np.ndarray:
+
+def va_weights(
+    valence,
+    arousal,  # per-frame values (NA allowed)
+    bins: int = 20,  # bins per axis
+    value_range: tuple | None = None,  # None: data min/max (the original); e.g. (-1, 1) for fixed bins
+) -> np.ndarray:
     "Per-frame weights 1 / count(joint valence-arousal cell) of a `bins` x `bins` histogram; NA gets 0."
     v, a = np.asarray(pd.Series(valence, dtype='float64')), np.asarray(pd.Series(arousal, dtype='float64'))
     ok = ~(np.isnan(v) | np.isnan(a))
     rng = [value_range, value_range] if value_range else [[v[ok].min(), v[ok].max()], [a[ok].min(), a[ok].max()]]
     H, ev, ea = np.histogram2d(v[ok], a[ok], bins=bins, range=rng)
-    iv = np.clip(np.searchsorted(ev, v[ok], side='right') - 1, 0, bins - 1)   # histogram2d puts the max in the last bin
+    iv = np.clip(np.searchsorted(ev, v[ok], side='right') - 1, 0, bins - 1)  # histogram2d puts the max in the last bin
     ia = np.clip(np.searchsorted(ea, a[ok], side='right') - 1, 0, bins - 1)
-    w = np.zeros(len(v)); w[ok] = 1.0 / H[iv, ia]
+    w = np.zeros(len(v))
+    w[ok] = 1.0 / H[iv, ia]
     return w / w.sum()
+
 
 class EpochWeightedSampler:
     "Draws `num_samples` indices with replacement by `weights`; the draw of an epoch depends on `(seed, epoch)` only."
+
     def __init__(self, weights, num_samples: int | None = None, seed: int = 0):
         w = np.asarray(weights, float)
         if w.ndim != 1 or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
             raise ValueError('weights must be a 1-d array, finite, >= 0 and not all 0')
         self.p, self.num_samples, self.seed, self.epoch = w / w.sum(), int(num_samples or len(w)), seed, 0
+
     def set_epoch(self, epoch: int) -> None:
         "The engine calls this at the start of every epoch (also the first epoch after a resume)."
         self.epoch = int(epoch)
+
     def draw(self, epoch: int | None = None) -> np.ndarray:
         "The indices of `epoch` (default: the current one)."
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
         return rng.choice(len(self.p), self.num_samples, replace=True, p=self.p)
-    def __iter__(self): return iter(self.draw().tolist())
-    def __len__(self): return self.num_samples
 
-def weighted_sampler(weights,                  # per-frame weights (any scale; 0 = never)
-                     num_samples: int | None = None, # draws per epoch (default: number of frames)
-                     seed: int = 0,            # seed of the draw (with the epoch)
-                    ) -> EpochWeightedSampler:
+    def __iter__(self):
+        return iter(self.draw().tolist())
+
+    def __len__(self):
+        return self.num_samples
+
+
+def weighted_sampler(
+    weights,  # per-frame weights (any scale; 0 = never)
+    num_samples: int | None = None,  # draws per epoch (default: number of frames)
+    seed: int = 0,  # seed of the draw (with the epoch)
+) -> EpochWeightedSampler:
     "A sampler drawing with replacement whose draw is a function of `(seed, epoch)` (`set_epoch`), so a resumed run redraws the same epoch."
     return EpochWeightedSampler(weights, num_samples, seed)
 
+
 class PoolSampler:
     "Equal draws from several weighted pools of rows per epoch (the incomplete-labels method's per-task datasets), shuffled; a function of `(seed, epoch)`."
-    def __init__(self, pools: dict,            # name -> row positions (into the dataset the loader wraps)
-                 weights: dict,                # name -> weights within the pool (any scale), same length as the pool
-                 per_pool: int | None = None,  # draws per pool and epoch (default: the smallest non-empty pool)
-                 seed: int = 0):
+
+    def __init__(
+        self,
+        pools: dict,  # name -> row positions (into the dataset the loader wraps)
+        weights: dict,  # name -> weights within the pool (any scale), same length as the pool
+        per_pool: int | None = None,  # draws per pool and epoch (default: the smallest non-empty pool)
+        seed: int = 0,
+    ):
         self.pools = {k: np.asarray(v, np.int64) for k, v in pools.items() if len(v)}
-        if not self.pools: raise ValueError('every pool is empty: nothing to draw')
+        if not self.pools:
+            raise ValueError('every pool is empty: nothing to draw')
         self.weights = {}
         for k, rows in self.pools.items():
             w = np.asarray(weights[k], float)
-            if w.shape != rows.shape: raise ValueError(f'pool {k!r}: {len(rows)} rows but {w.size} weights')
-            if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0: raise ValueError(f'pool {k!r}: weights must be finite, >= 0 and not all 0')
+            if w.shape != rows.shape:
+                raise ValueError(f'pool {k!r}: {len(rows)} rows but {w.size} weights')
+            if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+                raise ValueError(f'pool {k!r}: weights must be finite, >= 0 and not all 0')
             self.weights[k] = w / w.sum()
         self.per_pool = int(per_pool or min(len(r) for r in self.pools.values()))
         self.seed, self.epoch = seed, 0
+
     def set_epoch(self, epoch: int) -> None:
         "The engine calls this at the start of every epoch (also the first epoch after a resume)."
         self.epoch = int(epoch)
+
     def plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         "(rows, pool number) drawn in `epoch` (default: the current one), in the order the loader gets them."
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
@@ -127,24 +166,32 @@ class PoolSampler:
         rows, pool = np.concatenate(rows), np.repeat(np.arange(len(self.pools)), self.per_pool)
         order = rng.permutation(len(rows))
         return rows[order], pool[order]
-    def __iter__(self): return iter(self.plan()[0].tolist())
-    def __len__(self): return self.per_pool * len(self.pools)
+
+    def __iter__(self):
+        return iter(self.plan()[0].tolist())
+
+    def __len__(self):
+        return self.per_pool * len(self.pools)
 
 # %% ../../nbs/01d_data.sampling.ipynb #897925a9
 class RankShard:
     "The `rank`-th of `world` interleaved shares of another sampler's epoch draw (padded to a multiple of `world`)."
+
     def __init__(self, sampler, rank: int, world: int):
         if not 0 <= rank < world:
             raise ValueError(f'rank {rank} is not in 0..{world - 1}')
         self.sampler, self.rank, self.world = sampler, int(rank), int(world)
+
     def set_epoch(self, epoch: int) -> None:
         "Passed on: every rank draws the epoch of the same `(seed, epoch)`."
         if hasattr(self.sampler, 'set_epoch'):
             self.sampler.set_epoch(epoch)
+
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.world)
+
     def __iter__(self):
         draw = list(self.sampler)
         pad = len(self) * self.world - len(draw)
         draw += draw[:pad]
-        return iter(draw[self.rank::self.world])
+        return iter(draw[self.rank :: self.world])

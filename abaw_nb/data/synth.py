@@ -31,31 +31,45 @@ __all__ = ['AU_ALL', 'EXPR7', 'EXPR_PRIOR', 'AU_THRESHOLD', 'CONFOUND_AU', 'LOOK
 AU_ALL = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24, 25, 26)  # every AU the world simulates
 EXPR7 = ('Neutral', 'Anger', 'Disgust', 'Fear', 'Happiness', 'Sadness', 'Surprise')  # Aff-Wild2 order
 EXPR_PRIOR = (0.36, 0.07, 0.05, 0.05, 0.23, 0.13, 0.11)  # share of expression segments: neutral dominant
-AU_THRESHOLD = 1.5    # intensity (0..5) at which an AU counts as present
-CONFOUND_AU = 4       # the AU whose appearance some identities carry at rest (brows set low)
-LOOKALIKE = 0.6       # a look-alike's brows sit where AU4 puts them at this activation (no furrow, no convergence)
-PRONE_AU4 = 2.8       # AU4 intensity of a prone identity's frowning episodes
-MIN_SEGMENTS = 5      # expression segments of every class in each split's EXPR-labelled videos (where there is room)
+AU_THRESHOLD = 1.5  # intensity (0..5) at which an AU counts as present
+CONFOUND_AU = 4  # the AU whose appearance some identities carry at rest (brows set low)
+LOOKALIKE = 0.6  # a look-alike's brows sit where AU4 puts them at this activation (no furrow, no convergence)
+PRONE_AU4 = 2.8  # AU4 intensity of a prone identity's frowning episodes
+MIN_SEGMENTS = 5  # expression segments of every class in each split's EXPR-labelled videos (where there is room)
 CORRUPTIONS = ('occlusion', 'blur', 'illumination', 'pose', 'jpeg')
 TASKS = ('VA', 'EXPR', 'AU')
 
 # FACS prototypes (EMFACS-style): AU intensity (0..5) at the apex of a full-strength expression
 PROTOTYPES = {
-    'Neutral':   {},
-    'Anger':     {4: 4.0, 5: 2.0, 7: 3.5, 10: 1.0, 17: 1.5, 23: 3.0, 24: 2.5},
-    'Disgust':   {4: 1.5, 9: 4.0, 10: 3.5, 15: 2.0, 17: 2.0, 25: 1.0},
-    'Fear':      {1: 3.5, 2: 3.0, 4: 2.5, 5: 3.5, 7: 1.5, 20: 3.5, 25: 3.0, 26: 1.5},
+    'Neutral': {},
+    'Anger': {4: 4.0, 5: 2.0, 7: 3.5, 10: 1.0, 17: 1.5, 23: 3.0, 24: 2.5},
+    'Disgust': {4: 1.5, 9: 4.0, 10: 3.5, 15: 2.0, 17: 2.0, 25: 1.0},
+    'Fear': {1: 3.5, 2: 3.0, 4: 2.5, 5: 3.5, 7: 1.5, 20: 3.5, 25: 3.0, 26: 1.5},
     'Happiness': {6: 4.0, 12: 4.5, 14: 1.5, 25: 2.0, 26: 1.0},
-    'Sadness':   {1: 3.5, 4: 3.0, 15: 3.5, 17: 2.5},
-    'Surprise':  {1: 4.0, 2: 4.0, 5: 3.5, 25: 3.5, 26: 3.5},
+    'Sadness': {1: 3.5, 4: 3.0, 15: 3.5, 17: 2.5},
+    'Surprise': {1: 4.0, 2: 4.0, 5: 3.5, 25: 3.5, 26: 3.5},
 }
 # circumplex centre (valence, arousal) of each expression at full strength
-VA_CENTRES = {'Neutral': (0.0, -0.1), 'Anger': (-0.55, 0.6), 'Disgust': (-0.6, 0.25), 'Fear': (-0.5, 0.65),
-              'Happiness': (0.6, 0.35), 'Sadness': (-0.55, -0.4), 'Surprise': (0.2, 0.7)}
+VA_CENTRES = {
+    'Neutral': (0.0, -0.1),
+    'Anger': (-0.55, 0.6),
+    'Disgust': (-0.6, 0.25),
+    'Fear': (-0.5, 0.65),
+    'Happiness': (0.6, 0.35),
+    'Sadness': (-0.55, -0.4),
+    'Surprise': (0.2, 0.7),
+}
 # an ambiguous frame's EXPR label slips to one of these neighbours
-CONFUSIONS = {'Neutral': ('Sadness', 'Happiness'), 'Anger': ('Disgust',), 'Disgust': ('Anger', 'Sadness'),
-              'Fear': ('Surprise',), 'Happiness': ('Neutral',), 'Sadness': ('Neutral',),
-              'Surprise': ('Fear', 'Happiness')}
+CONFUSIONS = {
+    'Neutral': ('Sadness', 'Happiness'),
+    'Anger': ('Disgust',),
+    'Disgust': ('Anger', 'Sadness'),
+    'Fear': ('Surprise',),
+    'Happiness': ('Neutral',),
+    'Sadness': ('Neutral',),
+    'Surprise': ('Fear', 'Happiness'),
+}
+
 
 def _proto_matrix():
     P = np.zeros((len(EXPR7), len(AU_ALL)))
@@ -64,32 +78,37 @@ def _proto_matrix():
             P[i, AU_ALL.index(au)] = v
     return P
 
-PROTO = _proto_matrix()                                   # (7 expressions, 17 AUs)
-VA_C = np.array([VA_CENTRES[e] for e in EXPR7])            # (7, 2)
+
+PROTO = _proto_matrix()  # (7 expressions, 17 AUs)
+VA_C = np.array([VA_CENTRES[e] for e in EXPR7])  # (7, 2)
 AU_IDX = {au: i for i, au in enumerate(AU_ALL)}
 
 # %% ../../nbs/01c_data.synth.ipynb #57c0b859
 @dataclass(frozen=True)
 class SynthSize:
     "How much SynthAffect to generate."
-    n_subjects: int           # labelled identities (split 60/20/20 into train/val/test by subject)
-    n_videos: int             # videos (every subject has at least one)
-    frames: tuple             # (min, max) frames per video
-    img_size: int = 112       # side of the square RGB JPEG crops
-    n_pool: int = 0           # unlabelled images (other identities) for pretraining
-    seg_len: float = 30.0     # mean length (frames) of an expression segment, minus the 4-frame minimum
-    fps: int = 30             # nominal frame rate (audio length, temporal scales)
+
+    n_subjects: int  # labelled identities (split 60/20/20 into train/val/test by subject)
+    n_videos: int  # videos (every subject has at least one)
+    frames: tuple  # (min, max) frames per video
+    img_size: int = 112  # side of the square RGB JPEG crops
+    n_pool: int = 0  # unlabelled images (other identities) for pretraining
+    seg_len: float = 30.0  # mean length (frames) of an expression segment, minus the 4-frame minimum
+    fps: int = 30  # nominal frame rate (audio length, temporal scales)
+
 
 SIZES = {
-    'smoke':  SynthSize(n_subjects=20, n_videos=40, frames=(40, 48), img_size=64, n_pool=64, seg_len=12.0),
-    'cpu':    SynthSize(n_subjects=40, n_videos=80, frames=(120, 180), img_size=112, n_pool=2000, seg_len=24.0),
+    'smoke': SynthSize(n_subjects=20, n_videos=40, frames=(40, 48), img_size=64, n_pool=64, seg_len=12.0),
+    'cpu': SynthSize(n_subjects=40, n_videos=80, frames=(120, 180), img_size=112, n_pool=2000, seg_len=24.0),
     'medium': SynthSize(n_subjects=120, n_videos=400, frames=(200, 400), img_size=112, n_pool=20000, seg_len=40.0),
-    'large':  SynthSize(n_subjects=300, n_videos=1200, frames=(300, 600), img_size=112, n_pool=100000, seg_len=40.0),
+    'large': SynthSize(n_subjects=300, n_videos=1200, frames=(300, 600), img_size=112, n_pool=100000, seg_len=40.0),
 }
 
-def get_size(size: str | SynthSize = 'smoke', # a name in `SIZES` or a `SynthSize`
-             **overrides,                       # fields of `SynthSize` to change (e.g. img_size=32)
-            ) -> SynthSize:
+
+def get_size(
+    size: str | SynthSize = 'smoke',  # a name in `SIZES` or a `SynthSize`
+    **overrides,  # fields of `SynthSize` to change (e.g. img_size=32)
+) -> SynthSize:
     "The `SynthSize` named `size`, with `overrides` applied."
     if not isinstance(size, SynthSize):
         check_choice('size', size, SIZES)
@@ -106,18 +125,23 @@ def get_size(size: str | SynthSize = 'smoke', # a name in `SIZES` or a `SynthSiz
 
 # %% ../../nbs/01c_data.synth.ipynb #5d7969bf
 # three looks, each shared by a third of the identities: colour tells the look, not the subject
-LOOKS = (dict(skin=(232., 198., 172.), hair=(92., 60., 34.), iris=(60., 96., 140.)),
-         dict(skin=(190., 146., 112.), hair=(30., 24., 20.), iris=(70., 106., 66.)),
-         dict(skin=(108., 74., 52.), hair=(30., 24., 20.), iris=(80., 52., 32.)))
+LOOKS = (
+    dict(skin=(232.0, 198.0, 172.0), hair=(92.0, 60.0, 34.0), iris=(60.0, 96.0, 140.0)),
+    dict(skin=(190.0, 146.0, 112.0), hair=(30.0, 24.0, 20.0), iris=(70.0, 106.0, 66.0)),
+    dict(skin=(108.0, 74.0, 52.0), hair=(30.0, 24.0, 20.0), iris=(80.0, 52.0, 32.0)),
+)
+
 
 def _split_counts(n):
     nv = max(1, round(0.2 * n))
     nt = max(1, round(0.2 * n))
     return n - nv - nt, nv, nt
 
-def confound_cells(split: np.ndarray,          # split of each identity
-                   rng: np.random.Generator,   # the world's generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
+
+def confound_cells(
+    split: np.ndarray,  # split of each identity
+    rng: np.random.Generator,  # the world's generator
+) -> tuple[np.ndarray, np.ndarray]:
     "`confound` and `prone` per identity: equal on training subjects (half of them both), elsewhere the 4 pairs in turn."
     conf, prone = np.zeros(len(split), bool), np.zeros(len(split), bool)
     for s in pd.unique(split):
@@ -128,19 +152,33 @@ def confound_cells(split: np.ndarray,          # split of each identity
     return conf, prone
 
 # %% ../../nbs/01c_data.synth.ipynb #fa230e8b
-def make_identities(n: int,                # number of identities
-                    rng: np.random.Generator, # the world's generator
-                    prefix: str = 'S',     # subject id prefix
-                    splits: bool = True,   # assign train/val/test (else all 'pool')
-                   ) -> pd.DataFrame:
+def make_identities(
+    n: int,  # number of identities
+    rng: np.random.Generator,  # the world's generator
+    prefix: str = 'S',  # subject id prefix
+    splits: bool = True,  # assign train/val/test (else all 'pool')
+) -> pd.DataFrame:
     "A table of `n` identities: geometry, look, colours, voice, split, `confound` (looks like AU4 at rest), `prone`."
     u = lambda a, b: rng.uniform(a, b, n)
-    df = pd.DataFrame(dict(
-        subject=[f'{prefix}{i:03d}' for i in range(n)],
-        face_w=u(0.70, 0.86), face_h=u(0.92, 1.04), hairline=u(-0.80, -0.62),
-        eye_dx=u(0.28, 0.34), eye_y=u(-0.18, -0.10), eye_w=u(0.13, 0.16), eye_h=u(0.060, 0.075),
-        brow_gap=u(0.15, 0.19), brow_t=u(0.95, 1.25), nose_len=u(0.22, 0.28),
-        mouth_y=u(0.40, 0.47), mouth_w=u(0.20, 0.26), lip_t=u(0.040, 0.055), voice=u(-25, 25)))
+    df = pd.DataFrame(
+        dict(
+            subject=[f'{prefix}{i:03d}' for i in range(n)],
+            face_w=u(0.70, 0.86),
+            face_h=u(0.92, 1.04),
+            hairline=u(-0.80, -0.62),
+            eye_dx=u(0.28, 0.34),
+            eye_y=u(-0.18, -0.10),
+            eye_w=u(0.13, 0.16),
+            eye_h=u(0.060, 0.075),
+            brow_gap=u(0.15, 0.19),
+            brow_t=u(0.95, 1.25),
+            nose_len=u(0.22, 0.28),
+            mouth_y=u(0.40, 0.47),
+            mouth_w=u(0.20, 0.26),
+            lip_t=u(0.040, 0.055),
+            voice=u(-25, 25),
+        )
+    )
     df['look'] = rng.permutation(np.arange(n) % len(LOOKS))
     for part in ('skin', 'hair', 'iris'):
         arr = np.array([LOOKS[k][part] for k in df.look])
@@ -161,13 +199,14 @@ def make_identities(n: int,                # number of identities
 def _ou(rng, T, tau, sigma, n=1):
     "Stationary Ornstein-Uhlenbeck paths, shape (T, n)."
     rho = math.exp(-1.0 / tau)
-    eps = rng.normal(0, sigma * math.sqrt(1 - rho ** 2), (T, n))
+    eps = rng.normal(0, sigma * math.sqrt(1 - rho**2), (T, n))
     eps[0] = rng.normal(0, sigma, n)
     x = np.empty((T, n))
     x[0] = eps[0]
     for t in range(1, T):
         x[t] = rho * x[t - 1] + eps[t]
     return x
+
 
 def _lag(x, alpha):
     "First-order low-pass along axis 0 (onset/offset dynamics)."
@@ -177,13 +216,15 @@ def _lag(x, alpha):
         y[t] = y[t - 1] + alpha * (x[t] - y[t - 1])
     return y
 
+
 def _bursts(rng, T, rate, lo, hi):
     m = np.zeros(T, bool)
     starts = np.flatnonzero(rng.random(T) < rate)
     lens = rng.integers(lo, hi + 1, len(starts))
     for s, l in zip(starts, lens):
-        m[s:s + l] = True
+        m[s : s + l] = True
     return m
+
 
 def _episodes(rng, T, p_on, dwell):
     "A two-state (off/on) Markov chain, on a share `p_on` of the time in episodes of `dwell` frames on average."
@@ -213,36 +254,56 @@ def _expression_track(rng, T, seg_len, segments=None):
     k = np.searchsorted(starts, np.arange(T), side='right') - 1
     return exprs[k].astype(int), strengths[k].astype(float), starts
 
+
 def _au_track(rng, T, ident, expr, strength, drift):
     "AU intensities (T, 17): filtered prototypes, idiosyncratic activity, frowning episodes (prone), visible VA drift."
     au = _lag(strength[:, None] * PROTO[expr], 0.3)
-    au += np.maximum(0, _ou(rng, T, 15, 0.4, len(AU_ALL)) - 0.3)          # idiosyncratic activity
-    frown = _lag(_episodes(rng, T, 0.55, 15).astype(float), 0.3)          # drawn for every identity
+    au += np.maximum(0, _ou(rng, T, 15, 0.4, len(AU_ALL)) - 0.3)  # idiosyncratic activity
+    frown = _lag(_episodes(rng, T, 0.55, 15).astype(float), 0.3)  # drawn for every identity
     if ident['prone']:
         au[:, AU_IDX[CONFOUND_AU]] += PRONE_AU4 * frown
-    dv, da = drift[:, 0], drift[:, 1]                                     # the drift shows on the face
+    dv, da = drift[:, 0], drift[:, 1]  # the drift shows on the face
     au[:, AU_IDX[12]] += 3.0 * np.maximum(0, dv)
     au[:, AU_IDX[15]] += 3.0 * np.maximum(0, -dv)
     au[:, AU_IDX[5]] += 4.0 * np.maximum(0, da)
     au[:, AU_IDX[25]] += 3.0 * np.maximum(0, da)
-    au[:, AU_IDX[7]] += 2.0 * np.maximum(0, -da)                          # low arousal: heavy lids
+    au[:, AU_IDX[7]] += 2.0 * np.maximum(0, -da)  # low arousal: heavy lids
     return np.clip(au, 0, 5)
 
 # %% ../../nbs/01c_data.synth.ipynb #eb810a8b
 def _frame_conditions(rng, T):
     "Pose, corruption flags and parameters, background colour and light of each frame (columns of the latent)."
     # aligned crops: small residual pose (roll in degrees, yaw, pitch, dx, dy, scale)
-    pose = np.concatenate([_ou(rng, T, 30, 2.0), _ou(rng, T, 30, 0.06), _ou(rng, T, 30, 0.03),
-                           _ou(rng, T, 20, 0.006, 2), 1 + _ou(rng, T, 20, 0.01)], 1)
+    pose = np.concatenate(
+        [
+            _ou(rng, T, 30, 2.0),
+            _ou(rng, T, 30, 0.06),
+            _ou(rng, T, 30, 0.03),
+            _ou(rng, T, 20, 0.006, 2),
+            1 + _ou(rng, T, 20, 0.01),
+        ],
+        1,
+    )
     flags = np.stack([_bursts(rng, T, 0.035, 1, 3) for _ in CORRUPTIONS], 1)
     # corruption parameters (drawn for every frame so the draw count does not depend on the flags)
-    occ = np.stack([rng.uniform(-0.45, 0.45, T), rng.uniform(-0.35, 0.55, T), rng.uniform(0.6, 1.0, T),
-                    rng.uniform(0.4, 0.65, T), rng.uniform(20, 220, T)], 1)
-    out = dict(blur_sigma=rng.uniform(0.035, 0.06, T),
-               gain=np.where(rng.random(T) < 0.5, rng.uniform(0.2, 0.4, T), rng.uniform(1.8, 2.4, T)),
-               grad=rng.uniform(-0.6, 0.6, T))
-    kick = np.stack([rng.choice([-1, 1], T) * rng.uniform(22, 35, T),
-                     rng.choice([-1, 1], T) * rng.uniform(0.45, 0.7, T)], 1)
+    occ = np.stack(
+        [
+            rng.uniform(-0.45, 0.45, T),
+            rng.uniform(-0.35, 0.55, T),
+            rng.uniform(0.6, 1.0, T),
+            rng.uniform(0.4, 0.65, T),
+            rng.uniform(20, 220, T),
+        ],
+        1,
+    )
+    out = dict(
+        blur_sigma=rng.uniform(0.035, 0.06, T),
+        gain=np.where(rng.random(T) < 0.5, rng.uniform(0.2, 0.4, T), rng.uniform(1.8, 2.4, T)),
+        grad=rng.uniform(-0.6, 0.6, T),
+    )
+    kick = np.stack(
+        [rng.choice([-1, 1], T) * rng.uniform(22, 35, T), rng.choice([-1, 1], T) * rng.uniform(0.45, 0.7, T)], 1
+    )
     out['jpeg_q'] = rng.integers(3, 9, T)
     pose[flags[:, 3], :2] += kick[flags[:, 3]]
     for j, c in enumerate(('roll', 'yaw', 'pitch', 'dx', 'dy', 'scale')):
@@ -251,20 +312,21 @@ def _frame_conditions(rng, T):
         out[c] = flags[:, j]
     for j, c in enumerate(('occ_x', 'occ_y', 'occ_w', 'occ_h', 'occ_grey')):
         out[c] = occ[:, j]
-    bg = rng.uniform(40, 200, (T, 3))                  # background and light: new every frame, same for everyone
+    bg = rng.uniform(40, 200, (T, 3))  # background and light: new every frame, same for everyone
     for j, c in enumerate('rgb'):
         out[f'bg_{c}'] = bg[:, j].round(1)
     out['wb'], out['exposure'] = rng.uniform(-1.5, 1.5, T), rng.uniform(0.75, 1.25, T)
-    out['noise_seed'] = rng.integers(0, 2 ** 31, T)
+    out['noise_seed'] = rng.integers(0, 2**31, T)
     return out
 
 # %% ../../nbs/01c_data.synth.ipynb #be15eedb
-def simulate_video(rng: np.random.Generator, # this video's generator
-                   T: int,                   # number of frames
-                   ident: dict,              # one row of `make_identities`
-                   seg_len: float = 30.0,    # mean expression segment length (frames), when `segments` is None
-                   segments: tuple | None = None, # (starts, expressions, strengths) of the segments (from `make_world`)
-                  ) -> pd.DataFrame:
+def simulate_video(
+    rng: np.random.Generator,  # this video's generator
+    T: int,  # number of frames
+    ident: dict,  # one row of `make_identities`
+    seg_len: float = 30.0,  # mean expression segment length (frames), when `segments` is None
+    segments: tuple | None = None,  # (starts, expressions, strengths) of the segments (from `make_world`)
+) -> pd.DataFrame:
     "Clean latent trajectory of one video: expression, AU intensities, VA, pose, corruptions, background, ambiguity."
     expr, strength, starts = _expression_track(rng, T, seg_len, segments)
     va = _lag(strength[:, None] * VA_C[expr], 0.15)
@@ -274,11 +336,26 @@ def simulate_video(rng: np.random.Generator, # this video's generator
     cond = _frame_conditions(rng, T)
     noface = _bursts(rng, T, 0.006, 2, 6)
     corrupted = np.stack([cond[c] for c in CORRUPTIONS], 1).any(1)
-    dist = np.min(np.abs(np.arange(T)[:, None] - np.array(list(starts[1:]) or [10 ** 6])[None]), 1)
-    amb = np.clip(rng.uniform(0.05, 0.15) + 0.45 * np.exp(-dist / 3.0)
-                  + 0.35 * (1 - strength) / 0.45 * (expr > 0) + 0.25 * corrupted, 0, 1)
-    df = pd.DataFrame(dict(frame=np.arange(T, dtype=np.int64), face=~noface, expr=expr, strength=strength,
-                           valence=v, arousal=a, ambiguity=amb))
+    dist = np.min(np.abs(np.arange(T)[:, None] - np.array(list(starts[1:]) or [10**6])[None]), 1)
+    amb = np.clip(
+        rng.uniform(0.05, 0.15)
+        + 0.45 * np.exp(-dist / 3.0)
+        + 0.35 * (1 - strength) / 0.45 * (expr > 0)
+        + 0.25 * corrupted,
+        0,
+        1,
+    )
+    df = pd.DataFrame(
+        dict(
+            frame=np.arange(T, dtype=np.int64),
+            face=~noface,
+            expr=expr,
+            strength=strength,
+            valence=v,
+            arousal=a,
+            ambiguity=amb,
+        )
+    )
     for j, au_n in enumerate(AU_ALL):
         df[f'AU{au_n}_int'] = au[:, j]
     for c, x in cond.items():
@@ -286,9 +363,10 @@ def simulate_video(rng: np.random.Generator, # this video's generator
     return df
 
 # %% ../../nbs/01c_data.synth.ipynb #d3718640
-def annotate(lat: pd.DataFrame,         # one video's latent (from `simulate_video`)
-             rng: np.random.Generator,  # this video's annotation generator
-            ) -> pd.DataFrame:
+def annotate(
+    lat: pd.DataFrame,  # one video's latent (from `simulate_video`)
+    rng: np.random.Generator,  # this video's annotation generator
+) -> pd.DataFrame:
     "Noisy annotations of one video (all tasks, every frame): valence, arousal, expr, AU<n> 0/1."
     T, amb = len(lat), lat.ambiguity.values
     out = pd.DataFrame(dict(frame=lat.frame.values))
@@ -303,14 +381,16 @@ def annotate(lat: pd.DataFrame,         # one video's latent (from `simulate_vid
     out['expr'] = expr
     noise = rng.normal(0, 1, (T, len(AU_ALL))) * (0.15 + 0.9 * amb)[:, None]
     ints = lat[[f'AU{a}_int' for a in AU_ALL]].values
-    for j, a in enumerate(AU_ALL): out[f'AU{a}'] = (ints[:, j] + noise[:, j] >= AU_THRESHOLD).astype(np.int8)
+    for j, a in enumerate(AU_ALL):
+        out[f'AU{a}'] = (ints[:, j] + noise[:, j] >= AU_THRESHOLD).astype(np.int8)
     return out
 
 # %% ../../nbs/01c_data.synth.ipynb #5a6de961
-def plan_segments(rng: np.random.Generator, # the world's generator
-                  n_frames,                 # frames of each video
-                  seg_len: float,           # mean segment length beyond the 4-frame minimum
-                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+def plan_segments(
+    rng: np.random.Generator,  # the world's generator
+    n_frames,  # frames of each video
+    seg_len: float,  # mean segment length beyond the 4-frame minimum
+) -> list[tuple[np.ndarray, np.ndarray]]:
     "Per video: the segment starts (lengths `4 + Exp(seg_len)` until the video is covered) and each segment's strength."
     out = []
     for T in n_frames:
@@ -321,16 +401,18 @@ def plan_segments(rng: np.random.Generator, # the world's generator
         out.append((np.array(starts), rng.uniform(0.55, 1.0, len(starts))))
     return out
 
-def deal_expressions(rng: np.random.Generator, # the world's generator
-                     n: int,                   # segments to label
-                     minimum: int = MIN_SEGMENTS, # segments of every class, where n allows (n // 7)
-                     prior=EXPR_PRIOR,         # share of each class beyond the minimum
-                    ) -> np.ndarray:
+
+def deal_expressions(
+    rng: np.random.Generator,  # the world's generator
+    n: int,  # segments to label
+    minimum: int = MIN_SEGMENTS,  # segments of every class, where n allows (n // 7)
+    prior=EXPR_PRIOR,  # share of each class beyond the minimum
+) -> np.ndarray:
     "A shuffled deck of `n` expressions: every class at least `min(minimum, n // 7)` times, the rest by `prior`."
     p = np.asarray(prior, float)
     m = min(minimum, n // len(p))
     q = np.maximum(m, np.floor(p * n)).astype(int)
-    while q.sum() > n:                                  # take back from the classes above the minimum
+    while q.sum() > n:  # take back from the classes above the minimum
         q[np.argmax(np.where(q > m, q - p * n, -np.inf))] -= 1
     while q.sum() < n:
         q[np.argmax(p * n - q)] += 1
@@ -351,16 +433,19 @@ def _repeats_removed(deck, video):
                 break
     return d
 
-def expression_segments(latent: pd.DataFrame, # frames of a world (`world.latent` or `_latent/frames.csv`)
-                       ) -> pd.DataFrame:
+
+def expression_segments(
+    latent: pd.DataFrame,  # frames of a world (`world.latent` or `_latent/frames.csv`)
+) -> pd.DataFrame:
     "The expression segments (maximal runs of one latent expression in a video): video, split, expr, start, frames."
     lat = latent.sort_values(['video', 'frame'])
     e, v = lat.expr.to_numpy(), lat.video.to_numpy()
     new = (e != np.r_[-1, e[:-1]]) | (v != np.r_[None, v[:-1]])
     run = np.cumsum(new)
     g = lat.assign(run=run).groupby('run', sort=True)
-    return pd.DataFrame(dict(video=g.video.first(), split=g.split.first(), expr=g.expr.first(),
-                             start=g.frame.first(), frames=g.size())).reset_index(drop=True)
+    return pd.DataFrame(
+        dict(video=g.video.first(), split=g.split.first(), expr=g.expr.first(), start=g.frame.first(), frames=g.size())
+    ).reset_index(drop=True)
 
 # %% ../../nbs/01c_data.synth.ipynb #8d2744ab
 def au_activation(intensity) -> np.ndarray:
@@ -368,15 +453,17 @@ def au_activation(intensity) -> np.ndarray:
     a = np.clip(np.asarray(intensity, float) / 5.0, 0, 1)
     return 1 - (1 - a) ** 2
 
+
 def brow_points(ident: dict, G: dict, s: int) -> tuple[np.ndarray, np.ndarray]:
     "Inner, middle, outer brow points (x, y in face units) of side `s` (-1 image left, 1 right); `G`: AU -> activation."
     ex, yb = ident['eye_dx'], ident['eye_y'] - ident['eye_h'] - ident['brow_gap']
-    low = G[4] + LOOKALIKE * bool(ident.get('confound', False))   # the look-alike lowers, but does not draw together
+    low = G[4] + LOOKALIKE * bool(ident.get('confound', False))  # the look-alike lowers, but does not draw together
     bx = s * np.array([ex - 0.12 - 0.07 * G[4], ex, ex + 0.13])
-    by = yb + np.array([0.17 * low - 0.24 * G[1],
-                        -0.02 + 0.11 * low - 0.12 * G[1] - 0.12 * G[2],
-                        0.01 + 0.04 * low - 0.26 * G[2]])
+    by = yb + np.array(
+        [0.17 * low - 0.24 * G[1], -0.02 + 0.11 * low - 0.12 * G[1] - 0.12 * G[2], 0.01 + 0.04 * low - 0.26 * G[2]]
+    )
     return bx, by
+
 
 def eye_open(ident: dict, G: dict) -> tuple[float, float]:
     "Upper and lower half-heights of the eye opening (face units), the upper one kept below the brow."
@@ -384,6 +471,7 @@ def eye_open(ident: dict, G: dict) -> tuple[float, float]:
     up = eh + 0.22 * G[5] - 0.35 * eh * G[7]
     lo = eh * (1 - 0.55 * G[7] - 0.45 * G[6])
     return min(max(0.15 * eh, up), ident['brow_gap'] + eh - 0.05), max(0.15 * eh, lo)
+
 
 def mouth_shape(ident: dict, G: dict) -> tuple:
     "Half-width, corner lift (negative: up), opening, lip thickness and upper-lip raise of the mouth (face units)."
@@ -393,12 +481,13 @@ def mouth_shape(ident: dict, G: dict) -> tuple:
     lt = ident['lip_t'] * max(0.2, 1 - 0.55 * G[23] - 0.5 * G[24])
     return mw, cdy, opn, lt, 0.18 * G[10] + 0.05 * G[9]
 
+
 def lip_curves(ident: dict, G: dict, T: np.ndarray) -> tuple:
     "Upper and lower lip lines (y) at positions `T` (-1..1 across the mouth), lip thickness there, half-width, opening."
     mw, cdy, opn, lt, raise_ = mouth_shape(ident, G)
-    my, q = ident['mouth_y'], 1 - T ** 2
-    yu = my + cdy * T ** 2 - raise_ * q - 0.25 * opn * q
-    yl = my + cdy * T ** 2 + 0.75 * opn * q - 0.05 * G[17] * q
+    my, q = ident['mouth_y'], 1 - T**2
+    yu = my + cdy * T**2 - raise_ * q - 0.25 * opn * q
+    yl = my + cdy * T**2 + 0.75 * opn * q - 0.05 * G[17] * q
     return yu, yl, lt * np.clip(q, 0, 1) ** 0.35, mw, opn
 
 # %% ../../nbs/01c_data.synth.ipynb #5eb7c232
@@ -406,11 +495,13 @@ _CIRC = np.stack([np.cos(np.linspace(0, 2 * np.pi, 25)[:-1]), np.sin(np.linspace
 _T9 = np.linspace(-1, 1, 9)
 _HALF = np.linspace(0, np.pi, 9)
 _C, _S = np.cos(_HALF), np.sin(_HALF)
-_C2, _S2 = np.concatenate([_C, _C[::-1]]), np.concatenate([_S, _S[::-1]])   # an eye-shaped outline: x, |y|
-_UP = np.arange(18) < 9                                                      # its upper half
+_C2, _S2 = np.concatenate([_C, _C[::-1]]), np.concatenate([_S, _S[::-1]])  # an eye-shaped outline: x, |y|
+_UP = np.arange(18) < 9  # its upper half
+
 
 class _Sketch:
     "Shapes in face units, drawn in order: (kind, xs, ys, colour, thickness, feat); several outlines share one call."
+
     def __init__(self):
         self.ops = []
 
@@ -429,9 +520,11 @@ class _Sketch:
     def ells(self, x0s, y0, ax, ay, c, feat=True):
         self.polys([x0 + ax * _CIRC[:, 0] for x0 in x0s], [y0 + ay * _CIRC[:, 1]] * len(x0s), c, feat)
 
+
 def _loop(a, b):
     "A closed outline: along `a`, then back along `b`."
     return np.concatenate([a, b[::-1]])
+
 
 def _shade(c, k):
     "Colour `c` darkened by `k` grey levels on every channel: a cue that shows on every skin tone."
@@ -448,37 +541,51 @@ def _sketch_head(sk, ident, G, yaw, skin, hair):
     if top.sum() > 2:
         sk.poly(fx + fw * _CIRC[top, 0], np.minimum(cy[top], ident['hairline']), hair, feat=False)
 
+
 def _sketch_eyes(sk, ident, G, yaw, skin, iris):
     ex, ey, ew = ident['eye_dx'], ident['eye_y'], ident['eye_w']
     up, lo = eye_open(ident, G)
     sides = (-1, 1)
-    if G[6] > 0.01:   # AU6: cheeks raised, fuller, redder
+    if G[6] > 0.01:  # AU6: cheeks raised, fuller, redder
         a = 1 + 0.2 * G[6]
-        sk.ells([s * (ex + 0.03) for s in sides], ey + 0.23 - 0.06 * G[6], 0.11 * a, 0.07 * a,
-                np.asarray(skin) + G[6] * np.array([60., -12., -12.]))
+        sk.ells(
+            [s * (ex + 0.03) for s in sides],
+            ey + 0.23 - 0.06 * G[6],
+            0.11 * a,
+            0.07 * a,
+            np.asarray(skin) + G[6] * np.array([60.0, -12.0, -12.0]),
+        )
     xs = [s * ex + ew * _C2 for s in sides]
-    if G[7] > 0.01:   # AU7: the lower lid bulges
+    if G[7] > 0.01:  # AU7: the lower lid bulges
         sk.polys(xs, [ey + _S2 * np.where(_UP, lo, lo + 0.10)] * 2, _shade(skin, 75 * G[7]))
     sk.polys(xs, [ey + _S2 * np.where(_UP, -up, lo)] * 2, (238, 236, 230))
     r = 0.42 * ew
     iy = ey + _S2 * np.where(_UP, -min(r, up), min(r, lo))
     sk.polys([s * ex + 0.03 * yaw + r * _C2 for s in sides], [iy] * 2, iris)
     sk.lines([s * ex + ew * _C for s in sides], [ey - up * _S * 1.05] * 2, np.asarray(skin) * 0.35, 0.03)
-    if G[6] > 0.01:   # AU6: crow's feet
+    if G[6] > 0.01:  # AU6: crow's feet
         for dy in ((-0.01, -0.05), (0.03, 0.06)):
-            sk.lines([s * (ex + ew + np.array([0.02, 0.10])) for s in sides], [ey + np.array(dy)] * 2,
-                     _shade(skin, 80 * G[6]), 0.03)
+            sk.lines(
+                [s * (ex + ew + np.array([0.02, 0.10])) for s in sides],
+                [ey + np.array(dy)] * 2,
+                _shade(skin, 80 * G[6]),
+                0.03,
+            )
 
 # %% ../../nbs/01c_data.synth.ipynb #02a23f81
 def _sketch_brows(sk, ident, G, skin, hair):
     yb = ident['eye_y'] - ident['eye_h'] - ident['brow_gap']
     for k in (0, 1):
-        if G[1] > 0.01:   # AU1: creases in the middle of the forehead
-            sk.line(0.13 * _T9, yb - 0.10 - 0.08 * k - 0.02 * (1 - _T9 ** 2), _shade(skin, 100 * G[1]), 0.035)
-        if G[2] > 0.01:   # AU2: creases above the outer brows
-            sk.lines([s * (0.26 + 0.09 * _T9) for s in (-1, 1)], [np.full(9, yb - 0.09 - 0.08 * k)] * 2,
-                     _shade(skin, 100 * G[2]), 0.035)
-    if G[4] > 0.01:   # AU4: the vertical furrow between the brows
+        if G[1] > 0.01:  # AU1: creases in the middle of the forehead
+            sk.line(0.13 * _T9, yb - 0.10 - 0.08 * k - 0.02 * (1 - _T9**2), _shade(skin, 100 * G[1]), 0.035)
+        if G[2] > 0.01:  # AU2: creases above the outer brows
+            sk.lines(
+                [s * (0.26 + 0.09 * _T9) for s in (-1, 1)],
+                [np.full(9, yb - 0.09 - 0.08 * k)] * 2,
+                _shade(skin, 100 * G[2]),
+                0.035,
+            )
+    if G[4] > 0.01:  # AU4: the vertical furrow between the brows
         sk.ells([0.0], yb + 0.04, 0.05, 0.09, _shade(skin, 95 * G[4]))
     t = 0.10 * ident['brow_t'] * np.array([1.0, 1.0, 0.95, 0.8, 0.6])
     u = np.linspace(0, 2, 5)
@@ -490,16 +597,17 @@ def _sketch_brows(sk, ident, G, skin, hair):
         ys.append(_loop(y - t / 2, y + t / 2))
     sk.polys(xs, ys, np.asarray(hair) * 0.8)
 
+
 def _sketch_nose(sk, ident, G, skin, mw):
     ey, my = ident['eye_y'], ident['mouth_y']
     ny = ey + ident['nose_len'] - 0.03 * G[9] - 0.03 * G[10]
     sk.line(np.array([0.0, 0.025, 0.0]), np.array([ey + 0.12, ny - 0.03, ny]), np.asarray(skin) * 0.75, 0.022)
-    if G[9] > 0.01:   # AU9: wrinkles across the nose root
+    if G[9] > 0.01:  # AU9: wrinkles across the nose root
         sk.ells([0.0], ey + 0.05, 0.075, 0.06, _shade(skin, 90 * G[9]))
     a = 1 + 0.5 * G[9]
     sk.ells([-0.05, 0.05], ny, 0.03 * a, 0.015 * a, np.asarray(skin) * 0.45)
     fold = max(G[10], 0.7 * G[12], 0.6 * G[9], 0.4 * G[6])
-    if fold > 0.01:   # nasolabial folds deepen (AU10, AU12, AU9, AU6)
+    if fold > 0.01:  # nasolabial folds deepen (AU10, AU12, AU9, AU6)
         fy = np.array([ny - 0.01, ny + 0.08, my + 0.02])
         sk.lines([s * np.array([0.08, 0.15, mw + 0.05]) for s in (-1, 1)], [fy] * 2, _shade(skin, 90 * fold), 0.035)
 
@@ -507,31 +615,32 @@ def _sketch_nose(sk, ident, G, skin, mw):
 def _sketch_cues_mouth(sk, ident, G, skin, mw, cdy, opn):
     "The appearance cues around the mouth (AU12, AU14, AU15, AU17, AU20), drawn before the lips."
     my = ident['mouth_y']
-    if G[17] > 0.01:   # AU17: the chin boss pushed up and wrinkled
+    if G[17] > 0.01:  # AU17: the chin boss pushed up and wrinkled
         sk.ells([0.0], my + 0.21 + 0.6 * opn, 0.12, 0.06, _shade(skin, 85 * G[17]))
-    if G[15] > 0.01:   # AU15: skin below the lip corners bulges
+    if G[15] > 0.01:  # AU15: skin below the lip corners bulges
         sk.ells([-0.95 * mw, 0.95 * mw], my + cdy + 0.07, 0.05, 0.05, _shade(skin, 75 * G[15]))
-    if G[14] > 0.01:   # AU14: dimples beside the corners
+    if G[14] > 0.01:  # AU14: dimples beside the corners
         sk.ells([-(mw + 0.06), mw + 0.06], my + 0.8 * cdy, 0.055, 0.06, _shade(skin, 95 * G[14]))
-    if G[20] > 0.01:   # AU20: skin beside the corners stretched
+    if G[20] > 0.01:  # AU20: skin beside the corners stretched
         sk.ells([-(mw + 0.08), mw + 0.08], my + 0.01, 0.07, 0.045, _shade(skin, 80 * G[20]))
-    if G[12] > 0.01:   # AU12: the cheeks bulge above the pulled corners
+    if G[12] > 0.01:  # AU12: the cheeks bulge above the pulled corners
         sk.ells([-(mw + 0.08), mw + 0.08], my - 0.17, 0.065, 0.055, np.asarray(skin) + 40 * G[12])
+
 
 def _sketch_mouth(sk, ident, G, skin, lipc):
     yu, yl, prof, mw, opn = lip_curves(ident, G, _T9)
     _sketch_cues_mouth(sk, ident, G, skin, mw, mouth_shape(ident, G)[1], opn)
     x = _loop(mw * _T9, mw * _T9)
     top, bot = yu - prof, yl + 1.3 * prof
-    if G[23] > 0.01:   # AU23: a tight rim around the narrowed lips
+    if G[23] > 0.01:  # AU23: a tight rim around the narrowed lips
         sk.poly(x * 1.12, _loop(top - 0.08, bot + 0.08), _shade(skin, 80 * G[23]))
-    if G[24] > 0.01:   # AU24: bulges above and below the pressed lips
+    if G[24] > 0.01:  # AU24: bulges above and below the pressed lips
         sk.polys([x, x], [_loop(top - 0.09, top), _loop(bot, bot + 0.09)], np.asarray(skin) + 45 * G[24])
     sk.poly(x, _loop(top, bot), lipc)
     if opn > 0.004:
         sk.poly(x, _loop(yu, yl), (55, 20, 25))
         if opn > 0.03:
-            sk.poly(x * 0.8, _loop(yu, yu + min(0.25 * opn, 0.03) * (1 - _T9 ** 2)), (235, 235, 225))
+            sk.poly(x * 0.8, _loop(yu, yu + min(0.25 * opn, 0.03) * (1 - _T9**2)), (235, 235, 225))
     sk.line(mw * _T9, (yu + yl) / 2 if opn <= 0.004 else yu, np.asarray(lipc) * 0.55, 0.02)
 
 # %% ../../nbs/01c_data.synth.ipynb #71399a01
@@ -540,11 +649,14 @@ def _noise_tile(S):
     "Sensor noise (sd 2 grey levels) of one fixed seed, 2S x 2S x 3; a frame adds the S x S window at its own offset."
     return np.round(np.random.default_rng(20240).normal(0, 2.0, (2 * S, 2 * S, 3))).astype(np.int16)
 
+
 def _background(bg, S):
     "A vertical gradient of colour `bg` (RGB), S x S uint8."
     import cv2
+
     col = np.clip((0.8 + 0.4 * np.linspace(0, 1, S))[:, None] * np.asarray(bg, float)[None], 0, 255).astype(np.uint8)
     return cv2.resize(col[:, None], (S, S), interpolation=cv2.INTER_NEAREST)
+
 
 def _transform(row, S):
     "Face units -> pixels (float x, y) under the frame's pose, as `tf(x, y, feat)`; and the pixels per face unit."
@@ -553,46 +665,52 @@ def _transform(row, S):
     cx, cy = S * (0.5 + row['dx']), S * (0.53 + row['dy'])
     cr, sr = math.cos(roll), math.sin(roll)
 
-    def tf(x, y, feat=True):   # features (feat) also shift with yaw and pitch; the head outline only rotates
+    def tf(x, y, feat=True):  # features (feat) also shift with yaw and pitch; the head outline only rotates
         x, y, feat = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float), feat)
         x = np.where(feat, x * (1 - 0.25 * abs(yaw)) + 0.30 * yaw, x)
         y = np.where(feat, y + 0.30 * pitch, y)
         return np.stack([cx + unit * (cr * x - sr * y), cy + unit * (sr * x + cr * y)], -1).reshape(-1, 2)
+
     return tf, unit
+
 
 def _raster(img, sk, tf, unit, light):
     "Draw the sketch into `img` (in place, shift 4, anti-aliased): points transformed at once, colours times `light`."
     import cv2
+
     parts = [(x, y, op[5]) for op in sk.ops for x, y in zip(op[1], op[2])]
     n = [len(p[0]) for p in parts]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     xy = tf(x, y, np.repeat([p[2] for p in parts], n))
-    pts = np.rint(xy * 16).astype(np.int32)[:, None]          # fixed point, 4 fractional bits
+    pts = np.rint(xy * 16).astype(np.int32)[:, None]  # fixed point, 4 fractional bits
     ends = np.cumsum(n).tolist()
     pts = [pts[a:b] for a, b in zip([0] + ends[:-1], ends)]
     k = 0
     for kind, xs, ys, c, t, feat in sk.ops:
         col = tuple(np.clip(np.asarray(c, float) * light, 0, 255).tolist())
         if kind == 'poly':
-            cv2.fillPoly(img, pts[k:k + len(xs)], col, cv2.LINE_AA, 4)
+            cv2.fillPoly(img, pts[k : k + len(xs)], col, cv2.LINE_AA, 4)
         else:
-            cv2.polylines(img, pts[k:k + len(xs)], False, col, max(1, int(round(t * unit))), cv2.LINE_AA, 4)
+            cv2.polylines(img, pts[k : k + len(xs)], False, col, max(1, int(round(t * unit))), cv2.LINE_AA, 4)
         k += len(xs)
 
 # %% ../../nbs/01c_data.synth.ipynb #f0b2cb0f
 _AU_COLS = [f'AU{a}_int' for a in AU_ALL]
+
 
 def _lighting(row):
     "Per-channel gains of the frame's light: exposure times white balance (warm > 0, cold < 0)."
     wb = float(row.get('wb', 0.0))
     return float(row.get('exposure', 1.0)) * np.array([1 + 0.10 * wb, 1.0, 1 - 0.10 * wb])
 
-def render_frame(ident: dict,       # one identity (row of `make_identities` as a dict)
-                 row: dict,         # one latent frame (row of `simulate_video` as a dict)
-                 img_size: int = 112, # output side in pixels
-                 bg: tuple | np.ndarray | None = None, # background colour (RGB) or an S x S x 3 image; None: the row's
-                 noise: bool = True, # add the frame's sensor noise
-                ) -> np.ndarray:
+
+def render_frame(
+    ident: dict,  # one identity (row of `make_identities` as a dict)
+    row: dict,  # one latent frame (row of `simulate_video` as a dict)
+    img_size: int = 112,  # output side in pixels
+    bg: tuple | np.ndarray | None = None,  # background colour (RGB) or an S x S x 3 image; None: the row's
+    noise: bool = True,  # add the frame's sensor noise
+) -> np.ndarray:
     "One RGB uint8 frame (img_size x img_size x 3) of `ident` with the AUs, pose, light and corruptions of `row`."
     S = img_size
     G = dict(zip(AU_ALL, au_activation(np.array([row[c] for c in _AU_COLS], float)).tolist()))
@@ -600,7 +718,7 @@ def render_frame(ident: dict,       # one identity (row of `make_identities` as 
     if bg is None:
         bg = (row.get('bg_r', 90.0), row.get('bg_g', 110.0), row.get('bg_b', 130.0))
     img = bg.copy() if isinstance(bg, np.ndarray) else _background(np.asarray(bg, float) * light, S)
-    ar = float(row.get('arousal', 0.0))      # arousal flushes the skin (red up, blue down)
+    ar = float(row.get('arousal', 0.0))  # arousal flushes the skin (red up, blue down)
     colour = lambda k: np.array([ident[f'{k}_r'], ident[f'{k}_g'], ident[f'{k}_b']], float)
     skin = colour('skin') * np.array([1 + 0.12 * ar, 1 - 0.03 * ar, 1 - 0.10 * ar])
     sk = _Sketch()
@@ -613,14 +731,20 @@ def render_frame(ident: dict,       # one identity (row of `make_identities` as 
     _raster(img, sk, tf, unit, light)
     return _corrupt(img, row, tf, light, noise)
 
+
 def _corrupt(img, row, tf, light, noise=True):
     "The frame's corruptions (occlusion, blur, illumination), sensor noise, then JPEG re-encoding."
     import cv2
+
     S = img.shape[0]
     if row['occlusion']:
         sk, g = _Sketch(), row['occ_grey']
-        sk.poly(row['occ_x'] + row['occ_w'] / 2 * np.array([-1, 1, 1, -1]),
-                row['occ_y'] + row['occ_h'] / 2 * np.array([-1, -1, 1, 1]), (g, g * 0.9, g * 0.8), feat=False)
+        sk.poly(
+            row['occ_x'] + row['occ_w'] / 2 * np.array([-1, 1, 1, -1]),
+            row['occ_y'] + row['occ_h'] / 2 * np.array([-1, -1, 1, 1]),
+            (g, g * 0.9, g * 0.8),
+            feat=False,
+        )
         _raster(img, sk, tf, 1.0, light)
     if row['blur']:
         img = cv2.GaussianBlur(img, (0, 0), row['blur_sigma'] * S)
@@ -630,7 +754,7 @@ def _corrupt(img, row, tf, light, noise=True):
     if noise:
         o = int(row['noise_seed'])
         y0, x0 = (o // S) % S, o % S
-        img = np.clip(img + _noise_tile(S)[y0:y0 + S, x0:x0 + S], 0, 255).astype(np.uint8)
+        img = np.clip(img + _noise_tile(S)[y0 : y0 + S, x0 : x0 + S], 0, 255).astype(np.uint8)
     if row['jpeg']:
         ok, buf = cv2.imencode('.jpg', img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(row['jpeg_q'])])
         img = np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
@@ -640,22 +764,51 @@ def _corrupt(img, row, tf, light, noise=True):
 def neutral_row(**kw) -> dict:
     "A latent row with every AU at 0, neutral pose and light, no corruption, grey-blue background; `kw` overrides."
     r = {f'AU{a}_int': 0.0 for a in AU_ALL} | {c: False for c in CORRUPTIONS}
-    r |= dict(frame=0, face=True, expr=0, strength=1.0, valence=0.0, arousal=0.0, ambiguity=0.0, roll=0.0, yaw=0.0,
-              pitch=0.0, dx=0.0, dy=0.0, scale=1.0, occ_x=0.0, occ_y=0.0, occ_w=0.0, occ_h=0.0, occ_grey=0.0,
-              blur_sigma=0.04, gain=1.0, grad=0.0, jpeg_q=5, bg_r=90.0, bg_g=110.0, bg_b=130.0, wb=0.0, exposure=1.0,
-              noise_seed=0)
+    r |= dict(
+        frame=0,
+        face=True,
+        expr=0,
+        strength=1.0,
+        valence=0.0,
+        arousal=0.0,
+        ambiguity=0.0,
+        roll=0.0,
+        yaw=0.0,
+        pitch=0.0,
+        dx=0.0,
+        dy=0.0,
+        scale=1.0,
+        occ_x=0.0,
+        occ_y=0.0,
+        occ_w=0.0,
+        occ_h=0.0,
+        occ_grey=0.0,
+        blur_sigma=0.04,
+        gain=1.0,
+        grad=0.0,
+        jpeg_q=5,
+        bg_r=90.0,
+        bg_g=110.0,
+        bg_b=130.0,
+        wb=0.0,
+        exposure=1.0,
+        noise_seed=0,
+    )
     return r | kw
 
-def au_pixel_change(ident: dict,          # one identity
-                    au: int,              # the AU (one of `AU_ALL`)
-                    intensity: float = AU_THRESHOLD, # compared with intensity 0
-                    img_size: int = 64,   # the frame size the band is measured in
-                    supersample: int = 8, # render this many times larger
-                    tol: float = 16,      # a pixel changed: some channel moved by at least this many grey levels
-                    render=None,          # the renderer (default `render_frame`; e.g. an older version to compare)
-                   ) -> dict:
+
+def au_pixel_change(
+    ident: dict,  # one identity
+    au: int,  # the AU (one of `AU_ALL`)
+    intensity: float = AU_THRESHOLD,  # compared with intensity 0
+    img_size: int = 64,  # the frame size the band is measured in
+    supersample: int = 8,  # render this many times larger
+    tol: float = 16,  # a pixel changed: some channel moved by at least this many grey levels
+    render=None,  # the renderer (default `render_frame`; e.g. an older version to compare)
+) -> dict:
     "Width (pixels at `img_size`) of the band of the face that AU `au` at `intensity` changes; changed pixels."
     import cv2
+
     render = render or render_frame
     r0 = neutral_row()
     r1 = r0 | {f'AU{au}_int': float(intensity)}
@@ -668,64 +821,73 @@ def au_pixel_change(ident: dict,          # one identity
     return dict(au=au, **out)
 
 # %% ../../nbs/01c_data.synth.ipynb #ac9b7384
-def face_landmarks(ident: dict,       # one identity (row of `make_identities` as a dict)
-                   row: dict,         # one latent frame
-                   img_size: int = 112, # side of the rendered frame
-                  ) -> np.ndarray:
+def face_landmarks(
+    ident: dict,  # one identity (row of `make_identities` as a dict)
+    row: dict,  # one latent frame
+    img_size: int = 112,  # side of the rendered frame
+) -> np.ndarray:
     "68 (x, y) pixel points (iBUG-68 order: jaw, brows, nose, eyes, mouth) of the face `render_frame` draws for `row`."
     G = dict(zip(AU_ALL, au_activation(np.array([row[c] for c in _AU_COLS], float)).tolist()))
     P, _ = _transform(row, img_size)
     yaw = row['yaw']
     fw, fh, fx = ident['face_w'] * (1 - 0.2 * abs(yaw)), ident['face_h'], 0.1 * yaw
-    t = np.linspace(np.pi, 0, 17)                                   # 0-16 jaw: left ear, chin, right ear
+    t = np.linspace(np.pi, 0, 17)  # 0-16 jaw: left ear, chin, right ear
     jaw = P(fx + fw * np.cos(t), fh * np.sin(t) * (1 + 0.10 * G[26]), False)
     ex, ey, ew = ident['eye_dx'], ident['eye_y'], ident['eye_w']
     up, lo = eye_open(ident, G)
     brows, eyes = [], []
-    for s in (-1, 1):                                                # image left, then image right
+    for s in (-1, 1):  # image left, then image right
         bx, by = brow_points(ident, G, s)
         u = np.linspace(0, 2, 5) if s == 1 else np.linspace(2, 0, 5)  # 17-21 outer->inner, 22-26 inner->outer
         brows.append(P(np.interp(u, [0, 1, 2], bx), np.interp(u, [0, 1, 2], by)))
-        k = math.sqrt(8) / 3                                         # 36-41 / 42-47: corner, top, corner, bottom
+        k = math.sqrt(8) / 3  # 36-41 / 42-47: corner, top, corner, bottom
         ex6 = s * ex + ew * np.array([-1, -1 / 3, 1 / 3, 1, 1 / 3, -1 / 3])
         eyes.append(P(ex6, ey + k * np.array([0, -up, -up, 0, lo, lo])))
     ny = ey + ident['nose_len'] - 0.03 * G[9] - 0.03 * G[10]
     nose = np.r_[P(np.zeros(4), np.linspace(ey + 0.02, ny, 4)), P(np.linspace(-0.07, 0.07, 5), np.full(5, ny + 0.01))]
     T7, T5 = np.linspace(-1, 1, 7), np.linspace(-1, 1, 5)
     yu, yl, th, mw, _ = lip_curves(ident, G, T7)
-    outer = np.r_[P(mw * T7, yu - th), P(mw * T7[::-1][1:-1], (yl + 1.3 * th)[::-1][1:-1])]       # 48-59
+    outer = np.r_[P(mw * T7, yu - th), P(mw * T7[::-1][1:-1], (yl + 1.3 * th)[::-1][1:-1])]  # 48-59
     yu, yl, th, mw, _ = lip_curves(ident, G, T5)
-    inner = np.r_[P(mw * T5, yu), P(mw * T5[::-1][1:-1], yl[::-1][1:-1])]                         # 60-67
+    inner = np.r_[P(mw * T5, yu), P(mw * T5[::-1][1:-1], yl[::-1][1:-1])]  # 60-67
     return np.concatenate([jaw, brows[0], brows[1], nose, eyes[0], eyes[1], outer, inner])
 
 # %% ../../nbs/01c_data.synth.ipynb #5e76691f
 @dataclass
 class SynthWorld:
     "Everything SynthAffect draws from its seed, before rendering."
+
     size: SynthSize
     seed: int
-    identities: pd.DataFrame   # one row per subject (`make_identities`)
-    videos: pd.DataFrame       # video, subject, split, n_frames, tasks, mean background colour
-    latent: pd.DataFrame       # clean per-frame ground truth (all videos)
-    labels: pd.DataFrame       # noisy annotations (all 17 AUs), NA where a video is not annotated or the row is invalid
-    pool: pd.DataFrame         # the unlabelled pool's latent rows (image path, subject, frame parameters)
+    identities: pd.DataFrame  # one row per subject (`make_identities`)
+    videos: pd.DataFrame  # video, subject, split, n_frames, tasks, mean background colour
+    latent: pd.DataFrame  # clean per-frame ground truth (all videos)
+    labels: pd.DataFrame  # noisy annotations (all 17 AUs), NA where a video is not annotated or the row is invalid
+    pool: pd.DataFrame  # the unlabelled pool's latent rows (image path, subject, frame parameters)
     pool_identities: pd.DataFrame  # identities of the unlabelled pool
+
 
 def _rng(seed, *keys):
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, *keys])
 
+
 def _videos(sz, idf, rng):
     "The videos table: subject (n_videos // n_subjects videos each, the rest to random subjects), split, frames, tasks."
-    extra = rng.permutation(sz.n_subjects)[:sz.n_videos % sz.n_subjects]
+    extra = rng.permutation(sz.n_subjects)[: sz.n_videos % sz.n_subjects]
     order = np.sort(np.r_[np.repeat(np.arange(sz.n_subjects), sz.n_videos // sz.n_subjects), extra], kind='stable')
-    vids = pd.DataFrame(dict(video=[f'synth_{i:04d}' for i in range(sz.n_videos)],
-                             subject=idf.subject.to_numpy()[order], split=idf.split.to_numpy()[order],
-                             n_frames=rng.integers(sz.frames[0], sz.frames[1] + 1, sz.n_videos)))
+    vids = pd.DataFrame(
+        dict(
+            video=[f'synth_{i:04d}' for i in range(sz.n_videos)],
+            subject=idf.subject.to_numpy()[order],
+            split=idf.split.to_numpy()[order],
+            n_frames=rng.integers(sz.frames[0], sz.frames[1] + 1, sz.n_videos),
+        )
+    )
     task = rng.random((sz.n_videos, 3)) < 0.65
-    task[vids.split.to_numpy() != 'train', TASKS.index('AU')] = True      # every held-out video has AU labels
+    task[vids.split.to_numpy() != 'train', TASKS.index('AU')] = True  # every held-out video has AU labels
     none = ~task.any(1)
     task[none, rng.integers(0, 3, none.sum())] = True
-    for s in ('train', 'val', 'test'):                                     # every split gets every task
+    for s in ('train', 'val', 'test'):  # every split gets every task
         idx = np.flatnonzero(vids.split.to_numpy() == s)
         for j in range(3):
             if len(idx) and not task[idx, j].any():
@@ -734,6 +896,7 @@ def _videos(sz, idf, rng):
         vids[t] = task[:, j]
     vids['noface_invalid'] = rng.random(sz.n_videos) < 0.5
     return vids
+
 
 def _segment_plan(sz, vids, rng):
     "Per video (starts, expressions, strengths); the expressions dealt per split, EXPR-labelled videos apart."
@@ -759,6 +922,7 @@ def _video_labels(lat, v, vr):
         ann[cols[t]] = ann[cols[t]].astype('float64').mask(np.repeat(bad[:, None], len(cols[t]), 1))
     return ann
 
+
 def _pool(sz, seed):
     "The unlabelled pool: its own identities (prefix P), clips of 16 frames (every 4th frame of a 64-frame latent)."
     pr = _rng(seed, 3)
@@ -773,10 +937,12 @@ def _pool(sz, seed):
     pool.insert(0, 'image', [f'unlabelled/images/{i:06d}.jpg' for i in range(len(pool))])
     return pool, pids
 
-def make_world(size: str | SynthSize = 'smoke', # a name in `SIZES` or a `SynthSize`
-               seed: int = 0,                    # the one seed of the dataset
-               **overrides,                      # `SynthSize` fields to change
-              ) -> SynthWorld:
+
+def make_world(
+    size: str | SynthSize = 'smoke',  # a name in `SIZES` or a `SynthSize`
+    seed: int = 0,  # the one seed of the dataset
+    **overrides,  # `SynthSize` fields to change
+) -> SynthWorld:
     "Draw SynthAffect's identities, videos, clean latents and noisy labels from `seed`."
     sz = get_size(size, **overrides)
     rng = _rng(seed, 1)
@@ -802,12 +968,13 @@ def make_world(size: str | SynthSize = 'smoke', # a name in `SIZES` or a `SynthS
     return SynthWorld(sz, seed, idf, vids, latent, labels, pool, pids)
 
 # %% ../../nbs/01c_data.synth.ipynb #6a2a1ef2
-def synth_audio(arousal: np.ndarray,   # per-frame arousal in [-1, 1]
-                fps: int = 30,         # video frame rate
-                sr: int = 16000,       # sample rate
-                voice: float = 0.0,    # speaker pitch offset (Hz)
-                seed: int = 0,         # noise seed
-               ) -> np.ndarray:
+def synth_audio(
+    arousal: np.ndarray,  # per-frame arousal in [-1, 1]
+    fps: int = 30,  # video frame rate
+    sr: int = 16000,  # sample rate
+    voice: float = 0.0,  # speaker pitch offset (Hz)
+    seed: int = 0,  # noise seed
+) -> np.ndarray:
     "Int16 mono samples whose energy and pitch follow `arousal`."
     n = int(round(len(arousal) * sr / fps))
     t = np.arange(n) / sr
@@ -815,36 +982,47 @@ def synth_audio(arousal: np.ndarray,   # per-frame arousal in [-1, 1]
     f0 = 110 + voice + 120 * a
     ph = 2 * np.pi * np.cumsum(f0) / sr
     src = np.sin(ph) + 0.5 * np.sin(2 * ph) + 0.25 * np.sin(3 * ph)
-    env = (0.06 + 0.94 * a ** 1.5) * (0.55 + 0.45 * np.sin(2 * np.pi * 4.2 * t) ** 2)
+    env = (0.06 + 0.94 * a**1.5) * (0.55 + 0.45 * np.sin(2 * np.pi * 4.2 * t) ** 2)
     x = 0.35 * env * src / 1.75 + np.random.default_rng(seed).normal(0, 0.004, n)
     return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
 
+
 def write_wav(path, samples: np.ndarray, sr: int = 16000) -> Path:
     "Write int16 mono samples as a WAV file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), 'wb') as f:
-        f.setnchannels(1); f.setsampwidth(2); f.setframerate(sr); f.writeframes(samples.astype('<i2').tobytes())
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sr)
+        f.writeframes(samples.astype('<i2').tobytes())
     return path
+
 
 def read_wav(path) -> tuple[np.ndarray, int]:
     "Samples (int16) and sample rate of a mono 16-bit WAV."
     with wave.open(str(path), 'rb') as f:
-        if f.getsampwidth() != 2 or f.getnchannels() != 1: raise ValueError(f'{path}: expected mono 16-bit PCM')
+        if f.getsampwidth() != 2 or f.getnchannels() != 1:
+            raise ValueError(f'{path}: expected mono 16-bit PCM')
         return np.frombuffer(f.readframes(f.getnframes()), '<i2'), f.getframerate()
 
 # %% ../../nbs/01c_data.synth.ipynb #a7aef075
 JPEG_QUALITY = 95
 
+
 def _encode(img):
     import cv2
+
     ok, buf = cv2.imencode('.jpg', cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise RuntimeError('cv2.imencode failed')
     return buf.tobytes()
 
+
 def _render_job(job):
     "Render one video (or one pool chunk): write its JPEGs (and WAV). Returns the number of images written."
     import cv2
+
     cv2.setNumThreads(1)
     root, S, ident_by_subject, rows, paths, audio = job
     n = 0
@@ -860,20 +1038,27 @@ def _render_job(job):
         write_wav(root / wav_path, synth_audio(arousal, fps=fps, voice=voice, seed=seed))
     return n
 
+
 def _jobs(world, root, S):
     idr = {r['subject']: r for r in world.identities.to_dict('records')}
     lat = world.latent
     for i, v in world.videos.iterrows():
         rows = lat[lat.video.to_numpy() == v.video].to_dict('records')
         paths = [f'cropped_aligned/{v.video}/{r["frame"] + 1:05d}.jpg' if r['face'] else None for r in rows]
-        audio = (f'audios/{v.video}.wav', np.array([r['arousal'] for r in rows]), world.size.fps,
-                 idr[v.subject]['voice'], int(world.seed) * 100003 + i)
+        audio = (
+            f'audios/{v.video}.wav',
+            np.array([r['arousal'] for r in rows]),
+            world.size.fps,
+            idr[v.subject]['voice'],
+            int(world.seed) * 100003 + i,
+        )
         yield (root, S, {v.subject: idr[v.subject]}, rows, paths, audio)
     pid = {r['subject']: r for r in world.pool_identities.to_dict('records')}
     prow = world.pool.to_dict('records')
     for k in range(0, len(prow), 64):
-        chunk = prow[k:k + 64]
+        chunk = prow[k : k + 64]
         yield (root, S, {r['subject']: pid[r['subject']] for r in chunk}, chunk, [r['image'] for r in chunk], None)
+
 
 def _run_jobs(jobs, workers, show):
     if workers <= 1:
@@ -883,128 +1068,213 @@ def _run_jobs(jobs, workers, show):
         return sum(progress(ex.map(_render_job, jobs, chunksize=1), total=len(jobs), desc='SynthAffect', enabled=show))
 
 # %% ../../nbs/01c_data.synth.ipynb #7f42255c
-FORMATS = ('affwild2', 'affectnet', 'expw', 'bp4d', 'bp4dp', 'disfa', 'rafdb', 'affectnet8', 'afew_va',
-           'affwild2_abaw1', 'affwild2_test', 'disfa_raw')   # layouts SynthAffect writes
-DEFAULT_FORMATS = ('affwild2',)   # what `generate` / `generate_cached` write unless told otherwise
-AU_DATASETS = {'bp4d': 'bp4d', 'bp4dp': 'bp4d+', 'disfa': 'disfa'}   # format -> dataset name of `abaw_nb.data.formats`
+FORMATS = (
+    'affwild2',
+    'affectnet',
+    'expw',
+    'bp4d',
+    'bp4dp',
+    'disfa',
+    'rafdb',
+    'affectnet8',
+    'afew_va',
+    'affwild2_abaw1',
+    'affwild2_test',
+    'disfa_raw',
+)  # layouts SynthAffect writes
+DEFAULT_FORMATS = ('affwild2',)  # what `generate` / `generate_cached` write unless told otherwise
+AU_DATASETS = {'bp4d': 'bp4d', 'bp4dp': 'bp4d+', 'disfa': 'disfa'}  # format -> dataset name of `abaw_nb.data.formats`
 EVAL_SPLIT = {'affectnet': 'val', 'affectnet8': 'val', 'rafdb': 'test'}  # where held-out subjects go in 2-split layouts
-STILL_STRIDE = 5   # still-image layouts take every STILL_STRIDE-th frame of a video (seeded offset)
+STILL_STRIDE = 5  # still-image layouts take every STILL_STRIDE-th frame of a video (seeded offset)
 
-def frame_table(world: SynthWorld,           # from `make_world`
-                au_space: str = 'affwild2_12', # AU columns to keep (an `abaw_nb.data.frames` AU space)
-                audio: bool = True,          # add the `audio` column
-               ) -> pd.DataFrame:
+
+def frame_table(
+    world: SynthWorld,  # from `make_world`
+    au_space: str = 'affwild2_12',  # AU columns to keep (an `abaw_nb.data.frames` AU space)
+    audio: bool = True,  # add the `audio` column
+) -> pd.DataFrame:
     "The noisy annotations of `world` as a frame table (Aff-Wild2 image paths; frames without a face included)."
     from abaw_nb.data.frames import make_frames, au_columns
+
     lab, lat = world.labels, world.latent
-    d = dict(dataset='synthaffect', split=lat.split.values, video=lat.video.values, subject=lat.subject.values,
-             frame=lat.frame.values, path=[f'cropped_aligned/{v}/{f + 1:05d}.jpg' for v, f in zip(lat.video, lat.frame)],
-             valence=lab.valence.values, arousal=lab.arousal.values, expr=lab.expr.values)
+    d = dict(
+        dataset='synthaffect',
+        split=lat.split.values,
+        video=lat.video.values,
+        subject=lat.subject.values,
+        frame=lat.frame.values,
+        path=[f'cropped_aligned/{v}/{f + 1:05d}.jpg' for v, f in zip(lat.video, lat.frame)],
+        valence=lab.valence.values,
+        arousal=lab.arousal.values,
+        expr=lab.expr.values,
+    )
     for c in au_columns(au_space):
-        if f'{c}_int' not in lat: raise ValueError(f'{au_space} has {c}, which SynthAffect does not simulate ({AU_ALL})')
+        if f'{c}_int' not in lat:
+            raise ValueError(f'{au_space} has {c}, which SynthAffect does not simulate ({AU_ALL})')
         d[c] = lab[c].values
-    if audio: d['audio'] = [f'audios/{v}.wav' for v in lat.video]
+    if audio:
+        d['audio'] = [f'audios/{v}.wav' for v in lat.video]
     return make_frames(d, expr_space='expr7', au_space=au_space)
 
-def format_root(root,      # a generated SynthAffect folder
-                fmt: str,  # one of `FORMATS`
-               ) -> Path:
+
+def format_root(
+    root,  # a generated SynthAffect folder
+    fmt: str,  # one of `FORMATS`
+) -> Path:
     "Where layout `fmt` lives: the root itself for Aff-Wild2, `<root>/<fmt>` for the others."
     check_choice('format', fmt, FORMATS)
     return Path(root) if fmt == 'affwild2' else Path(root) / fmt
 
-def still_frames(world: SynthWorld, # from `make_world`
-                 fmt: str,          # the layout (seeds the offsets)
-                 need,              # bool per latent row: the frame has the labels this layout needs
-                 train_only: bool = False, # only training subjects (extra-training-data layouts)
-                 stride: int = STILL_STRIDE, # take every `stride`-th frame of a video
-                ) -> np.ndarray:
+
+def still_frames(
+    world: SynthWorld,  # from `make_world`
+    fmt: str,  # the layout (seeds the offsets)
+    need,  # bool per latent row: the frame has the labels this layout needs
+    train_only: bool = False,  # only training subjects (extra-training-data layouts)
+    stride: int = STILL_STRIDE,  # take every `stride`-th frame of a video
+) -> np.ndarray:
     "Positions (rows of `world.latent`) of the frames a still-image layout samples: every `stride`-th frame from a seeded offset, with a face and `need`."
     lat = world.latent
     ok = lat.face.to_numpy(bool) & np.asarray(need, bool)
-    if train_only: ok &= lat.split.to_numpy() == 'train'
+    if train_only:
+        ok &= lat.split.to_numpy() == 'train'
     rng = _rng(world.seed, 10, FORMATS.index(fmt))
-    vid = lat.video.to_numpy(); out = [np.zeros(0, np.int64)]
+    vid = lat.video.to_numpy()
+    out = [np.zeros(0, np.int64)]
     for v in world.videos.video:
         pos = np.flatnonzero(vid == v)
-        sel = pos[int(rng.integers(0, stride))::stride]
+        sel = pos[int(rng.integers(0, stride)) :: stride]
         out.append(sel[ok[sel]])
     return np.concatenate(out)
 
-def au_subject_ids(world: SynthWorld, # from `make_world`
-                   dataset: str,      # 'bp4d' | 'bp4d+' | 'disfa'
-                  ) -> dict:
+
+def au_subject_ids(
+    world: SynthWorld,  # from `make_world`
+    dataset: str,  # 'bp4d' | 'bp4d+' | 'disfa'
+) -> dict:
     "World subject -> subject id of `dataset`, folds filled to equal sizes in order with the held-out (val, test) subjects first."
     from abaw_nb.data.formats import AU_FOLDS
-    folds = list(AU_FOLDS[dataset].values()); k = len(folds)
+
+    folds = list(AU_FOLDS[dataset].values())
+    k = len(folds)
     ids = world.identities
     order = list(ids.subject[ids.split != 'train']) + list(ids.subject[ids.split == 'train'])
     n = min(len(order), sum(len(f) for f in folds))
     sizes = [n // k + (i < n % k) for i in range(k)]
     out, it = {}, iter(order[:n])
     for f, s in zip(folds, sizes):
-        if s > len(f): raise ValueError(f'{dataset} fold has {len(f)} ids, {s} subjects assigned')
-        for j in range(s): out[next(it)] = f[j]
+        if s > len(f):
+            raise ValueError(f'{dataset} fold has {len(f)} ids, {s} subjects assigned')
+        for j in range(s):
+            out[next(it)] = f[j]
     return out
 
 # %% ../../nbs/01c_data.synth.ipynb #c902240d
 def _sources(t, pos, world):
     "Map a layout's (video, frame) keys to the world's video and frame."
-    return pd.DataFrame({'video': t['video'].to_numpy(), 'frame': t['frame'].to_numpy(),
-                         'src_video': world.latent.video.to_numpy()[pos], 'src_frame': world.latent.frame.to_numpy()[pos]})
+    return pd.DataFrame(
+        {
+            'video': t['video'].to_numpy(),
+            'frame': t['frame'].to_numpy(),
+            'src_video': world.latent.video.to_numpy()[pos],
+            'src_frame': world.latent.frame.to_numpy()[pos],
+        }
+    )
+
 
 def _crop_file(root, world, pos):
     lat = world.latent
-    return [Path(root) / f'cropped_aligned/{v}/{f + 1:05d}.jpg' for v, f in zip(lat.video.to_numpy()[pos], lat.frame.to_numpy()[pos])]
+    return [
+        Path(root) / f'cropped_aligned/{v}/{f + 1:05d}.jpg'
+        for v, f in zip(lat.video.to_numpy()[pos], lat.frame.to_numpy()[pos])
+    ]
+
 
 def _fmt_affwild2(world, root, out):
     from abaw_nb.data.formats import write_affwild2
+
     n = dict(zip(world.videos.video, world.videos.n_frames.astype(int)))
-    write_affwild2(frame_table(world, audio=False), root, images=None, n_frames=n)   # images are already rendered
+    write_affwild2(frame_table(world, audio=False), root, images=None, n_frames=n)  # images are already rendered
     return None
+
 
 def _fmt_affectnet(world, root, out):
     from abaw_nb.data.formats import write_affectnet, AFFECTNET_IMAGES
     from abaw_nb.data.frames import make_frames
+
     ft = frame_table(world, audio=False)
     pos = still_frames(world, 'affectnet', (ft.expr.notna() | ft.valence.notna()).to_numpy())
     d = ft.iloc[pos]
     names = [f'{i // 500 + 1}/{v}_{f:05d}.jpg' for i, (v, f) in enumerate(zip(d.video, d.frame))]
-    t = make_frames(dict(dataset='affectnet', split=np.where(d.split.to_numpy() == 'train', 'train', EVAL_SPLIT['affectnet']),
-                         video=[n[:-4] for n in names], frame=0, path=[f'{AFFECTNET_IMAGES}/{n}' for n in names],
-                         valence=d.valence.to_numpy(), arousal=d.arousal.to_numpy(), expr=d.expr.to_numpy()))
-    S = world.size.img_size; C = 2 * S
+    t = make_frames(
+        dict(
+            dataset='affectnet',
+            split=np.where(d.split.to_numpy() == 'train', 'train', EVAL_SPLIT['affectnet']),
+            video=[n[:-4] for n in names],
+            frame=0,
+            path=[f'{AFFECTNET_IMAGES}/{n}' for n in names],
+            valence=d.valence.to_numpy(),
+            arousal=d.arousal.to_numpy(),
+            expr=d.expr.to_numpy(),
+        )
+    )
+    S = world.size.img_size
+    C = 2 * S
     xy = _rng(world.seed, 11).integers(0, C - S + 1, (len(pos), 2))
     idr = {r['subject']: r for r in world.identities.to_dict('records')}
     rows = world.latent.iloc[pos].to_dict('records')
     jobs, meta = {}, []
     for p, r, (x0, y0) in zip(t['path'], rows, xy):
         lm = face_landmarks(idr[r['subject']], r, S) + [x0, y0]
-        meta.append(dict(face_x=int(x0), face_y=int(y0), face_width=S, face_height=S, facial_landmarks=';'.join(f'{v:.2f}' for v in lm.ravel())))
+        meta.append(
+            dict(
+                face_x=int(x0),
+                face_y=int(y0),
+                face_width=S,
+                face_height=S,
+                facial_landmarks=';'.join(f'{v:.2f}' for v in lm.ravel()),
+            )
+        )
         jobs[p] = (r, int(x0), int(y0))
-    def image(row):   # the face rendered where the box says, on a canvas twice its size
+
+    def image(row):  # the face rendered where the box says, on a canvas twice its size
         r, x0, y0 = jobs[row['path']]
-        canvas = _background(np.array([r['bg_r'], r['bg_g'], r['bg_b']]) * _lighting(r), C)   # the frame's background
-        canvas[y0:y0 + S, x0:x0 + S] = render_frame(idr[r['subject']], r, S, canvas[y0:y0 + S, x0:x0 + S].copy())
+        canvas = _background(np.array([r['bg_r'], r['bg_g'], r['bg_b']]) * _lighting(r), C)  # the frame's background
+        canvas[y0 : y0 + S, x0 : x0 + S] = render_frame(
+            idr[r['subject']], r, S, canvas[y0 : y0 + S, x0 : x0 + S].copy()
+        )
         return canvas
+
     write_affectnet(t, out, image, pd.DataFrame(meta), quality=JPEG_QUALITY)
     return _sources(t, pos, world)
+
 
 def _fmt_expw(world, root, out):
     from abaw_nb.data.formats import write_expw
     from abaw_nb.data.frames import make_frames
+
     ft = frame_table(world, audio=False)
     pos = still_frames(world, 'expw', ft.expr.notna().to_numpy(), train_only=True)
     rng = _rng(world.seed, 12)
-    pos = pos[rng.permutation(len(pos))]                  # faces of different videos share an origin image
-    n_faces = rng.integers(1, 4, len(pos))                # 1-3 faces per origin image
+    pos = pos[rng.permutation(len(pos))]  # faces of different videos share an origin image
+    n_faces = rng.integers(1, 4, len(pos))  # 1-3 faces per origin image
     vids, k, img = [], 0, 0
     while k < len(pos):
         m = int(min(n_faces[img], len(pos) - k))
-        vids += [f'img{img:05d}_{j}' for j in range(m)]; k += m; img += 1
+        vids += [f'img{img:05d}_{j}' for j in range(m)]
+        k += m
+        img += 1
     d = ft.iloc[pos]
-    t = make_frames(dict(dataset='expw', split='train', video=vids, frame=0, path=[f'image/crops/{v}.jpg' for v in vids],
-                         expr=d.expr.to_numpy()))
+    t = make_frames(
+        dict(
+            dataset='expw',
+            split='train',
+            video=vids,
+            frame=0,
+            path=[f'image/crops/{v}.jpg' for v in vids],
+            expr=d.expr.to_numpy(),
+        )
+    )
     write_expw(t, out, dict(zip(zip(vids, [0] * len(vids)), _crop_file(root, world, pos))), quality=JPEG_QUALITY)
     return _sources(t, pos, world)
 
@@ -1013,42 +1283,75 @@ def _fmt_au(fmt):
     def write(world, root, out):
         from abaw_nb.data.formats import AU_JSON, write_au_json
         from abaw_nb.data.frames import make_frames, au_columns
-        ds = AU_DATASETS[fmt]; space = AU_JSON[ds][0]; aus = au_columns(space)
+
+        ds = AU_DATASETS[fmt]
+        space = AU_JSON[ds][0]
+        aus = au_columns(space)
         sid = au_subject_ids(world, ds)
         ft = frame_table(world, au_space=space, audio=False)
-        keep = world.latent.face.to_numpy(bool) & ft[aus].notna().any(axis=1).to_numpy() & ft.subject.isin(list(sid)).to_numpy()
-        pos = np.flatnonzero(keep); d = ft.iloc[pos]
+        keep = (
+            world.latent.face.to_numpy(bool)
+            & ft[aus].notna().any(axis=1).to_numpy()
+            & ft.subject.isin(list(sid)).to_numpy()
+        )
+        pos = np.flatnonzero(keep)
+        d = ft.iloc[pos]
         v = world.videos[world.videos.subject.isin(list(sid))].copy()
-        v['k'] = v.groupby('subject').cumcount() + 1                           # k-th video of its subject
-        v['offset'] = v.groupby('subject').n_frames.cumsum() - v.n_frames      # DISFA: a subject's videos run on
-        if ds == 'disfa': v['folder'], off = 'RightVideo' + v.subject.map(sid), v.set_index('video').offset
-        else: v['folder'], off = v.subject.map(sid) + '_T' + v.k.astype(str), v.set_index('video').offset * 0
+        v['k'] = v.groupby('subject').cumcount() + 1  # k-th video of its subject
+        v['offset'] = v.groupby('subject').n_frames.cumsum() - v.n_frames  # DISFA: a subject's videos run on
+        if ds == 'disfa':
+            v['folder'], off = 'RightVideo' + v.subject.map(sid), v.set_index('video').offset
+        else:
+            v['folder'], off = v.subject.map(sid) + '_T' + v.k.astype(str), v.set_index('video').offset * 0
         folder = v.set_index('video').folder.loc[d.video].to_numpy()
         frame = d.frame.to_numpy() + off.loc[d.video].to_numpy()
-        cols = dict(dataset=ds, split='train', video=folder, subject=d.subject.map(sid).to_numpy(), frame=frame,
-                    path=[f'{a}/frame_{b}.jpg' for a, b in zip(folder, frame)])
+        cols = dict(
+            dataset=ds,
+            split='train',
+            video=folder,
+            subject=d.subject.map(sid).to_numpy(),
+            frame=frame,
+            path=[f'{a}/frame_{b}.jpg' for a, b in zip(folder, frame)],
+        )
         t = make_frames({**cols, **{c: d[c].to_numpy() for c in aus}}, au_space=space)
         write_au_json(t, out / f'{fmt}.json', out, dict(zip(t['path'], _crop_file(root, world, pos))))
         return _sources(t, pos, world)
+
     return write
+
 
 def _fmt_folder(fmt):
     def write(world, root, out):
         from abaw_nb.data.formats import IMAGE_FOLDER_LAYOUTS, write_image_folder
         from abaw_nb.data.frames import make_frames, map_expr
+
         ft = frame_table(world, audio=False)
         pos = still_frames(world, fmt, ft.expr.notna().to_numpy())
         d = ft.iloc[pos]
         split = np.where(d.split.to_numpy() == 'train', 'train', EVAL_SPLIT[fmt])
         num = pd.Series(split).groupby(split).cumcount().to_numpy() + 1
-        vids = [f'{s}_{i:05d}' for s, i in zip(split, num)] if fmt == 'rafdb' else [f'{i + 1:06d}' for i in range(len(split))]
+        vids = (
+            [f'{s}_{i:05d}' for s, i in zip(split, num)]
+            if fmt == 'rafdb'
+            else [f'{i + 1:06d}' for i in range(len(split))]
+        )
         native, first = IMAGE_FOLDER_LAYOUTS[fmt]
         cls = map_expr(d.expr.to_numpy(), 'expr7', native).to_numpy() + first
-        t = make_frames(dict(dataset=fmt, split=split, video=vids, frame=0,
-                             path=[f'{s}/{c}/{v}.jpg' for s, c, v in zip(split, cls, vids)], expr=d.expr.to_numpy()))
+        t = make_frames(
+            dict(
+                dataset=fmt,
+                split=split,
+                video=vids,
+                frame=0,
+                path=[f'{s}/{c}/{v}.jpg' for s, c, v in zip(split, cls, vids)],
+                expr=d.expr.to_numpy(),
+            )
+        )
         write_image_folder(t, out, dict(zip(t['path'], _crop_file(root, world, pos))), layout=fmt)
         return _sources(t, pos, world)
+
     return write
+
 
 def _afew_va_frames(world, t, pos):
     "Each AFEW-VA row's face landmarks, place in a frame 1.5x the crop (centre, scale, turn) and background, seeded."
@@ -1059,18 +1362,23 @@ def _afew_va_frames(world, t, pos):
     n, W = len(t), S * 3 // 2
     xy = rng.uniform(0.45 * W, 0.55 * W, (n, 2))
     place = dict(zip(t['path'], zip(xy[:, 0], xy[:, 1], rng.uniform(0.8, 1.0, n), rng.uniform(-15, 15, n))))
+
     def landmarks(row):
         r = by_path[row['path']]
         return face_landmarks(idr[r['subject']], r, S)
+
     def background(row):
         r = by_path[row['path']]
         return _background(np.array([r['bg_r'], r['bg_g'], r['bg_b']]) * _lighting(r), W)
+
     return landmarks, (W, W), lambda row: place[row['path']], background
+
 
 def _fmt_afew_va(world, root, out):
     import cv2
     from abaw_nb.data.formats import write_afew_va
     from abaw_nb.data.frames import make_frames
+
     ft = frame_table(world, audio=False)
     vids = world.videos.video[world.videos.VA & (world.videos.split == 'train')].tolist()
     name = {v: f'{j + 1:03d}' for j, v in enumerate(vids)}
@@ -1079,31 +1387,44 @@ def _fmt_afew_va(world, root, out):
     keep = world.latent.face.to_numpy(bool) & va & ft.video.isin(vids).to_numpy()
     pos = np.flatnonzero(keep)
     d = ft.iloc[pos]
-    t = make_frames(dict(dataset='afew_va', split='train', video=d.video.map(name).to_numpy(), subject=d.subject.to_numpy(),
-                         frame=d.frame.to_numpy(), path=[f'{part[v]}/{name[v]}/{f:05d}.png' for v, f in zip(d.video, d.frame)],
-                         valence=d.valence.to_numpy(), arousal=d.arousal.to_numpy()))
+    t = make_frames(
+        dict(
+            dataset='afew_va',
+            split='train',
+            video=d.video.map(name).to_numpy(),
+            subject=d.subject.to_numpy(),
+            frame=d.frame.to_numpy(),
+            path=[f'{part[v]}/{name[v]}/{f:05d}.png' for v, f in zip(d.video, d.frame)],
+            valence=d.valence.to_numpy(),
+            arousal=d.arousal.to_numpy(),
+        )
+    )
     src = dict(zip(t['path'], _crop_file(root, world, pos)))
-    image = lambda row: np.ascontiguousarray(cv2.imread(str(src[row['path']]))[..., ::-1])   # the JPEG crop
+    image = lambda row: np.ascontiguousarray(cv2.imread(str(src[row['path']]))[..., ::-1])  # the JPEG crop
     landmarks, size, placement, background = _afew_va_frames(world, t, pos)
     for p in sorted(set(part.values())):
         g = t[t['path'].str.startswith(p + '/')]
         if len(g):
-            write_afew_va(g, out, image, part=p, landmarks=landmarks, frame_size=size, placement=placement,
-                          background=background)
+            write_afew_va(
+                g, out, image, part=p, landmarks=landmarks, frame_size=size, placement=placement, background=background
+            )
     return _sources(t, pos, world)
 
 # %% ../../nbs/01c_data.synth.ipynb #3ca926f3
 def _fmt_affwild2_abaw1(world, root, out):
     "FG 2020 (ABAW1) Aff-Wild2: 8 AUs, Training_Set / Validation_Set, no test labels; images through a link to the crops."
     from abaw_nb.data.formats import write_affwild2
+
     n = dict(zip(world.videos.video, world.videos.n_frames.astype(int)))
     write_affwild2(frame_table(world, au_space='abaw1_8', audio=False), out, images=None, n_frames=n, test_labels=False)
     (out / 'cropped_aligned').symlink_to(Path('..') / 'cropped_aligned', target_is_directory=True)
     return None
 
+
 def _fmt_affwild2_test(world, root, out):
     "The unlabelled Aff-Wild2 test set: the test videos' face crops and the challenge's per-task 'video nframes' lists."
     from abaw_nb.data.formats import write_affwild2_test
+
     v = world.videos[world.videos.split == 'test']
     n = dict(zip(v.video, v.n_frames.astype(int)))
     lists = {t.lower(): {x: n[x] for x in v.video[v[t].to_numpy(bool)]} for t in TASKS}
@@ -1113,6 +1434,7 @@ def _fmt_affwild2_test(world, root, out):
     write_affwild2_test(ft[keep], out, images=root, test_lists=lists, kind='challenge')
     return None
 
+
 def disfa_intensities(latent, labels) -> np.ndarray:
     """0-5 DISFA intensities that agree with noisy presence labels (present = intensity >= 2): the rounded latent
     intensity, raised to 2 where the label says present and lowered to 1 where it says absent; NaN where unlabelled."""
@@ -1120,12 +1442,14 @@ def disfa_intensities(latent, labels) -> np.ndarray:
     lab = pd.to_numeric(pd.Series(labels), errors='coerce').to_numpy(float)
     return np.where(lab == 1, np.maximum(x, 2), np.where(lab == 0, np.minimum(x, 1), np.nan))
 
+
 def _fmt_disfa_raw(world, root, out):
     """DISFA as it ships: per-AU intensity files and one left-camera video per subject (the subject's videos run on;
     frames without a face show the background)."""
     import cv2
     from abaw_nb.data.formats import write_disfa_raw, disfa_video, disfa_frame_path
     from abaw_nb.data.frames import make_frames, au_columns
+
     sid, aus = au_subject_ids(world, 'disfa'), au_columns('disfa_8')
     ft = frame_table(world, au_space='disfa_8', audio=False)
     pos = np.flatnonzero(ft.subject.isin(list(sid)).to_numpy())
@@ -1135,75 +1459,122 @@ def _fmt_disfa_raw(world, root, out):
     video = [disfa_video(sid[s]) for s in d.subject]
     frame = d.frame.to_numpy() + off.loc[d.video].to_numpy()
     face = lat.face.to_numpy(bool)
-    labels = {c: d[c].where(face).to_numpy() for c in aus}   # no label without a face
-    t = make_frames(dict(dataset='disfa', split='train', video=video, subject=d.subject.map(sid).to_numpy(), frame=frame,
-                         path=[disfa_frame_path(a, b) for a, b in zip(video, frame)], **labels), au_space='disfa_8')
+    labels = {c: d[c].where(face).to_numpy() for c in aus}  # no label without a face
+    t = make_frames(
+        dict(
+            dataset='disfa',
+            split='train',
+            video=video,
+            subject=d.subject.map(sid).to_numpy(),
+            frame=frame,
+            path=[disfa_frame_path(a, b) for a, b in zip(video, frame)],
+            **labels,
+        ),
+        au_space='disfa_8',
+    )
     inten = pd.DataFrame({c: disfa_intensities(lat[f'{c}_int'], t[c]) for c in aus}, index=t.index)
     crops = dict(zip(t['path'], _crop_file(root, world, pos)))
-    bgs = dict(zip(t['path'], lat[['bg_r', 'bg_g', 'bg_b']].to_numpy() * np.stack([_lighting(r) for r in lat.to_dict('records')])))
+    bgs = dict(
+        zip(
+            t['path'],
+            lat[['bg_r', 'bg_g', 'bg_b']].to_numpy() * np.stack([_lighting(r) for r in lat.to_dict('records')]),
+        )
+    )
     S = world.size.img_size
+
     def image(row):
         f = crops[row['path']]
         return np.ascontiguousarray(cv2.imread(str(f))[..., ::-1]) if f.is_file() else _background(bgs[row['path']], S)
+
     write_disfa_raw(t, out, image, frames='video', extracted=False, intensities=inten)
     return _sources(t, pos, world)
 
 # %% ../../nbs/01c_data.synth.ipynb #16bf8286
-_FORMAT_WRITERS = {'affwild2': _fmt_affwild2, 'affectnet': _fmt_affectnet, 'expw': _fmt_expw,
-                   **{f: _fmt_au(f) for f in AU_DATASETS}, 'rafdb': _fmt_folder('rafdb'),
-                   'affectnet8': _fmt_folder('affectnet8'), 'afew_va': _fmt_afew_va,
-                   'affwild2_abaw1': _fmt_affwild2_abaw1, 'affwild2_test': _fmt_affwild2_test, 'disfa_raw': _fmt_disfa_raw}
+_FORMAT_WRITERS = {
+    'affwild2': _fmt_affwild2,
+    'affectnet': _fmt_affectnet,
+    'expw': _fmt_expw,
+    **{f: _fmt_au(f) for f in AU_DATASETS},
+    'rafdb': _fmt_folder('rafdb'),
+    'affectnet8': _fmt_folder('affectnet8'),
+    'afew_va': _fmt_afew_va,
+    'affwild2_abaw1': _fmt_affwild2_abaw1,
+    'affwild2_test': _fmt_affwild2_test,
+    'disfa_raw': _fmt_disfa_raw,
+}
 
-def write_formats(world: SynthWorld, # from `make_world` (its frames already rendered under `root`)
-                  root,              # the generated folder
-                  formats: tuple = DEFAULT_FORMATS, # layouts to write
-                 ) -> list[str]:
+
+def write_formats(
+    world: SynthWorld,  # from `make_world` (its frames already rendered under `root`)
+    root,  # the generated folder
+    formats: tuple = DEFAULT_FORMATS,  # layouts to write
+) -> list[str]:
     "Write the label files (and layout-specific images) of `formats` through the writers of `abaw_nb.data.formats`."
     import shutil
+
     root = Path(root)
-    for f in formats: check_choice('format', f, FORMATS)
+    for f in formats:
+        check_choice('format', f, FORMATS)
     for f in formats:
         out = format_root(root, f)
-        if f != 'affwild2': shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
+        if f != 'affwild2':
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
         src = _FORMAT_WRITERS[f](world, root, out)
-        if src is not None: write_csv(root / '_latent' / 'sources' / f'{f}.csv', src)
+        if src is not None:
+            write_csv(root / '_latent' / 'sources' / f'{f}.csv', src)
     return list(formats)
 
-def read_format(root,      # a generated SynthAffect folder
-                fmt: str,  # one of `FORMATS`
-                **kw,      # passed to the reader (e.g. crop=True, expr_space='expr8_contempt')
-               ) -> tuple[pd.DataFrame, Path]:
+
+def read_format(
+    root,  # a generated SynthAffect folder
+    fmt: str,  # one of `FORMATS`
+    **kw,  # passed to the reader (e.g. crop=True, expr_space='expr8_contempt')
+) -> tuple[pd.DataFrame, Path]:
     "Read layout `fmt` of a generated folder with its reader from `abaw_nb.data.formats`: (frame table, image root)."
     import abaw_nb.data.formats as F
+
     r = format_root(root, fmt)
-    if not (r.is_dir() and (fmt == 'affwild2' or any(r.iterdir()))): raise FileNotFoundError(f'{r}: layout {fmt!r} was not generated; use add_formats({str(root)!r}, ({fmt!r},))')
-    if fmt == 'affwild2': return F.read_affwild2(r, **{'dataset': 'synthaffect', **kw}), r
-    if fmt == 'affectnet': return F.read_affectnet(r, **kw), r
-    if fmt == 'expw': return F.read_expw(r, **kw), r
-    if fmt in AU_DATASETS: return F.read_au_json(r / f'{fmt}.json', AU_DATASETS[fmt], **kw), r
-    if fmt in ('rafdb', 'affectnet8'): return F.read_image_folder(r, fmt, **kw), r
+    if not (r.is_dir() and (fmt == 'affwild2' or any(r.iterdir()))):
+        raise FileNotFoundError(f'{r}: layout {fmt!r} was not generated; use add_formats({str(root)!r}, ({fmt!r},))')
+    if fmt == 'affwild2':
+        return F.read_affwild2(r, **{'dataset': 'synthaffect', **kw}), r
+    if fmt == 'affectnet':
+        return F.read_affectnet(r, **kw), r
+    if fmt == 'expw':
+        return F.read_expw(r, **kw), r
+    if fmt in AU_DATASETS:
+        return F.read_au_json(r / f'{fmt}.json', AU_DATASETS[fmt], **kw), r
+    if fmt in ('rafdb', 'affectnet8'):
+        return F.read_image_folder(r, fmt, **kw), r
     return F.read_dataset(r, fmt, **kw), r
+
 
 def format_sources(root, fmt: str) -> pd.DataFrame:
     "The (video, frame) -> (src_video, src_frame) map of layout `fmt` (join with `load_latent(root)['frames']`)."
     f = Path(root) / '_latent' / 'sources' / f'{fmt}.csv'
-    if not f.is_file(): raise FileNotFoundError(f'{f} not found: layout {fmt!r} was not generated')
+    if not f.is_file():
+        raise FileNotFoundError(f'{f} not found: layout {fmt!r} was not generated')
     return pd.read_csv(f, dtype={'video': str, 'src_video': str})
 
 # %% ../../nbs/01c_data.synth.ipynb #b72374b9
-SYNTH_VERSION = 2   # 2: looks, per-frame background and light, 2-px AU cues, dealt segments, conflict groups
+SYNTH_VERSION = 2  # 2: looks, per-frame background and light, 2-px AU cues, dealt segments, conflict groups
 
-def generate(root,                            # output folder (created)
-             size: str | SynthSize = 'smoke', # a name in `SIZES` or a `SynthSize`
-             seed: int = 0,                   # the one seed of the dataset
-             formats: tuple = DEFAULT_FORMATS, # label layouts to write (any of `FORMATS`)
-             workers: int = 1,                # rendering processes (the files do not depend on it)
-             show_progress: bool | None = None, # progress bar (default: `$ABAW_NB_PROGRESS`)
-             **overrides,                     # `SynthSize` fields to change (e.g. img_size=32)
-            ) -> Path:
+
+def generate(
+    root,  # output folder (created)
+    size: str | SynthSize = 'smoke',  # a name in `SIZES` or a `SynthSize`
+    seed: int = 0,  # the one seed of the dataset
+    formats: tuple = DEFAULT_FORMATS,  # label layouts to write (any of `FORMATS`)
+    workers: int = 1,  # rendering processes (the files do not depend on it)
+    show_progress: bool | None = None,  # progress bar (default: `$ABAW_NB_PROGRESS`)
+    **overrides,  # `SynthSize` fields to change (e.g. img_size=32)
+) -> Path:
     "Generate SynthAffect into `root`: images, audio, unlabelled pool, `_latent/` ground truth and label files."
-    for f in formats: check_choice('format', f, FORMATS)
-    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    for f in formats:
+        check_choice('format', f, FORMATS)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     world = make_world(size, seed, **overrides)
     jobs = list(_jobs(world, root, world.size.img_size))
@@ -1217,30 +1588,53 @@ def generate(root,                            # output folder (created)
     write_csv(lat_dir / 'annotations.csv', world.labels, **kw)
     write_csv(lat_dir / 'unlabelled.csv', world.pool, **kw)
     write_formats(world, root, formats)
-    meta = dict(name='SynthAffect', version=SYNTH_VERSION, size=asdict(world.size), seed=int(seed),
-                formats=list(formats), au_all=list(AU_ALL), expr7=list(EXPR7), au_threshold=AU_THRESHOLD,
-                confound_au=CONFOUND_AU, lookalike=LOOKALIKE, prone_au4=PRONE_AU4, min_segments=MIN_SEGMENTS,
-                corruptions=list(CORRUPTIONS),
-                jpeg_quality=JPEG_QUALITY, n_images=int(n_img), n_frames=int(len(world.latent)), n_videos=int(len(world.videos)),
-                n_unlabelled=int(len(world.pool)))
+    meta = dict(
+        name='SynthAffect',
+        version=SYNTH_VERSION,
+        size=asdict(world.size),
+        seed=int(seed),
+        formats=list(formats),
+        au_all=list(AU_ALL),
+        expr7=list(EXPR7),
+        au_threshold=AU_THRESHOLD,
+        confound_au=CONFOUND_AU,
+        lookalike=LOOKALIKE,
+        prone_au4=PRONE_AU4,
+        min_segments=MIN_SEGMENTS,
+        corruptions=list(CORRUPTIONS),
+        jpeg_quality=JPEG_QUALITY,
+        n_images=int(n_img),
+        n_frames=int(len(world.latent)),
+        n_videos=int(len(world.videos)),
+        n_unlabelled=int(len(world.pool)),
+    )
     write_json(lat_dir / 'meta.json', meta)
     return root
+
 
 def load_latent(root) -> dict:
     "The `_latent/` tables of a generated SynthAffect folder (identities, videos, frames, annotations, unlabelled, meta)."
     d = Path(root) / '_latent'
-    if not (d / 'meta.json').is_file(): raise FileNotFoundError(f'{d}/meta.json not found: {root} is not a generated SynthAffect folder')
-    out = {k: pd.read_csv(d / f'{k}.csv') for k in ('identities', 'pool_identities', 'videos', 'frames', 'annotations', 'unlabelled')}
+    if not (d / 'meta.json').is_file():
+        raise FileNotFoundError(f'{d}/meta.json not found: {root} is not a generated SynthAffect folder')
+    out = {
+        k: pd.read_csv(d / f'{k}.csv')
+        for k in ('identities', 'pool_identities', 'videos', 'frames', 'annotations', 'unlabelled')
+    }
     out['annotations']['expr'] = out['annotations']['expr'].astype('Int64')
     out['meta'] = json.loads((d / 'meta.json').read_text())
     return out
 
-def add_formats(root,                 # a generated SynthAffect folder
-                formats: tuple,       # layouts to (re)write, any of `FORMATS`
-               ) -> Path:
+
+def add_formats(
+    root,  # a generated SynthAffect folder
+    formats: tuple,  # layouts to (re)write, any of `FORMATS`
+) -> Path:
     "Write more layouts into a generated folder without re-rendering: the world is re-drawn from `_latent/meta.json`."
-    for f in formats: check_choice('format', f, FORMATS)
-    root = Path(root); meta = load_latent(root)['meta']
+    for f in formats:
+        check_choice('format', f, FORMATS)
+    root = Path(root)
+    meta = load_latent(root)['meta']
     size = SynthSize(**{**meta['size'], 'frames': tuple(meta['size']['frames'])})
     write_formats(make_world(size, meta['seed']), root, formats)
     meta['formats'] = [f for f in FORMATS if f in set(meta['formats']) | set(formats)]
@@ -1248,30 +1642,37 @@ def add_formats(root,                 # a generated SynthAffect folder
     return root
 
 # %% ../../nbs/01c_data.synth.ipynb #451aeff1
-def conflict_shares(look,          # per frame: the subject is a look-alike (`confound`)
-                    au,            # per frame: AU4 label 0/1, NA where not labelled
-                    subject=None,  # per frame: subject (for the largest per-subject AU rate)
-                   ) -> dict:
+def conflict_shares(
+    look,  # per frame: the subject is a look-alike (`confound`)
+    au,  # per frame: AU4 label 0/1, NA where not labelled
+    subject=None,  # per frame: subject (for the largest per-subject AU rate)
+) -> dict:
     "Among the AU-labelled frames: shares of look-alikes without the AU, of the AU without the look-alike, of the AU."
     au = pd.to_numeric(pd.Series(au, dtype='object'), errors='coerce').to_numpy(float)
     ok = ~np.isnan(au)
     look, on = np.asarray(look, bool)[ok], au[ok] > 0.5
     n = int(ok.sum())
-    out = dict(au_frames=n, subjects=len(set(np.asarray(subject)[ok])) if subject is not None else None,
-               lookalike_share=look.mean() if n else np.nan, au_rate=on.mean() if n else np.nan,
-               lookalike_without_au=(look & ~on).mean() if n else np.nan,
-               au_without_lookalike=(~look & on).mean() if n else np.nan)
+    out = dict(
+        au_frames=n,
+        subjects=len(set(np.asarray(subject)[ok])) if subject is not None else None,
+        lookalike_share=look.mean() if n else np.nan,
+        au_rate=on.mean() if n else np.nan,
+        lookalike_without_au=(look & ~on).mean() if n else np.nan,
+        au_without_lookalike=(~look & on).mean() if n else np.nan,
+    )
     out['conflict_share'] = out['lookalike_without_au'] + out['au_without_lookalike']
     if subject is not None and n:
         out['max_subject_au_rate'] = pd.Series(on).groupby(np.asarray(subject)[ok]).mean().max()
     return out
 
 # %% ../../nbs/01c_data.synth.ipynb #85b038de
-def confound_table(root,                 # a generated SynthAffect folder
-                   au: int = CONFOUND_AU, # the confounded AU
-                  ) -> pd.DataFrame:
+def confound_table(
+    root,  # a generated SynthAffect folder
+    au: int = CONFOUND_AU,  # the confounded AU
+) -> pd.DataFrame:
     "`conflict_shares` of every split of the Aff-Wild2 layout and of the test subjects of every fold of each AU layout."
     from abaw_nb.data.formats import AU_FOLDS, fold_split
+
     L = load_latent(root)
     look = L['identities'].set_index('subject').confound.astype(bool)
     who = L['videos'].set_index('video').subject
@@ -1280,8 +1681,14 @@ def confound_table(root,                 # a generated SynthAffect folder
     rows = []
     for s in ('train', 'val', 'test'):
         m = (df.split == s).to_numpy()
-        rows.append(dict(layout='affwild2', part=s, held_out=s != 'train',
-                         **conflict_shares(look.loc[subj[m]], df[f'AU{au}'][m], subj[m])))
+        rows.append(
+            dict(
+                layout='affwild2',
+                part=s,
+                held_out=s != 'train',
+                **conflict_shares(look.loc[subj[m]], df[f'AU{au}'][m], subj[m]),
+            )
+        )
     for fmt, ds in AU_DATASETS.items():
         if fmt not in L['meta']['formats']:
             continue
@@ -1290,31 +1697,41 @@ def confound_table(root,                 # a generated SynthAffect folder
         subj = who.loc[src.src_video].to_numpy()
         for k in AU_FOLDS[ds]:
             m = (fold_split(t, ds, k).split == 'test').to_numpy()
-            rows.append(dict(layout=fmt, part=f'fold {k}', held_out=True,
-                             **conflict_shares(look.loc[subj[m]], t[f'AU{au}'][m], subj[m])))
+            rows.append(
+                dict(
+                    layout=fmt,
+                    part=f'fold {k}',
+                    held_out=True,
+                    **conflict_shares(look.loc[subj[m]], t[f'AU{au}'][m], subj[m]),
+                )
+            )
     return pd.DataFrame(rows)
 
 # %% ../../nbs/01c_data.synth.ipynb #6bd92492
-def colour_histograms(images,       # uint8 RGB images (N, H, W, 3) or an iterable of them
-                      bins: int = 4, # cells per channel
-                     ) -> np.ndarray:
+def colour_histograms(
+    images,  # uint8 RGB images (N, H, W, 3) or an iterable of them
+    bins: int = 4,  # cells per channel
+) -> np.ndarray:
     "Joint RGB histogram of each image: (N, bins**3) shares of its pixels."
     out = []
     for img in images:
         q = (np.asarray(img).reshape(-1, 3).astype(np.int64) * bins) // 256
-        h = np.bincount((q[:, 0] * bins + q[:, 1]) * bins + q[:, 2], minlength=bins ** 3)
+        h = np.bincount((q[:, 0] * bins + q[:, 1]) * bins + q[:, 2], minlength=bins**3)
         out.append(h / h.sum())
     return np.array(out)
 
-def colour_identity_probe(root,              # a generated SynthAffect folder (its Aff-Wild2 frames are read)
-                          by: str = 'frame', # hold out 'frame' blocks of every video, or each subject's last 'video'
-                          step: int = 3,     # read every `step`-th frame with a face
-                          C: float = 1.0,    # inverse regularisation of the logistic regression
-                         ) -> dict:
+
+def colour_identity_probe(
+    root,  # a generated SynthAffect folder (its Aff-Wild2 frames are read)
+    by: str = 'frame',  # hold out 'frame' blocks of every video, or each subject's last 'video'
+    step: int = 3,  # read every `step`-th frame with a face
+    C: float = 1.0,  # inverse regularisation of the logistic regression
+) -> dict:
     "Subject (and look) accuracy of a logistic regression on colour histograms on held-out frames; chance; look ceiling."
     import cv2
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
+
     check_choice('by', by, ('frame', 'video'))
     L = load_latent(root)
     f = L['frames'][L['frames'].face.astype(bool)].iloc[::step].reset_index(drop=True)
@@ -1330,9 +1747,14 @@ def colour_identity_probe(root,              # a generated SynthAffect folder (i
     lr = LogisticRegression(C=C, max_iter=3000).fit(scale.transform(H[tr]), f.subject[tr])
     subj = f.subject.to_numpy()
     pred = lr.predict(scale.transform(H[te]))
-    out = dict(by=by, acc=float((pred == subj[te]).mean()),
-               chance=float((subj[te] == pd.Series(subj[tr]).mode()[0]).mean()),
-               n_subjects=int(len(set(subj[tr]))), n_train=int(tr.sum()), n_test=int(te.sum()))
+    out = dict(
+        by=by,
+        acc=float((pred == subj[te]).mean()),
+        chance=float((subj[te] == pd.Series(subj[tr]).mode()[0]).mean()),
+        n_subjects=int(len(set(subj[tr]))),
+        n_train=int(tr.sum()),
+        n_test=int(te.sum()),
+    )
     ids = L['identities'].set_index('subject')
     if 'look' in ids:
         per_look = ids.loc[sorted(set(subj[tr]))].look.value_counts()
@@ -1341,8 +1763,22 @@ def colour_identity_probe(root,              # a generated SynthAffect folder (i
     return out
 
 # %% ../../nbs/01c_data.synth.ipynb #b84c76e5
-_GEOMETRY = ('face_w', 'face_h', 'hairline', 'eye_dx', 'eye_y', 'eye_w', 'eye_h', 'brow_gap', 'brow_t', 'nose_len',
-             'mouth_y', 'mouth_w', 'lip_t')
+_GEOMETRY = (
+    'face_w',
+    'face_h',
+    'hairline',
+    'eye_dx',
+    'eye_y',
+    'eye_w',
+    'eye_h',
+    'brow_gap',
+    'brow_t',
+    'nose_len',
+    'mouth_y',
+    'mouth_w',
+    'lip_t',
+)
+
 
 def pool_report(root) -> tuple[dict, pd.DataFrame]:
     "Identity overlap of the unlabelled pool with the labelled subjects; its rendering conditions beside the videos'."
@@ -1351,13 +1787,17 @@ def pool_report(root) -> tuple[dict, pd.DataFrame]:
     cols = [c for c in _GEOMETRY if c in ids]
     z = pd.concat([ids[cols], pids[cols]]).to_numpy(float)
     z = (z - z.mean(0)) / z.std(0)
-    zw, zp = z[:len(ids)], z[len(ids):]
+    zw, zp = z[: len(ids)], z[len(ids) :]
     d_ww = np.linalg.norm(zw[:, None] - zw[None], axis=2) + np.diag(np.full(len(zw), np.inf))
     d_pw = np.linalg.norm(zp[:, None] - zw[None], axis=2)
-    ident = dict(pool_subjects=len(pids), world_subjects=len(ids), shared_ids=len(set(pids.subject) & set(ids.subject)),
-                 nearest_world_from_pool=float(np.median(d_pw.min(1))),
-                 nearest_world_from_world=float(np.median(d_ww.min(1))),
-                 closest_pair=float(d_pw.min()))
+    ident = dict(
+        pool_subjects=len(pids),
+        world_subjects=len(ids),
+        shared_ids=len(set(pids.subject) & set(ids.subject)),
+        nearest_world_from_pool=float(np.median(d_pw.min(1))),
+        nearest_world_from_world=float(np.median(d_ww.min(1))),
+        closest_pair=float(d_pw.min()),
+    )
     rows = []
     for name, t in (('videos', L['frames'][L['frames'].face.astype(bool)]), ('pool', L['unlabelled'])):
         corrupted = t[list(CORRUPTIONS)].astype(bool).any(axis=1).mean()
@@ -1371,87 +1811,125 @@ def pool_report(root) -> tuple[dict, pd.DataFrame]:
 # %% ../../nbs/01c_data.synth.ipynb #ab1f0255
 _MARKER = '.synthaffect-complete'
 
-def generate_cached(size: str = 'smoke',       # a name in `SIZES`
-                    seed: int = 0,             # dataset seed
-                    formats: tuple = DEFAULT_FORMATS, # label layouts (any of `FORMATS`)
-                    workers: int | None = None, # rendering processes (default: all cores)
-                    **kw,                      # passed to `generate`
-                   ) -> Path:
+
+def generate_cached(
+    size: str = 'smoke',  # a name in `SIZES`
+    seed: int = 0,  # dataset seed
+    formats: tuple = DEFAULT_FORMATS,  # label layouts (any of `FORMATS`)
+    workers: int | None = None,  # rendering processes (default: all cores)
+    **kw,  # passed to `generate`
+) -> Path:
     "Generate SynthAffect `size`/`seed` into the cache once (under a file lock, published by an atomic rename); later calls return the cached folder (adding missing layouts)."
     import shutil, uuid
     from filelock import FileLock
+
     kw_key = json.loads(json.dumps({k: v for k, v in kw.items() if k != 'show_progress'}))
     # a world with SynthSize overrides gets its own folder: it never replaces the standard `size-seed` one
     name = f'{size}-{seed}' + (f'-{fingerprint(kw_key)[:8]}' if kw_key else '')
-    root = cache_dir('synthaffect', name, create=False); root.parent.mkdir(parents=True, exist_ok=True)
+    root = cache_dir('synthaffect', name, create=False)
+    root.parent.mkdir(parents=True, exist_ok=True)
     marker = root / _MARKER
 
-    def cached():   # formats already there, or None when the folder is absent, unfinished or of another world
-        if not marker.is_file(): return None
+    def cached():  # formats already there, or None when the folder is absent, unfinished or of another world
+        if not marker.is_file():
+            return None
         have = json.loads(marker.read_text())
         done = have.pop('formats', [])
-        return done if have == dict(kw_key, version=SYNTH_VERSION) else None   # another version: generated anew
+        return done if have == dict(kw_key, version=SYNTH_VERSION) else None  # another version: generated anew
 
     done = cached()
-    if done is not None and all(f in done for f in formats): return root          # the common case takes no lock
+    if done is not None and all(f in done for f in formats):
+        return root  # the common case takes no lock
     with FileLock(str(root.parent / f'.{root.name}.lock')):
         done = cached()
         if done is not None:
             missing = tuple(f for f in formats if f not in done)
             if missing:
-                add_formats(root, missing)   # same world: write the new layouts only, no re-rendering
+                add_formats(root, missing)  # same world: write the new layouts only, no re-rendering
                 mark = dict(formats=done + list(missing), version=SYNTH_VERSION, **kw_key)
                 write_text(marker, json.dumps(mark, sort_keys=True))
             return root
-        for stale in root.parent.glob(f'.{root.name}.tmp-*'): shutil.rmtree(stale, ignore_errors=True)   # a killed generation
+        for stale in root.parent.glob(f'.{root.name}.tmp-*'):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed generation
         tmp = root.parent / f'.{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}'
         t0 = time.time()
         try:
             generate(tmp, size, seed, formats=formats, workers=workers or os.cpu_count() or 1, **kw)
             mark = dict(formats=list(formats), version=SYNTH_VERSION, **kw_key)
             write_text(tmp / _MARKER, json.dumps(mark, sort_keys=True))
-            if root.exists(): shutil.rmtree(root)   # unfinished or another world: replaced
-            os.rename(tmp, root)                     # publish: readers see all of it or nothing
+            if root.exists():
+                shutil.rmtree(root)  # unfinished or another world: replaced
+            os.rename(tmp, root)  # publish: readers see all of it or nothing
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True); raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         with open(root.parent / 'generate.log', 'a') as f:
-            f.write(json.dumps(dict(folder=root.name, formats=list(formats), **kw_key, pid=os.getpid(),
-                                    time=time.strftime('%Y-%m-%dT%H:%M:%S'), seconds=round(time.time() - t0, 1))) + '\n')
+            f.write(
+                json.dumps(
+                    dict(
+                        folder=root.name,
+                        formats=list(formats),
+                        **kw_key,
+                        pid=os.getpid(),
+                        time=time.strftime('%Y-%m-%dT%H:%M:%S'),
+                        seconds=round(time.time() - t0, 1),
+                    )
+                )
+                + '\n'
+            )
     return root
 
 # %% ../../nbs/01c_data.synth.ipynb #71e888d3
-def bench_synth(n_frames: int = 600, # frames to render and encode
-                img_size: int = 112, # frame side
-                seed: int = 0,
-               ) -> dict:
+def bench_synth(
+    n_frames: int = 600,  # frames to render and encode
+    img_size: int = 112,  # frame side
+    seed: int = 0,
+) -> dict:
     "Frames/s of rendering + JPEG encoding on one core, and full `smoke`/`cpu` generation times are measured separately."
     import cv2
+
     cv2.setNumThreads(1)
     w = make_world('smoke', seed, n_subjects=4, n_videos=4, frames=(n_frames // 4, n_frames // 4), n_pool=0)
     idr = {r['subject']: r for r in w.identities.to_dict('records')}
-    rows = w.latent.to_dict('records'); bg = _background((100., 110., 120.), img_size)
+    rows = w.latent.to_dict('records')
+    bg = _background((100.0, 110.0, 120.0), img_size)
     t0, c0 = time.perf_counter(), time.thread_time()
     nbytes = sum(len(_encode(render_frame(idr[r['subject']], r, img_size, bg))) for r in rows)
     dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
     # wall-clock rate on one thread, and the rate per CPU-second of that thread (what one core delivers when it is
     # shared with other processes: the wall rate then understates it)
-    return dict(frames=len(rows), img_size=img_size, seconds=round(dt, 3), frames_per_s_per_core=round(len(rows) / dt, 1),
-                cpu_seconds=round(cpu, 3), frames_per_cpu_s=round(len(rows) / max(cpu, 1e-9), 1), mean_jpeg_bytes=round(nbytes / len(rows)))
+    return dict(
+        frames=len(rows),
+        img_size=img_size,
+        seconds=round(dt, 3),
+        frames_per_s_per_core=round(len(rows) / dt, 1),
+        cpu_seconds=round(cpu, 3),
+        frames_per_cpu_s=round(len(rows) / max(cpu, 1e-9), 1),
+        mean_jpeg_bytes=round(nbytes / len(rows)),
+    )
 
 # %% ../../nbs/01c_data.synth.ipynb #9e3b5f60
-def bench_synth_reading(size: str = 'cpu',   # SynthAffect size to read (generated into the cache if needed)
-                        seed: int = 0,       # dataset seed
-                        img_size: int = 112, # loader output side
-                        batch_size: int = 64, # loader batch size
-                        n_batches: int = 20, # batches timed per worker count
-                        workers: tuple = (0, 2), # DataLoader worker counts
-                        root=None,           # an already generated folder (overrides size/seed)
-                       ) -> dict:
+def bench_synth_reading(
+    size: str = 'cpu',  # SynthAffect size to read (generated into the cache if needed)
+    seed: int = 0,  # dataset seed
+    img_size: int = 112,  # loader output side
+    batch_size: int = 64,  # loader batch size
+    n_batches: int = 20,  # batches timed per worker count
+    workers: tuple = (0, 2),  # DataLoader worker counts
+    root=None,  # an already generated folder (overrides size/seed)
+) -> dict:
     "Seconds to read the Aff-Wild2 layout of SynthAffect into a frame table, and DataLoader images/s per worker count."
     from abaw_nb.data.loading import bench_read_affwild2, bench_loader
     from abaw_nb.data.formats import read_affwild2
+
     root = Path(root) if root is not None else generate_cached(size, seed, show_progress=False)
     r = bench_read_affwild2(root, repeats=3)
-    ld = bench_loader(root, read_affwild2(root), size=img_size, batch_size=batch_size, n_batches=n_batches, workers=workers)
-    return dict(frames=r['frames'], read_seconds=round(r['seconds'], 3), read_frames_per_s=round(r['frames_per_s']),
-                **{f'loader_images_per_s_{k}': round(v, 1) for k, v in ld.items()})
+    ld = bench_loader(
+        root, read_affwild2(root), size=img_size, batch_size=batch_size, n_batches=n_batches, workers=workers
+    )
+    return dict(
+        frames=r['frames'],
+        read_seconds=round(r['seconds'], 3),
+        read_frames_per_s=round(r['frames_per_s']),
+        **{f'loader_images_per_s_{k}': round(v, 1) for k, v in ld.items()},
+    )

@@ -26,11 +26,13 @@ def choice(default, options):
     "A settings field whose value must be one of `options`."
     return field(default=default, metadata={'choices': tuple(options)})
 
+
 def _type_name(tp) -> str:
     "How a field type is written in messages (int, float | None, tuple[float, float], ...)."
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace('typing.', '').replace('NoneType', 'None')
+
 
 def _coerce(v, tp):
     """`v` as a value of type `tp` (ints become floats for float fields, lists become tuples); TypeError if it is not
@@ -79,18 +81,24 @@ def settings_types(cls) -> dict:
     "{field: type} of a settings dataclass (annotations resolved)."
     return typing.get_type_hints(cls)
 
+
 def settings_help(cls) -> str:
     "Every setting of `cls` with its type (and its choices), as error messages list them."
     tps = settings_types(cls)
+
     def one(f):
         ch = f.metadata.get('choices')
         return f'{f.name} ({_type_name(tps[f.name])}' + (f": one of {', '.join(map(repr, ch))})" if ch else ')')
+
     return ', '.join(one(f) for f in fields(cls))
+
 
 class UnknownSetting(KeyError):
     "A setting the method does not have; the message lists the valid ones (printed as is, not as a key's repr)."
+
     def __str__(self):
         return str(self.args[0])
+
 
 def make_settings(cls, values: dict | None = None, method: str = ''):
     """An instance of settings dataclass `cls` from `values` (defaults for the rest); unknown keys, wrong types and
@@ -101,8 +109,14 @@ def make_settings(cls, values: dict | None = None, method: str = ''):
     bad = sorted(set(values) - set(names))
     if bad:
         cfg_keys = [k for k in bad if k in {f.name for f in fields(Config)}]
-        hint = (f"; {', '.join(cfg_keys)} {'is a Config field' if len(cfg_keys) == 1 else 'are Config fields'}: pass "
-                f"run_config(..., {cfg_keys[0]}=...) (train_multi: its `config` parameter)") if cfg_keys else ''
+        hint = (
+            (
+                f"; {', '.join(cfg_keys)} {'is a Config field' if len(cfg_keys) == 1 else 'are Config fields'}: pass "
+                f"run_config(..., {cfg_keys[0]}=...) (train_multi: its `config` parameter)"
+            )
+            if cfg_keys
+            else ''
+        )
         raise UnknownSetting(f'unknown setting(s) {bad}{what}; valid settings: {settings_help(cls)}{hint}')
     tps, out = settings_types(cls), {}
     for f in fields(cls):
@@ -119,21 +133,25 @@ def make_settings(cls, values: dict | None = None, method: str = ''):
             check_choice(f.name, out[f.name], ch)
     return cls(**out)
 
+
 def settings_dict(s) -> dict:
     "The JSON form of a settings instance (tuples as lists), as `Config.extra` and config.json hold it."
+
     def js(v):
         return [js(x) for x in v] if isinstance(v, (tuple, list)) else v
+
     return {f.name: js(getattr(s, f.name)) for f in fields(s)}
 
 # %% ../../nbs/05_methods.ipynb #b71e6747
 @dataclass
 class RunData:
     "What a recipe gets besides its config and settings: the label spaces, and for training the frames and their root."
+
     expr_space: str = 'expr7'
     au_space: str = 'affwild2_12'
-    train: pd.DataFrame | None = None   # training frames; None: the recipe is built to predict (weights follow)
-    val: pd.DataFrame | None = None     # validation frames (checkpoint selection)
-    root: Path | None = None            # the root their image paths are relative to
+    train: pd.DataFrame | None = None  # training frames; None: the recipe is built to predict (weights follow)
+    val: pd.DataFrame | None = None  # validation frames (checkpoint selection)
+    root: Path | None = None  # the root their image paths are relative to
 
     @property
     def training(self) -> bool:
@@ -160,34 +178,41 @@ class RunData:
 @dataclass
 class Recipe:
     "The network of one run and what the engine calls to train it and to predict with it."
-    model: nn.Module
-    tasks: tuple                            # tasks it predicts (and scores on validation)
-    predict_fn: Callable                    # (out, batch) -> {column: array}
-    eval_data: Callable                     # (frames, root) -> dataset to predict on
-    loss_fn: Callable | None = None         # (out, batch) -> loss | (loss, {part: value}); None: prediction only
-    train_data: Callable | None = None      # (frames, root) -> training dataset
-    sampler: Callable | None = None         # (training dataset) -> sampler (balancing, redrawn per epoch)
-    forward_fn: Callable | None = None      # (model, batch) -> out; None: model(batch['image'])
-    collate_fn: Callable | None = None
-    callbacks: list = field(default_factory=list)   # (trainer, epoch record) after each epoch
-    param_groups: list | None = None        # optimizer groups (e.g. layer-wise lr decay); None: the engine's
-    backbone: str = ''                      # backbone name for reports (bench)
-    info: dict = field(default_factory=dict)        # anything else worth keeping (e.g. a label graph)
 
-def frame_data(size: int,             # image side
-               norm: str = 'resnet50', # picks the normalisation (and RandAugment for 'vit*'), see `make_transform`
-               **train_kw,             # more training-augmentation options of `make_transform`
-              ) -> tuple[Callable, Callable]:
+    model: nn.Module
+    tasks: tuple  # tasks it predicts (and scores on validation)
+    predict_fn: Callable  # (out, batch) -> {column: array}
+    eval_data: Callable  # (frames, root) -> dataset to predict on
+    loss_fn: Callable | None = None  # (out, batch) -> loss | (loss, {part: value}); None: prediction only
+    train_data: Callable | None = None  # (frames, root) -> training dataset
+    sampler: Callable | None = None  # (training dataset) -> sampler (balancing, redrawn per epoch)
+    forward_fn: Callable | None = None  # (model, batch) -> out; None: model(batch['image'])
+    collate_fn: Callable | None = None
+    callbacks: list = field(default_factory=list)  # (trainer, epoch record) after each epoch
+    param_groups: list | None = None  # optimizer groups (e.g. layer-wise lr decay); None: the engine's
+    backbone: str = ''  # backbone name for reports (bench)
+    info: dict = field(default_factory=dict)  # anything else worth keeping (e.g. a label graph)
+
+
+def frame_data(
+    size: int,  # image side
+    norm: str = 'resnet50',  # picks the normalisation (and RandAugment for 'vit*'), see `make_transform`
+    **train_kw,  # more training-augmentation options of `make_transform`
+) -> tuple[Callable, Callable]:
     "(train_data, eval_data) builders of single-frame datasets with the package's augmentation."
+
     def train_data(frames, root):
         return FrameDataset(frames, root, make_transform(True, size, norm, **train_kw))
+
     def eval_data(frames, root):
         return FrameDataset(frames, root, make_transform(False, size, norm))
+
     return train_data, eval_data
 
 # %% ../../nbs/05_methods.ipynb #928c4dc2
 def heads_predict_fn(au_names):
     "(out, batch) -> prediction columns: valence, arousal, prob_expr (+ expr), prob_AU<n>."
+
     def predict_fn(out, batch):
         p = {}
         if 'va' in out:
@@ -200,22 +225,24 @@ def heads_predict_fn(au_names):
             pa = out['au'].float().sigmoid()
             p.update({f'prob_{a}': pa[:, j] for j, a in enumerate(au_names)})
         return p
+
     return predict_fn
 
 # %% ../../nbs/05_methods.ipynb #685452d9
 @dataclass
 class MethodSpec:
     "Everything the package knows about one method (see the table above)."
+
     name: str
-    settings: type                       # dataclass of the method's settings, with defaults
-    presets: Callable                    # (preset, task) -> (Config fields, settings values)
-    recipe: Callable                     # (cfg, settings, data: RunData) -> Recipe
+    settings: type  # dataclass of the method's settings, with defaults
+    presets: Callable  # (preset, task) -> (Config fields, settings values)
+    recipe: Callable  # (cfg, settings, data: RunData) -> Recipe
     tasks: tuple = ('va', 'expr', 'au', 'multi')
     multi_tasks: tuple = ('va', 'expr', 'au')
-    importers: dict = field(default_factory=dict)   # checkpoint format -> checkpoints.CheckpointFormat
-    needs: dict = field(default_factory=dict)       # setting -> the method whose run folder it names
-    load_model: Callable | None = None   # (spec, path, device) -> (Recipe, Config); None: `load_run_recipe`
-    rank: float = 100.0                  # place in `list_methods` (the five built-in methods: the design's order)
+    importers: dict = field(default_factory=dict)  # checkpoint format -> checkpoints.CheckpointFormat
+    needs: dict = field(default_factory=dict)  # setting -> the method whose run folder it names
+    load_model: Callable | None = None  # (spec, path, device) -> (Recipe, Config); None: `load_run_recipe`
+    rank: float = 100.0  # place in `list_methods` (the five built-in methods: the design's order)
     doc: str = ''
 
     def make_settings(self, extra: dict | None = None):
@@ -240,9 +267,10 @@ class MethodSpec:
         return (self.load_model or load_run_recipe)(self, path, device)
 
 # %% ../../nbs/05_methods.ipynb #09dbfc47
-METHODS_ENV = 'ABAW_NB_METHODS'   # comma-separated modules (outside the package) that register methods
+METHODS_ENV = 'ABAW_NB_METHODS'  # comma-separated modules (outside the package) that register methods
 _REGISTRY: dict = {}
 _DISCOVERED: list = []
+
 
 def register_method(spec: MethodSpec) -> MethodSpec:
     "Add `spec` to the registry (a method module calls this when imported; registering a name again replaces it)."
@@ -252,9 +280,10 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         check_choice('task', t, ('va', 'expr', 'au', 'multi'))
     for k in spec.needs:
         check_choice(f'needs of {spec.name}', k, [f.name for f in fields(spec.settings)])
-    make_settings(spec.settings, {}, spec.name)   # every field has a default
+    make_settings(spec.settings, {}, spec.name)  # every field has a default
     _REGISTRY[spec.name] = spec
     return spec
+
 
 def _discover() -> None:
     "Import the method modules once: every module of this package, then those named in $ABAW_NB_METHODS."
@@ -262,21 +291,25 @@ def _discover() -> None:
         return
     _DISCOVERED.append(True)
     import abaw_nb.methods as pkg
+
     for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if not m.name.startswith('_'):
             importlib.import_module(f'abaw_nb.methods.{m.name}')
     for name in filter(None, (n.strip() for n in os.environ.get(METHODS_ENV, '').split(','))):
         importlib.import_module(name)
 
+
 def list_methods() -> list[str]:
     "The names of the registered methods (built-in ones in the design's order, then the others by name)."
     _discover()
     return [s.name for s in sorted(_REGISTRY.values(), key=lambda s: (s.rank, s.name))]
 
+
 def get_method(name: str) -> MethodSpec:
     "The spec of method `name`; an unknown name fails with the registered ones."
     check_choice('method', name, list_methods())
     return _REGISTRY[name]
+
 
 def get_settings(cfg: Config):
     "The typed settings of a run's config (`cfg.extra` checked against its method's dataclass)."
@@ -287,10 +320,12 @@ def checkpoint_formats() -> dict:
     "{format: (method, CheckpointFormat)} over the registered methods."
     return {fmt: (name, f) for name in list_methods() for fmt, f in get_method(name).importers.items()}
 
-def import_checkpoint(source,        # released file (or its loaded dict)
-                      fmt: str,      # one of `checkpoint_formats()`
-                      **options,     # the importer's options (e.g. compat_gru_axis=, embeddings=)
-                     ):
+
+def import_checkpoint(
+    source,  # released file (or its loaded dict)
+    fmt: str,  # one of `checkpoint_formats()`
+    **options,  # the importer's options (e.g. compat_gru_axis=, embeddings=)
+):
     "Import a released checkpoint of format `fmt` into its method's model (an `abaw_nb.checkpoints.Imported`)."
     formats = checkpoint_formats()
     check_choice('fmt', fmt, tuple(formats))
@@ -302,20 +337,22 @@ def run_checkpoint(path) -> Path:
     p = Path(path)
     if not p.is_dir():
         return p
-    if not (p/'config.json').is_file():
+    if not (p / 'config.json').is_file():
         raise FileNotFoundError(f'{p} is not a run folder (no config.json)')
-    ck = p/'best.pt' if (p/'best.pt').is_file() else p/'last.pt'
+    ck = p / 'best.pt' if (p / 'best.pt').is_file() else p / 'last.pt'
     if not ck.is_file():
         raise FileNotFoundError(f'run folder {p} has no checkpoint (best.pt or last.pt)')
     return ck
+
 
 def read_run_labels(path) -> dict:
     """The label spaces a run was trained in (its labels.json, or the `labels` of a checkpoint file); {} when it has
     none."""
     p = Path(path)
     if p.is_dir():
-        return json.loads((p/'labels.json').read_text()) if (p/'labels.json').is_file() else {}
+        return json.loads((p / 'labels.json').read_text()) if (p / 'labels.json').is_file() else {}
     return dict(load_checkpoint(p).get('labels') or {})
+
 
 def load_run_recipe(spec: MethodSpec, path, device: str = 'cpu') -> tuple[Recipe, Config]:
     """The prediction recipe of a run folder or checkpoint file, its weights loaded, in eval mode on `device`; and its

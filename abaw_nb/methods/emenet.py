@@ -23,8 +23,18 @@ from ..data.loading import ClipDataset
 from ..data.formats import read_rgb
 from ..data.frames import au_columns, expr_names
 from ..metrics import ece, nll, score_frames
-from ..checkpoints import (Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state,
-                                 map_state, load_mapped, build_on, head_key)
+from abaw_nb.checkpoints import (
+    Imported,
+    Preprocess,
+    Labels,
+    CheckpointFormat,
+    read_checkpoint,
+    unwrap_state,
+    map_state,
+    load_mapped,
+    build_on,
+    head_key,
+)
 from . import MethodSpec, Recipe, RunData, choice, register_method
 
 # %% auto #0
@@ -35,45 +45,57 @@ __all__ = ['TASKS', 'AU_POS_WEIGHT', 'EXPR_WEIGHT', 'EMENet', 'emenet_transform'
            'frame_prediction', 'uncertainty_figure', 'annotate_video', 'import_emenet_v']
 
 # %% ../../nbs/05c_methods.emenet.ipynb #bea1a2a0
-TASKS = ('au', 'expr', 'va')   # the original's head order (tmodels 0, 1, 2)
+TASKS = ('au', 'expr', 'va')  # the original's head order (tmodels 0, 1, 2)
+
 
 class EMENet(nn.Module):
     "EMENet-V (visual) or EMENet-VA (`audio=True`): per-frame embeddings → one GRU head per task over the clip's time axis."
-    def __init__(self,
-                 tasks=TASKS,                    # subset of au, expr, va
-                 backbone: str = 'mobilefacenet', # mobilefacenet (paper) or mobilefacenet_s (cpu preset)
-                 input_size: int = 112,          # face crop side
-                 audio: bool = False,            # EMENet-VA: add the MarbleNet branch
-                 audio_width: float = 1.0,       # MarbleNet channel multiplier
-                 n_mels: int = 64,
-                 n_au: int = 12, n_expr: int = 7, n_bins: int = 20,
-                 hidden: int = 128,              # GRU hidden size
-                 dropout: float = 0.5,           # before each decoder
-                 time_axis: str = 'time',        # 'time' (correct) | 'batch' (the original's wiring)
-                ):
+
+    def __init__(
+        self,
+        tasks=TASKS,  # subset of au, expr, va
+        backbone: str = 'mobilefacenet',  # mobilefacenet (paper) or mobilefacenet_s (cpu preset)
+        input_size: int = 112,  # face crop side
+        audio: bool = False,  # EMENet-VA: add the MarbleNet branch
+        audio_width: float = 1.0,  # MarbleNet channel multiplier
+        n_mels: int = 64,
+        n_au: int = 12,
+        n_expr: int = 7,
+        n_bins: int = 20,
+        hidden: int = 128,  # GRU hidden size
+        dropout: float = 0.5,  # before each decoder
+        time_axis: str = 'time',  # 'time' (correct) | 'batch' (the original's wiring)
+    ):
         super().__init__()
-        for t in tasks: check_choice('task', t, TASKS)
+        for t in tasks:
+            check_choice('task', t, TASKS)
         self.tasks = tuple(t for t in TASKS if t in tasks)
         self.backbone = build_backbone(backbone, **size_kwargs(backbone, input_size))
         self.audio = MarbleNetEncoder(n_mels, audio_width) if audio else None
         d = self.backbone.out_dim + (self.audio.out_dim if audio else 0)
         out = dict(au=n_au, expr=n_expr, va=2 * n_bins)
-        self.heads = nn.ModuleDict({t: TemporalGRUHead(d, out[t], hidden, dropout=dropout, time_axis=time_axis) for t in self.tasks})
+        self.heads = nn.ModuleDict(
+            {t: TemporalGRUHead(d, out[t], hidden, dropout=dropout, time_axis=time_axis) for t in self.tasks}
+        )
         self.input_size, self.n_bins, self.time_axis, self.n_mels = input_size, n_bins, time_axis, n_mels
 
     def features(self, images, audio=None) -> torch.Tensor:
         "(B, T, D) per-frame features of (B, T, 3, S, S) clips [and (B, T, n_mels, steps) audio windows]."
-        if images.dim() != 5: raise ValueError(f'EMENet expects clips (batch, time, 3, H, W); got shape {tuple(images.shape)}')
+        if images.dim() != 5:
+            raise ValueError(f'EMENet expects clips (batch, time, 3, H, W); got shape {tuple(images.shape)}')
         B, T = images.shape[:2]
         f = self.backbone(images.flatten(0, 1)).unflatten(0, (B, T))
         if self.audio is not None:
-            if audio is None: raise ValueError('EMENet-VA needs audio windows (batch, time, n_mels, steps)')
+            if audio is None:
+                raise ValueError('EMENet-VA needs audio windows (batch, time, n_mels, steps)')
             f = torch.cat([f, self.audio(audio.flatten(0, 1)).unflatten(0, (B, T))], -1)
         return f
 
     def step(self, images, audio=None, hidden: dict | None = None):
         "Logits per task and the GRU hidden states (pass them back in to continue a stream)."
-        f = self.features(images, audio)   # (B, T, D); with time_axis='batch' the GRU reads it as (T, B, D), as the original did
+        f = self.features(
+            images, audio
+        )  # (B, T, D); with time_axis='batch' the GRU reads it as (T, B, D), as the original did
         out, hid = {}, {}
         for t, h in self.heads.items():
             out[t], hid[t] = h(f, None if hidden is None else hidden.get(t))
@@ -85,131 +107,216 @@ class EMENet(nn.Module):
 # %% ../../nbs/05c_methods.emenet.ipynb #201e3c00
 _FRAME_CACHE: dict = {}
 
+
 def emenet_transform(train: bool, size: int = 112, resize: bool = True) -> v2.Compose:
     "Original EMENet preprocessing: (resize) [+ flip, ColorJitter(0.3, 0.3, 0.3)] → float in [0, 1]."
     ts = [v2.Resize((size, size), antialias=True)] if resize else []
-    if train: ts += [v2.RandomHorizontalFlip(), v2.ColorJitter(0.3, 0.3, 0.3)]
+    if train:
+        ts += [v2.RandomHorizontalFlip(), v2.ColorJitter(0.3, 0.3, 0.3)]
     return v2.Compose(ts + [v2.ToDtype(torch.float32, scale=True)])
+
 
 def video_fps(root, default: float = 30.0) -> float:
     "Frame rate of a dataset: SynthAffect's `_latent/meta.json`, else `default` (Aff-Wild2 videos: pass the real rate)."
-    meta = Path(root)/'_latent'/'meta.json'
-    if meta.is_file(): return float(json.loads(meta.read_text())['size'].get('fps', default))
+    meta = Path(root) / '_latent' / 'meta.json'
+    if meta.is_file():
+        return float(json.loads(meta.read_text())['size'].get('fps', default))
     return float(default)
+
 
 def audio_path(root, df: pd.DataFrame, video: str) -> Path:
     "The wav of `video`: the frame table's `audio` column if it has one, else `<root>/audios/<video>.wav`."
     if 'audio' in df.columns:
         a = df.loc[df['video'] == video, 'audio'].dropna()
-        if len(a): return Path(root)/a.iloc[0]
-    return Path(root)/'audios'/f'{video}.wav'
+        if len(a):
+            return Path(root) / a.iloc[0]
+    return Path(root) / 'audios' / f'{video}.wav'
+
 
 def load_teacher(path, df: pd.DataFrame) -> dict:
     "Teacher probabilities aligned to the rows of `df` (NaN rows and mask False where the teacher has no prediction)."
     z = np.load(path, allow_pickle=False)
     key = pd.MultiIndex.from_arrays([z['video'].astype(str), z['frame'].astype(np.int64)])
-    pos = key.get_indexer(pd.MultiIndex.from_arrays([df['video'].astype(str).to_numpy(), df['frame'].to_numpy(np.int64)]))
+    pos = key.get_indexer(
+        pd.MultiIndex.from_arrays([df['video'].astype(str).to_numpy(), df['frame'].to_numpy(np.int64)])
+    )
     out = {'teacher_mask': pos >= 0}
     for k in ('au', 'expr', 'va'):
-        a = z[k].astype(np.float32); o = np.full((len(df), *a.shape[1:]), np.nan, np.float32)
-        o[pos >= 0] = a[pos[pos >= 0]]; out[f'teacher_{k}'] = o
+        a = z[k].astype(np.float32)
+        o = np.full((len(df), *a.shape[1:]), np.nan, np.float32)
+        o[pos >= 0] = a[pos[pos >= 0]]
+        out[f'teacher_{k}'] = o
     return out
+
 
 def save_teacher(path, df: pd.DataFrame, probs: dict) -> Path:
     "Write ensemble-mean probabilities (`probs[task]`: (N, K) over the rows of `df`) as a teacher file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + '.tmp.npz')
-    np.savez(tmp, video=np.asarray(df['video'].astype(str).tolist(), dtype=str), frame=df['frame'].to_numpy(np.int64),
-             **{k: np.asarray(v, np.float32) for k, v in probs.items()})
+    np.savez(
+        tmp,
+        video=np.asarray(df['video'].astype(str).tolist(), dtype=str),
+        frame=df['frame'].to_numpy(np.int64),
+        **{k: np.asarray(v, np.float32) for k, v in probs.items()},
+    )
     tmp.replace(path)
     return path
 
+
 class EMENetClips(ClipDataset):
     "Clips of frames (+ audio windows, + teacher probabilities) for EMENet."
-    def __init__(self, df: pd.DataFrame, root, length: int = 16, stride: int | None = None, train: bool = False,
-                 size: int = 112,              # side the model sees
-                 cache: bool = False,          # keep decoded, resized frames in memory (process-wide)
-                 audio: bool = False,          # add (T, n_mels, steps) log-mel windows
-                 teacher=None,                 # teacher .npz path (students) or None
-                 fps: float | None = None,     # frame rate (default: `video_fps(root)`)
-                ):
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        root,
+        length: int = 16,
+        stride: int | None = None,
+        train: bool = False,
+        size: int = 112,  # side the model sees
+        cache: bool = False,  # keep decoded, resized frames in memory (process-wide)
+        audio: bool = False,  # add (T, n_mels, steps) log-mel windows
+        teacher=None,  # teacher .npz path (students) or None
+        fps: float | None = None,  # frame rate (default: `video_fps(root)`)
+    ):
         super().__init__(df, root, length, stride, end='align', transform=None)
         self.size, self.cache, self.train = size, cache, train
         self.tf = emenet_transform(train, size, resize=not cache)
-        if teacher is not None: self.labels.update(load_teacher(teacher, df))
+        if teacher is not None:
+            self.labels.update(load_teacher(teacher, df))
         self.spec = None
         if audio:
-            fps = fps or video_fps(root); self.spec, self.times = {}, (df['frame'].to_numpy(np.float64) + 0.5) / fps
+            fps = fps or video_fps(root)
+            self.spec, self.times = {}, (df['frame'].to_numpy(np.float64) + 0.5) / fps
             self.videos = df['video'].astype(str).to_numpy()
             for v in pd.unique(self.videos):
                 p = audio_path(root, df, v)
-                if not p.is_file(): raise FileNotFoundError(f'EMENet-VA: no audio for video {v!r}: {p} does not exist')
+                if not p.is_file():
+                    raise FileNotFoundError(f'EMENet-VA: no audio for video {v!r}: {p} does not exist')
                 from abaw_nb.data.synth import read_wav
+
                 x, sr = read_wav(p)
-                if sr != AUDIO_DEFAULTS['sr']: raise ValueError(f'{p}: sample rate {sr}, expected {AUDIO_DEFAULTS["sr"]}')
+                if sr != AUDIO_DEFAULTS['sr']:
+                    raise ValueError(f'{p}: sample rate {sr}, expected {AUDIO_DEFAULTS["sr"]}')
                 self.spec[v] = log_mel(x)
 
     def image(self, j: int) -> torch.Tensor:
-        if not self.cache: return read_rgb(self.paths[j])
+        if not self.cache:
+            return read_rgb(self.paths[j])
         key = (self.paths[j], self.size)
         if key not in _FRAME_CACHE:
             _FRAME_CACHE[key] = v2.functional.resize(read_rgb(self.paths[j]), [self.size, self.size], antialias=True)
         return _FRAME_CACHE[key]
 
     def __getitem__(self, i):
-        idx = self.windows[i]; valid = idx >= 0
+        idx = self.windows[i]
+        valid = idx >= 0
         src = np.where(valid, idx, idx[valid][-1])
         out = {}
         for k, v in self.labels.items():
             a = torch.as_tensor(v[src])
-            if k.endswith('_mask'): a = a & torch.as_tensor(valid).reshape(-1, *([1] * (a.dim() - 1)))
+            if k.endswith('_mask'):
+                a = a & torch.as_tensor(valid).reshape(-1, *([1] * (a.dim() - 1)))
             out[k] = a
         out['image'] = self.tf(torch.stack([self.image(j) for j in src]))
         if self.spec is not None:
             v = self.videos[src[0]]
             out['audio'] = frame_windows(self.spec[v], self.times[src], 0.01, AUDIO_DEFAULTS['steps'])
-        out['index'] = torch.as_tensor(idx); out['valid'] = torch.as_tensor(valid)
+        out['index'] = torch.as_tensor(idx)
+        out['valid'] = torch.as_tensor(valid)
         return out
 
 # %% ../../nbs/05c_methods.emenet.ipynb #969f1b4d
-AU_POS_WEIGHT = [23/3, 47/3, 21/4, 37/13, 3/2, 13/7, 3, 97/3, 97/3, 97/3, 37/63, 23/2]  # original, Aff-Wild2 AU order
-EXPR_WEIGHT = [2.5, 25, 40, 33, 4, 5.88, 12.5]                                        # original, Aff-Wild2 EXPR order
+AU_POS_WEIGHT = [
+    23 / 3,
+    47 / 3,
+    21 / 4,
+    37 / 13,
+    3 / 2,
+    13 / 7,
+    3,
+    97 / 3,
+    97 / 3,
+    97 / 3,
+    37 / 63,
+    23 / 2,
+]  # original, Aff-Wild2 AU order
+EXPR_WEIGHT = [2.5, 25, 40, 33, 4, 5.88, 12.5]  # original, Aff-Wild2 EXPR order
+
 
 class TaskReweighting:
     "The original's per-task loss weights from validation progress; call it after each epoch (engine callback)."
+
     def __init__(self, tasks, on: bool = True):
         self.tasks, self.on = tuple(tasks), on
-        self.lam = {t: 1.0 for t in self.tasks}; self.best = {t: -np.inf for t in self.tasks}; self.stale = {t: 0 for t in self.tasks}
+        self.lam = {t: 1.0 for t in self.tasks}
+        self.best = {t: -np.inf for t in self.tasks}
+        self.stale = {t: 0 for t in self.tasks}
+
     def weights(self) -> dict:
-        s = sum(self.lam.values()); return {t: v / s for t, v in self.lam.items()}
+        s = sum(self.lam.values())
+        return {t: v / s for t, v in self.lam.items()}
+
     def __call__(self, trainer, rec: dict):
-        if not self.on: return
+        if not self.on:
+            return
         for t in self.tasks:
             v = rec.get(f'val_{t}_score')
-            if v is None: continue
-            if v > self.best[t]: self.best[t], self.stale[t] = v, 0
+            if v is None:
+                continue
+            if v > self.best[t]:
+                self.best[t], self.stale[t] = v, 0
             else:
                 self.stale[t] += 1
-                if self.stale[t] > 1: self.lam[t] = math.log2(self.stale[t])
+                if self.stale[t] > 1:
+                    self.lam[t] = math.log2(self.stale[t])
         rec.update({f'lambda_{t}': w for t, w in self.weights().items()})
 
-def _flat(x, m): return x[m]
+
+def _flat(x, m):
+    return x[m]
+
 
 def batch_gt(batch: dict, m: torch.Tensor) -> dict:
     "Ground-truth targets of the valid frames `m` (B, T) in the NaN / -1 encoding of `train.losses`."
-    return {'va': torch.where(batch['va_mask'][m][:, None], batch['va'][m], torch.nan),
-            'expr': torch.where(batch['expr_mask'][m], batch['expr'][m], -1),
-            'au': torch.where(batch['au_mask'][m], batch['au'][m], torch.nan)}
+    return {
+        'va': torch.where(batch['va_mask'][m][:, None], batch['va'][m], torch.nan),
+        'expr': torch.where(batch['expr_mask'][m], batch['expr'][m], -1),
+        'au': torch.where(batch['au_mask'][m], batch['au'][m], torch.nan),
+    }
 
-def make_loss(tasks, paper_weights: bool = False, va_loss: str = 'ccc', student: bool = False, student_gt: bool = False,
-              reweight: TaskReweighting | None = None, n_bins: int = 20):
+
+def make_loss(
+    tasks,
+    paper_weights: bool = False,
+    va_loss: str = 'ccc',
+    student: bool = False,
+    student_gt: bool = False,
+    reweight: TaskReweighting | None = None,
+    n_bins: int = 20,
+):
     "The loss_fn (out, batch) -> (total, parts) of a teacher (ground truth) or a student (teacher probabilities)."
-    gt = MultiTaskLoss({t: spec for t, spec in dict(
-        au={'loss': 'bce', **({'pos_weight': AU_POS_WEIGHT} if paper_weights else {})},
-        expr={'loss': 'ce', **({'class_weight': EXPR_WEIGHT} if paper_weights else {})},
-        va={'loss': va_loss, 'n_bins': n_bins}).items() if t in tasks})
-    kd = DistillationLoss({t: k for t, k in dict(au='bce', expr='kl', va='ccc').items() if t in tasks}, T=1.0,
-                          teacher_is_prob=True, gt_loss=gt if student_gt else None, alpha=0.5, n_bins=n_bins)
+    gt = MultiTaskLoss(
+        {
+            t: spec
+            for t, spec in dict(
+                au={'loss': 'bce', **({'pos_weight': AU_POS_WEIGHT} if paper_weights else {})},
+                expr={'loss': 'ce', **({'class_weight': EXPR_WEIGHT} if paper_weights else {})},
+                va={'loss': va_loss, 'n_bins': n_bins},
+            ).items()
+            if t in tasks
+        }
+    )
+    kd = DistillationLoss(
+        {t: k for t, k in dict(au='bce', expr='kl', va='ccc').items() if t in tasks},
+        T=1.0,
+        teacher_is_prob=True,
+        gt_loss=gt if student_gt else None,
+        alpha=0.5,
+        n_bins=n_bins,
+    )
+
     def loss_fn(out, batch):
         m = batch['valid']
         if student:
@@ -222,53 +329,87 @@ def make_loss(tasks, paper_weights: bool = False, va_loss: str = 'ccc', student:
         w = reweight.weights() if reweight is not None else {t: 1.0 for t in parts}
         total = sum(w[t] * l for t, l in parts.items())
         return total, {k: float(v.detach()) for k, v in parts.items()}
+
     return loss_fn
 
 # %% ../../nbs/05c_methods.emenet.ipynb #739e830b
 @dataclass
 class EMENetSettings:
     "EMENet's own settings."
-    backbone: str = 'mobilefacenet'      # mobilefacenet (paper) | mobilefacenet_s (cpu preset)
-    audio: bool = False                  # EMENet-VA: add the MarbleNet branch
-    audio_width: float = 1.0             # MarbleNet channel multiplier
-    hidden: int = 128                    # GRU hidden size
+
+    backbone: str = 'mobilefacenet'  # mobilefacenet (paper) | mobilefacenet_s (cpu preset)
+    audio: bool = False  # EMENet-VA: add the MarbleNet branch
+    audio_width: float = 1.0  # MarbleNet channel multiplier
+    hidden: int = 128  # GRU hidden size
     dropout: float = 0.5
-    time_axis: str = choice('time', ('time', 'batch'))   # 'batch': the original's GRU wiring
-    n_bins: int = 20                     # VA bins per dimension
+    time_axis: str = choice('time', ('time', 'batch'))  # 'batch': the original's GRU wiring
+    n_bins: int = 20  # VA bins per dimension
     va_loss: str = choice('ccc', ('ccc', 'ccc+bins_ce'))
-    reweight: bool = True                # the original's task reweighting (teachers)
-    paper_weights: bool = True           # the original's AU pos_weight and EXPR class weights
-    student_gt: bool = False             # students also learn from the ground truth where a frame has it
-    teacher: str | None = None           # students: teacher probabilities file (`save_teacher`)
-    seq_len: int = 16                    # training clip length
-    eval_len: int = 64                   # evaluation clip length
-    cache: bool = False                  # keep decoded frames in memory
-    fps: float | None = None             # audio: frame rate (default: the dataset's)
-    members: int = 5                     # iterative_distillation: ensemble size
-    rounds: int = 4                      # iterative_distillation: rounds after round 0
+    reweight: bool = True  # the original's task reweighting (teachers)
+    paper_weights: bool = True  # the original's AU pos_weight and EXPR class weights
+    student_gt: bool = False  # students also learn from the ground truth where a frame has it
+    teacher: str | None = None  # students: teacher probabilities file (`save_teacher`)
+    seq_len: int = 16  # training clip length
+    eval_len: int = 64  # evaluation clip length
+    cache: bool = False  # keep decoded frames in memory
+    fps: float | None = None  # audio: frame rate (default: the dataset's)
+    members: int = 5  # iterative_distillation: ensemble size
+    rounds: int = 4  # iterative_distillation: rounds after round 0
+
 
 def emenet_presets(preset: str, task: str) -> tuple[dict, dict]:
     "(Config fields, settings) of EMENet for `preset` (paper | cpu | smoke)."
     if preset == 'paper':
-        return (dict(img_size=112, batch_size=15, epochs=10, optimizer='adam', lr=1e-3, weight_decay=0.0,
-                     schedule='step',
-                     step_epochs=3, gamma=0.1, num_workers=4), {})
+        return (
+            dict(
+                img_size=112,
+                batch_size=15,
+                epochs=10,
+                optimizer='adam',
+                lr=1e-3,
+                weight_decay=0.0,
+                schedule='step',
+                step_epochs=3,
+                gamma=0.1,
+                num_workers=4,
+            ),
+            {},
+        )
     if preset == 'cpu':
-        return (dict(img_size=32, batch_size=16, epochs=2, max_steps_per_epoch=25, optimizer='adam', lr=2e-3,
-                     schedule='none'),
-                dict(backbone='mobilefacenet_s', seq_len=8, eval_len=32, members=3, rounds=2, paper_weights=False,
-                     cache=True,
-                     audio_width=0.5))
-    return (dict(img_size=32, batch_size=4, epochs=1, max_steps_per_epoch=3, optimizer='adam', lr=2e-3,
-                 schedule='none'),
-            dict(backbone='mobilefacenet_s', seq_len=4, eval_len=8, members=2, rounds=1, paper_weights=False,
-                 cache=True,
-                 audio_width=0.5))
+        return (
+            dict(
+                img_size=32, batch_size=16, epochs=2, max_steps_per_epoch=25, optimizer='adam', lr=2e-3, schedule='none'
+            ),
+            dict(
+                backbone='mobilefacenet_s',
+                seq_len=8,
+                eval_len=32,
+                members=3,
+                rounds=2,
+                paper_weights=False,
+                cache=True,
+                audio_width=0.5,
+            ),
+        )
+    return (
+        dict(img_size=32, batch_size=4, epochs=1, max_steps_per_epoch=3, optimizer='adam', lr=2e-3, schedule='none'),
+        dict(
+            backbone='mobilefacenet_s',
+            seq_len=4,
+            eval_len=8,
+            members=2,
+            rounds=1,
+            paper_weights=False,
+            cache=True,
+            audio_width=0.5,
+        ),
+    )
 
 # %% ../../nbs/05c_methods.emenet.ipynb #31a71f8a
 def forward_fn(model, batch):
     "EMENet on a batch of clips (and their audio windows when it has the audio branch)."
     return model(batch['image'], batch.get('audio'))
+
 
 def entropy_norm(p: torch.Tensor | np.ndarray, axis: int = -1):
     "Entropy of distributions along `axis` divided by log C (in [0, 1]); 0·log 0 = 0."
@@ -280,17 +421,25 @@ def entropy_norm(p: torch.Tensor | np.ndarray, axis: int = -1):
     c = p.shape[axis]
     return -(torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p))).sum(axis) / math.log(c)
 
+
 def make_predict_fn(tasks, au_names, n_bins: int = 20):
     "Per-frame columns of (B, T, K) logits: probabilities, VA expectations and bins, normalised-entropy uncertainties."
     anc = va_bin_anchors(n_bins)
+
     def predict_fn(out, batch):
         p = {}
         if 'va' in out:
             pv = torch.softmax(out['va'].float().unflatten(-1, (2, n_bins)), -1)
             e = pv @ anc.to(pv)
             u = entropy_norm(pv)
-            p.update(valence=e[..., 0], arousal=e[..., 1], unc_valence=u[..., 0], unc_arousal=u[..., 1],
-                     prob_valence=pv[..., 0, :], prob_arousal=pv[..., 1, :])
+            p.update(
+                valence=e[..., 0],
+                arousal=e[..., 1],
+                unc_valence=u[..., 0],
+                unc_arousal=u[..., 1],
+                prob_valence=pv[..., 0, :],
+                prob_arousal=pv[..., 1, :],
+            )
         if 'expr' in out:
             pe = torch.softmax(out['expr'].float(), -1)
             p.update(prob_expr=pe, unc_expr=entropy_norm(pe))
@@ -300,6 +449,7 @@ def make_predict_fn(tasks, au_names, n_bins: int = 20):
             p.update({f'prob_{a}': pa[..., j] for j, a in enumerate(au_names)})
             p.update({f'unc_{a}': ua[..., j] for j, a in enumerate(au_names)})
         return p
+
     return predict_fn
 
 # %% ../../nbs/05c_methods.emenet.ipynb #0e96da54
@@ -307,60 +457,106 @@ def recipe(cfg: Config, s: EMENetSettings, data: RunData) -> Recipe:
     "Model, clip datasets, losses (teacher or student), forward and prediction functions, task reweighting of EMENet."
     au_names = data.au_names
     tasks = TASKS if cfg.task == 'multi' else (cfg.task,)
-    model = EMENet(tasks, backbone=s.backbone, input_size=cfg.img_size, audio=s.audio, audio_width=s.audio_width,
-                   n_au=len(au_names), n_expr=data.n_expr, n_bins=s.n_bins, hidden=s.hidden, dropout=s.dropout,
-                   time_axis=s.time_axis)
+    model = EMENet(
+        tasks,
+        backbone=s.backbone,
+        input_size=cfg.img_size,
+        audio=s.audio,
+        audio_width=s.audio_width,
+        n_au=len(au_names),
+        n_expr=data.n_expr,
+        n_bins=s.n_bins,
+        hidden=s.hidden,
+        dropout=s.dropout,
+        time_axis=s.time_axis,
+    )
     rw = TaskReweighting(tasks, on=s.reweight and s.teacher is None and len(tasks) > 1)
-    loss_fn = make_loss(tasks, s.paper_weights, s.va_loss, student=s.teacher is not None, student_gt=s.student_gt,
-                        reweight=rw, n_bins=s.n_bins)
+    loss_fn = make_loss(
+        tasks,
+        s.paper_weights,
+        s.va_loss,
+        student=s.teacher is not None,
+        student_gt=s.student_gt,
+        reweight=rw,
+        n_bins=s.n_bins,
+    )
     kw = dict(size=cfg.img_size, cache=s.cache, audio=s.audio, fps=s.fps)
+
     def train_data(frames, root):
         return EMENetClips(frames, root, s.seq_len, train=True, teacher=s.teacher, **kw)
+
     def eval_data(frames, root):
         return EMENetClips(frames, root, s.eval_len, train=False, **kw)
-    return Recipe(model, tasks, make_predict_fn(tasks, au_names, s.n_bins), eval_data, loss_fn, train_data,
-                  forward_fn=forward_fn, callbacks=[rw], backbone=s.backbone)
+
+    return Recipe(
+        model,
+        tasks,
+        make_predict_fn(tasks, au_names, s.n_bins),
+        eval_data,
+        loss_fn,
+        train_data,
+        forward_fn=forward_fn,
+        callbacks=[rw],
+        backbone=s.backbone,
+    )
 
 # %% ../../nbs/05c_methods.emenet.ipynb #7b4910ce
 def decompose(member_probs) -> dict:
     "Total, aleatoric and epistemic uncertainty (normalised by log C) of (M, ..., C) member probabilities."
     p = np.asarray(member_probs, np.float64)
-    if p.ndim < 2: raise ValueError(f'decompose expects (members, ..., classes), got shape {p.shape}')
-    tot = entropy_norm(p.mean(0)); ale = entropy_norm(p).mean(0)
+    if p.ndim < 2:
+        raise ValueError(f'decompose expects (members, ..., classes), got shape {p.shape}')
+    tot = entropy_norm(p.mean(0))
+    ale = entropy_norm(p).mean(0)
     return {'total': tot, 'aleatoric': ale, 'epistemic': np.maximum(tot - ale, 0.0)}
+
 
 def binary(p) -> np.ndarray:
     "(…, 2) categorical form [1 − p, p] of positive-class probabilities."
-    p = np.asarray(p, np.float64); return np.stack([1 - p, p], -1)
+    p = np.asarray(p, np.float64)
+    return np.stack([1 - p, p], -1)
 
 # %% ../../nbs/05c_methods.emenet.ipynb #2e4a5a8b
 def _nll_logits(z, y, T, kind):
     if kind == 'binary':
-        q = 1 / (1 + np.exp(-z / T)); q = np.clip(q, 1e-12, 1 - 1e-12)
+        q = 1 / (1 + np.exp(-z / T))
+        q = np.clip(q, 1e-12, 1 - 1e-12)
         return -(y * np.log(q) + (1 - y) * np.log(1 - q)).mean()
-    s = z / T; s = s - s.max(1, keepdims=True)
+    s = z / T
+    s = s - s.max(1, keepdims=True)
     return -(s[np.arange(len(y)), y] - np.log(np.exp(s).sum(1))).mean()
 
-def fit_temperature(logits,            # (N,) binary logits or (N, K) class logits
-                    labels,            # (N,) 0/1 or class indices
-                    bounds=(0.05, 20.0)) -> float:
+
+def fit_temperature(
+    logits,  # (N,) binary logits or (N, K) class logits
+    labels,  # (N,) 0/1 or class indices
+    bounds=(0.05, 20.0),
+) -> float:
     "The temperature T minimising the NLL of softmax(logits / T) (sigmoid for binary)."
     from scipy.optimize import minimize_scalar
-    z = np.asarray(logits, np.float64); y = np.asarray(labels)
+
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels)
     kind = 'binary' if z.ndim == 1 else 'class'
-    if len(z) == 0: raise ValueError('fit_temperature needs at least one labelled sample')
+    if len(z) == 0:
+        raise ValueError('fit_temperature needs at least one labelled sample')
     y = y.astype(np.float64) if kind == 'binary' else y.astype(np.int64)
     r = minimize_scalar(lambda lt: _nll_logits(z, y, np.exp(lt), kind), bounds=np.log(bounds), method='bounded')
     return float(np.exp(r.x))
 
+
 @contextmanager
 def mc_dropout(model: nn.Module):
     "Evaluation mode with only the dropout layers active (BatchNorm keeps its running statistics)."
-    was = model.training; model.eval()
+    was = model.training
+    model.eval()
     drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    for d in drops: d.train()
-    try: yield model
-    finally: model.train(was)
+    for d in drops:
+        d.train()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 # %% ../../nbs/05c_methods.emenet.ipynb #477ba721
 def _softmax(z, axis=-1):
@@ -368,6 +564,7 @@ def _softmax(z, axis=-1):
     z = np.asarray(z, np.float64)
     e = np.exp(z - z.max(axis, keepdims=True))
     return e / e.sum(axis, keepdims=True)
+
 
 def logits_to_probs(logits: dict, n_bins: int = 20, T: dict | None = None) -> dict:
     "Probabilities of per-task logits (last axis): AU sigmoid, EXPR softmax, VA softmax per dimension → (…, 2, n_bins); optional temperatures per task."
@@ -383,9 +580,13 @@ def logits_to_probs(logits: dict, n_bins: int = 20, T: dict | None = None) -> di
         out['va'] = _softmax(z / np.asarray(T.get('va', 1.0)).reshape(-1, 1))
     return out
 
-def ensemble_table(df: pd.DataFrame,          # frame table of the rows
-                   member_probs: list[dict],  # per member: logits_to_probs output over the rows of df
-                   au_names=None, n_bins: int = 20) -> pd.DataFrame:
+
+def ensemble_table(
+    df: pd.DataFrame,  # frame table of the rows
+    member_probs: list[dict],  # per member: logits_to_probs output over the rows of df
+    au_names=None,
+    n_bins: int = 20,
+) -> pd.DataFrame:
     "Prediction table (keys, ensemble-mean probabilities, VA expectations, unc_/ale_/epi_ uncertainties per task)."
     au_names = list(au_names or au_columns(df.attrs.get('au_space', 'affwild2_12')))
     out = df[['split', 'video', 'frame']].reset_index(drop=True).copy()
@@ -420,6 +621,7 @@ def ensemble_table(df: pd.DataFrame,          # frame table of the rows
             cols[f'epi_{a}'] = u['epistemic'][:, j]
     return pd.concat([out, pd.DataFrame(cols)], axis=1)
 
+
 def va_calibration(df: pd.DataFrame, pred: pd.DataFrame, n_bins: int = 20) -> dict:
     "ECE (top-1 bin) and NLL of the 20-bin VA distributions against the binned labels, per dimension."
     out = {}
@@ -435,13 +637,25 @@ def va_calibration(df: pd.DataFrame, pred: pd.DataFrame, n_bins: int = 20) -> di
         out[f'va_nll_{d}'] = nll(p, yb)
     return out
 
+
 def score_table(df: pd.DataFrame, pred: pd.DataFrame, tasks=TASKS) -> dict:
     "Scores of a prediction table: CCC, F1, ECE and NLL per task (ABAW2 scores, AU threshold 0.5)."
     ts = [t for t in ('va', 'expr', 'au') if t in tasks]
-    s = score_frames(df, pred.drop(columns=[c for c in pred.columns if c in au_columns('affwild2_12')] + ['expr'], errors='ignore'),
-                     tasks=ts, edition='abaw2', thresholds=0.5, calibration=True)
-    keep = {k: float(v) for k, v in s.items() if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool)
-            and not k.startswith(('expr_support', 'au_npos', 'expr_f1_', 'au_f1_AU', 'au_ece_AU'))}
+    s = score_frames(
+        df,
+        pred.drop(columns=[c for c in pred.columns if c in au_columns('affwild2_12')] + ['expr'], errors='ignore'),
+        tasks=ts,
+        edition='abaw2',
+        thresholds=0.5,
+        calibration=True,
+    )
+    keep = {
+        k: float(v)
+        for k, v in s.items()
+        if isinstance(v, (float, int, np.floating, np.integer))
+        and not isinstance(v, bool)
+        and not k.startswith(('expr_support', 'au_npos', 'expr_f1_', 'au_f1_AU', 'au_ece_AU'))
+    }
     if 'va' in ts:
         keep.update(va_calibration(df, pred))
     return keep
@@ -449,49 +663,80 @@ def score_table(df: pd.DataFrame, pred: pd.DataFrame, tasks=TASKS) -> dict:
 # %% ../../nbs/05c_methods.emenet.ipynb #75960943
 def frame_prediction(pred: pd.DataFrame, i: int, au_names, expr_labels, n_bins: int = 20) -> dict:
     "One row of an `ensemble_table` as the dict `uncertainty_figure` draws."
-    r = pred.iloc[i]; g = lambda c, d=0.0: float(r[c]) if c in r.index else d
-    return dict(au=np.array([g(f'prob_{a}') for a in au_names]), au_unc=np.array([g(f'unc_{a}') for a in au_names]),
-                au_epi=np.array([g(f'epi_{a}') for a in au_names]), au_names=list(au_names),
-                expr=np.array([g(f'prob_expr_{k}') for k in range(len(expr_labels))]), expr_unc=g('unc_expr'),
-                expr_epi=g('epi_expr'), expr_names=list(expr_labels),
-                va=np.array([g('valence'), g('arousal')]), va_unc=np.array([g('unc_valence'), g('unc_arousal')]),
-                va_epi=np.array([g('epi_valence'), g('epi_arousal')]),
-                va_bins=np.array([[g(f'prob_{d}_{k}') for k in range(n_bins)] for d in ('valence', 'arousal')]))
+    r = pred.iloc[i]
+    g = lambda c, d=0.0: float(r[c]) if c in r.index else d
+    return dict(
+        au=np.array([g(f'prob_{a}') for a in au_names]),
+        au_unc=np.array([g(f'unc_{a}') for a in au_names]),
+        au_epi=np.array([g(f'epi_{a}') for a in au_names]),
+        au_names=list(au_names),
+        expr=np.array([g(f'prob_expr_{k}') for k in range(len(expr_labels))]),
+        expr_unc=g('unc_expr'),
+        expr_epi=g('epi_expr'),
+        expr_names=list(expr_labels),
+        va=np.array([g('valence'), g('arousal')]),
+        va_unc=np.array([g('unc_valence'), g('unc_arousal')]),
+        va_epi=np.array([g('epi_valence'), g('epi_arousal')]),
+        va_bins=np.array([[g(f'prob_{d}_{k}') for k in range(n_bins)] for d in ('valence', 'arousal')]),
+    )
 
-def uncertainty_figure(image,           # (H, W, 3) uint8 RGB or (3, H, W) tensor
-                       p: dict,         # `frame_prediction` output
-                       title: str | None = None):
+
+def uncertainty_figure(
+    image,  # (H, W, 3) uint8 RGB or (3, H, W) tensor
+    p: dict,  # `frame_prediction` output
+    title: str | None = None,
+):
     "Face + AU / EXPR / VA predictions with their (total and epistemic) uncertainty; returns a matplotlib Figure."
     from matplotlib.figure import Figure
+
     img = image.permute(1, 2, 0).numpy() if torch.is_tensor(image) else np.asarray(image)
-    fig = Figure(figsize=(12, 6)); gs = fig.add_gridspec(2, 4, width_ratios=[1.1, 1.2, 1.2, 1.2])
-    ax = fig.add_subplot(gs[:, 0]); ax.imshow(img); ax.axis('off'); ax.set_title(title or 'input face')
-    a = fig.add_subplot(gs[:, 1]); y = np.arange(len(p['au_names']))[::-1]
+    fig = Figure(figsize=(12, 6))
+    gs = fig.add_gridspec(2, 4, width_ratios=[1.1, 1.2, 1.2, 1.2])
+    ax = fig.add_subplot(gs[:, 0])
+    ax.imshow(img)
+    ax.axis('off')
+    ax.set_title(title or 'input face')
+    a = fig.add_subplot(gs[:, 1])
+    y = np.arange(len(p['au_names']))[::-1]
     a.barh(y + 0.2, p['au'], 0.4, color='tab:blue', label='P(active)')
     a.barh(y - 0.2, p['au_unc'], 0.4, color='tab:orange', label='uncertainty')
     a.barh(y - 0.2, p['au_epi'], 0.4, color='none', edgecolor='k', hatch='//', label='epistemic')
-    a.set_yticks(y, [f'{n}: {int(q > 0.5)}' for n, q in zip(p['au_names'], p['au'])]); a.set_xlim(0, 1)
-    a.axvline(0.5, color='gray', lw=0.5, ls='--'); a.set_title('action units'); a.legend(loc='lower right', fontsize=7)
-    e = fig.add_subplot(gs[:, 2]); y = np.arange(len(p['expr_names']))[::-1]
+    a.set_yticks(y, [f'{n}: {int(q > 0.5)}' for n, q in zip(p['au_names'], p['au'])])
+    a.set_xlim(0, 1)
+    a.axvline(0.5, color='gray', lw=0.5, ls='--')
+    a.set_title('action units')
+    a.legend(loc='lower right', fontsize=7)
+    e = fig.add_subplot(gs[:, 2])
+    y = np.arange(len(p['expr_names']))[::-1]
     e.barh(y, p['expr'], color=['tab:green' if k == p['expr'].argmax() else 'tab:gray' for k in range(len(y))])
-    e.set_yticks(y, p['expr_names']); e.set_xlim(0, 1)
-    e.set_title(f"expression: {p['expr_names'][int(p['expr'].argmax())]}\nuncertainty {p['expr_unc']:.2f} (epistemic {p['expr_epi']:.2f})")
+    e.set_yticks(y, p['expr_names'])
+    e.set_xlim(0, 1)
+    e.set_title(
+        f"expression: {p['expr_names'][int(p['expr'].argmax())]}\nuncertainty {p['expr_unc']:.2f} (epistemic {p['expr_epi']:.2f})"
+    )
     centres = va_bin_anchors(p['va_bins'].shape[1]).numpy()
     for j, (d, c) in enumerate((('valence', 'tab:purple'), ('arousal', 'tab:red'))):
-        v = fig.add_subplot(gs[j, 3]); v.bar(centres, p['va_bins'][j], width=2 / len(centres) * 0.9, color=c, alpha=0.7)
-        v.axvline(p['va'][j], color='k'); v.set_xlim(-1, 1)
-        v.set_title(f"{d} {p['va'][j]:+.2f}: uncertainty {p['va_unc'][j]:.2f} (epist. {p['va_epi'][j]:.2f})", fontsize=9)
+        v = fig.add_subplot(gs[j, 3])
+        v.bar(centres, p['va_bins'][j], width=2 / len(centres) * 0.9, color=c, alpha=0.7)
+        v.axvline(p['va'][j], color='k')
+        v.set_xlim(-1, 1)
+        v.set_title(
+            f"{d} {p['va'][j]:+.2f}: uncertainty {p['va_unc'][j]:.2f} (epist. {p['va_epi'][j]:.2f})", fontsize=9
+        )
     fig.tight_layout()
     return fig
 
 # %% ../../nbs/05c_methods.emenet.ipynb #9ddc2817
 def _frames_from(source, max_frames):
     import cv2
+
     if isinstance(source, (list, tuple)):
         for i, p in enumerate(source):
-            if max_frames and i >= max_frames: return
+            if max_frames and i >= max_frames:
+                return
             img = cv2.imread(str(p))
-            if img is None: raise FileNotFoundError(f'annotate_video: cannot read image {p}')
+            if img is None:
+                raise FileNotFoundError(f'annotate_video: cannot read image {p}')
             yield img
         return
     cap = cv2.VideoCapture(source if isinstance(source, int) else str(source))
@@ -502,101 +747,161 @@ def _frames_from(source, max_frames):
         n = 0
         while not max_frames or n < max_frames:
             ok, img = cap.read()
-            if not ok: return
-            n += 1; yield img
-    finally: cap.release()
+            if not ok:
+                return
+            n += 1
+            yield img
+    finally:
+        cap.release()
+
 
 def _face_crop(bgr, cascade):
-    if cascade is None: return bgr
+    if cascade is None:
+        return bgr
     import cv2
-    faces = cascade.detectMultiScale(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), 1.1, 5, minSize=(60, 60))
-    if len(faces) == 0: return bgr
-    x, y, w, h = max(faces, key=lambda f: f[2] * f[3]); return bgr[y:y + h, x:x + w]
 
-def annotate_video(source,                  # list of image paths | video file | camera index (int)
-                   models,                  # one EMENet or a list (ensemble); visual models only
-                   out_path,                # the .mp4 to write
-                   au_names=None, expr_labels=None,
-                   fps: float = 30.0,
-                   width: int = 480,        # output frame width (height follows)
-                   detect_faces: bool = False, # crop the largest face with a Haar cascade
-                   max_frames: int | None = None) -> pd.DataFrame:
+    faces = cascade.detectMultiScale(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), 1.1, 5, minSize=(60, 60))
+    if len(faces) == 0:
+        return bgr
+    x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
+    return bgr[y : y + h, x : x + w]
+
+
+def annotate_video(
+    source,  # list of image paths | video file | camera index (int)
+    models,  # one EMENet or a list (ensemble); visual models only
+    out_path,  # the .mp4 to write
+    au_names=None,
+    expr_labels=None,
+    fps: float = 30.0,
+    width: int = 480,  # output frame width (height follows)
+    detect_faces: bool = False,  # crop the largest face with a Haar cascade
+    max_frames: int | None = None,
+) -> pd.DataFrame:
     "Per-frame predictions and uncertainties of `models` over `source`, drawn into an mp4 video; returns the prediction table."
     import cv2
+
     models = list(models) if isinstance(models, (list, tuple)) else [models]
-    if any(m.audio is not None for m in models): raise ValueError('annotate_video runs visual models (EMENet-V); EMENet-VA needs audio windows')
-    au_names = list(au_names or au_columns('affwild2_12')); expr_labels = list(expr_labels or expr_names('expr7'))
+    if any(m.audio is not None for m in models):
+        raise ValueError('annotate_video runs visual models (EMENet-V); EMENet-VA needs audio windows')
+    au_names = list(au_names or au_columns('affwild2_12'))
+    expr_labels = list(expr_labels or expr_names('expr7'))
     S = models[0].input_size
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + 'haarcascade_frontalface_default.xml') if detect_faces else None
-    out_path = Path(out_path); out_path.parent.mkdir(parents=True, exist_ok=True)
+    cascade = (
+        cv2.CascadeClassifier(cv2.data.haarcascades + 'haarcascade_frontalface_default.xml') if detect_faces else None
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     writer, hidden, rows = None, [None] * len(models), []
-    for m in models: m.eval()
+    for m in models:
+        m.eval()
     for i, bgr in enumerate(_frames_from(source, max_frames)):
-        face = cv2.cvtColor(_face_crop(bgr, cascade), cv2.COLOR_BGR2RGB)     # the model was trained on RGB
+        face = cv2.cvtColor(_face_crop(bgr, cascade), cv2.COLOR_BGR2RGB)  # the model was trained on RGB
         x = torch.from_numpy(cv2.resize(face, (S, S), interpolation=cv2.INTER_AREA)).permute(2, 0, 1).float().div(255)
         probs = []
         with torch.no_grad():
             for j, m in enumerate(models):
                 o, hidden[j] = m.step(x[None, None], hidden=hidden[j])
                 probs.append(logits_to_probs({t: v[0].numpy() for t, v in o.items()}))
-        tab = ensemble_table(pd.DataFrame({'split': ['stream'], 'video': [str(source) if not isinstance(source, list) else 'images'],
-                                           'frame': [i]}), probs, au_names)
+        tab = ensemble_table(
+            pd.DataFrame(
+                {
+                    'split': ['stream'],
+                    'video': [str(source) if not isinstance(source, list) else 'images'],
+                    'frame': [i],
+                }
+            ),
+            probs,
+            au_names,
+        )
         rows.append(tab)
         p = frame_prediction(tab, 0, au_names, expr_labels)
-        h = int(round(bgr.shape[0] * width / bgr.shape[1])); canvas = cv2.resize(bgr, (width, h))
+        h = int(round(bgr.shape[0] * width / bgr.shape[1]))
+        canvas = cv2.resize(bgr, (width, h))
         panel = np.full((h, 300, 3), 255, np.uint8)
-        lines = [(f"V {p['va'][0]:+.2f}", p['va_unc'][0]), (f"A {p['va'][1]:+.2f}", p['va_unc'][1]),
-                 (f"{expr_labels[int(p['expr'].argmax())]}", p['expr_unc'])]
+        lines = [
+            (f"V {p['va'][0]:+.2f}", p['va_unc'][0]),
+            (f"A {p['va'][1]:+.2f}", p['va_unc'][1]),
+            (f"{expr_labels[int(p['expr'].argmax())]}", p['expr_unc']),
+        ]
         lines += [(f"{a} {'on' if q > 0.5 else 'off'}", u) for a, q, u in zip(au_names, p['au'], p['au_unc'])]
         step = max(12, min(22, (h - 10) // len(lines)))
         for k, (txt, u) in enumerate(lines):
             y0 = 8 + k * step
             cv2.putText(panel, txt, (4, y0 + step - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
             cv2.rectangle(panel, (150, y0 + 2), (250, y0 + step - 4), (200, 200, 200), -1)
-            cv2.rectangle(panel, (150, y0 + 2), (150 + int(100 * float(np.clip(u, 0, 1))), y0 + step - 4), (0, 160, 0), -1)
+            cv2.rectangle(
+                panel, (150, y0 + 2), (150 + int(100 * float(np.clip(u, 0, 1))), y0 + step - 4), (0, 160, 0), -1
+            )
         frame = np.concatenate([canvas, panel], 1)
         if writer is None:
-            writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*'mp4v'), fps, (frame.shape[1], frame.shape[0]))
-            if not writer.isOpened(): raise RuntimeError(f'annotate_video: OpenCV cannot write {out_path} with the mp4v codec')
+            writer = cv2.VideoWriter(
+                str(out_path), cv2.VideoWriter_fourcc(*'mp4v'), fps, (frame.shape[1], frame.shape[0])
+            )
+            if not writer.isOpened():
+                raise RuntimeError(f'annotate_video: OpenCV cannot write {out_path} with the mp4v codec')
         writer.write(frame)
-    if writer is None: raise ValueError(f'annotate_video: no frame read from {source}')
+    if writer is None:
+        raise ValueError(f'annotate_video: no frame read from {source}')
     writer.release()
     return pd.concat(rows, ignore_index=True)
 
 # %% ../../nbs/05c_methods.emenet.ipynb #d6d319f2
 _EMENET_HEADS = {'expr': 0, 'au': 1, 'va': 2, 'fa': 3}
 
-def import_emenet_v(source,                    # released file (net_epoch_<e>_<exp>.pth) or its loaded dict
-                    compat_gru_axis: bool = False, # reproduce the original's GRU-along-the-batch-axis wiring
-                    landmarks: bool = False,   # keep the auxiliary 68-landmark head as heads['fa']
-                    device: str = 'cpu',
-                    eval_len: int = 64,        # frames per clip when it predicts a frame table
-                   ) -> Imported:
+
+def import_emenet_v(
+    source,  # released file (net_epoch_<e>_<exp>.pth) or its loaded dict
+    compat_gru_axis: bool = False,  # reproduce the original's GRU-along-the-batch-axis wiring
+    landmarks: bool = False,  # keep the auxiliary 68-landmark head as heads['fa']
+    device: str = 'cpu',
+    eval_len: int = 64,  # frames per clip when it predicts a frame table
+) -> Imported:
     "EMENet-V (MobileFaceNet + GRU heads) from a released student/teacher checkpoint."
     obj, where = read_checkpoint(source)
     sd = unwrap_state(obj, where)
     ta = 'batch' if compat_gru_axis else 'time'
+
     def build():
         m = EMENet(('au', 'expr', 'va'), 'mobilefacenet', 112, hidden=128, dropout=0.5, time_axis=ta)
         if landmarks:
             m.heads['fa'] = TemporalGRUHead(512, 136, 128, dropout=0.5, time_axis=ta)
         return m
+
     model = build_on(device, build)
     orig = lambda k: head_key(k, 'tmodels', _EMENET_HEADS) or k
     why = 'landmark (FA) head: dropped as in the original 3-task demo'
     ign = lambda k: None if landmarks or not k.startswith('tmodels.3.') else why
     mapped, rep = map_state(sd, model, orig, where, 'EMENet-V', ign)
-    return Imported(load_mapped(model, mapped, device), 'emenet_v', 'emenet',
-                    Preprocess(112, 'square',
-                               note='PIL RGB, Resize(112) of the aligned square face crop, ToTensor(): '
-                                    'values in [0, 1], no normalisation'),
-                    Labels(AFFWILD2_ORDER, 'expr7', au_columns('affwild2_12'), 'bins_linspace'), rep,
-                    eval_data=lambda frames, root: EMENetClips(frames, root, eval_len, train=False, size=112))
+    return Imported(
+        load_mapped(model, mapped, device),
+        'emenet_v',
+        'emenet',
+        Preprocess(
+            112,
+            'square',
+            note='PIL RGB, Resize(112) of the aligned square face crop, ToTensor(): values in [0, 1], no normalisation',
+        ),
+        Labels(AFFWILD2_ORDER, 'expr7', au_columns('affwild2_12'), 'bins_linspace'),
+        rep,
+        eval_data=lambda frames, root: EMENetClips(frames, root, eval_len, train=False, size=112),
+    )
 
 # %% ../../nbs/05c_methods.emenet.ipynb #e4cd7b6e
-register_method(MethodSpec(
-    'emenet', EMENetSettings, emenet_presets, recipe, rank=4,
-    importers={'emenet_v': CheckpointFormat(
-        import_emenet_v, 'wtomin/UncertainEmotion',
-        'Training/<experiment>/net_epoch_<epoch>_<experiment>.pth ({"state_dict", "epoch"})')},
-    doc='EMENet-V / EMENet-VA with iterative distillation (Deng, Wu, Shi, ICCV 2021)'))
+register_method(
+    MethodSpec(
+        'emenet',
+        EMENetSettings,
+        emenet_presets,
+        recipe,
+        rank=4,
+        importers={
+            'emenet_v': CheckpointFormat(
+                import_emenet_v,
+                'wtomin/UncertainEmotion',
+                'Training/<experiment>/net_epoch_<epoch>_<experiment>.pth ({"state_dict", "epoch"})',
+            )
+        },
+        doc='EMENet-V / EMENet-VA with iterative distillation (Deng, Wu, Shi, ICCV 2021)',
+    )
+)

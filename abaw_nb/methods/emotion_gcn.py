@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #c6836b7c
 from __future__ import annotations
-import json, math, os, warnings
+import json, os, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -14,10 +14,27 @@ import torchvision
 from ..core import check_choice
 from ..data.frames import expr_names, EXPR_SPACES
 from ..models.backbones import build_backbone, BReGNeXt, DenseNetBackbone, count_params
-from ..models.heads import gen_adjacency, normalize_adjacency, GCNClassifierHead, AFFECTNET_ORDER, AFFECTNET_SPEARMAN_VA
+from abaw_nb.models.heads import (
+    gen_adjacency,
+    normalize_adjacency,
+    GCNClassifierHead,
+    AFFECTNET_ORDER,
+    AFFECTNET_SPEARMAN_VA,
+)
 from ..train.losses import masked_ce, masked_ccc_loss
-from ..checkpoints import (Imported, Preprocess, Labels, CheckpointFormat, CheckpointError, IMAGENET_NORM,
-                                 read_checkpoint, unwrap_state, map_state, load_mapped, build_on)
+from abaw_nb.checkpoints import (
+    Imported,
+    Preprocess,
+    Labels,
+    CheckpointFormat,
+    CheckpointError,
+    IMAGENET_NORM,
+    read_checkpoint,
+    unwrap_state,
+    map_state,
+    load_mapped,
+    build_on,
+)
 from . import MethodSpec, Recipe, RunData, choice, register_method, frame_data
 
 # %% auto #0
@@ -32,47 +49,73 @@ VARIANTS = ('single_task', 'multi_task', 'emotion_gcn')
 SUPPORTED_TASKS = ('expr', 'multi')
 VA_NODES = ['Valence', 'Arousal']
 
+
 def node_names(expr_space: str) -> list[str]:
     "Graph nodes: the expression classes in the space's order, then Valence and Arousal."
     return expr_names(expr_space) + VA_NODES
 
-def label_correlation(frames: pd.DataFrame,          # frame table (training split) with expr, valence, arousal
-                      expr_space: str | None = None, # default frames.attrs['expr_space']
-                     ) -> pd.DataFrame:
+
+def label_correlation(
+    frames: pd.DataFrame,  # frame table (training split) with expr, valence, arousal
+    expr_space: str | None = None,  # default frames.attrs['expr_space']
+) -> pd.DataFrame:
     "Spearman correlation (n+2)×(n+2) of the one-hot expressions and V, A over frames labelled with both; NaN where a class never occurs."
     space = expr_space or frames.attrs.get('expr_space')
-    if space is None: raise ValueError("label_correlation: the frame table has no attrs['expr_space']; pass expr_space=")
-    names = node_names(space); k = len(names) - 2
+    if space is None:
+        raise ValueError("label_correlation: the frame table has no attrs['expr_space']; pass expr_space=")
+    names = node_names(space)
+    k = len(names) - 2
     ok = frames['expr'].notna() & frames['valence'].notna() & frames['arousal'].notna()
-    if ok.sum() < 3: raise ValueError(f'label_correlation: {int(ok.sum())} frames have both an expression and a VA label; need at least 3')
+    if ok.sum() < 3:
+        raise ValueError(
+            f'label_correlation: {int(ok.sum())} frames have both an expression and a VA label; need at least 3'
+        )
     e = frames.loc[ok, 'expr'].astype(np.int64).to_numpy()
-    if e.min() < 0 or e.max() >= k: raise ValueError(f'label_correlation: expression labels outside 0..{k-1} for space {space}')
+    if e.min() < 0 or e.max() >= k:
+        raise ValueError(f'label_correlation: expression labels outside 0..{k - 1} for space {space}')
     d = pd.DataFrame(np.eye(k)[e], columns=names[:k])
-    d['Valence'], d['Arousal'] = frames.loc[ok, 'valence'].to_numpy(np.float64), frames.loc[ok, 'arousal'].to_numpy(np.float64)
+    d['Valence'], d['Arousal'] = (
+        frames.loc[ok, 'valence'].to_numpy(np.float64),
+        frames.loc[ok, 'arousal'].to_numpy(np.float64),
+    )
     with np.errstate(invalid='ignore', divide='ignore'):
         return d.corr(method='spearman')
 
-def label_adjacency(frames: pd.DataFrame,       # training frame table
-                    threshold: float = 0.1,     # |rho| >= threshold makes an edge
-                    p: float = 0.5,             # self-loop weight; each of the deg-1 neighbours gets p/(deg-1) (original)
-                    expr_space: str | None = None,
-                   ) -> tuple[torch.Tensor, pd.DataFrame]:
+
+def label_adjacency(
+    frames: pd.DataFrame,  # training frame table
+    threshold: float = 0.1,  # |rho| >= threshold makes an edge
+    p: float = 0.5,  # self-loop weight; each of the deg-1 neighbours gets p/(deg-1) (original)
+    expr_space: str | None = None,
+) -> tuple[torch.Tensor, pd.DataFrame]:
     "(A, rho): the Emotion-GCN adjacency from the training labels, and the correlations it came from."
     rho = label_correlation(frames, expr_space)
     missing = [c for c in rho.columns if rho[c].isna().all() or np.isnan(rho.loc[c, c])]
-    if missing: warnings.warn(f'label_adjacency: no correlation for {missing} (a class absent from the training labels, or constant V/A): '
-                              'those nodes keep only their self-loop')
-    c = rho.to_numpy(np.float64, copy=True); c[np.isnan(c)] = 0.0
+    if missing:
+        warnings.warn(
+            f'label_adjacency: no correlation for {missing} (a class absent from the training labels, or constant V/A): '
+            'those nodes keep only their self-loop'
+        )
+    c = rho.to_numpy(np.float64, copy=True)
+    c[np.isnan(c)] = 0.0
     return gen_adjacency(c, n_emotions=len(rho) - 2, threshold=threshold, p=p), rho
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #12447db1
-_SYN = {'happy': 'happiness', 'sad': 'sadness', 'angry': 'anger', 'surprised': 'surprise', 'fearful': 'fear',
-        'disgusted': 'disgust'}
+_SYN = {
+    'happy': 'happiness',
+    'sad': 'sadness',
+    'angry': 'anger',
+    'surprised': 'surprise',
+    'fearful': 'fear',
+    'disgusted': 'disgust',
+}
+
 
 def canonical_word(name: str) -> str:
     "The embedding-table word of a class or node name (lower case; Happy -> happiness, Sad -> sadness, ...)."
     w = name.strip().lower()
     return _SYN.get(w, w)
+
 
 def published_adjacency(expr_space: str = 'expr7') -> torch.Tensor:
     "The adjacency of the original's AffectNet correlations (7 classes), permuted into `expr_space`'s class order."
@@ -81,7 +124,8 @@ def published_adjacency(expr_space: str = 'expr7') -> torch.Tensor:
     if len(names) != 7 or sorted(canonical_word(n) for n in names) != sorted(src):
         raise ValueError(f'the published AffectNet graph has the 7 basic classes only; {expr_space} has {names}')
     c = np.eye(9)
-    c[:7, 7] = c[7, :7] = AFFECTNET_SPEARMAN_VA['valence']; c[:7, 8] = c[8, :7] = AFFECTNET_SPEARMAN_VA['arousal']
+    c[:7, 7] = c[7, :7] = AFFECTNET_SPEARMAN_VA['valence']
+    c[:7, 8] = c[8, :7] = AFFECTNET_SPEARMAN_VA['arousal']
     c[7, 8] = c[8, 7] = AFFECTNET_SPEARMAN_VA['va']
     perm = [src.index(canonical_word(n)) for n in names] + [7, 8]
     return gen_adjacency(c[np.ix_(perm, perm)])
@@ -89,18 +133,24 @@ def published_adjacency(expr_space: str = 'expr7') -> torch.Tensor:
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #124b3b70
 MINILM_TABLE = 'label_embeddings_minilm.csv'
 
+
 def _assets() -> Path:
     import abaw_nb
-    return Path(abaw_nb.__file__).parent/'assets'
+
+    return Path(abaw_nb.__file__).parent / 'assets'
+
 
 def _table(path: Path, names) -> np.ndarray:
     t = pd.read_csv(path)
-    if 'word' not in t.columns: raise ValueError(f'{path}: an embedding table needs a `word` column')
+    if 'word' not in t.columns:
+        raise ValueError(f'{path}: an embedding table needs a `word` column')
     t = t.set_index(t['word'].str.lower()).drop(columns='word')
     words = [canonical_word(n) for n in names]
     miss = [w for w in words if w not in t.index]
-    if miss: raise KeyError(f'{path}: no embedding for {miss}; it has {list(t.index)}')
+    if miss:
+        raise KeyError(f'{path}: no embedding for {miss}; it has {list(t.index)}')
     return t.loc[words].to_numpy(np.float32)
+
 
 def _glove(path: Path, names) -> np.ndarray:
     words = [canonical_word(n) for n in names]
@@ -110,132 +160,183 @@ def _glove(path: Path, names) -> np.ndarray:
         for ln, line in enumerate(f, 1):
             w, _, rest = line.rstrip('\n').partition(' ')
             if w in want and w not in found:
-                try: found[w] = np.array(rest.split(' '), dtype=np.float32)
-                except ValueError: raise ValueError(f'{path}, line {ln}: not a "word v1 v2 ..." line') from None
-            if len(found) == len(want): break
+                try:
+                    found[w] = np.array(rest.split(' '), dtype=np.float32)
+                except ValueError:
+                    raise ValueError(f'{path}, line {ln}: not a "word v1 v2 ..." line') from None
+            if len(found) == len(want):
+                break
     rows = []
     for n, w in zip(names, words):
         v = found.get(w, found.get(n.lower()))
-        if v is None: raise KeyError(f'{path}: no vector for {n!r} (looked for {w!r}, {n.lower()!r})')
+        if v is None:
+            raise KeyError(f'{path}: no vector for {n!r} (looked for {w!r}, {n.lower()!r})')
         rows.append(v)
-    if len({len(r) for r in rows}) != 1: raise ValueError(f'{path}: vectors of different lengths {sorted({len(r) for r in rows})}')
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f'{path}: vectors of different lengths {sorted({len(r) for r in rows})}')
     return np.stack(rows)
 
-def label_embeddings(names,                 # node names (classes + Valence, Arousal)
-                     source: str = 'minilm', # 'minilm' | 'onehot' | path to a GloVe .txt, a .npy or a .csv table
-                    ) -> torch.Tensor:
+
+def label_embeddings(
+    names,  # node names (classes + Valence, Arousal)
+    source: str = 'minilm',  # 'minilm' | 'onehot' | path to a GloVe .txt, a .npy or a .csv table
+) -> torch.Tensor:
     "Node inputs X (n × d) of the GCN, rows in `names` order."
     names = list(names)
-    if source == 'onehot': return torch.eye(len(names))
-    if source == 'minilm': return torch.from_numpy(_table(_assets()/MINILM_TABLE, names))
+    if source == 'onehot':
+        return torch.eye(len(names))
+    if source == 'minilm':
+        return torch.from_numpy(_table(_assets() / MINILM_TABLE, names))
     p = Path(source).expanduser()
-    if not p.is_file(): raise FileNotFoundError(f"embeddings={source!r}: not 'minilm', 'onehot' or an existing file (a GloVe .txt, .npy or .csv)")
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"embeddings={source!r}: not 'minilm', 'onehot' or an existing file (a GloVe .txt, .npy or .csv)"
+        )
     if p.suffix == '.npy':
         a = np.load(p, allow_pickle=False).astype(np.float32)
-        if a.ndim != 2 or a.shape[0] != len(names): raise ValueError(f'{p}: shape {a.shape}, expected ({len(names)}, d) rows in node order {names}')
+        if a.ndim != 2 or a.shape[0] != len(names):
+            raise ValueError(f'{p}: shape {a.shape}, expected ({len(names)}, d) rows in node order {names}')
         return torch.from_numpy(a)
-    if p.suffix == '.csv': return torch.from_numpy(_table(p, names))
+    if p.suffix == '.csv':
+        return torch.from_numpy(_table(p, names))
     return torch.from_numpy(_glove(p, names))
+
 
 def embedding_info() -> dict:
     "Model name and versions of the committed MiniLM table."
-    return json.loads((_assets()/MINILM_TABLE.replace('.csv', '.json')).read_text())
+    return json.loads((_assets() / MINILM_TABLE.replace('.csv', '.json')).read_text())
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #4d7de8f1
 BACKBONE_CHOICES = ('densenet121', 'bregnext', 'densenet_s', 'bregnext_s', 'bregnext_t')
 
+
 class SmallDenseNet(DenseNetBackbone):
     "A narrow, shallow DenseNet (torchvision `DenseNet`) with `DenseNetBackbone`'s pooling: the cpu-preset sibling of DenseNet-121."
-    def __init__(self, pool: str = 'avg', growth_rate: int = 16, block_config=(2, 2, 2, 2), num_init_features: int = 32):
+
+    def __init__(
+        self, pool: str = 'avg', growth_rate: int = 16, block_config=(2, 2, 2, 2), num_init_features: int = 32
+    ):
         nn.Module.__init__(self)
         check_choice('pool', pool, ('avg', 'max'))
         net = torchvision.models.DenseNet(growth_rate, tuple(block_config), num_init_features)
         self.features, self.pool, self.out_dim = net.features, pool, net.classifier.in_features
 
-def make_backbone(name: str,          # densenet121 | bregnext | densenet_s | bregnext_s | bregnext_t
-                  variant: str,       # the GCN variant max-pools DenseNet features (no final ReLU)
-                  pretrained=None,    # local ImageNet weights for DenseNet-121 (or 'download')
-                 ) -> nn.Module:
+
+def make_backbone(
+    name: str,  # densenet121 | bregnext | densenet_s | bregnext_s | bregnext_t
+    variant: str,  # the GCN variant max-pools DenseNet features (no final ReLU)
+    pretrained=None,  # local ImageNet weights for DenseNet-121 (or 'download')
+) -> nn.Module:
     "The backbone of an Emotion-GCN variant."
-    check_choice('backbone', name, BACKBONE_CHOICES); check_choice('variant', variant, VARIANTS)
+    check_choice('backbone', name, BACKBONE_CHOICES)
+    check_choice('variant', variant, VARIANTS)
     pool = 'max' if variant == 'emotion_gcn' else 'avg'
-    if name == 'densenet121': return build_backbone('densenet121', pretrained=pretrained, pool=pool)
-    if pretrained is not None: raise ValueError(f'backbone {name!r} is trained from scratch; pretrained weights apply to densenet121 only')
-    if name == 'bregnext': return build_backbone('bregnext')
-    if name == 'bregnext_s': return BReGNeXt(stages=((2, 32, 1), (1, 64, 2), (2, 64, 1), (1, 128, 2), (2, 128, 1)))
-    if name == 'bregnext_t': return BReGNeXt(stages=((1, 16, 2), (1, 32, 2), (1, 32, 1), (1, 64, 2), (1, 64, 1)), stem=16)
+    if name == 'densenet121':
+        return build_backbone('densenet121', pretrained=pretrained, pool=pool)
+    if pretrained is not None:
+        raise ValueError(f'backbone {name!r} is trained from scratch; pretrained weights apply to densenet121 only')
+    if name == 'bregnext':
+        return build_backbone('bregnext')
+    if name == 'bregnext_s':
+        return BReGNeXt(stages=((2, 32, 1), (1, 64, 2), (2, 64, 1), (1, 128, 2), (2, 128, 1)))
+    if name == 'bregnext_t':
+        return BReGNeXt(stages=((1, 16, 2), (1, 32, 2), (1, 32, 1), (1, 64, 2), (1, 64, 1)), stem=16)
     return SmallDenseNet(pool)
+
 
 class EmotionGCNNet(nn.Module):
     "Backbone + the heads of one variant; forward returns {'expr': (B, n_expr) logits[, 'va': (B, 2)]}."
-    def __init__(self, variant: str = 'emotion_gcn', # single_task | multi_task | emotion_gcn
-                 backbone: str = 'densenet121',
-                 n_expr: int = 7,
-                 adjacency=None,        # (n_expr+2)² A for the GCN variant (default: the published graph, expr7 order)
-                 embeddings=None,       # (n_expr+2, d) node inputs for the GCN variant (default: MiniLM table, expr7 names)
-                 hidden: int = 512,     # GCN hidden width
-                 pretrained=None):
+
+    def __init__(
+        self,
+        variant: str = 'emotion_gcn',  # single_task | multi_task | emotion_gcn
+        backbone: str = 'densenet121',
+        n_expr: int = 7,
+        adjacency=None,  # (n_expr+2)² A for the GCN variant (default: the published graph, expr7 order)
+        embeddings=None,  # (n_expr+2, d) node inputs for the GCN variant (default: MiniLM table, expr7 names)
+        hidden: int = 512,  # GCN hidden width
+        pretrained=None,
+    ):
         super().__init__()
         check_choice('variant', variant, VARIANTS)
         self.variant, self.n_expr = variant, n_expr
         self.backbone = make_backbone(backbone, variant, pretrained)
         d = self.backbone.out_dim
         if variant == 'emotion_gcn':
-            if adjacency is None: adjacency = published_adjacency('expr7')
-            if embeddings is None: embeddings = label_embeddings(node_names('expr7'))
+            if adjacency is None:
+                adjacency = published_adjacency('expr7')
+            if embeddings is None:
+                embeddings = label_embeddings(node_names('expr7'))
             a = torch.as_tensor(adjacency, dtype=torch.float32)
             if a.shape != (n_expr + 2, n_expr + 2):
-                raise ValueError(f'adjacency is {tuple(a.shape)}, expected {(n_expr + 2,) * 2} ({n_expr} expressions + valence, arousal)')
+                raise ValueError(
+                    f'adjacency is {tuple(a.shape)}, expected {(n_expr + 2,) * 2} ({n_expr} expressions + valence, arousal)'
+                )
             self.gcn = GCNClassifierHead(d, a, embeddings, hidden=hidden)
         else:
             self.fc_cat = nn.Linear(d, n_expr)
-            if variant == 'multi_task': self.fc_cont = nn.Linear(d, 2)
+            if variant == 'multi_task':
+                self.fc_cont = nn.Linear(d, 2)
 
     def forward(self, x) -> dict:
         f = self.backbone(x)
         if self.variant == 'emotion_gcn':
             y = self.gcn(f)
-            return {'expr': y[:, :self.n_expr], 'va': y[:, self.n_expr:]}
+            return {'expr': y[:, : self.n_expr], 'va': y[:, self.n_expr :]}
         out = {'expr': self.fc_cat(f)}
-        if self.variant == 'multi_task': out['va'] = self.fc_cont(f)
+        if self.variant == 'multi_task':
+            out['va'] = self.fc_cont(f)
         return out
 
     def classifier_weights(self) -> torch.Tensor:
         "The (n_expr+2) × D node classifiers W_g of the GCN variant."
-        if self.variant != 'emotion_gcn': raise ValueError(f'classifier_weights: the {self.variant} variant has no GCN')
+        if self.variant != 'emotion_gcn':
+            raise ValueError(f'classifier_weights: the {self.variant} variant has no GCN')
         return self.gcn.classifiers()
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #10772362
 AFFECTNET_COUNTS = dict(zip(AFFECTNET_ORDER, [74874, 134415, 25459, 14090, 6378, 3803, 24882]))  # spec §2
 
-def class_weights(frames: pd.DataFrame | None, # training frames (for 'inverse')
-                  n_expr: int,
-                  mode: str = 'inverse',       # inverse (n_min / n_c) | affectnet (published counts) | none
-                  expr_space: str | None = None,
-                 ) -> torch.Tensor | None:
+
+def class_weights(
+    frames: pd.DataFrame | None,  # training frames (for 'inverse')
+    n_expr: int,
+    mode: str = 'inverse',  # inverse (n_min / n_c) | affectnet (published counts) | none
+    expr_space: str | None = None,
+) -> torch.Tensor | None:
     "Cross-entropy class weights, or None for an unweighted loss."
     check_choice('class_weight', mode, ('inverse', 'affectnet', 'none'))
-    if mode == 'none': return None
+    if mode == 'none':
+        return None
     if mode == 'affectnet':
         space = expr_space or (frames.attrs.get('expr_space') if frames is not None else 'expr7')
         names = [canonical_word(n) for n in expr_names(space)]
         counts = {canonical_word(k): v for k, v in AFFECTNET_COUNTS.items()}
-        if sorted(names) != sorted(counts): raise ValueError(f"class_weight='affectnet' has the 7 basic classes only, not {expr_names(space)}")
+        if sorted(names) != sorted(counts):
+            raise ValueError(f"class_weight='affectnet' has the 7 basic classes only, not {expr_names(space)}")
         n = np.array([counts[w] for w in names], np.float64)
     else:
-        if frames is None: raise ValueError("class_weight='inverse' needs the training frames")
-        n = np.bincount(frames['expr'].dropna().astype(np.int64).to_numpy(), minlength=n_expr).astype(np.float64)[:n_expr]
-        if (n == 0).all(): raise ValueError('class_weights: no expression label in the training frames')
-        if (n == 0).any(): warnings.warn(f'class_weights: classes {np.flatnonzero(n == 0).tolist()} never occur in training; weight 0')
+        if frames is None:
+            raise ValueError("class_weight='inverse' needs the training frames")
+        n = np.bincount(frames['expr'].dropna().astype(np.int64).to_numpy(), minlength=n_expr).astype(np.float64)[
+            :n_expr
+        ]
+        if (n == 0).all():
+            raise ValueError('class_weights: no expression label in the training frames')
+        if (n == 0).any():
+            warnings.warn(f'class_weights: classes {np.flatnonzero(n == 0).tolist()} never occur in training; weight 0')
     w = np.where(n > 0, n[n > 0].min() / np.where(n > 0, n, 1), 0.0)
     return torch.tensor(w, dtype=torch.float32)
 
+
 class EmotionGCNLoss(nn.Module):
     "CE (class-weighted) on expressions + λ·(1 − mean CCC) on valence/arousal; returns (total, parts)."
+
     def __init__(self, weight=None, lambda_multi: float = 1.0):
         super().__init__()
         self.register_buffer('weight', None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
         self.lambda_multi = float(lambda_multi)
+
     def forward(self, out: dict, expr_t, va_t=None):
         parts = {'ce': masked_ce(out['expr'], expr_t, weight=self.weight)}
         total = parts['ce']
@@ -248,29 +349,55 @@ class EmotionGCNLoss(nn.Module):
 @dataclass
 class EmotionGCNSettings:
     "Emotion-GCN's own settings."
-    variant: str | None = choice(None, (None, *VARIANTS))   # None: single_task for task expr, emotion_gcn for multi
+
+    variant: str | None = choice(None, (None, *VARIANTS))  # None: single_task for task expr, emotion_gcn for multi
     backbone: str = choice('densenet121', BACKBONE_CHOICES)
     lambda_multi: float = 1.0
     class_weight: str = choice('inverse', ('auto', 'inverse', 'affectnet', 'none'))
     adjacency: str = choice('labels', ('labels', 'affectnet', 'identity'))
     threshold: float = 0.1
-    embeddings: str = 'minilm'          # 'minilm' | 'onehot' | path to a GloVe .txt, a .npy or a .csv table
+    embeddings: str = 'minilm'  # 'minilm' | 'onehot' | path to a GloVe .txt, a .npy or a .csv table
     hidden: int = 512
-    pretrained: str | None = None       # DenseNet-121 ImageNet weights file (or 'download')
+    pretrained: str | None = None  # DenseNet-121 ImageNet weights file (or 'download')
+
 
 def gcn_presets(preset: str, task: str) -> tuple[dict, dict]:
     "(Config fields, settings) of Emotion-GCN for `preset` and `task` (expr | multi)."
     variant = dict(variant='single_task' if task == 'expr' else 'emotion_gcn')
     if preset == 'paper':
-        return (dict(img_size=112, batch_size=35, epochs=10, optimizer='sgd', lr=1e-3, weight_decay=1e-3,
-                     schedule='step',
-                     momentum=0.9, step_epochs=10, gamma=0.1), variant)
+        return (
+            dict(
+                img_size=112,
+                batch_size=35,
+                epochs=10,
+                optimizer='sgd',
+                lr=1e-3,
+                weight_decay=1e-3,
+                schedule='step',
+                momentum=0.9,
+                step_epochs=10,
+                gamma=0.1,
+            ),
+            variant,
+        )
     if preset == 'cpu':
-        return (dict(img_size=64, batch_size=32, epochs=3, max_steps_per_epoch=200, optimizer='adam', lr=1e-3,
-                     weight_decay=0.0, schedule='none'), {**variant, 'backbone': 'densenet_s'})
-    return (dict(img_size=32, batch_size=8, epochs=1, max_steps_per_epoch=2, optimizer='adam', lr=1e-3,
-                 schedule='none'),
-            {**variant, 'backbone': 'densenet_s'})
+        return (
+            dict(
+                img_size=64,
+                batch_size=32,
+                epochs=3,
+                max_steps_per_epoch=200,
+                optimizer='adam',
+                lr=1e-3,
+                weight_decay=0.0,
+                schedule='none',
+            ),
+            {**variant, 'backbone': 'densenet_s'},
+        )
+    return (
+        dict(img_size=32, batch_size=8, epochs=1, max_steps_per_epoch=2, optimizer='adam', lr=1e-3, schedule='none'),
+        {**variant, 'backbone': 'densenet_s'},
+    )
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #a572f0b0
 def _variant(cfg, s: EmotionGCNSettings) -> str:
@@ -279,15 +406,19 @@ def _variant(cfg, s: EmotionGCNSettings) -> str:
     if cfg.task not in SUPPORTED_TASKS:
         raise ValueError(f'emotion_gcn supports task in {SUPPORTED_TASKS}; got task={cfg.task!r}')
     if (v == 'single_task') != (cfg.task == 'expr'):
-        raise ValueError(f"variant={v!r} needs task={'expr' if v == 'single_task' else 'multi'!r} (single_task trains expressions only; "
-                         f"multi_task and emotion_gcn train expressions + valence/arousal); got task={cfg.task!r}")
+        raise ValueError(
+            f"variant={v!r} needs task={'expr' if v == 'single_task' else 'multi'!r} (single_task trains expressions only; "
+            f"multi_task and emotion_gcn train expressions + valence/arousal); got task={cfg.task!r}"
+        )
     return v
+
 
 def weight_mode(cfg, s: EmotionGCNSettings) -> str:
     """CE class weighting of a run; 'auto' follows the original (weighted on AffectNet, unweighted on Aff-Wild2, spec
     §2)."""
     m = s.class_weight
     return ('inverse' if cfg.data_format == 'affectnet' else 'none') if m == 'auto' else m
+
 
 def graph_for(s: EmotionGCNSettings, data: RunData) -> tuple[torch.Tensor, pd.DataFrame | None]:
     "(A, rho) of a run: from its training labels, the published AffectNet graph, or the identity."
@@ -296,7 +427,7 @@ def graph_for(s: EmotionGCNSettings, data: RunData) -> tuple[torch.Tensor, pd.Da
         return torch.eye(n_expr + 2), None
     if how == 'affectnet':
         return published_adjacency(space), None
-    if not data.training:   # to predict: the graph is a buffer of the checkpoint, loaded over this placeholder
+    if not data.training:  # to predict: the graph is a buffer of the checkpoint, loaded over this placeholder
         return torch.eye(n_expr + 2), None
     return label_adjacency(data.train, threshold=s.threshold)
 
@@ -328,38 +459,56 @@ def recipe(cfg, s: EmotionGCNSettings, data: RunData) -> Recipe:
         return p
 
     train_data, eval_data = frame_data(cfg.img_size, 'densenet121' if s.backbone.startswith('densenet') else 'none')
-    return Recipe(model, tasks, predict_fn, eval_data, loss_fn, train_data, backbone=s.backbone,
-                  info=dict(variant=v, adjacency=A, correlation=rho, node_names=node_names(space)))
+    return Recipe(
+        model,
+        tasks,
+        predict_fn,
+        eval_data,
+        loss_fn,
+        train_data,
+        backbone=s.backbone,
+        info=dict(variant=v, adjacency=A, correlation=rho, node_names=node_names(space)),
+    )
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #18fc4cc3
 _AFFECTNET7 = ['Neutral', 'Happy', 'Sad', 'Surprise', 'Fear', 'Disgust', 'Anger']
+
 
 def _gcn_labels(trained_on):
     "The output order of a released model (AffectNet's, or Aff-Wild2's for models trained on it)."
     check_choice('trained_on', trained_on, ('affectnet', 'affwild2'))
     return Labels(_AFFECTNET7 if trained_on == 'affectnet' else EXPR_SPACES['expr7'], 'expr7', None, 'raw')
 
+
 def _gcn_pre(size):
     "The original's preprocessing at input side `size`."
     check_choice('input_size', size, (227, 112))
-    return Preprocess(size, 'shorter', **IMAGENET_NORM,
-                      note=f'PIL RGB, Resize({size}) of the shorter side (no crop), ToTensor(), ImageNet Normalize')
+    return Preprocess(
+        size,
+        'shorter',
+        **IMAGENET_NORM,
+        note=f'PIL RGB, Resize({size}) of the shorter side (no crop), ToTensor(), ImageNet Normalize',
+    )
 
-def import_emotion_gcn(source,                 # released file (--saved_model) or its loaded dict
-                       embeddings,             # (9, 300) label embeddings in node order (array, tensor or .npy path)
-                       input_size: int = 227,  # 227 (AffectNet) or 112 (Aff-Wild2)
-                       trained_on: str = 'affectnet', # label order of the expression outputs
-                       device: str = 'cpu',
-                      ) -> Imported:
+
+def import_emotion_gcn(
+    source,  # released file (--saved_model) or its loaded dict
+    embeddings,  # (9, 300) label embeddings in node order (array, tensor or .npy path)
+    input_size: int = 227,  # 227 (AffectNet) or 112 (Aff-Wild2)
+    trained_on: str = 'affectnet',  # label order of the expression outputs
+    device: str = 'cpu',
+) -> Imported:
     "Emotion_GCN (DenseNet-121 + 2-layer GCN classifier) from a released checkpoint."
     obj, where = read_checkpoint(source)
     sd = unwrap_state(obj, where)
     if isinstance(embeddings, (str, os.PathLike)):
         e = Path(embeddings).expanduser()
         if not e.is_file():
-            raise FileNotFoundError(f'embeddings={str(embeddings)!r}: the released Emotion-GCN models need the 9x300 '
-                                    'GloVe label embeddings they were trained with (a .npy in node order, or a GloVe '
-                                    '.txt); not part of the checkpoint')
+            raise FileNotFoundError(
+                f'embeddings={str(embeddings)!r}: the released Emotion-GCN models need the 9x300 '
+                'GloVe label embeddings they were trained with (a .npy in node order, or a GloVe '
+                '.txt); not part of the checkpoint'
+            )
         if e.suffix == '.npy':
             embeddings = np.load(e, allow_pickle=False)
         else:
@@ -370,45 +519,83 @@ def import_emotion_gcn(source,                 # released file (--saved_model) o
     if tuple(emb.shape) != (9, 300):
         raise ValueError(f'embeddings: shape {tuple(emb.shape)}, expected (9, 300) (7 expressions, valence, arousal)')
     a0 = sd.get('A', torch.eye(9))
-    model = build_on(device,
-                     lambda: EmotionGCNNet('emotion_gcn', 'densenet121', 7,
-                                           adjacency=torch.eye(9) if tuple(a0.shape) != (9, 9) else a0,
-                                                  embeddings=emb, hidden=512))
+    model = build_on(
+        device,
+        lambda: EmotionGCNNet(
+            'emotion_gcn',
+            'densenet121',
+            7,
+            adjacency=torch.eye(9) if tuple(a0.shape) != (9, 9) else a0,
+            embeddings=emb,
+            hidden=512,
+        ),
+    )
+
     def orig(k):
         if k == 'gcn.emb':
             return None
         if k.startswith('gcn.'):
             return k[4:]
-        return k[len('backbone.'):]
+        return k[len('backbone.') :]
+
     mapped, rep = map_state(sd, model, orig, where, 'Emotion-GCN')
     mapped['gcn.emb'] = emb.to(device)
     rep['from_elsewhere'] = {'gcn.emb': 'embeddings= (the GloVe label embeddings, not part of the checkpoint)'}
-    return Imported(load_mapped(model, mapped, device), 'emotion_gcn', 'emotion_gcn', _gcn_pre(input_size),
-                    _gcn_labels(trained_on), rep)
+    return Imported(
+        load_mapped(model, mapped, device),
+        'emotion_gcn',
+        'emotion_gcn',
+        _gcn_pre(input_size),
+        _gcn_labels(trained_on),
+        rep,
+    )
 
-def import_emotion_gcn_multi(source, input_size: int = 227, trained_on: str = 'affectnet',
-                             device: str = 'cpu') -> Imported:
+
+def import_emotion_gcn_multi(
+    source, input_size: int = 227, trained_on: str = 'affectnet', device: str = 'cpu'
+) -> Imported:
     "multi_densenet (DenseNet-121, ReLU, average pool, two linear heads) from a released checkpoint."
     obj, where = read_checkpoint(source)
     sd = unwrap_state(obj, where)
     model = build_on(device, lambda: EmotionGCNNet('multi_task', 'densenet121', 7))
     names = {'fc_cat': 'lin_cat', 'fc_cont': 'lin_cont'}
+
     def orig(k):
         if k.startswith('backbone.features.'):
-            return 'model_base.' + k[len('backbone.features.'):]
+            return 'model_base.' + k[len('backbone.features.') :]
         h, rest = k.split('.', 1)
         return f'{names[h]}.{rest}'
+
     mapped, rep = map_state(sd, model, orig, where, 'Emotion-GCN multi_densenet')
-    return Imported(load_mapped(model, mapped, device), 'emotion_gcn_multi', 'emotion_gcn', _gcn_pre(input_size),
-                    _gcn_labels(trained_on), rep)
+    return Imported(
+        load_mapped(model, mapped, device),
+        'emotion_gcn_multi',
+        'emotion_gcn',
+        _gcn_pre(input_size),
+        _gcn_labels(trained_on),
+        rep,
+    )
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #eaecb954
-register_method(MethodSpec(
-    'emotion_gcn', EmotionGCNSettings, gcn_presets, recipe, tasks=SUPPORTED_TASKS, multi_tasks=('va', 'expr'), rank=5,
-    importers={
-        'emotion_gcn': CheckpointFormat(
-            import_emotion_gcn, 'PanosAntoniadis/emotion-gcn',
-            '--saved_model file ({"epoch", "model_state_dict", "optimizer_state_dict"})'),
-        'emotion_gcn_multi': CheckpointFormat(
-            import_emotion_gcn_multi, 'PanosAntoniadis/emotion-gcn', 'as emotion_gcn')},
-    doc='Emotion-GCN (Antoniadis, Filntisis, Maragos, FG 2021)'))
+register_method(
+    MethodSpec(
+        'emotion_gcn',
+        EmotionGCNSettings,
+        gcn_presets,
+        recipe,
+        tasks=SUPPORTED_TASKS,
+        multi_tasks=('va', 'expr'),
+        rank=5,
+        importers={
+            'emotion_gcn': CheckpointFormat(
+                import_emotion_gcn,
+                'PanosAntoniadis/emotion-gcn',
+                '--saved_model file ({"epoch", "model_state_dict", "optimizer_state_dict"})',
+            ),
+            'emotion_gcn_multi': CheckpointFormat(
+                import_emotion_gcn_multi, 'PanosAntoniadis/emotion-gcn', 'as emotion_gcn'
+            ),
+        },
+        doc='Emotion-GCN (Antoniadis, Filntisis, Maragos, FG 2021)',
+    )
+)

@@ -8,18 +8,27 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from torch import nn
-import torch.nn.functional as F
 from ..core import Config, check_choice
-from ..data.frames import au_columns, expr_names, AU_SPACES
+from ..data.frames import au_columns, AU_SPACES
 from ..data.loading import FrameDataset, make_transform
 from ..data.formats import read_rgb, AU_FOLDS
 from ..models.heads import grad_reverse, GradientReversal
 from ..models.vit import VIT_SIZES, MaskedAutoencoderViT, FMAEViT, load_encoder, vit_sized
 from ..train.engine import param_groups, load_checkpoint
 from ..train.losses import MultiTaskLoss, batch_targets
-from ..checkpoints import (Imported, Preprocess, Labels, CheckpointFormat, CheckpointError, IMAGENET_NORM,
-                                 read_checkpoint, unwrap_state, map_state, load_mapped, build_on)
+from abaw_nb.checkpoints import (
+    Imported,
+    Preprocess,
+    Labels,
+    CheckpointFormat,
+    CheckpointError,
+    IMAGENET_NORM,
+    read_checkpoint,
+    unwrap_state,
+    map_state,
+    load_mapped,
+    build_on,
+)
 from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn
 
 # %% auto #0
@@ -30,73 +39,159 @@ __all__ = ['AU_DATASETS', 'IAT_LAMBDA', 'SYNTH_LAYOUT', 'TASK_DIMS', 'fmae_setti
 
 # %% ../../nbs/05e_methods.fmae.ipynb #355456d5
 AU_DATASETS = ('bp4d', 'bp4d+', 'disfa')
-IAT_LAMBDA = {'bp4d': 2.0, 'bp4d+': 1.0, 'disfa': 0.5}           # README recipes
+IAT_LAMBDA = {'bp4d': 2.0, 'bp4d+': 1.0, 'disfa': 0.5}  # README recipes
 SYNTH_LAYOUT = {'bp4d': 'bp4d', 'bp4d+': 'bp4dp', 'disfa': 'disfa', 'rafdb': 'rafdb', 'affectnet8': 'affectnet8'}
+
 
 def fmae_settings(preset: str = 'smoke') -> dict:
     "Every stage's settings (model size, input, MAE, AU, FER, probe) of `preset`."
     check_choice('preset', preset, ('smoke', 'cpu', 'paper'))
     if preset == 'paper':
-        au = {'bp4d': dict(fmae=(2e-4, 20, 2), iat=(5e-4, 30, 3)), 'bp4d+': dict(fmae=(5e-4, 20, 2), iat=(5e-4, 30, 3)),
-              'disfa': dict(fmae=(5e-4, 20, 2), iat=(5e-4, 20, 2))}        # (blr, epochs, warmup)
-        return dict(preset=preset, size='large', img_size=224, decoder=(512, 8, 16), synth_size='cpu',
-                    mae=dict(blr=1.5e-4, batch=512, epochs=50, warmup=2, max_steps=None, n_images=None, mask_ratio=0.75),
-                    au=dict(recipes=au, batch=64, max_steps=None, crop_scale=(0.08, 1.0), stride=1, max_eval=None, folds='all', val_frac=0.2),
-                    fer=dict(rafdb=(1e-3, 32, 60, 6), affectnet8=(5e-4, 64, 30, 3), max_steps=None, crop_scale=(0.08, 1.0), max_eval=None),
-                    probe=dict(blr=2e-4, batch=64, epochs=20, warmup=2, per_subject=100, train_frac=0.7))
+        au = {
+            'bp4d': dict(fmae=(2e-4, 20, 2), iat=(5e-4, 30, 3)),
+            'bp4d+': dict(fmae=(5e-4, 20, 2), iat=(5e-4, 30, 3)),
+            'disfa': dict(fmae=(5e-4, 20, 2), iat=(5e-4, 20, 2)),
+        }  # (blr, epochs, warmup)
+        return dict(
+            preset=preset,
+            size='large',
+            img_size=224,
+            decoder=(512, 8, 16),
+            synth_size='cpu',
+            mae=dict(blr=1.5e-4, batch=512, epochs=50, warmup=2, max_steps=None, n_images=None, mask_ratio=0.75),
+            au=dict(
+                recipes=au,
+                batch=64,
+                max_steps=None,
+                crop_scale=(0.08, 1.0),
+                stride=1,
+                max_eval=None,
+                folds='all',
+                val_frac=0.2,
+            ),
+            fer=dict(
+                rafdb=(1e-3, 32, 60, 6),
+                affectnet8=(5e-4, 64, 30, 3),
+                max_steps=None,
+                crop_scale=(0.08, 1.0),
+                max_eval=None,
+            ),
+            probe=dict(blr=2e-4, batch=64, epochs=20, warmup=2, per_subject=100, train_frac=0.7),
+        )
     if preset == 'cpu':
         au = {d: dict(fmae=(4e-3, 2, 0.5), iat=(4e-3, 2, 0.5)) for d in AU_DATASETS}
-        return dict(preset=preset, size='small', img_size=64, decoder=(512, 2, 16), synth_size='cpu',
-                    mae=dict(blr=1.5e-3, batch=64, epochs=4, warmup=0.5, max_steps=24, n_images=1536, mask_ratio=0.75),
-                    au=dict(recipes=au, batch=32, max_steps=30, crop_scale=(0.5, 1.0), stride=6, max_eval=300,
-                            folds={'bp4d': [1], 'bp4d+': [1], 'disfa': [1]}, val_frac=0.2),
-                    fer=dict(rafdb=(4e-3, 32, 2, 0.5), affectnet8=(4e-3, 32, 2, 0.5), max_steps=30, crop_scale=(0.5, 1.0), max_eval=300),
-                    probe=dict(blr=1e-2, batch=64, epochs=30, warmup=2, per_subject=30, train_frac=0.7))
+        return dict(
+            preset=preset,
+            size='small',
+            img_size=64,
+            decoder=(512, 2, 16),
+            synth_size='cpu',
+            mae=dict(blr=1.5e-3, batch=64, epochs=4, warmup=0.5, max_steps=24, n_images=1536, mask_ratio=0.75),
+            au=dict(
+                recipes=au,
+                batch=32,
+                max_steps=30,
+                crop_scale=(0.5, 1.0),
+                stride=6,
+                max_eval=300,
+                folds={'bp4d': [1], 'bp4d+': [1], 'disfa': [1]},
+                val_frac=0.2,
+            ),
+            fer=dict(
+                rafdb=(4e-3, 32, 2, 0.5),
+                affectnet8=(4e-3, 32, 2, 0.5),
+                max_steps=30,
+                crop_scale=(0.5, 1.0),
+                max_eval=300,
+            ),
+            probe=dict(blr=1e-2, batch=64, epochs=30, warmup=2, per_subject=30, train_frac=0.7),
+        )
     au = {d: dict(fmae=(1e-3, 1, 0), iat=(1e-3, 1, 0)) for d in AU_DATASETS}
-    return dict(preset=preset, size='smoke', img_size=32, decoder=(32, 1, 2), synth_size='smoke',
-                mae=dict(blr=1.5e-3, batch=16, epochs=1, warmup=0, max_steps=3, n_images=48, mask_ratio=0.75),
-                au=dict(recipes=au, batch=16, max_steps=2, crop_scale=(0.5, 1.0), stride=4, max_eval=120,
-                        folds={'bp4d': [1], 'bp4d+': [1], 'disfa': [1]}, val_frac=0.2),
-                fer=dict(rafdb=(1e-3, 16, 1, 0), affectnet8=(1e-3, 16, 1, 0), max_steps=2, crop_scale=(0.5, 1.0), max_eval=None),
-                probe=dict(blr=1e-2, batch=32, epochs=3, warmup=0, per_subject=10, train_frac=0.7))
+    return dict(
+        preset=preset,
+        size='smoke',
+        img_size=32,
+        decoder=(32, 1, 2),
+        synth_size='smoke',
+        mae=dict(blr=1.5e-3, batch=16, epochs=1, warmup=0, max_steps=3, n_images=48, mask_ratio=0.75),
+        au=dict(
+            recipes=au,
+            batch=16,
+            max_steps=2,
+            crop_scale=(0.5, 1.0),
+            stride=4,
+            max_eval=120,
+            folds={'bp4d': [1], 'bp4d+': [1], 'disfa': [1]},
+            val_frac=0.2,
+        ),
+        fer=dict(
+            rafdb=(1e-3, 16, 1, 0), affectnet8=(1e-3, 16, 1, 0), max_steps=2, crop_scale=(0.5, 1.0), max_eval=None
+        ),
+        probe=dict(blr=1e-2, batch=32, epochs=3, warmup=0, per_subject=10, train_frac=0.7),
+    )
+
 
 def build_mae(s: dict) -> MaskedAutoencoderViT:
     "The MAE of settings `s` (from `fmae_settings`)."
     dd, ddep, dh = s['decoder']
-    return vit_sized(MaskedAutoencoderViT, s['size'], img_size=s['img_size'], decoder_embed_dim=dd, decoder_depth=ddep,
-                     decoder_num_heads=dh, norm_pix_loss=True)
+    return vit_sized(
+        MaskedAutoencoderViT,
+        s['size'],
+        img_size=s['img_size'],
+        decoder_embed_dim=dd,
+        decoder_depth=ddep,
+        decoder_num_heads=dh,
+        norm_pix_loss=True,
+    )
 
-def build_vit(s: dict, num_classes: int, num_subjects: int = 0, grad_reverse: float = 0.0,
-              drop_path_rate: float = 0.1) -> FMAEViT:
+
+def build_vit(
+    s: dict, num_classes: int, num_subjects: int = 0, grad_reverse: float = 0.0, drop_path_rate: float = 0.1
+) -> FMAEViT:
     "The fine-tuning ViT of settings `s`."
-    return vit_sized(FMAEViT, s['size'], img_size=s['img_size'], num_classes=num_classes, num_subjects=num_subjects,
-                     grad_reverse=grad_reverse, drop_path_rate=drop_path_rate)
+    return vit_sized(
+        FMAEViT,
+        s['size'],
+        img_size=s['img_size'],
+        num_classes=num_classes,
+        num_subjects=num_subjects,
+        grad_reverse=grad_reverse,
+        drop_path_rate=drop_path_rate,
+    )
 
 # %% ../../nbs/05e_methods.fmae.ipynb #ea59c046
 class ImageDataset(torch.utils.data.Dataset):
     "Images (paths relative to `root`) as {'image': tensor} items; for the unlabelled MAE pool."
+
     def __init__(self, paths, root, transform=None):
-        self.paths, self.root, self.transform = [str(Path(root)/p) for p in paths], Path(root), transform
+        self.paths, self.root, self.transform = [str(Path(root) / p) for p in paths], Path(root), transform
+
     def __len__(self):
         return len(self.paths)
+
     def __getitem__(self, i):
         img = read_rgb(self.paths[i])
         return {'image': self.transform(img) if self.transform else img.float() / 255}
 
+
 class SubjectFrames(FrameDataset):
     "A `FrameDataset` whose items also carry `sid`, the frame's subject as an index into `subjects` (-1 if not listed)."
+
     def __init__(self, df, root, transform=None, subjects=()):
         super().__init__(df, root, transform)
         idx = {s: i for i, s in enumerate(subjects)}
         self.sid = np.array([idx.get(s, -1) for s in df['subject'].astype(object)], np.int64)
+
     def __getitem__(self, i):
         out = super().__getitem__(i)
         out['sid'] = torch.tensor(self.sid[i])
         return out
 
+
 def vit_transform(train: bool, size: int, crop_scale=(0.08, 1.0)):
     "Fine-tuning transform: RandomResizedCrop(`crop_scale`), flip, RandAugment, ImageNet normalisation, random erasing 0.25 (training); resize (evaluation)."
     return make_transform(train, size, 'vit', scale=tuple(crop_scale), rotation=0.0, jitter=0.0)
+
 
 def mae_transform(size: int):
     "Pretraining transform of the original: resize, horizontal flip, ImageNet normalisation (no crop, no RandAugment)."
@@ -106,6 +201,7 @@ def mae_transform(size: int):
 def pool_images(root) -> pd.DataFrame:
     "The unlabelled pool of a generated SynthAffect folder: image path (relative to root) and subject, frames with a face."
     from abaw_nb.data.synth import load_latent
+
     u = load_latent(root)['unlabelled']
     u = u[u['face'].astype(bool)] if 'face' in u else u
     return u[['image', 'subject']].rename(columns={'image': 'path'}).reset_index(drop=True)
@@ -114,11 +210,13 @@ def pool_images(root) -> pd.DataFrame:
 @torch.no_grad()
 def reconstruct(mae: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0) -> dict:
     "Masked input and reconstruction of normalised `imgs` (N, 3, H, W), in the same normalised units."
-    mae.eval(); g = torch.Generator().manual_seed(seed)
+    mae.eval()
+    g = torch.Generator().manual_seed(seed)
     noise = torch.rand(imgs.shape[0], mae.patch_embed.num_patches, generator=g)
     _, pred, mask = mae(imgs, mask_ratio, noise)
     if mae.norm_pix_loss:
-        t = mae.patchify(imgs); mu, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
+        t = mae.patchify(imgs)
+        mu, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** 0.5 + mu
     m = mask[..., None].expand(-1, -1, pred.shape[-1])
     keep = mae.unpatchify(mae.patchify(imgs) * (1 - m))
@@ -126,10 +224,18 @@ def reconstruct(mae: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float
     paste = mae.unpatchify(mae.patchify(imgs) * (1 - m) + pred * m)
     return dict(original=imgs, masked=keep, reconstruction=rec, pasted=paste, mask=mask)
 
-def reconstruction_figure(mae: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0,
-                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+
+def reconstruction_figure(
+    mae: MaskedAutoencoderViT,
+    imgs: torch.Tensor,
+    mask_ratio: float = 0.75,
+    seed: int = 0,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+):
     "Rows = images; columns = original, masked, reconstruction, reconstruction + visible patches."
     import matplotlib.pyplot as plt
+
     r = reconstruct(mae, imgs, mask_ratio, seed)
     mu, sd = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     show = lambda x: (x * sd + mu).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -137,8 +243,12 @@ def reconstruction_figure(mae: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ra
     fig, ax = plt.subplots(len(imgs), 4, figsize=(8, 2 * len(imgs)), squeeze=False)
     for i in range(len(imgs)):
         for j, c in enumerate(cols):
-            a = ax[i, j]; a.imshow(show(r[c][i])); a.set_xticks([]); a.set_yticks([])
-            if i == 0: a.set_title({'pasted': 'reconstruction +\nvisible'}.get(c, c), fontsize=9)
+            a = ax[i, j]
+            a.imshow(show(r[c][i]))
+            a.set_xticks([])
+            a.set_yticks([])
+            if i == 0:
+                a.set_title({'pasted': 'reconstruction +\nvisible'}.get(c, c), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -148,10 +258,12 @@ def au_folds(dataset: str) -> dict:
     check_choice('dataset', dataset, AU_DATASETS)
     return {k: list(v) for k, v in AU_FOLDS[dataset].items()}
 
+
 def run_folds(s: dict, dataset: str) -> list:
     "The folds of `dataset` that settings `s` run ('all' = every fold)."
     f = s['au']['folds']
     return list(au_folds(dataset)) if f == 'all' else list(f[dataset])
+
 
 def subsample(frames: pd.DataFrame, stride: int = 1) -> pd.DataFrame:
     "Every `stride`-th frame of each video (by frame number; attrs kept)."
@@ -161,6 +273,7 @@ def subsample(frames: pd.DataFrame, stride: int = 1) -> pd.DataFrame:
     out.attrs = dict(frames.attrs)
     return out
 
+
 def cap_rows(df: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFrame:
     "A seeded random subset of at most `n` rows, in table order (None: all)."
     if n is None or len(df) <= n:
@@ -168,6 +281,7 @@ def cap_rows(df: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFrame:
     out = df.sample(n=n, random_state=seed).sort_index().reset_index(drop=True)
     out.attrs = dict(df.attrs)
     return out
+
 
 def split_train_val(subjects, val_frac: float = 0.2, seed: int = 0) -> tuple:
     "(train subjects, validation subjects): a seeded `val_frac` of `subjects` (at least one each) for validation."
@@ -193,26 +307,65 @@ def probe_split(frames: pd.DataFrame, per_subject: int = 100, train_frac: float 
 # %% ../../nbs/05e_methods.fmae.ipynb #20d072ba
 TASK_DIMS = dict(va=lambda n_expr, n_au: 2, expr=lambda n_expr, n_au: n_expr, au=lambda n_expr, n_au: n_au)
 
+
 @dataclass
 class FMAESettings:
     "FMAE's own settings for `train_multi` runs."
-    size: str = choice('large', tuple(VIT_SIZES))     # ViT size (smoke: a toy for tests)
+
+    size: str = choice('large', tuple(VIT_SIZES))  # ViT size (smoke: a toy for tests)
     layer_decay: float = 0.65
     drop_path: float = 0.1
-    pretrained: str | None = None                     # an MAE / FMAE checkpoint whose encoder is loaded first
-    crop_scale: tuple[float, float] = (0.08, 1.0)     # RandomResizedCrop area range
+    pretrained: str | None = None  # an MAE / FMAE checkpoint whose encoder is loaded first
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+
 
 def fmae_presets(preset: str, task: str) -> tuple[dict, dict]:
     "(Config fields, settings) of FMAE for `preset` and `task` (train_multi)."
     s = fmae_settings(preset)
     if preset == 'paper':
-        return (dict(img_size=224, batch_size=64, epochs=20, optimizer='adamw', lr=5e-4 * 64 / 256, weight_decay=0.05,
-                     schedule='cosine', warmup_epochs=2, min_lr_ratio=1e-6 / (5e-4 * 64 / 256)), {})
+        return (
+            dict(
+                img_size=224,
+                batch_size=64,
+                epochs=20,
+                optimizer='adamw',
+                lr=5e-4 * 64 / 256,
+                weight_decay=0.05,
+                schedule='cosine',
+                warmup_epochs=2,
+                min_lr_ratio=1e-6 / (5e-4 * 64 / 256),
+            ),
+            {},
+        )
     if preset == 'cpu':
-        return (dict(img_size=s['img_size'], batch_size=32, epochs=3, max_steps_per_epoch=40, optimizer='adamw',
-                     lr=2e-3 * 32 / 256, weight_decay=0.05, schedule='cosine', warmup_epochs=1), dict(size='small'))
-    return (dict(img_size=s['img_size'], batch_size=16, epochs=1, max_steps_per_epoch=3, optimizer='adamw', lr=1e-3,
-                 weight_decay=0.05, schedule='cosine', warmup_epochs=0), dict(size='smoke'))
+        return (
+            dict(
+                img_size=s['img_size'],
+                batch_size=32,
+                epochs=3,
+                max_steps_per_epoch=40,
+                optimizer='adamw',
+                lr=2e-3 * 32 / 256,
+                weight_decay=0.05,
+                schedule='cosine',
+                warmup_epochs=1,
+            ),
+            dict(size='small'),
+        )
+    return (
+        dict(
+            img_size=s['img_size'],
+            batch_size=16,
+            epochs=1,
+            max_steps_per_epoch=3,
+            optimizer='adamw',
+            lr=1e-3,
+            weight_decay=0.05,
+            schedule='cosine',
+            warmup_epochs=0,
+        ),
+        dict(size='smoke'),
+    )
 
 # %% ../../nbs/05e_methods.fmae.ipynb #d6d10af7
 def recipe(cfg: Config, s: FMAESettings, data: RunData) -> Recipe:
@@ -221,8 +374,14 @@ def recipe(cfg: Config, s: FMAESettings, data: RunData) -> Recipe:
     tasks = ('va', 'expr', 'au') if cfg.task == 'multi' else (cfg.task,)
     dims = {t: TASK_DIMS[t](n_expr, len(au_names)) for t in tasks}
     d, depth, h = VIT_SIZES[s.size]
-    model = FMAEViT(img_size=cfg.img_size, embed_dim=d, depth=depth, num_heads=h, num_classes=sum(dims.values()),
-                    drop_path_rate=s.drop_path)
+    model = FMAEViT(
+        img_size=cfg.img_size,
+        embed_dim=d,
+        depth=depth,
+        num_heads=h,
+        num_classes=sum(dims.values()),
+        drop_path_rate=s.drop_path,
+    )
     if s.pretrained and data.training:
         load_encoder(model, load_checkpoint(s.pretrained))
     crit = MultiTaskLoss({t: {'va': 'mse', 'expr': 'ce', 'au': 'bce'}[t] for t in tasks})
@@ -230,7 +389,7 @@ def recipe(cfg: Config, s: FMAESettings, data: RunData) -> Recipe:
 
     def forward_fn(net, batch):
         out = net(batch['image'])
-        return {t: out[:, cuts[i]:cuts[i + 1]] for i, t in enumerate(tasks)}
+        return {t: out[:, cuts[i] : cuts[i + 1]] for i, t in enumerate(tasks)}
 
     def loss_fn(out, batch):
         tg = {t: v for t, v in batch_targets(batch).items() if t in out}
@@ -244,21 +403,32 @@ def recipe(cfg: Config, s: FMAESettings, data: RunData) -> Recipe:
         return FrameDataset(va, root, vit_transform(False, cfg.img_size))
 
     groups = param_groups(model, cfg.weight_decay, layer_decay=s.layer_decay, num_layers=depth)
-    return Recipe(model, tasks, heads_predict_fn(au_names), eval_data, loss_fn, train_data, forward_fn=forward_fn,
-                  param_groups=groups, backbone=f'vit_{s.size}16')
+    return Recipe(
+        model,
+        tasks,
+        heads_predict_fn(au_names),
+        eval_data,
+        loss_fn,
+        train_data,
+        forward_fn=forward_fn,
+        param_groups=groups,
+        backbone=f'vit_{s.size}16',
+    )
 
 # %% ../../nbs/05e_methods.fmae.ipynb #520a79b8
 def _vit_dims(sd: dict, where: str, prefix: str = '') -> dict:
     "ViT dimensions (width, depth, heads, patch, input side) read from a state dict's shapes."
     for k in (prefix + 'cls_token', prefix + 'pos_embed', 'patch_embed.proj.weight'):
         if k not in sd:
-            raise CheckpointError(f'{where}: not an FMAE ViT checkpoint: key {k!r} missing '
-                                  f'(file keys start {list(sd)[:4]})')
+            raise CheckpointError(
+                f'{where}: not an FMAE ViT checkpoint: key {k!r} missing (file keys start {list(sd)[:4]})'
+            )
     d = sd['cls_token'].shape[-1]
     p = sd['patch_embed.proj.weight'].shape[-1]
     depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
     g = int(round(math.sqrt(sd['pos_embed'].shape[1] - 1)))
     return dict(embed_dim=d, depth=depth, num_heads=d // 64, patch_size=p, img_size=g * p)
+
 
 def _fmae_state(source, key: str, other: str) -> tuple[dict, str, dict]:
     "(state dict, where it came from, ViT dimensions) of a released FMAE file, which must hold `key` (else: `other`)."
@@ -269,12 +439,14 @@ def _fmae_state(source, key: str, other: str) -> tuple[dict, str, dict]:
         raise CheckpointError(f'{where}: no {key}: {other}')
     return sd, where, dims
 
-def import_fmae_vit(source,                    # fine-tuned FMAE / FMAE-IAT file (converted) or its loaded dict
-                    au_space: str | None = None, # AU order of the head (default: bp4d_12 for 12 outputs, disfa_8 for 8)
-                    # FMAE-IAT: lambda of the reversal before ID_head (2 BP4D, 1 BP4D+, 0.5 DISFA)
-                    grad_reverse: float = 0.0,
-                    device: str = 'cpu',
-                   ) -> Imported:
+
+def import_fmae_vit(
+    source,  # fine-tuned FMAE / FMAE-IAT file (converted) or its loaded dict
+    au_space: str | None = None,  # AU order of the head (default: bp4d_12 for 12 outputs, disfa_8 for 8)
+    # FMAE-IAT: lambda of the reversal before ID_head (2 BP4D, 1 BP4D+, 0.5 DISFA)
+    grad_reverse: float = 0.0,
+    device: str = 'cpu',
+) -> Imported:
     "Fine-tuned FMAE ViT (global pool, fc_norm, head[, ID_head]) for AU detection."
     sd, where, dims = _fmae_state(source, 'head.weight', 'a pre-training (MAE) file? use import_fmae_mae')
     nc = sd['head.weight'].shape[0]
@@ -282,35 +454,69 @@ def import_fmae_vit(source,                    # fine-tuned FMAE / FMAE-IAT file
     space = au_space or {12: 'bp4d_12', 8: 'disfa_8'}.get(nc)
     if space is None or len(AU_SPACES[space]) != nc:
         raise ValueError(f'{where}: head has {nc} outputs; pass au_space= naming {nc} AUs (one of {list(AU_SPACES)})')
-    model = build_on(device,
-                     lambda: FMAEViT(num_classes=nc, num_subjects=ns, grad_reverse=grad_reverse, drop_path_rate=0.0,
-                                     **dims))
+    model = build_on(
+        device, lambda: FMAEViT(num_classes=nc, num_subjects=ns, grad_reverse=grad_reverse, drop_path_rate=0.0, **dims)
+    )
     mapped, rep = map_state(sd, model, lambda k: k, where, 'FMAE ViT')
-    return Imported(load_mapped(model, mapped, device), 'fmae_vit', 'fmae',
-                    Preprocess(dims['img_size'], 'square', **IMAGENET_NORM,
-                               note='PIL RGB, Resize((224, 224)), ToTensor(), ImageNet Normalize'),
-                    Labels(None, 'expr7', au_columns(space), None), rep)
+    return Imported(
+        load_mapped(model, mapped, device),
+        'fmae_vit',
+        'fmae',
+        Preprocess(
+            dims['img_size'],
+            'square',
+            **IMAGENET_NORM,
+            note='PIL RGB, Resize((224, 224)), ToTensor(), ImageNet Normalize',
+        ),
+        Labels(None, 'expr7', au_columns(space), None),
+        rep,
+    )
+
 
 def import_fmae_mae(source, device: str = 'cpu', decoder_num_heads: int = 16) -> Imported:
     "FMAE MAE pre-training model (encoder + 512-d decoder); e.g. the Face9M ViT-S/B/L files."
     sd, where, dims = _fmae_state(source, 'decoder_embed.weight', 'a fine-tuned file? use import_fmae_vit')
     dd = sd['decoder_embed.weight'].shape[0]
     ddepth = len({k.split('.')[1] for k in sd if k.startswith('decoder_blocks.')})
-    model = build_on(device,
-                     lambda: MaskedAutoencoderViT(decoder_embed_dim=dd, decoder_depth=ddepth,
-                                                  decoder_num_heads=decoder_num_heads, **dims))
+    model = build_on(
+        device,
+        lambda: MaskedAutoencoderViT(
+            decoder_embed_dim=dd, decoder_depth=ddepth, decoder_num_heads=decoder_num_heads, **dims
+        ),
+    )
     mapped, rep = map_state(sd, model, lambda k: k, where, 'FMAE MAE')
-    return Imported(load_mapped(model, mapped, device), 'fmae_mae', 'fmae',
-                    Preprocess(dims['img_size'], 'square', **IMAGENET_NORM,
-                               note='pre-training: RandomResizedCrop(224), flip, ImageNet Normalize'),
-                    Labels(), rep)
+    return Imported(
+        load_mapped(model, mapped, device),
+        'fmae_mae',
+        'fmae',
+        Preprocess(
+            dims['img_size'],
+            'square',
+            **IMAGENET_NORM,
+            note='pre-training: RandomResizedCrop(224), flip, ImageNet Normalize',
+        ),
+        Labels(),
+        rep,
+    )
 
 # %% ../../nbs/05e_methods.fmae.ipynb #6d5d06f2
-register_method(MethodSpec(
-    'fmae', FMAESettings, fmae_presets, recipe, rank=6,
-    importers={'fmae_vit': CheckpointFormat(import_fmae_vit, 'forever208/FMAE-IAT',
-                                            'fine-tuned checkpoint-*.pth ({"model", "optimizer", "epoch", "scaler", '
-                                            '"args"}; convert once)'),
-               'fmae_mae': CheckpointFormat(import_fmae_mae, 'forever208/FMAE-IAT',
-                                            'Face9M pre-trained ViT-S/B/L (as fmae_vit; convert once)')},
-    doc='FMAE / FMAE-IAT (Ning, Salah, Onal Ertugrul, arXiv 2407.11243)'))
+register_method(
+    MethodSpec(
+        'fmae',
+        FMAESettings,
+        fmae_presets,
+        recipe,
+        rank=6,
+        importers={
+            'fmae_vit': CheckpointFormat(
+                import_fmae_vit,
+                'forever208/FMAE-IAT',
+                'fine-tuned checkpoint-*.pth ({"model", "optimizer", "epoch", "scaler", "args"}; convert once)',
+            ),
+            'fmae_mae': CheckpointFormat(
+                import_fmae_mae, 'forever208/FMAE-IAT', 'Face9M pre-trained ViT-S/B/L (as fmae_vit; convert once)'
+            ),
+        },
+        doc='FMAE / FMAE-IAT (Ning, Salah, Onal Ertugrul, arXiv 2407.11243)',
+    )
+)

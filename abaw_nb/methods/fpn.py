@@ -15,8 +15,18 @@ from ..models.heads import AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, masked_mse, kd_kl, batch_targets
 from ..data.frames import au_columns
 from ..data.loading import FrameDataset, make_transform
-from ..checkpoints import (Imported, Preprocess, Labels, CheckpointFormat, IMAGENET_NORM, read_checkpoint,
-                                 unwrap_state, map_state, load_mapped, build_on)
+from abaw_nb.checkpoints import (
+    Imported,
+    Preprocess,
+    Labels,
+    CheckpointFormat,
+    IMAGENET_NORM,
+    read_checkpoint,
+    unwrap_state,
+    map_state,
+    load_mapped,
+    build_on,
+)
 from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn
 
 # %% auto #0
@@ -27,31 +37,41 @@ __all__ = ['TASKS', 'LOSSES', 'KEY', 'narrow_fpn', 'FPNNet', 'FPNSettings', 'fpn
 # %% ../../nbs/05a_methods.fpn.ipynb #9296a94e
 TASKS = ('va', 'expr', 'au')
 
-def narrow_fpn(backbone: str = 'resnet18_fpn',  # resnet18_fpn | resnet50_fpn (the ResNet body and its BN settings)
-               channels: int = 128,              # FPN width (the original: 256)
-               pretrained=None,                  # as `build_backbone`
-              ) -> nn.Module:
+
+def narrow_fpn(
+    backbone: str = 'resnet18_fpn',  # resnet18_fpn | resnet50_fpn (the ResNet body and its BN settings)
+    channels: int = 128,  # FPN width (the original: 256)
+    pretrained=None,  # as `build_backbone`
+) -> nn.Module:
     "The same ResNet-FPN (four lateral 1×1 + four 3×3 output convs, max-pool extra level, 5 levels averaged and concatenated) with `channels` per level instead of 256: out_dim = 5·channels."
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-    m = build_backbone(backbone, pretrained=pretrained)           # body built (and loaded) exactly as the 256-wide one
-    if channels == 256: return m
+
+    m = build_backbone(backbone, pretrained=pretrained)  # body built (and loaded) exactly as the 256-wide one
+    if channels == 256:
+        return m
     inner = [m.fpn.inner_blocks[i][0].in_channels for i in range(len(m.fpn.inner_blocks))]
     wide = BackboneWithFPN(nn.Module(), {}, inner, channels, LastLevelMaxPool())
     m.fpn = wide.fpn
     m.out_dim = channels * len(m.levels)
     return m
 
+
 class FPNNet(nn.Module):
     "ResNet-FPN embedding (5 levels x 256 = 1280-d) with a linear head per task: `va` (2 values), `expr` (logits), `au` (logits)."
-    def __init__(self, tasks=TASKS,                 # subset of va, expr, au
-                 backbone: str = 'resnet50_fpn',    # resnet50_fpn (paper) or resnet18_fpn (cpu preset)
-                 n_expr: int = 7, n_au: int = 12,
-                 pretrained=None,                   # local ImageNet weights file for the ResNet, or 'download'
-                 fpn_channels: int = 256,           # FPN width (256 = the original; the cpu preset narrows it)
-                ):
+
+    def __init__(
+        self,
+        tasks=TASKS,  # subset of va, expr, au
+        backbone: str = 'resnet50_fpn',  # resnet50_fpn (paper) or resnet18_fpn (cpu preset)
+        n_expr: int = 7,
+        n_au: int = 12,
+        pretrained=None,  # local ImageNet weights file for the ResNet, or 'download'
+        fpn_channels: int = 256,  # FPN width (256 = the original; the cpu preset narrows it)
+    ):
         super().__init__()
-        for t in tasks: check_choice('task', t, TASKS)
+        for t in tasks:
+            check_choice('task', t, TASKS)
         self.tasks = tuple(tasks)
         self.backbone = narrow_fpn(backbone, fpn_channels, pretrained)
         d = self.backbone.out_dim
@@ -66,10 +86,12 @@ class FPNNet(nn.Module):
 @dataclass
 class FPNSettings:
     "The FPN method's own settings."
+
     backbone: str = choice('resnet50_fpn', ('resnet50_fpn', 'resnet18_fpn'))
-    fpn_channels: int = 256              # FPN width (256 = the original; the cpu preset narrows it to 128)
-    pretrained: str | None = None        # local ImageNet weights of the ResNet (or 'download')
-    pseudo_labels: str | None = None     # multi-task run: the pseudo-label csv of the single-task models
+    fpn_channels: int = 256  # FPN width (256 = the original; the cpu preset narrows it to 128)
+    pretrained: str | None = None  # local ImageNet weights of the ResNet (or 'download')
+    pseudo_labels: str | None = None  # multi-task run: the pseudo-label csv of the single-task models
+
 
 def fpn_presets(preset: str, task: str) -> tuple[dict, dict]:
     "(Config fields, settings) of the FPN method for `preset` and `task` (va | expr | au | multi)."
@@ -85,20 +107,33 @@ def fpn_presets(preset: str, task: str) -> tuple[dict, dict]:
         # at this size), 3 epochs x 80 steps of 32 with a short warmup and a cosine decay (fewer per-epoch validations than
         # 4 x 50). The single-task VA set (Aff-Wild2 / 5 + AffectNet) has only ~40 batches an epoch: 6 epochs give it
         # about the optimiser steps of the others. Warmup: Adam at 1e-3 from random init blew the VA head up early on.
-        return (dict(img_size=64, batch_size=32, epochs=6 if task == 'va' else 3, max_steps_per_epoch=80,
-                     optimizer='adam',
-                     lr=1e-3, schedule='cosine', warmup_epochs=0.25), dict(backbone='resnet18_fpn', fpn_channels=128))
-    return (dict(img_size=32, batch_size=16, epochs=1, max_steps_per_epoch=4, optimizer='adam', lr=1e-3,
-                 schedule='none'),
-            dict(backbone='resnet18_fpn'))
+        return (
+            dict(
+                img_size=64,
+                batch_size=32,
+                epochs=6 if task == 'va' else 3,
+                max_steps_per_epoch=80,
+                optimizer='adam',
+                lr=1e-3,
+                schedule='cosine',
+                warmup_epochs=0.25,
+            ),
+            dict(backbone='resnet18_fpn', fpn_channels=128),
+        )
+    return (
+        dict(img_size=32, batch_size=16, epochs=1, max_steps_per_epoch=4, optimizer='adam', lr=1e-3, schedule='none'),
+        dict(backbone='resnet18_fpn'),
+    )
 
 # %% ../../nbs/05a_methods.fpn.ipynb #a08468e0
 LOSSES = dict(va='mse', expr='ce', au='bce')
-KEY = ['dataset', 'video', 'frame']   # how frames are matched everywhere: never by position in a file
+KEY = ['dataset', 'video', 'frame']  # how frames are matched everywhere: never by position in a file
+
 
 def fpn_transform(train: bool, size: int):
     "The original's preprocessing: resize, horizontal flip (p=0.5) for training, ImageNet normalisation; no other augmentation."
     return make_transform(train, size, 'fpn', scale=(1.0, 1.0), rotation=0.0, jitter=0.0)
+
 
 def soft_loss(out: dict, batch: dict) -> tuple:
     "Multi-task loss on ground truth + pseudo labels: MSE on VA, soft cross-entropy (KL to the target distribution) on EXPR, BCE to soft targets on AU; weights 1:1:1; a frame without a target adds nothing."
@@ -106,10 +141,16 @@ def soft_loss(out: dict, batch: dict) -> tuple:
     parts['va'] = masked_mse(out['va'], batch['pl_va'])
     pe = batch['pl_expr']
     m = ~torch.isnan(pe).any(1)
-    parts['expr'] = kd_kl(out['expr'][m].float(), pe[m], T=1.0, teacher_is_prob=True, t2=False) if m.any() else out['expr'].sum() * 0.0
+    parts['expr'] = (
+        kd_kl(out['expr'][m].float(), pe[m], T=1.0, teacher_is_prob=True, t2=False)
+        if m.any()
+        else out['expr'].sum() * 0.0
+    )
     pa = batch['pl_au']
     ma = ~torch.isnan(pa)
-    parts['au'] = F.binary_cross_entropy_with_logits(out['au'].float()[ma], pa[ma]) if ma.any() else out['au'].sum() * 0.0
+    parts['au'] = (
+        F.binary_cross_entropy_with_logits(out['au'].float()[ma], pa[ma]) if ma.any() else out['au'].sum() * 0.0
+    )
     return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
 
 # %% ../../nbs/05a_methods.fpn.ipynb #b273d27e
@@ -119,8 +160,14 @@ def recipe(cfg, s: FPNSettings, data: RunData) -> Recipe:
     tasks = TASKS if cfg.task == 'multi' else (cfg.task,)
     if s.pseudo_labels and cfg.task != 'multi':
         raise ValueError(f'pseudo_labels are for the multi-task run, not task={cfg.task!r}')
-    model = FPNNet(tasks, backbone=s.backbone, n_expr=n_expr, n_au=len(au_names),
-                   pretrained=s.pretrained if data.training else None, fpn_channels=s.fpn_channels)
+    model = FPNNet(
+        tasks,
+        backbone=s.backbone,
+        n_expr=n_expr,
+        n_au=len(au_names),
+        pretrained=s.pretrained if data.training else None,
+        fpn_channels=s.fpn_channels,
+    )
     crit = MultiTaskLoss({t: LOSSES[t] for t in tasks})
 
     def loss_fn(out, batch):
@@ -145,18 +192,28 @@ def recipe(cfg, s: FPNSettings, data: RunData) -> Recipe:
 # %% ../../nbs/05a_methods.fpn.ipynb #3a3d1454
 def target_columns(n_expr: int, au_names) -> dict:
     "The pseudo-label columns of each task: VA values, EXPR class probabilities, AU probabilities."
-    return dict(va=['valence', 'arousal'], expr=[f'prob_expr_{k}' for k in range(n_expr)], au=[f'prob_{a}' for a in au_names])
+    return dict(
+        va=['valence', 'arousal'], expr=[f'prob_expr_{k}' for k in range(n_expr)], au=[f'prob_{a}' for a in au_names]
+    )
 
-def apply_ground_truth(pl: pd.DataFrame,      # pseudo-label table (KEY + target columns)
-                       frames: pd.DataFrame,  # frame table with the ground truth of those frames
-                       n_expr: int = 7, au_names=None) -> pd.DataFrame:
+
+def apply_ground_truth(
+    pl: pd.DataFrame,  # pseudo-label table (KEY + target columns)
+    frames: pd.DataFrame,  # frame table with the ground truth of those frames
+    n_expr: int = 7,
+    au_names=None,
+) -> pd.DataFrame:
     "Ground truth overrides pseudo labels on the same (dataset, video, frame): VA values, one-hot EXPR, 0/1 per labelled AU; `src_<task>` says which."
     au_names = list(au_names) if au_names is not None else au_columns('affwild2_12')
     c = target_columns(n_expr, au_names)
-    g = pl[KEY].merge(frames[KEY + ['valence', 'arousal', 'expr'] + au_names], on=KEY, how='left', validate='one_to_one')
+    g = pl[KEY].merge(
+        frames[KEY + ['valence', 'arousal', 'expr'] + au_names], on=KEY, how='left', validate='one_to_one'
+    )
     out = pl.copy()
     va_ok = (g['valence'].notna() & g['arousal'].notna()).to_numpy()
-    out[c['va']] = np.where(va_ok[:, None], g[['valence', 'arousal']].to_numpy(dtype=float), out[c['va']].to_numpy(dtype=float))
+    out[c['va']] = np.where(
+        va_ok[:, None], g[['valence', 'arousal']].to_numpy(dtype=float), out[c['va']].to_numpy(dtype=float)
+    )
     e_ok = g['expr'].notna().to_numpy()
     onehot = np.eye(n_expr)[g['expr'].fillna(0).to_numpy(dtype=int)]
     out[c['expr']] = np.where(e_ok[:, None], onehot, out[c['expr']].to_numpy(dtype=float))
@@ -166,6 +223,7 @@ def apply_ground_truth(pl: pd.DataFrame,      # pseudo-label table (KEY + target
     out['src_expr'] = np.where(e_ok, 'gt', 'pseudo')
     out['src_au'] = np.where(~np.isnan(au_gt).any(1), 'gt', np.where(np.isnan(au_gt).all(1), 'pseudo', 'mixed'))
     return out
+
 
 def read_pseudo_labels(path, n_expr: int = 7, au_names=None) -> pd.DataFrame:
     "Read a pseudo-label csv back (keys typed as in the frame table)."
@@ -178,13 +236,17 @@ def read_pseudo_labels(path, n_expr: int = 7, au_names=None) -> pd.DataFrame:
     pl['frame'] = pl['frame'].astype(np.int64)
     return pl
 
+
 def check_no_leak(pl: pd.DataFrame, frames: pd.DataFrame) -> None:
     "Raise if a pseudo label belongs to a frame of `frames` that is not a training frame (validation or test)."
     held = frames[frames['split'] != 'train'] if 'split' in frames else frames
     bad = pl[KEY].merge(held[KEY], on=KEY, how='inner')
     if len(bad):
         ex = ', '.join(f'{r.video}/{r.frame}' for r in bad.head(3).itertuples())
-        raise ValueError(f'{len(bad)} pseudo labels belong to validation/test frames (e.g. {ex}): they must never enter training')
+        raise ValueError(
+            f'{len(bad)} pseudo labels belong to validation/test frames (e.g. {ex}): they must never enter training'
+        )
+
 
 def soft_targets(df: pd.DataFrame, pl: pd.DataFrame, n_expr: int = 7, au_names=None) -> dict:
     "Per-row targets of `df` from the pseudo-label table, matched by key, ground truth overriding: pl_va (N,2), pl_expr (N,K), pl_au (N,A); NaN where none."
@@ -194,14 +256,17 @@ def soft_targets(df: pd.DataFrame, pl: pd.DataFrame, n_expr: int = 7, au_names=N
     m = apply_ground_truth(m, df, n_expr, au_names)
     return {f'pl_{t}': m[c[t]].to_numpy(dtype=np.float32) for t in TASKS}
 
+
 class PseudoLabelDataset(FrameDataset):
     "A `FrameDataset` whose items also carry the soft targets of their row (`soft_targets`)."
+
     def __init__(self, df, root, transform, targets: dict):
         super().__init__(df, root, transform)
         for k, v in targets.items():
             if len(v) != len(df):
                 raise ValueError(f'{k}: {len(v)} rows for {len(df)} frames')
         self.targets = targets
+
     def __getitem__(self, i):
         out = super().__getitem__(i)
         out.update({k: torch.as_tensor(v[i]) for k, v in self.targets.items()})
@@ -213,6 +278,7 @@ def import_fpn_multitask(source, device: str = 'cpu') -> Imported:
     obj, where = read_checkpoint(source)
     sd = unwrap_state(obj, where)
     model = build_on(device, lambda: FPNNet(('va', 'expr', 'au'), 'resnet50_fpn'))
+
     def orig(k):
         m = re.match(r'backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.(.+)$', k)
         if m:
@@ -221,19 +287,38 @@ def import_fpn_multitask(source, device: str = 'cpu') -> Imported:
             t, rest = k[6:].split('.', 1)
             return f'{t.upper()}_head.linear.{rest}'
         return k
+
     new = lambda k: re.sub(r'^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.0\.', r'\1.', k)
     copy = "copy of a task head made by the repository's single-task post-processing"
     ign = lambda k: copy if k.startswith('head.linear.') else None
     mapped, rep = map_state(sd, model, orig, where, 'FPN multi-task', ign, new)
-    return Imported(load_mapped(model, mapped, device), 'fpn_multitask', 'fpn',
-                    Preprocess(128, 'shorter', **IMAGENET_NORM,
-                               note='PIL image as read (RGB), Resize(128) of the shorter side, ToTensor(), '
-                                    'ImageNet Normalize'),
-                    Labels(AFFWILD2_ORDER, 'expr7', au_columns('affwild2_12'), 'raw_clip', 'logit>0.5'), rep)
+    return Imported(
+        load_mapped(model, mapped, device),
+        'fpn_multitask',
+        'fpn',
+        Preprocess(
+            128,
+            'shorter',
+            **IMAGENET_NORM,
+            note='PIL image as read (RGB), Resize(128) of the shorter side, ToTensor(), ImageNet Normalize',
+        ),
+        Labels(AFFWILD2_ORDER, 'expr7', au_columns('affwild2_12'), 'raw_clip', 'logit>0.5'),
+        rep,
+    )
 
 # %% ../../nbs/05a_methods.fpn.ipynb #ce061104
-register_method(MethodSpec(
-    'fpn', FPNSettings, fpn_presets, recipe,
-    importers={'fpn_multitask': CheckpointFormat(import_fpn_multitask, 'ryanhe312/ABAW2-FPNMAA',
-                                                 'fpn_multi.ckpt (PyTorch-Lightning 1.x; convert once)')},
-    rank=1, doc='FPN multi-task (He, Xing, Yan, ABAW2 2021)'))
+register_method(
+    MethodSpec(
+        'fpn',
+        FPNSettings,
+        fpn_presets,
+        recipe,
+        importers={
+            'fpn_multitask': CheckpointFormat(
+                import_fpn_multitask, 'ryanhe312/ABAW2-FPNMAA', 'fpn_multi.ckpt (PyTorch-Lightning 1.x; convert once)'
+            )
+        },
+        rank=1,
+        doc='FPN multi-task (He, Xing, Yan, ABAW2 2021)',
+    )
+)

@@ -17,8 +17,18 @@ from ..train.losses import MultiTaskLoss, kd_kl, kd_kl_bins, bce_soft, valid_mas
 from ..data.loading import FrameDataset, ClipDataset, make_transform
 from ..data.sampling import ml_ros_weights, expr_weights, va_weights, PoolSampler
 from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames
-from ..checkpoints import (Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state,
-                                 map_state, load_mapped, build_on, head_key)
+from abaw_nb.checkpoints import (
+    Imported,
+    Preprocess,
+    Labels,
+    CheckpointFormat,
+    read_checkpoint,
+    unwrap_state,
+    map_state,
+    load_mapped,
+    build_on,
+    head_key,
+)
 from . import MethodSpec, Recipe, RunData, choice, register_method, get_method
 
 # %% auto #0
@@ -32,20 +42,24 @@ __all__ = ['TASKS', 'N_BINS', 'TEACHER_WEIGHTS', 'EXTERNAL', 'MultitaskCNN', 'fl
 TASKS = ('expr', 'au', 'va')
 N_BINS = 20
 
+
 class MultitaskCNN(nn.Module):
     "ResNet backbone + per-task BN-MLP heads: `expr` (n_expr logits), `au` (n_au logits), `va` (2·n_bins bin logits)."
-    def __init__(self,
-                 n_expr: int = 7,              # expression classes
-                 n_au: int = 8,                # AUs of the data (8 for FG 2020, 12 for the ABAW2 layout)
-                 backbone: str = 'resnet50',   # resnet50 (paper) | resnet18 (cpu preset)
-                 tasks=TASKS,                  # heads to build (subset of expr, au, va)
-                 hidden: int = 128,            # head width
-                 n_bins: int = N_BINS,         # VA bins per dimension
-                 anchors: str = 'centres',     # VA read-out values: bin centres (fixed) or 'linspace' (original)
-                 pretrained=None,              # local weights file for the backbone (e.g. FER+ / ImageNet ResNet)
-                ):
+
+    def __init__(
+        self,
+        n_expr: int = 7,  # expression classes
+        n_au: int = 8,  # AUs of the data (8 for FG 2020, 12 for the ABAW2 layout)
+        backbone: str = 'resnet50',  # resnet50 (paper) | resnet18 (cpu preset)
+        tasks=TASKS,  # heads to build (subset of expr, au, va)
+        hidden: int = 128,  # head width
+        n_bins: int = N_BINS,  # VA bins per dimension
+        anchors: str = 'centres',  # VA read-out values: bin centres (fixed) or 'linspace' (original)
+        pretrained=None,  # local weights file for the backbone (e.g. FER+ / ImageNet ResNet)
+    ):
         super().__init__()
-        for t in tasks: check_choice('task', t, TASKS)
+        for t in tasks:
+            check_choice('task', t, TASKS)
         self.tasks, self.n_bins, self.anchors = tuple(t for t in TASKS if t in tasks), n_bins, anchors
         self.backbone = build_backbone(backbone, pretrained=pretrained)
         d = self.backbone.out_dim
@@ -64,52 +78,73 @@ class MultitaskCNN(nn.Module):
         return bins_to_va(va_logits, self.n_bins, self.anchors)
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #6494e8c1
-TEACHER_WEIGHTS = {'expr': 1.0, 'au': 8.0, 'va': 1.0}   # λ_V = λ_A = 1: `va_bins` sums valence and arousal
+TEACHER_WEIGHTS = {'expr': 1.0, 'au': 8.0, 'va': 1.0}  # λ_V = λ_A = 1: `va_bins` sums valence and arousal
+
 
 def flat_targets(batch: dict) -> dict:
     "Targets of a frame or clip batch, flattened to frames, masked entries NaN (VA, AU) or -1 (EXPR)."
     out = {}
-    if 'va' in batch: out['va'] = torch.where(batch['va_mask'][..., None], batch['va'], torch.nan).reshape(-1, 2)
-    if 'expr' in batch: out['expr'] = torch.where(batch['expr_mask'], batch['expr'], -1).reshape(-1)
+    if 'va' in batch:
+        out['va'] = torch.where(batch['va_mask'][..., None], batch['va'], torch.nan).reshape(-1, 2)
+    if 'expr' in batch:
+        out['expr'] = torch.where(batch['expr_mask'], batch['expr'], -1).reshape(-1)
     if 'au' in batch:
         au = torch.where(batch['au_mask'], batch['au'], torch.nan)
         out['au'] = au.reshape(-1, au.shape[-1])
     return out
 
+
 def flat_outputs(out: dict) -> dict:
     "Model outputs flattened to (frames, K)."
     return {k: v.reshape(-1, v.shape[-1]) for k, v in out.items()}
 
-def teacher_criterion(tasks=TASKS, weights: dict | None = None, n_bins: int = N_BINS, anchors: str = 'centres',
-                      lambda_ccc: float = 1.0) -> MultiTaskLoss:
+
+def teacher_criterion(
+    tasks=TASKS, weights: dict | None = None, n_bins: int = N_BINS, anchors: str = 'centres', lambda_ccc: float = 1.0
+) -> MultiTaskLoss:
     "The teacher's ground-truth loss: masked CE (EXPR), BCE (AU) and bins CE + 1 − CCC (VA), weighted."
     w = {**TEACHER_WEIGHTS, **(weights or {})}
-    spec = dict(expr={'loss': 'ce'}, au={'loss': 'bce'},
-                va={'loss': 'va_bins', 'n_bins': n_bins, 'anchors': anchors, 'lambda_ccc': lambda_ccc})
+    spec = dict(
+        expr={'loss': 'ce'},
+        au={'loss': 'bce'},
+        va={'loss': 'va_bins', 'n_bins': n_bins, 'anchors': anchors, 'lambda_ccc': lambda_ccc},
+    )
     return MultiTaskLoss({t: {**spec[t], 'weight': w[t]} for t in tasks})
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #6d993179
 def _frame_mask(targets: dict, task: str) -> torch.Tensor:
     "Frames that carry a label of `task` (VA: both dimensions; AU: at least one AU, e.g. DISFA-like frames with 7 of the 12)."
     m = valid_mask(targets[task], task)
-    if m.dim() == 1: return m
+    if m.dim() == 1:
+        return m
     return m.any(-1) if task == 'au' else m.all(-1)
+
 
 class StudentLoss(nn.Module):
     "Σ_k [f_k·(α·D_k + (1−α)·GT_k on labelled frames) + (1−f_k)·D_k on the rest], f_k = labelled share of the batch."
-    def __init__(self, tasks=TASKS,
-                 alpha: float = 0.4,        # weight of distillation where ground truth exists (λ_teacher)
-                 T: float = 1.5,            # temperature of the KL terms (EXPR, VA bins)
-                 t2: bool = False,          # multiply the KL by T² (the original does not)
-                 n_bins: int = N_BINS, anchors: str = 'centres', lambda_ccc: float = 1.0):
+
+    def __init__(
+        self,
+        tasks=TASKS,
+        alpha: float = 0.4,  # weight of distillation where ground truth exists (λ_teacher)
+        T: float = 1.5,  # temperature of the KL terms (EXPR, VA bins)
+        t2: bool = False,  # multiply the KL by T² (the original does not)
+        n_bins: int = N_BINS,
+        anchors: str = 'centres',
+        lambda_ccc: float = 1.0,
+    ):
         super().__init__()
         self.tasks, self.alpha, self.T, self.t2, self.n_bins = tuple(tasks), alpha, T, t2, n_bins
-        self.gt = teacher_criterion(tasks, {t: 1.0 for t in tasks}, n_bins, anchors, lambda_ccc)   # no λ_AU = 8 for students
+        self.gt = teacher_criterion(
+            tasks, {t: 1.0 for t in tasks}, n_bins, anchors, lambda_ccc
+        )  # no λ_AU = 8 for students
 
     def distill(self, task: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         "D_task, mean over the given frames."
-        if task == 'expr': return kd_kl(s, t, self.T, t2=self.t2)
-        if task == 'va': return kd_kl_bins(s, t, self.n_bins, self.T, t2=self.t2)
+        if task == 'expr':
+            return kd_kl(s, t, self.T, t2=self.t2)
+        if task == 'va':
+            return kd_kl_bins(s, t, self.n_bins, self.T, t2=self.t2)
         return bce_soft(s, t)
 
     def forward(self, student: dict, teacher: dict, targets: dict):
@@ -129,11 +164,13 @@ class StudentLoss(nn.Module):
         return sum(parts.values()), parts
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #965b019f
-def task_pools(df: pd.DataFrame,             # training frame table (several datasets may be merged)
-               undersample: bool = True,     # the original's Aff-Wild2 undersampling (EXPR Neutral 1/10, Happiness/Sadness 1/2; VA 1/5)
-               affwild2: tuple | None = None, # datasets the undersampling applies to (default: every dataset except external ones)
-               external: tuple = ('disfa', 'expw', 'afew_va', 'afew-va'),  # dataset names never undersampled
-              ) -> dict:
+def task_pools(
+    df: pd.DataFrame,  # training frame table (several datasets may be merged)
+    undersample: bool = True,  # the original's Aff-Wild2 undersampling (EXPR Neutral 1/10, Happiness/Sadness 1/2; VA 1/5)
+    affwild2: tuple
+    | None = None,  # datasets the undersampling applies to (default: every dataset except external ones)
+    external: tuple = ('disfa', 'expw', 'afew_va', 'afew-va'),  # dataset names never undersampled
+) -> dict:
     "Row positions of each task's training pool (`expr`, `au`, `va`)."
     aus = au_columns(df.attrs['au_space'])
     ds = df['dataset'].astype(str).str.lower().to_numpy()
@@ -141,72 +178,110 @@ def task_pools(df: pd.DataFrame,             # training frame table (several dat
     pos = np.arange(len(df))
     has_va = (df['valence'].notna() & df['arousal'].notna()).to_numpy()
     has_ex = df['expr'].notna().to_numpy()
-    has_au = df[aus].notna().any(axis=1).to_numpy() if aus else np.zeros(len(df), bool)   # external AU sets label a subset
+    has_au = (
+        df[aus].notna().any(axis=1).to_numpy() if aus else np.zeros(len(df), bool)
+    )  # external AU sets label a subset
     keep_ex, keep_va = has_ex.copy(), has_va.copy()
     if undersample:
         from abaw_nb.data.frames import expr_names
+
         names = [n.lower() for n in expr_names(df.attrs['expr_space'])]
         e = df['expr'].to_numpy(dtype=float, na_value=np.nan)
-        def thin(mask, k):   # keep every k-th frame of the selection (in table order), as i % k == 0
-            sel = np.flatnonzero(mask); drop = sel[np.arange(len(sel)) % k != 0]
-            out = np.zeros(len(df), bool); out[drop] = True; return out
+
+        def thin(mask, k):  # keep every k-th frame of the selection (in table order), as i % k == 0
+            sel = np.flatnonzero(mask)
+            drop = sel[np.arange(len(sel)) % k != 0]
+            out = np.zeros(len(df), bool)
+            out[drop] = True
+            return out
+
         ids = {n: names.index(n) for n in ('neutral', 'happiness', 'sadness') if n in names}
-        if 'neutral' in ids: keep_ex &= ~thin(is_aw & has_ex & (e == ids['neutral']), 10)
+        if 'neutral' in ids:
+            keep_ex &= ~thin(is_aw & has_ex & (e == ids['neutral']), 10)
         for n in ('happiness', 'sadness'):
-            if n in ids: keep_ex &= ~thin(is_aw & keep_ex & (e == ids[n]), 2)
+            if n in ids:
+                keep_ex &= ~thin(is_aw & keep_ex & (e == ids[n]), 2)
         keep_va &= ~thin(is_aw & has_va, 5)
     return {'expr': pos[keep_ex], 'au': pos[has_au], 'va': pos[keep_va]}
+
 
 def pool_weights(df: pd.DataFrame, pools: dict, balance: bool = True, seed: int = 0) -> dict:
     "Sampling weights within each pool (sum 1): ML-ROS (AU), inverse frequency (EXPR), joint VA cells, or uniform."
     out = {}
     aus = au_columns(df.attrs['au_space'])
     for t, rows in pools.items():
-        if len(rows) == 0: out[t] = np.zeros(0); continue
+        if len(rows) == 0:
+            out[t] = np.zeros(0)
+            continue
         sub = df.iloc[rows]
-        if not balance: w = np.ones(len(rows))
-        elif t == 'au':   # ML-ROS over the AUs every pool frame labels (all 12 for Aff-Wild2 alone; the shared ones after a DISFA merge)
+        if not balance:
+            w = np.ones(len(rows))
+        elif (
+            t == 'au'
+        ):  # ML-ROS over the AUs every pool frame labels (all 12 for Aff-Wild2 alone; the shared ones after a DISFA merge)
             common = [a for a in aus if sub[a].notna().all()]
             w = ml_ros_weights(sub[common], seed=seed) if common else np.ones(len(rows))
-        elif t == 'expr': w = expr_weights(sub['expr'])
-        else: w = va_weights(sub['valence'], sub['arousal'], bins=20)
+        elif t == 'expr':
+            w = expr_weights(sub['expr'])
+        else:
+            w = va_weights(sub['valence'], sub['arousal'], bins=20)
         out[t] = w / w.sum()
     return out
 
-def task_sampler(df: pd.DataFrame, pools: dict, balance: bool = True, per_task: int | None = None, seed: int = 0) -> PoolSampler:
+
+def task_sampler(
+    df: pd.DataFrame, pools: dict, balance: bool = True, per_task: int | None = None, seed: int = 0
+) -> PoolSampler:
     "The training sampler: `per_task` frames (default: the smallest pool) drawn from each task's pool by `pool_weights`, redrawn every epoch from (seed, epoch)."
     pools = {t: r for t, r in pools.items() if len(r)}
-    if not pools: raise ValueError('every task pool is empty: no labelled training frame')
+    if not pools:
+        raise ValueError('every task pool is empty: no labelled training frame')
     return PoolSampler(pools, pool_weights(df, pools, balance, seed), per_pool=per_task, seed=seed)
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #e1a2b3c5
-EXTERNAL = {'au': 'disfa', 'expr': 'expw', 'va': 'afew_va'}   # the original's external dataset of each task
+EXTERNAL = {'au': 'disfa', 'expr': 'expw', 'va': 'afew_va'}  # the original's external dataset of each task
+
 
 def source_identities(root, fmt: str, ext: pd.DataFrame) -> np.ndarray | None:
     "The SynthAffect identity behind each row of layout `fmt` (from `_latent/`); None for data without that record (real datasets)."
     from abaw_nb.data.synth import format_sources, load_latent
-    try: src, videos = format_sources(root, fmt), load_latent(root)['videos']
-    except FileNotFoundError: return None
+
+    try:
+        src, videos = format_sources(root, fmt), load_latent(root)['videos']
+    except FileNotFoundError:
+        return None
     m = src.drop_duplicates(['video', 'frame']).set_index(['video', 'frame'])['src_video']
-    sv = m.reindex(pd.MultiIndex.from_arrays([ext['video'].astype(str).to_numpy(), ext['frame'].astype('int64').to_numpy()]))
-    if sv.isna().any(): raise ValueError(f'{int(sv.isna().sum())} rows of layout {fmt!r} have no source in {root}/_latent/sources/{fmt}.csv')
+    sv = m.reindex(
+        pd.MultiIndex.from_arrays([ext['video'].astype(str).to_numpy(), ext['frame'].astype('int64').to_numpy()])
+    )
+    if sv.isna().any():
+        raise ValueError(
+            f'{int(sv.isna().sum())} rows of layout {fmt!r} have no source in {root}/_latent/sources/{fmt}.csv'
+        )
     return videos.set_index('video')['subject'].reindex(sv.to_numpy()).astype(str).to_numpy()
+
 
 def heldout_identities(root) -> set:
     "Identities with a validation or test video (SynthAffect `_latent/videos.csv`); empty for data without that record."
     from abaw_nb.data.synth import load_latent
-    try: v = load_latent(root)['videos']
-    except FileNotFoundError: return set()
+
+    try:
+        v = load_latent(root)['videos']
+    except FileNotFoundError:
+        return set()
     return set(v.loc[v['split'] != 'train', 'subject'].astype(str))
 
-def external_frames(root,                          # folder holding the layouts (SynthAffect: its root, layouts in `<root>/<fmt>/`)
-                    au_space: str = 'affwild2_12', # AU space of the table they join
-                    expr_space: str = 'expr7',     # expression space of the table they join
-                    formats=tuple(EXTERNAL.values()), # which external layouts
-                    held_out=None,                 # identities kept out of training (default: `heldout_identities(root)`)
-                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+
+def external_frames(
+    root,  # folder holding the layouts (SynthAffect: its root, layouts in `<root>/<fmt>/`)
+    au_space: str = 'affwild2_12',  # AU space of the table they join
+    expr_space: str = 'expr7',  # expression space of the table they join
+    formats=tuple(EXTERNAL.values()),  # which external layouts
+    held_out=None,  # identities kept out of training (default: `heldout_identities(root)`)
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     "External training frames in the given label spaces (absolute image paths, split 'train'), held-out identities removed; and a per-layout report."
     from abaw_nb.data.synth import read_format
+
     held = heldout_identities(root) if held_out is None else set(held_out)
     parts, report = [], []
     for fmt in formats:
@@ -214,21 +289,34 @@ def external_frames(root,                          # folder holding the layouts 
         df, r = read_format(root, fmt)
         ident = source_identities(root, fmt, df)
         drop = np.isin(ident, list(held)) if ident is not None else np.zeros(len(df), bool)
-        attrs = dict(df.attrs); df = df[~drop].reset_index(drop=True); df.attrs = attrs
+        attrs = dict(df.attrs)
+        df = df[~drop].reset_index(drop=True)
+        df.attrs = attrs
         df = convert_aus(df, au_space)
-        if df.attrs['expr_space'] != expr_space: df = convert_expr(df, expr_space)
-        df = df.assign(split='train', path=[str(Path(r).resolve()/p) for p in df['path']])
+        if df.attrs['expr_space'] != expr_space:
+            df = convert_expr(df, expr_space)
+        df = df.assign(split='train', path=[str(Path(r).resolve() / p) for p in df['path']])
         parts.append(df.drop(columns='audio', errors='ignore'))
-        report.append(dict(layout=fmt, dataset=str(df['dataset'].iloc[0]) if len(df) else fmt, rows_read=int(len(drop)),
-                           held_out_identity=int(drop.sum()), kept=int(len(df)), identities_known=ident is not None))
+        report.append(
+            dict(
+                layout=fmt,
+                dataset=str(df['dataset'].iloc[0]) if len(df) else fmt,
+                rows_read=int(len(drop)),
+                held_out_identity=int(drop.sum()),
+                kept=int(len(df)),
+                identities_known=ident is not None,
+            )
+        )
     out = pd.concat(parts, ignore_index=True) if parts else empty_frames(expr_space, au_space)
     out.attrs = {'expr_space': expr_space, 'au_space': au_space, 'issues': []}
     return validate(out), pd.DataFrame(report)
 
+
 def merge_external(train: pd.DataFrame, ext: pd.DataFrame) -> pd.DataFrame:
     "The training table with the external frames appended (same label spaces; the audio column dropped)."
     for k in ('au_space', 'expr_space'):
-        if train.attrs[k] != ext.attrs[k]: raise ValueError(f"{k}: training frames are {train.attrs[k]!r}, external frames {ext.attrs[k]!r}")
+        if train.attrs[k] != ext.attrs[k]:
+            raise ValueError(f"{k}: training frames are {train.attrs[k]!r}, external frames {ext.attrs[k]!r}")
     out = pd.concat([train.drop(columns='audio', errors='ignore'), ext], ignore_index=True)
     out.attrs = {**train.attrs, 'issues': list(train.attrs.get('issues', []))}
     return validate(out)
@@ -236,64 +324,81 @@ def merge_external(train: pd.DataFrame, ext: pd.DataFrame) -> pd.DataFrame:
 # %% ../../nbs/05b_methods.incomplete.ipynb #872dd0c4
 class MultitaskCNNRNN(nn.Module):
     "Frozen Multitask-CNN + one bidirectional GRU head per task over clips: (B, T, 3, H, W) -> {task: (B, T, K)}."
-    def __init__(self, cnn: MultitaskCNN,      # a trained Multitask-CNN
-                 hidden: int = 64,             # GRU units per direction
-                 frozen: bool = True,          # freeze the CNN (weights and BatchNorm statistics)
-                ):
+
+    def __init__(
+        self,
+        cnn: MultitaskCNN,  # a trained Multitask-CNN
+        hidden: int = 64,  # GRU units per direction
+        frozen: bool = True,  # freeze the CNN (weights and BatchNorm statistics)
+    ):
         super().__init__()
         self.cnn, self.frozen, self.tasks = cnn, frozen, cnn.tasks
         outs = {t: cnn.heads[t].out_dim for t in self.tasks}
-        self.rnn = nn.ModuleDict({t: TemporalGRUHead(cnn.heads[t].hidden, outs[t], hidden=hidden, bidirectional=True, relu=True)
-                                  for t in self.tasks})
+        self.rnn = nn.ModuleDict(
+            {
+                t: TemporalGRUHead(cnn.heads[t].hidden, outs[t], hidden=hidden, bidirectional=True, relu=True)
+                for t in self.tasks
+            }
+        )
         if frozen:
-            for p in self.cnn.parameters(): p.requires_grad_(False)
+            for p in self.cnn.parameters():
+                p.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.frozen: self.cnn.eval()     # BatchNorm keeps its running statistics
+        if self.frozen:
+            self.cnn.eval()  # BatchNorm keeps its running statistics
         return self
 
     def forward(self, x) -> dict:
-        if x.dim() != 5: raise ValueError(f'MultitaskCNNRNN expects clips (batch, time, 3, H, W); got shape {tuple(x.shape)}')
+        if x.dim() != 5:
+            raise ValueError(f'MultitaskCNNRNN expects clips (batch, time, 3, H, W); got shape {tuple(x.shape)}')
         B, T = x.shape[:2]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             _, feats = self.cnn(x.flatten(0, 1), features=True)
         return {t: self.rnn[t](feats[t].reshape(B, T, -1))[0] for t in self.tasks}
 
-    def va_values(self, va_logits): return self.cnn.va_values(va_logits)
+    def va_values(self, va_logits):
+        return self.cnn.va_values(va_logits)
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #de465e06
 _ROLES = ('teacher', 'student')
 
+
 @dataclass
 class MTLSettings:
     "Settings of both Multitask networks (teacher/student scheme)."
+
     backbone: str = 'resnet50'
     role: str = choice('teacher', _ROLES)
-    teacher_run: str | None = None      # students: the teacher's run folder
-    alpha: float = 0.4                  # student loss: distillation share on labelled frames
-    T: float = 1.5                      # temperature of the KL terms
-    t2: bool = False                    # multiply the KL by T²
+    teacher_run: str | None = None  # students: the teacher's run folder
+    alpha: float = 0.4  # student loss: distillation share on labelled frames
+    T: float = 1.5  # temperature of the KL terms
+    t2: bool = False  # multiply the KL by T²
     anchors: str = choice('centres', ('centres', 'linspace'))
-    task_weights: dict | None = None    # teacher loss weights over TEACHER_WEIGHTS
-    n_students: int = 5                 # run_method: students per family
-    student_epochs: int = 3             # run_method: epochs of a student
-    thresholds: str = choice('break_even', ('break_even', 'f1'))   # run_method: AU threshold search
+    task_weights: dict | None = None  # teacher loss weights over TEACHER_WEIGHTS
+    n_students: int = 5  # run_method: students per family
+    student_epochs: int = 3  # run_method: epochs of a student
+    thresholds: str = choice('break_even', ('break_even', 'f1'))  # run_method: AU threshold search
+
 
 @dataclass
 class CNNSettings(MTLSettings):
     "Settings of the Multitask-CNN (`mtl_cnn`)."
-    pretrained: str | None = None       # local weights of the backbone (FER+ / ImageNet ResNet)
+
+    pretrained: str | None = None  # local weights of the backbone (FER+ / ImageNet ResNet)
     balance: bool = True
     undersample: bool = True
     per_task: int | None = None
     external: tuple[str, ...] = ('disfa', 'expw', 'afew_va')
     external_root: str | None = None
 
+
 @dataclass
 class CNNRNNSettings(MTLSettings):
     "Settings of the Multitask-CNN-RNN (`mtl_cnn_rnn`)."
-    cnn_run: str | None = None          # the trained Multitask-CNN run it freezes
+
+    cnn_run: str | None = None  # the trained Multitask-CNN run it freezes
     seq_len: int = 32
     eval_stride: int | None = 16
     rnn_hidden: int = 64
@@ -304,27 +409,55 @@ def mtl_presets(method: str):
     "The `presets` of `method` (mtl_cnn | mtl_cnn_rnn): (preset, task) -> (Config fields, settings)."
     check_choice('method', method, ('mtl_cnn', 'mtl_cnn_rnn'))
     rnn = method == 'mtl_cnn_rnn'
+
     def presets(preset: str, task: str) -> tuple[dict, dict]:
         if preset == 'paper':
-            base = dict(img_size=112, batch_size=20 if rnn else 60, epochs=3 if rnn else 8, optimizer='adam', lr=1e-4,
-                        schedule='none', num_workers=4, betas=[0.5, 0.999])
+            base = dict(
+                img_size=112,
+                batch_size=20 if rnn else 60,
+                epochs=3 if rnn else 8,
+                optimizer='adam',
+                lr=1e-4,
+                schedule='none',
+                num_workers=4,
+                betas=[0.5, 0.999],
+            )
             x = dict(backbone='resnet50', n_students=5, student_epochs=3)
             xr = dict(seq_len=32, eval_stride=16)
         elif preset == 'cpu':
-            base = dict(img_size=64, batch_size=8 if rnn else 64, epochs=2 if rnn else 3, optimizer='adam', lr=1e-3,
-                        schedule='none', max_steps_per_epoch=30 if rnn else 40, num_workers=0)
+            base = dict(
+                img_size=64,
+                batch_size=8 if rnn else 64,
+                epochs=2 if rnn else 3,
+                optimizer='adam',
+                lr=1e-3,
+                schedule='none',
+                max_steps_per_epoch=30 if rnn else 40,
+                num_workers=0,
+            )
             x = dict(backbone='resnet18', n_students=2, student_epochs=2 if rnn else 3)
             xr = dict(seq_len=16, eval_stride=8)
         else:
-            base = dict(img_size=32, batch_size=4 if rnn else 16, epochs=1, max_steps_per_epoch=4, optimizer='adam',
-                        lr=1e-3, schedule='none', num_workers=0)
+            base = dict(
+                img_size=32,
+                batch_size=4 if rnn else 16,
+                epochs=1,
+                max_steps_per_epoch=4,
+                optimizer='adam',
+                lr=1e-3,
+                schedule='none',
+                num_workers=0,
+            )
             x = dict(backbone='resnet18', n_students=2, student_epochs=1)
             xr = dict(seq_len=8, eval_stride=4)
         return base, {**x, **(xr if rnn else {})}
+
     return presets
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #88df3147
-def predict_columns(out: dict, au_names, n_bins: int = N_BINS, anchors: str = 'centres', expr_decision: bool = True) -> dict:
+def predict_columns(
+    out: dict, au_names, n_bins: int = N_BINS, anchors: str = 'centres', expr_decision: bool = True
+) -> dict:
     "Prediction-table columns from model outputs (frames or clips): prob_expr (+ expr), prob_AU<n>, valence, arousal."
     p = {}
     if 'expr' in out:
@@ -342,16 +475,18 @@ def predict_columns(out: dict, au_names, n_bins: int = N_BINS, anchors: str = 'c
         p['valence'], p['arousal'] = v[..., 0], v[..., 1]
     return p
 
+
 def external_root_frames(cfg, s: CNNSettings, root, formats, attrs: dict) -> pd.DataFrame:
     "External frames of a run: SynthAffect's own layouts (added to the cache if missing), else under `s.external_root`."
     if cfg.data_root is None:
         from abaw_nb.data.synth import generate_cached
+
         eroot = generate_cached(cfg.synth_size, seed=cfg.data_seed, formats=('affwild2', *formats), show_progress=False)
     else:
         eroot = Path(s.external_root or root)
     ext, rep = external_frames(eroot, attrs['au_space'], attrs['expr_space'], formats)
     if cfg.out_dir:
-        write_csv(Path(cfg.out_dir)/'external_report.csv', rep)
+        write_csv(Path(cfg.out_dir) / 'external_report.csv', rep)
     return ext
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #e27fd204
@@ -359,21 +494,32 @@ def _cnn_model(cfg, s, tasks, data: RunData) -> nn.Module:
     """The network of a run: a Multitask-CNN, or a CNN-RNN around the trained CNN of `s.cnn_run` (its architecture to
     predict)."""
     if cfg.method == 'mtl_cnn':
-        return MultitaskCNN(data.n_expr, len(data.au_names), s.backbone, tasks, anchors=s.anchors,
-                            pretrained=s.pretrained if data.training else None)
+        return MultitaskCNN(
+            data.n_expr,
+            len(data.au_names),
+            s.backbone,
+            tasks,
+            anchors=s.anchors,
+            pretrained=s.pretrained if data.training else None,
+        )
     if not data.training:
         cnn = MultitaskCNN(data.n_expr, len(data.au_names), s.backbone, tasks, anchors=s.anchors)
     elif not s.cnn_run:
-        raise ValueError('mtl_cnn_rnn starts from a trained Multitask-CNN: settings.cnn_run names its run folder '
-                         '(abaw_nb.pipelines.with_prerequisites trains one)')
+        raise ValueError(
+            'mtl_cnn_rnn starts from a trained Multitask-CNN: settings.cnn_run names its run folder '
+            '(abaw_nb.pipelines.with_prerequisites trains one)'
+        )
     else:
         rec, ccfg = get_method('mtl_cnn').load(s.cnn_run)
         cnn = rec.model
         width = dict(expr=data.n_expr, au=len(data.au_names), va=2 * N_BINS)[cnn.tasks[0]]
         if tuple(rec.tasks) != tuple(tasks) or cnn.heads[cnn.tasks[0]].out_dim != width:
-            raise ValueError(f'the CNN of {s.cnn_run} predicts {tuple(rec.tasks)} in other label spaces; '
-                             f'this run needs {tasks} with {data.n_expr} classes and {len(data.au_names)} AUs')
+            raise ValueError(
+                f'the CNN of {s.cnn_run} predicts {tuple(rec.tasks)} in other label spaces; '
+                f'this run needs {tasks} with {data.n_expr} classes and {len(data.au_names)} AUs'
+            )
     return MultitaskCNNRNN(cnn, hidden=s.rnn_hidden, frozen=s.frozen)
+
 
 def _teacher(cfg, s) -> nn.Module:
     "A student's frozen teacher (the best checkpoint of `s.teacher_run`, the same kind of network)."
@@ -381,8 +527,9 @@ def _teacher(cfg, s) -> nn.Module:
         raise ValueError("role='student' needs settings.teacher_run (a teacher run folder)")
     teacher, tcfg = get_method(cfg.method).load(s.teacher_run)
     if tcfg.method != cfg.method:
-        raise ValueError(f'teacher {s.teacher_run} is a {tcfg.method} run; '
-                         f'{cfg.method} students need a {cfg.method} teacher')
+        raise ValueError(
+            f'teacher {s.teacher_run} is a {tcfg.method} run; {cfg.method} students need a {cfg.method} teacher'
+        )
     for p in teacher.model.parameters():
         p.requires_grad_(False)
     return teacher.model
@@ -400,7 +547,7 @@ def recipe(cfg, s: MTLSettings, data: RunData) -> Recipe:
 
     def forward_fn(net, batch):
         out = net(batch['image'])
-        if teacher is not None and net.training:     # soft labels online, on the same augmented batch
+        if teacher is not None and net.training:  # soft labels online, on the same augmented batch
             teacher.to(batch['image'].device).eval()
             with torch.no_grad():
                 out = {**out, '_teacher': teacher(batch['image'])}
@@ -418,29 +565,44 @@ def recipe(cfg, s: MTLSettings, data: RunData) -> Recipe:
     train_data, sampler, eval_data = (_clip_data if temporal else _frame_data)(cfg, s, tasks)
     return Recipe(model, tasks, predict_fn, eval_data, loss_fn, train_data, sampler, forward_fn, backbone=s.backbone)
 
+
 def _frame_data(cfg, s: CNNSettings, tasks):
     """(train_data, sampler, eval_data) of the CNN: external frames merged, per-task pools drawn by the balancing
     sampler."""
+
     def train_data(tr, root):
         fmts = tuple(f for t, f in EXTERNAL.items() if t in tasks and f in tuple(s.external or ()))
         if fmts:
             tr = merge_external(tr, external_root_frames(cfg, s, root, fmts, tr.attrs))
         return FrameDataset(tr, root, make_transform(True, cfg.img_size, s.backbone))
+
     def sampler(ds):
         pools = {t: r for t, r in task_pools(ds.df, s.undersample).items() if t in tasks}
         return task_sampler(ds.df, pools, s.balance, per_task=s.per_task, seed=cfg.seed)
+
     def eval_data(fr, root):
         return FrameDataset(fr, root, make_transform(False, cfg.img_size, s.backbone))
+
     return train_data, sampler, eval_data
+
 
 def _clip_data(cfg, s: CNNRNNSettings, tasks):
     "(train_data, None, eval_data) of the CNN-RNN: clips of `seq_len` frames (overlapping windows to predict)."
     L = s.seq_len
+
     def train_data(tr, root):
         return ClipDataset(tr, root, L, stride=max(L // 2, 1), transform=make_transform(True, cfg.img_size, s.backbone))
+
     def eval_data(fr, root):
-        return ClipDataset(fr, root, L, stride=s.eval_stride or max(L // 2, 1), end='align',
-                           transform=make_transform(False, cfg.img_size, s.backbone))
+        return ClipDataset(
+            fr,
+            root,
+            L,
+            stride=s.eval_stride or max(L // 2, 1),
+            end='align',
+            transform=make_transform(False, cfg.img_size, s.backbone),
+        )
+
     return train_data, None, eval_data
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #5c98a6f3
@@ -472,11 +634,21 @@ def _ferplus_name(k: str) -> str:
     if not m:
         return k
     s, b, mod, p = int(m[1]) + 1, int(m[2]) + 1, m[3], m[4]
-    name = {'conv1': '1x1_reduce', 'bn1': '1x1_reduce_bn', 'conv2': '3x3', 'bn2': '3x3_bn', 'conv3': '1x1_increase',
-            'bn3': '1x1_increase_bn', 'downsample.0': '1x1_proj', 'downsample.1': '1x1_proj_bn'}[mod]
+    name = {
+        'conv1': '1x1_reduce',
+        'bn1': '1x1_reduce_bn',
+        'conv2': '3x3',
+        'bn2': '3x3_bn',
+        'conv3': '1x1_increase',
+        'bn3': '1x1_increase_bn',
+        'downsample.0': '1x1_proj',
+        'downsample.1': '1x1_proj_bn',
+    }[mod]
     return f'conv{s}_{b}_{name}.{p}'
 
+
 _MTL_HEADS = {'expr': 0, 'au': 1, 'va': 2}
+
 
 def import_multitask_cnn(source, device: str = 'cpu') -> Imported:
     """Multitask-CNN (ResNet-50 FER+ backbone + EXPR/AU/VA MLP heads) from a released student
@@ -484,28 +656,60 @@ def import_multitask_cnn(source, device: str = 'cpu') -> Imported:
     obj, where = read_checkpoint(source)
     sd = unwrap_state(obj, where)
     sd = {(k[7:] if k.startswith('module.') else k): v for k, v in sd.items()}
+
     def build():
         m = MultitaskCNN(7, 8, 'resnet50', ('expr', 'au', 'va'), 128, 20, anchors='linspace')
         m.backbone = build_backbone('resnet50', caffe_style=True)
         return m
+
     model = build_on(device, build)
-    orig = lambda k: head_key(k, 'classifier', _MTL_HEADS) or 'backbone.model.' + _ferplus_name(k[len('backbone.'):])
+    orig = lambda k: head_key(k, 'classifier', _MTL_HEADS) or 'backbone.model.' + _ferplus_name(k[len('backbone.') :])
     mapped, rep = map_state(sd, model, orig, where, 'Multitask-CNN')
     mean = (131.0912, 103.8827, 91.4953)
-    return Imported(load_mapped(model, mapped, device), 'multitask_cnn', 'mtl_cnn',
-                    Preprocess(112, 'shorter', resize_size=134, crop=112, mean=tuple(m / 255 for m in mean),
-                               std=(1 / 255,) * 3,
-                               note='PIL RGB (MTCNN-aligned), Resize(134), CenterCrop(112), ToTensor(), x255, '
-                                    'minus RGB mean (131.0912, 103.8827, 91.4953), std 1'),
-                    Labels(AFFWILD2_ORDER, 'expr7', au_columns('abaw1_8'), 'bins_linspace'), rep)
+    return Imported(
+        load_mapped(model, mapped, device),
+        'multitask_cnn',
+        'mtl_cnn',
+        Preprocess(
+            112,
+            'shorter',
+            resize_size=134,
+            crop=112,
+            mean=tuple(m / 255 for m in mean),
+            std=(1 / 255,) * 3,
+            note='PIL RGB (MTCNN-aligned), Resize(134), CenterCrop(112), ToTensor(), x255, '
+            'minus RGB mean (131.0912, 103.8827, 91.4953), std 1',
+        ),
+        Labels(AFFWILD2_ORDER, 'expr7', au_columns('abaw1_8'), 'bins_linspace'),
+        rep,
+    )
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #c17e5e0b
-register_method(MethodSpec(
-    'mtl_cnn', CNNSettings, mtl_presets('mtl_cnn'), recipe, rank=2,
-    importers={'multitask_cnn': CheckpointFormat(import_multitask_cnn,
-                                                 'wtomin/Multitask-Emotion-Recognition-with-Incomplete-Labels',
-                                                 'Multitask-CNN pretrained_models/CNN/{0..4}.pth (plain state dicts)')},
-    doc='Multitask-CNN (Deng, Chen, Shi, FG 2020)'))
-register_method(MethodSpec(
-    'mtl_cnn_rnn', CNNRNNSettings, mtl_presets('mtl_cnn_rnn'), recipe, rank=3, needs={'cnn_run': 'mtl_cnn'},
-    doc='Multitask-CNN-RNN: a frozen Multitask-CNN and one bidirectional GRU per task (Deng, Chen, Shi, FG 2020)'))
+register_method(
+    MethodSpec(
+        'mtl_cnn',
+        CNNSettings,
+        mtl_presets('mtl_cnn'),
+        recipe,
+        rank=2,
+        importers={
+            'multitask_cnn': CheckpointFormat(
+                import_multitask_cnn,
+                'wtomin/Multitask-Emotion-Recognition-with-Incomplete-Labels',
+                'Multitask-CNN pretrained_models/CNN/{0..4}.pth (plain state dicts)',
+            )
+        },
+        doc='Multitask-CNN (Deng, Chen, Shi, FG 2020)',
+    )
+)
+register_method(
+    MethodSpec(
+        'mtl_cnn_rnn',
+        CNNRNNSettings,
+        mtl_presets('mtl_cnn_rnn'),
+        recipe,
+        rank=3,
+        needs={'cnn_run': 'mtl_cnn'},
+        doc='Multitask-CNN-RNN: a frozen Multitask-CNN and one bidirectional GRU per task (Deng, Chen, Shi, FG 2020)',
+    )
+)

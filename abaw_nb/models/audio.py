@@ -17,15 +17,19 @@ def hz_to_mel(f):
     "HTK mel of a frequency in Hz."
     return 2595.0 * np.log10(1.0 + np.asarray(f, np.float64) / 700.0)
 
+
 def mel_to_hz(m):
     "Frequency in Hz of an HTK mel value."
     return 700.0 * (10.0 ** (np.asarray(m, np.float64) / 2595.0) - 1.0)
 
-def mel_filterbank(n_mels: int = 64,      # mel bands
-                   n_fft: int = 400,      # FFT size (n_fft//2 + 1 frequency bins)
-                   sr: int = 16000,       # sample rate
-                   fmin: float = 0.0, fmax: float | None = None, # band limits in Hz (default: Nyquist)
-                  ) -> torch.Tensor:
+
+def mel_filterbank(
+    n_mels: int = 64,  # mel bands
+    n_fft: int = 400,  # FFT size (n_fft//2 + 1 frequency bins)
+    sr: int = 16000,  # sample rate
+    fmin: float = 0.0,
+    fmax: float | None = None,  # band limits in Hz (default: Nyquist)
+) -> torch.Tensor:
     "(n_mels, n_fft//2+1) triangular HTK-mel filters with peak 1, centres equally spaced on the mel scale."
     fmax = sr / 2 if fmax is None else fmax
     if not 0 <= fmin < fmax <= sr / 2:
@@ -36,13 +40,19 @@ def mel_filterbank(n_mels: int = 64,      # mel bands
     fb = np.maximum(0, np.minimum((freqs - lo) / (c - lo), (hi - freqs) / (hi - c)))
     return torch.tensor(fb, dtype=torch.float32)
 
-AUDIO_DEFAULTS = dict(sr=16000, n_fft=400, hop=160, n_mels=64, steps=64)
-DB_MEAN, DB_STD = -14.8, 19.895          # the original's MelSpectrogram normalisation
 
-def log_mel(samples,                       # (n,) waveform, float in [-1, 1] or int16
-            sr: int = 16000, n_fft: int = 400, hop: int = 160, n_mels: int = 64,
-            normalize: bool = True,        # standardise the dB values with the original's constants
-           ) -> torch.Tensor:
+AUDIO_DEFAULTS = dict(sr=16000, n_fft=400, hop=160, n_mels=64, steps=64)
+DB_MEAN, DB_STD = -14.8, 19.895  # the original's MelSpectrogram normalisation
+
+
+def log_mel(
+    samples,  # (n,) waveform, float in [-1, 1] or int16
+    sr: int = 16000,
+    n_fft: int = 400,
+    hop: int = 160,
+    n_mels: int = 64,
+    normalize: bool = True,  # standardise the dB values with the original's constants
+) -> torch.Tensor:
     "(n_mels, 1 + n // hop) mel power spectrogram in dB (centred STFT frames, Hann window)."
     x = torch.as_tensor(np.asarray(samples))
     x = x.float() / 32768.0 if not x.is_floating_point() else x.float()
@@ -50,17 +60,20 @@ def log_mel(samples,                       # (n,) waveform, float in [-1, 1] or 
         raise ValueError(f'log_mel expects a 1-D waveform, got shape {tuple(x.shape)}')
     if len(x) < n_fft // 2 + 1:
         x = F.pad(x, (0, n_fft // 2 + 1 - len(x)))
-    spec = torch.stft(x, n_fft, hop, n_fft, torch.hann_window(n_fft), center=True, pad_mode='reflect',
-                      return_complex=True)
+    spec = torch.stft(
+        x, n_fft, hop, n_fft, torch.hann_window(n_fft), center=True, pad_mode='reflect', return_complex=True
+    )
     mel = mel_filterbank(n_mels, n_fft, sr) @ spec.abs() ** 2
     db = 10 * torch.log10(mel + 1e-10)
     return (db - DB_MEAN) / DB_STD if normalize else db
 
-def frame_windows(spec: torch.Tensor,  # (n_mels, S) spectrogram of a whole video
-                  times,               # (T,) centre time of each frame in seconds
-                  hop_s: float = 0.01, # seconds per spectrogram step
-                  steps: int = 64,     # window length in steps
-                 ) -> torch.Tensor:
+
+def frame_windows(
+    spec: torch.Tensor,  # (n_mels, S) spectrogram of a whole video
+    times,  # (T,) centre time of each frame in seconds
+    hop_s: float = 0.01,  # seconds per spectrogram step
+    steps: int = 64,  # window length in steps
+) -> torch.Tensor:
     "(T, n_mels, steps) windows centred on `times`; steps outside the recording repeat the edge step."
     c = np.round(np.asarray(times, np.float64) / hop_s).astype(np.int64)
     idx = np.clip(c[:, None] + np.arange(steps)[None] - steps // 2, 0, spec.shape[1] - 1)
@@ -69,21 +82,26 @@ def frame_windows(spec: torch.Tensor,  # (n_mels, S) spectrogram of a whole vide
 # %% ../../nbs/03d_models.audio.ipynb #2801cfea
 class SepConv1d(nn.Module):
     "Time-channel separable 1-D convolution: depthwise (kernel k, dilation d) → pointwise → BatchNorm."
+
     def __init__(self, cin, cout, k, dilation=1):
         super().__init__()
         self.dw = nn.Conv1d(cin, cin, k, padding=dilation * (k // 2), dilation=dilation, groups=cin, bias=False)
         self.pw = nn.Conv1d(cin, cout, 1, bias=False)
         self.bn = nn.BatchNorm1d(cout)
+
     def forward(self, x):
         return self.bn(self.pw(self.dw(x)))
 
+
 class MarbleBlock(nn.Module):
     "R separable sub-blocks with a 1×1 conv + BN residual added before the last ReLU."
+
     def __init__(self, cin, cout, k, repeat=2, dropout=0.0):
         super().__init__()
         self.convs = nn.ModuleList([SepConv1d(cin if i == 0 else cout, cout, k) for i in range(repeat)])
         self.res = nn.Sequential(nn.Conv1d(cin, cout, 1, bias=False), nn.BatchNorm1d(cout))
         self.drop = nn.Dropout(dropout)
+
     def forward(self, x):
         y = x
         for i, c in enumerate(self.convs):
@@ -93,20 +111,34 @@ class MarbleBlock(nn.Module):
             y = self.drop(F.relu(y))
         return y
 
+
 class MarbleNetEncoder(nn.Module):
     "MarbleNet-BxRxC audio encoder: (N, n_mels, steps) log-mel windows → (N, out_dim) time-averaged features."
-    def __init__(self, n_mels: int = 64,
-                 width: float = 1.0,              # channel multiplier (1.0: MarbleNet-3x2x64)
-                 kernels=(13, 15, 17), repeat: int = 2, dropout: float = 0.0):
+
+    def __init__(
+        self,
+        n_mels: int = 64,
+        width: float = 1.0,  # channel multiplier (1.0: MarbleNet-3x2x64)
+        kernels=(13, 15, 17),
+        repeat: int = 2,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         c = lambda n: max(8, int(round(n * width)))
         c64, c128 = c(64), c(128)
         self.prologue = nn.Sequential(SepConv1d(n_mels, c128, 11), nn.ReLU())
-        self.blocks = nn.Sequential(*[MarbleBlock(c128 if i == 0 else c64, c64, k, repeat, dropout)
-                                      for i, k in enumerate(kernels)])
-        self.epilogue = nn.Sequential(SepConv1d(c64, c128, 29, dilation=2), nn.ReLU(),
-                                      nn.Conv1d(c128, c128, 1, bias=False), nn.BatchNorm1d(c128), nn.ReLU())
+        self.blocks = nn.Sequential(
+            *[MarbleBlock(c128 if i == 0 else c64, c64, k, repeat, dropout) for i, k in enumerate(kernels)]
+        )
+        self.epilogue = nn.Sequential(
+            SepConv1d(c64, c128, 29, dilation=2),
+            nn.ReLU(),
+            nn.Conv1d(c128, c128, 1, bias=False),
+            nn.BatchNorm1d(c128),
+            nn.ReLU(),
+        )
         self.out_dim, self.n_mels = c128, n_mels
+
     def forward(self, x):
         if x.dim() != 3 or x.shape[1] != self.n_mels:
             raise ValueError(f'MarbleNetEncoder expects (N, {self.n_mels}, steps), got {tuple(x.shape)}')

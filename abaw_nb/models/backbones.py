@@ -5,7 +5,7 @@
 # %% ../../nbs/03a_models.backbones.ipynb #a9e3fbcd
 from __future__ import annotations
 import math, os, json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -27,9 +27,10 @@ __all__ = ['BACKBONES', 'resnet50', 'resnet18', 'count_params', 'BackboneSpec', 
            'BReGLayer', 'BReGNeXt', 'bregnext', 'build_backbone', 'size_kwargs', 'flop_counter', 'model_report']
 
 # %% ../../nbs/03a_models.backbones.ipynb #3687eaf0
-def count_params(module: nn.Module,       # any module
-                 trainable_only: bool = False, # count only parameters with requires_grad
-                ) -> int:
+def count_params(
+    module: nn.Module,  # any module
+    trainable_only: bool = False,  # count only parameters with requires_grad
+) -> int:
     "Number of parameter values of `module` (buffers such as BatchNorm statistics are not parameters)."
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
@@ -37,23 +38,35 @@ def count_params(module: nn.Module,       # any module
 @dataclass
 class BackboneSpec:
     "How to build one named backbone."
+
     name: str
-    builder: Callable              # builder(**kw) -> nn.Module with .out_dim
-    input_size: int                # paper input side in pixels
-    family: str                    # e.g. 'resnet', 'vit'
-    weights_file: str | None = None     # conventional file name of the pretrained weights
-    download: Callable | None = None    # () -> state_dict, only called for pretrained='download'
+    builder: Callable  # builder(**kw) -> nn.Module with .out_dim
+    input_size: int  # paper input side in pixels
+    family: str  # e.g. 'resnet', 'vit'
+    weights_file: str | None = None  # conventional file name of the pretrained weights
+    download: Callable | None = None  # () -> state_dict, only called for pretrained='download'
     description: str = ''
+
 
 BACKBONES: dict[str, BackboneSpec] = {}
 
-def register_backbone(name: str, input_size: int, family: str, weights_file: str | None = None,
-                      download: Callable | None = None, description: str = ''):
+
+def register_backbone(
+    name: str,
+    input_size: int,
+    family: str,
+    weights_file: str | None = None,
+    download: Callable | None = None,
+    description: str = '',
+):
     "Decorator registering a backbone builder under `name`."
+
     def deco(fn):
         BACKBONES[name] = BackboneSpec(name, fn, input_size, family, weights_file, download, description)
         return fn
+
     return deco
+
 
 def list_backbones() -> list[str]:
     "Names accepted by `build_backbone`."
@@ -63,49 +76,69 @@ def list_backbones() -> list[str]:
 def _unwrap_state_dict(obj) -> dict:
     if isinstance(obj, dict):
         for k in ('state_dict', 'model_state_dict', 'model'):
-            if k in obj and isinstance(obj[k], dict): return _unwrap_state_dict(obj[k])
+            if k in obj and isinstance(obj[k], dict):
+                return _unwrap_state_dict(obj[k])
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError('the weights file does not hold a state dict (a dict of tensors, possibly under '
-                         "'state_dict', 'model_state_dict' or 'model')")
+        raise ValueError(
+            'the weights file does not hold a state dict (a dict of tensors, possibly under '
+            "'state_dict', 'model_state_dict' or 'model')"
+        )
     return {(k[7:] if k.startswith('module.') else k): v for k, v in obj.items()}
 
-def load_pretrained(model: nn.Module, # the freshly built backbone
-                    source,           # a path to a local weights file, or a state dict
-                    name: str = '',   # backbone name (for messages)
-                    expected_file: str | None = None, # conventional file name, named in the error
-                    allow_missing: tuple = (), # key prefixes the file may lack (freshly initialised parts)
-                   ) -> dict:
+
+def load_pretrained(
+    model: nn.Module,  # the freshly built backbone
+    source,  # a path to a local weights file, or a state dict
+    name: str = '',  # backbone name (for messages)
+    expected_file: str | None = None,  # conventional file name, named in the error
+    allow_missing: tuple = (),  # key prefixes the file may lack (freshly initialised parts)
+) -> dict:
     "Load `source` into `model`; returns `{'loaded', 'ignored'}` key lists. Errors name the file and the keys."
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if not path.is_file():
             hint = f' (for {name!r} this is usually {expected_file!r})' if expected_file else ''
-            raise FileNotFoundError(f'pretrained weights file not found: {path}; put the weights file there{hint}, '
-                                    "or pass pretrained='download' to fetch them (needs the internet)")
-        try: obj = torch.load(path, map_location='cpu', weights_only=True)
+            raise FileNotFoundError(
+                f'pretrained weights file not found: {path}; put the weights file there{hint}, '
+                "or pass pretrained='download' to fetch them (needs the internet)"
+            )
+        try:
+            obj = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:
-            raise ValueError(f'{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: '
-                             f'{str(e).splitlines()[0][:200]}); only plain tensor checkpoints are accepted') from e
+            raise ValueError(
+                f'{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: '
+                f'{str(e).splitlines()[0][:200]}); only plain tensor checkpoints are accepted'
+            ) from e
         where = str(path)
-    else: obj, where = source, 'the given state dict'
+    else:
+        obj, where = source, 'the given state dict'
     sd = _unwrap_state_dict(obj)
     own = model.state_dict()
     use = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     if not use:
-        raise ValueError(f'{where}: none of its {len(sd)} keys matches backbone {name!r} '
-                         f'(file keys start {list(sd)[:3]}, backbone keys start {list(own)[:3]})')
-    missing = [k for k in own if k not in use and not k.endswith('num_batches_tracked')
-               and not any(k.startswith(p) for p in allow_missing)]
+        raise ValueError(
+            f'{where}: none of its {len(sd)} keys matches backbone {name!r} '
+            f'(file keys start {list(sd)[:3]}, backbone keys start {list(own)[:3]})'
+        )
+    missing = [
+        k
+        for k in own
+        if k not in use and not k.endswith('num_batches_tracked') and not any(k.startswith(p) for p in allow_missing)
+    ]
     if missing:
-        raise ValueError(f'{where}: {len(missing)} backbone key(s) of {name!r} are missing or have other shapes, '
-                         f'e.g. {missing[:5]}')
+        raise ValueError(
+            f'{where}: {len(missing)} backbone key(s) of {name!r} are missing or have other shapes, e.g. {missing[:5]}'
+        )
     model.load_state_dict(use, strict=False)
     return {'loaded': sorted(use), 'ignored': sorted(set(sd) - set(use))}
 
 # %% ../../nbs/03a_models.backbones.ipynb #d75aad9b
 def _imagenet_download(ctor_weights):
-    def dl(): return ctor_weights.get_state_dict(progress=True)
+    def dl():
+        return ctor_weights.get_state_dict(progress=True)
+
     return dl
+
 
 def _resnet(depth: int, caffe_style: bool = False, norm_layer=None) -> nn.Module:
     ctor = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50}[depth]
@@ -116,33 +149,52 @@ def _resnet(depth: int, caffe_style: bool = False, norm_layer=None) -> nn.Module
         m.maxpool = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
         for layer in (m.layer2, m.layer3, m.layer4):
             blk = layer[0]
-            if hasattr(blk, 'conv3'):    # bottleneck: stride on the 1x1 reduce conv
+            if hasattr(blk, 'conv3'):  # bottleneck: stride on the 1x1 reduce conv
                 blk.conv1.stride, blk.conv2.stride = (2, 2), (1, 1)
     return m
 
-resnet50 = partial(_resnet, 50)   # ResNet-50 without its classifier (`out_dim` 2048); resnet50(caffe_style=True)
-resnet18 = partial(_resnet, 18)   # ResNet-18 without its classifier (`out_dim` 512)
-register_backbone('resnet50', 112, 'resnet', 'resnet50-0676ba61.pth',
-                  _imagenet_download(torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
-                  'torchvision ResNet-50, pooled 2048-d feature')(resnet50)
-register_backbone('resnet18', 112, 'resnet', 'resnet18-f37072fd.pth',
-                  _imagenet_download(torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
-                  'torchvision ResNet-18 (cpu-preset sibling of ResNet-50), pooled 512-d feature')(resnet18)
+
+resnet50 = partial(_resnet, 50)  # ResNet-50 without its classifier (`out_dim` 2048); resnet50(caffe_style=True)
+resnet18 = partial(_resnet, 18)  # ResNet-18 without its classifier (`out_dim` 512)
+register_backbone(
+    'resnet50',
+    112,
+    'resnet',
+    'resnet50-0676ba61.pth',
+    _imagenet_download(torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
+    'torchvision ResNet-50, pooled 2048-d feature',
+)(resnet50)
+register_backbone(
+    'resnet18',
+    112,
+    'resnet',
+    'resnet18-f37072fd.pth',
+    _imagenet_download(torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    'torchvision ResNet-18 (cpu-preset sibling of ResNet-50), pooled 512-d feature',
+)(resnet18)
 
 # %% ../../nbs/03a_models.backbones.ipynb #b6a6a6ee
 class ResNetFPN(nn.Module):
     "ResNet + FPN; forward returns the 5 FPN levels averaged over space and concatenated (5·256 = 1280-d)."
-    def __init__(self,
-                 depth: int = 50,            # 18, 34 or 50
-                 frozen_bn: bool = True,     # FrozenBatchNorm2d (original) or trainable BatchNorm2d
-                 trainable_layers: int = 3,  # ResNet stages left trainable, counted from the top (0..5)
-                 bn_eps: float = 0.0,        # eps of the frozen BN (torchvision 0.8.2 used 0)
-                 fpn_channels: int = 256):   # (fixed at 256 by torchvision)
+
+    def __init__(
+        self,
+        depth: int = 50,  # 18, 34 or 50
+        frozen_bn: bool = True,  # FrozenBatchNorm2d (original) or trainable BatchNorm2d
+        trainable_layers: int = 3,  # ResNet stages left trainable, counted from the top (0..5)
+        bn_eps: float = 0.0,  # eps of the frozen BN (torchvision 0.8.2 used 0)
+        fpn_channels: int = 256,
+    ):  # (fixed at 256 by torchvision)
         super().__init__()
         norm = partial(FrozenBatchNorm2d, eps=bn_eps) if frozen_bn else nn.BatchNorm2d
-        bwf = resnet_fpn_backbone(backbone_name=f'resnet{depth}', weights=None, norm_layer=norm,
-                                  trainable_layers=trainable_layers, returned_layers=[1, 2, 3, 4],
-                                  extra_blocks=LastLevelMaxPool())
+        bwf = resnet_fpn_backbone(
+            backbone_name=f'resnet{depth}',
+            weights=None,
+            norm_layer=norm,
+            trainable_layers=trainable_layers,
+            returned_layers=[1, 2, 3, 4],
+            extra_blocks=LastLevelMaxPool(),
+        )
         self.body, self.fpn = bwf.body, bwf.fpn
         self.levels = ['0', '1', '2', '3', 'pool']
         self.out_dim = bwf.out_channels * len(self.levels)
@@ -155,19 +207,39 @@ class ResNetFPN(nn.Module):
         maps = self.forward_maps(x)
         return torch.cat([maps[k].mean(dim=(2, 3)) for k in self.levels], dim=1)
 
+
 def _fpn_download(depth):
-    w = {50: torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 18: torchvision.models.ResNet18_Weights.IMAGENET1K_V1}[depth]
-    def dl(): return {'body.' + k: v for k, v in w.get_state_dict(progress=True).items() if not k.startswith('fc.')}
+    w = {50: torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 18: torchvision.models.ResNet18_Weights.IMAGENET1K_V1}[
+        depth
+    ]
+
+    def dl():
+        return {'body.' + k: v for k, v in w.get_state_dict(progress=True).items() if not k.startswith('fc.')}
+
     return dl
 
-@register_backbone('resnet50_fpn', 128, 'resnet_fpn', 'resnet50-0676ba61.pth', _fpn_download(50),
-                   'ResNet-50 FPN, 5 levels averaged and concatenated to 1280-d')
+
+@register_backbone(
+    'resnet50_fpn',
+    128,
+    'resnet_fpn',
+    'resnet50-0676ba61.pth',
+    _fpn_download(50),
+    'ResNet-50 FPN, 5 levels averaged and concatenated to 1280-d',
+)
 def resnet50_fpn(frozen_bn: bool = True, trainable_layers: int = 3, bn_eps: float = 0.0) -> ResNetFPN:
     "The FPN multi-task backbone exactly as the original (frozen BN, conv1/layer1 frozen)."
     return ResNetFPN(50, frozen_bn, trainable_layers, bn_eps)
 
-@register_backbone('resnet18_fpn', 128, 'resnet_fpn', 'resnet18-f37072fd.pth', _fpn_download(18),
-                   'ResNet-18 FPN (cpu-preset sibling), trainable BN, 1280-d')
+
+@register_backbone(
+    'resnet18_fpn',
+    128,
+    'resnet_fpn',
+    'resnet18-f37072fd.pth',
+    _fpn_download(18),
+    'ResNet-18 FPN (cpu-preset sibling), trainable BN, 1280-d',
+)
 def resnet18_fpn(frozen_bn: bool = False, trainable_layers: int = 5, bn_eps: float = 1e-5) -> ResNetFPN:
     "ResNet-18 FPN for training from scratch on SynthAffect."
     return ResNetFPN(18, frozen_bn, trainable_layers, bn_eps)
@@ -175,49 +247,67 @@ def resnet18_fpn(frozen_bn: bool = False, trainable_layers: int = 5, bn_eps: flo
 # %% ../../nbs/03a_models.backbones.ipynb #d00ccf72
 class ConvBlock(nn.Module):
     "Conv (no bias) → BN → PReLU; `linear=True` drops the PReLU (the original's `Linear_block`)."
+
     def __init__(self, cin, cout, k=1, s=1, p=0, groups=1, linear=False):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, s, p, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.prelu = None if linear else nn.PReLU(cout)
+
     def forward(self, x):
         x = self.bn(self.conv(x))
         return x if self.prelu is None else self.prelu(x)
 
+
 class DepthWise(nn.Module):
     "Inverted bottleneck: 1×1 expand → 3×3 depthwise (stride s) → 1×1 linear projection, optional residual."
+
     def __init__(self, cin, cout, expand, stride=1, residual=False):
         super().__init__()
         self.conv = ConvBlock(cin, expand, 1)
         self.conv_dw = ConvBlock(expand, expand, 3, stride, 1, groups=expand)
         self.project = ConvBlock(expand, cout, 1, linear=True)
         self.residual = residual
+
     def forward(self, x):
         y = self.project(self.conv_dw(self.conv(x)))
         return x + y if self.residual else y
 
+
 class Residual(nn.Module):
     "`n` residual bottlenecks at constant width (the original names them `model.0..n-1`)."
+
     def __init__(self, c, n, expand):
         super().__init__()
         self.model = nn.Sequential(*[DepthWise(c, c, expand, 1, residual=True) for _ in range(n)])
-    def forward(self, x): return self.model(x)
+
+    def forward(self, x):
+        return self.model(x)
+
 
 class GDC(nn.Module):
     "Global depthwise conv: a k×k depthwise linear conv over the whole last map, flattened."
+
     def __init__(self, c, k):
         super().__init__()
         self.conv_6_dw = ConvBlock(c, c, k, 1, 0, groups=c, linear=True)
-    def forward(self, x): return self.conv_6_dw(x).flatten(1)
+
+    def forward(self, x):
+        return self.conv_6_dw(x).flatten(1)
+
 
 class MobileFaceNet(nn.Module):
     "MobileFaceNet feature extractor: (B,3,S,S) in [0,1] → (B, embedding_size)."
-    def __init__(self,
-                 input_size: int = 112,      # input side; must be a multiple of 16
-                 width: float = 1.0,         # channel multiplier (1.0 = the original)
-                 embedding_size: int = 512): # channels of conv_6_sep = the feature size
+
+    def __init__(
+        self,
+        input_size: int = 112,  # input side; must be a multiple of 16
+        width: float = 1.0,  # channel multiplier (1.0 = the original)
+        embedding_size: int = 512,
+    ):  # channels of conv_6_sep = the feature size
         super().__init__()
-        if input_size % 16: raise ValueError(f'MobileFaceNet input_size={input_size} must be a multiple of 16')
+        if input_size % 16:
+            raise ValueError(f'MobileFaceNet input_size={input_size} must be a multiple of 16')
         c = lambda n: max(8, int(round(n * width)))
         c64, c128, c256, c512 = c(64), c(128), c(256), c(512)
         self.conv1 = ConvBlock(3, c64, 3, 2, 1)
@@ -233,19 +323,42 @@ class MobileFaceNet(nn.Module):
         self.out_dim, self.input_size = embedding_size, input_size
 
     def forward(self, x):
-        for m in (self.conv1, self.conv2_dw, self.conv_23, self.conv_3, self.conv_34, self.conv_4,
-                  self.conv_45, self.conv_5, self.conv_6_sep):
+        for m in (
+            self.conv1,
+            self.conv2_dw,
+            self.conv_23,
+            self.conv_3,
+            self.conv_34,
+            self.conv_4,
+            self.conv_45,
+            self.conv_5,
+            self.conv_6_sep,
+        ):
             x = m(x)
         return self.output_layer(x)
 
-@register_backbone('mobilefacenet', 112, 'mobilefacenet', 'mobilefacenet_model_best.pth.tar', None,
-                   'MobileFaceNet, 512-d GDC embedding (EMENet-V backbone)')
+
+@register_backbone(
+    'mobilefacenet',
+    112,
+    'mobilefacenet',
+    'mobilefacenet_model_best.pth.tar',
+    None,
+    'MobileFaceNet, 512-d GDC embedding (EMENet-V backbone)',
+)
 def mobilefacenet(input_size: int = 112) -> MobileFaceNet:
     "The EMENet-V backbone."
     return MobileFaceNet(input_size, 1.0, 512)
 
-@register_backbone('mobilefacenet_s', 112, 'mobilefacenet', None, None,
-                   'MobileFaceNet at half width, 256-d embedding (cpu-preset sibling)')
+
+@register_backbone(
+    'mobilefacenet_s',
+    112,
+    'mobilefacenet',
+    None,
+    None,
+    'MobileFaceNet at half width, 256-d embedding (cpu-preset sibling)',
+)
 def mobilefacenet_s(input_size: int = 112) -> MobileFaceNet:
     "Narrower MobileFaceNet for the cpu preset."
     return MobileFaceNet(input_size, 0.5, 256)
@@ -253,22 +366,28 @@ def mobilefacenet_s(input_size: int = 112) -> MobileFaceNet:
 # %% ../../nbs/03a_models.backbones.ipynb #d014f81d
 class DenseNetBackbone(nn.Module):
     "DenseNet-121 features → 1024-d pooled feature."
-    def __init__(self, pool: str = 'avg'): # 'avg' (ReLU + average, torchvision) or 'max' (Emotion-GCN: no ReLU, max)
+
+    def __init__(self, pool: str = 'avg'):  # 'avg' (ReLU + average, torchvision) or 'max' (Emotion-GCN: no ReLU, max)
         super().__init__()
         check_choice('pool', pool, ('avg', 'max'))
         self.features = torchvision.models.densenet121(weights=None).features
         self.pool, self.out_dim = pool, 1024
+
     def forward(self, x):
         f = self.features(x)
-        if self.pool == 'avg': return F.adaptive_avg_pool2d(F.relu(f), 1).flatten(1)
+        if self.pool == 'avg':
+            return F.adaptive_avg_pool2d(F.relu(f), 1).flatten(1)
         return F.adaptive_max_pool2d(f, 1).flatten(1)
+
 
 def _densenet_download():
     sd = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     return {k: v for k, v in sd.items() if k.startswith('features.')}
 
-@register_backbone('densenet121', 227, 'densenet', 'densenet121-a639ec97.pth', _densenet_download,
-                   'torchvision DenseNet-121, 1024-d')
+
+@register_backbone(
+    'densenet121', 227, 'densenet', 'densenet121-a639ec97.pth', _densenet_download, 'torchvision DenseNet-121, 1024-d'
+)
 def densenet121(pool: str = 'avg') -> DenseNetBackbone:
     "DenseNet-121 feature extractor."
     return DenseNetBackbone(pool)
@@ -276,42 +395,61 @@ def densenet121(pool: str = 'avg') -> DenseNetBackbone:
 # %% ../../nbs/03a_models.backbones.ipynb #f21d5fa4
 class BReGShortcut(nn.Module):
     "g(x) = atan(a·x/√(c²+1)) / (a·√(c²+1)), learnable scalars a, c."
+
     def __init__(self):
         super().__init__()
-        self._a = nn.Parameter(torch.ones(1)); self._c = nn.Parameter(torch.ones(1))
+        self._a = nn.Parameter(torch.ones(1))
+        self._c = nn.Parameter(torch.ones(1))
+
     def forward(self, x):
-        s = torch.sqrt(self._c ** 2 + 1)
+        s = torch.sqrt(self._c**2 + 1)
         return torch.atan(self._a * x / s) / (self._a * s)
+
 
 class BReGLayer(nn.Module):
     "One BReG-NeXt residual layer."
+
     def __init__(self, cin, cout, stride=1):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1)
         self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1)
-        for c in (self.conv1, self.conv2): nn.init.kaiming_uniform_(c.weight)
+        for c in (self.conv1, self.conv2):
+            nn.init.kaiming_uniform_(c.weight)
         self.shortcut = BReGShortcut()
         self.stride, self.pad_c = stride, cout - cin
+
     def forward(self, x):
         y = self.conv1(F.elu(self.bn1(x)))
         y = self.conv2(F.elu(self.bn2(y)))
         s = self.shortcut(x)
-        if self.stride > 1: s = F.avg_pool2d(s, self.stride)
-        if self.pad_c: s = F.pad(s, (0, 0, 0, 0, self.pad_c // 2, self.pad_c - self.pad_c // 2))
+        if self.stride > 1:
+            s = F.avg_pool2d(s, self.stride)
+        if self.pad_c:
+            s = F.pad(s, (0, 0, 0, 0, self.pad_c // 2, self.pad_c - self.pad_c // 2))
         return y + s
+
 
 class BReGNeXt(nn.Module):
     "BReG-NeXt-50 feature extractor: (B,3,S,S) → (B,128)."
-    def __init__(self, stages=((7, 32, 1), (1, 64, 2), (8, 64, 1), (1, 128, 2), (7, 128, 1)), # (layers, channels, stride)
-                 stem: int = 32):
+
+    def __init__(
+        self,
+        stages=((7, 32, 1), (1, 64, 2), (8, 64, 1), (1, 128, 2), (7, 128, 1)),  # (layers, channels, stride)
+        stem: int = 32,
+    ):
         super().__init__()
         self._conv0 = nn.Conv2d(3, stem, 3, 1, 1)
         layers, c = [], stem
         for n, cout, s in stages:
-            for i in range(n): layers.append(BReGLayer(c, cout, s if i == 0 else 1)); c = cout
+            for i in range(n):
+                layers.append(BReGLayer(c, cout, s if i == 0 else 1))
+                c = cout
         self._model = nn.Sequential(*layers, nn.BatchNorm2d(c), nn.ELU())
         self.out_dim = c
-    def forward(self, x): return self._model(self._conv0(x)).mean((2, 3))
+
+    def forward(self, x):
+        return self._model(self._conv0(x)).mean((2, 3))
+
 
 @register_backbone('bregnext', 112, 'bregnext', None, None, 'BReG-NeXt-50, 128-d (trained from scratch)')
 def bregnext() -> BReGNeXt:
@@ -319,87 +457,147 @@ def bregnext() -> BReGNeXt:
     return BReGNeXt()
 
 # %% ../../nbs/03a_models.backbones.ipynb #10425d0c
-_VIT = {'vit_t16': 'vit_tiny_patch16_224', 'vit_s16': 'vit_small_patch16_224',
-        'vit_b16': 'vit_base_patch16_224', 'vit_l16': 'vit_large_patch16_224'}
+_VIT = {
+    'vit_t16': 'vit_tiny_patch16_224',
+    'vit_s16': 'vit_small_patch16_224',
+    'vit_b16': 'vit_base_patch16_224',
+    'vit_l16': 'vit_large_patch16_224',
+}
+
 
 def _vit(name: str, img_size: int = 224, drop_path_rate: float = 0.0, global_pool: str = 'avg', **kw) -> nn.Module:
     import timm
-    m = timm.create_model(_VIT[name], pretrained=False, num_classes=0, global_pool=global_pool,
-                          img_size=img_size, drop_path_rate=drop_path_rate, **kw)
+
+    m = timm.create_model(
+        _VIT[name],
+        pretrained=False,
+        num_classes=0,
+        global_pool=global_pool,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        **kw,
+    )
     m.out_dim, m.input_size = m.num_features, img_size
     return m
+
 
 def _vit_download(name):
     def dl():
         import timm
+
         return timm.create_model(_VIT[name], pretrained=True, num_classes=0, global_pool='avg').state_dict()
+
     return dl
 
-for _n, _d_, _desc in [('vit_t16', 192, 'ViT-Ti/16 (cpu-preset sibling of ViT-S)'), ('vit_s16', 384, 'ViT-S/16'),
-                       ('vit_b16', 768, 'ViT-B/16'), ('vit_l16', 1024, 'ViT-L/16')]:
-    register_backbone(_n, 224, 'vit', f'{_n}_mae_face.pth', _vit_download(_n), _desc + f', {_d_}-d mean-pooled')(partial(_vit, _n))
+
+for _n, _d_, _desc in [
+    ('vit_t16', 192, 'ViT-Ti/16 (cpu-preset sibling of ViT-S)'),
+    ('vit_s16', 384, 'ViT-S/16'),
+    ('vit_b16', 768, 'ViT-B/16'),
+    ('vit_l16', 1024, 'ViT-L/16'),
+]:
+    register_backbone(_n, 224, 'vit', f'{_n}_mae_face.pth', _vit_download(_n), _desc + f', {_d_}-d mean-pooled')(
+        partial(_vit, _n)
+    )
 
 # %% ../../nbs/03a_models.backbones.ipynb #d78d03c8
-def build_backbone(name: str,           # one of `list_backbones()`
-                   pretrained=None,     # None (random init), a local weights file, or 'download' (explicit)
-                   **kw,                # passed to the builder (e.g. img_size, input_size, pool, frozen_bn)
-                  ) -> nn.Module:
+def build_backbone(
+    name: str,  # one of `list_backbones()`
+    pretrained=None,  # None (random init), a local weights file, or 'download' (explicit)
+    **kw,  # passed to the builder (e.g. img_size, input_size, pool, frozen_bn)
+) -> nn.Module:
     "Build backbone `name`; the module has `out_dim` (feature size) and `input_size` (paper input side)."
     check_choice('backbone', name, list_backbones())
     spec = BACKBONES[name]
     m = spec.builder(**kw)
     m.name = name
-    if not hasattr(m, 'input_size'): m.input_size = spec.input_size
-    if pretrained is None or pretrained is False: return m
+    if not hasattr(m, 'input_size'):
+        m.input_size = spec.input_size
+    if pretrained is None or pretrained is False:
+        return m
     if pretrained is True:
-        raise ValueError(f"pretrained=True is ambiguous for {name!r}: pass a local file path "
-                         f"(usually {spec.weights_file!r}) or pretrained='download' to fetch the weights")
+        raise ValueError(
+            f"pretrained=True is ambiguous for {name!r}: pass a local file path "
+            f"(usually {spec.weights_file!r}) or pretrained='download' to fetch the weights"
+        )
     if pretrained == 'download':
         if spec.download is None:
-            raise ValueError(f'{name!r} has no downloadable weights; pass a local file '
-                             f'({spec.weights_file or "a state dict saved with torch.save"})')
+            raise ValueError(
+                f'{name!r} has no downloadable weights; pass a local file '
+                f'({spec.weights_file or "a state dict saved with torch.save"})'
+            )
         sd = spec.download()
-    else: sd = pretrained
+    else:
+        sd = pretrained
     allow = ('fpn.',) if spec.family == 'resnet_fpn' else ('fc_norm.',) if spec.family == 'vit' else ()
     m.pretrained_info = load_pretrained(m, sd, name, spec.weights_file, allow_missing=allow)
     return m
 
+
 def size_kwargs(name: str, size: int | None) -> dict:
     "Builder keywords that set the input size of backbone `name` (ViT grid, MobileFaceNet GDC kernel); {} for CNNs."
-    if size is None: return {}
+    if size is None:
+        return {}
     fam = BACKBONES[name].family
     return {'img_size': size} if fam == 'vit' else {'input_size': size} if fam == 'mobilefacenet' else {}
 
 # %% ../../nbs/03a_models.backbones.ipynb #9ef9b794
-def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
-                        output_padding, groups, output_mask, out_shape=None, **kw) -> int:
+def _conv_backward_flop(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    bias,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    output_mask,
+    out_shape=None,
+    **kw,
+) -> int:
     # one forward conv = 2 * (every output element) * (in-channels per group * kernel); the weight shape already
     # holds in/groups. grad_input and grad_weight each cost one forward. (torch's own formula ignores groups in
     # the backward pass and over-counts a depthwise conv's backward by a factor of `groups`.)
-    if transposed: fwd = 2 * math.prod(x_shape) * math.prod(w_shape[1:])
-    else: fwd = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
+    if transposed:
+        fwd = 2 * math.prod(x_shape) * math.prod(w_shape[1:])
+    else:
+        fwd = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
     return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
 
 def flop_counter(**kw):
     "`torch.utils.flop_counter.FlopCounterMode(display=False)` with a groups-aware convolution backward formula."
     from torch.utils.flop_counter import FlopCounterMode
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}, **kw)
+
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}, **kw
+    )
 
 # %% ../../nbs/03a_models.backbones.ipynb #781b1a48
-def model_report(model: nn.Module,    # any model
-                 inputs=None,         # example input(s) for one image (tensor or tuple); default (1,3,S,S)
-                 input_size: int | None = None, # S when `inputs` is None (default: model.input_size)
-                ) -> dict:
+def model_report(
+    model: nn.Module,  # any model
+    inputs=None,  # example input(s) for one image (tensor or tuple); default (1,3,S,S)
+    input_size: int | None = None,  # S when `inputs` is None (default: model.input_size)
+) -> dict:
     "Parameters (total/trainable) and forward FLOPs/MACs per image."
     if inputs is None:
         s = input_size or getattr(model, 'input_size', None)
-        if s is None: raise ValueError('model_report: pass inputs= or input_size= (the model has no input_size)')
+        if s is None:
+            raise ValueError('model_report: pass inputs= or input_size= (the model has no input_size)')
         inputs = torch.randn(1, 3, s, s, device=next(model.parameters()).device)
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     n = inputs[0].shape[0]
-    was = model.training; model.eval()
-    with torch.no_grad(), flop_counter() as fc: model(*inputs)
+    was = model.training
+    model.eval()
+    with torch.no_grad(), flop_counter() as fc:
+        model(*inputs)
     model.train(was)
     flops = fc.get_total_flops() / n
-    return {'params': count_params(model), 'trainable_params': count_params(model, trainable_only=True),
-            'flops_per_image': flops, 'macs_per_image': flops / 2}
+    return {
+        'params': count_params(model),
+        'trainable_params': count_params(model, trainable_only=True),
+        'flops_per_image': flops,
+        'macs_per_image': flops / 2,
+    }

@@ -20,68 +20,89 @@ __all__ = ['AFFECTNET_ORDER', 'AFFWILD2_ORDER', 'AFFECTNET_SPEARMAN_VA', 'Linear
 # %% ../../nbs/03b_models.heads.ipynb #42bc1091
 class LinearHead(nn.Module):
     "One linear layer: (…, in_dim) → (…, out_dim)."
+
     def __init__(self, in_dim: int, out_dim: int, bias: bool = True):
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim, bias=bias)
         self.out_dim = out_dim
-    def forward(self, x): return self.linear(x)
+
+    def forward(self, x):
+        return self.linear(x)
+
 
 class MultiHead(nn.Module):
     "One head per task on a shared feature; forward returns `{task: output}`."
-    def __init__(self, heads: dict): # task name -> head module
+
+    def __init__(self, heads: dict):  # task name -> head module
         super().__init__()
         self.heads = nn.ModuleDict(heads)
-    def forward(self, f): return {k: h(f) for k, h in self.heads.items()}
+
+    def forward(self, f):
+        return {k: h(f) for k, h in self.heads.items()}
 
 # %% ../../nbs/03b_models.heads.ipynb #0632c03d
 def va_bin_edges(n_bins: int = 20) -> torch.Tensor:
     "The n_bins+1 equal-width edges on [-1, 1]."
     return torch.linspace(-1, 1, n_bins + 1)
 
-def va_bin_anchors(n_bins: int = 20,        # bins per dimension
-                   anchors: str = 'centres', # 'centres' (bin centres, consistent with the CE target) or 'linspace' (original)
-                  ) -> torch.Tensor:
+
+def va_bin_anchors(
+    n_bins: int = 20,  # bins per dimension
+    anchors: str = 'centres',  # 'centres' (bin centres, consistent with the CE target) or 'linspace' (original)
+) -> torch.Tensor:
     "The value each bin stands for in the expectation read-out."
     check_choice('anchors', anchors, ('centres', 'linspace'))
-    if anchors == 'linspace': return torch.linspace(-1, 1, n_bins)
+    if anchors == 'linspace':
+        return torch.linspace(-1, 1, n_bins)
     e = va_bin_edges(n_bins)
     return (e[:-1] + e[1:]) / 2
+
 
 def va_to_bins(va: torch.Tensor, n_bins: int = 20) -> torch.Tensor:
     "Bin index (int64) of each value in [-1, 1]; values are clipped into [-1, 1]; NaN gives -1 (missing)."
     inner = torch.linspace(-1, 1, n_bins + 1, dtype=va.dtype, device=va.device)[1:-1]
-    idx = torch.bucketize(va.clamp(-1, 1), inner, right=True)   # number of inner edges <= v
+    idx = torch.bucketize(va.clamp(-1, 1), inner, right=True)  # number of inner edges <= v
     return torch.where(torch.isnan(va), torch.full_like(idx, -1), idx)
 
-def bins_to_va(logits: torch.Tensor,   # (…, 2·n_bins): valence bins then arousal bins
-               n_bins: int = 20,
-               anchors: str = 'centres',
-               temperature: float = 1.0,
-              ) -> torch.Tensor:
+
+def bins_to_va(
+    logits: torch.Tensor,  # (…, 2·n_bins): valence bins then arousal bins
+    n_bins: int = 20,
+    anchors: str = 'centres',
+    temperature: float = 1.0,
+) -> torch.Tensor:
     "Expected (valence, arousal), shape (…, 2), from 2×n_bins logits."
     if logits.shape[-1] != 2 * n_bins:
         raise ValueError(f'bins_to_va: last dimension is {logits.shape[-1]}, expected 2*n_bins = {2 * n_bins}')
     p = torch.softmax(logits.unflatten(-1, (2, n_bins)) / temperature, dim=-1)
     return p @ va_bin_anchors(n_bins, anchors).to(p)
 
+
 class VABinHead(nn.Module):
     "Linear layer to 2×n_bins logits; `expectation(logits)` reads out (valence, arousal)."
+
     def __init__(self, in_dim: int, n_bins: int = 20, anchors: str = 'centres'):
         super().__init__()
         check_choice('anchors', anchors, ('centres', 'linspace'))
         self.linear = nn.Linear(in_dim, 2 * n_bins)
         self.n_bins, self.anchors, self.out_dim = n_bins, anchors, 2 * n_bins
-    def forward(self, x): return self.linear(x)
-    def expectation(self, logits): return bins_to_va(logits, self.n_bins, self.anchors)
+
+    def forward(self, x):
+        return self.linear(x)
+
+    def expectation(self, logits):
+        return bins_to_va(logits, self.n_bins, self.anchors)
 
 # %% ../../nbs/03b_models.heads.ipynb #4bff91b9
 class MLPHead(nn.Module):
     "BN → Linear → ReLU → BN → Linear (the incomplete-labels Multitask-CNN head)."
+
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 128):
         super().__init__()
         self.bn0, self.fc_0 = nn.BatchNorm1d(in_dim), nn.Linear(in_dim, hidden)
         self.bn1, self.fc_1 = nn.BatchNorm1d(hidden), nn.Linear(hidden, out_dim)
         self.out_dim, self.hidden = out_dim, hidden
+
     def forward(self, x, return_feature: bool = False):
         h = self.bn1(F.relu(self.fc_0(self.bn0(x))))
         y = self.fc_1(h)
@@ -90,16 +111,18 @@ class MLPHead(nn.Module):
 # %% ../../nbs/03b_models.heads.ipynb #0d0c8ce6
 class TemporalGRUHead(nn.Module):
     "GRU over time → (ReLU) → dropout → per-frame linear decoder. (B,T,D) → (B,T,out), h_n."
-    def __init__(self,
-                 in_dim: int,                 # per-frame feature size
-                 out_dim: int,                # outputs per frame
-                 hidden: int = 128,           # GRU hidden size (per direction)
-                 num_layers: int = 1,
-                 bidirectional: bool = False,
-                 dropout: float = 0.0,        # dropout before the decoder (EMENet: 0.5)
-                 relu: bool = False,          # ReLU before the decoder (incomplete-labels GRU_Head)
-                 time_axis: str = 'time',     # 'time' (correct) or 'batch' (the original EMENet wiring)
-                ):
+
+    def __init__(
+        self,
+        in_dim: int,  # per-frame feature size
+        out_dim: int,  # outputs per frame
+        hidden: int = 128,  # GRU hidden size (per direction)
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        dropout: float = 0.0,  # dropout before the decoder (EMENet: 0.5)
+        relu: bool = False,  # ReLU before the decoder (incomplete-labels GRU_Head)
+        time_axis: str = 'time',  # 'time' (correct) or 'batch' (the original EMENet wiring)
+    ):
         super().__init__()
         check_choice('time_axis', time_axis, ('time', 'batch'))
         self.rnn = nn.GRU(in_dim, hidden, num_layers, batch_first=(time_axis == 'time'), bidirectional=bidirectional)
@@ -108,41 +131,52 @@ class TemporalGRUHead(nn.Module):
         self.relu, self.time_axis, self.out_dim = relu, time_axis, out_dim
 
     def forward(self, x, h0=None):
-        if x.dim() != 3: raise ValueError(f'TemporalGRUHead expects (batch, time, features); got shape {tuple(x.shape)}')
+        if x.dim() != 3:
+            raise ValueError(f'TemporalGRUHead expects (batch, time, features); got shape {tuple(x.shape)}')
         y, h = self.rnn(x, h0)
-        if self.relu: y = F.relu(y)
+        if self.relu:
+            y = F.relu(y)
         return self.decoder(self.drop(y)), h
 
 # %% ../../nbs/03b_models.heads.ipynb #26e521cd
 AFFECTNET_ORDER = ['Neutral', 'Happy', 'Sad', 'Surprise', 'Fear', 'Disgust', 'Anger']
 AFFWILD2_ORDER = ['Neutral', 'Anger', 'Disgust', 'Fear', 'Happiness', 'Sadness', 'Surprise']
-_AFFWILD2_FROM_AFFECTNET = [0, 6, 5, 4, 1, 2, 3]   # Aff-Wild2 index i = AffectNet index _[i]
+_AFFWILD2_FROM_AFFECTNET = [0, 6, 5, 4, 1, 2, 3]  # Aff-Wild2 index i = AffectNet index _[i]
 
 # emotion x {valence, arousal} Spearman correlations of data/spearman_affectnet.pkl (emotion_gcn spec §3),
 # AffectNet order; the emotion-emotion block is zeroed by gen_A and not needed
-AFFECTNET_SPEARMAN_VA = {'valence': [-.335, .861, -.453, -.028, -.122, -.176, -.384],
-                         'arousal': [-.284, .015, -.434, .338, .236, .144, .414], 'va': .037}
+AFFECTNET_SPEARMAN_VA = {
+    'valence': [-0.335, 0.861, -0.453, -0.028, -0.122, -0.176, -0.384],
+    'arousal': [-0.284, 0.015, -0.434, 0.338, 0.236, 0.144, 0.414],
+    'va': 0.037,
+}
 
-def gen_adjacency(corr,                     # (n, n) correlations; the first n_emotions nodes are expressions
-                  n_emotions: int = 7,
-                  threshold: float = 0.1,   # |corr| >= threshold makes an edge
-                  p: float = 0.5,           # diagonal weight; each neighbour gets p/(deg-1), as in the original
-                 ) -> torch.Tensor:
+
+def gen_adjacency(
+    corr,  # (n, n) correlations; the first n_emotions nodes are expressions
+    n_emotions: int = 7,
+    threshold: float = 0.1,  # |corr| >= threshold makes an edge
+    p: float = 0.5,  # diagonal weight; each neighbour gets p/(deg-1), as in the original
+) -> torch.Tensor:
     "The Emotion-GCN `gen_A` adjacency (row i: diagonal p, each neighbour p/(deg_i-1)); isolated nodes keep a self-loop."
     c = torch.as_tensor(corr, dtype=torch.float64).abs().clone()
     n = c.shape[0]
-    emo = torch.zeros(n, n, dtype=torch.bool); emo[:n_emotions, :n_emotions] = True
+    emo = torch.zeros(n, n, dtype=torch.bool)
+    emo[:n_emotions, :n_emotions] = True
     c[emo & ~torch.eye(n, dtype=torch.bool)] = 0
-    a = (c >= threshold).double(); a.fill_diagonal_(1)
+    a = (c >= threshold).double()
+    a.fill_diagonal_(1)
     deg = a.sum(1, keepdim=True)
     a = torch.where(deg > 1, a * p / (deg - 1).clamp(min=1), a)
     a.fill_diagonal_(p)
     return a.float()
 
+
 def normalize_adjacency(a: torch.Tensor) -> torch.Tensor:
     "Â = D^-½ Aᵀ D^-½ with D = diag(row sums of A) (the original `gen_adj`)."
     d = a.sum(1).pow(-0.5)
     return d[:, None] * a.T * d[None, :]
+
 
 def emotion_gcn_adjacency(order: str = 'affwild2') -> torch.Tensor:
     "The 9×9 Emotion-GCN adjacency A (not normalised) from the AffectNet correlations, in `order` ('affectnet' or 'affwild2')."
@@ -156,23 +190,32 @@ def emotion_gcn_adjacency(order: str = 'affwild2') -> torch.Tensor:
         c = c[perm][:, perm]
     return gen_adjacency(c)
 
+
 class GraphConvolution(nn.Module):
     "Â·(H·W), no bias; W ~ U(±1/√out) (ML-GCN)."
+
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_dim, out_dim).uniform_(-1 / math.sqrt(out_dim), 1 / math.sqrt(out_dim)))
-    def forward(self, h, adj): return adj @ (h @ self.weight)
+        self.weight = nn.Parameter(
+            torch.empty(in_dim, out_dim).uniform_(-1 / math.sqrt(out_dim), 1 / math.sqrt(out_dim))
+        )
+
+    def forward(self, h, adj):
+        return adj @ (h @ self.weight)
+
 
 class GCNClassifierHead(nn.Module):
     "Emotion-GCN head: classifiers G = GCN(X, Â) (n_nodes × D); forward(f) = f·Gᵀ (B, n_nodes)."
-    def __init__(self,
-                 in_dim: int,                  # feature size D of the backbone (1024 DenseNet, 128 BReG-NeXt)
-                 adjacency=None,               # (n,n) A before normalisation; default emotion_gcn_adjacency()
-                 embeddings=None,              # (n, emb_dim) node inputs (GloVe); default a fixed random table
-                 emb_dim: int = 300,
-                 hidden: int = 512,
-                 seed: int = 0,                # seed of the default embedding table
-                ):
+
+    def __init__(
+        self,
+        in_dim: int,  # feature size D of the backbone (1024 DenseNet, 128 BReG-NeXt)
+        adjacency=None,  # (n,n) A before normalisation; default emotion_gcn_adjacency()
+        embeddings=None,  # (n, emb_dim) node inputs (GloVe); default a fixed random table
+        emb_dim: int = 300,
+        hidden: int = 512,
+        seed: int = 0,  # seed of the default embedding table
+    ):
         super().__init__()
         a = emotion_gcn_adjacency() if adjacency is None else torch.as_tensor(adjacency, dtype=torch.float32)
         n = a.shape[0]
@@ -193,7 +236,8 @@ class GCNClassifierHead(nn.Module):
         adj = normalize_adjacency(self.A)
         return self.gc2(F.leaky_relu(self.gc1(self.emb, adj), 0.2), adj)
 
-    def forward(self, f): return f @ self.classifiers().T
+    def forward(self, f):
+        return f @ self.classifiers().T
 
 # %% ../../nbs/03b_models.heads.ipynb #aa262049
 class _GradReverse(torch.autograd.Function):
@@ -201,17 +245,26 @@ class _GradReverse(torch.autograd.Function):
     def forward(ctx, x, lambda_):
         ctx.lambda_ = lambda_
         return x.view_as(x)
+
     @staticmethod
-    def backward(ctx, g): return -ctx.lambda_ * g, None
+    def backward(ctx, g):
+        return -ctx.lambda_ * g, None
+
 
 def grad_reverse(x: torch.Tensor, lambda_: float = 1.0) -> torch.Tensor:
     "Identity forward, gradient × (−lambda_) backward."
     return _GradReverse.apply(x, float(lambda_))
 
+
 class GradientReversal(nn.Module):
     "Module form of `grad_reverse`."
+
     def __init__(self, lambda_: float = 1.0):
         super().__init__()
         self.lambda_ = lambda_
-    def forward(self, x): return grad_reverse(x, self.lambda_)
-    def extra_repr(self): return f'lambda_={self.lambda_}'
+
+    def forward(self, x):
+        return grad_reverse(x, self.lambda_)
+
+    def extra_repr(self):
+        return f'lambda_={self.lambda_}'

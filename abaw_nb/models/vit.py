@@ -22,16 +22,19 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     out = np.einsum('m,d->md', pos.reshape(-1).astype(np.float64), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-def sincos_pos_embed(dim: int,          # embedding width (divisible by 4)
-                     grid: int,         # patches per side
-                     cls_token: bool = True, # prepend a zero row for the cls token
-                    ) -> np.ndarray:
+
+def sincos_pos_embed(
+    dim: int,  # embedding width (divisible by 4)
+    grid: int,  # patches per side
+    cls_token: bool = True,  # prepend a zero row for the cls token
+) -> np.ndarray:
     "Fixed 2-D sin-cos position embeddings, (grid*grid [+1], dim), as in MAE."
     if dim % 4:
         raise ValueError(f'dim must be divisible by 4, got {dim}')
-    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))   # w first, as MAE
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))  # w first, as MAE
     emb = np.concatenate([_sincos_1d(dim // 2, gw), _sincos_1d(dim // 2, gh)], axis=1)
     return np.concatenate([np.zeros((1, dim)), emb], 0) if cls_token else emb
+
 
 def patchify(imgs: torch.Tensor, p: int = 16) -> torch.Tensor:
     "(N, 3, H, W) -> (N, L, p*p*3) patches in row-major order, each flattened as (row, column, channel)."
@@ -42,45 +45,65 @@ def patchify(imgs: torch.Tensor, p: int = 16) -> torch.Tensor:
     x = imgs.reshape(n, c, g, p, g, p)
     return torch.einsum('nchpwq->nhwpqc', x).reshape(n, g * g, p * p * c)
 
+
 def unpatchify(x: torch.Tensor, p: int = 16, c: int = 3) -> torch.Tensor:
     "Inverse of `patchify`: (N, L, p*p*c) -> (N, c, H, W)."
     n, L, _ = x.shape
-    g = int(round(L ** 0.5))
+    g = int(round(L**0.5))
     if g * g != L:
         raise ValueError(f'{L} patches do not form a square grid')
     x = x.reshape(n, g, g, p, p, c)
     return torch.einsum('nhwpqc->nchpwq', x).reshape(n, c, g * p, g * p)
 
 # %% ../../nbs/03c_models.vit.ipynb #937c831a
-VIT_SIZES = {'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16),
-             'smoke': (64, 2, 2)}   # (embed_dim, depth, heads); 'smoke' is a toy for tests only
+VIT_SIZES = {
+    'tiny': (192, 12, 3),
+    'small': (384, 12, 6),
+    'base': (768, 12, 12),
+    'large': (1024, 24, 16),
+    'smoke': (64, 2, 2),
+}  # (embed_dim, depth, heads); 'smoke' is a toy for tests only
+
 
 def _blocks(dim, depth, heads, mlp_ratio=4.0, drop_path=0.0):
     from timm.models.vision_transformer import Block
+
     dpr = np.linspace(0, drop_path, depth).tolist() if depth else []
     norm = partial(nn.LayerNorm, eps=1e-6)
-    return nn.ModuleList([Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm, drop_path=dpr[i])
-                          for i in range(depth)])
+    return nn.ModuleList(
+        [Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm, drop_path=dpr[i]) for i in range(depth)]
+    )
+
 
 def _patch_embed(img_size, patch_size, in_chans, dim):
     from timm.layers import PatchEmbed
+
     return PatchEmbed(img_size, patch_size, in_chans, dim)
 
 # %% ../../nbs/03c_models.vit.ipynb #6ea375f5
 class MaskedAutoencoderViT(nn.Module):
     "MAE with a ViT encoder; state-dict keys and shapes as the FMAE-IAT `mae_vit_*_patch16` models."
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,     # encoder (ViT-L default)
-                 decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
-                 mlp_ratio: float = 4.0,
-                 norm_pix_loss: bool = True,   # normalise each target patch by its mean/var (the README runs)
-                ):
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,  # encoder (ViT-L default)
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,  # normalise each target patch by its mean/var (the README runs)
+    ):
         super().__init__()
         self.patch_size, self.in_chans, self.norm_pix_loss = patch_size, in_chans, norm_pix_loss
         self.patch_embed = _patch_embed(img_size, patch_size, in_chans, embed_dim)
         n = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)   # fixed sin-cos
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)  # fixed sin-cos
         self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -88,11 +111,11 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = _blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
         self.initialize_weights()
 
     def initialize_weights(self):
-        g = int(round(self.patch_embed.num_patches ** 0.5))
+        g = int(round(self.patch_embed.num_patches**0.5))
         if self.pos_embed.device.type != 'meta':
             with torch.no_grad():
                 for pe in (self.pos_embed, self.decoder_pos_embed):
@@ -115,6 +138,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def patchify(self, imgs):
         return patchify(imgs, self.patch_size)
+
     def unpatchify(self, x):
         return unpatchify(x, self.patch_size, self.in_chans)
 
@@ -171,20 +195,29 @@ def vit_sized(cls, size: str, **kw) -> nn.Module:
     d, depth, h = VIT_SIZES[size]
     return cls(embed_dim=d, depth=depth, num_heads=h, **kw)
 
-mae_vit_small_patch16 = partial(vit_sized, MaskedAutoencoderViT, 'small')   # 384-d, 12 blocks, 6 heads
-mae_vit_base_patch16 = partial(vit_sized, MaskedAutoencoderViT, 'base')     # 768-d, 12 blocks, 12 heads
-mae_vit_large_patch16 = partial(vit_sized, MaskedAutoencoderViT, 'large')   # 1024-d, 24 blocks, 16 heads
+
+mae_vit_small_patch16 = partial(vit_sized, MaskedAutoencoderViT, 'small')  # 384-d, 12 blocks, 6 heads
+mae_vit_base_patch16 = partial(vit_sized, MaskedAutoencoderViT, 'base')  # 768-d, 12 blocks, 12 heads
+mae_vit_large_patch16 = partial(vit_sized, MaskedAutoencoderViT, 'large')  # 1024-d, 24 blocks, 16 heads
 
 # %% ../../nbs/03c_models.vit.ipynb #e08833dc
 class FMAEViT(nn.Module):
     "Fine-tuning ViT of FMAE: mean-pooled patch tokens -> fc_norm -> head; optional identity head behind grad reversal."
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 num_classes: int = 12,        # AUs (12 BP4D/BP4D+, 8 DISFA) or expression classes
-                 num_subjects: int = 0,        # > 0 adds `ID_head` (FMAE-IAT)
-                 grad_reverse: float = 0.0,    # lambda of the reversal in front of ID_head (2 BP4D, 1 BP4D+, 0.5 DISFA)
-                 drop_path_rate: float = 0.1,
-                ):
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 12,  # AUs (12 BP4D/BP4D+, 8 DISFA) or expression classes
+        num_subjects: int = 0,  # > 0 adds `ID_head` (FMAE-IAT)
+        grad_reverse: float = 0.0,  # lambda of the reversal in front of ID_head (2 BP4D, 1 BP4D+, 0.5 DISFA)
+        drop_path_rate: float = 0.1,
+    ):
         super().__init__()
         self.patch_size, self.depth, self.grad_reverse = patch_size, depth, float(grad_reverse)
         self.patch_embed = _patch_embed(img_size, patch_size, in_chans, embed_dim)
@@ -201,7 +234,7 @@ class FMAEViT(nn.Module):
             if isinstance(mod, nn.Linear):
                 nn.init.trunc_normal_(mod.weight, std=0.02)
                 nn.init.zeros_(mod.bias)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)   # as the original after loading the MAE encoder
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # as the original after loading the MAE encoder
 
     @property
     def num_features(self) -> int:
@@ -224,9 +257,9 @@ class FMAEViT(nn.Module):
         return self.head(f), self.ID_head(grad_reverse(f, self.grad_reverse))
 
 # %% ../../nbs/03c_models.vit.ipynb #79bafa3f
-vit_small_patch16 = partial(vit_sized, FMAEViT, 'small')   # fine-tuning ViT-S/16
-vit_base_patch16 = partial(vit_sized, FMAEViT, 'base')     # fine-tuning ViT-B/16
-vit_large_patch16 = partial(vit_sized, FMAEViT, 'large')   # fine-tuning ViT-L/16
+vit_small_patch16 = partial(vit_sized, FMAEViT, 'small')  # fine-tuning ViT-S/16
+vit_base_patch16 = partial(vit_sized, FMAEViT, 'base')  # fine-tuning ViT-B/16
+vit_large_patch16 = partial(vit_sized, FMAEViT, 'large')  # fine-tuning ViT-L/16
 
 # %% ../../nbs/03c_models.vit.ipynb #83913413
 def state_layout(model: nn.Module) -> list:
@@ -236,18 +269,20 @@ def state_layout(model: nn.Module) -> list:
 # %% ../../nbs/03c_models.vit.ipynb #f2fab1b6
 def resize_pos_embed(pe: torch.Tensor, n_patches: int) -> torch.Tensor:
     "(1, 1+g*g, D) position embeddings resized to `n_patches` patch positions (bicubic on the grid; cls row kept)."
-    g0, g1 = int(round((pe.shape[1] - 1) ** 0.5)), int(round(n_patches ** 0.5))
+    g0, g1 = int(round((pe.shape[1] - 1) ** 0.5)), int(round(n_patches**0.5))
     if g0 == g1:
         return pe
     grid = pe[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=(g1, g1), mode='bicubic', align_corners=False)
     return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g1 * g1, -1).to(pe.dtype)], 1)
 
+
 def encoder_state(state: dict) -> dict:
     "The encoder entries of an MAE (or fine-tuned) state dict: cls_token, pos_embed, patch_embed.*, blocks.*."
     if 'model' in state and isinstance(state['model'], dict):
         state = state['model']
     return {k: v for k, v in state.items() if k.startswith(('cls_token', 'pos_embed', 'patch_embed.', 'blocks.'))}
+
 
 def load_encoder(model: FMAEViT, state: dict) -> FMAEViT:
     "Load the MAE encoder of `state` into a fine-tuning `model` (heads and fc_norm untouched); returns the model."

@@ -4,7 +4,6 @@
 
 # %% ../../nbs/06_pipelines.ipynb #f52b8f5c
 from __future__ import annotations
-from pathlib import Path
 from ..core import Config, cache_dir, fingerprint
 from ..methods import get_method, get_settings
 from ..train.run import run_config, train
@@ -20,10 +19,18 @@ def with_prerequisites(cfg: Config, verbose: bool = True) -> Config:
     for key, method in spec.needs.items():
         if getattr(settings, key):
             continue
-        c = run_config(method, cfg.task, cfg.preset, data_root=cfg.data_root, data_format=cfg.data_format,
-                       seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+        c = run_config(
+            method,
+            cfg.task,
+            cfg.preset,
+            data_root=cfg.data_root,
+            data_format=cfg.data_format,
+            seed=cfg.seed,
+            device=cfg.device,
+            progress=cfg.progress,
+        )
         out = cache_dir('prerequisites', f'{method}-{fingerprint(c.to_json(), cfg.synth_size)[:16]}')
-        if not (out/'best.pt').is_file() or not (out/'predictions_val.csv').is_file():
+        if not (out / 'best.pt').is_file() or not (out / 'predictions_val.csv').is_file():
             if verbose:
                 print(f'{cfg.method}: no {key} given; training the {method} run it starts from into {out}')
             train(c.replace(out_dir=str(out)), verbose=verbose)

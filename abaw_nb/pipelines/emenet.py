@@ -10,7 +10,7 @@ import numpy as np, pandas as pd, torch
 from ..core import Config
 from ..data.frames import au_columns, expr_names, task_frames
 from ..train.run import train, load_frames, load_run_recipe, predict_run
-from ..methods.emenet import (TASKS, mc_dropout, logits_to_probs, ensemble_table, score_table, save_teacher)
+from ..methods.emenet import TASKS, mc_dropout, logits_to_probs, ensemble_table, score_table, save_teacher
 
 # %% auto #0
 __all__ = ['predict_logits', 'member_dir', 'iterative_distillation', 'round_table']
@@ -19,6 +19,7 @@ __all__ = ['predict_logits', 'member_dir', 'iterative_distillation', 'round_tabl
 def _mc_forward(passes: int):
     """forward_fn: the clip features once, then every head `passes` times (dropout on when passes > 1), outputs side by
     side."""
+
     def forward(net, batch):
         f = net.features(batch['image'], batch.get('audio'))
         outs = {t: [] for t in net.heads}
@@ -26,21 +27,35 @@ def _mc_forward(passes: int):
             for t, h in net.heads.items():
                 outs[t].append(h(f)[0])
         return {t: torch.cat(v, -1) for t, v in outs.items()}
+
     def mc_forward(net, batch):
         with mc_dropout(net):
             return forward(net, batch)
+
     return mc_forward if passes > 1 else forward
 
-def predict_logits(run,                       # a member's run folder, or (recipe, config) from `load_run_recipe`
-                   df: pd.DataFrame, root,    # frames to predict and their root
-                   mc: int = 0,               # MC-dropout passes (0: deterministic)
-                   batch_size: int | None = None, seed: int = 0) -> dict:
+
+def predict_logits(
+    run,  # a member's run folder, or (recipe, config) from `load_run_recipe`
+    df: pd.DataFrame,
+    root,  # frames to predict and their root
+    mc: int = 0,  # MC-dropout passes (0: deterministic)
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> dict:
     "Per-frame logits over the rows of `df`: {task: (N, K)} or, with mc > 0, {task: (mc, N, K)}."
     rec, cfg = run if isinstance(run, tuple) else load_run_recipe(run)
     passes = max(mc, 1)
-    torch.manual_seed(seed)                   # the dropout masks of MC passes
-    t = predict_run((rec, cfg), df, root, batch_size or max(cfg.batch_size, 1), num_workers=0,
-                    predict_fn=lambda out, b: {f'logit_{k}': v for k, v in out.items()}, forward_fn=_mc_forward(passes))
+    torch.manual_seed(seed)  # the dropout masks of MC passes
+    t = predict_run(
+        (rec, cfg),
+        df,
+        root,
+        batch_size or max(cfg.batch_size, 1),
+        num_workers=0,
+        predict_fn=lambda out, b: {f'logit_{k}': v for k, v in out.items()},
+        forward_fn=_mc_forward(passes),
+    )
     out = {}
     for k in rec.model.tasks:
         a = t[[c for c in t.columns if c.startswith(f'logit_{k}_')]].to_numpy()
@@ -51,7 +66,8 @@ def predict_logits(run,                       # a member's run folder, or (recip
 # %% ../../nbs/06c_pipelines.emenet.ipynb #ea94e17d
 def member_dir(out_dir, rnd: int, member: int) -> Path:
     "The run folder of member `member` of round `rnd`."
-    return Path(out_dir)/f'round{rnd}'/f'member{member}'
+    return Path(out_dir) / f'round{rnd}' / f'member{member}'
+
 
 def _save_logits(path, logits):
     "Write a member's logits atomically (an interrupted write leaves no half file)."
@@ -59,13 +75,16 @@ def _save_logits(path, logits):
     np.savez(tmp, **logits)
     tmp.replace(path)
 
-def iterative_distillation(cfg: Config,                 # a run_config('emenet', 'multi', preset) (+ overrides)
-                           out_dir,                     # folder of the whole experiment
-                           members: int | None = None,  # ensemble size (default: cfg.extra['members'])
-                           # distillation rounds after round 0 (default: cfg.extra['rounds'])
-                           rounds: int | None = None,
-                           splits=('train', 'val', 'test'), # splits every member predicts
-                           verbose: bool = True) -> dict:
+
+def iterative_distillation(
+    cfg: Config,  # a run_config('emenet', 'multi', preset) (+ overrides)
+    out_dir,  # folder of the whole experiment
+    members: int | None = None,  # ensemble size (default: cfg.extra['members'])
+    # distillation rounds after round 0 (default: cfg.extra['rounds'])
+    rounds: int | None = None,
+    splits=('train', 'val', 'test'),  # splits every member predicts
+    verbose: bool = True,
+) -> dict:
     """Train round-0 teachers and `rounds` rounds of students; returns {'frames', 'root', 'logits': {(round, member):
     {split: logits}}, 'dirs'}."""
     M = members or cfg.extra['members']
@@ -86,25 +105,26 @@ def iterative_distillation(cfg: Config,                 # a run_config('emenet',
             if teacher is None:
                 extra.pop('teacher')
             cm = cfg.replace(seed=cfg.seed + 1000 * r + k, out_dir=str(d), extra=extra, progress=False)
-            done = d/'logits.npz'
+            done = d / 'logits.npz'
             if not done.is_file():
                 train(cm, verbose=False)
                 rec = load_run_recipe(d)
-                lg = {f'{s}__{t}': v
-                      for s, df in split_frames.items()
-                      for t, v in predict_logits(rec, df, root).items()}
+                lg = {
+                    f'{s}__{t}': v for s, df in split_frames.items() for t, v in predict_logits(rec, df, root).items()
+                }
                 _save_logits(done, lg)
             z = np.load(done)
             logits[(r, k)] = {s: {t: z[f'{s}__{t}'] for t in TASKS if f'{s}__{t}' in z} for s in splits}
             if verbose:
                 print(f'round {r} member {k}: done ({time.time() - t0:.0f} s)')
-        if r < R:   # the next round's teacher: mean probabilities of this round's members on the training frames
+        if r < R:  # the next round's teacher: mean probabilities of this round's members on the training frames
             probs = [logits_to_probs(logits[(r, k)]['train'], cfg.extra['n_bins']) for k in range(M)]
             mean = {t: np.mean([p[t] for p in probs], 0) for t in probs[0]}
             if 'va' in mean:
                 mean['va'] = mean['va'].reshape(len(mean['va']), -1)
-            teacher = save_teacher(out_dir/f'teacher_round{r + 1}.npz', split_frames['train'], mean)
+            teacher = save_teacher(out_dir / f'teacher_round{r + 1}.npz', split_frames['train'], mean)
     return dict(frames=split_frames, root=root, logits=logits, dirs=dirs, members=M, rounds=R, cfg=cfg, au_names=aus)
+
 
 def round_table(res: dict, split: str = 'test') -> pd.DataFrame:
     "Per round: scores of each single member (mean ± sd over members) and of the ensemble, on `split`."
@@ -116,6 +136,11 @@ def round_table(res: dict, split: str = 'test') -> pd.DataFrame:
         for k, s in singles.iterrows():
             rows.append({'round': r, 'model': f'member {k}', **s.to_dict()})
         rows.append({'round': r, 'model': 'single (mean)', **singles.mean().to_dict()})
-        rows.append({'round': r, 'model': f'ensemble of {len(probs)}',
-                     **score_table(df, ensemble_table(df, probs, res['au_names']))})
+        rows.append(
+            {
+                'round': r,
+                'model': f'ensemble of {len(probs)}',
+                **score_table(df, ensemble_table(df, probs, res['au_names'])),
+            }
+        )
     return pd.DataFrame(rows)

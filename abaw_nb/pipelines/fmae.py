@@ -16,22 +16,58 @@ from ..metrics import search_au_thresholds, au_metrics, au_auc, expr_metrics
 from ..train.engine import Trainer, param_groups, build_optimizer, predict_table
 from ..train.losses import masked_bce
 from ..models.vit import FMAEViT, load_encoder
-from ..methods.fmae import (IAT_LAMBDA, build_mae, build_vit, ImageDataset, SubjectFrames, vit_transform,
-                                  mae_transform, pool_images, subsample, cap_rows, split_train_val, probe_split)
+from abaw_nb.methods.fmae import (
+    IAT_LAMBDA,
+    build_mae,
+    build_vit,
+    ImageDataset,
+    SubjectFrames,
+    vit_transform,
+    mae_transform,
+    pool_images,
+    subsample,
+    cap_rows,
+    split_train_val,
+    probe_split,
+)
 
 # %% auto #0
 __all__ = ['stage_config', 'make_optimizer', 'stage_dir', 'run_stage', 'pretrain_mae', 'finetune_au', 'finetune_fer',
            'identity_probe']
 
 # %% ../../nbs/06e_pipelines.fmae.ipynb #602add51
-def stage_config(lr: float, epochs: int, warmup: float, batch: int, max_steps: int | None = None, seed: int = 0,
-                 betas=(0.9, 0.999), weight_decay: float = 0.05, min_lr: float = 0.0, device: str = 'auto',
-                 out_dir=None) -> Config:
+def stage_config(
+    lr: float,
+    epochs: int,
+    warmup: float,
+    batch: int,
+    max_steps: int | None = None,
+    seed: int = 0,
+    betas=(0.9, 0.999),
+    weight_decay: float = 0.05,
+    min_lr: float = 0.0,
+    device: str = 'auto',
+    out_dir=None,
+) -> Config:
     "A `Config` carrying one stage's optimiser and schedule (AdamW, warmup + half-cycle cosine)."
-    return Config(method='fmae', optimizer='adamw', lr=lr, weight_decay=weight_decay, schedule='cosine',
-                  warmup_epochs=warmup, epochs=epochs, batch_size=batch, max_steps_per_epoch=max_steps, seed=seed,
-                  device=device, progress=False, betas=list(betas), min_lr_ratio=min_lr / lr if lr else 0.0,
-                  out_dir=None if out_dir is None else str(out_dir))
+    return Config(
+        method='fmae',
+        optimizer='adamw',
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule='cosine',
+        warmup_epochs=warmup,
+        epochs=epochs,
+        batch_size=batch,
+        max_steps_per_epoch=max_steps,
+        seed=seed,
+        device=device,
+        progress=False,
+        betas=list(betas),
+        min_lr_ratio=min_lr / lr if lr else 0.0,
+        out_dir=None if out_dir is None else str(out_dir),
+    )
+
 
 def make_optimizer(model: nn.Module, cfg: Config, layer_decay: float | None = None):
     "AdamW over `model` with no decay on 1-D/token parameters and (for a ViT) layer-wise lr decay."
@@ -42,27 +78,50 @@ def make_optimizer(model: nn.Module, cfg: Config, layer_decay: float | None = No
 
 def stage_dir(out_dir, name: str) -> Path:
     "A stage's run folder: `out_dir`, else `outputs/runs/fmae-<name>-<time>-<id>`."
-    return Path(out_dir) if out_dir is not None else outputs_dir('runs', create=False)/run_id(f'fmae-{name}')
+    return Path(out_dir) if out_dir is not None else outputs_dir('runs', create=False) / run_id(f'fmae-{name}')
 
-def run_stage(model: nn.Module, cfg: Config, train_ds, loss_fn, forward_fn=None, optimizer=None, val_ds=None,
-              predict_fn=None, score_fn=None, log=None) -> Trainer:
+
+def run_stage(
+    model: nn.Module,
+    cfg: Config,
+    train_ds,
+    loss_fn,
+    forward_fn=None,
+    optimizer=None,
+    val_ds=None,
+    predict_fn=None,
+    score_fn=None,
+    log=None,
+) -> Trainer:
     """Train `model` through the engine in `cfg.out_dir` (resuming a killed run, reopening a finished one); best weights
     loaded."""
     hooks = {'forward_fn': forward_fn} if forward_fn is not None else {}
-    t = Trainer(model, cfg, loss_fn, train_ds, val_ds, predict_fn=predict_fn, score_fn=score_fn, optimizer=optimizer,
-                out_dir=cfg.out_dir, callbacks=[lambda tr, rec: log(rec)] if log else (), **hooks)
+    t = Trainer(
+        model,
+        cfg,
+        loss_fn,
+        train_ds,
+        val_ds,
+        predict_fn=predict_fn,
+        score_fn=score_fn,
+        optimizer=optimizer,
+        out_dir=cfg.out_dir,
+        callbacks=[lambda tr, rec: log(rec)] if log else (),
+        **hooks,
+    )
     t.fit()
     t.load_best()
     return t
 
 # %% ../../nbs/06e_pipelines.fmae.ipynb #d2cf84bc
-def pretrain_mae(root,                    # a generated SynthAffect folder (its unlabelled pool is used)
-                 s: dict,                 # settings from `fmae_settings`
-                 seed: int = 0,
-                 device: str = 'auto',
-                 log=None,                # callable(record) per epoch
-                 out_dir=None,            # the stage's run folder (see `stage_dir`)
-                ) -> tuple:
+def pretrain_mae(
+    root,  # a generated SynthAffect folder (its unlabelled pool is used)
+    s: dict,  # settings from `fmae_settings`
+    seed: int = 0,
+    device: str = 'auto',
+    log=None,  # callable(record) per epoch
+    out_dir=None,  # the stage's run folder (see `stage_dir`)
+) -> tuple:
     "MAE pretraining: returns (model, history)."
     m = s['mae']
     pool = pool_images(root)
@@ -71,8 +130,17 @@ def pretrain_mae(root,                    # a generated SynthAffect folder (its 
     ds = ImageDataset(pool['path'], root, mae_transform(s['img_size']))
     torch.manual_seed(seed)
     model = build_mae(s)
-    cfg = stage_config(m['blr'] * m['batch'] / 256, m['epochs'], m['warmup'], m['batch'], m['max_steps'], seed,
-                       betas=(0.9, 0.95), device=device, out_dir=stage_dir(out_dir, 'mae'))
+    cfg = stage_config(
+        m['blr'] * m['batch'] / 256,
+        m['epochs'],
+        m['warmup'],
+        m['batch'],
+        m['max_steps'],
+        seed,
+        betas=(0.9, 0.95),
+        device=device,
+        out_dir=stage_dir(out_dir, 'mae'),
+    )
     t = run_stage(model, cfg, ds, lambda loss, b: loss, lambda net, b: net(b['image'], m['mask_ratio'])[0], log=log)
     return t.model, pd.DataFrame(t.history)
 
@@ -81,26 +149,30 @@ def _au_target(b):
     "AU targets of a batch, NaN where unlabelled."
     return torch.where(b['au_mask'], b['au'], torch.nan)
 
+
 def _logits(out, b):
     "predict_fn: the AU (or expression) logits, without the identity logits of FMAE-IAT."
     return {'logit': out[0] if isinstance(out, tuple) else out}
+
 
 def _table_logits(pred: pd.DataFrame) -> np.ndarray:
     "The logits of a `predict_table` output as an (N, K) array (float32)."
     return pred[[c for c in pred.columns if c.startswith('logit_')]].to_numpy()
 
-def finetune_au(frames: pd.DataFrame,   # AU frame table of one dataset (subjects in the fold lists)
-                root,                   # its image root
-                dataset: str,           # 'bp4d' | 'bp4d+' | 'disfa'
-                fold: int,              # the test fold
-                s: dict,                # settings from `fmae_settings`
-                encoder: dict | None = None, # MAE state dict (None: random init)
-                iat: bool = False,      # FMAE-IAT: identity head behind gradient reversal
-                seed: int = 0,
-                device: str = 'auto',
-                log=None,
-                out_dir=None,           # the stage's run folder (see `stage_dir`)
-               ) -> dict:
+
+def finetune_au(
+    frames: pd.DataFrame,  # AU frame table of one dataset (subjects in the fold lists)
+    root,  # its image root
+    dataset: str,  # 'bp4d' | 'bp4d+' | 'disfa'
+    fold: int,  # the test fold
+    s: dict,  # settings from `fmae_settings`
+    encoder: dict | None = None,  # MAE state dict (None: random init)
+    iat: bool = False,  # FMAE-IAT: identity head behind gradient reversal
+    seed: int = 0,
+    device: str = 'auto',
+    log=None,
+    out_dir=None,  # the stage's run folder (see `stage_dir`)
+) -> dict:
     """Fine-tune on the other folds (minus held-out training subjects), score the test fold: scores, threshold, history,
     model."""
     df = fold_split(subsample(frames, s['au'].get('stride', 1)), dataset, fold)
@@ -122,8 +194,17 @@ def finetune_au(frames: pd.DataFrame,   # AU frame table of one dataset (subject
     val_ds, test_ds = FrameDataset(va, root, tf_ev), FrameDataset(te, root, tf_ev)
     y_va, m_va = val_ds.labels['au'].astype(int), val_ds.labels['au_mask']
     name = f"au-{dataset}-fold{fold}-{'iat' if iat else 'fmae'}"
-    cfg = stage_config(blr * s['au']['batch'] / 256, epochs, warm, s['au']['batch'], s['au']['max_steps'], seed,
-                       min_lr=1e-6 if s['preset'] == 'paper' else 0.0, device=device, out_dir=stage_dir(out_dir, name))
+    cfg = stage_config(
+        blr * s['au']['batch'] / 256,
+        epochs,
+        warm,
+        s['au']['batch'],
+        s['au']['max_steps'],
+        seed,
+        min_lr=1e-6 if s['preset'] == 'paper' else 0.0,
+        device=device,
+        out_dir=stage_dir(out_dir, name),
+    )
 
     def loss_fn(out, b):
         if not iat:
@@ -131,33 +212,59 @@ def finetune_au(frames: pd.DataFrame,   # AU frame table of one dataset (subject
         l_au, l_id = masked_bce(out[0], _au_target(b)), F.cross_entropy(out[1], b['sid'])
         return l_au + l_id, {'loss_au': l_au.detach(), 'loss_id': l_id.detach()}
 
-    def score_fn(pred):                # mean F1 at the best global threshold of the validation subjects
+    def score_fn(pred):  # mean F1 at the best global threshold of the validation subjects
         thr, f1, _ = search_au_thresholds(y_va, 1 / (1 + np.exp(-_table_logits(pred))), m_va, shared=True)
         return {'score': float(np.mean(f1)), 'threshold': float(thr[0])}
 
-    t = run_stage(model, cfg, train_ds, loss_fn, optimizer=make_optimizer(model, cfg, layer_decay=0.65), val_ds=val_ds,
-                  predict_fn=_logits, score_fn=score_fn, log=log)
-    thr = np.array([t.evaluate()[0]['threshold']])     # the best epoch's validation threshold
+    t = run_stage(
+        model,
+        cfg,
+        train_ds,
+        loss_fn,
+        optimizer=make_optimizer(model, cfg, layer_decay=0.65),
+        val_ds=val_ds,
+        predict_fn=_logits,
+        score_fn=score_fn,
+        log=log,
+    )
+    thr = np.array([t.evaluate()[0]['threshold']])  # the best epoch's validation threshold
     p_te = 1 / (1 + np.exp(-_table_logits(t.predict(test_ds))))
     y_te, m_te = test_ds.labels['au'].astype(int), test_ds.labels['au_mask']
     sc = au_metrics(y_te, (p_te >= thr).astype(int), aus=aus, mask=m_te)
     sc05 = au_metrics(y_te, (p_te >= 0.5).astype(int), aus=aus, mask=m_te)
-    base = au_metrics(y_te, np.ones_like(y_te), aus=aus, mask=m_te)   # every AU predicted present
-    return dict(dataset=dataset, fold=fold, iat=iat, lam=lam, f1=sc['f1'], f1_at_05=sc05['f1'],
-                f1_per_au=sc['f1_per_au'], f1_all_on=base['f1'], f1_per_au_all_on=base['f1_per_au'],
-                auc_per_au=au_auc(y_te, p_te, aus=aus, mask=m_te), threshold=float(thr[0]), best=t.best,
-                history=pd.DataFrame(t.history), model=t.model, probs=p_te, test=te,
-                subjects=dict(train=tr_subj, val=va_subj, test=sorted(te.subject.unique())))
+    base = au_metrics(y_te, np.ones_like(y_te), aus=aus, mask=m_te)  # every AU predicted present
+    return dict(
+        dataset=dataset,
+        fold=fold,
+        iat=iat,
+        lam=lam,
+        f1=sc['f1'],
+        f1_at_05=sc05['f1'],
+        f1_per_au=sc['f1_per_au'],
+        f1_all_on=base['f1'],
+        f1_per_au_all_on=base['f1_per_au'],
+        auc_per_au=au_auc(y_te, p_te, aus=aus, mask=m_te),
+        threshold=float(thr[0]),
+        best=t.best,
+        history=pd.DataFrame(t.history),
+        model=t.model,
+        probs=p_te,
+        test=te,
+        subjects=dict(train=tr_subj, val=va_subj, test=sorted(te.subject.unique())),
+    )
 
 # %% ../../nbs/06e_pipelines.fmae.ipynb #0bc5813a
-def finetune_fer(frames: pd.DataFrame,   # image-folder frame table (train + test/val splits)
-                 root,                   # its root
-                 layout: str,            # 'rafdb' | 'affectnet8' (picks the recipe)
-                 s: dict,                # settings from `fmae_settings`
-                 encoder: dict | None = None,
-                 seed: int = 0, device: str = 'auto', log=None,
-                 out_dir=None,           # the stage's run folder (see `stage_dir`)
-                ) -> dict:
+def finetune_fer(
+    frames: pd.DataFrame,  # image-folder frame table (train + test/val splits)
+    root,  # its root
+    layout: str,  # 'rafdb' | 'affectnet8' (picks the recipe)
+    s: dict,  # settings from `fmae_settings`
+    encoder: dict | None = None,
+    seed: int = 0,
+    device: str = 'auto',
+    log=None,
+    out_dir=None,  # the stage's run folder (see `stage_dir`)
+) -> dict:
     "Fine-tune an expression classifier; returns accuracy and macro-F1 on the held-out split, history and model."
     check_choice('layout', layout, ('rafdb', 'affectnet8'))
     space = frames.attrs['expr_space']
@@ -176,27 +283,56 @@ def finetune_fer(frames: pd.DataFrame,   # image-folder frame table (train + tes
         load_encoder(model, encoder)
     train_ds = FrameDataset(tr, root, vit_transform(True, s['img_size'], s['fer']['crop_scale']))
     test_ds = FrameDataset(te, root, vit_transform(False, s['img_size']))
-    cfg = stage_config(blr * batch / 256, epochs, warm, batch, s['fer']['max_steps'], seed, device=device,
-                       out_dir=stage_dir(out_dir, f'fer-{layout}'))
-    t = run_stage(model, cfg, train_ds, lambda out, b: F.cross_entropy(out, b['expr']),
-                  optimizer=make_optimizer(model, cfg, layer_decay=0.65), predict_fn=_logits, log=log)
+    cfg = stage_config(
+        blr * batch / 256,
+        epochs,
+        warm,
+        batch,
+        s['fer']['max_steps'],
+        seed,
+        device=device,
+        out_dir=stage_dir(out_dir, f'fer-{layout}'),
+    )
+    t = run_stage(
+        model,
+        cfg,
+        train_ds,
+        lambda out, b: F.cross_entropy(out, b['expr']),
+        optimizer=make_optimizer(model, cfg, layer_decay=0.65),
+        predict_fn=_logits,
+        log=log,
+    )
     logits = _table_logits(t.predict(test_ds))
     m = expr_metrics(test_ds.labels['expr'], logits.argmax(1), space=space)
-    return dict(layout=layout, acc=m['acc'], f1=m['f1'], n_test=len(te), n_classes=k, history=pd.DataFrame(t.history),
-                model=t.model)
+    return dict(
+        layout=layout,
+        acc=m['acc'],
+        f1=m['f1'],
+        n_test=len(te),
+        n_classes=k,
+        history=pd.DataFrame(t.history),
+        model=t.model,
+    )
 
 # %% ../../nbs/06e_pipelines.fmae.ipynb #237cf62d
 def _features(model: FMAEViT, ds, device) -> np.ndarray:
     "Pooled features (N, D) of every item of `ds`, eval mode, through the engine's predict loop (batches of 64)."
     cfg = Config(batch_size=64, progress=False, device=device)
-    t = predict_table(model, ds, cfg, lambda out, b: {'f': out}, lambda m, b: m.forward_features(b['image']),
-                      num_workers=0)
+    t = predict_table(
+        model, ds, cfg, lambda out, b: {'f': out}, lambda m, b: m.forward_features(b['image']), num_workers=0
+    )
     return t[[c for c in t.columns if c.startswith('f_')]].to_numpy()
 
-def identity_probe(model: FMAEViT,          # a fine-tuned encoder (its heads are ignored)
-                   frames: pd.DataFrame, root, s: dict, seed: int = 0, device: str = 'auto',
-                   out_dir=None,            # the probe head's run folder (see `stage_dir`)
-                  ) -> dict:
+
+def identity_probe(
+    model: FMAEViT,  # a fine-tuned encoder (its heads are ignored)
+    frames: pd.DataFrame,
+    root,
+    s: dict,
+    seed: int = 0,
+    device: str = 'auto',
+    out_dir=None,  # the probe head's run folder (see `stage_dir`)
+) -> dict:
     "Top-1 identity accuracy of a linear probe on the frozen pooled features."
     p = s['probe']
     tr, te = probe_split(frames, p['per_subject'], p['train_frac'], seed)
@@ -207,18 +343,35 @@ def identity_probe(model: FMAEViT,          # a fine-tuned encoder (its heads ar
     f_te = torch.from_numpy(_features(model, FrameDataset(te, root, tf), device))
     y_tr = torch.tensor([idx[x] for x in tr.subject])
     y_te = torch.tensor([idx[x] for x in te.subject])
+
     class Feats(torch.utils.data.Dataset):
         def __len__(self):
             return len(f_tr)
+
         def __getitem__(self, i):
             return {'image': f_tr[i], 'y': y_tr[i]}
+
     torch.manual_seed(seed)
     head = nn.Linear(f_tr.shape[1], len(subj), bias=False)
     nn.init.trunc_normal_(head.weight, std=2e-5)
-    cfg = stage_config(p['blr'] * p['batch'] / 256, p['epochs'], p['warmup'], p['batch'], None, seed, device='cpu',
-                       out_dir=stage_dir(out_dir, 'probe'))
+    cfg = stage_config(
+        p['blr'] * p['batch'] / 256,
+        p['epochs'],
+        p['warmup'],
+        p['batch'],
+        None,
+        seed,
+        device='cpu',
+        out_dir=stage_dir(out_dir, 'probe'),
+    )
     head = run_stage(head, cfg, Feats(), lambda out, b: F.cross_entropy(out, b['y'])).model
     with torch.no_grad():
         acc = float((head(f_te).argmax(1) == y_te).float().mean())
-    return dict(acc=acc, chance=1 / len(subj), n_subjects=len(subj), n_train=len(tr), n_test=len(te),
-                history=pd.DataFrame(pd.read_json(Path(cfg.out_dir)/'metrics.jsonl', lines=True)))
+    return dict(
+        acc=acc,
+        chance=1 / len(subj),
+        n_subjects=len(subj),
+        n_train=len(tr),
+        n_test=len(te),
+        history=pd.DataFrame(pd.read_json(Path(cfg.out_dir) / 'metrics.jsonl', lines=True)),
+    )

@@ -21,9 +21,10 @@ __all__ = ['downsample_va', 'mix_training_table', 'check_no_subject_leak', 'synt
            'selection_split', 'run_fpn']
 
 # %% ../../nbs/06a_pipelines.fpn.ipynb #d4c4ffd1
-def downsample_va(df: pd.DataFrame,  # frame table
-                  step: int = 5,     # keep one VA-labelled frame in `step`
-                 ) -> pd.DataFrame:
+def downsample_va(
+    df: pd.DataFrame,  # frame table
+    step: int = 5,  # keep one VA-labelled frame in `step`
+) -> pd.DataFrame:
     """The VA-labelled frames of each video at positions 0, step, 2·step, ... of that video's labelled frames in frame
     order (table order kept)."""
     if step < 1:
@@ -35,35 +36,44 @@ def downsample_va(df: pd.DataFrame,  # frame table
     out.attrs = dict(df.attrs)
     return out
 
+
 def _absolute(df: pd.DataFrame, root) -> pd.DataFrame:
     "A copy of `df` whose image paths are absolute (under `root`)."
     out = df.copy()
-    out['path'] = [str(Path(root).resolve()/p) for p in df['path']]
+    out['path'] = [str(Path(root).resolve() / p) for p in df['path']]
     return out
 
-def mix_training_table(frames: pd.DataFrame,  # Aff-Wild2 frame table (train + val [+ test]), paths relative to `root`
-                       root,                  # its root
-                       task: str,             # va | expr | au
-                       # (frame table from `read_affectnet(expr_space='expr7')`, its root) or None
-                       affectnet=None,
-                       expw=None,             # (frame table from `read_expw`, its root) or None
-                       va_step: int = 5,      # temporal downsampling of Aff-Wild2 VA frames
-                       # subjects whose external rows are dropped (the held-out people of `frames`)
-                       exclude_subjects=None,
-                      ) -> pd.DataFrame:
+
+def mix_training_table(
+    frames: pd.DataFrame,  # Aff-Wild2 frame table (train + val [+ test]), paths relative to `root`
+    root,  # its root
+    task: str,  # va | expr | au
+    # (frame table from `read_affectnet(expr_space='expr7')`, its root) or None
+    affectnet=None,
+    expw=None,  # (frame table from `read_expw`, its root) or None
+    va_step: int = 5,  # temporal downsampling of Aff-Wild2 VA frames
+    # subjects whose external rows are dropped (the held-out people of `frames`)
+    exclude_subjects=None,
+) -> pd.DataFrame:
     """Training table of a single-task model: Aff-Wild2 train frames of `task` (+ external data as in the paper, minus
     `exclude_subjects`) and the Aff-Wild2 validation frames."""
     check_choice('task', task, TASKS)
+
     def clean(d):
         d = d.drop(columns=['audio'], errors='ignore')
         d.attrs = dict(d.attrs)
         return d
+
     aff = clean(frames)
     for name, ext in (('affectnet', affectnet), ('expw', expw)):
-        if ext is not None and (ext[0].attrs.get('expr_space'),
-                                ext[0].attrs.get('au_space')) != ('expr7', 'affwild2_12'):
-            raise ValueError(f"{name} table must be in expr7 / affwild2_12 (read_affectnet(expr_space='expr7')), got "
-                             f"{ext[0].attrs.get('expr_space')} / {ext[0].attrs.get('au_space')}")
+        if ext is not None and (ext[0].attrs.get('expr_space'), ext[0].attrs.get('au_space')) != (
+            'expr7',
+            'affwild2_12',
+        ):
+            raise ValueError(
+                f"{name} table must be in expr7 / affwild2_12 (read_affectnet(expr_space='expr7')), got "
+                f"{ext[0].attrs.get('expr_space')} / {ext[0].attrs.get('au_space')}"
+            )
     tr = task_frames(aff[aff['split'] == 'train'], task)
     if task == 'va':
         tr = downsample_va(tr, va_step)
@@ -88,31 +98,38 @@ def mix_training_table(frames: pd.DataFrame,  # Aff-Wild2 frame table (train + v
     check_no_subject_leak(out, held)
     return validate(out)
 
-def check_no_subject_leak(df: pd.DataFrame,  # a training table (split 'train' rows are trained on)
-                          # subjects that must not be trained on (validation / test / selection people)
-                          held,
-                         ) -> None:
+
+def check_no_subject_leak(
+    df: pd.DataFrame,  # a training table (split 'train' rows are trained on)
+    # subjects that must not be trained on (validation / test / selection people)
+    held,
+) -> None:
     "Raise if a training row belongs to a held-out subject (rows of unknown subject cannot be checked and pass)."
     bad = df[(df['split'] == 'train') & df['subject'].isin(set(held))]
     if len(bad):
         ex = ', '.join(f'{r.dataset}:{r.video} ({r.subject})' for r in bad.head(3).itertuples())
-        raise ValueError(f'{len(bad)} training rows belong to held-out subjects (e.g. {ex}): '
-                         'those people must not be trained on')
+        raise ValueError(
+            f'{len(bad)} training rows belong to held-out subjects (e.g. {ex}): those people must not be trained on'
+        )
 
-def synth_subjects(root,                   # a generated SynthAffect folder
-                   frames: pd.DataFrame,   # a frame table of one of its layouts ('affwild2', 'affectnet', 'expw')
-                   fmt: str = 'affwild2',  # which layout `frames` was read from
-                  ) -> pd.DataFrame:
+
+def synth_subjects(
+    root,  # a generated SynthAffect folder
+    frames: pd.DataFrame,  # a frame table of one of its layouts ('affwild2', 'affectnet', 'expw')
+    fmt: str = 'affwild2',  # which layout `frames` was read from
+) -> pd.DataFrame:
     """A copy of `frames` with `subject` filled from SynthAffect's latent tables: the person each image shows
     (still-image layouts through their source map)."""
     from abaw_nb.data.synth import load_latent, format_sources
+
     who = load_latent(root)['videos'].set_index('video')['subject']
     out = frames.copy()
     if fmt == 'affwild2':
         src = out['video']
     else:
-        m = out[['video', 'frame']].merge(format_sources(root, fmt), on=['video', 'frame'], how='left',
-                                          validate='one_to_one')
+        m = out[['video', 'frame']].merge(
+            format_sources(root, fmt), on=['video', 'frame'], how='left', validate='one_to_one'
+        )
         if m['src_video'].isna().any():
             raise ValueError(f'{fmt}: {int(m.src_video.isna().sum())} rows have no source frame in {root}')
         src = m['src_video']
@@ -122,12 +139,15 @@ def synth_subjects(root,                   # a generated SynthAffect folder
     out.attrs = dict(frames.attrs)
     return out
 
-def synth_external(root,                             # a generated SynthAffect folder with the layouts written
-                   formats=('affectnet', 'expw'),    # still-image layouts to read
-                  ) -> dict:
+
+def synth_external(
+    root,  # a generated SynthAffect folder with the layouts written
+    formats=('affectnet', 'expw'),  # still-image layouts to read
+) -> dict:
     """SynthAffect's AffectNet-like and ExpW-like sets read with their readers (labels mapped into the Aff-Wild2 order),
     subjects filled: {fmt: (frame table, root)}."""
     from abaw_nb.data.synth import read_format
+
     out = {}
     for f in formats:
         t, r = read_format(root, f, **({'expr_space': 'expr7'} if f == 'affectnet' else {}))
@@ -135,12 +155,14 @@ def synth_external(root,                             # a generated SynthAffect f
     return out
 
 # %% ../../nbs/06a_pipelines.fpn.ipynb #c908e7de
-def make_pseudo_labels(models: dict,          # task -> single-task run folder / checkpoint (va, expr, au)
-                       frames: pd.DataFrame,  # Aff-Wild2 frame table; only its split 'train' rows are labelled
-                       root,                  # its root
-                       clip: float = 0.99,    # VA pseudo labels are clipped to [-clip, clip]
-                       batch_size: int = 256,
-                       device: str | None = None) -> pd.DataFrame:
+def make_pseudo_labels(
+    models: dict,  # task -> single-task run folder / checkpoint (va, expr, au)
+    frames: pd.DataFrame,  # Aff-Wild2 frame table; only its split 'train' rows are labelled
+    root,  # its root
+    clip: float = 0.99,  # VA pseudo labels are clipped to [-clip, clip]
+    batch_size: int = 256,
+    device: str | None = None,
+) -> pd.DataFrame:
     """Soft pseudo labels of every training frame from the single-task models, merged by (dataset, video, frame), ground
     truth overriding."""
     for t in models:
@@ -164,9 +186,11 @@ def make_pseudo_labels(models: dict,          # task -> single-task run folder /
     out[c['va']] = out[c['va']].clip(-clip, clip)
     return apply_ground_truth(out, tr, n_expr, aus)
 
-def multitask_frames(frames: pd.DataFrame,  # Aff-Wild2 frame table
-                     pl: pd.DataFrame,      # pseudo labels (from `make_pseudo_labels`)
-                    ) -> pd.DataFrame:
+
+def multitask_frames(
+    frames: pd.DataFrame,  # Aff-Wild2 frame table
+    pl: pd.DataFrame,  # pseudo labels (from `make_pseudo_labels`)
+) -> pd.DataFrame:
     """Frame table of the multi-task run: training frames (each with its VA target, ground truth or pseudo, so none is
     dropped) and the validation frames; test frames left out."""
     check_no_leak(pl, frames)
@@ -179,14 +203,15 @@ def multitask_frames(frames: pd.DataFrame,  # Aff-Wild2 frame table
     return validate(out)
 
 # %% ../../nbs/06a_pipelines.fpn.ipynb #e0c5af91
-def split_multitask(path,              # multi-task run folder or checkpoint
-                    out_dir,           # where multi_{va,expr,au}.pt go
-                   ) -> dict:
+def split_multitask(
+    path,  # multi-task run folder or checkpoint
+    out_dir,  # where multi_{va,expr,au}.pt go
+) -> dict:
     """Write one single-task checkpoint per task from a multi-task checkpoint (backbone + that task's head); returns
     {task: path}."""
     p = Path(path)
-    ck = load_checkpoint(p/'best.pt' if p.is_dir() else p)
-    lj = p/'labels.json' if p.is_dir() else None
+    ck = load_checkpoint(p / 'best.pt' if p.is_dir() else p)
+    lj = p / 'labels.json' if p.is_dir() else None
     labels = ck.get('labels') or (json.loads(lj.read_text()) if lj is not None and lj.is_file() else None)
     cfg = Config.from_json(ck['config'])
     if cfg.task != 'multi':
@@ -196,12 +221,17 @@ def split_multitask(path,              # multi-task run folder or checkpoint
         part = {k: v for k, v in sd.items() if not k.startswith('heads.') or k.startswith(f'heads.{t}.')}
         c = cfg.replace(task=t, extra={k: v for k, v in cfg.extra.items() if k != 'pseudo_labels'})
         ck_t = {'model': part, 'config': c.to_json(), 'source': str(p), **({'labels': labels} if labels else {})}
-        out[t] = torch_save(Path(out_dir)/f'multi_{t}.pt', ck_t)
+        out[t] = torch_save(Path(out_dir) / f'multi_{t}.pt', ck_t)
     return out
 
-def evaluate(model,                   # run folder / checkpoint of a single-task (or split) model
-             frames: pd.DataFrame,    # frame table; its split 'val' rows labelled for the task are scored
-             root, task: str | None = None, batch_size: int = 256) -> tuple[dict, pd.DataFrame]:
+
+def evaluate(
+    model,  # run folder / checkpoint of a single-task (or split) model
+    frames: pd.DataFrame,  # frame table; its split 'val' rows labelled for the task are scored
+    root,
+    task: str | None = None,
+    batch_size: int = 256,
+) -> tuple[dict, pd.DataFrame]:
     "ABAW2 scores (dataset level) of a model on the validation frames of its task, and the prediction table."
     rec, cfg = load_run_recipe(model)
     task = task or cfg.task
@@ -211,20 +241,25 @@ def evaluate(model,                   # run folder / checkpoint of a single-task
     s = score_frames(va, pred, tasks=[task], edition='abaw2', thresholds=0.5)
     return {k: v for k, v in s.items() if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)}, pred
 
-def challenge_predictions(models: dict,          # task -> model (run folder / checkpoint)
-                          frames: pd.DataFrame,  # test frames (frames with a face image)
-                          root, out_dir,         # dataset root; output folder (one sub-folder per task)
-                          frame_counts: dict,    # {video: number of frames} (the challenge's test-frame list)
-                          batch_size: int = 256) -> dict:
+
+def challenge_predictions(
+    models: dict,  # task -> model (run folder / checkpoint)
+    frames: pd.DataFrame,  # test frames (frames with a face image)
+    root,
+    out_dir,  # dataset root; output folder (one sub-folder per task)
+    frame_counts: dict,  # {video: number of frames} (the challenge's test-frame list)
+    batch_size: int = 256,
+) -> dict:
     "Challenge-format prediction files per task (AU at probability 0.5, EXPR argmax), missing-face frames filled."
     from abaw_nb.data.formats import write_challenge_predictions
+
     out = {}
     for t, m in models.items():
         p = predict_run(m, frames, root, batch_size, keys=('dataset', 'split', 'video', 'frame'))
         if t == 'au':
             for a in au_columns('affwild2_12'):
                 p[a] = (p[f'prob_{a}'] >= 0.5).astype(int)
-        out[t] = write_challenge_predictions(p, Path(out_dir)/t, t, frame_counts)
+        out[t] = write_challenge_predictions(p, Path(out_dir) / t, t, frame_counts)
     return out
 
 # %% ../../nbs/06a_pipelines.fpn.ipynb #106b231d
@@ -232,10 +267,14 @@ def _person(df: pd.DataFrame) -> pd.Series:
     "Who a row shows: its subject where known, else its video (one person per video)."
     return df['subject'].astype(object).where(df['subject'].notna(), 'video:' + df['video'].astype(str))
 
-def selection_split(frames: pd.DataFrame, frac: float = 0.2, seed: int = 0,
-                    # keep every step-th frame of the selection videos (neighbouring frames are near-duplicates)
-                    step: int = 1,
-                   ) -> pd.DataFrame:
+
+def selection_split(
+    frames: pd.DataFrame,
+    frac: float = 0.2,
+    seed: int = 0,
+    # keep every step-th frame of the selection videos (neighbouring frames are near-duplicates)
+    step: int = 1,
+) -> pd.DataFrame:
     """A copy of `frames` in which `frac` of each task's labelled training people (subjects where known, else videos)
     become split 'val' (checkpoint selection) and the real validation/test frames are removed."""
     tr = frames[frames['split'] == 'train']
@@ -256,68 +295,106 @@ def selection_split(frames: pd.DataFrame, frac: float = 0.2, seed: int = 0,
     out.attrs = dict(frames.attrs)
     return out
 
-def run_fpn(preset: str = 'smoke',      # smoke | cpu | paper
-            out_dir=None,               # folder for the runs (single_<task>, multi, split, pseudo_labels.csv)
-            seed: int = 0,
-            data_root=None,             # None: SynthAffect (preset size); else an Aff-Wild2 root
-            # (frame table, root) of the external datasets, 'synth' (SynthAffect's layout; data_root None) or None
-            affectnet=None, expw=None,
-            va_step: int = 5,           # temporal downsampling of Aff-Wild2 VA frames in the single-task VA set
-            # share of training videos held out to pick checkpoints (0: use validation, as the original)
-            select_frac: float = 0.2,
-            # every n-th frame of those videos is validated each epoch (None: 1 paper, 3 cpu/smoke)
-            select_step: int | None = None,
-            device: str = 'auto', progress: bool | None = False,
-            **overrides,                # Config fields for every run (e.g. epochs=2)
-           ) -> dict:
+
+def run_fpn(
+    preset: str = 'smoke',  # smoke | cpu | paper
+    out_dir=None,  # folder for the runs (single_<task>, multi, split, pseudo_labels.csv)
+    seed: int = 0,
+    data_root=None,  # None: SynthAffect (preset size); else an Aff-Wild2 root
+    # (frame table, root) of the external datasets, 'synth' (SynthAffect's layout; data_root None) or None
+    affectnet=None,
+    expw=None,
+    va_step: int = 5,  # temporal downsampling of Aff-Wild2 VA frames in the single-task VA set
+    # share of training videos held out to pick checkpoints (0: use validation, as the original)
+    select_frac: float = 0.2,
+    # every n-th frame of those videos is validated each epoch (None: 1 paper, 3 cpu/smoke)
+    select_step: int | None = None,
+    device: str = 'auto',
+    progress: bool | None = False,
+    **overrides,  # Config fields for every run (e.g. epochs=2)
+) -> dict:
     """Single-task models (mixed data) -> pseudo labels -> multi-task model -> split; returns run folders, tables and
     validation scores."""
     out = Path(out_dir) if out_dir else cache_dir('fpn-runs', run_id(f'fpn-{preset}'))
-    base = run_config('fpn', 'va', preset, data_root=data_root, seed=seed, device=device, progress=progress,
-                      **overrides)
+    base = run_config(
+        'fpn', 'va', preset, data_root=data_root, seed=seed, device=device, progress=progress, **overrides
+    )
     synth = [n for n, x in (('affectnet', affectnet), ('expw', expw)) if isinstance(x, str)]
     if synth and (data_root is not None or any(x not in ('synth',) for x in (affectnet, expw) if isinstance(x, str))):
-        raise ValueError(f"affectnet/expw='synth' takes SynthAffect's own layouts: only with data_root=None "
-                         f"(got affectnet={affectnet if isinstance(affectnet, (str, type(None))) else 'table'}, "
-                         f"data_root={data_root})")
+        raise ValueError(
+            f"affectnet/expw='synth' takes SynthAffect's own layouts: only with data_root=None "
+            f"(got affectnet={affectnet if isinstance(affectnet, (str, type(None))) else 'table'}, "
+            f"data_root={data_root})"
+        )
     frames, root = load_frames(base)
     if synth:
         from abaw_nb.data.synth import generate_cached
+
         generate_cached(base.synth_size, seed=base.data_seed, formats=('affwild2', *synth), show_progress=False)
         ext = synth_external(root, synth)
         affectnet, expw = ext.get('affectnet', affectnet), ext.get('expw', expw)
     if data_root is None:
         frames = synth_subjects(root, frames)  # who each video shows (Aff-Wild2 tables lack it)
     step = select_step or (1 if preset == 'paper' else 3)
-    work = selection_split(frames, select_frac, seed,
-                           step) if select_frac else frames[frames['split'] != 'test'].reset_index(drop=True)
+    work = (
+        selection_split(frames, select_frac, seed, step)
+        if select_frac
+        else frames[frames['split'] != 'test'].reset_index(drop=True)
+    )
     work.attrs = dict(frames.attrs)
     # people never trained on: validation/test subjects and the selection subjects
     # (their still images in AffectNet/ExpW too)
-    held = set(frames.loc[frames['split'] != 'train',
-                          'subject'].dropna()) | set(work.loc[work['split'] == 'val', 'subject'].dropna())
-    res = dict(out_dir=out, frames=frames, root=root, work=work, single={}, mixed={}, held_subjects=held,
-               external={'affectnet': affectnet, 'expw': expw})
+    held = set(frames.loc[frames['split'] != 'train', 'subject'].dropna()) | set(
+        work.loc[work['split'] == 'val', 'subject'].dropna()
+    )
+    res = dict(
+        out_dir=out,
+        frames=frames,
+        root=root,
+        work=work,
+        single={},
+        mixed={},
+        held_subjects=held,
+        external={'affectnet': affectnet, 'expw': expw},
+    )
     for t in TASKS:
         tab = mix_training_table(work, root, t, affectnet, expw, va_step, exclude_subjects=held)
         res['mixed'][t] = tab
-        cfg = run_config('fpn', t, preset, data_root=data_root, seed=seed, device=device, progress=progress,
-                         out_dir=str(out/f'single_{t}'), **overrides)
+        cfg = run_config(
+            'fpn',
+            t,
+            preset,
+            data_root=data_root,
+            seed=seed,
+            device=device,
+            progress=progress,
+            out_dir=str(out / f'single_{t}'),
+            **overrides,
+        )
         res['single'][t] = train(cfg, data=(tab, root))
-    pl = make_pseudo_labels({t: out/f'single_{t}' for t in TASKS}, work, root, device=device)
-    write_csv(out/'pseudo_labels.csv', pl)
+    pl = make_pseudo_labels({t: out / f'single_{t}' for t in TASKS}, work, root, device=device)
+    write_csv(out / 'pseudo_labels.csv', pl)
     res['pseudo'] = pl
     mt = multitask_frames(work, pl)
     res['multi_frames'] = mt
-    cfg = run_config('fpn', 'multi', preset, data_root=data_root, seed=seed, device=device, progress=progress,
-                     out_dir=str(out/'multi'), **overrides)
-    cfg = cfg.replace(extra={**cfg.extra, 'pseudo_labels': str(out/'pseudo_labels.csv')})
+    cfg = run_config(
+        'fpn',
+        'multi',
+        preset,
+        data_root=data_root,
+        seed=seed,
+        device=device,
+        progress=progress,
+        out_dir=str(out / 'multi'),
+        **overrides,
+    )
+    cfg = cfg.replace(extra={**cfg.extra, 'pseudo_labels': str(out / 'pseudo_labels.csv')})
     res['multi'] = train(cfg, data=(mt, root))
-    res['split'] = split_multitask(out/'multi', out/'split')
+    res['split'] = split_multitask(out / 'multi', out / 'split')
     scores, preds = {}, {}
     for t in TASKS:
-        scores[('single', t)], preds[('single', t)] = evaluate(out/f'single_{t}', frames, root)
+        scores[('single', t)], preds[('single', t)] = evaluate(out / f'single_{t}', frames, root)
         scores[('multi', t)], preds[('multi', t)] = evaluate(res['split'][t], frames, root)
     res['scores'], res['predictions'] = scores, preds
-    write_json(out/'scores_validation.json', {f'{k[0]}_{k[1]}': v for k, v in scores.items()})
+    write_json(out / 'scores_validation.json', {f'{k[0]}_{k[1]}': v for k, v in scores.items()})
     return res

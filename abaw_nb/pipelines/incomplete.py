@@ -28,25 +28,39 @@ def edition_for(au_names) -> str:
         return 'abaw2'
     raise ValueError(f'AU set {aus} matches neither ABAW1 (abaw1_8) nor ABAW2 (affwild2_12)')
 
-_SCORE_COLS = ['va_ccc_valence', 'va_ccc_arousal', 'va_score', 'expr_f1', 'expr_acc', 'expr_score', 'au_f1', 'au_acc',
-               'au_score']
+
+_SCORE_COLS = [
+    'va_ccc_valence',
+    'va_ccc_arousal',
+    'va_score',
+    'expr_f1',
+    'expr_acc',
+    'expr_score',
+    'au_f1',
+    'au_acc',
+    'au_score',
+]
+
 
 def _train_once(cfg: Config) -> Path:
     "Train `cfg` unless its run folder holds a finished run (an interrupted call resumes)."
     out = Path(cfg.out_dir)
-    if not (out/'scores_val.json').is_file():
+    if not (out / 'scores_val.json').is_file():
         train(cfg)
     return out
+
 
 def corrupted_frames(df: pd.DataFrame, root) -> np.ndarray | None:
     "Boolean per row: the SynthAffect frame carries a rendered corruption; None for data without the latent tables."
     from abaw_nb.data.synth import load_latent, CORRUPTIONS
+
     try:
         lat = load_latent(root)['frames']
     except FileNotFoundError:
         return None
     c = lat.set_index(['video', 'frame'])[list(CORRUPTIONS)].astype(bool).any(axis=1)
     return c.reindex(pd.MultiIndex.from_arrays([df['video'], df['frame']])).fillna(False).to_numpy(bool)
+
 
 def _family_settings(method: str | None, extra: dict) -> dict:
     "The settings of `extra` that `method`'s network has; with method None, refuse a key neither network has."
@@ -59,6 +73,7 @@ def _family_settings(method: str | None, extra: dict) -> dict:
         return {}
     return {k: v for k, v in extra.items() if k in names[method]}
 
+
 def predict_model(run, frames: pd.DataFrame, root, batch_size: int = 64, device='cpu') -> pd.DataFrame:
     "Per-frame table (split, video, frame, prob_expr_k, prob_AU<n>, valence, arousal, expr) of a run on `frames`."
     p = predict_run(run, frames, root, batch_size, num_workers=1, device=device)
@@ -67,41 +82,60 @@ def predict_model(run, frames: pd.DataFrame, root, batch_size: int = 64, device=
     pe = [c for c in p.columns if c.startswith('prob_expr_')]
     if pe:
         p = p.drop(columns='expr', errors='ignore')
-        p['expr'] = p[pe].to_numpy().argmax(1)    # clips: the argmax of the probabilities averaged over windows
+        p['expr'] = p[pe].to_numpy().argmax(1)  # clips: the argmax of the probabilities averaged over windows
     return p
 
-def run_method(preset: str = 'smoke', seed: int = 0,
-               data_root=None, data_format: str = 'affwild2',
-               out_dir=None,                 # method folder (default outputs/runs/mtl_cnn-method-<time>-<id>)
-               n_students: int | None = None, # per family (default: the preset's)
-               temporal: bool = True,        # also train the CNN-RNN teacher and students
-               device: str = 'auto', progress: bool | None = False,
-               threshold_method: str | None = None,  # AU threshold search: break_even (original) | f1
-               **extra,                      # more `extra` settings for every run (e.g. balance=False)
-              ) -> dict:
+
+def run_method(
+    preset: str = 'smoke',
+    seed: int = 0,
+    data_root=None,
+    data_format: str = 'affwild2',
+    out_dir=None,  # method folder (default outputs/runs/mtl_cnn-method-<time>-<id>)
+    n_students: int | None = None,  # per family (default: the preset's)
+    temporal: bool = True,  # also train the CNN-RNN teacher and students
+    device: str = 'auto',
+    progress: bool | None = False,
+    threshold_method: str | None = None,  # AU threshold search: break_even (original) | f1
+    **extra,  # more `extra` settings for every run (e.g. balance=False)
+) -> dict:
     """Train teacher + students (CNN, and CNN-RNN if `temporal`), ensemble them, fit AU thresholds on validation and
     score test."""
-    base = Path(out_dir) if out_dir else outputs_dir('runs')/run_id('mtl_cnn-method')
+    base = Path(out_dir) if out_dir else outputs_dir('runs') / run_id('mtl_cnn-method')
     kw = dict(data_root=data_root, data_format=data_format, device=device, progress=progress)
     runs, secs, families = {}, {}, [('cnn', 'mtl_cnn')] + ([('cnn_rnn', 'mtl_cnn_rnn')] if temporal else [])
-    _family_settings(None, extra)   # every given setting belongs to one of the two networks
+    _family_settings(None, extra)  # every given setting belongs to one of the two networks
     for fam, method in families:
         ext = _family_settings(method, extra)
-        if fam == 'cnn_rnn':   # the CNN the GRUs start from: best CNN student on validation (teacher if no students)
+        if fam == 'cnn_rnn':  # the CNN the GRUs start from: best CNN student on validation (teacher if no students)
             cands = [n for n in runs if n.startswith('cnn/student')] or ['cnn/teacher']
-            val = {n: json.loads((runs[n]/'scores_val.json').read_text())['score'] for n in cands}
+            val = {n: json.loads((runs[n] / 'scores_val.json').read_text())['score'] for n in cands}
             ext['cnn_run'] = str(runs[max(val, key=val.get)])
-        t = run_config(method, 'multi', preset, seed=seed, out_dir=str(base/f'{fam}_teacher'),
-                       extra={**ext, 'role': 'teacher'}, **kw)
+        t = run_config(
+            method,
+            'multi',
+            preset,
+            seed=seed,
+            out_dir=str(base / f'{fam}_teacher'),
+            extra={**ext, 'role': 'teacher'},
+            **kw,
+        )
         t0 = time.perf_counter()
         runs[f'{fam}/teacher'] = _train_once(t)
         secs[f'{fam}/teacher'] = time.perf_counter() - t0
         st = get_settings(t)
         ns = st.n_students if n_students is None else n_students
         for i in range(ns):
-            s = run_config(method, 'multi', preset, seed=seed + 1 + i, epochs=st.student_epochs,
-                           out_dir=str(base/f'{fam}_student_{i}'),
-                           extra={**ext, 'role': 'student', 'teacher_run': str(base/f'{fam}_teacher')}, **kw)
+            s = run_config(
+                method,
+                'multi',
+                preset,
+                seed=seed + 1 + i,
+                epochs=st.student_epochs,
+                out_dir=str(base / f'{fam}_student_{i}'),
+                extra={**ext, 'role': 'student', 'teacher_run': str(base / f'{fam}_teacher')},
+                **kw,
+            )
             t0 = time.perf_counter()
             runs[f'{fam}/student_{i}'] = _train_once(s)
             secs[f'{fam}/student_{i}'] = time.perf_counter() - t0
@@ -140,42 +174,81 @@ def run_method(preset: str = 'smoke', seed: int = 0,
                 continue
             f = splits['test'][m].reset_index(drop=True)
             f.attrs = dict(frames.attrs)
-            s = score_frames(f, p['test'], tasks=list(TASKS), edition=edition, thresholds=thr, missing='skip',
-                             allow_tuned_on_scored=test_split == 'val')
+            s = score_frames(
+                f,
+                p['test'],
+                tasks=list(TASKS),
+                edition=edition,
+                thresholds=thr,
+                missing='skip',
+                allow_tuned_on_scored=test_split == 'val',
+            )
             fam, model = name.split('/')
-            rows.append(dict(family=fam, model=model, subset=sub, **{k: s[k] for k in _SCORE_COLS},
-                             total=s['va_score'] + s['expr_score'] + s['au_score']))
+            rows.append(
+                dict(
+                    family=fam,
+                    model=model,
+                    subset=sub,
+                    **{k: s[k] for k in _SCORE_COLS},
+                    total=s['va_score'] + s['expr_score'] + s['au_score'],
+                )
+            )
     res = pd.DataFrame(rows)
-    write_csv(base/'scores_test.csv', res)
+    write_csv(base / 'scores_test.csv', res)
     for name, p in preds.items():
-        write_csv(base/'predictions'/f'{name.replace("/", "-")}_test.csv', thresholds[name].apply(p['test']))
+        write_csv(base / 'predictions' / f'{name.replace("/", "-")}_test.csv', thresholds[name].apply(p['test']))
     secs['evaluation'] = time.perf_counter() - t0
-    write_json(base/'method.json',
-               dict(preset=preset, seed=seed, edition=edition, au_names=aus, test_split=test_split, seconds=secs,
-                                        threshold_method=how, runs={k: str(v) for k, v in runs.items()},
-                                        thresholds={k: v.to_dict() for k, v in thresholds.items()}))
-    return dict(out_dir=base, runs=runs, scores=res, predictions=preds, thresholds=thresholds, frames=splits, root=root,
-                edition=edition, test_split=test_split, seconds=secs)
+    write_json(
+        base / 'method.json',
+        dict(
+            preset=preset,
+            seed=seed,
+            edition=edition,
+            au_names=aus,
+            test_split=test_split,
+            seconds=secs,
+            threshold_method=how,
+            runs={k: str(v) for k, v in runs.items()},
+            thresholds={k: v.to_dict() for k, v in thresholds.items()},
+        ),
+    )
+    return dict(
+        out_dir=base,
+        runs=runs,
+        scores=res,
+        predictions=preds,
+        thresholds=thresholds,
+        frames=splits,
+        root=root,
+        edition=edition,
+        test_split=test_split,
+        seconds=secs,
+    )
 
 # %% ../../nbs/06b_pipelines.incomplete.ipynb #f267669d
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+
 
 def _natural_key(name: str):
     "Sort key of file names with numbers in numeric order (img2 before img10)."
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', name)]
 
-def predict_folder(images_dir,                # folder of face crops (frames of one video in name order, or stills)
-                   # a `run_method` folder (method.json) or one mtl_cnn / mtl_cnn_rnn run folder
-                   run,
-                   family: str = 'cnn',       # cnn | cnn_rnn (method folders)
-                   members: str = 'ensemble', # ensemble (students) | teacher | all (teacher + students)
-                   save_dir=None,             # where the CSV goes (default: images_dir/..; None and False: not written)
-                   batch_size: int = 32, device='cpu',
-                  ) -> pd.DataFrame:
+
+def predict_folder(
+    images_dir,  # folder of face crops (frames of one video in name order, or stills)
+    # a `run_method` folder (method.json) or one mtl_cnn / mtl_cnn_rnn run folder
+    run,
+    family: str = 'cnn',  # cnn | cnn_rnn (method folders)
+    members: str = 'ensemble',  # ensemble (students) | teacher | all (teacher + students)
+    save_dir=None,  # where the CSV goes (default: images_dir/..; None and False: not written)
+    batch_size: int = 32,
+    device='cpu',
+) -> pd.DataFrame:
     """Per-frame predictions (frame, path, valence, arousal, expr, expr_name, prob_*, AU decisions) for a folder of face
     images."""
     from abaw_nb.metrics import AUThresholds
     from abaw_nb.data.frames import make_frames, expr_names
+
     d = Path(images_dir)
     if not d.is_dir():
         raise FileNotFoundError(f'images_dir {str(d)!r} is not a folder')
@@ -186,8 +259,8 @@ def predict_folder(images_dir,                # folder of face crops (frames of 
     check_choice('members', members, ('ensemble', 'teacher', 'all'))
     run = Path(run)
     thr = None
-    if (run/'method.json').is_file():
-        meta = json.loads((run/'method.json').read_text())
+    if (run / 'method.json').is_file():
+        meta = json.loads((run / 'method.json').read_text())
         names = [n for n in meta['runs'] if n.startswith(family + '/')]
         if not names:
             raise ValueError(f'{run} has no {family} models (its models: {", ".join(meta["runs"])})')
@@ -197,7 +270,7 @@ def predict_folder(images_dir,                # folder of face crops (frames of 
         key = f'{family}/ensemble' if members == 'ensemble' and st else pick[0] if len(pick) == 1 else None
         if key in meta['thresholds']:
             thr = AUThresholds.from_dict(meta['thresholds'][key])
-    elif (run/'config.json').is_file():
+    elif (run / 'config.json').is_file():
         paths = [run]
     else:
         raise FileNotFoundError(f'{run} is neither a run_method folder (method.json) nor a run folder (config.json)')
@@ -205,8 +278,11 @@ def predict_folder(images_dir,                # folder of face crops (frames of 
     labels = read_run_labels(paths[0])
     space = labels.get('au_space', 'affwild2_12')
     aus = au_columns(space)
-    df = make_frames(dict(dataset='user', split='test', video=d.name, frame=np.arange(len(files)), path=files),
-                     au_space=space, expr_space=labels.get('expr_space', 'expr7'))
+    df = make_frames(
+        dict(dataset='user', split='test', video=d.name, frame=np.arange(len(files)), path=files),
+        au_space=space,
+        expr_space=labels.get('expr_space', 'expr7'),
+    )
     tables = [predict_model(rec, df, d, batch_size=batch_size, device=device) for rec in loaded]
     out = ensemble_predictions(tables) if len(tables) > 1 else tables[0]
     out.insert(3, 'path', files)
@@ -218,5 +294,5 @@ def predict_folder(images_dir,                # folder of face crops (frames of 
         out['expr_name'] = [expr_names(df.attrs['expr_space'])[k] for k in out['expr']]
     out = out.drop(columns='split')
     if save_dir is not False:
-        write_csv(Path(save_dir or d.parent)/f'{d.name}.csv', out)
+        write_csv(Path(save_dir or d.parent) / f'{d.name}.csv', out)
     return out

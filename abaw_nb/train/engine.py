@@ -6,13 +6,30 @@
 from __future__ import annotations
 import datetime, json, math, os, pickle, time, zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np, pandas as pd, torch
 from torch import nn
-from ..core import (Config, autocast, check_choice, get_device, outputs_dir, progress, provenance,
-                          run_id, seed_everything, seed_worker, torch_save, write_json, write_text, write_csv, make_generator,
-                          fault_point, check_out_dir, clean_stale_temps)
+from abaw_nb.core import (
+    Config,
+    autocast,
+    check_choice,
+    get_device,
+    outputs_dir,
+    progress,
+    provenance,
+    run_id,
+    seed_everything,
+    seed_worker,
+    torch_save,
+    write_json,
+    write_text,
+    write_csv,
+    make_generator,
+    fault_point,
+    check_out_dir,
+    clean_stale_temps,
+)
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'KEY_COLUMNS', 'vit_layer_id', 'param_groups', 'build_optimizer', 'lr_factor',
@@ -25,62 +42,84 @@ __all__ = ['OPTIMIZERS', 'SCHEDULES', 'KEY_COLUMNS', 'vit_layer_id', 'param_grou
 def vit_layer_id(name: str, num_layers: int) -> int:
     "Layer index of a timm ViT parameter for layer-wise lr decay: embeddings 0, block i -> i+1, the rest num_layers+1."
     n = name.removeprefix('module.').removeprefix('encoder.').removeprefix('backbone.')
-    if n.startswith(('cls_token', 'pos_embed', 'patch_embed', 'reg_token', 'mask_token')): return 0
-    if n.startswith('blocks.'): return int(n.split('.')[1]) + 1
+    if n.startswith(('cls_token', 'pos_embed', 'patch_embed', 'reg_token', 'mask_token')):
+        return 0
+    if n.startswith('blocks.'):
+        return int(n.split('.')[1]) + 1
     return num_layers + 1
 
-def param_groups(model: nn.Module,
-                 weight_decay: float = 0.0,        # decay for >=2-D weights
-                 no_decay_names: Iterable[str] = ('pos_embed', 'cls_token', 'mask_token', 'reg_token'),
-                 layer_decay: float | None = None,  # e.g. 0.65 for ViT fine-tuning
-                 num_layers: int | None = None,     # depth for layer decay (ViT blocks)
-                 layer_id: Callable[[str, int], int] = vit_layer_id,
-                ) -> list[dict]:
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float = 0.0,  # decay for >=2-D weights
+    no_decay_names: Iterable[str] = ('pos_embed', 'cls_token', 'mask_token', 'reg_token'),
+    layer_decay: float | None = None,  # e.g. 0.65 for ViT fine-tuning
+    num_layers: int | None = None,  # depth for layer decay (ViT blocks)
+    layer_id: Callable[[str, int], int] = vit_layer_id,
+) -> list[dict]:
     "Optimizer parameter groups with no decay on 1-D/token parameters and optional layer-wise lr scales (`lr_scale`)."
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad: continue
+        if not p.requires_grad:
+            continue
         nd = p.ndim <= 1 or any(t in name for t in no_decay_names)
         scale = 1.0
         if layer_decay is not None:
-            if num_layers is None: raise ValueError('layer_decay needs num_layers')
+            if num_layers is None:
+                raise ValueError('layer_decay needs num_layers')
             scale = layer_decay ** (num_layers + 1 - layer_id(name, num_layers))
         key = (nd, scale)
         g = groups.setdefault(key, dict(params=[], names=[], weight_decay=0.0 if nd else weight_decay, lr_scale=scale))
-        g['params'].append(p); g['names'].append(name)
+        g['params'].append(p)
+        g['names'].append(name)
     return list(groups.values())
 
+
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
+
 
 def build_optimizer(params: nn.Module | list, cfg: Config) -> torch.optim.Optimizer:
     "SGD (`cfg.momentum`, `cfg.nesterov`), Adam or AdamW (`cfg.betas`) at `cfg.lr` x each group's `lr_scale`."
     check_choice('optimizer', cfg.optimizer, OPTIMIZERS)
-    if isinstance(params, nn.Module): params = param_groups(params, cfg.weight_decay)
+    if isinstance(params, nn.Module):
+        params = param_groups(params, cfg.weight_decay)
     groups = [{k: v for k, v in g.items() if k != 'names'} for g in params]
-    for g in groups: g['lr'] = cfg.lr * g.get('lr_scale', 1.0)
+    for g in groups:
+        g['lr'] = cfg.lr * g.get('lr_scale', 1.0)
     # fused: one kernel for all of a group's tensors (CPU and CUDA since torch 2.4); with channels_last, 1.05-1.7x faster CPU
     # training steps at the paper sizes (`make bench`, fixes table)
     fused = cfg.fused_optim and all(p.dtype.is_floating_point for g in groups for p in g['params'])
     if cfg.optimizer == 'sgd':
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov, fused=fused or None)
+        return torch.optim.SGD(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+            fused=fused or None,
+        )
     cls = torch.optim.Adam if cfg.optimizer == 'adam' else torch.optim.AdamW
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused or None)
 
+
 SCHEDULES = ('none', 'step', 'cosine')
+
 
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
     "lr multiplier after `step` steps: constant, step decay (`cfg.step_epochs`, `cfg.gamma`) or warmup + cosine."
     check_choice('schedule', cfg.schedule, SCHEDULES)
     epoch = step / max(steps_per_epoch, 1)
     warm = cfg.warmup_epochs
-    if warm > 0 and epoch < warm: return epoch / warm
-    if cfg.schedule == 'none': return 1.0
+    if warm > 0 and epoch < warm:
+        return epoch / warm
+    if cfg.schedule == 'none':
+        return 1.0
     if cfg.schedule == 'step':
         return cfg.gamma ** int(epoch // cfg.step_epochs)
     lo = cfg.min_lr_ratio
     t = min(max((epoch - warm) / max(cfg.epochs - warm, 1e-12), 0.0), 1.0)
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
+
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
     "A per-step `LambdaLR` following `lr_factor`."
@@ -90,87 +129,139 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: in
 def dist_info() -> tuple[int, int]:
     "(rank, world size); (0, 1) when not distributed."
     d = torch.distributed
-    if d.is_available() and d.is_initialized(): return d.get_rank(), d.get_world_size()
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
     return 0, 1
+
 
 def dist_timeout() -> float:
     "Seconds a rank waits for the others in a collective (and at start-up): `$ABAW_NB_DIST_TIMEOUT`, default 600."
     return float(os.environ.get('ABAW_NB_DIST_TIMEOUT', '600'))
 
+
 class DistributedFailure(RuntimeError):
     "Another rank died or stalled: this rank stops with a clear message instead of hanging."
 
+
 def init_distributed(device: str = 'auto') -> tuple[int, int]:
     "Start the process group when launched by torchrun (WORLD_SIZE > 1), with a bounded timeout (`dist_timeout`); returns (rank, world)."
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or torch.distributed.is_initialized(): return dist_info()
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or torch.distributed.is_initialized():
+        return dist_info()
     dev = get_device(device)
     backend = 'nccl' if dev.type == 'cuda' else 'gloo'
-    if dev.type == 'cuda': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    if dev.type == 'cuda':
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     t = dist_timeout()
-    try: torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=t))
+    try:
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=t))
     except Exception as e:
-        raise DistributedFailure(f'rank {os.environ.get("RANK", "?")} of {os.environ["WORLD_SIZE"]}: could not join the process group '
-                                 f'within {t:.0f} s ($ABAW_NB_DIST_TIMEOUT): {str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
+        raise DistributedFailure(
+            f'rank {os.environ.get("RANK", "?")} of {os.environ["WORLD_SIZE"]}: could not join the process group '
+            f'within {t:.0f} s ($ABAW_NB_DIST_TIMEOUT): {str(e).splitlines()[0] if str(e) else type(e).__name__}'
+        ) from e
     return dist_info()
+
 
 class IndexedDataset(torch.utils.data.Dataset):
     "Wraps a dataset of dict items and adds the item's `index` (kept when the item has its own, e.g. the (T,) rows of a clip)."
-    def __init__(self, ds): self.ds = ds
-    def __len__(self): return len(self.ds)
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
     def __getitem__(self, i):
         item = self.ds[i]
-        if not isinstance(item, dict): raise TypeError(f'dataset items must be dicts, got {type(item).__name__}')
+        if not isinstance(item, dict):
+            raise TypeError(f'dataset items must be dicts, got {type(item).__name__}')
         return {'index': i, **item}
 
-def make_loader(ds, cfg: Config, train: bool, batch_size: int | None = None, sampler=None, drop_last: bool | None = None,
-                collate_fn=None, shuffle: bool | None = None) -> torch.utils.data.DataLoader:
+
+def make_loader(
+    ds,
+    cfg: Config,
+    train: bool,
+    batch_size: int | None = None,
+    sampler=None,
+    drop_last: bool | None = None,
+    collate_fn=None,
+    shuffle: bool | None = None,
+) -> torch.utils.data.DataLoader:
     "DataLoader over `IndexedDataset(ds)`: seeded shuffling (or `sampler`) for training, order kept for evaluation, sharded under DDP."
-    ds = IndexedDataset(ds); rank, world = dist_info()
+    ds = IndexedDataset(ds)
+    rank, world = dist_info()
     shuffle = train if shuffle is None else shuffle
     bs = batch_size or cfg.batch_size
     if world > 1:
-        if sampler is not None: raise NotImplementedError('custom samplers under DDP: wrap them per rank')
+        if sampler is not None:
+            raise NotImplementedError('custom samplers under DDP: wrap them per rank')
         # the global batch stays cfg.batch_size: each rank takes an equal share
         sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=shuffle, seed=cfg.seed, drop_last=False)
         bs = max(bs // world, 1)
     gen = make_generator(cfg.seed)
     return torch.utils.data.DataLoader(
-        ds, batch_size=bs, shuffle=(shuffle and sampler is None), sampler=sampler, num_workers=cfg.num_workers,
-        worker_init_fn=seed_worker, generator=gen, drop_last=train if drop_last is None else drop_last,
-        collate_fn=collate_fn, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        ds,
+        batch_size=bs,
+        shuffle=(shuffle and sampler is None),
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        worker_init_fn=seed_worker,
+        generator=gen,
+        drop_last=train if drop_last is None else drop_last,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
 
 # %% ../../nbs/04b_train.engine.ipynb #fb323750
 class UnsafeCheckpoint(RuntimeError):
     "A checkpoint that cannot be loaded without running arbitrary code."
 
+
 def load_checkpoint(path: str | Path, map_location='cpu') -> dict:
     "Load a checkpoint with `weights_only=True`; refuse pickles that want to run code."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'no checkpoint at {path}')
+    if not path.is_file():
+        raise FileNotFoundError(f'no checkpoint at {path}')
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpoint(f'refusing to load {path}: it is not a plain-tensor checkpoint and would run code '
-                               f'when unpickled (torch.load weights_only=True said: {str(e).splitlines()[0]})') from None
+        raise UnsafeCheckpoint(
+            f'refusing to load {path}: it is not a plain-tensor checkpoint and would run code '
+            f'when unpickled (torch.load weights_only=True said: {str(e).splitlines()[0]})'
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f'cannot read the checkpoint {path}: truncated or not a torch checkpoint '
-                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+        raise ValueError(
+            f'cannot read the checkpoint {path}: truncated or not a torch checkpoint '
+            f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
+        ) from None
+
 
 class CheckpointMismatch(ValueError):
     "A state dict whose keys or shapes do not match the model."
+
 
 def load_weights(model: nn.Module, state: dict, source: str = 'checkpoint') -> nn.Module:
     "Load `state` into `model` when every key and shape matches; otherwise `CheckpointMismatch` listing each difference."
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
-              if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        (k, tuple(state[k].shape), tuple(v.shape))
+        for k, v in own.items()
+        if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
-        lines = ([f'  missing key: {k}' for k in missing] + [f'  unexpected key: {k}' for k in unexpected]
-                 + [f'  wrong shape: {k}: checkpoint {a}, model {b}' for k, a, b in shapes])
-        raise CheckpointMismatch(f'{source} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, '
-                                 f'{len(shapes)} wrong shape):\n' + '\n'.join(lines))
+        lines = (
+            [f'  missing key: {k}' for k in missing]
+            + [f'  unexpected key: {k}' for k in unexpected]
+            + [f'  wrong shape: {k}: checkpoint {a}, model {b}' for k, a, b in shapes]
+        )
+        raise CheckpointMismatch(
+            f'{source} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, '
+            f'{len(shapes)} wrong shape):\n' + '\n'.join(lines)
+        )
     model.load_state_dict(state)
     return model
 
@@ -186,59 +277,80 @@ def to_device(batch, device, channels_last: bool = False):
         return batch
     return batch
 
+
 def uses_channels_last(model: nn.Module, cfg: Config) -> bool:
     "Whether the trainer runs `model` in channels_last: `cfg.channels_last` and the model has a 2-D convolution."
     return bool(cfg.channels_last) and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
+
 def set_memory_layout(model: nn.Module, cfg: Config) -> bool:
     "Put `model` (in place) in the layout the engine runs it in; returns whether that is channels_last."
     cl = uses_channels_last(model, cfg)
-    if cl: model.to(memory_format=torch.channels_last)
+    if cl:
+        model.to(memory_format=torch.channels_last)
     return cl
+
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return zlib.crc32(f'{seed}:{epoch}'.encode()) & 0x7FFFFFFF
 
+
 def _np(x):
-    if torch.is_tensor(x): return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    if torch.is_tensor(x):
+        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
     return np.asarray(x)
 
-def _default_forward(model, batch): return model(batch['image'])
+
+def _default_forward(model, batch):
+    return model(batch['image'])
+
 
 KEY_COLUMNS = ('split', 'dataset', 'video', 'frame')
+
 
 def clip_rows(cols: dict) -> pd.DataFrame:
     "Per-frame rows from clip-shaped columns: `index` (N, T) with -1 for padding; float columns of frames seen by several clips are averaged, other columns keep the first clip's value."
     from abaw_nb.data.loading import scatter_predictions
-    idx = np.asarray(cols['index']); flat = idx.reshape(-1); keep = flat >= 0
-    if not keep.any(): return pd.DataFrame({k: [] for k in cols})
-    rows = np.unique(flat[keep]); n = int(rows.max()) + 1
+
+    idx = np.asarray(cols['index'])
+    flat = idx.reshape(-1)
+    keep = flat >= 0
+    if not keep.any():
+        return pd.DataFrame({k: [] for k in cols})
+    rows = np.unique(flat[keep])
+    n = int(rows.max()) + 1
     out = {'index': rows}
     for k, v in cols.items():
-        if k == 'index': continue
+        if k == 'index':
+            continue
         v = np.asarray(v)
-        if v.shape[:2] != idx.shape: raise ValueError(f'column {k!r} has shape {v.shape}; expected it to start with {idx.shape}')
+        if v.shape[:2] != idx.shape:
+            raise ValueError(f'column {k!r} has shape {v.shape}; expected it to start with {idx.shape}')
         if v.dtype.kind == 'f':
             out[k] = scatter_predictions(idx, v, n)[0][rows]
         else:
-            vf = v.reshape(-1)[keep]; first = {}
-            for r, x in zip(flat[keep], vf): first.setdefault(r, x)
+            vf = v.reshape(-1)[keep]
+            first = {}
+            for r, x in zip(flat[keep], vf):
+                first.setdefault(r, x)
             out[k] = np.array([first[r] for r in rows])
     return pd.DataFrame(out)
 
 # %% ../../nbs/04b_train.engine.ipynb #c5dbc82f
 @torch.no_grad()
-def predict_table(model: nn.Module, ds,             # a dataset of dict items (frames or clips)
-                  cfg: Config,
-                  predict_fn: Callable,             # (out, batch) -> {column: (B[, T][, K]) array}
-                  forward_fn: Callable | None = None, # (model, batch) -> out; default model(batch['image'])
-                  collate_fn: Callable | None = None,
-                  batch_size: int | None = None,    # default cfg.batch_size
-                  num_workers: int | None = None,   # decoding processes; default cfg.num_workers
-                  device=None,                      # default cfg.device
-                  channels_last: bool | None = None,# None: the engine's rule for the model (`set_memory_layout`)
-                  show_progress: bool | None = False,
-                 ) -> pd.DataFrame:
+def predict_table(
+    model: nn.Module,
+    ds,  # a dataset of dict items (frames or clips)
+    cfg: Config,
+    predict_fn: Callable,  # (out, batch) -> {column: (B[, T][, K]) array}
+    forward_fn: Callable | None = None,  # (model, batch) -> out; default model(batch['image'])
+    collate_fn: Callable | None = None,
+    batch_size: int | None = None,  # default cfg.batch_size
+    num_workers: int | None = None,  # decoding processes; default cfg.num_workers
+    device=None,  # default cfg.device
+    channels_last: bool | None = None,  # None: the engine's rule for the model (`set_memory_layout`)
+    show_progress: bool | None = False,
+) -> pd.DataFrame:
     "One row per row of `ds`, in dataset order: `index`, the items' key columns, `predict_fn`'s columns."
     dev = get_device(cfg.device if device is None else device)
     model.to(dev)
@@ -263,6 +375,7 @@ def predict_table(model: nn.Module, ds,             # a dataset of dict items (f
         df = pd.concat(parts)
     return df.drop_duplicates('index').sort_values('index').reset_index(drop=True)
 
+
 def _batch_rows(batch: dict, pred: dict) -> dict:
     "The columns of one batch: index, key columns of the items, prediction columns (K-wide ones split)."
     idx = _np(batch['index'])
@@ -280,11 +393,13 @@ def _batch_rows(batch: dict, pred: dict) -> dict:
             raise ValueError(f'predict_fn column {k!r} has shape {v.shape}; expected {idx.shape} or {idx.shape} + (K,)')
     return rows
 
-def with_keys(frames: pd.DataFrame,       # the frame table the dataset was built on
-              pred: pd.DataFrame,         # `predict_table` output
-              keys=('split', 'video', 'frame'),
-              keep_index: bool = True,
-             ) -> pd.DataFrame:
+
+def with_keys(
+    frames: pd.DataFrame,  # the frame table the dataset was built on
+    pred: pd.DataFrame,  # `predict_table` output
+    keys=('split', 'video', 'frame'),
+    keep_index: bool = True,
+) -> pd.DataFrame:
     "The key columns of `frames` at each row's `index`, then the prediction columns."
     k = frames[list(keys)].iloc[pred['index'].to_numpy()].reset_index(drop=True)
     drop = [c for c in k.columns if c in pred.columns] + ([] if keep_index else ['index'])
@@ -297,23 +412,40 @@ def estimate_run_bytes(model: nn.Module, optimizer=None, margin: int = 16 * 2**2
     slots = 2 if optimizer is not None and 'adam' in type(optimizer).__name__.lower() else 1
     return int(w * (1 + 2 * (1 + slots)) + margin)
 
+
 class Trainer:
     "Runs a method's recipe: `fit`, `evaluate`, `predict`, with checkpoints, resume and a run folder."
-    def __init__(self, model: nn.Module, cfg: Config,
-                 loss_fn: Callable,                      # (out, batch) -> loss | (loss, parts)
-                 train_ds=None, val_ds=None,             # datasets of dict items
-                 forward_fn: Callable = _default_forward,
-                 predict_fn: Callable | None = None,     # (out, batch) -> {column: array}
-                 score_fn: Callable | None = None,       # (pred_table) -> {metric: float}
-                 select: str = 'score', mode: str = 'max',  # validation metric that picks the best checkpoint
-                 optimizer=None, scheduler=None, train_sampler=None, collate_fn=None, shuffle: bool = True,
-                 out_dir: str | Path | None = None, resume: bool = True, callbacks: Iterable[Callable] = ()):
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        loss_fn: Callable,  # (out, batch) -> loss | (loss, parts)
+        train_ds=None,
+        val_ds=None,  # datasets of dict items
+        forward_fn: Callable = _default_forward,
+        predict_fn: Callable | None = None,  # (out, batch) -> {column: array}
+        score_fn: Callable | None = None,  # (pred_table) -> {metric: float}
+        select: str = 'score',
+        mode: str = 'max',  # validation metric that picks the best checkpoint
+        optimizer=None,
+        scheduler=None,
+        train_sampler=None,
+        collate_fn=None,
+        shuffle: bool = True,
+        out_dir: str | Path | None = None,
+        resume: bool = True,
+        callbacks: Iterable[Callable] = (),
+    ):
         check_choice('mode', mode, ('max', 'min'))
         self.cfg, self.loss_fn, self.forward_fn = cfg, loss_fn, forward_fn
         self.predict_fn, self.score_fn, self.select, self.mode = predict_fn, score_fn, select, mode
         self.rank, self.world = init_distributed(cfg.device)
-        self.device = get_device(cfg.device) if self.world == 1 or get_device(cfg.device).type == 'cpu' else \
-            torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        self.device = (
+            get_device(cfg.device)
+            if self.world == 1 or get_device(cfg.device).type == 'cpu'
+            else torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        )
         seed_everything(cfg.seed, cfg.deterministic)
         self.model = model.to(self.device)
         # channels_last: the conv weights (and each image batch, in `_to`) in NHWC, the layout oneDNN and cuDNN run fastest;
@@ -321,60 +453,96 @@ class Trainer:
         self.channels_last = set_memory_layout(self.model, cfg)
         self.ddp = None
         if self.world > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None
+            )
         self.train_ds, self.val_ds, self.collate_fn = train_ds, val_ds, collate_fn
-        self.train_loader = make_loader(train_ds, cfg, True, sampler=train_sampler, collate_fn=collate_fn, shuffle=shuffle) if train_ds is not None else None
+        self.train_loader = (
+            make_loader(train_ds, cfg, True, sampler=train_sampler, collate_fn=collate_fn, shuffle=shuffle)
+            if train_ds is not None
+            else None
+        )
         n_steps = len(self.train_loader) if self.train_loader is not None else 1
-        if cfg.max_steps_per_epoch: n_steps = min(n_steps, cfg.max_steps_per_epoch * cfg.grad_accum)
+        if cfg.max_steps_per_epoch:
+            n_steps = min(n_steps, cfg.max_steps_per_epoch * cfg.grad_accum)
         self.steps_per_epoch = max(n_steps // cfg.grad_accum, 1)
         self.opt = optimizer or build_optimizer(self.model, cfg)
         self.sched = scheduler or build_scheduler(self.opt, cfg, self.steps_per_epoch)
-        self.out_dir = Path(out_dir or cfg.out_dir or outputs_dir('runs')/run_id(f'{cfg.method or "run"}-{cfg.task}'))
+        self.out_dir = Path(out_dir or cfg.out_dir or outputs_dir('runs') / run_id(f'{cfg.method or "run"}-{cfg.task}'))
         self.callbacks, self.history, self.epoch, self.best = list(callbacks), [], 0, None
-        if self.is_main:   # fail before training when the run folder is unwritable or its disk too full
+        if self.is_main:  # fail before training when the run folder is unwritable or its disk too full
             check_out_dir(self.out_dir, estimate_run_bytes(self.model, self.opt))
-            clean_stale_temps(self.out_dir)   # temporary files of a write that a kill interrupted
-        if resume and (self.out_dir/'last.pt').exists(): self.load(self.out_dir/'last.pt')
-        elif resume and (self.out_dir/'finished.json').exists(): self._load_finished()
+            clean_stale_temps(self.out_dir)  # temporary files of a write that a kill interrupted
+        if resume and (self.out_dir / 'last.pt').exists():
+            self.load(self.out_dir / 'last.pt')
+        elif resume and (self.out_dir / 'finished.json').exists():
+            self._load_finished()
 
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     @property
     def _progress(self):  # bars on rank 0 only; None defers to $ABAW_NB_PROGRESS
         return self.cfg.progress if self.is_main else False
+
     @property
-    def net(self) -> nn.Module: return self.ddp or self.model
+    def net(self) -> nn.Module:
+        return self.ddp or self.model
 
     # -- state
     def state(self) -> dict:
-        return dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
-                    epoch=self.epoch, history=self.history, best=self.best, config=self.cfg.to_json(),
-                    torch_rng=torch.get_rng_state())
+        return dict(
+            model=self.model.state_dict(),
+            optimizer=self.opt.state_dict(),
+            scheduler=self.sched.state_dict(),
+            epoch=self.epoch,
+            history=self.history,
+            best=self.best,
+            config=self.cfg.to_json(),
+            torch_rng=torch.get_rng_state(),
+        )
 
     def save(self, path: Path, weights_only: bool = False) -> None:
         "Write the training state (`last.pt`: resumable) or, with `weights_only`, the weights and where they come from (`best.pt`)."
-        if not self.is_main: return
-        torch_save(path, dict(model=self.model.state_dict(), epoch=self.best['epoch'] if self.best else self.epoch,
-                                    best=self.best, config=self.cfg.to_json())
-                   if weights_only else self.state())
+        if not self.is_main:
+            return
+        torch_save(
+            path,
+            dict(
+                model=self.model.state_dict(),
+                epoch=self.best['epoch'] if self.best else self.epoch,
+                best=self.best,
+                config=self.cfg.to_json(),
+            )
+            if weights_only
+            else self.state(),
+        )
 
     def _finish(self) -> None:
         "After the last epoch: a run without validation keeps its final weights as `best.pt`; unless `cfg.keep_last`, `last.pt` (3x the weights with Adam) is dropped, `finished.json` saying so."
-        if not self.is_main: return
-        if not (self.out_dir/'best.pt').exists(): self.save(self.out_dir/'best.pt', weights_only=True)
-        if self.cfg.keep_last: return
-        write_json(self.out_dir/'finished.json', {'epochs': self.epoch, 'training_state': 'dropped (keep_last=False)'})
-        (self.out_dir/'last.pt').unlink(missing_ok=True)
+        if not self.is_main:
+            return
+        if not (self.out_dir / 'best.pt').exists():
+            self.save(self.out_dir / 'best.pt', weights_only=True)
+        if self.cfg.keep_last:
+            return
+        write_json(
+            self.out_dir / 'finished.json', {'epochs': self.epoch, 'training_state': 'dropped (keep_last=False)'}
+        )
+        (self.out_dir / 'last.pt').unlink(missing_ok=True)
 
     def _load_finished(self) -> None:
         "Reopen a finished run whose `last.pt` was dropped: history, best epoch and best weights; it can be evaluated, not trained further."
-        done = json.loads((self.out_dir/'finished.json').read_text())['epochs']
+        done = json.loads((self.out_dir / 'finished.json').read_text())['epochs']
         if self.cfg.epochs > done:
-            raise ValueError(f'{self.out_dir} holds a finished run of {done} epochs whose training state was not kept (keep_last=False), '
-                             f'so it cannot go on to epochs={self.cfg.epochs}: choose a new out_dir, or train with keep_last=True '
-                             'to keep runs extendable')
-        self.history = [json.loads(l) for l in (self.out_dir/'metrics.jsonl').read_text().splitlines() if l.strip()]
-        b = self.out_dir/'best.json'
+            raise ValueError(
+                f'{self.out_dir} holds a finished run of {done} epochs whose training state was not kept (keep_last=False), '
+                f'so it cannot go on to epochs={self.cfg.epochs}: choose a new out_dir, or train with keep_last=True '
+                'to keep runs extendable'
+            )
+        self.history = [json.loads(l) for l in (self.out_dir / 'metrics.jsonl').read_text().splitlines() if l.strip()]
+        b = self.out_dir / 'best.json'
         self.best = (json.loads(b.read_text()) or None) if b.exists() else None
         self.epoch = done
         self.load_best()
@@ -382,7 +550,9 @@ class Trainer:
     def load(self, path: Path) -> None:
         "Restore model, optimiser, scheduler and history from a checkpoint (resume)."
         s = load_checkpoint(path, map_location=self.device)
-        load_weights(self.model, s['model'], str(path)); self.opt.load_state_dict(s['optimizer']); self.sched.load_state_dict(s['scheduler'])
+        load_weights(self.model, s['model'], str(path))
+        self.opt.load_state_dict(s['optimizer'])
+        self.sched.load_state_dict(s['scheduler'])
         self.epoch, self.history, self.best = s['epoch'], list(s['history']), s['best']
 
     # -- loops
@@ -393,31 +563,43 @@ class Trainer:
     def train_epoch(self) -> dict:
         "One epoch of training; returns mean loss (and loss parts) over its steps."
         cfg, net = self.cfg, self.net
-        es = _epoch_seed(cfg.seed, self.epoch); seed_everything(es, cfg.deterministic)
+        es = _epoch_seed(cfg.seed, self.epoch)
+        seed_everything(es, cfg.deterministic)
         loader = self.train_loader
-        if loader.generator is not None: loader.generator.manual_seed(es)
-        if hasattr(loader.sampler, 'set_epoch'): loader.sampler.set_epoch(self.epoch)
+        if loader.generator is not None:
+            loader.generator.manual_seed(es)
+        if hasattr(loader.sampler, 'set_epoch'):
+            loader.sampler.set_epoch(self.epoch)
         if hasattr(loader.batch_sampler, 'sampler') and hasattr(loader.batch_sampler.sampler, 'set_epoch'):
             loader.batch_sampler.sampler.set_epoch(self.epoch)
-        net.train(); self.opt.zero_grad(set_to_none=True)
+        net.train()
+        self.opt.zero_grad(set_to_none=True)
         tot, parts_tot, n = 0.0, {}, 0
         max_batches = self.steps_per_epoch * cfg.grad_accum
         bar = progress(total=max_batches, desc=f'epoch {self.epoch + 1}/{cfg.epochs}', enabled=self._progress)
         for i, batch in enumerate(loader):
-            if i >= max_batches: break
+            if i >= max_batches:
+                break
             batch = to_device(batch, self.device, self.channels_last)
             with autocast(self.device, cfg.precision):
-                out = self.forward_fn(net, batch); loss, parts = self._loss(out, batch)
+                out = self.forward_fn(net, batch)
+                loss, parts = self._loss(out, batch)
             (loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0:
-                self.opt.step(); self.sched.step(); self.opt.zero_grad(set_to_none=True)
-                fault_point('step')   # test hook: killed mid-epoch
-            tot += float(loss.detach()); n += 1
-            for k, v in parts.items(): parts_tot[k] = parts_tot.get(k, 0.0) + float(v)
-            bar.update(1); bar.set_postfix(loss=f'{tot / n:.4f}')
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                fault_point('step')  # test hook: killed mid-epoch
+            tot += float(loss.detach())
+            n += 1
+            for k, v in parts.items():
+                parts_tot[k] = parts_tot.get(k, 0.0) + float(v)
+            bar.update(1)
+            bar.set_postfix(loss=f'{tot / n:.4f}')
         bar.close()
         stats = torch.tensor([tot, n, *parts_tot.values()], dtype=torch.float64)
-        if self.world > 1: torch.distributed.all_reduce(stats)
+        if self.world > 1:
+            torch.distributed.all_reduce(stats)
         n = max(stats[1].item(), 1)
         res = {'train_loss': stats[0].item() / n}
         res.update({f'train_{k}': stats[2 + j].item() / n for j, k in enumerate(parts_tot)})
@@ -427,8 +609,18 @@ class Trainer:
         "Per-frame prediction table over `ds` in dataset order (`predict_table` with this trainer's functions)."
         if self.predict_fn is None:
             raise ValueError('predict needs a predict_fn (out, batch) -> {column: array}')
-        return predict_table(self.model, ds, self.cfg, self.predict_fn, self.forward_fn, self.collate_fn, batch_size,
-                             device=self.device, channels_last=self.channels_last, show_progress=self._progress)
+        return predict_table(
+            self.model,
+            ds,
+            self.cfg,
+            self.predict_fn,
+            self.forward_fn,
+            self.collate_fn,
+            batch_size,
+            device=self.device,
+            channels_last=self.channels_last,
+            show_progress=self._progress,
+        )
 
     def evaluate(self, ds=None) -> tuple[dict, pd.DataFrame]:
         "Predict on `ds` (default: validation) and score the whole table with `score_fn` (dataset level)."
@@ -438,29 +630,38 @@ class Trainer:
         return scores, pred
 
     def _better(self, v) -> bool:
-        if self.best is None: return True
+        if self.best is None:
+            return True
         return v > self.best['value'] if self.mode == 'max' else v < self.best['value']
 
     def fit(self) -> list[dict]:
         "Train for `cfg.epochs` (continuing after the last checkpoint), validating and checkpointing every epoch."
-        if self.train_loader is None: raise ValueError('fit needs a train_ds')
+        if self.train_loader is None:
+            raise ValueError('fit needs a train_ds')
         self._write_run_info()
-        if self.history: self._write_history()   # resumed: a kill may have come between last.pt and metrics.jsonl
+        if self.history:
+            self._write_history()  # resumed: a kill may have come between last.pt and metrics.jsonl
         try:
-            while self.epoch < self.cfg.epochs: self._fit_epoch()
+            while self.epoch < self.cfg.epochs:
+                self._fit_epoch()
             self._finish()
         except Exception as e:
-            lost = isinstance(e, torch.distributed.DistError) or any(w in str(e) for w in ('gloo', 'nccl', 'onnection', 'imed out'))
-            if self.world == 1 or isinstance(e, DistributedFailure) or not lost: raise
-            raise DistributedFailure(f'rank {self.rank} of {self.world}: training stopped at epoch {self.epoch + 1} because a '
-                                     f'collective with the other ranks failed (one of them died, or stalled for more than '
-                                     f'{dist_timeout():.0f} s): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
+            lost = isinstance(e, torch.distributed.DistError) or any(
+                w in str(e) for w in ('gloo', 'nccl', 'onnection', 'imed out')
+            )
+            if self.world == 1 or isinstance(e, DistributedFailure) or not lost:
+                raise
+            raise DistributedFailure(
+                f'rank {self.rank} of {self.world}: training stopped at epoch {self.epoch + 1} because a '
+                f'collective with the other ranks failed (one of them died, or stalled for more than '
+                f'{dist_timeout():.0f} s): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+            ) from e
         return self.history
 
     def _write_history(self):
         if self.is_main:
-            write_text(self.out_dir/'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in self.history))
-            write_json(self.out_dir/'best.json', self.best or {})
+            write_text(self.out_dir / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in self.history))
+            write_json(self.out_dir / 'best.json', self.best or {})
 
     def _fit_epoch(self):
         "One epoch: train, validate, keep the best checkpoint, write last.pt and the history."
@@ -471,20 +672,31 @@ class Trainer:
             rec.update({f'val_{k}': v for k, v in scores.items()})
             if self.select in scores and self._better(scores[self.select]):
                 self.best = {'epoch': self.epoch + 1, 'metric': self.select, 'value': scores[self.select]}
-                self.save(self.out_dir/'best.pt', weights_only=True)
-                if self.is_main: write_csv(self.out_dir/'predictions_val.csv', pred)
+                self.save(self.out_dir / 'best.pt', weights_only=True)
+                if self.is_main:
+                    write_csv(self.out_dir / 'predictions_val.csv', pred)
         rec['seconds'] = time.time() - t0
-        self.history.append(rec); self.epoch += 1
-        self.save(self.out_dir/'last.pt')
+        self.history.append(rec)
+        self.epoch += 1
+        self.save(self.out_dir / 'last.pt')
         self._write_history()
-        for cb in self.callbacks: cb(self, rec)
+        for cb in self.callbacks:
+            cb(self, rec)
 
     def load_best(self) -> None:
         "Load the weights of the best validation epoch (if any)."
-        if (self.out_dir/'best.pt').exists(): load_weights(self.model, load_checkpoint(self.out_dir/'best.pt', self.device)['model'], str(self.out_dir/'best.pt'))
+        if (self.out_dir / 'best.pt').exists():
+            load_weights(
+                self.model,
+                load_checkpoint(self.out_dir / 'best.pt', self.device)['model'],
+                str(self.out_dir / 'best.pt'),
+            )
 
     def _write_run_info(self):
-        if not self.is_main: return
-        write_json(self.out_dir/'config.json', self.cfg.to_dict())
+        if not self.is_main:
+            return
+        write_json(self.out_dir / 'config.json', self.cfg.to_dict())
         fp = getattr(self.train_ds, 'fingerprint', None)
-        write_json(self.out_dir/'provenance.json', provenance(self.cfg, fp() if callable(fp) else fp, world_size=self.world))
+        write_json(
+            self.out_dir / 'provenance.json', provenance(self.cfg, fp() if callable(fp) else fp, world_size=self.world)
+        )

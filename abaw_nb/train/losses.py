@@ -18,14 +18,18 @@ __all__ = ['valid_mask', 'batch_targets', 'ccc', 'ccc_loss', 'masked_mse', 'mask
            'DistillationLoss']
 
 # %% ../../nbs/04a_train.losses.ipynb #bf0c3321
-def valid_mask(target: torch.Tensor, # labels: VA/AU float with NaN, EXPR int with -1 (or float with NaN)
-               task: str,            # 'va', 'expr' or 'au'
-              ) -> torch.Tensor:
+def valid_mask(
+    target: torch.Tensor,  # labels: VA/AU float with NaN, EXPR int with -1 (or float with NaN)
+    task: str,  # 'va', 'expr' or 'au'
+) -> torch.Tensor:
     "Boolean mask of the labels that are present: VA not NaN; EXPR >= 0 and not NaN; AU not NaN and >= 0."
     check_choice('task', task, ('va', 'expr', 'au'))
-    if target.is_floating_point(): ok = ~torch.isnan(target)
-    else: ok = torch.ones_like(target, dtype=torch.bool)
-    if task in ('expr', 'au'): ok = ok & (torch.nan_to_num(target.double(), nan=-1.0) >= 0)
+    if target.is_floating_point():
+        ok = ~torch.isnan(target)
+    else:
+        ok = torch.ones_like(target, dtype=torch.bool)
+    if task in ('expr', 'au'):
+        ok = ok & (torch.nan_to_num(target.double(), nan=-1.0) >= 0)
     return ok
 
 # %% ../../nbs/04a_train.losses.ipynb #0b598d1f
@@ -48,62 +52,83 @@ def ccc(x: torch.Tensor, y: torch.Tensor, dim: int = 0, eps: float = 1e-8) -> to
     cov = ((x - x.mean(dim, keepdim=True)) * (y - y.mean(dim, keepdim=True))).mean(dim)
     return 2 * cov / (vx + vy + (mx - my) ** 2 + eps)
 
+
 def ccc_loss(pred: torch.Tensor, target: torch.Tensor, dim: int = 0) -> torch.Tensor:
     "1 - CCC, averaged over the remaining dimensions (e.g. valence and arousal)."
     return (1 - ccc(pred, target, dim)).mean()
 
 # %% ../../nbs/04a_train.losses.ipynb #6718e41d
 def _zero(x: torch.Tensor) -> torch.Tensor:
-    return x.sum() * 0.0     # a zero that keeps the graph (and gives zero gradients)
+    return x.sum() * 0.0  # a zero that keeps the graph (and gives zero gradients)
+
 
 def _va_values(pred, n_bins, anchors):
     return bins_to_va(pred, n_bins, anchors) if pred.shape[-1] == 2 * n_bins else pred
 
-def masked_mse(pred: torch.Tensor,    # (N, 2) VA values or (N, 2*n_bins) logits
-               target: torch.Tensor,  # (N, 2) with NaN for missing
-               n_bins: int = 20, anchors: str = 'centres') -> torch.Tensor:
+
+def masked_mse(
+    pred: torch.Tensor,  # (N, 2) VA values or (N, 2*n_bins) logits
+    target: torch.Tensor,  # (N, 2) with NaN for missing
+    n_bins: int = 20,
+    anchors: str = 'centres',
+) -> torch.Tensor:
     "Mean squared error over the valid VA entries."
     pred = _va_values(pred, n_bins, anchors)
     m = valid_mask(target, 'va')
-    if not m.any(): return _zero(pred)
+    if not m.any():
+        return _zero(pred)
     return F.mse_loss(pred[m], target[m])
 
-def masked_ccc_loss(pred: torch.Tensor, target: torch.Tensor, n_bins: int = 20, anchors: str = 'centres') -> torch.Tensor:
+
+def masked_ccc_loss(
+    pred: torch.Tensor, target: torch.Tensor, n_bins: int = 20, anchors: str = 'centres'
+) -> torch.Tensor:
     "Mean over VA dimensions of 1 − CCC on the frames valid for that dimension (a dimension with < 2 valid frames adds 0)."
     pred = _va_values(pred, n_bins, anchors)
     m = valid_mask(target, 'va')
-    parts = [1 - ccc(pred[m[:, j], j], target[m[:, j], j]) if m[:, j].sum() >= 2 else _zero(pred)
-             for j in range(target.shape[1])]
+    parts = [
+        1 - ccc(pred[m[:, j], j], target[m[:, j], j]) if m[:, j].sum() >= 2 else _zero(pred)
+        for j in range(target.shape[1])
+    ]
     return torch.stack(parts).mean()
 
-def masked_ce(logits: torch.Tensor,   # (N, K)
-              target: torch.Tensor,   # (N,) class index, -1 / NaN for missing
-              weight=None,            # (K,) class weights (as nn.CrossEntropyLoss: weighted mean)
-              label_smoothing: float = 0.0) -> torch.Tensor:
+
+def masked_ce(
+    logits: torch.Tensor,  # (N, K)
+    target: torch.Tensor,  # (N,) class index, -1 / NaN for missing
+    weight=None,  # (K,) class weights (as nn.CrossEntropyLoss: weighted mean)
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     "Cross-entropy over the frames with an EXPR label."
     m = valid_mask(target, 'expr')
-    if not m.any(): return _zero(logits)
+    if not m.any():
+        return _zero(logits)
     w = None if weight is None else torch.as_tensor(weight, dtype=logits.dtype, device=logits.device)
     return F.cross_entropy(logits[m], target[m].long(), weight=w, label_smoothing=label_smoothing)
 
-def masked_bce(logits: torch.Tensor,  # (N, A)
-               target: torch.Tensor,  # (N, A) 0/1, NaN / -1 for missing
-               pos_weight=None,       # (A,) weight of the positive term per AU
-              ) -> torch.Tensor:
+
+def masked_bce(
+    logits: torch.Tensor,  # (N, A)
+    target: torch.Tensor,  # (N, A) 0/1, NaN / -1 for missing
+    pos_weight=None,  # (A,) weight of the positive term per AU
+) -> torch.Tensor:
     "Binary cross-entropy with logits, mean over the valid (frame, AU) entries."
     m = valid_mask(target, 'au')
-    if not m.any(): return _zero(logits)
+    if not m.any():
+        return _zero(logits)
     pw = None
     if pos_weight is not None:
         pw = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device).expand_as(logits)[m]
     return F.binary_cross_entropy_with_logits(logits[m], target[m].to(logits.dtype), pos_weight=pw)
 
-def masked_va_bins_loss(logits: torch.Tensor,  # (N, 2*n_bins): valence bins then arousal bins
-                        target: torch.Tensor,  # (N, 2) with NaN for missing
-                        n_bins: int = 20,
-                        lambda_ccc: float = 1.0,   # weight of 1 - CCC (0: bins cross-entropy only)
-                        anchors: str = 'centres',
-                       ) -> torch.Tensor:
+
+def masked_va_bins_loss(
+    logits: torch.Tensor,  # (N, 2*n_bins): valence bins then arousal bins
+    target: torch.Tensor,  # (N, 2) with NaN for missing
+    n_bins: int = 20,
+    lambda_ccc: float = 1.0,  # weight of 1 - CCC (0: bins cross-entropy only)
+    anchors: str = 'centres',
+) -> torch.Tensor:
     "Σ over valence, arousal of [CE(bin logits, label bin) + λ·(1 − CCC(expectation, label))], valid frames only."
     m = valid_mask(target, 'va')
     lg = logits.unflatten(-1, (2, n_bins))
@@ -111,9 +136,12 @@ def masked_va_bins_loss(logits: torch.Tensor,  # (N, 2*n_bins): valence bins the
     parts = []
     for j in range(2):
         mj = m[:, j]
-        if not mj.any(): parts.append(_zero(logits)); continue
+        if not mj.any():
+            parts.append(_zero(logits))
+            continue
         l = F.cross_entropy(lg[mj, j], va_to_bins(target[mj, j], n_bins))
-        if lambda_ccc and mj.sum() >= 2: l = l + lambda_ccc * (1 - ccc(exp[mj, j], target[mj, j]))
+        if lambda_ccc and mj.sum() >= 2:
+            l = l + lambda_ccc * (1 - ccc(exp[mj, j], target[mj, j]))
         parts.append(l)
     return parts[0] + parts[1]
 
@@ -121,20 +149,34 @@ def masked_va_bins_loss(logits: torch.Tensor,  # (N, 2*n_bins): valence bins the
 def _bins_ce(logits, target, n_bins: int = 20, anchors: str = 'centres'):
     return masked_va_bins_loss(logits, target, n_bins, 0.0, anchors)
 
-_LOSSES = {'mse': masked_mse, 'ccc': masked_ccc_loss, 'ce': masked_ce, 'bce': masked_bce,
-           'va_bins': masked_va_bins_loss, 'bins_ce': _bins_ce}
+
+_LOSSES = {
+    'mse': masked_mse,
+    'ccc': masked_ccc_loss,
+    'ce': masked_ce,
+    'bce': masked_bce,
+    'va_bins': masked_va_bins_loss,
+    'bins_ce': _bins_ce,
+}
 _TASK_OF = {'mse': 'va', 'ccc': 'va', 'va_bins': 'va', 'bins_ce': 'va', 'ce': 'expr', 'bce': 'au'}
+
 
 class MultiTaskLoss(nn.Module):
     "Σ_t w_t · L_t over the tasks present in `targets`, each L_t masked to its valid labels."
-    def __init__(self, tasks: dict): # task -> 'loss[+loss]' or {'loss': ..., 'weight': w, 'class_weight': [...], **loss kwargs}
+
+    def __init__(
+        self, tasks: dict
+    ):  # task -> 'loss[+loss]' or {'loss': ..., 'weight': w, 'class_weight': [...], **loss kwargs}
         super().__init__()
         self.tasks = {}
         for t, cfg in tasks.items():
             cfg = {'loss': cfg} if isinstance(cfg, str) else dict(cfg)
-            names = cfg.pop('loss').split('+'); w = float(cfg.pop('weight', 1.0))   # 'weight' is the task's weight in the sum
-            if 'class_weight' in cfg: cfg['weight'] = cfg.pop('class_weight')      # per-class CE weights reach masked_ce as `weight`
-            for n in names: check_choice(f'loss of task {t!r}', n, list(_LOSSES))
+            names = cfg.pop('loss').split('+')
+            w = float(cfg.pop('weight', 1.0))  # 'weight' is the task's weight in the sum
+            if 'class_weight' in cfg:
+                cfg['weight'] = cfg.pop('class_weight')  # per-class CE weights reach masked_ce as `weight`
+            for n in names:
+                check_choice(f'loss of task {t!r}', n, list(_LOSSES))
             self.tasks[t] = (names, w, cfg)
 
     def task_loss(self, task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -151,85 +193,118 @@ class MultiTaskLoss(nn.Module):
     def forward(self, outputs: dict, targets: dict):
         "Returns (total, {task: unweighted loss}) over the tasks in both `outputs` and `targets`."
         parts = {t: self.task_loss(t, outputs[t], targets[t]) for t in self.tasks if t in outputs and t in targets}
-        if not parts: raise KeyError(f'no task of {list(self.tasks)} found in both outputs {list(outputs)} and targets {list(targets)}')
+        if not parts:
+            raise KeyError(
+                f'no task of {list(self.tasks)} found in both outputs {list(outputs)} and targets {list(targets)}'
+            )
         total = sum(self.tasks[t][1] * l for t, l in parts.items())
         return total, parts
 
 # %% ../../nbs/04a_train.losses.ipynb #f5fee829
-def kd_kl(student_logits: torch.Tensor, teacher: torch.Tensor,
-          T: float = 1.0,                 # temperature
-          teacher_is_prob: bool = False,  # `teacher` holds probabilities (not softened again)
-          t2: bool = True,                # multiply by T² (Hinton); the incomplete-labels original does not
-         ) -> torch.Tensor:
+def kd_kl(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor,
+    T: float = 1.0,  # temperature
+    teacher_is_prob: bool = False,  # `teacher` holds probabilities (not softened again)
+    t2: bool = True,  # multiply by T² (Hinton); the incomplete-labels original does not
+) -> torch.Tensor:
     "KL(p_teacher ‖ p_student) at temperature T, mean over the batch."
     logp = F.log_softmax(student_logits / T, dim=-1)
     pt = teacher if teacher_is_prob else F.softmax(teacher / T, dim=-1)
     kl = F.kl_div(logp, pt.detach(), reduction='batchmean')
     return kl * T * T if t2 else kl
 
-def kd_kl_bins(student_logits, teacher, n_bins: int = 20, T: float = 1.0, teacher_is_prob: bool = False, t2: bool = True):
+
+def kd_kl_bins(
+    student_logits, teacher, n_bins: int = 20, T: float = 1.0, teacher_is_prob: bool = False, t2: bool = True
+):
     "`kd_kl` on the valence bins plus `kd_kl` on the arousal bins."
     s, t = student_logits.unflatten(-1, (2, n_bins)), teacher.unflatten(-1, (2, n_bins))
     return sum(kd_kl(s[:, j], t[:, j], T, teacher_is_prob, t2) for j in range(2))
+
 
 def bce_soft(student_logits: torch.Tensor, teacher: torch.Tensor, teacher_is_prob: bool = False) -> torch.Tensor:
     "BCE with logits of the student against the teacher's probabilities (sigmoid of its logits unless given)."
     pt = teacher if teacher_is_prob else torch.sigmoid(teacher)
     return F.binary_cross_entropy_with_logits(student_logits, pt.detach())
 
+
 def _teacher_va(teacher, n_bins, anchors, teacher_is_prob):
-    if teacher.shape[-1] != 2 * n_bins: return teacher
-    if not teacher_is_prob: return bins_to_va(teacher, n_bins, anchors)
+    if teacher.shape[-1] != 2 * n_bins:
+        return teacher
+    if not teacher_is_prob:
+        return bins_to_va(teacher, n_bins, anchors)
     return teacher.unflatten(-1, (2, n_bins)) @ va_bin_anchors(n_bins, anchors).to(teacher)
+
 
 def kd_ccc(student, teacher, n_bins: int = 20, anchors: str = 'centres', teacher_is_prob: bool = False):
     "1 − CCC between the student's and the teacher's VA values (bin logits/probabilities read out as expectations)."
-    return ccc_loss(_va_values(student, n_bins, anchors), _teacher_va(teacher, n_bins, anchors, teacher_is_prob).detach())
+    return ccc_loss(
+        _va_values(student, n_bins, anchors), _teacher_va(teacher, n_bins, anchors, teacher_is_prob).detach()
+    )
+
 
 def kd_mse(student, teacher, n_bins: int = 20, anchors: str = 'centres', teacher_is_prob: bool = False):
     "MSE between the student's and the teacher's VA values."
-    return F.mse_loss(_va_values(student, n_bins, anchors), _teacher_va(teacher, n_bins, anchors, teacher_is_prob).detach())
+    return F.mse_loss(
+        _va_values(student, n_bins, anchors), _teacher_va(teacher, n_bins, anchors, teacher_is_prob).detach()
+    )
+
 
 def mix(distill: torch.Tensor, gt: torch.Tensor | None, alpha: float = 0.4) -> torch.Tensor:
     "α·distill + (1 − α)·gt, or distill alone when there is no ground truth."
     return distill if gt is None else alpha * distill + (1 - alpha) * gt
 
+
 _KD = {'kl': kd_kl, 'kl_bins': kd_kl_bins, 'bce': bce_soft, 'ccc': kd_ccc, 'mse': kd_mse}
+
 
 class DistillationLoss(nn.Module):
     "Σ_t w_t · [α·D_t + (1−α)·GT_t] (D_t alone where the batch has no label of task t)."
-    def __init__(self,
-                 tasks: dict,                 # task -> distillation kind: kl | kl_bins | bce | ccc | mse
-                 T: float = 1.0,              # temperature of kl / kl_bins
-                 t2: bool = True,             # T² factor on the KL terms
-                 alpha: float = 0.4,          # weight of the distillation term where ground truth exists
-                 gt_loss: MultiTaskLoss | None = None, # ground-truth losses (None: students never see labels, EMENet)
-                 weights: dict | None = None, # per-task weights (default 1)
-                 teacher_is_prob: bool = False, # teacher outputs are probabilities (ensemble means)
-                 n_bins: int = 20, anchors: str = 'centres'):
+
+    def __init__(
+        self,
+        tasks: dict,  # task -> distillation kind: kl | kl_bins | bce | ccc | mse
+        T: float = 1.0,  # temperature of kl / kl_bins
+        t2: bool = True,  # T² factor on the KL terms
+        alpha: float = 0.4,  # weight of the distillation term where ground truth exists
+        gt_loss: MultiTaskLoss | None = None,  # ground-truth losses (None: students never see labels, EMENet)
+        weights: dict | None = None,  # per-task weights (default 1)
+        teacher_is_prob: bool = False,  # teacher outputs are probabilities (ensemble means)
+        n_bins: int = 20,
+        anchors: str = 'centres',
+    ):
         super().__init__()
-        for t, k in tasks.items(): check_choice(f'distillation kind of task {t!r}', k, list(_KD))
+        for t, k in tasks.items():
+            check_choice(f'distillation kind of task {t!r}', k, list(_KD))
         self.tasks, self.T, self.t2, self.alpha, self.gt_loss = dict(tasks), T, t2, alpha, gt_loss
         self.weights, self.teacher_is_prob, self.n_bins, self.anchors = weights or {}, teacher_is_prob, n_bins, anchors
 
     def distill_term(self, task: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         k = self.tasks[task]
-        if k == 'kl': return kd_kl(s, t, self.T, self.teacher_is_prob, self.t2)
-        if k == 'kl_bins': return kd_kl_bins(s, t, self.n_bins, self.T, self.teacher_is_prob, self.t2)
-        if k == 'bce': return bce_soft(s, t, self.teacher_is_prob)
+        if k == 'kl':
+            return kd_kl(s, t, self.T, self.teacher_is_prob, self.t2)
+        if k == 'kl_bins':
+            return kd_kl_bins(s, t, self.n_bins, self.T, self.teacher_is_prob, self.t2)
+        if k == 'bce':
+            return bce_soft(s, t, self.teacher_is_prob)
         return _KD[k](s, t, self.n_bins, self.anchors, self.teacher_is_prob)
 
     def forward(self, student: dict, teacher: dict, targets: dict | None = None):
         "Returns (total, {task: mixed loss})."
         parts = {}
         for task in self.tasks:
-            if task not in student or task not in teacher: continue
+            if task not in student or task not in teacher:
+                continue
             d = self.distill_term(task, student[task], teacher[task])
             gt = None
             if self.gt_loss is not None and targets is not None and task in targets and task in self.gt_loss.tasks:
-                kind = _TASK_OF[self.gt_loss.tasks[task][0][0]]   # the label kind of the task's gt loss
+                kind = _TASK_OF[self.gt_loss.tasks[task][0][0]]  # the label kind of the task's gt loss
                 if valid_mask(targets[task], kind).any():
                     gt = self.gt_loss.task_loss(task, student[task], targets[task])
             parts[task] = mix(d, gt, self.alpha)
-        if not parts: raise KeyError(f'no task of {list(self.tasks)} found in both student {list(student)} and teacher {list(teacher)}')
+        if not parts:
+            raise KeyError(
+                f'no task of {list(self.tasks)} found in both student {list(student)} and teacher {list(teacher)}'
+            )
         return sum(self.weights.get(t, 1.0) * l for t, l in parts.items()), parts

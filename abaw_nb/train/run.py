@@ -7,15 +7,36 @@ from __future__ import annotations
 import contextlib, json, os, shutil
 from pathlib import Path
 import numpy as np, pandas as pd
-from ..core import (Config, check_choice, get_config, get_device, write_csv, write_json, write_text, fingerprint,
-                          PRESETS, validate_config, seed_everything, outputs_dir, run_id, clean_stale_temps,
-                          check_out_dir, provenance)
+from abaw_nb.core import (
+    Config,
+    check_choice,
+    get_config,
+    write_csv,
+    write_json,
+    write_text,
+    fingerprint,
+    PRESETS,
+    validate_config,
+    seed_everything,
+    outputs_dir,
+    run_id,
+    clean_stale_temps,
+    check_out_dir,
+    provenance,
+)
 from ..data.frames import data_report, issues_table, au_columns, task_frames
 from ..metrics import score_frames
 from .engine import Trainer, build_optimizer, predict_table, with_keys, load_checkpoint
 from ..checkpoints import Imported
-from ..methods import (MethodSpec, Recipe, RunData, get_method, list_methods, settings_dict, checkpoint_formats,
-                             import_checkpoint, run_checkpoint)
+from abaw_nb.methods import (
+    MethodSpec,
+    Recipe,
+    RunData,
+    get_method,
+    settings_dict,
+    checkpoint_formats,
+    import_checkpoint,
+)
 
 # %% auto #0
 __all__ = ['TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'HEADLINE_SCORES', 'run_config', 'load_frames', 'edition_for_frames',
@@ -24,7 +45,8 @@ __all__ = ['TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'HEADLINE_SCORES', 'run_co
 
 # %% ../../nbs/04c_train.run.ipynb #7665a8eb
 TASK_CHOICES = ('va', 'expr', 'au', 'multi')
-DATA_FORMATS = ('affwild2', 'affectnet')           # real layouts train_multi reads (more readers exist in data.formats)
+DATA_FORMATS = ('affwild2', 'affectnet')  # real layouts train_multi reads (more readers exist in data.formats)
+
 
 def run_config(method: str = 'fpn', task: str = 'va', preset: str = 'smoke', **overrides) -> Config:
     "The `Config` of a run: preset defaults, the method's preset values, then `overrides` (None values ignored)."
@@ -36,31 +58,37 @@ def run_config(method: str = 'fpn', task: str = 'va', preset: str = 'smoke', **o
     over = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items() if v is not None}
     extra = over.pop('extra', {})
     if not isinstance(extra, dict):
-        raise TypeError(f"extra must be a dict of method options (e.g. {{'variant': 'multi_task'}}), "
-                        f"got {type(extra).__name__}: {extra!r}")
+        raise TypeError(
+            f"extra must be a dict of method options (e.g. {{'variant': 'multi_task'}}), "
+            f"got {type(extra).__name__}: {extra!r}"
+        )
     settings = spec.make_settings({**values, **extra})
     cfg = get_config(preset, task=task, method=method).replace(**fields_).replace(**over, extra=settings_dict(settings))
-    return validate_config(cfg)   # wrong types / ranges stop here
+    return validate_config(cfg)  # wrong types / ranges stop here
 
 # %% ../../nbs/04c_train.run.ipynb #4092c2d5
 def load_frames(cfg: Config) -> tuple[pd.DataFrame, Path]:
     "The frame table of the run's data and the root its image paths are relative to."
     from abaw_nb.data.formats import read_affwild2, read_affectnet
+
     check_choice('data_format', cfg.data_format, DATA_FORMATS)
     if cfg.data_root is None and cfg.data_format != 'affwild2':
-        raise ValueError(f"data_format={cfg.data_format!r} needs a data_root: SynthAffect is generated in the Aff-Wild2 layout "
-                         "(data_root=None); write it out in another layout and point data_root there")
+        raise ValueError(
+            f"data_format={cfg.data_format!r} needs a data_root: SynthAffect is generated in the Aff-Wild2 layout "
+            "(data_root=None); write it out in another layout and point data_root there"
+        )
     if cfg.data_format == 'affectnet':
         root = Path(cfg.data_root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f'data_root={str(root)!r} is not a folder')
         df = read_affectnet(root, expr_space=cfg.expr_space)
-        for a in au_columns(df.attrs['au_space']):     # AffectNet has no AU labels: NA columns keep the frame contract
+        for a in au_columns(df.attrs['au_space']):  # AffectNet has no AU labels: NA columns keep the frame contract
             if a not in df.columns:
                 df[a] = pd.array([pd.NA] * len(df), dtype='Int8')
         return df, root
     if cfg.data_root is None:
         from abaw_nb.data.synth import generate_cached
+
         # cfg.synth: SynthSize overrides (e.g. {'n_videos': 8}) for a smaller or larger world in its own cache folder
         root = generate_cached(cfg.synth_size, seed=cfg.data_seed, show_progress=False, **cfg.synth)
         dataset = 'synthaffect'
@@ -72,17 +100,20 @@ def load_frames(cfg: Config) -> tuple[pd.DataFrame, Path]:
     return read_affwild2(root, dataset=dataset), Path(root)
 
 # %% ../../nbs/04c_train.run.ipynb #42775800
-EDITION = 'abaw2'   # the default edition of validation scores; `edition_for_frames` picks ABAW1 for FG 2020's 8-AU data
+EDITION = 'abaw2'  # the default edition of validation scores; `edition_for_frames` picks ABAW1 for FG 2020's 8-AU data
+
 
 def edition_for_frames(frames: pd.DataFrame) -> str:
     "The edition whose formulas score a run: `abaw1` (FG 2020) for data in its 8-AU space, else `EDITION` (ABAW2)."
     return 'abaw1' if frames.attrs.get('au_space') == 'abaw1_8' else EDITION
+
 
 def selection_score(scores: dict, tasks) -> float:
     "The validation number that picks the best checkpoint: the edition's score, or the sum of the track scores."
     if 'score' in scores:
         return scores['score']
     return float(sum(scores[f'{t}_score'] for t in tasks))
+
 
 def report_issues(frames: pd.DataFrame) -> dict:
     "Print the reader's counted skips and conversions per kind; returns the totals."
@@ -99,10 +130,11 @@ def report_issues(frames: pd.DataFrame) -> dict:
             print(f'  {k}: {n} in {len(its)} file(s), e.g. {eg["file"]}: {eg["detail"]}{more}')
     return {k: v[0] for k, v in tot.items()}
 
+
 def discard_partial_run(out_dir: Path, before: set | None) -> list:
     "After a failed run that never completed an epoch: remove the files it created (and its folder if it made it)."
     out_dir = Path(out_dir)
-    if not out_dir.is_dir() or any((out_dir/f).is_file() for f in ('last.pt', 'finished.json')):
+    if not out_dir.is_dir() or any((out_dir / f).is_file() for f in ('last.pt', 'finished.json')):
         return []
     clean_stale_temps(out_dir)
     gone = [p for p in out_dir.iterdir() if before is None or p not in before]
@@ -117,37 +149,50 @@ def discard_partial_run(out_dir: Path, before: set | None) -> list:
     return gone
 
 # %% ../../nbs/04c_train.run.ipynb #a292c7d8
-def train(cfg: Config, verbose: bool = True,
-          data: tuple | None = None,  # (frame table, root) to train on instead of `load_frames(cfg)`: mixed or pseudo-labelled tables
-          eval_splits: tuple = (),    # more splits to predict and score with the best checkpoint, e.g. ('test',)
-         ) -> dict:
+def train(
+    cfg: Config,
+    verbose: bool = True,
+    data: tuple
+    | None = None,  # (frame table, root) to train on instead of `load_frames(cfg)`: mixed or pseudo-labelled tables
+    eval_splits: tuple = (),  # more splits to predict and score with the best checkpoint, e.g. ('test',)
+) -> dict:
     """Train `cfg.method` on `cfg.task`: run folder, history, validation scores and predictions (and `eval_splits`'),
     the `Trainer`."""
     spec = get_method(cfg.method)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else outputs_dir('runs', create=False)/run_id(f'{cfg.method}-{cfg.task}')
+    out_dir = (
+        Path(cfg.out_dir) if cfg.out_dir else outputs_dir('runs', create=False) / run_id(f'{cfg.method}-{cfg.task}')
+    )
     before = set(out_dir.iterdir()) if out_dir.is_dir() else None
     try:
-        check_out_dir(out_dir)   # an unwritable run folder stops the run before any data is read
+        check_out_dir(out_dir)  # an unwritable run folder stops the run before any data is read
         return _train(spec, cfg, verbose, data, eval_splits, out_dir)
     except BaseException:
-        discard_partial_run(out_dir, before)   # a run that fails before its first checkpoint leaves no files behind
+        discard_partial_run(out_dir, before)  # a run that fails before its first checkpoint leaves no files behind
         raise
+
 
 def _task_split(frames: pd.DataFrame, split: str, task: str, spec: MethodSpec) -> pd.DataFrame:
     d = task_frames(frames[frames['split'] == split].reset_index(drop=True), task, spec.multi_tasks)
     d.attrs = dict(frames.attrs)
     return d
 
+
 def _scorer(frames: pd.DataFrame, tasks, edition: str):
     "pred table -> flat validation scores of `frames` (ABAW scores at AU threshold 0.5, plus `score`)."
+
     def score(pred):
         p = pred.copy()
         p['video'] = frames['video'].to_numpy()[p['index']]
         p['frame'] = frames['frame'].to_numpy()[p['index']]
         s = score_frames(frames, p, tasks=list(tasks), edition=edition, thresholds=0.5)
-        flat = {k: v for k, v in s.items() if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
+        flat = {
+            k: v
+            for k, v in s.items()
+            if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+        }
         flat['score'] = selection_score(flat, tasks)
         return flat
+
     return score
 
 # %% ../../nbs/04c_train.run.ipynb #b523d60b
@@ -170,60 +215,99 @@ def _train(spec: MethodSpec, cfg: Config, verbose: bool, data, eval_splits, out_
     edition = edition_for_frames(frames)
     hooks = {k: getattr(rec, k) for k in ('forward_fn', 'collate_fn') if getattr(rec, k) is not None}
     opt = build_optimizer(rec.param_groups, cfg) if rec.param_groups is not None else None
-    trainer = Trainer(rec.model, cfg, rec.loss_fn, train_ds, val_ds, predict_fn=rec.predict_fn, optimizer=opt,
-                      score_fn=_scorer(va, rec.tasks, edition), out_dir=out_dir, train_sampler=sampler,
-                      callbacks=rec.callbacks, **hooks)
+    trainer = Trainer(
+        rec.model,
+        cfg,
+        rec.loss_fn,
+        train_ds,
+        val_ds,
+        predict_fn=rec.predict_fn,
+        optimizer=opt,
+        score_fn=_scorer(va, rec.tasks, edition),
+        out_dir=out_dir,
+        train_sampler=sampler,
+        callbacks=rec.callbacks,
+        **hooks,
+    )
     if trainer.is_main:
-        write_json(trainer.out_dir/'labels.json', run.labels())
+        write_json(trainer.out_dir / 'labels.json', run.labels())
     history = trainer.fit()
     trainer.load_best()
     scores, pred = trainer.evaluate()
     pred = with_keys(va, pred)
     evals = {}
-    for split in eval_splits:      # the best checkpoint on further splits (the test split of a comparison)
+    for split in eval_splits:  # the best checkpoint on further splits (the test split of a comparison)
         fs = _task_split(frames, split, cfg.task, spec)
         if len(fs) == 0:
             raise ValueError(f'eval_splits: no {split!r} frames labelled for task {cfg.task!r} in {root}')
         p = trainer.predict(rec.eval_data(fs, root))
-        evals[split] = dict(scores={k: float(v) for k, v in _scorer(fs, rec.tasks, edition)(p).items()},
-                            predictions=with_keys(fs, p), n=len(fs))
+        evals[split] = dict(
+            scores={k: float(v) for k, v in _scorer(fs, rec.tasks, edition)(p).items()},
+            predictions=with_keys(fs, p),
+            n=len(fs),
+        )
     if trainer.is_main:
         _write_outputs(trainer.out_dir, pred, scores, evals, frames, root)
-    return dict(out_dir=trainer.out_dir, history=pd.DataFrame(history), scores=scores, predictions=pred, config=cfg,
-                n_train=len(tr), n_val=len(va), eval=evals, trainer=trainer)
+    return dict(
+        out_dir=trainer.out_dir,
+        history=pd.DataFrame(history),
+        scores=scores,
+        predictions=pred,
+        config=cfg,
+        n_train=len(tr),
+        n_val=len(va),
+        eval=evals,
+        trainer=trainer,
+    )
+
 
 def _write_outputs(out: Path, pred, scores, evals, frames, root) -> None:
-    write_csv(out/'predictions_val.csv', pred)
-    write_json(out/'scores_val.json', scores)
+    write_csv(out / 'predictions_val.csv', pred)
+    write_json(out / 'scores_val.json', scores)
     for split, e in evals.items():
-        write_csv(out/f'predictions_{split}.csv', e['predictions'])
-        write_json(out/f'scores_{split}.json', e['scores'])
-    write_csv(out/'data_report.csv', data_report(frames))
-    write_csv(out/'data_issues.csv', issues_table(frames, root))
+        write_csv(out / f'predictions_{split}.csv', e['predictions'])
+        write_json(out / f'scores_{split}.json', e['scores'])
+    write_csv(out / 'data_report.csv', data_report(frames))
+    write_csv(out / 'data_issues.csv', issues_table(frames, root))
 
 # %% ../../nbs/04c_train.run.ipynb #80a278c5
 def load_run(path) -> dict:
     "Read a run folder back: config, provenance, per-epoch metrics, best epoch, validation scores and predictions."
     p = Path(path)
-    if not (p/'config.json').is_file():
+    if not (p / 'config.json').is_file():
         raise FileNotFoundError(f'{p} is not a run folder (no config.json)')
-    out = dict(config=Config.from_json((p/'config.json').read_text()),
-               provenance=json.loads((p/'provenance.json').read_text()),
-               history=pd.DataFrame([json.loads(l) for l in (p/'metrics.jsonl').read_text().splitlines()]),
-               best=json.loads((p/'best.json').read_text()))
-    if (p/'scores_val.json').is_file():
-        out['scores'] = json.loads((p/'scores_val.json').read_text())
-    if (p/'predictions_val.csv').is_file():
-        out['predictions'] = pd.read_csv(p/'predictions_val.csv')
-    for f in sorted(p.glob('scores_*.json')):        # splits evaluated besides validation (train(..., eval_splits=))
-        split = f.stem[len('scores_'):]
-        if split != 'val' and (p/f'predictions_{split}.csv').is_file():
-            out.setdefault('eval', {})[split] = dict(scores=json.loads(f.read_text()),
-                                                     predictions=pd.read_csv(p/f'predictions_{split}.csv'))
+    out = dict(
+        config=Config.from_json((p / 'config.json').read_text()),
+        provenance=json.loads((p / 'provenance.json').read_text()),
+        history=pd.DataFrame([json.loads(l) for l in (p / 'metrics.jsonl').read_text().splitlines()]),
+        best=json.loads((p / 'best.json').read_text()),
+    )
+    if (p / 'scores_val.json').is_file():
+        out['scores'] = json.loads((p / 'scores_val.json').read_text())
+    if (p / 'predictions_val.csv').is_file():
+        out['predictions'] = pd.read_csv(p / 'predictions_val.csv')
+    for f in sorted(p.glob('scores_*.json')):  # splits evaluated besides validation (train(..., eval_splits=))
+        split = f.stem[len('scores_') :]
+        if split != 'val' and (p / f'predictions_{split}.csv').is_file():
+            out.setdefault('eval', {})[split] = dict(
+                scores=json.loads(f.read_text()), predictions=pd.read_csv(p / f'predictions_{split}.csv')
+            )
     return out
 
-HEADLINE_SCORES = ('va_ccc_valence', 'va_ccc_arousal', 'va_score', 'expr_f1', 'expr_acc', 'expr_score', 'au_f1',
-                   'au_acc', 'au_score', 'score')
+
+HEADLINE_SCORES = (
+    'va_ccc_valence',
+    'va_ccc_arousal',
+    'va_score',
+    'expr_f1',
+    'expr_acc',
+    'expr_score',
+    'au_f1',
+    'au_acc',
+    'au_score',
+    'score',
+)
+
 
 def headline(scores: dict) -> dict:
     "The scores a run summary shows (`HEADLINE_SCORES`, in that order), of those present in `scores`."
@@ -233,9 +317,9 @@ def headline(scores: dict) -> dict:
 def _config_of(path) -> Config:
     p = Path(path)
     if p.is_dir():
-        if not (p/'config.json').is_file():
+        if not (p / 'config.json').is_file():
             raise FileNotFoundError(f'{p} is not a run folder (no config.json)')
-        return Config.from_json((p/'config.json').read_text())
+        return Config.from_json((p / 'config.json').read_text())
     if not p.is_file():
         raise FileNotFoundError(f'{p} is neither a run folder nor a checkpoint file')
     ck = load_checkpoint(p)
@@ -243,31 +327,46 @@ def _config_of(path) -> Config:
         raise KeyError(f'{p} has no config: not a checkpoint written by abaw_nb.train')
     return Config.from_json(ck['config'])
 
+
 def load_run_recipe(path, device: str = 'cpu') -> tuple[Recipe, Config]:
     """The prediction recipe of a run folder or checkpoint file (its method's network, trained weights loaded) and its
     config."""
     return get_method(_config_of(path).method).load(path, device)
+
 
 def load_run_model(path, device: str = 'cpu'):
     "The trained network of a run folder or checkpoint file, in eval mode, and its config."
     rec, cfg = load_run_recipe(path, device)
     return rec.model, cfg
 
-def predict_run(run,                       # a run folder / checkpoint file, or (recipe, config) from `load_run_recipe`
-                frames: pd.DataFrame, root,   # frames to predict (any split) and the root of their image paths
-                batch_size: int | None = None, # default: the run's
-                num_workers: int | None = None, # decoding processes; default the run's, at least 1
-                device=None,                # default: the run's device setting
-                predict_fn=None,            # default: the method's (e.g. a pipeline that wants logits)
-                forward_fn=None,
-                keys=('split', 'video', 'frame'), keep_index: bool = False,
-               ) -> pd.DataFrame:
+
+def predict_run(
+    run,  # a run folder / checkpoint file, or (recipe, config) from `load_run_recipe`
+    frames: pd.DataFrame,
+    root,  # frames to predict (any split) and the root of their image paths
+    batch_size: int | None = None,  # default: the run's
+    num_workers: int | None = None,  # decoding processes; default the run's, at least 1
+    device=None,  # default: the run's device setting
+    predict_fn=None,  # default: the method's (e.g. a pipeline that wants logits)
+    forward_fn=None,
+    keys=('split', 'video', 'frame'),
+    keep_index: bool = False,
+) -> pd.DataFrame:
     "A run's prediction table of every row of `frames`: `keys`, then the prediction columns."
     rec, cfg = run if isinstance(run, tuple) else load_run_recipe(run)
     df = frames.reset_index(drop=True)
     nw = max(cfg.num_workers, 1) if num_workers is None else num_workers
-    p = predict_table(rec.model, rec.eval_data(df, root), cfg, predict_fn or rec.predict_fn,
-                      forward_fn or rec.forward_fn, rec.collate_fn, batch_size, nw, device or cfg.device)
+    p = predict_table(
+        rec.model,
+        rec.eval_data(df, root),
+        cfg,
+        predict_fn or rec.predict_fn,
+        forward_fn or rec.forward_fn,
+        rec.collate_fn,
+        batch_size,
+        nw,
+        device or cfg.device,
+    )
     return with_keys(df, p, keys, keep_index)
 
 # %% ../../nbs/04c_train.run.ipynb #e1c508c8
@@ -276,18 +375,23 @@ def _first_output(model, batch):
     out = model(batch['image'])
     return out[0] if isinstance(out, tuple) else out
 
+
 def _import(cfg: Config, checkpoint, fmt, options) -> tuple[Imported, str]:
     if isinstance(checkpoint, Imported):
         return checkpoint, checkpoint.fmt
     fmt = fmt or next(iter(get_method(cfg.method).importers), None)
     if fmt is None:
-        raise ValueError(f'method {cfg.method!r} has no importer of a published checkpoint; pass fmt= '
-                         f'(one of {list(checkpoint_formats())})')
+        raise ValueError(
+            f'method {cfg.method!r} has no importer of a published checkpoint; pass fmt= '
+            f'(one of {list(checkpoint_formats())})'
+        )
     check_choice('checkpoint format', fmt, tuple(checkpoint_formats()))
     return import_checkpoint(checkpoint, fmt, **options), fmt
 
-def _score_imported(imp: Imported, va: pd.DataFrame, pred: pd.DataFrame, tasks: list,
-                    data_aus: list) -> tuple[dict, dict]:
+
+def _score_imported(
+    imp: Imported, va: pd.DataFrame, pred: pd.DataFrame, tasks: list, data_aus: list
+) -> tuple[dict, dict]:
     """(flat scores, notes): the edition's scores when the model predicts every AU of the data, else the AUs it has by
     F1/accuracy."""
     L, notes, truth = imp.labels, {}, va
@@ -303,8 +407,10 @@ def _score_imported(imp: Imported, va: pd.DataFrame, pred: pd.DataFrame, tasks: 
     # the edition scores its own 12 AUs only: the other tasks by the edition, the AUs the model has by F1/accuracy
     else:
         other = [t for t in tasks if t != 'au']
-        scores = {**(score_frames(truth, pred, tasks=other, edition=EDITION, thresholds=thr) if other else {}),
-                  **score_frames(truth, pred, tasks=['au'], edition=None, thresholds=thr)}
+        scores = {
+            **(score_frames(truth, pred, tasks=other, edition=EDITION, thresholds=thr) if other else {}),
+            **score_frames(truth, pred, tasks=['au'], edition=None, thresholds=thr),
+        }
         n = len(data_aus) - len(notes['au_not_predicted'])
         notes['au_score'] = f'not defined: {EDITION} scores {len(data_aus)} AUs, the model predicts {n} of them'
     number = lambda v: isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
@@ -314,12 +420,13 @@ def _score_imported(imp: Imported, va: pd.DataFrame, pred: pd.DataFrame, tasks: 
     return flat, notes
 
 # %% ../../nbs/04c_train.run.ipynb #48198085
-def evaluate_checkpoint(cfg: Config,            # run config (method, task, data, out_dir, device)
-                        checkpoint,             # released checkpoint file (or a converted one), or an `Imported`
-                        fmt: str | None = None, # importer format (default: the method's first)
-                        options: dict | None = None, # the importer's options, e.g. {'embeddings': 'glove_9x300.npy'}
-                        batch_size: int = 32,
-                       ) -> dict:
+def evaluate_checkpoint(
+    cfg: Config,  # run config (method, task, data, out_dir, device)
+    checkpoint,  # released checkpoint file (or a converted one), or an `Imported`
+    fmt: str | None = None,  # importer format (default: the method's first)
+    options: dict | None = None,  # the importer's options, e.g. {'embeddings': 'glove_9x300.npy'}
+    batch_size: int = 32,
+) -> dict:
     "Import a published checkpoint and score it on the run's validation frames; writes a run folder like `train`."
     options = dict(options or {})
     imp, fmt = _import(cfg, checkpoint, fmt, options)
@@ -331,33 +438,61 @@ def evaluate_checkpoint(cfg: Config,            # run config (method, task, data
         raise ValueError(f'the {fmt} model predicts {model_tasks}, not task={cfg.task!r}')
     if 'expr' in tasks:
         L.expr_space = frames.attrs['expr_space']
-    va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), cfg.task,
-                     tasks if cfg.task == 'multi' else None)
+    va = task_frames(
+        frames[frames['split'] == 'val'].reset_index(drop=True), cfg.task, tasks if cfg.task == 'multi' else None
+    )
     va.attrs = dict(frames.attrs)
     if len(va) == 0:
         raise ValueError(f'no validation frames labelled for task {cfg.task!r} in {root}')
-    t = predict_table(imp.model, imp.dataset(va, root), cfg, lambda out, b: imp.predict(out), _first_output,
-                      batch_size=batch_size, num_workers=0)
+    t = predict_table(
+        imp.model,
+        imp.dataset(va, root),
+        cfg,
+        lambda out, b: imp.predict(out),
+        _first_output,
+        batch_size=batch_size,
+        num_workers=0,
+    )
     pe = [c for c in t.columns if c.startswith('prob_expr_')]
     if pe:
         t['expr'] = t[pe].to_numpy().argmax(1)
     pred = with_keys(va, t, keep_index=False)
-    flat, notes = _score_imported(imp, va, pred, tasks,
-                                  [a for a in au_columns(frames.attrs['au_space']) if a in va.columns])
-    out = Path(cfg.out_dir) if cfg.out_dir else outputs_dir('runs', run_id(f'{cfg.method}-{cfg.task}-checkpoint'),
-                                                            create=False)
+    flat, notes = _score_imported(
+        imp, va, pred, tasks, [a for a in au_columns(frames.attrs['au_space']) if a in va.columns]
+    )
+    out = (
+        Path(cfg.out_dir)
+        if cfg.out_dir
+        else outputs_dir('runs', run_id(f'{cfg.method}-{cfg.task}-checkpoint'), create=False)
+    )
     out.mkdir(parents=True, exist_ok=True)
     src = f'<{fmt} model given in memory>' if isinstance(checkpoint, Imported) else str(checkpoint)
-    info = dict(checkpoint=src, format=fmt, repository=checkpoint_formats()[fmt][1].repo,
-                options={k: str(v) for k, v in options.items()}, preprocess=vars(imp.preprocess),
-                labels=vars(imp.labels), report=imp.report, scored_tasks=tasks, **notes)
-    write_json(out/'config.json', cfg.to_dict())
-    write_json(out/'provenance.json', provenance(cfg, None, evaluated_checkpoint=src, checkpoint_format=fmt))
+    info = dict(
+        checkpoint=src,
+        format=fmt,
+        repository=checkpoint_formats()[fmt][1].repo,
+        options={k: str(v) for k, v in options.items()},
+        preprocess=vars(imp.preprocess),
+        labels=vars(imp.labels),
+        report=imp.report,
+        scored_tasks=tasks,
+        **notes,
+    )
+    write_json(out / 'config.json', cfg.to_dict())
+    write_json(out / 'provenance.json', provenance(cfg, None, evaluated_checkpoint=src, checkpoint_format=fmt))
     record = {'epoch': 0, 'evaluated_checkpoint': src, **{f'val_{k}': float(v) for k, v in flat.items()}}
-    write_text(out/'metrics.jsonl', json.dumps(record) + '\n')
-    write_json(out/'best.json', {'epoch': 0, 'checkpoint': src})
-    write_json(out/'import.json', info)
-    write_csv(out/'predictions_val.csv', pred)
-    write_json(out/'scores_val.json', flat)
-    return dict(out_dir=out, history=pd.DataFrame(), scores=flat, predictions=pred, config=cfg, n_train=0,
-                n_val=len(va), imported=imp)
+    write_text(out / 'metrics.jsonl', json.dumps(record) + '\n')
+    write_json(out / 'best.json', {'epoch': 0, 'checkpoint': src})
+    write_json(out / 'import.json', info)
+    write_csv(out / 'predictions_val.csv', pred)
+    write_json(out / 'scores_val.json', flat)
+    return dict(
+        out_dir=out,
+        history=pd.DataFrame(),
+        scores=flat,
+        predictions=pred,
+        config=cfg,
+        n_train=0,
+        n_val=len(va),
+        imported=imp,
+    )
