@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np, pandas as pd, torch
 from .core import Config, cache_dir, check_choice, fingerprint, write_csv, save_png
-from .data.frames import make_frames, expr_names, au_columns
+from .data.frames import expr_names, au_columns
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'DETECTORS', 'haar_available', 'FaceDetector', 'crop_face', 'RunModel', 'demo_run',
-           'VideoReadError', 'predict_video', 'predict_images', 'plot_va_time', 'plot_au_heatmap', 'annotate_video',
-           'synth_video', 'find_runs', 'RunView', 'run_view', 'worst_frames', 'plot_frame', 'design_row', 'design_face',
-           'plot_design', 'fig_png', 'run_browser', 'face_designer']
+           'predict_video', 'predict_images', 'plot_va_time', 'plot_au_heatmap', 'annotate_video', 'synth_video',
+           'find_runs', 'RunView', 'run_view', 'worst_frames', 'plot_frame', 'design_row', 'design_face', 'plot_design',
+           'fig_png', 'run_browser', 'face_designer', 'VideoReadError']
 
 # %% ../nbs/11_explore.ipynb #682f7207
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -128,7 +128,7 @@ def _labels_of(p: Path, frames: pd.DataFrame | None = None) -> dict:
 
 
 class RunModel:
-    "The network of a run folder, ready to predict on face crops."
+    "The network of a run folder, ready to predict on face crops (an `abaw_nb.predict.Predictor` underneath)."
 
     def __init__(
         self,
@@ -138,6 +138,7 @@ class RunModel:
     ):
         from abaw_nb.train.run import load_run_recipe
         from abaw_nb.methods import run_checkpoint
+        from abaw_nb.predict import Predictor, run_source
 
         p = Path(run)
         self.checkpoint = run_checkpoint(p) if p.is_dir() else None
@@ -151,7 +152,7 @@ class RunModel:
         self.au_names, self.expr_labels = au_columns(self.au_space), expr_names(self.expr_space)
         self.n_expr = len(self.expr_labels)
         self.tasks = tuple(self.recipe.tasks)
-        self._tmp = tempfile.TemporaryDirectory(prefix='abaw-runmodel-')
+        self.predictor = Predictor.from_recipe(self.recipe, cfg, lab, run_source(p, cfg), device, batch_size)
 
     def __repr__(self):
         return f'RunModel({self.cfg.method}/{self.cfg.task}, tasks={self.tasks}, {self.path})'
@@ -159,28 +160,13 @@ class RunModel:
     def predict_faces(
         self,
         faces: list,  # RGB uint8 H x W x 3 face crops (frames of one video in order, or stills)
-        video: str = 'user',  # name of the sequence (clip models treat the list as one video)
+        video: str = 'user',  # kept for compatibility: the list is one sequence for clip models
     ) -> pd.DataFrame:
         "One row per face: valence, arousal, prob_expr_k, expr, prob_AU<n> and any unc_ columns the method predicts."
-        import cv2
-        from abaw_nb.train.engine import predict_table
-
         if len(faces) == 0:  # no face: the run's columns with no rows (a blank crop gives the column set)
             return self.predict_faces([np.zeros((self.cfg.img_size, self.cfg.img_size, 3), np.uint8)], video).iloc[:0]
-        with tempfile.TemporaryDirectory(dir=self._tmp.name) as d:
-            names = [f'{i:06d}.png' for i in range(len(faces))]
-            for n, f in zip(names, faces):
-                if not cv2.imwrite(str(Path(d) / n), np.ascontiguousarray(np.asarray(f, np.uint8)[..., ::-1])):
-                    raise RuntimeError(f'could not write the face crop {n} to {d}')
-            df = make_frames(
-                dict(dataset='user', split='test', video=str(video), frame=np.arange(len(faces)), path=names),
-                expr_space=self.expr_space,
-                au_space=self.au_space,
-            )
-            r = self.recipe
-            pred = predict_table(r.model, r.eval_data(df, d), self.cfg, r.predict_fn, r.forward_fn, r.collate_fn)
-        pred = pred.drop(columns=[c for c in pred.columns if c in ('split', 'dataset', 'video', 'frame')])
-        pred.insert(0, 'frame', df['frame'].to_numpy()[pred.pop('index').to_numpy()])
+        pred = self.predictor.predict_crops([np.asarray(f, np.uint8) for f in faces])
+        pred.insert(0, 'frame', pred.pop('index').to_numpy())
         pe = [c for c in pred.columns if c.startswith('prob_expr_')]
         if pe:
             pred['expr'] = pred[pe].to_numpy().argmax(1)
@@ -221,69 +207,70 @@ def demo_run(
     return out
 
 # %% ../nbs/11_explore.ipynb #f306e73d
-class VideoReadError(ValueError):
-    "A video file that OpenCV cannot open or decode."
+from .video import VideoReadError
+
+_all_ = ['VideoReadError']
 
 
 def _as_run_model(run) -> RunModel:
     return run if isinstance(run, RunModel) else RunModel(run)
 
 
-def _video_frames(path, max_frames=None, stride: int = 1):
-    "(frame index, BGR image) of a video file; a clear error when it cannot be opened or has no decodable frame."
-    import cv2
-
-    p = Path(path)
-    if not p.is_file():
-        raise VideoReadError(f'video file not found: {p}')
-    cap = cv2.VideoCapture(str(p))
-    if not cap.isOpened():
-        raise VideoReadError(f'OpenCV cannot open {p} as a video (unknown format or corrupt file)')
-    fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-
-    def gen():
-        i = n = 0
-        try:
-            while max_frames is None or n < max_frames:
-                ok, img = cap.read()
-                if not ok or img is None:
-                    break
-                if i % stride == 0:
-                    yield i, img
-                    n += 1
-                i += 1
-        finally:
-            cap.release()
-
-    return (fps if 0 < fps < 1000 else 30.0), gen()
+def _detector(detector):
+    "What `abaw_nb.faces.get_detector` takes, from this module's `FaceDetector` or a name or a callable."
+    if isinstance(detector, FaceDetector):
+        return detector._fn if detector._fn is not None else detector.name
+    return detector
 
 
-def _table(keys: pd.DataFrame, pred: pd.DataFrame, rm: RunModel) -> pd.DataFrame:
-    "Per-frame keys joined with the predictions of the rows that had a face (NA elsewhere)."
-    cols = [c for c in pred.columns if c not in ('frame', 'expr')]
-    out = keys.copy()
-    pos = np.flatnonzero(out['face'].to_numpy(bool))
-    for c in cols:
-        v = np.full(len(out), np.nan)
-        v[pos] = pred[c].to_numpy(np.float64)
-        out[c] = v
-    if 'expr' in pred:
-        e = pd.array([pd.NA] * len(out), dtype='Int64')
-        e[pos] = pred['expr'].to_numpy()
+def _margin_style(margin: float | None):
+    "None (the method's alignment), or a square of `margin` x the detector's box."
+    from dataclasses import replace
+    from abaw_nb.faces import ALIGN_STYLES
+
+    if margin is None:
+        return None
+    return replace(ALIGN_STYLES['box'], name=f'box x{margin:g}', scale=float(margin), box_margin=float(margin))
+
+
+def _legacy(t: pd.DataFrame, rm: RunModel, detector: str, video: str, key: str) -> pd.DataFrame:
+    "This module's table (one row per frame, its largest face) from `abaw_nb.predict`'s rows (every face)."
+    from abaw_nb.faces import LANDMARK_COLUMNS
+    from abaw_nb.predict import BOX_COLUMNS, KEY_COLUMNS, au_label
+
+    d = t[t['face'].isna() | (t['face'] == 0)].reset_index(drop=True)
+    has = d['face'].notna().to_numpy()
+    out = pd.DataFrame({'video': video, 'frame': d['frame'].to_numpy()})
+    out[key] = d['timestamp'].to_numpy() if key == 'time' else d['input'].to_numpy()
+    out['face'] = has
+    for c, n in zip(
+        ('face_x', 'face_y', 'face_w', 'face_h'), ('FaceRectX', 'FaceRectY', 'FaceRectWidth', 'FaceRectHeight')
+    ):
+        out[c] = d[n].to_numpy(float)
+    out['detector'] = detector
+    for c in ('valence', 'arousal'):
+        if c in d:
+            out[c] = d[c].to_numpy(float)
+    pe = [f'expr_{n}' for n in rm.expr_labels if f'expr_{n}' in d]
+    for k, c in enumerate(pe):
+        out[f'prob_expr_{k}'] = d[c].to_numpy(float)
+    if pe:
+        e = pd.array([pd.NA] * len(d), dtype='Int64')
+        e[has] = d.loc[has, pe].to_numpy(float).argmax(1)
         out['expr'] = e
-        out['expr_name'] = pd.array(
-            [rm.expr_labels[int(k)] if k is not pd.NA else pd.NA for k in out['expr']], dtype='string'
-        )
-    first = (
-        [c for c in ('valence', 'arousal') if c in out]
-        + [c for c in out if c.startswith('prob_expr_')]
-        + [c for c in ('expr', 'expr_name') if c in out]
-        + [c for c in out if c.startswith('prob_AU')]
-    )
-    rest = [c for c in out if c not in first and c not in keys.columns]
-    return out[list(keys.columns) + first + rest]
+        out['expr_name'] = pd.array([rm.expr_labels[k] if k is not pd.NA else pd.NA for k in e], dtype='string')
+    for a in rm.au_names:
+        if au_label(a) in d:
+            out[f'prob_{a}'] = d[au_label(a)].to_numpy(float)
+    known = {*KEY_COLUMNS, *BOX_COLUMNS.values(), *LANDMARK_COLUMNS, 'valence', 'arousal', 'expression', 'error'}
+    rest = [
+        c for c in d.columns if c not in known and not c.startswith('expr_') and not re.fullmatch(r'AU\d+(_on)?', c)
+    ]
+    for c in rest:
+        out[c] = d[c].to_numpy()
+    return out
 
-
+# %% ../nbs/11_explore.ipynb #c13b0001
 def _save(df: pd.DataFrame, out_dir, stem: str) -> dict:
     import matplotlib.pyplot as plt
 
@@ -298,52 +285,36 @@ def _save(df: pd.DataFrame, out_dir, stem: str) -> dict:
 
 
 def predict_video(
-    path,  # a video file OpenCV can decode (mp4, avi, ...)
+    path,  # a video file (mp4, avi, mkv, ...: anything FFmpeg decodes)
     run,  # a run folder or a `RunModel`
     out_dir=None,  # where csv/png(/mp4) go (default: beside the video); False: write nothing
-    detector='auto',  # see `FaceDetector`
-    margin: float | None = None,  # crop side / box side (default 1.4 for a detector's box, 1.0 for 'whole')
-    annotate: bool = False,  # also write `<stem>_annotated.mp4`
+    detector='auto',  # see `abaw_nb.faces.get_detector` ('auto': YuNet), or a `FaceDetector`
+    margin: float | None = None,  # None: the method's alignment; else a square of margin x the detector's box
+    annotate: bool = False,  # also write `<stem>_annotated.mp4` (H.264)
     max_frames: int | None = None,
     stride: int = 1,  # decode at most `max_frames`, every `stride`-th frame
 ) -> pd.DataFrame:
     "Per-frame predictions of `run` on the faces of a video (NA rows for frames without a face); csv + plots saved."
+    from abaw_nb.predict import predict, _fps
+
     rm = _as_run_model(run)
-    det = detector if isinstance(detector, FaceDetector) else FaceDetector(detector)
-    m = margin if margin is not None else (1.0 if det.name == 'whole' else 1.4)
-    fps, frames = _video_frames(path, max_frames, stride)
-    keys, faces = [], []
-    for i, bgr in frames:
-        box = det(bgr)
-        keys.append(dict(frame=i, time=i / fps, face=box is not None, box=box))
-        if box is not None:
-            faces.append(crop_face(bgr, box, m)[..., ::-1])
-    if not keys:
-        raise VideoReadError(f'no frame could be decoded from {path}')
-    k = pd.DataFrame(keys)
-    b = np.array([r if r is not None else (np.nan,) * 4 for r in k.pop('box')], float)
-    k.insert(0, 'video', Path(path).stem)
-    for j, c in enumerate(('face_x', 'face_y', 'face_w', 'face_h')):
-        k[c] = b[:, j]
-    k['detector'] = det.name
-    df = _table(k, rm.predict_faces(faces, video=Path(path).stem), rm)
-    df.attrs.update(
-        source=str(path), fps=fps, run=str(rm.path), n_frames=len(df), n_faces=int(df['face'].sum()), detector=det.name
-    )
+    stem = Path(path).stem
+    od = None if out_dir is False else Path(out_dir) if out_dir else Path(path).parent
+    mp4 = od / f'{stem}_annotated.mp4' if annotate and od is not None else None
+    t = predict(path, rm.predictor, None, _detector(detector), rm.cfg.batch_size, stride, max_frames,
+                _margin_style(margin), mp4, show_progress=False)  # fmt: skip
+    df = _legacy(t, rm, t.attrs['detector'], stem, 'time')
+    df.attrs.update(source=str(path), fps=_fps(path), run=str(rm.path), n_frames=len(df))
+    df.attrs.update(n_faces=int(df['face'].sum()), detector=t.attrs['detector'])
     if not df['face'].any():
-        print(f'predict_video: no face found in any of the {len(df)} frames of {path} (detector {det.name!r})')
-    if out_dir is not False:
-        od = Path(out_dir) if out_dir else Path(path).parent
-        df.attrs['files'] = _save(df, od, Path(path).stem)
-        if annotate:
-            df.attrs['files']['mp4'] = annotate_video(
-                path, df, od / f'{Path(path).stem}_annotated.mp4', fps=fps, stride=stride
-            )
+        print(
+            f'predict_video: no face found in any of the {len(df)} frames of {path} (detector {df.attrs["detector"]!r})'
+        )
+    if od is not None:
+        df.attrs['files'] = _save(df, od, stem)
+        if mp4 is not None:
+            df.attrs['files']['mp4'] = mp4
     return df
-
-
-def _natural_key(name: str):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', name)]
 
 
 def predict_images(
@@ -353,47 +324,27 @@ def predict_images(
     detector='auto',
     margin: float | None = None,
 ) -> pd.DataFrame:
-    "Per-image predictions (`path`, `error` for images that fail to decode: NA rows); other files are listed and skipped."
-    import cv2
+    "Per-image predictions (`path`; `error`: images that fail to decode are NA rows); other files are listed, skipped."
+    from abaw_nb.predict import predict
+    from abaw_nb.video import natural_key
 
     d = Path(folder)
     if not d.is_dir():
         raise FileNotFoundError(f'image folder not found: {d}')
-    files = sorted((f for f in d.iterdir() if f.is_file()), key=lambda f: _natural_key(f.name))
-    imgs = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+    files = sorted((f for f in d.iterdir() if f.is_file()), key=lambda f: natural_key(f.name))
     other = [f.name for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
-    if other:
-        print(
-            f'predict_images: skipped {len(other)} non-image file(s) in {d}: {", ".join(other[:5])}{" ..." if len(other) > 5 else ""}'
-        )
-    if not imgs:
+    if len(other) == len(files):
         raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {d}')
     rm = _as_run_model(run)
-    det = detector if isinstance(detector, FaceDetector) else FaceDetector(detector)
-    m = margin if margin is not None else (1.0 if det.name == 'whole' else 1.4)
-    keys, faces = [], []
-    for i, f in enumerate(imgs):
-        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
-        err = None if bgr is not None else f'cannot decode {f.name}'
-        box = det(bgr) if bgr is not None else None
-        keys.append(dict(frame=i, path=f.name, face=box is not None, box=box, error=err))
-        if box is not None:
-            faces.append(crop_face(bgr, box, m)[..., ::-1])
-    k = pd.DataFrame(keys)
-    err = k.pop('error')
-    b = np.array([r if r is not None else (np.nan,) * 4 for r in k.pop('box')], float)
-    k.insert(0, 'video', d.name)
-    for j, c in enumerate(('face_x', 'face_y', 'face_w', 'face_h')):
-        k[c] = b[:, j]
-    k['detector'] = det.name
-    df = _table(k, rm.predict_faces(faces, video=d.name), rm)
-    df['error'] = err.astype('string')
-    bad = int(df['error'].notna().sum())
+    t = predict(d, rm.predictor, None, _detector(detector), rm.cfg.batch_size, align=_margin_style(margin),
+                show_progress=False)  # fmt: skip
+    df = _legacy(t, rm, t.attrs['detector'], d.name, 'path')
+    df['error'] = t.loc[t['face'].isna() | (t['face'] == 0), 'error'].astype('string').to_numpy()
+    bad = df.loc[df['error'].notna(), 'path'].tolist()
     if bad:
-        print(
-            f'predict_images: {bad} image(s) could not be decoded (NA rows): {", ".join(df.loc[df.error.notna(), "path"][:5])}'
-        )
-    df.attrs.update(source=str(d), run=str(rm.path), skipped=other, n_faces=int(df['face'].sum()), detector=det.name)
+        print(f'predict_images: {len(bad)} image(s) could not be decoded (NA rows): {", ".join(bad[:5])}')
+    df.attrs.update(source=str(d), run=str(rm.path), skipped=other, n_faces=int(df['face'].sum()))
+    df.attrs['detector'] = t.attrs['detector']
     if out_dir is not False:
         df.attrs['files'] = _save(df, Path(out_dir) if out_dir else d.parent, d.name)
     return df
@@ -461,29 +412,27 @@ def plot_au_heatmap(df: pd.DataFrame, ax=None):
 
 # %% ../nbs/11_explore.ipynb #abb8a9ab
 def annotate_video(path, df: pd.DataFrame, out_path, fps: float = 30.0, stride: int = 1, width: int = 480) -> Path:
-    "Write `out_path` (mp4): the frames of `path` that are rows of `df` with their face box and predictions drawn."
+    "Write `out_path` (H.264 mp4): the frames of `path` that are rows of `df`, their face box and predictions drawn."
     import cv2
+    from abaw_nb.video import VideoWriter, iter_frames
 
     by = df.set_index('frame')
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _, frames = _video_frames(path, None, stride)
-    tmp = out_path.with_name(out_path.stem + '.tmp.mp4')
-    writer = None
     aus = [c for c in df.columns if re.fullmatch(r'prob_AU\d+', c)]
-    try:
-        for i, bgr in frames:
-            if i not in by.index:
+    n = 0
+    with VideoWriter(out_path, fps / stride) as writer:
+        for f in iter_frames(path, stride):
+            if f.index not in by.index:
                 continue
-            r = by.loc[i]
-            s = width / bgr.shape[1]
-            img = cv2.resize(bgr, (width, int(round(bgr.shape[0] * s))), interpolation=cv2.INTER_AREA)
+            r = by.loc[f.index]
+            s = width / f.image.shape[1]
+            img = cv2.resize(f.image, (width, int(round(f.image.shape[0] * s))), interpolation=cv2.INTER_AREA)
             lines = []
             if bool(r['face']):
                 x, y, w, h = (int(round(float(r[c]) * s)) for c in ('face_x', 'face_y', 'face_w', 'face_h'))
                 cv2.rectangle(img, (x, y), (x + w - 1, y + h - 1), (0, 255, 0), 2)
                 if 'valence' in r:
-                    lines.append(f"V {r['valence']:+.2f}  A {r['arousal']:+.2f}")
+                    lines.append(f'V {r["valence"]:+.2f}  A {r["arousal"]:+.2f}')
                 if 'expr_name' in r and r['expr_name'] is not pd.NA:
                     lines.append(str(r['expr_name']))
                 on = [c[5:] for c in aus if float(r[c]) >= 0.5]
@@ -494,19 +443,10 @@ def annotate_video(path, df: pd.DataFrame, out_path, fps: float = 30.0, stride: 
             for k, t in enumerate(lines):
                 cv2.putText(img, t, (6, 18 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
                 cv2.putText(img, t, (6, 18 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
-            if writer is None:
-                writer = cv2.VideoWriter(
-                    str(tmp), cv2.VideoWriter_fourcc(*'mp4v'), fps / stride, (img.shape[1], img.shape[0])
-                )
-                if not writer.isOpened():
-                    raise RuntimeError(f'OpenCV cannot write {out_path} with the mp4v codec')
-            writer.write(img)
-    finally:
-        if writer is not None:
-            writer.release()
-    if writer is None:
-        raise VideoReadError(f'no frame of {path} to annotate')
-    tmp.replace(out_path)
+            writer.write(img, None if np.isnan(f.time) else f.time)
+            n += 1
+        if n == 0:
+            raise VideoReadError(f'no frame of {path} to annotate')
     return out_path
 
 # %% ../nbs/11_explore.ipynb #e1c1a32f
