@@ -19,7 +19,7 @@ from ..train.engine import load_checkpoint, load_weights
 __all__ = ['METHODS_ENV', 'choice', 'settings_types', 'settings_help', 'UnknownSetting', 'make_settings', 'settings_dict',
            'RunData', 'Recipe', 'frame_data', 'heads_predict_fn', 'MethodSpec', 'register_method', 'list_methods',
            'get_method', 'get_settings', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint', 'read_run_labels',
-           'load_run_recipe']
+           'load_run_recipe', 'save_safetensors', 'read_weights']
 
 # %% ../../nbs/05_methods.ipynb #9fc728f6
 def choice(default, options):
@@ -339,9 +339,9 @@ def run_checkpoint(path) -> Path:
         return p
     if not (p / 'config.json').is_file():
         raise FileNotFoundError(f'{p} is not a run folder (no config.json)')
-    ck = p / 'best.pt' if (p / 'best.pt').is_file() else p / 'last.pt'
+    ck = next((p / n for n in ('best.pt', 'best.safetensors') if (p / n).is_file()), p / 'last.pt')
     if not ck.is_file():
-        raise FileNotFoundError(f'run folder {p} has no checkpoint (best.pt or last.pt)')
+        raise FileNotFoundError(f'run folder {p} has no checkpoint (best.pt, best.safetensors or last.pt)')
     return ck
 
 
@@ -351,14 +351,14 @@ def read_run_labels(path) -> dict:
     p = Path(path)
     if p.is_dir():
         return json.loads((p / 'labels.json').read_text()) if (p / 'labels.json').is_file() else {}
-    return dict(load_checkpoint(p).get('labels') or {})
+    return dict(read_weights(p).get('labels') or {})
 
 
 def load_run_recipe(spec: MethodSpec, path, device: str = 'cpu') -> tuple[Recipe, Config]:
     """The prediction recipe of a run folder or checkpoint file, its weights loaded, in eval mode on `device`; and its
     config."""
     f = run_checkpoint(path)
-    ck = load_checkpoint(f)
+    ck = read_weights(f)
     if 'config' not in ck:
         raise KeyError(f'{f} has no config: not a checkpoint written by abaw_nb.train')
     cfg = Config.from_json(ck['config'])
@@ -369,3 +369,43 @@ def load_run_recipe(spec: MethodSpec, path, device: str = 'cpu') -> tuple[Recipe
     load_weights(rec.model, ck['model'], str(f))
     rec.model.to(device).eval()
     return rec, cfg
+
+# %% ../../nbs/05_methods.ipynb #b8d4f0e2
+def save_safetensors(
+    run,  # a run folder or a checkpoint file written by abaw_nb.train
+    out=None,  # the file to write (default: best.safetensors in the run folder, or beside the file)
+) -> Path:
+    "A run's best weights as safetensors; its config, label spaces and epoch in the file's metadata."
+    from safetensors.torch import save_file
+
+    p = Path(run)
+    f = run_checkpoint(p)
+    ck = read_weights(f)
+    if 'config' not in ck:
+        raise KeyError(f'{f} has no config: not a checkpoint written by abaw_nb.train')
+    labels = ck.get('labels') or (read_run_labels(p) if p.is_dir() else {})
+    meta = dict(
+        format='abaw-nb run weights', config=ck['config'], labels=json.dumps(labels), epoch=str(ck.get('epoch'))
+    )
+    dst = Path(out) if out else (p if p.is_dir() else f.parent) / 'best.safetensors'
+    # safetensors refuses tensors that share memory (tied weights): each is written as its own copy
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in ck['model'].items()}, str(dst), metadata=meta)
+    return dst
+
+
+def read_weights(path) -> dict:
+    "A weights file as a checkpoint dict (model, config, labels, epoch): safetensors by suffix, else `load_checkpoint`."
+    p = Path(path)
+    if p.suffix != '.safetensors':
+        return load_checkpoint(p)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not p.is_file():
+        raise FileNotFoundError(f'no checkpoint at {p}')
+    with safe_open(str(p), 'pt') as fh:
+        meta = fh.metadata() or {}
+    if 'config' not in meta:
+        raise KeyError(f'{p} has no config in its metadata: not written by save_safetensors')
+    return dict(model=load_file(str(p)), config=meta['config'], labels=json.loads(meta.get('labels') or '{}'),
+                epoch=meta.get('epoch'))  # fmt: skip
