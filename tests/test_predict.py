@@ -2,8 +2,9 @@
 folder of images, with a smoke run folder and with imported stand-ins of the authors' checkpoints (the parity kit's key
 names and shapes, random values, written in the original's layout); and one clear error per unreadable input.
 
-Kept in pytest rather than nbs/12_predict.ipynb: each case starts a fresh process, and the stand-in checkpoints are
-written to temporary files (the FPN one is 100 MB)."""
+Kept in pytest rather than nbs/12_predict.ipynb: the end-to-end cases start a fresh process each (about 10 s of CPU to
+import torch, pandas and the methods), and the stand-in checkpoints are written to temporary files (FPN: 100 MB). The
+error cases and the clip model run `main` in this process."""
 import json, math, shutil, subprocess, sys
 from pathlib import Path
 
@@ -141,13 +142,15 @@ def test_video_and_folder_with_an_imported_checkpoint(data, fpn_ckpt):
     np.testing.assert_allclose(im.loc[[0, 1, 2, 3], 'valence'], df.loc[[0, 1, 2, 3], 'valence'], atol=2e-2)
 
 
-def test_a_clip_model_imported(data):
-    "EMENet-V (GRU heads over clips): a stand-in with the kit's keys predicts every frame of the video."
+def test_a_clip_model_imported(data, capsys):
+    "EMENet-V (GRU heads over clips; in this process): a stand-in with the kit's keys predicts every frame with a face."
     d = data['dir']
     ckpt = standin('emenet_v', 'emenet_v', d / 'ckpt' / 'emenet.pth')
     out = d / 'emenet' / 'clip.csv'
-    run_cli(d / 'clip.mp4', '--out', out, '--checkpoint', ckpt, '--format', 'emenet_v', '--detector', 'whole')
+    rc, _, err = run_main(d / 'clip.mp4', '--out', out, '--checkpoint', ckpt, '--format', 'emenet_v', '--detector',
+                          'whole', capsys=capsys)
     ckpt.unlink()
+    assert rc == 0, err
     df, meta = read(out)
     assert meta['model']['method'] == 'emenet' and meta['align']['style'] == 'whole'
     assert df.loc[df['face'].notna(), ['valence', 'AU01', 'expr_Anger']].notna().all().all()
