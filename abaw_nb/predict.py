@@ -126,6 +126,7 @@ class Predictor:
     source: dict = field(default_factory=dict)  # run folder or checkpoint, format, method, training data
     collate_fn: Callable | None = None
     _template: pd.DataFrame | None = None
+    _datasets: dict = field(default_factory=dict)  # (n, groups) -> dataset (see predict_crops)
 
     @classmethod
     def from_recipe(cls, rec, cfg: Config, labels: dict, source: dict, device='cpu', batch_size: int = 32):
@@ -205,8 +206,14 @@ def _predict_crops(self, crops: list, groups=None) -> pd.DataFrame:
     if len(crops) == 0:
         raise ValueError('predict_crops: no crops')
     imgs = [torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1) for c in crops]
-    au_space = self.au_space or 'affwild2_12'
-    ds = in_memory(self.dataset(memory_frames(len(imgs), groups, self.expr_space, au_space), MEMORY_ROOT), imgs)
+    # the dataset of a batch shape (its frame table validated once) is kept: full batches reuse it
+    key = (len(imgs), b'' if groups is None else np.asarray(groups, np.int64).tobytes())
+    if key not in self._datasets:
+        if len(self._datasets) >= 4:
+            self._datasets.clear()
+        fr = memory_frames(len(imgs), groups, self.expr_space, self.au_space or 'affwild2_12')
+        self._datasets[key] = self.dataset(fr, MEMORY_ROOT)
+    ds = in_memory(self._datasets[key], imgs)
     t = predict_table(self.model, ds, self.cfg, self.predict_fn, self.forward_fn, self.collate_fn, num_workers=0)
     return t.drop(columns=[c for c in ('split', 'dataset', 'video', 'frame') if c in t.columns])
 
