@@ -653,7 +653,7 @@ def main(argv=None) -> int:
         ap.error('--checkpoint needs --format (one of the importers: see abaw_nb.methods.checkpoint_formats())')
     try:
         check_out(a.out)
-        input_kind(a.input)
+        count_frames(a.input, a.every, a.max_frames)  # an unreadable input fails here, before a model is loaded
         if a.run:
             pr = Predictor.from_run(a.run, a.device, a.batch_size)
         else:
