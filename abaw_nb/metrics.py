@@ -323,7 +323,8 @@ def _labels(y, name: str, n_classes: int) -> np.ndarray:
     if len(a) and (a.min() < 0 or a.max() >= n_classes):
         bad = a[(a < 0) | (a >= n_classes)]
         raise ValueError(
-            f'{name} has {len(bad)} values outside 0..{n_classes - 1} (e.g. {bad[0]}); the label space has {n_classes} classes'
+            f'{name} has {len(bad)} values outside 0..{n_classes - 1} (e.g. {bad[0]}); the label space has '
+            f'{n_classes} classes'
         )
     return a
 
@@ -364,7 +365,8 @@ def expr_metrics(
     if space is None:
         if ed is None:
             raise ValueError(
-                'give the label space (space=...) or an edition: the class count is never guessed from the labels present'
+                'give the label space (space=...) or an edition: the class count is never guessed from the labels '
+                'present'
             )
         space = ed.expr_space
     classes = expr_classes(space)
@@ -602,7 +604,8 @@ def nll(
 
 
 def brier(probs, labels, mask=None) -> float:
-    "Brier score: mean over samples of the summed squared error of the class-probability vector; for 0/1 labels the mean (p - y)^2."
+    """Brier score: mean over samples of the summed squared error of the class-probability vector; for 0/1 labels
+    the mean (p - y)^2."""
     p = _probs(probs)
     y = np.asarray(labels)
     if p.ndim == 2 and y.ndim == 1:
@@ -715,7 +718,8 @@ def search_au_thresholds(
     shared: bool = False,  # one threshold for every AU (max mean F1 over a 0.01..0.99 grid)
     default: float = 0.5,  # for an AU without positives in the data
 ) -> tuple:
-    "Per-AU thresholds on probabilities; returns (thresholds, F1 at the thresholds on this data, indices of fallback AUs)."
+    """Per-AU thresholds on probabilities; returns (thresholds, F1 at the thresholds on this data, indices of
+    fallback AUs)."""
     check_choice('method', method, ('f1', 'break_even'))
     y, p = _binary(y_true, 'y_true'), _probs(probs)
     if p.ndim != 2 or p.shape != y.shape:
@@ -1110,7 +1114,8 @@ def fit_au_thresholds(
         splits = tuple(sorted(frames['split'].dropna().astype(str).unique()))
         if 'test' in splits:
             raise ValueError(
-                f"fit_au_thresholds refuses test frames ({int((frames['split'] == 'test').sum())} rows with split 'test'): "
+                f"fit_au_thresholds refuses test frames ({int((frames['split'] == 'test').sum())} rows with split "
+                "'test'): "
                 "fit on validation predictions and apply the thresholds to test"
             )
     else:

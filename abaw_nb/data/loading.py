@@ -284,7 +284,8 @@ def bench_loader(
     train: bool = True,
     threads: int | None = 1,
 ) -> dict:
-    "DataLoader images/s (decode + augment at `size`) for each number of workers (main process at `threads` torch threads)."
+    """DataLoader images/s (decode + augment at `size`) for each number of workers (main process at `threads` torch
+    threads)."""
     from abaw_nb.data.formats import read_affwild2
 
     df = read_affwild2(root) if df is None else df
@@ -311,7 +312,8 @@ def _cpu_s() -> float:
 
 
 def loader_rates(ds, workers: int, batch_size: int, n_batches: int) -> tuple:
-    "(images per wall second after the first batch, images per CPU-second of the main process + its reaped workers over all batches) of a shuffled DataLoader over `ds`."
+    """(images per wall second after the first batch, images per CPU-second of the main process + its reaped workers
+    over all batches) of a shuffled DataLoader over `ds`."""
     import gc
 
     dl = DataLoader(

@@ -49,7 +49,8 @@ TASKS = ('au', 'expr', 'va')  # the original's head order (tmodels 0, 1, 2)
 
 
 class EMENet(nn.Module):
-    "EMENet-V (visual) or EMENet-VA (`audio=True`): per-frame embeddings → one GRU head per task over the clip's time axis."
+    """EMENet-V (visual) or EMENet-VA (`audio=True`): per-frame embeddings → one GRU head per task over the clip's
+    time axis."""
 
     def __init__(
         self,
@@ -567,7 +568,8 @@ def _softmax(z, axis=-1):
 
 
 def logits_to_probs(logits: dict, n_bins: int = 20, T: dict | None = None) -> dict:
-    "Probabilities of per-task logits (last axis): AU sigmoid, EXPR softmax, VA softmax per dimension → (…, 2, n_bins); optional temperatures per task."
+    """Probabilities of per-task logits (last axis): AU sigmoid, EXPR softmax, VA softmax per dimension → (…, 2,
+    n_bins); optional temperatures per task."""
     T = T or {}
     out = {}
     if 'au' in logits:
@@ -712,7 +714,8 @@ def uncertainty_figure(
     e.set_yticks(y, p['expr_names'])
     e.set_xlim(0, 1)
     e.set_title(
-        f"expression: {p['expr_names'][int(p['expr'].argmax())]}\nuncertainty {p['expr_unc']:.2f} (epistemic {p['expr_epi']:.2f})"
+        f"expression: {p['expr_names'][int(p['expr'].argmax())]}\nuncertainty {p['expr_unc']:.2f} (epistemic "
+        f"{p['expr_epi']:.2f})"
     )
     centres = va_bin_anchors(p['va_bins'].shape[1]).numpy()
     for j, (d, c) in enumerate((('valence', 'tab:purple'), ('arousal', 'tab:red'))):
@@ -778,7 +781,8 @@ def annotate_video(
     detect_faces: bool = False,  # crop the largest face with a Haar cascade
     max_frames: int | None = None,
 ) -> pd.DataFrame:
-    "Per-frame predictions and uncertainties of `models` over `source`, drawn into an mp4 video; returns the prediction table."
+    """Per-frame predictions and uncertainties of `models` over `source`, drawn into an mp4 video; returns the
+    prediction table."""
     import cv2
 
     models = list(models) if isinstance(models, (list, tuple)) else [models]
