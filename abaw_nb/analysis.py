@@ -7,17 +7,8 @@ from __future__ import annotations
 import json, shutil
 from pathlib import Path
 import pandas as pd
-from abaw_nb.core import (
-    cache_dir,
-    outputs_dir,
-    git_commit,
-    write_csv,
-    write_text,
-    write_json,
-    save_png,
-    check_choice,
-    PRESETS,
-)
+from .core import cache_dir, outputs_dir, git_commit, write_csv, write_text, write_json, save_png, check_choice
+from .core import PRESETS
 
 # %% auto #0
 __all__ = ['paper_outputs', 'paper_runs', 'provenance_line', 'save_table', 'save_figure', 'DataNotAvailable', 'require_data',

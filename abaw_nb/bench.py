@@ -7,17 +7,8 @@ from __future__ import annotations
 import argparse, gc, json, math, os, platform, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from abaw_nb.core import (
-    outputs_dir,
-    cache_dir,
-    repo_path,
-    provenance,
-    write_json,
-    write_text,
-    write_csv,
-    save_png,
-    autocast,
-)
+from .core import outputs_dir, cache_dir, repo_path, provenance, write_json, write_text, write_csv, save_png
+from .core import autocast
 
 # %% auto #0
 __all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'BENCH_EXTRA', 'PIPELINE_SIZES', 'TARGETS',

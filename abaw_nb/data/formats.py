@@ -15,18 +15,8 @@ import torch
 from torchvision import io as tvio
 
 from ..core import write_text
-from abaw_nb.data.frames import (
-    EXPR7,
-    DISFA_8,
-    FrameTableError,
-    add_issue,
-    au_columns,
-    au_list,
-    expr_names,
-    make_frames,
-    map_expr,
-    validate,
-)
+from .frames import EXPR7, DISFA_8, FrameTableError, add_issue, au_columns, au_list, expr_names, make_frames
+from .frames import map_expr, validate
 
 # %% auto #0
 __all__ = ['AFFWILD2_TASKS', 'AFFWILD2_SPLITS', 'ABAW1_SPLITS', 'AFFWILD2_EDITIONS', 'AFFWILD2_INVALID', 'TEST_LISTS',

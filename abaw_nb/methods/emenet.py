@@ -23,18 +23,8 @@ from ..data.loading import ClipDataset
 from ..data.formats import read_rgb
 from ..data.frames import au_columns, expr_names
 from ..metrics import ece, nll, score_frames
-from abaw_nb.checkpoints import (
-    Imported,
-    Preprocess,
-    Labels,
-    CheckpointFormat,
-    read_checkpoint,
-    unwrap_state,
-    map_state,
-    load_mapped,
-    build_on,
-    head_key,
-)
+from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
+from ..checkpoints import load_mapped, build_on, head_key
 from . import MethodSpec, Recipe, RunData, choice, register_method
 
 # %% auto #0
@@ -212,14 +202,7 @@ class EMENetClips(ClipDataset):
 
     def __getitem__(self, i):
         idx = self.windows[i]
-        valid = idx >= 0
-        src = np.where(valid, idx, idx[valid][-1])
-        out = {}
-        for k, v in self.labels.items():
-            a = torch.as_tensor(v[src])
-            if k.endswith('_mask'):
-                a = a & torch.as_tensor(valid).reshape(-1, *([1] * (a.dim() - 1)))
-            out[k] = a
+        src, valid, out = self.window_labels(idx)
         out['image'] = self.tf(torch.stack([self.image(j) for j in src]))
         if self.spec is not None:
             v = self.videos[src[0]]

@@ -14,27 +14,11 @@ import torchvision
 from ..core import check_choice
 from ..data.frames import expr_names, EXPR_SPACES
 from ..models.backbones import build_backbone, BReGNeXt, DenseNetBackbone, count_params
-from abaw_nb.models.heads import (
-    gen_adjacency,
-    normalize_adjacency,
-    GCNClassifierHead,
-    AFFECTNET_ORDER,
-    AFFECTNET_SPEARMAN_VA,
-)
+from ..models.heads import gen_adjacency, normalize_adjacency, GCNClassifierHead, AFFECTNET_ORDER
+from ..models.heads import AFFECTNET_SPEARMAN_VA
 from ..train.losses import masked_ce, masked_ccc_loss
-from abaw_nb.checkpoints import (
-    Imported,
-    Preprocess,
-    Labels,
-    CheckpointFormat,
-    CheckpointError,
-    IMAGENET_NORM,
-    read_checkpoint,
-    unwrap_state,
-    map_state,
-    load_mapped,
-    build_on,
-)
+from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, CheckpointError, IMAGENET_NORM
+from ..checkpoints import read_checkpoint, unwrap_state, map_state, load_mapped, build_on
 from . import MethodSpec, Recipe, RunData, choice, register_method, frame_data
 
 # %% auto #0

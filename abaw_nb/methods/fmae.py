@@ -16,19 +16,8 @@ from ..models.heads import grad_reverse, GradientReversal
 from ..models.vit import VIT_SIZES, MaskedAutoencoderViT, FMAEViT, load_encoder, vit_sized
 from ..train.engine import param_groups, load_checkpoint
 from ..train.losses import MultiTaskLoss, batch_targets
-from abaw_nb.checkpoints import (
-    Imported,
-    Preprocess,
-    Labels,
-    CheckpointFormat,
-    CheckpointError,
-    IMAGENET_NORM,
-    read_checkpoint,
-    unwrap_state,
-    map_state,
-    load_mapped,
-    build_on,
-)
+from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, CheckpointError, IMAGENET_NORM
+from ..checkpoints import read_checkpoint, unwrap_state, map_state, load_mapped, build_on
 from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn
 
 # %% auto #0

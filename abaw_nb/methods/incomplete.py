@@ -17,18 +17,8 @@ from ..train.losses import MultiTaskLoss, kd_kl, kd_kl_bins, bce_soft, valid_mas
 from ..data.loading import FrameDataset, ClipDataset, make_transform
 from ..data.sampling import ml_ros_weights, expr_weights, va_weights, PoolSampler
 from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames
-from abaw_nb.checkpoints import (
-    Imported,
-    Preprocess,
-    Labels,
-    CheckpointFormat,
-    read_checkpoint,
-    unwrap_state,
-    map_state,
-    load_mapped,
-    build_on,
-    head_key,
-)
+from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
+from ..checkpoints import load_mapped, build_on, head_key
 from . import MethodSpec, Recipe, RunData, choice, register_method, get_method
 
 # %% auto #0

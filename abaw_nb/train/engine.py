@@ -10,26 +10,9 @@ from typing import Callable, Iterable
 
 import numpy as np, pandas as pd, torch
 from torch import nn
-from abaw_nb.core import (
-    Config,
-    autocast,
-    check_choice,
-    get_device,
-    outputs_dir,
-    progress,
-    provenance,
-    run_id,
-    seed_everything,
-    seed_worker,
-    torch_save,
-    write_json,
-    write_text,
-    write_csv,
-    make_generator,
-    fault_point,
-    check_out_dir,
-    clean_stale_temps,
-)
+from ..core import Config, autocast, check_choice, get_device, outputs_dir, progress, provenance, run_id
+from ..core import seed_everything, seed_worker, torch_save, write_json, write_text, write_csv, make_generator
+from ..core import fault_point, check_out_dir, clean_stale_temps
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'KEY_COLUMNS', 'vit_layer_id', 'param_groups', 'build_optimizer', 'lr_factor',
