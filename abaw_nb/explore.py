@@ -62,7 +62,8 @@ class FaceDetector:
 
             if not haar_available():
                 raise RuntimeError(
-                    f'detector=\'haar\' needs the Haar cascade that OpenCV < 5 ships; this is OpenCV {cv2.__version__}. '
+                    'detector=\'haar\' needs the Haar cascade that OpenCV < 5 ships; this is OpenCV '
+                    f'{cv2.__version__}. '
                     "Install opencv-python-headless<5, or use detector='whole' or a callable detector"
                 )
             self._cascade = cv2.CascadeClassifier(
@@ -189,8 +190,9 @@ def demo_run(
         if out_dir
         else cache_dir('explore', f'{method}-{task}-{n_videos}-{seed}-{fingerprint(cfg.to_json())[:10]}')
     )
-    # scores_val.json is the last file `train` writes: a folder without it is still training (the engine writes best.pt and an
-    # index-only predictions_val.csv every better epoch); the lock makes a second caller (another notebook) wait for the first
+    # scores_val.json is the last file `train` writes: a folder without it is still training (the engine writes best.pt
+    # and an index-only predictions_val.csv every better epoch); the lock makes a second caller (another notebook) wait
+    # for the first
     from filelock import FileLock
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -351,7 +353,8 @@ def predict_images(
 
 # %% ../nbs/11_explore.ipynb #8008867d
 def plot_va_time(df: pd.DataFrame, labels: pd.DataFrame | None = None, ax=None, mark: int | None = None):
-    "Valence and arousal over time (x: `time` if present, else `frame`); optional `labels` table (same x) dashed; `mark` a frame."
+    """Valence and arousal over time (x: `time` if present, else `frame`); optional `labels` table (same x) dashed;
+    `mark` a frame."""
     import matplotlib.pyplot as plt
 
     if not {'valence', 'arousal'} <= set(df.columns):
@@ -488,7 +491,8 @@ def synth_video(
 
 # %% ../nbs/11_explore.ipynb #358b7b59
 def find_runs(root=None) -> list[Path]:
-    "Run folders (config.json + predictions_val.csv) under `root` (default: outputs/runs and .cache/explore), newest first."
+    """Run folders (config.json + predictions_val.csv) under `root` (default: outputs/runs and .cache/explore),
+    newest first."""
     from abaw_nb.core import outputs_dir
 
     roots = [Path(root)] if root else [outputs_dir('runs', create=False), cache_dir('explore', create=False)]
@@ -779,7 +783,8 @@ def plot_design(face: np.ndarray, pred: pd.DataFrame | None = None, rm: RunModel
 
 # %% ../nbs/11_explore.ipynb #e9b010e9
 def fig_png(fig, dpi: int = 90) -> bytes:
-    "PNG bytes of a matplotlib figure (what the widgets show: an image widget renders the same in JupyterLab and headless)."
+    """PNG bytes of a matplotlib figure (what the widgets show: an image widget renders the same in JupyterLab and
+    headless)."""
     import io
 
     buf = io.BytesIO()
@@ -797,7 +802,8 @@ def run_browser(
     runs = [Path(r) for r in (runs if runs is not None else find_runs())]
     if not runs:
         return W.HTML(
-            '<b>No run folders found</b> (train one with <code>abaw_nb.train.run.train</code> or <code>demo_run()</code>).'
+            '<b>No run folders found</b> (train one with <code>abaw_nb.train.run.train</code> or '
+            '<code>demo_run()</code>).'
         )
     run_dd = W.Dropdown(
         options=[(f'{p.parent.name}/{p.name}', str(p)) for p in runs], description='run', layout=W.Layout(width='480px')
@@ -877,7 +883,8 @@ def face_designer(
     seed: int = 0,
     size: int = 112,
 ):
-    "An ipywidgets SynthAffect face designer: sliders for AUs, identity, pose and corruptions; the face and the run's prediction."
+    """An ipywidgets SynthAffect face designer: sliders for AUs, identity, pose and corruptions; the face and the
+    run's prediction."""
     import ipywidgets as W, matplotlib.pyplot as plt
     from abaw_nb.data.synth import AU_ALL
 

@@ -5,6 +5,7 @@ names and shapes, random values, written in the original's layout); and one clea
 Kept in pytest rather than nbs/12_predict.ipynb: the end-to-end cases start a fresh process each (about 10 s of CPU to
 import torch, pandas and the methods), and the stand-in checkpoints are written to temporary files (FPN: 100 MB). The
 error cases and the clip model run `main` in this process."""
+
 import json, math, shutil, subprocess, sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ CLI = Path(sys.executable).parent / 'abaw-predict'
 def run_main(*args, capsys):
     "abaw-predict in this process (the error cases: no interpreter start-up each); (exit status, stdout, stderr)."
     from abaw_nb.predict import main
+
     try:
         rc = main([*map(str, args), '--no-progress'])
     except SystemExit as e:  # argparse's own errors
@@ -86,8 +88,20 @@ def read(out: Path):
 def test_video_with_a_run(data):
     d = data['dir']
     out = d / 'run_video' / 'clip.csv'
-    p = run_cli(d / 'clip.mp4', '--out', out, '--run', data['run'], '--detector', 'whole', '--batch-size', '5',
-                '--video', d / 'run_video' / 'clip_annotated.mp4', '--plots')
+    p = run_cli(
+        d / 'clip.mp4',
+        '--out',
+        out,
+        '--run',
+        data['run'],
+        '--detector',
+        'whole',
+        '--batch-size',
+        '5',
+        '--video',
+        d / 'run_video' / 'clip_annotated.mp4',
+        '--plots',
+    )
     df, meta = read(out)
     assert len(df) == 12 and df['frame'].tolist() == list(range(12))
     np.testing.assert_allclose(df['timestamp'], np.arange(12) / 30, atol=1e-6)
@@ -122,8 +136,19 @@ def test_folder_with_a_run(data):
 def test_video_and_folder_with_an_imported_checkpoint(data, fpn_ckpt):
     d = data['dir']
     out = d / 'ckpt_video' / 'clip.csv'
-    run_cli(d / 'clip.mp4', '--out', out, '--checkpoint', fpn_ckpt, '--format', 'fpn', '--detector', 'whole',
-            '--batch-size', '4')
+    run_cli(
+        d / 'clip.mp4',
+        '--out',
+        out,
+        '--checkpoint',
+        fpn_ckpt,
+        '--format',
+        'fpn',
+        '--detector',
+        'whole',
+        '--batch-size',
+        '4',
+    )
     df, meta = read(out)
     assert meta['model']['format'] == 'fpn_multitask' and meta['model']['kind'] == 'checkpoint'
     assert meta['align']['style'] == 'whole' and meta['model']['trained_on'].startswith("the authors'")
@@ -147,8 +172,9 @@ def test_a_clip_model_imported(data, capsys):
     d = data['dir']
     ckpt = standin('emenet_v', 'emenet_v', d / 'ckpt' / 'emenet.pth')
     out = d / 'emenet' / 'clip.csv'
-    rc, _, err = run_main(d / 'clip.mp4', '--out', out, '--checkpoint', ckpt, '--format', 'emenet_v', '--detector',
-                          'whole', capsys=capsys)
+    rc, _, err = run_main(
+        d / 'clip.mp4', '--out', out, '--checkpoint', ckpt, '--format', 'emenet_v', '--detector', 'whole', capsys=capsys
+    )
     ckpt.unlink()
     assert rc == 0, err
     df, meta = read(out)
@@ -156,13 +182,16 @@ def test_a_clip_model_imported(data, capsys):
     assert df.loc[df['face'].notna(), ['valence', 'AU01', 'expr_Anger']].notna().all().all()
 
 
-@pytest.mark.parametrize('name, content, message', [
-    ('empty.mp4', b'', 'is empty (0 bytes)'),
-    ('corrupt.mp4', b'this is not a video' * 50, 'is not a readable video or image'),
-    ('broken.jpg', b'\xff\xd8 not really a jpeg', 'cannot decode broken.jpg as an image'),
-    ('nofiles', None, 'no images'),
-    ('missing.mp4', 'missing', 'input not found'),
-])
+@pytest.mark.parametrize(
+    'name, content, message',
+    [
+        ('empty.mp4', b'', 'is empty (0 bytes)'),
+        ('corrupt.mp4', b'this is not a video' * 50, 'is not a readable video or image'),
+        ('broken.jpg', b'\xff\xd8 not really a jpeg', 'cannot decode broken.jpg as an image'),
+        ('nofiles', None, 'no images'),
+        ('missing.mp4', 'missing', 'input not found'),
+    ],
+)
 def test_bad_input_is_one_clear_error(data, tmp_path, capsys, name, content, message):
     src = tmp_path / name
     if content is None:
@@ -182,17 +211,20 @@ def test_bad_arguments(data, tmp_path, capsys):
     assert rc == 2 and 'write a .csv file' in err
     rc, _, err = run_main(clip, '--out', tmp_path / 'x.csv', '--checkpoint', 'x.pt', capsys=capsys)
     assert rc == 2 and '--checkpoint needs --format' in err
-    rc, _, err = run_main(clip, '--out', tmp_path / 'x.csv', '--checkpoint', tmp_path / 'no.pt', '--format', 'fpn',
-                          capsys=capsys)
+    rc, _, err = run_main(
+        clip, '--out', tmp_path / 'x.csv', '--checkpoint', tmp_path / 'no.pt', '--format', 'fpn', capsys=capsys
+    )
     assert rc == 2 and 'checkpoint file not found' in err
 
 
 def test_video_without_faces_gives_na_rows(data, tmp_path, capsys):
     from abaw_nb.video import write_video
+
     write_video(tmp_path / 'dark.mp4', [np.full((64, 64, 3), 20, np.uint8)] * 6, fps=25)
     out = tmp_path / 'dark.csv'
-    rc, stdout, err = run_main(tmp_path / 'dark.mp4', '--out', out, '--run', data['run'], '--detector', 'yunet',
-                               capsys=capsys)
+    rc, stdout, err = run_main(
+        tmp_path / 'dark.mp4', '--out', out, '--run', data['run'], '--detector', 'yunet', capsys=capsys
+    )
     assert rc == 0, err
     df, meta = read(out)
     assert len(df) == 6 and df['face'].isna().all() and meta['n_faces'] == 0
