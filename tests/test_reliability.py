@@ -341,10 +341,11 @@ def test_bad_annotation_line_stops_with_file_and_line(tiny_world, tmp_path):
 
 
 def test_corrupt_image_stops_with_the_file_and_leaves_no_run_folder(tiny_world, tmp_path):
-    def damage(r):  # every image of a validation video: truncated
-        for img in (r / 'cropped_aligned' / 'synth_0007').glob('*.jpg'):
+    def damage(r):  # every image of the first validation video with VA labels (what the run reads): truncated
+        video = sorted((r / 'annotations' / 'VA_Set' / 'Validation_Set').glob('*.txt'))[0].stem
+        for img in (r / 'cropped_aligned' / video).glob('*.jpg'):
             img.write_bytes(img.read_bytes()[:80])
-        return r / 'cropped_aligned' / 'synth_0007'
+        return r / 'cropped_aligned' / video
 
     folder = _damaged(tiny_world, tmp_path, damage)
     run = tmp_path / 'run'
