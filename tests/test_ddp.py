@@ -87,3 +87,29 @@ def test_ddp_rank_death_stops_the_other_rank_with_a_clear_error(tmp_path, sample
     assert 'DistributedFailure: rank 0 of 2: training stopped at epoch 1 because a collective with the other ranks failed' in err, err[-3000:]
     print(f'rank 0 stopped {time.time() - died:.1f} s after rank 1 died')
     assert not (tmp_path/'run'/'result.json').exists()
+
+
+def test_abaw_train_under_torchrun_two_ranks(tmp_path):
+    """`python -m abaw_nb.train` under torchrun, 2 gloo ranks: a Multitask-CNN smoke run (its balancing sampler sharded
+    over the ranks) writes one run folder, named by rank 0, whose provenance says world size 2."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'ABAW_NB_DEVICE': 'cpu', 'ABAW_NB_PROGRESS': '0',
+           'ABAW_NB_OUTPUTS': str(tmp_path/'outputs')}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'abaw_nb.train',
+           '--method', 'mtl_cnn', '--task', 'multi', '--preset', 'smoke', '--config', '{max_steps_per_epoch: 3}']
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    runs = list((tmp_path/'outputs'/'runs').iterdir())
+    assert len(runs) == 1, runs                                     # one folder for both ranks
+    run = runs[0]
+    assert r.stdout.count('run folder: ') == 1 and f'run folder: {run}' in r.stdout   # rank 0 reports
+    prov = json.loads((run/'provenance.json').read_text())
+    assert prov['world_size'] == 2
+    cfg = json.loads((run/'config.json').read_text())
+    assert (cfg['method'], cfg['task'], cfg['max_steps_per_epoch']) == ('mtl_cnn', 'multi', 3)
+    hist = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+    assert [h['epoch'] for h in hist] == [1] and hist[0]['train_loss'] > 0
+    scores = json.loads((run/'scores_val.json').read_text())
+    assert 0 <= scores['score'] <= 3
+    import pandas as pd
+    pred = pd.read_csv(run/'predictions_val.csv')
+    assert len(pred) == len(set(zip(pred['video'], pred['frame'])))   # the ranks' predictions gathered, no duplicates
