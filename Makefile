@@ -52,7 +52,7 @@ lab: env  ## JupyterLab from the venv
 bench: env  ## benchmarks into outputs/bench
 	$(BIN)/abaw-bench
 
-gpu-check: env  ## measure one GPU in at most 8 minutes into outputs/gpu/GPU.md + csv (DRY=1: the CPU dry run, into outputs/gpu-dry-run)
+gpu-check: env  ## measure one GPU in at most 8 minutes into outputs/gpu/GPU.md + csv (DRY=1 for the CPU dry run, into outputs/gpu-dry-run)
 	$(PY) -m abaw_nb.gpucheck $(if $(DRY),--dry-run)
 
 lock:  ## recompile requirements.lock from requirements.in and regenerate environment.yml
