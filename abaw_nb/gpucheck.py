@@ -12,7 +12,7 @@ from . import bench
 
 # %% auto #0
 __all__ = ['GPU_METHODS', 'VIT_TARGET', 'CONV_TARGET', 'PIPELINE_TARGET', 'STEP_VARIANTS', 'device_info', 'measure_peaks',
-           'measure_steps', 'targets', 'train_check', 'predict_check', 'render', 'run_check', 'main']
+           'measure_steps', 'targets', 'train_check', 'predict_check', 'estimate_memory', 'render', 'run_check', 'main']
 
 # %% ../nbs/10b_gpucheck.ipynb #10185d26023b46108eb7d9f57d49d2b3
 def _nvidia_smi(field: str) -> str:
@@ -215,6 +215,54 @@ def predict_check(run_dir, device, n_frames: int, batch_size: int, work) -> dict
         seconds=s,
         frames_per_s=len(pred) / s,
         detector='whole (decode + crop + batched model)',
+    )
+
+# %% ../nbs/10b_gpucheck.ipynb #277c27b1587741f2af2001be3712ef0d
+def estimate_memory(method: str, preset: str = 'paper', probe_batch: int = 2, precision: str = 'bf16') -> dict:
+    """Training memory of `method`'s `preset` run on one GPU, estimated: weights, gradients and optimiser state from the
+    parameter count, and the activations saved for backward per sample (counted on the CPU) times the preset's batch."""
+    from abaw_nb.train.run import run_config, load_frames, _task_split
+    from abaw_nb.train.engine import make_loader
+    from abaw_nb.methods import get_method, RunData
+    from abaw_nb.core import autocast
+
+    spec = get_method(method)
+    cfg = run_config(method, bench.BENCH_METHODS[method], preset, device='cpu', progress=False, num_workers=0)
+    frames, root = load_frames(cfg.replace(synth_size='smoke'))  # the pictures are resized to the preset's input
+    tr = _task_split(frames, 'train', cfg.task, spec)
+    torch.manual_seed(0)
+    rec = spec.recipe(cfg, spec.make_settings(cfg.extra), RunData.from_frames(tr, None, root))
+    b = next(iter(make_loader(rec.train_data(tr, root), cfg, True, batch_size=probe_batch, collate_fn=rec.collate_fn)))
+    fwd = rec.forward_fn or (lambda net, bb: net(bb['image']))
+    seen, saved = set(), [0]
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            saved[0] += st.nbytes()
+        return t
+
+    rec.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast('cpu', precision):
+        out = fwd(rec.model, b)
+        rec.loss_fn(out, b)  # the loss's own saved tensors count too
+    params = sum(p.numel() for p in rec.model.parameters() if p.requires_grad)
+    slots = 2 if cfg.optimizer in ('adam', 'adamw') else 1 if cfg.momentum else 0
+    state = params * 4 * (2 + slots)  # fp32 weights and gradients, optimiser moments
+    n = int(b['image'].shape[0])
+    act = saved[0] / n * cfg.batch_size
+    return dict(
+        method=method,
+        preset=preset,
+        backbone=rec.backbone,
+        input_size=cfg.img_size,
+        batch=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        params_m=params / 1e6,
+        weights_grads_optim_gib=state / 2**30,
+        activations_gib=act / 2**30,
+        total_gib=(state + act) / 2**30,
     )
 
 # %% ../nbs/10b_gpucheck.ipynb #8a65eabff63a45729fe45fb5ade58bdc

@@ -13,7 +13,7 @@ from .engine import init_distributed, dist_info
 from .run import TASK_CHOICES, run_config, train, evaluate_checkpoint, headline
 
 # %% auto #0
-__all__ = ['parser', 'shared_out_dir', 'main']
+__all__ = ['STAGES', 'CLI_ONLY', 'parser', 'shared_out_dir', 'main']
 
 # %% ../../nbs/04d_train.cli.ipynb #10185d26023b46108eb7d9f57d49d2b3
 def _yaml(s: str):
@@ -26,6 +26,10 @@ def _yaml_dict(s: str) -> dict | None:
     if v is not None and not isinstance(v, dict):
         raise argparse.ArgumentTypeError(f'expected a YAML mapping such as "{{key: value}}", got {s!r}')
     return v
+
+
+STAGES = ('train', 'fmae_pretrain')
+CLI_ONLY = ('stage',)  # flags train_multi does not have
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     arg('checkpoint', default=None, help='score this published checkpoint instead of training')
     arg('checkpoint_format', default=None)
     arg('checkpoint_options', type=_yaml_dict, default=None)
+    # beyond train_multi: FMAE's MAE pretraining stage (its run folder's best.pt is then `--extra "{pretrained: ...}"`)
+    arg('stage', default='train', choices=STAGES, help='train | fmae_pretrain (MAE on the SynthAffect pool)')
     return p
 
 # %% ../../nbs/04d_train.cli.ipynb #7cdc8c89c7104fffa095e18ddfef8986
@@ -71,6 +77,21 @@ def shared_out_dir(cfg) -> str:
     return name
 
 
+def _fmae_pretrain(cfg, preset: str) -> dict:
+    "FMAE's MAE pretraining of `preset` on the SynthAffect pool, through the engine (and so under torchrun too)."
+    from abaw_nb.data.synth import generate_cached
+    from abaw_nb.methods.fmae import fmae_settings
+    from abaw_nb.pipelines.fmae import pretrain_mae
+
+    if cfg.method != 'fmae':
+        raise SystemExit(f'--stage fmae_pretrain is a stage of --method fmae, not {cfg.method!r}')
+    s = fmae_settings(preset)
+    out = shared_out_dir(cfg)
+    root = generate_cached(s['synth_size'], seed=cfg.data_seed, show_progress=False)
+    _, hist = pretrain_mae(root, s, cfg.seed, cfg.device, out_dir=out)
+    return dict(out_dir=Path(out), history=hist, scores={}, config=cfg)
+
+
 def main(argv=None) -> dict:
     "`abaw-train` / `python -m abaw_nb.train`: train (or score a checkpoint) as train_multi does; returns the run."
     from abaw_nb.pipelines import with_prerequisites
@@ -81,7 +102,9 @@ def main(argv=None) -> dict:
         a.method, a.task, a.preset, **over, out_dir=a.out_dir, progress=a.progress, extra=a.extra, **(a.config or {})
     )
     rank, world = init_distributed(cfg.device)
-    if a.checkpoint is not None:
+    if a.stage == 'fmae_pretrain':
+        res = _fmae_pretrain(cfg, a.preset)
+    elif a.checkpoint is not None:
         if world > 1:
             raise SystemExit(
                 'abaw-train --checkpoint scores a published model in one process: launch it without torchrun'
@@ -92,7 +115,7 @@ def main(argv=None) -> dict:
         res = train(with_prerequisites(cfg, verbose=rank == 0), verbose=rank == 0)
     if rank == 0:
         print(f'run folder: {res["out_dir"]}')
-        print(json.dumps(headline(res['scores']), indent=1))
+        print(json.dumps(headline(res['scores']), indent=1))  # (none for a pretraining stage)
     if world > 1:
         torch.distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has written the run
         torch.distributed.destroy_process_group()
