@@ -228,7 +228,8 @@ def estimate_memory(method: str, preset: str = 'paper', probe_batch: int = 2, pr
 
     spec = get_method(method)
     cfg = run_config(method, bench.BENCH_METHODS[method], preset, device='cpu', progress=False, num_workers=0)
-    frames, root = load_frames(cfg.replace(synth_size='smoke'))  # the pictures are resized to the preset's input
+    cfg = cfg.replace(synth_size='smoke')  # the smallest SynthAffect: its pictures are resized to the preset's input
+    frames, root = load_frames(cfg)
     tr = _task_split(frames, 'train', cfg.task, spec)
     torch.manual_seed(0)
     rec = spec.recipe(cfg, spec.make_settings(cfg.extra), RunData.from_frames(tr, None, root))
