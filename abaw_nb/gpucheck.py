@@ -218,24 +218,15 @@ def predict_check(run_dir, device, n_frames: int, batch_size: int, work) -> dict
     )
 
 # %% ../nbs/10b_gpucheck.ipynb #277c27b1587741f2af2001be3712ef0d
-def estimate_memory(method: str, preset: str = 'paper', probe_batch: int = 2, precision: str = 'bf16') -> dict:
-    """Training memory of `method`'s `preset` run on one GPU, estimated: weights, gradients and optimiser state from the
-    parameter count, and the activations saved for backward per sample (counted on the CPU) times the preset's batch."""
-    from abaw_nb.train.run import run_config, load_frames, _task_split
+def _saved_bytes(rec, cfg, tr, root, batch: int, precision: str) -> int:
+    "Bytes of the tensors autograd saves in one training forward of `batch` items (each storage once, parameters not)."
     from abaw_nb.train.engine import make_loader
-    from abaw_nb.methods import get_method, RunData
     from abaw_nb.core import autocast
 
-    spec = get_method(method)
-    cfg = run_config(method, bench.BENCH_METHODS[method], preset, device='cpu', progress=False, num_workers=0)
-    cfg = cfg.replace(synth_size='smoke')  # the smallest SynthAffect: its pictures are resized to the preset's input
-    frames, root = load_frames(cfg)
-    tr = _task_split(frames, 'train', cfg.task, spec)
-    torch.manual_seed(0)
-    rec = spec.recipe(cfg, spec.make_settings(cfg.extra), RunData.from_frames(tr, None, root))
-    b = next(iter(make_loader(rec.train_data(tr, root), cfg, True, batch_size=probe_batch, collate_fn=rec.collate_fn)))
+    b = next(iter(make_loader(rec.train_data(tr, root), cfg, True, batch_size=batch, collate_fn=rec.collate_fn)))
     fwd = rec.forward_fn or (lambda net, bb: net(bb['image']))
-    seen, saved = set(), [0]
+    seen = {p.untyped_storage().data_ptr() for p in rec.model.parameters()}  # the weights are counted apart
+    saved = [0]
 
     def pack(t):
         st = t.untyped_storage()
@@ -246,13 +237,31 @@ def estimate_memory(method: str, preset: str = 'paper', probe_batch: int = 2, pr
 
     rec.model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast('cpu', precision):
-        out = fwd(rec.model, b)
-        rec.loss_fn(out, b)  # the loss's own saved tensors count too
+        rec.loss_fn(fwd(rec.model, b), b)  # the loss's own saved tensors count too
+    return saved[0]
+
+
+def estimate_memory(method: str, preset: str = 'paper', probe_batch: int = 2, precision: str = 'bf16') -> dict:
+    """Training memory of `method`'s `preset` run on one GPU, estimated: weights, gradients and optimiser state from the
+    parameter count; activations saved for backward, counted on the CPU at `probe_batch` and twice that, so that the
+    part that does not grow with the batch (e.g. bf16 copies of the weights) is counted once."""
+    from abaw_nb.train.run import run_config, load_frames, _task_split
+    from abaw_nb.methods import get_method, RunData
+
+    spec = get_method(method)
+    cfg = run_config(method, bench.BENCH_METHODS[method], preset, device='cpu', progress=False, num_workers=0)
+    cfg = cfg.replace(synth_size='smoke')  # the smallest SynthAffect: its pictures are resized to the preset's input
+    frames, root = load_frames(cfg)
+    tr = _task_split(frames, 'train', cfg.task, spec)
+    torch.manual_seed(0)
+    rec = spec.recipe(cfg, spec.make_settings(cfg.extra), RunData.from_frames(tr, None, root))
+    s1, s2 = (_saved_bytes(rec, cfg, tr, root, k * probe_batch, precision) for k in (1, 2))
+    per_item = (s2 - s1) / probe_batch
+    fixed = max(s1 - per_item * probe_batch, 0.0)
+    act = fixed + per_item * cfg.batch_size
     params = sum(p.numel() for p in rec.model.parameters() if p.requires_grad)
     slots = 2 if cfg.optimizer in ('adam', 'adamw') else 1 if cfg.momentum else 0
     state = params * 4 * (2 + slots)  # fp32 weights and gradients, optimiser moments
-    n = int(b['image'].shape[0])
-    act = saved[0] / n * cfg.batch_size
     return dict(
         method=method,
         preset=preset,
@@ -262,6 +271,8 @@ def estimate_memory(method: str, preset: str = 'paper', probe_batch: int = 2, pr
         optimizer=cfg.optimizer,
         params_m=params / 1e6,
         weights_grads_optim_gib=state / 2**30,
+        activations_fixed_gib=fixed / 2**30,
+        activations_per_item_mib=per_item / 2**20,
         activations_gib=act / 2**30,
         total_gib=(state + act) / 2**30,
     )
