@@ -35,7 +35,8 @@ env:  ## create .venv from the lock (installs uv first if absent)
 	  echo "$(ENV_HASH)" > $(STAMP); \
 	fi
 
-test: env  ## nbdev_test on every notebook, then pytest
+test: env  ## ruff on notebooks, scripts and tests, nbdev_test on every notebook, then pytest
+	$(BIN)/ruff check
 	$(BIN)/nbdev_test --n_workers 2 --timing
 	$(BIN)/pytest -q -m "not browser"
 

@@ -7,17 +7,8 @@ from __future__ import annotations
 import json, shutil
 from pathlib import Path
 import pandas as pd
-from abaw_nb.core import (
-    cache_dir,
-    outputs_dir,
-    git_commit,
-    write_csv,
-    write_text,
-    write_json,
-    save_png,
-    check_choice,
-    PRESETS,
-)
+from .core import cache_dir, outputs_dir, git_commit, write_csv, write_text, write_json, save_png, check_choice
+from .core import PRESETS
 
 # %% auto #0
 __all__ = ['paper_outputs', 'paper_runs', 'provenance_line', 'save_table', 'save_figure', 'DataNotAvailable', 'require_data',
@@ -48,9 +39,9 @@ def paper_runs(
     data: str,  # what the runs train on (part of the stamp)
     commit: str | None = None,  # default: the checkout's `git_commit()`
 ) -> Path:
-    """Folder for a paper notebook's training runs, `out/runs/<name>`. It is reused (finished runs reopen, a killed run resumes)
-    only when the same preset and data made it at the same clean commit; otherwise it is emptied first, so no table is ever
-    computed from a model that other code trained. Smoke runs always start empty (they cost seconds)."""
+    """Folder for a paper notebook's training runs, `out/runs/<name>`. It is reused (finished runs reopen, a killed run
+    resumes) only when the same preset and data made it at the same clean commit; otherwise it is emptied first, so no
+    table is ever computed from a model that other code trained. Smoke runs always start empty (they cost seconds)."""
     d = Path(out) / 'runs' / name
     stamp = d / '.made_by.json'
     made_by = dict(preset=preset, data=str(data), commit=commit or git_commit())
@@ -98,11 +89,13 @@ def save_figure(fig, name: str, out: str | Path, provenance: str, dpi: int = 120
 
 
 class DataNotAvailable(RuntimeError):
-    "Raised by a paper notebook when the `data_root` it was given cannot feed it; `make reproduce` records a skip, not a failure."
+    """Raised by a paper notebook when the `data_root` it was given cannot feed it; `make reproduce` records a skip,
+    not a failure."""
 
 
 def require_data(ok: bool, reason: str) -> None:
-    "Stop a paper notebook with `DataNotAvailable(reason)` unless `ok` (e.g. `require_data(data_root is None or is_bp4d(data_root), ...)`)."
+    """Stop a paper notebook with `DataNotAvailable(reason)` unless `ok` (e.g. `require_data(data_root is None or
+    is_bp4d(data_root), ...)`)."""
     if not ok:
         raise DataNotAvailable(reason)
 
@@ -155,7 +148,8 @@ def evaluate_published(
 
 
 def published_column(df: pd.DataFrame, key: str, published: dict, name: str = 'published') -> pd.DataFrame:
-    "Add the papers' numbers (`published[key value]`, typed from the paper) beside the reproduced ones; missing ones stay empty."
+    """Add the papers' numbers (`published[key value]`, typed from the paper) beside the reproduced ones; missing
+    ones stay empty."""
     out = df.copy()
     out[name] = [published.get(k) for k in out[key]]
     return out

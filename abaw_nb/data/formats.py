@@ -15,18 +15,8 @@ import torch
 from torchvision import io as tvio
 
 from ..core import write_text
-from abaw_nb.data.frames import (
-    EXPR7,
-    DISFA_8,
-    FrameTableError,
-    add_issue,
-    au_columns,
-    au_list,
-    expr_names,
-    make_frames,
-    map_expr,
-    validate,
-)
+from .frames import EXPR7, DISFA_8, FrameTableError, add_issue, au_columns, au_list, expr_names, make_frames
+from .frames import map_expr, validate
 
 # %% auto #0
 __all__ = ['AFFWILD2_TASKS', 'AFFWILD2_SPLITS', 'ABAW1_SPLITS', 'AFFWILD2_EDITIONS', 'AFFWILD2_INVALID', 'TEST_LISTS',
@@ -95,7 +85,8 @@ def write_image(
     img,  # HxWx3 (or HxW) uint8 array, or a 3xHxW uint8 tensor
     quality: int = 95,  # JPEG quality
 ) -> Path:
-    "Write an RGB image as JPEG with torchvision.io, PNG or BMP with OpenCV (PNG at compression 3: 4x faster than torchvision's)."
+    """Write an RGB image as JPEG with torchvision.io, PNG or BMP with OpenCV (PNG at compression 3: 4x faster than
+    torchvision's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(img))
@@ -580,7 +571,8 @@ def write_challenge_predictions(
     au_space: str = 'affwild2_12',  # AU columns and header (or abaw1_8 for FG 2020)
     fill: Mapping[str, float] | None = None,  # values for a video without any prediction
 ) -> list[Path]:
-    "Write challenge prediction files: header, one row per video frame, frames without a face filled from the nearest earlier prediction."
+    """Write challenge prediction files: header, one row per video frame, frames without a face filled from the
+    nearest earlier prediction."""
     cols = _pred_columns(task, expr_space, au_space)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1026,7 +1018,8 @@ def write_affectnet(
     root,  # dataset root
     images=None,  # callable / mapping / source folder / None
     meta: pd.DataFrame
-    | None = None,  # face_x, face_y, face_width, face_height, facial_landmarks per row; default whole image, no landmarks
+    # face_x, face_y, face_width, face_height, facial_landmarks per row; default whole image, no landmarks
+    | None = None,
     quality: int = 95,  # JPEG quality
 ) -> Path:
     "Write AffectNet csv files and images (NA expression -> 8 None, NA VA -> -2)."
@@ -1194,10 +1187,14 @@ DISFA_FOLDS = {
     3: ['SN' + s for s in '003 004 005 007 008 017 023 025 029'.split()],
 }
 BP4DP_FOLDS = {
-    1: 'M040 F072 M015 M029 M003 F076 F053 F026 F044 F066 F057 F061 F071 M050 M033 F079 F020 M025 F014 F004 F013 M017 F033 M042 M004 F038 F019 M036 M026 M048 F039 F046 M051 F047 M020'.split(),
-    2: 'F074 F012 F034 M001 F056 F075 M009 M038 F024 M047 F016 M045 M034 M022 F060 M011 M044 M046 M005 M028 F077 F028 M055 M019 F032 F030 M037 M043 F031 F022 M023 M018 M016 F065 M052'.split(),
-    3: 'F029 F054 F064 F045 F009 F040 F008 M041 F063 M056 M024 F001 F080 M010 F062 F035 M054 F052 F027 F043 F042 F050 M057 F078 F058 F017 M035 M030 M027 F021 M031 F069 F002 M008 F068'.split(),
-    4: 'M058 F037 F010 F023 M007 M002 F025 F073 F048 F041 F051 F011 M032 F005 M021 F018 M013 M049 M014 F070 F006 F067 M039 M006 F059 F003 F007 F049 M053 F081 F055 M012 F082 F015 F036'.split(),
+    1: 'M040 F072 M015 M029 M003 F076 F053 F026 F044 F066 F057 F061 F071 M050 M033 F079 F020 M025 F014 F004 F013 M017 '
+    'F033 M042 M004 F038 F019 M036 M026 M048 F039 F046 M051 F047 M020'.split(),
+    2: 'F074 F012 F034 M001 F056 F075 M009 M038 F024 M047 F016 M045 M034 M022 F060 M011 M044 M046 M005 M028 F077 F028 '
+    'M055 M019 F032 F030 M037 M043 F031 F022 M023 M018 M016 F065 M052'.split(),
+    3: 'F029 F054 F064 F045 F009 F040 F008 M041 F063 M056 M024 F001 F080 M010 F062 F035 M054 F052 F027 F043 F042 F050 '
+    'M057 F078 F058 F017 M035 M030 M027 F021 M031 F069 F002 M008 F068'.split(),
+    4: 'M058 F037 F010 F023 M007 M002 F025 F073 F048 F041 F051 F011 M032 F005 M021 F018 M013 M049 M014 F070 F006 F067 '
+    'M039 M006 F059 F003 F007 F049 M053 F081 F055 M012 F082 F015 F036'.split(),
 }
 AU_FOLDS = {'bp4d': BP4D_FOLDS, 'bp4d+': BP4DP_FOLDS, 'disfa': DISFA_FOLDS}
 
@@ -1591,7 +1588,6 @@ def read_image_folder(
                     {'split': split, 'video': fp.stem, 'path': f'{split}/{cd.name}/{fp.name}', 'expr': valid[cd.name]}
                 )
     d = pd.DataFrame(recs, columns=['split', 'video', 'path', 'expr'])
-    n_before = int(d['expr'].notna().sum())
     d['expr'] = map_expr(d['expr'].astype('Int64'), native, expr_space).to_numpy()
     d['expr'] = d['expr'].astype('Int64')
     drop = d['expr'].isna()

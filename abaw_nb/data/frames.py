@@ -198,7 +198,8 @@ def _examples(df, mask, cols=('video', 'frame'), k=3):
 
 
 def validate(df: pd.DataFrame) -> pd.DataFrame:
-    "Check a frame table against the schema (columns, dtypes, ranges, NA semantics, unique keys, one split per video); returns it."
+    """Check a frame table against the schema (columns, dtypes, ranges, NA semantics, unique keys, one split per
+    video); returns it."""
     errs = []
     for a in ('expr_space', 'au_space'):
         if a not in df.attrs:
@@ -240,7 +241,8 @@ def validate(df: pd.DataFrame) -> pd.DataFrame:
         bad = df['expr'].notna() & ((df['expr'] < 0) | (df['expr'] >= ncls))
         if bad.any():
             errs.append(
-                f'expr: {int(bad.sum())} values outside [0, {ncls}) of {df.attrs["expr_space"]} ({_examples(df, bad.fillna(False))})'
+                f'expr: {int(bad.sum())} values outside [0, {ncls}) of {df.attrs["expr_space"]} '
+                f'({_examples(df, bad.fillna(False))})'
             )
     for c in aus:
         if df[c].dtype != pd.Int8Dtype():

@@ -192,19 +192,22 @@ class ClipDataset(Dataset):
     def finish(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.transform(imgs) if self.transform else imgs.float() / 255
 
-    def __getitem__(self, i):
-        idx = self.windows[i]
+    def window_labels(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        "Rows to read for window `idx` (padding repeats the last real frame), its valid mask, its labels (masked)."
         valid = idx >= 0
-        last = idx[valid][-1]
-        src = np.where(valid, idx, last)  # padding repeats the last real frame
-        imgs = self.finish(self.load_clip(src))
+        src = np.where(valid, idx, idx[valid][-1])
         out = {}
         for k, v in self.labels.items():
             a = torch.as_tensor(v[src])
             if k.endswith('_mask'):
                 a = a & torch.as_tensor(valid).reshape(-1, *([1] * (a.dim() - 1)))
             out[k] = a
-        out['image'] = imgs
+        return src, valid, out
+
+    def __getitem__(self, i):
+        idx = self.windows[i]
+        src, valid, out = self.window_labels(idx)
+        out['image'] = self.finish(self.load_clip(src))
         out['index'] = torch.as_tensor(idx)
         out['valid'] = torch.as_tensor(valid)
         return out
@@ -284,7 +287,8 @@ def bench_loader(
     train: bool = True,
     threads: int | None = 1,
 ) -> dict:
-    "DataLoader images/s (decode + augment at `size`) for each number of workers (main process at `threads` torch threads)."
+    """DataLoader images/s (decode + augment at `size`) for each number of workers (main process at `threads` torch
+    threads)."""
     from abaw_nb.data.formats import read_affwild2
 
     df = read_affwild2(root) if df is None else df
@@ -311,7 +315,8 @@ def _cpu_s() -> float:
 
 
 def loader_rates(ds, workers: int, batch_size: int, n_batches: int) -> tuple:
-    "(images per wall second after the first batch, images per CPU-second of the main process + its reaped workers over all batches) of a shuffled DataLoader over `ds`."
+    """(images per wall second after the first batch, images per CPU-second of the main process + its reaped workers
+    over all batches) of a shuffled DataLoader over `ds`."""
     import gc
 
     dl = DataLoader(

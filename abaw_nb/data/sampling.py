@@ -127,12 +127,14 @@ def weighted_sampler(
     num_samples: int | None = None,  # draws per epoch (default: number of frames)
     seed: int = 0,  # seed of the draw (with the epoch)
 ) -> EpochWeightedSampler:
-    "A sampler drawing with replacement whose draw is a function of `(seed, epoch)` (`set_epoch`), so a resumed run redraws the same epoch."
+    """A sampler drawing with replacement whose draw is a function of `(seed, epoch)` (`set_epoch`), so a resumed
+    run redraws the same epoch."""
     return EpochWeightedSampler(weights, num_samples, seed)
 
 
 class PoolSampler:
-    "Equal draws from several weighted pools of rows per epoch (the incomplete-labels method's per-task datasets), shuffled; a function of `(seed, epoch)`."
+    """Equal draws from several weighted pools of rows per epoch (the incomplete-labels method's per-task datasets),
+    shuffled; a function of `(seed, epoch)`."""
 
     def __init__(
         self,

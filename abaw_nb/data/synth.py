@@ -142,7 +142,8 @@ def confound_cells(
     split: np.ndarray,  # split of each identity
     rng: np.random.Generator,  # the world's generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    "`confound` and `prone` per identity: equal on training subjects (half of them both), elsewhere the 4 pairs in turn."
+    """`confound` and `prone` per identity: equal on training subjects (half of them both), elsewhere the 4 pairs in
+    turn."""
     conf, prone = np.zeros(len(split), bool), np.zeros(len(split), bool)
     for s in pd.unique(split):
         idx = rng.permutation(np.flatnonzero(split == s))
@@ -1133,7 +1134,8 @@ def still_frames(
     train_only: bool = False,  # only training subjects (extra-training-data layouts)
     stride: int = STILL_STRIDE,  # take every `stride`-th frame of a video
 ) -> np.ndarray:
-    "Positions (rows of `world.latent`) of the frames a still-image layout samples: every `stride`-th frame from a seeded offset, with a face and `need`."
+    """Positions (rows of `world.latent`) of the frames a still-image layout samples: every `stride`-th frame from a
+    seeded offset, with a face and `need`."""
     lat = world.latent
     ok = lat.face.to_numpy(bool) & np.asarray(need, bool)
     if train_only:
@@ -1152,7 +1154,8 @@ def au_subject_ids(
     world: SynthWorld,  # from `make_world`
     dataset: str,  # 'bp4d' | 'bp4d+' | 'disfa'
 ) -> dict:
-    "World subject -> subject id of `dataset`, folds filled to equal sizes in order with the held-out (val, test) subjects first."
+    """World subject -> subject id of `dataset`, folds filled to equal sizes in order with the held-out (val, test)
+    subjects first."""
     from abaw_nb.data.formats import AU_FOLDS
 
     folds = list(AU_FOLDS[dataset].values())
@@ -1412,7 +1415,8 @@ def _fmt_afew_va(world, root, out):
 
 # %% ../../nbs/01c_data.synth.ipynb #3ca926f3
 def _fmt_affwild2_abaw1(world, root, out):
-    "FG 2020 (ABAW1) Aff-Wild2: 8 AUs, Training_Set / Validation_Set, no test labels; images through a link to the crops."
+    """FG 2020 (ABAW1) Aff-Wild2: 8 AUs, Training_Set / Validation_Set, no test labels; images through a link to the
+    crops."""
     from abaw_nb.data.formats import write_affwild2
 
     n = dict(zip(world.videos.video, world.videos.n_frames.astype(int)))
@@ -1575,7 +1579,6 @@ def generate(
         check_choice('format', f, FORMATS)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     world = make_world(size, seed, **overrides)
     jobs = list(_jobs(world, root, world.size.img_size))
     n_img = _run_jobs(jobs, workers, show_progress)
@@ -1613,7 +1616,8 @@ def generate(
 
 
 def load_latent(root) -> dict:
-    "The `_latent/` tables of a generated SynthAffect folder (identities, videos, frames, annotations, unlabelled, meta)."
+    """The `_latent/` tables of a generated SynthAffect folder (identities, videos, frames, annotations, unlabelled,
+    meta)."""
     d = Path(root) / '_latent'
     if not (d / 'meta.json').is_file():
         raise FileNotFoundError(f'{d}/meta.json not found: {root} is not a generated SynthAffect folder')
@@ -1727,7 +1731,8 @@ def colour_identity_probe(
     step: int = 3,  # read every `step`-th frame with a face
     C: float = 1.0,  # inverse regularisation of the logistic regression
 ) -> dict:
-    "Subject (and look) accuracy of a logistic regression on colour histograms on held-out frames; chance; look ceiling."
+    """Subject (and look) accuracy of a logistic regression on colour histograms on held-out frames; chance; look
+    ceiling."""
     import cv2
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -1819,7 +1824,8 @@ def generate_cached(
     workers: int | None = None,  # rendering processes (default: all cores)
     **kw,  # passed to `generate`
 ) -> Path:
-    "Generate SynthAffect `size`/`seed` into the cache once (under a file lock, published by an atomic rename); later calls return the cached folder (adding missing layouts)."
+    """Generate SynthAffect `size`/`seed` into the cache once (under a file lock, published by an atomic rename);
+    later calls return the cached folder (adding missing layouts)."""
     import shutil, uuid
     from filelock import FileLock
 
@@ -1885,7 +1891,8 @@ def bench_synth(
     img_size: int = 112,  # frame side
     seed: int = 0,
 ) -> dict:
-    "Frames/s of rendering + JPEG encoding on one core, and full `smoke`/`cpu` generation times are measured separately."
+    """Frames/s of rendering + JPEG encoding on one core, and full `smoke`/`cpu` generation times are measured
+    separately."""
     import cv2
 
     cv2.setNumThreads(1)

@@ -23,18 +23,8 @@ from ..data.loading import ClipDataset
 from ..data.formats import read_rgb
 from ..data.frames import au_columns, expr_names
 from ..metrics import ece, nll, score_frames
-from abaw_nb.checkpoints import (
-    Imported,
-    Preprocess,
-    Labels,
-    CheckpointFormat,
-    read_checkpoint,
-    unwrap_state,
-    map_state,
-    load_mapped,
-    build_on,
-    head_key,
-)
+from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
+from ..checkpoints import load_mapped, build_on, head_key
 from . import MethodSpec, Recipe, RunData, choice, register_method
 
 # %% auto #0
@@ -49,7 +39,8 @@ TASKS = ('au', 'expr', 'va')  # the original's head order (tmodels 0, 1, 2)
 
 
 class EMENet(nn.Module):
-    "EMENet-V (visual) or EMENet-VA (`audio=True`): per-frame embeddings → one GRU head per task over the clip's time axis."
+    """EMENet-V (visual) or EMENet-VA (`audio=True`): per-frame embeddings → one GRU head per task over the clip's
+    time axis."""
 
     def __init__(
         self,
@@ -211,14 +202,7 @@ class EMENetClips(ClipDataset):
 
     def __getitem__(self, i):
         idx = self.windows[i]
-        valid = idx >= 0
-        src = np.where(valid, idx, idx[valid][-1])
-        out = {}
-        for k, v in self.labels.items():
-            a = torch.as_tensor(v[src])
-            if k.endswith('_mask'):
-                a = a & torch.as_tensor(valid).reshape(-1, *([1] * (a.dim() - 1)))
-            out[k] = a
+        src, valid, out = self.window_labels(idx)
         out['image'] = self.tf(torch.stack([self.image(j) for j in src]))
         if self.spec is not None:
             v = self.videos[src[0]]
@@ -567,7 +551,8 @@ def _softmax(z, axis=-1):
 
 
 def logits_to_probs(logits: dict, n_bins: int = 20, T: dict | None = None) -> dict:
-    "Probabilities of per-task logits (last axis): AU sigmoid, EXPR softmax, VA softmax per dimension → (…, 2, n_bins); optional temperatures per task."
+    """Probabilities of per-task logits (last axis): AU sigmoid, EXPR softmax, VA softmax per dimension → (…, 2,
+    n_bins); optional temperatures per task."""
     T = T or {}
     out = {}
     if 'au' in logits:
@@ -712,7 +697,8 @@ def uncertainty_figure(
     e.set_yticks(y, p['expr_names'])
     e.set_xlim(0, 1)
     e.set_title(
-        f"expression: {p['expr_names'][int(p['expr'].argmax())]}\nuncertainty {p['expr_unc']:.2f} (epistemic {p['expr_epi']:.2f})"
+        f"expression: {p['expr_names'][int(p['expr'].argmax())]}\nuncertainty {p['expr_unc']:.2f} (epistemic "
+        f"{p['expr_epi']:.2f})"
     )
     centres = va_bin_anchors(p['va_bins'].shape[1]).numpy()
     for j, (d, c) in enumerate((('valence', 'tab:purple'), ('arousal', 'tab:red'))):
@@ -778,7 +764,8 @@ def annotate_video(
     detect_faces: bool = False,  # crop the largest face with a Haar cascade
     max_frames: int | None = None,
 ) -> pd.DataFrame:
-    "Per-frame predictions and uncertainties of `models` over `source`, drawn into an mp4 video; returns the prediction table."
+    """Per-frame predictions and uncertainties of `models` over `source`, drawn into an mp4 video; returns the
+    prediction table."""
     import cv2
 
     models = list(models) if isinstance(models, (list, tuple)) else [models]

@@ -14,27 +14,11 @@ import torchvision
 from ..core import check_choice
 from ..data.frames import expr_names, EXPR_SPACES
 from ..models.backbones import build_backbone, BReGNeXt, DenseNetBackbone, count_params
-from abaw_nb.models.heads import (
-    gen_adjacency,
-    normalize_adjacency,
-    GCNClassifierHead,
-    AFFECTNET_ORDER,
-    AFFECTNET_SPEARMAN_VA,
-)
+from ..models.heads import gen_adjacency, normalize_adjacency, GCNClassifierHead, AFFECTNET_ORDER
+from ..models.heads import AFFECTNET_SPEARMAN_VA
 from ..train.losses import masked_ce, masked_ccc_loss
-from abaw_nb.checkpoints import (
-    Imported,
-    Preprocess,
-    Labels,
-    CheckpointFormat,
-    CheckpointError,
-    IMAGENET_NORM,
-    read_checkpoint,
-    unwrap_state,
-    map_state,
-    load_mapped,
-    build_on,
-)
+from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, CheckpointError, IMAGENET_NORM
+from ..checkpoints import read_checkpoint, unwrap_state, map_state, load_mapped, build_on
 from . import MethodSpec, Recipe, RunData, choice, register_method, frame_data
 
 # %% auto #0
@@ -59,7 +43,8 @@ def label_correlation(
     frames: pd.DataFrame,  # frame table (training split) with expr, valence, arousal
     expr_space: str | None = None,  # default frames.attrs['expr_space']
 ) -> pd.DataFrame:
-    "Spearman correlation (n+2)×(n+2) of the one-hot expressions and V, A over frames labelled with both; NaN where a class never occurs."
+    """Spearman correlation (n+2)×(n+2) of the one-hot expressions and V, A over frames labelled with both; NaN
+    where a class never occurs."""
     space = expr_space or frames.attrs.get('expr_space')
     if space is None:
         raise ValueError("label_correlation: the frame table has no attrs['expr_space']; pass expr_space=")
@@ -93,7 +78,8 @@ def label_adjacency(
     missing = [c for c in rho.columns if rho[c].isna().all() or np.isnan(rho.loc[c, c])]
     if missing:
         warnings.warn(
-            f'label_adjacency: no correlation for {missing} (a class absent from the training labels, or constant V/A): '
+            f'label_adjacency: no correlation for {missing} (a class absent from the training labels, or constant '
+            'V/A): '
             'those nodes keep only their self-loop'
         )
     c = rho.to_numpy(np.float64, copy=True)
@@ -211,7 +197,8 @@ BACKBONE_CHOICES = ('densenet121', 'bregnext', 'densenet_s', 'bregnext_s', 'breg
 
 
 class SmallDenseNet(DenseNetBackbone):
-    "A narrow, shallow DenseNet (torchvision `DenseNet`) with `DenseNetBackbone`'s pooling: the cpu-preset sibling of DenseNet-121."
+    """A narrow, shallow DenseNet (torchvision `DenseNet`) with `DenseNetBackbone`'s pooling: the cpu-preset sibling
+    of DenseNet-121."""
 
     def __init__(
         self, pool: str = 'avg', growth_rate: int = 16, block_config=(2, 2, 2, 2), num_init_features: int = 32
@@ -270,7 +257,8 @@ class EmotionGCNNet(nn.Module):
             a = torch.as_tensor(adjacency, dtype=torch.float32)
             if a.shape != (n_expr + 2, n_expr + 2):
                 raise ValueError(
-                    f'adjacency is {tuple(a.shape)}, expected {(n_expr + 2,) * 2} ({n_expr} expressions + valence, arousal)'
+                    f'adjacency is {tuple(a.shape)}, expected {(n_expr + 2,) * 2} ({n_expr} expressions + valence, '
+                    'arousal)'
                 )
             self.gcn = GCNClassifierHead(d, a, embeddings, hidden=hidden)
         else:
@@ -407,7 +395,8 @@ def _variant(cfg, s: EmotionGCNSettings) -> str:
         raise ValueError(f'emotion_gcn supports task in {SUPPORTED_TASKS}; got task={cfg.task!r}')
     if (v == 'single_task') != (cfg.task == 'expr'):
         raise ValueError(
-            f"variant={v!r} needs task={'expr' if v == 'single_task' else 'multi'!r} (single_task trains expressions only; "
+            f"variant={v!r} needs task={'expr' if v == 'single_task' else 'multi'!r} (single_task trains "
+            "expressions only; "
             f"multi_task and emotion_gcn train expressions + valence/arousal); got task={cfg.task!r}"
         )
     return v

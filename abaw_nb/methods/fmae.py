@@ -16,19 +16,8 @@ from ..models.heads import grad_reverse, GradientReversal
 from ..models.vit import VIT_SIZES, MaskedAutoencoderViT, FMAEViT, load_encoder, vit_sized
 from ..train.engine import param_groups, load_checkpoint
 from ..train.losses import MultiTaskLoss, batch_targets
-from abaw_nb.checkpoints import (
-    Imported,
-    Preprocess,
-    Labels,
-    CheckpointFormat,
-    CheckpointError,
-    IMAGENET_NORM,
-    read_checkpoint,
-    unwrap_state,
-    map_state,
-    load_mapped,
-    build_on,
-)
+from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, CheckpointError, IMAGENET_NORM
+from ..checkpoints import read_checkpoint, unwrap_state, map_state, load_mapped, build_on
 from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn
 
 # %% auto #0
@@ -189,7 +178,8 @@ class SubjectFrames(FrameDataset):
 
 
 def vit_transform(train: bool, size: int, crop_scale=(0.08, 1.0)):
-    "Fine-tuning transform: RandomResizedCrop(`crop_scale`), flip, RandAugment, ImageNet normalisation, random erasing 0.25 (training); resize (evaluation)."
+    """Fine-tuning transform: RandomResizedCrop(`crop_scale`), flip, RandAugment, ImageNet normalisation, random
+    erasing 0.25 (training); resize (evaluation)."""
     return make_transform(train, size, 'vit', scale=tuple(crop_scale), rotation=0.0, jitter=0.0)
 
 
@@ -199,7 +189,8 @@ def mae_transform(size: int):
 
 # %% ../../nbs/05e_methods.fmae.ipynb #82d7cd65
 def pool_images(root) -> pd.DataFrame:
-    "The unlabelled pool of a generated SynthAffect folder: image path (relative to root) and subject, frames with a face."
+    """The unlabelled pool of a generated SynthAffect folder: image path (relative to root) and subject, frames with
+    a face."""
     from abaw_nb.data.synth import load_latent
 
     u = load_latent(root)['unlabelled']
@@ -294,7 +285,8 @@ def split_train_val(subjects, val_frac: float = 0.2, seed: int = 0) -> tuple:
 
 # %% ../../nbs/05e_methods.fmae.ipynb #d1ecb5ce
 def probe_split(frames: pd.DataFrame, per_subject: int = 100, train_frac: float = 0.7, seed: int = 0) -> tuple:
-    "(train rows, test rows): up to `per_subject` random frames per subject, the first `train_frac` of them for training."
+    """(train rows, test rows): up to `per_subject` random frames per subject, the first `train_frac` of them for
+    training."""
     rng = np.random.default_rng(seed)
     tr, te = [], []
     for _, g in frames.groupby('subject', sort=True):

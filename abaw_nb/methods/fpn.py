@@ -15,18 +15,8 @@ from ..models.heads import AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, masked_mse, kd_kl, batch_targets
 from ..data.frames import au_columns
 from ..data.loading import FrameDataset, make_transform
-from abaw_nb.checkpoints import (
-    Imported,
-    Preprocess,
-    Labels,
-    CheckpointFormat,
-    IMAGENET_NORM,
-    read_checkpoint,
-    unwrap_state,
-    map_state,
-    load_mapped,
-    build_on,
-)
+from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, IMAGENET_NORM, read_checkpoint
+from ..checkpoints import unwrap_state, map_state, load_mapped, build_on
 from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn
 
 # %% auto #0
@@ -43,7 +33,8 @@ def narrow_fpn(
     channels: int = 128,  # FPN width (the original: 256)
     pretrained=None,  # as `build_backbone`
 ) -> nn.Module:
-    "The same ResNet-FPN (four lateral 1×1 + four 3×3 output convs, max-pool extra level, 5 levels averaged and concatenated) with `channels` per level instead of 256: out_dim = 5·channels."
+    """The same ResNet-FPN (four lateral 1×1 + four 3×3 output convs, max-pool extra level, 5 levels averaged and
+    concatenated) with `channels` per level instead of 256: out_dim = 5·channels."""
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -58,7 +49,8 @@ def narrow_fpn(
 
 
 class FPNNet(nn.Module):
-    "ResNet-FPN embedding (5 levels x 256 = 1280-d) with a linear head per task: `va` (2 values), `expr` (logits), `au` (logits)."
+    """ResNet-FPN embedding (5 levels x 256 = 1280-d) with a linear head per task: `va` (2 values), `expr` (logits),
+    `au` (logits)."""
 
     def __init__(
         self,
@@ -102,11 +94,12 @@ def fpn_presets(preset: str, task: str) -> tuple[dict, dict]:
         opt = single_opt if single else multi_opt
         return dict(img_size=128, batch_size=128, epochs=20, schedule='step', step_epochs=50, gamma=0.1, **opt), {}
     if preset == 'cpu':
-        # 3 single-task + 1 multi-task trainings + pseudo labels must fit a few minutes of a 2-core CPU: 64 px (the faces'
-        # mouth/brow cues need it), a 128-wide pyramid (the 256-wide 3x3 output convs cost more than the ResNet-18 itself
-        # at this size), 3 epochs x 80 steps of 32 with a short warmup and a cosine decay (fewer per-epoch validations than
-        # 4 x 50). The single-task VA set (Aff-Wild2 / 5 + AffectNet) has only ~40 batches an epoch: 6 epochs give it
-        # about the optimiser steps of the others. Warmup: Adam at 1e-3 from random init blew the VA head up early on.
+        # 3 single-task + 1 multi-task trainings + pseudo labels must fit a few minutes of a 2-core CPU: 64 px (the
+        # faces' mouth/brow cues need it), a 128-wide pyramid (the 256-wide 3x3 output convs cost more than the
+        # ResNet-18 itself at this size), 3 epochs x 80 steps of 32 with a short warmup and a cosine decay (fewer
+        # per-epoch validations than 4 x 50). The single-task VA set (Aff-Wild2 / 5 + AffectNet) has only ~40 batches an
+        # epoch: 6 epochs give it about the optimiser steps of the others. Warmup: Adam at 1e-3 from random init blew
+        # the VA head up early on.
         return (
             dict(
                 img_size=64,
@@ -131,12 +124,14 @@ KEY = ['dataset', 'video', 'frame']  # how frames are matched everywhere: never 
 
 
 def fpn_transform(train: bool, size: int):
-    "The original's preprocessing: resize, horizontal flip (p=0.5) for training, ImageNet normalisation; no other augmentation."
+    """The original's preprocessing: resize, horizontal flip (p=0.5) for training, ImageNet normalisation; no other
+    augmentation."""
     return make_transform(train, size, 'fpn', scale=(1.0, 1.0), rotation=0.0, jitter=0.0)
 
 
 def soft_loss(out: dict, batch: dict) -> tuple:
-    "Multi-task loss on ground truth + pseudo labels: MSE on VA, soft cross-entropy (KL to the target distribution) on EXPR, BCE to soft targets on AU; weights 1:1:1; a frame without a target adds nothing."
+    """Multi-task loss on ground truth + pseudo labels: MSE on VA, soft cross-entropy (KL to the target
+    distribution) on EXPR, BCE to soft targets on AU; weights 1:1:1; a frame without a target adds nothing."""
     parts = {}
     parts['va'] = masked_mse(out['va'], batch['pl_va'])
     pe = batch['pl_expr']
@@ -203,7 +198,8 @@ def apply_ground_truth(
     n_expr: int = 7,
     au_names=None,
 ) -> pd.DataFrame:
-    "Ground truth overrides pseudo labels on the same (dataset, video, frame): VA values, one-hot EXPR, 0/1 per labelled AU; `src_<task>` says which."
+    """Ground truth overrides pseudo labels on the same (dataset, video, frame): VA values, one-hot EXPR, 0/1 per
+    labelled AU; `src_<task>` says which."""
     au_names = list(au_names) if au_names is not None else au_columns('affwild2_12')
     c = target_columns(n_expr, au_names)
     g = pl[KEY].merge(
@@ -249,7 +245,8 @@ def check_no_leak(pl: pd.DataFrame, frames: pd.DataFrame) -> None:
 
 
 def soft_targets(df: pd.DataFrame, pl: pd.DataFrame, n_expr: int = 7, au_names=None) -> dict:
-    "Per-row targets of `df` from the pseudo-label table, matched by key, ground truth overriding: pl_va (N,2), pl_expr (N,K), pl_au (N,A); NaN where none."
+    """Per-row targets of `df` from the pseudo-label table, matched by key, ground truth overriding: pl_va (N,2),
+    pl_expr (N,K), pl_au (N,A); NaN where none."""
     au_names = list(au_names) if au_names is not None else au_columns(df.attrs.get('au_space', 'affwild2_12'))
     c = target_columns(n_expr, au_names)
     m = df[KEY].reset_index(drop=True).merge(pl[KEY + sum(c.values(), [])], on=KEY, how='left', validate='one_to_one')

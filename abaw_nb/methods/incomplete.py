@@ -17,18 +17,8 @@ from ..train.losses import MultiTaskLoss, kd_kl, kd_kl_bins, bce_soft, valid_mas
 from ..data.loading import FrameDataset, ClipDataset, make_transform
 from ..data.sampling import ml_ros_weights, expr_weights, va_weights, PoolSampler
 from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames
-from abaw_nb.checkpoints import (
-    Imported,
-    Preprocess,
-    Labels,
-    CheckpointFormat,
-    read_checkpoint,
-    unwrap_state,
-    map_state,
-    load_mapped,
-    build_on,
-    head_key,
-)
+from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
+from ..checkpoints import load_mapped, build_on, head_key
 from . import MethodSpec, Recipe, RunData, choice, register_method, get_method
 
 # %% auto #0
@@ -113,7 +103,8 @@ def teacher_criterion(
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #6d993179
 def _frame_mask(targets: dict, task: str) -> torch.Tensor:
-    "Frames that carry a label of `task` (VA: both dimensions; AU: at least one AU, e.g. DISFA-like frames with 7 of the 12)."
+    """Frames that carry a label of `task` (VA: both dimensions; AU: at least one AU, e.g. DISFA-like frames with 7
+    of the 12)."""
     m = valid_mask(targets[task], task)
     if m.dim() == 1:
         return m
@@ -166,7 +157,8 @@ class StudentLoss(nn.Module):
 # %% ../../nbs/05b_methods.incomplete.ipynb #965b019f
 def task_pools(
     df: pd.DataFrame,  # training frame table (several datasets may be merged)
-    undersample: bool = True,  # the original's Aff-Wild2 undersampling (EXPR Neutral 1/10, Happiness/Sadness 1/2; VA 1/5)
+    # the original's Aff-Wild2 undersampling (EXPR Neutral 1/10, Happiness/Sadness 1/2; VA 1/5)
+    undersample: bool = True,
     affwild2: tuple
     | None = None,  # datasets the undersampling applies to (default: every dataset except external ones)
     external: tuple = ('disfa', 'expw', 'afew_va', 'afew-va'),  # dataset names never undersampled
@@ -216,9 +208,9 @@ def pool_weights(df: pd.DataFrame, pools: dict, balance: bool = True, seed: int 
         sub = df.iloc[rows]
         if not balance:
             w = np.ones(len(rows))
-        elif (
-            t == 'au'
-        ):  # ML-ROS over the AUs every pool frame labels (all 12 for Aff-Wild2 alone; the shared ones after a DISFA merge)
+        elif t == 'au':
+            # ML-ROS over the AUs every pool frame labels (all 12 for Aff-Wild2 alone; the shared ones after a DISFA
+            # merge)
             common = [a for a in aus if sub[a].notna().all()]
             w = ml_ros_weights(sub[common], seed=seed) if common else np.ones(len(rows))
         elif t == 'expr':
@@ -232,7 +224,8 @@ def pool_weights(df: pd.DataFrame, pools: dict, balance: bool = True, seed: int 
 def task_sampler(
     df: pd.DataFrame, pools: dict, balance: bool = True, per_task: int | None = None, seed: int = 0
 ) -> PoolSampler:
-    "The training sampler: `per_task` frames (default: the smallest pool) drawn from each task's pool by `pool_weights`, redrawn every epoch from (seed, epoch)."
+    """The training sampler: `per_task` frames (default: the smallest pool) drawn from each task's pool by
+    `pool_weights`, redrawn every epoch from (seed, epoch)."""
     pools = {t: r for t, r in pools.items() if len(r)}
     if not pools:
         raise ValueError('every task pool is empty: no labelled training frame')
@@ -243,7 +236,8 @@ EXTERNAL = {'au': 'disfa', 'expr': 'expw', 'va': 'afew_va'}  # the original's ex
 
 
 def source_identities(root, fmt: str, ext: pd.DataFrame) -> np.ndarray | None:
-    "The SynthAffect identity behind each row of layout `fmt` (from `_latent/`); None for data without that record (real datasets)."
+    """The SynthAffect identity behind each row of layout `fmt` (from `_latent/`); None for data without that record
+    (real datasets)."""
     from abaw_nb.data.synth import format_sources, load_latent
 
     try:
@@ -279,7 +273,8 @@ def external_frames(
     formats=tuple(EXTERNAL.values()),  # which external layouts
     held_out=None,  # identities kept out of training (default: `heldout_identities(root)`)
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "External training frames in the given label spaces (absolute image paths, split 'train'), held-out identities removed; and a per-layout report."
+    """External training frames in the given label spaces (absolute image paths, split 'train'), held-out identities
+    removed; and a per-layout report."""
     from abaw_nb.data.synth import read_format
 
     held = heldout_identities(root) if held_out is None else set(held_out)

@@ -158,7 +158,8 @@ def gen_adjacency(
     threshold: float = 0.1,  # |corr| >= threshold makes an edge
     p: float = 0.5,  # diagonal weight; each neighbour gets p/(deg-1), as in the original
 ) -> torch.Tensor:
-    "The Emotion-GCN `gen_A` adjacency (row i: diagonal p, each neighbour p/(deg_i-1)); isolated nodes keep a self-loop."
+    """The Emotion-GCN `gen_A` adjacency (row i: diagonal p, each neighbour p/(deg_i-1)); isolated nodes keep a
+    self-loop."""
     c = torch.as_tensor(corr, dtype=torch.float64).abs().clone()
     n = c.shape[0]
     emo = torch.zeros(n, n, dtype=torch.bool)
@@ -179,7 +180,8 @@ def normalize_adjacency(a: torch.Tensor) -> torch.Tensor:
 
 
 def emotion_gcn_adjacency(order: str = 'affwild2') -> torch.Tensor:
-    "The 9×9 Emotion-GCN adjacency A (not normalised) from the AffectNet correlations, in `order` ('affectnet' or 'affwild2')."
+    """The 9×9 Emotion-GCN adjacency A (not normalised) from the AffectNet correlations, in `order` ('affectnet' or
+    'affwild2')."""
     check_choice('order', order, ('affectnet', 'affwild2'))
     c = torch.eye(9, dtype=torch.float64)
     c[:7, 7] = c[7, :7] = torch.tensor(AFFECTNET_SPEARMAN_VA['valence'], dtype=torch.float64)

@@ -92,7 +92,6 @@ def iterative_distillation(
     out_dir = Path(out_dir)
     frames, root = load_frames(cfg)
     aus = au_columns(frames.attrs['au_space'])
-    n_expr = len(expr_names(frames.attrs['expr_space']))
     split_frames = {s: task_frames(frames[frames['split'] == s].reset_index(drop=True), cfg.task) for s in splits}
     for d in split_frames.values():
         d.attrs = dict(frames.attrs)

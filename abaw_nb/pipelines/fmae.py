@@ -16,20 +16,8 @@ from ..metrics import search_au_thresholds, au_metrics, au_auc, expr_metrics
 from ..train.engine import Trainer, param_groups, build_optimizer, predict_table
 from ..train.losses import masked_bce
 from ..models.vit import FMAEViT, load_encoder
-from abaw_nb.methods.fmae import (
-    IAT_LAMBDA,
-    build_mae,
-    build_vit,
-    ImageDataset,
-    SubjectFrames,
-    vit_transform,
-    mae_transform,
-    pool_images,
-    subsample,
-    cap_rows,
-    split_train_val,
-    probe_split,
-)
+from ..methods.fmae import IAT_LAMBDA, build_mae, build_vit, ImageDataset, SubjectFrames, vit_transform
+from ..methods.fmae import mae_transform, pool_images, subsample, cap_rows, split_train_val, probe_split
 
 # %% auto #0
 __all__ = ['stage_config', 'make_optimizer', 'stage_dir', 'run_stage', 'pretrain_mae', 'finetune_au', 'finetune_fer',

@@ -13,7 +13,7 @@ from ..data.frames import au_columns, task_frames
 from ..metrics import fit_au_thresholds, score_frames
 from ..methods import get_method, get_settings, settings_help, read_run_labels
 from ..methods.incomplete import TASKS, ensemble_predictions
-from ..train.run import run_config, load_frames, train, load_run_recipe, predict_run
+from ..train.run import HEADLINE_SCORES, run_config, load_frames, train, load_run_recipe, predict_run
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'edition_for', 'corrupted_frames', 'predict_model', 'run_method', 'predict_folder']
@@ -29,17 +29,7 @@ def edition_for(au_names) -> str:
     raise ValueError(f'AU set {aus} matches neither ABAW1 (abaw1_8) nor ABAW2 (affwild2_12)')
 
 
-_SCORE_COLS = [
-    'va_ccc_valence',
-    'va_ccc_arousal',
-    'va_score',
-    'expr_f1',
-    'expr_acc',
-    'expr_score',
-    'au_f1',
-    'au_acc',
-    'au_score',
-]
+_SCORE_COLS = [c for c in HEADLINE_SCORES if c != 'score']  # the per-task scores and their parts
 
 
 def _train_once(cfg: Config) -> Path:

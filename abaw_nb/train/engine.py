@@ -10,27 +10,9 @@ from typing import Callable, Iterable
 
 import numpy as np, pandas as pd, torch
 from torch import nn
-from abaw_nb.core import (
-    Config,
-    autocast,
-    resolve_precision,
-    check_choice,
-    get_device,
-    outputs_dir,
-    progress,
-    provenance,
-    run_id,
-    seed_everything,
-    seed_worker,
-    torch_save,
-    write_json,
-    write_text,
-    write_csv,
-    make_generator,
-    fault_point,
-    check_out_dir,
-    clean_stale_temps,
-)
+from ..core import Config, autocast, resolve_precision, check_choice, get_device, outputs_dir, progress
+from ..core import provenance, run_id, seed_everything, seed_worker, torch_save, write_json, write_text
+from ..core import write_csv, make_generator, fault_point, check_out_dir, clean_stale_temps
 from ..data.sampling import RankShard
 
 # %% auto #0
@@ -88,8 +70,8 @@ def build_optimizer(params: nn.Module | list, cfg: Config) -> torch.optim.Optimi
     groups = [{k: v for k, v in g.items() if k != 'names'} for g in params]
     for g in groups:
         g['lr'] = cfg.lr * g.get('lr_scale', 1.0)
-    # fused: one kernel for all of a group's tensors (CPU and CUDA since torch 2.4); with channels_last, 1.05-1.7x faster CPU
-    # training steps at the paper sizes (`make bench`, fixes table)
+    # fused: one kernel for all of a group's tensors (CPU and CUDA since torch 2.4); with channels_last, 1.05-1.7x
+    # faster CPU training steps at the paper sizes (`make bench`, fixes table)
     fused = cfg.fused_optim and all(p.dtype.is_floating_point for g in groups for p in g['params'])
     if cfg.optimizer == 'sgd' and resolve_precision(cfg.precision, get_device(cfg.device)) == 'fp16':
         # fused SGD leaves its momentum buffer uninitialised when the GradScaler skips the first step on an fp16
@@ -150,7 +132,8 @@ class DistributedFailure(RuntimeError):
 
 
 def init_distributed(device: str = 'auto') -> tuple[int, int]:
-    "Start the process group when launched by torchrun (WORLD_SIZE > 1), with a bounded timeout (`dist_timeout`); returns (rank, world)."
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1), with a bounded timeout (`dist_timeout`);
+    returns (rank, world)."""
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or torch.distributed.is_initialized():
         return dist_info()
     dev = get_device(device)
@@ -169,7 +152,8 @@ def init_distributed(device: str = 'auto') -> tuple[int, int]:
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    "Wraps a dataset of dict items and adds the item's `index` (kept when the item has its own, e.g. the (T,) rows of a clip)."
+    """Wraps a dataset of dict items and adds the item's `index` (kept when the item has its own, e.g. the (T,) rows
+    of a clip)."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -194,7 +178,8 @@ def make_loader(
     collate_fn=None,
     shuffle: bool | None = None,
 ) -> torch.utils.data.DataLoader:
-    "DataLoader over `IndexedDataset(ds)`: seeded shuffling (or `sampler`) for training, order kept for evaluation, sharded under DDP."
+    """DataLoader over `IndexedDataset(ds)`: seeded shuffling (or `sampler`) for training, order kept for
+    evaluation, sharded under DDP."""
     ds = IndexedDataset(ds)
     rank, world = dist_info()
     shuffle = train if shuffle is None else shuffle
@@ -254,7 +239,8 @@ class CheckpointMismatch(ValueError):
 
 
 def load_weights(model: nn.Module, state: dict, source: str = 'checkpoint') -> nn.Module:
-    "Load `state` into `model` when every key and shape matches; otherwise `CheckpointMismatch` listing each difference."
+    """Load `state` into `model` when every key and shape matches; otherwise `CheckpointMismatch` listing each
+    difference."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -320,7 +306,8 @@ KEY_COLUMNS = ('split', 'dataset', 'video', 'frame')
 
 
 def clip_rows(cols: dict) -> pd.DataFrame:
-    "Per-frame rows from clip-shaped columns: `index` (N, T) with -1 for padding; float columns of frames seen by several clips are averaged, other columns keep the first clip's value."
+    """Per-frame rows from clip-shaped columns: `index` (N, T) with -1 for padding; float columns of frames seen by
+    several clips are averaged, other columns keep the first clip's value."""
     from abaw_nb.data.loading import scatter_predictions
 
     idx = np.asarray(cols['index'])
@@ -418,7 +405,8 @@ def with_keys(
 
 # %% ../../nbs/04b_train.engine.ipynb #5d66e12d
 def estimate_run_bytes(model: nn.Module, optimizer=None, margin: int = 16 * 2**20) -> int:
-    "Disk bytes a run folder needs at its peak: `best.pt` (weights), `last.pt` (weights + optimiser state) and a temporary copy of `last.pt` while it is rewritten, plus `margin` for tables."
+    """Disk bytes a run folder needs at its peak: `best.pt` (weights), `last.pt` (weights + optimiser state) and a
+    temporary copy of `last.pt` while it is rewritten, plus `margin` for tables."""
     w = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     slots = 2 if optimizer is not None and 'adam' in type(optimizer).__name__.lower() else 1
     return int(w * (1 + 2 * (1 + slots)) + margin)
@@ -463,8 +451,8 @@ class Trainer:
         # fp16 overflows where bf16 does not: the loss is scaled up before backward, the gradients unscaled before
         # clipping and the step, and a step with an inf/NaN gradient skipped (the scale then halves)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == 'fp16')
-        # channels_last: the conv weights (and each image batch, in `_to`) in NHWC, the layout oneDNN and cuDNN run fastest;
-        # the values are the same tensors, so checkpoints load into models of either layout
+        # channels_last: the conv weights (and each image batch, in `_to`) in NHWC, the layout oneDNN and cuDNN run
+        # fastest; the values are the same tensors, so checkpoints load into models of either layout
         self.channels_last = set_memory_layout(self.model, cfg)
         self.ddp = None
         if self.world > 1:
@@ -523,7 +511,8 @@ class Trainer:
         )
 
     def save(self, path: Path, weights_only: bool = False) -> None:
-        "Write the training state (`last.pt`: resumable) or, with `weights_only`, the weights and where they come from (`best.pt`)."
+        """Write the training state (`last.pt`: resumable) or, with `weights_only`, the weights and where they come
+        from (`best.pt`)."""
         if not self.is_main:
             return
         torch_save(
@@ -539,7 +528,8 @@ class Trainer:
         )
 
     def _finish(self) -> None:
-        "After the last epoch: a run without validation keeps its final weights as `best.pt`; unless `cfg.keep_last`, `last.pt` (3x the weights with Adam) is dropped, `finished.json` saying so."
+        """After the last epoch: a run without validation keeps its final weights as `best.pt`; unless
+        `cfg.keep_last`, `last.pt` (3x the weights with Adam) is dropped, `finished.json` saying so."""
         if not self.is_main:
             return
         if not (self.out_dir / 'best.pt').exists():
@@ -552,11 +542,13 @@ class Trainer:
         (self.out_dir / 'last.pt').unlink(missing_ok=True)
 
     def _load_finished(self) -> None:
-        "Reopen a finished run whose `last.pt` was dropped: history, best epoch and best weights; it can be evaluated, not trained further."
+        """Reopen a finished run whose `last.pt` was dropped: history, best epoch and best weights; it can be
+        evaluated, not trained further."""
         done = json.loads((self.out_dir / 'finished.json').read_text())['epochs']
         if self.cfg.epochs > done:
             raise ValueError(
-                f'{self.out_dir} holds a finished run of {done} epochs whose training state was not kept (keep_last=False), '
+                f'{self.out_dir} holds a finished run of {done} epochs whose training state was not kept '
+                '(keep_last=False), '
                 f'so it cannot go on to epochs={self.cfg.epochs}: choose a new out_dir, or train with keep_last=True '
                 'to keep runs extendable'
             )

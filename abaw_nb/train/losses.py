@@ -83,7 +83,8 @@ def masked_mse(
 def masked_ccc_loss(
     pred: torch.Tensor, target: torch.Tensor, n_bins: int = 20, anchors: str = 'centres'
 ) -> torch.Tensor:
-    "Mean over VA dimensions of 1 − CCC on the frames valid for that dimension (a dimension with < 2 valid frames adds 0)."
+    """Mean over VA dimensions of 1 − CCC on the frames valid for that dimension (a dimension with < 2 valid frames
+    adds 0)."""
     pred = _va_values(pred, n_bins, anchors)
     m = valid_mask(target, 'va')
     parts = [

@@ -7,36 +7,15 @@ from __future__ import annotations
 import contextlib, json, os, shutil
 from pathlib import Path
 import numpy as np, pandas as pd
-from abaw_nb.core import (
-    Config,
-    check_choice,
-    get_config,
-    write_csv,
-    write_json,
-    write_text,
-    fingerprint,
-    PRESETS,
-    validate_config,
-    seed_everything,
-    outputs_dir,
-    run_id,
-    clean_stale_temps,
-    check_out_dir,
-    provenance,
-)
+from ..core import Config, check_choice, get_config, write_csv, write_json, write_text, fingerprint, PRESETS
+from ..core import validate_config, seed_everything, outputs_dir, run_id, clean_stale_temps, check_out_dir
+from ..core import provenance
 from ..data.frames import data_report, issues_table, au_columns, task_frames
 from ..metrics import score_frames
 from .engine import Trainer, build_optimizer, predict_table, with_keys, load_checkpoint
 from ..checkpoints import Imported
-from abaw_nb.methods import (
-    MethodSpec,
-    Recipe,
-    RunData,
-    get_method,
-    settings_dict,
-    checkpoint_formats,
-    import_checkpoint,
-)
+from ..methods import MethodSpec, Recipe, RunData, get_method, settings_dict, checkpoint_formats
+from ..methods import import_checkpoint
 
 # %% auto #0
 __all__ = ['TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'HEADLINE_SCORES', 'run_config', 'load_frames', 'edition_for_frames',
