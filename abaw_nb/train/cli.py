@@ -13,7 +13,7 @@ from .engine import init_distributed, dist_info
 from .run import TASK_CHOICES, run_config, train, evaluate_checkpoint, headline
 
 # %% auto #0
-__all__ = ['STAGES', 'CLI_ONLY', 'parser', 'shared_out_dir', 'main']
+__all__ = ['STAGES', 'CLI_ONLY', 'parser', 'shared_out_dir', 'run', 'main']
 
 # %% ../../nbs/04d_train.cli.ipynb #10185d26023b46108eb7d9f57d49d2b3
 def _yaml(s: str):
@@ -92,8 +92,8 @@ def _fmae_pretrain(cfg, preset: str) -> dict:
     return dict(out_dir=Path(out), history=hist, scores={}, config=cfg)
 
 
-def main(argv=None) -> dict:
-    "`abaw-train` / `python -m abaw_nb.train`: train (or score a checkpoint) as train_multi does; returns the run."
+def run(argv=None) -> dict:
+    "Train (or score a checkpoint) as train_multi does, from a command line; returns the run's dict."
     from abaw_nb.pipelines import with_prerequisites
 
     a = parser().parse_args(argv)
@@ -120,3 +120,8 @@ def main(argv=None) -> dict:
         torch.distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has written the run
         torch.distributed.destroy_process_group()
     return res
+
+
+def main(argv=None) -> None:
+    "`abaw-train` / `python -m abaw_nb.train` (returns nothing: a console script exits with what `main` returns)."
+    run(argv)

@@ -10,7 +10,7 @@ from ..core import outputs_dir, run_id
 from .cli import parser as train_parser
 
 # %% auto #0
-__all__ = ['TrainJob', 'with_run_folder', 'submit', 'main']
+__all__ = ['TrainJob', 'with_run_folder', 'submit', 'submit_cli', 'main']
 
 # %% ../../nbs/04f_train.slurm.ipynb #8edb47106e1a46a883d545849b8ab81b
 def _submitit():
@@ -30,11 +30,11 @@ class TrainJob:
         self.argv = list(argv)
 
     def __call__(self) -> dict:
-        from abaw_nb.train.cli import main
+        from abaw_nb.train.cli import run
 
         # one GPU per task, chosen by LOCAL_RANK: every task keeps all of its node's GPUs visible
         env = _submitit().helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        res = main(self.argv)
+        res = run(self.argv)
         return {'rank': env.rank, 'world': env.world_size, 'out_dir': str(res['out_dir']), 'scores': res['scores']}
 
     def checkpoint(self, *args, **kwargs):
@@ -83,7 +83,7 @@ def submit(
     return ex.submit(TrainJob(argv))
 
 # %% ../../nbs/04f_train.slurm.ipynb #7623eae2785240b9bd12b16a66d81610
-def main(argv=None):
+def submit_cli(argv=None):
     "`abaw-train-slurm [launcher options] -- <abaw-train options>`: submit; print the job id and its log folder."
     p = argparse.ArgumentParser(prog='abaw-train-slurm', description='Submit abaw-train to SLURM through submitit.')
     p.add_argument('--nodes', type=int, default=1)
@@ -105,3 +105,8 @@ def main(argv=None):
         for r in job.results():
             print(json.dumps(r))
     return job
+
+
+def main(argv=None) -> None:
+    "The console script `abaw-train-slurm` (returns nothing: a console script exits with what `main` returns)."
+    submit_cli(argv)
