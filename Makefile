@@ -13,7 +13,7 @@ UV      := python3 -m uv
 PRESET  ?= cpu
 PM_OPTS ?= -k python3 -l python --no-progress-bar
 
-.PHONY: help env test test-browser reproduce lab bench lock readme clean-env
+.PHONY: help env test test-browser reproduce lab bench gpu-check lock readme clean-env
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/' | column -t -s:
@@ -52,6 +52,9 @@ lab: env  ## JupyterLab from the venv
 
 bench: env  ## benchmarks into outputs/bench
 	$(BIN)/abaw-bench
+
+gpu-check: env  ## measure one GPU in at most 8 minutes into outputs/gpu/GPU.md + csv (DRY=1 for the CPU dry run, into outputs/gpu-dry-run)
+	$(PY) -m abaw_nb.gpucheck $(if $(DRY),--dry-run)
 
 lock:  ## recompile requirements.lock from requirements.in and regenerate environment.yml
 	$(UV) pip compile -q requirements.in -o $(LOCK) --python-version 3.11

@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 
 # %% auto #0
-__all__ = ['PRESETS', 'FAULT_ENV', 'RepoRootNotFound', 'find_repo_root', 'repo_path', 'outputs_dir', 'cache_dir',
+__all__ = ['PRESETS', 'PRECISIONS', 'FAULT_ENV', 'RepoRootNotFound', 'find_repo_root', 'repo_path', 'outputs_dir', 'cache_dir',
            'parity_kit_dir', 'Config', 'check_keys', 'check_choice', 'get_config', 'validate_config', 'seed_everything',
            'seed_worker', 'make_generator', 'get_device', 'resolve_precision', 'autocast', 'fault_point',
            'atomic_write', 'write_text', 'write_json', 'write_csv', 'save_png', 'torch_save', 'clean_stale_temps',
@@ -105,6 +105,7 @@ def parity_kit_dir(folder: str | None = None) -> Path:
 
 # %% ../nbs/00_core.ipynb #4916db51
 PRESETS = ('smoke', 'cpu', 'paper')
+PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')  # training precision (`resolve_precision`)
 
 
 @dataclass
@@ -129,9 +130,12 @@ class Config:
     max_steps_per_epoch: int | None = None  # cap on optimiser steps per epoch (smoke runs)
     num_workers: int = 0
     seed: int = 0
-    deterministic: bool = True
+    deterministic: bool = True  # deterministic kernels, cuDNN autotuning off (the paper preset: False, autotuning on)
     device: str = 'auto'  # auto | cpu | cuda | cuda:N
-    precision: str = 'auto'  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
+    precision: str = 'auto'  # auto | fp32 | bf16 | fp16 (`resolve_precision`: fp16 trains with a GradScaler)
+    compile: bool = False  # torch.compile the network for training (the first steps compile it)
+    compile_backend: str = 'inductor'  # torch.compile backend (inductor; aot_eager traces without generating code)
+    clip_grad: float | None = None  # clip the gradient norm to this (unscaled first under fp16); None: no clipping
     progress: bool | None = None  # progress bars: None follows $ABAW_NB_PROGRESS (default on)
     out_dir: str | None = None  # run folder (default: outputs/runs/<run-id>)
     keep_last: bool = False  # keep last.pt (weights + optimiser state) once the run has finished, so it can be trained
@@ -190,7 +194,9 @@ def check_choice(name: str, value, valid: Iterable) -> None:
 _PRESET_BASE = {
     'smoke': dict(synth_size='smoke', img_size=32, epochs=1, batch_size=16, lr=1e-3, max_steps_per_epoch=4),
     'cpu': dict(synth_size='cpu', img_size=64, epochs=4, batch_size=64, lr=1e-3),
-    'paper': dict(synth_size='cpu', img_size=112, epochs=10, batch_size=64, lr=1e-4, num_workers=4),
+    'paper': dict(
+        synth_size='cpu', img_size=112, epochs=10, batch_size=64, lr=1e-4, num_workers=4, deterministic=False
+    ),
 }
 
 
@@ -227,6 +233,7 @@ _MIN = {
     'gamma': 0.0,
     'min_lr_ratio': 0.0,
     'data_seed': 0,
+    'clip_grad': 0.0,
 }
 
 
@@ -247,7 +254,7 @@ def validate_config(cfg: Config) -> Config:
     check_choice('preset', cfg.preset, PRESETS)
     check_choice('optimizer', cfg.optimizer, ('sgd', 'adam', 'adamw'))
     check_choice('schedule', cfg.schedule, ('none', 'step', 'cosine'))
-    check_choice('precision', cfg.precision, ('auto', 'bf16', 'fp32'))
+    check_choice('precision', cfg.precision, PRECISIONS)
     if len(cfg.betas) != 2 or not all(isinstance(b, _TYPES['float']) for b in cfg.betas):
         raise TypeError(f'betas={cfg.betas!r} is not valid; expected two numbers (beta1, beta2)')
     return cfg.replace(betas=[float(b) for b in cfg.betas])  # a list, as config.json gives it back
@@ -267,9 +274,9 @@ def seed_everything(
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    else:
+    else:  # cuDNN benchmarks the convolution algorithms of each new shape and keeps the fastest
         torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
     return seed
 
 
@@ -305,22 +312,33 @@ def get_device(device: str | None = 'auto'):  # auto | cpu | cuda | cuda:N
     return dev
 
 
-def resolve_precision(precision: str, device) -> str:
-    "`auto` -> `bf16` on cuda, `fp32` elsewhere."
-    check_choice('precision', precision, ('auto', 'bf16', 'fp32'))
-    if precision == 'auto':
-        return 'bf16' if str(device).startswith('cuda') else 'fp32'
-    return precision
+def resolve_precision(
+    precision: str,  # one of PRECISIONS
+    device,  # the device (or its name) the run computes on
+    bf16_supported: bool | None = None,  # the CUDA device runs bf16; None: ask torch.cuda.is_bf16_supported()
+) -> str:
+    "`auto` -> fp32 on the CPU; on CUDA bf16 where the GPU has it (Ampere and later), else fp16 (+ GradScaler)."
+    import torch
+
+    check_choice('precision', precision, PRECISIONS)
+    if precision != 'auto':
+        return precision
+    if not str(device).startswith('cuda'):
+        return 'fp32'
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return 'bf16' if bf16_supported else 'fp16'
 
 
 def autocast(device, precision: str = 'auto'):
-    "Context manager: bf16 autocast when the resolved precision is bf16, else a no-op."
+    "Context manager: bf16 or fp16 autocast as the resolved precision says; a no-op for fp32."
     import torch
 
     p = resolve_precision(precision, device)
     if p == 'fp32':
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if p == 'bf16' else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 # %% ../nbs/00_core.ipynb #4e48db40
 FAULT_ENV = 'ABAW_NB_FAULT'

@@ -10,9 +10,10 @@ from typing import Callable, Iterable
 
 import numpy as np, pandas as pd, torch
 from torch import nn
-from ..core import Config, autocast, check_choice, get_device, outputs_dir, progress, provenance, run_id
-from ..core import seed_everything, seed_worker, torch_save, write_json, write_text, write_csv, make_generator
-from ..core import fault_point, check_out_dir, clean_stale_temps
+from ..core import Config, autocast, resolve_precision, check_choice, get_device, outputs_dir, progress
+from ..core import provenance, run_id, seed_everything, seed_worker, torch_save, write_json, write_text
+from ..core import write_csv, make_generator, fault_point, check_out_dir, clean_stale_temps
+from ..data.sampling import RankShard
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'KEY_COLUMNS', 'vit_layer_id', 'param_groups', 'build_optimizer', 'lr_factor',
@@ -72,6 +73,10 @@ def build_optimizer(params: nn.Module | list, cfg: Config) -> torch.optim.Optimi
     # fused: one kernel for all of a group's tensors (CPU and CUDA since torch 2.4); with channels_last, 1.05-1.7x
     # faster CPU training steps at the paper sizes (`make bench`, fixes table)
     fused = cfg.fused_optim and all(p.dtype.is_floating_point for g in groups for p in g['params'])
+    if cfg.optimizer == 'sgd' and resolve_precision(cfg.precision, get_device(cfg.device)) == 'fp16':
+        # fused SGD leaves its momentum buffer uninitialised when the GradScaler skips the first step on an fp16
+        # overflow (torch 2.13 on the CPU; the loss then turns NaN): fp16 runs use the per-tensor SGD
+        fused = False
     if cfg.optimizer == 'sgd':
         return torch.optim.SGD(
             groups,
@@ -180,10 +185,15 @@ def make_loader(
     shuffle = train if shuffle is None else shuffle
     bs = batch_size or cfg.batch_size
     if world > 1:
+        # the global batch stays cfg.batch_size: each rank takes an equal share. A balancing sampler's epoch draw is a
+        # function of (seed, epoch), so every rank draws the same one and keeps its interleaved share (`RankShard`):
+        # the ranks' j-th batches together are the j-th batch of one process
         if sampler is not None:
-            raise NotImplementedError('custom samplers under DDP: wrap them per rank')
-        # the global batch stays cfg.batch_size: each rank takes an equal share
-        sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=shuffle, seed=cfg.seed, drop_last=False)
+            sampler = RankShard(sampler, rank, world)
+        else:
+            sampler = torch.utils.data.DistributedSampler(
+                ds, world, rank, shuffle=shuffle, seed=cfg.seed, drop_last=False
+            )
         bs = max(bs // world, 1)
     gen = make_generator(cfg.seed)
     return torch.utils.data.DataLoader(
@@ -437,6 +447,10 @@ class Trainer:
         )
         seed_everything(cfg.seed, cfg.deterministic)
         self.model = model.to(self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        # fp16 overflows where bf16 does not: the loss is scaled up before backward, the gradients unscaled before
+        # clipping and the step, and a step with an inf/NaN gradient skipped (the scale then halves)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == 'fp16')
         # channels_last: the conv weights (and each image batch, in `_to`) in NHWC, the layout oneDNN and cuDNN run
         # fastest; the values are the same tensors, so checkpoints load into models of either layout
         self.channels_last = set_memory_layout(self.model, cfg)
@@ -445,6 +459,9 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None
             )
+        # torch.compile for training only: the compiled wrapper shares the model's parameters, so checkpoints,
+        # evaluation and prediction use `self.model` (its state dict keys stay free of `_orig_mod.`)
+        self.train_net = torch.compile(self.net, backend=cfg.compile_backend) if cfg.compile else self.net
         self.train_ds, self.val_ds, self.collate_fn = train_ds, val_ds, collate_fn
         self.train_loader = (
             make_loader(train_ds, cfg, True, sampler=train_sampler, collate_fn=collate_fn, shuffle=shuffle)
@@ -490,6 +507,7 @@ class Trainer:
             best=self.best,
             config=self.cfg.to_json(),
             torch_rng=torch.get_rng_state(),
+            scaler=self.scaler.state_dict(),  # {} unless fp16: the loss scale a resumed run continues from
         )
 
     def save(self, path: Path, weights_only: bool = False) -> None:
@@ -546,6 +564,8 @@ class Trainer:
         load_weights(self.model, s['model'], str(path))
         self.opt.load_state_dict(s['optimizer'])
         self.sched.load_state_dict(s['scheduler'])
+        if s.get('scaler'):
+            self.scaler.load_state_dict(s['scaler'])
         self.epoch, self.history, self.best = s['epoch'], list(s['history']), s['best']
 
     # -- loops
@@ -555,7 +575,7 @@ class Trainer:
 
     def train_epoch(self) -> dict:
         "One epoch of training; returns mean loss (and loss parts) over its steps."
-        cfg, net = self.cfg, self.net
+        cfg, net = self.cfg, self.train_net
         es = _epoch_seed(cfg.seed, self.epoch)
         seed_everything(es, cfg.deterministic)
         loader = self.train_loader
@@ -574,14 +594,12 @@ class Trainer:
             if i >= max_batches:
                 break
             batch = to_device(batch, self.device, self.channels_last)
-            with autocast(self.device, cfg.precision):
+            with autocast(self.device, self.precision):
                 out = self.forward_fn(net, batch)
                 loss, parts = self._loss(out, batch)
-            (loss / cfg.grad_accum).backward()
+            self.scaler.scale(loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0:
-                self.opt.step()
-                self.sched.step()
-                self.opt.zero_grad(set_to_none=True)
+                self._step()
                 fault_point('step')  # test hook: killed mid-epoch
             tot += float(loss.detach())
             n += 1
@@ -597,6 +615,16 @@ class Trainer:
         res = {'train_loss': stats[0].item() / n}
         res.update({f'train_{k}': stats[2 + j].item() / n for j, k in enumerate(parts_tot)})
         return res
+
+    def _step(self) -> None:
+        "An optimiser step: unscale (fp16), clip the gradient norm (`cfg.clip_grad`), step (skipped on fp16 overflow)."
+        if self.cfg.clip_grad is not None:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
 
     def predict(self, ds, batch_size: int | None = None) -> pd.DataFrame:
         "Per-frame prediction table over `ds` in dataset order (`predict_table` with this trainer's functions)."
