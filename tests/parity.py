@@ -157,7 +157,17 @@ def kit_outputs(folder: str, rule: str = 'A', diagnostics: bool = False) -> dict
     return out
 
 
-FORMATS = ('emenet_v', 'emotion_gcn', 'emotion_gcn_multi', 'fpn_multitask', 'multitask_cnn', 'fmae_vit', 'fmae_mae')
+FORMATS = (
+    'emenet_v',
+    'emotion_gcn',
+    'emotion_gcn_multi',
+    'emotion_gcn_bregnext',
+    'fpn_multitask',
+    'multitask_cnn',
+    'multitask_cnn_rnn',
+    'fmae_vit',
+    'fmae_mae',
+)
 
 
 def _namespace(fmt):
@@ -175,6 +185,7 @@ def save_original(sd: dict, fmt: str, path) -> Path:
         'emenet_v': lambda: {'state_dict': sd, 'epoch': 4},
         'emotion_gcn': lambda: {'epoch': 10, 'model_state_dict': sd, 'optimizer_state_dict': {}},
         'emotion_gcn_multi': lambda: {'epoch': 10, 'model_state_dict': sd, 'optimizer_state_dict': {}},
+        'emotion_gcn_bregnext': lambda: {'epoch': 10, 'model_state_dict': sd, 'optimizer_state_dict': {}},
         'fpn_multitask': lambda: {
             'epoch': 19,
             'global_step': 1000,
@@ -186,6 +197,7 @@ def save_original(sd: dict, fmt: str, path) -> Path:
             'hyper_parameters': {'img_size': 128},
         },
         'multitask_cnn': lambda: sd,
+        'multitask_cnn_rnn': lambda: sd,
         'fmae_vit': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}, 'args': _namespace(fmt)},
         'fmae_mae': lambda: {'model': sd, 'optimizer': {}, 'epoch': 0, 'scaler': {}, 'args': _namespace(fmt)},
     }[fmt]()
@@ -200,8 +212,10 @@ KIT = {  # kit folder -> (format, importer options, input shape)
     'emotion_gcn_densenet_227': ('emotion_gcn', dict(input_size=227), (2, 3, 227, 227)),
     'emotion_gcn_densenet_112': ('emotion_gcn', dict(input_size=112), (2, 3, 112, 112)),
     'emotion_gcn_multi_densenet_227': ('emotion_gcn_multi', dict(input_size=227), (2, 3, 227, 227)),
+    'emotion_gcn_bregnext_112': ('emotion_gcn_bregnext', {}, (2, 3, 112, 112)),
     'fpn_multitask': ('fpn_multitask', {}, (2, 3, 128, 128)),
     'multitask_cnn': ('multitask_cnn', {}, (2, 3, 112, 112)),
+    'multitask_cnn_rnn': ('multitask_cnn_rnn', {}, (2, 32, 3, 112, 112)),  # no input.npy: the 5-D input rule (§5)
     'fmae_vit_base_patch16': ('fmae_vit', {}, (2, 3, 224, 224)),
 }
 KEYS_ONLY = {
@@ -216,7 +230,7 @@ def kit_import(folder: str, rule: str = 'A', tmp_dir=None, **kw) -> Imported:
     GRU compat switch)."""
     fmt, opts, _ = KIT[folder]
     opts = {**opts, **kw}
-    if fmt == 'emotion_gcn':
+    if fmt in ('emotion_gcn', 'emotion_gcn_bregnext'):
         opts.setdefault('embeddings', fill_values('input.embeddings', (9, 300), rule=rule))
     with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
         p = save_original(kit_state_dict(folder, rule), fmt, Path(d) / f'{folder}.pth')
@@ -245,7 +259,13 @@ def kit_forward(imp: Imported, folder: str) -> dict:
         'fpn_multitask': ('backbone', 'embedding'),
         'multitask_cnn': ('backbone', 'cross_task'),
     }.get(f, other)
-    h = _capture(getattr(m, where[0]), cap, where[1])
+    if (
+        f == 'multitask_cnn_rnn'
+    ):  # the per-frame ResNet feature, and each GRU head's ReLU(GRU output) (its dropout's input)
+        hs = [_capture(m.cnn.backbone, cap, 'cross_task')]
+        hs += [_capture(m.rnn[t].drop, cap, f'gru_{t}') for t in ('expr', 'au', 'va')]
+    else:
+        hs = [_capture(getattr(m, where[0]), cap, where[1])]
     try:
         if f == 'emenet_v':
             out, hid = m.step(x)
@@ -258,9 +278,11 @@ def kit_forward(imp: Imported, folder: str) -> dict:
             if 'fa' in out:
                 r['fa_landmarks'] = out['fa']
             r.update({f'hidden_{t}': v for t, v in hid.items()})
-        elif f in ('emotion_gcn', 'emotion_gcn_multi'):
+        elif f in ('emotion_gcn', 'emotion_gcn_multi', 'emotion_gcn_bregnext'):
             out = m(x)
             r = {'expr_logits': out['expr'], 'va': out['va'], 'diag_pooled_features': cap['pooled_features']}
+            if f == 'emotion_gcn_bregnext':  # G (9 x 128), the gc2 output: the graph path on its own
+                r['diag_gcn_classifiers'] = m.classifier_weights()
         elif f == 'fpn_multitask':
             out = m(x)
             r = {'va_expr_au': torch.cat([out['va'], out['expr'], out['au']], 1), 'diag_embedding': cap['embedding']}
@@ -273,11 +295,24 @@ def kit_forward(imp: Imported, folder: str) -> dict:
                 'feature_cross_task': cap['cross_task'],
             }
             r.update({f'feature_{t}': feats[t] for t in ('expr', 'au', 'va')})
+        elif (
+            f == 'multitask_cnn_rnn'
+        ):  # the GRU heads' logits, and the CNN heads' features as the original returns them
+            out, feats = m(x, features=True)
+            r = {
+                'expr_logits': out['expr'],
+                'au_logits': out['au'],
+                'va_logits': out['va'],
+                'diag_backbone_feature_cross_task': cap['cross_task'].unflatten(0, x.shape[:2]),
+            }
+            r.update({f'feature_{t}': feats[t] for t in ('expr', 'au', 'va')})
+            r.update({f'diag_gru_feature_{t}': cap[f'gru_{t}'] for t in ('expr', 'au', 'va')})
         else:
             y = m(x)
             r = {'au_logits': y[0] if isinstance(y, tuple) else y, 'diag_pooled_features': cap['pooled_features']}
     finally:
-        h.remove()
+        for h in hs:
+            h.remove()
     return {k: v.numpy() for k, v in r.items()}
 
 

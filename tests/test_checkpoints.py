@@ -32,10 +32,29 @@ def test_parity(folder, rule, tmp_path):
     assert set(ck.kit_outputs(folder, rule)) <= set(got)  # every output of the original is produced
     ck.kit_compare(got, ref)  # atol 1e-4 + rtol 1e-3, element-wise
     if (
-        folder.startswith('emotion_gcn_densenet') and rule == 'A'
-    ):  # degenerate (~1e-5) outputs: also relative to their scale
+        folder.startswith(('emotion_gcn_densenet', 'emotion_gcn_bregnext')) and rule == 'A'
+    ):  # degenerate: relative to scale
         for k in ('expr_logits', 'va'):
             assert np.abs(got[k] - ref[k]).max() <= 1e-3 * np.abs(ref[k]).max()
+
+
+def test_bregnext_shortcut_zeros_at_the_end_fail_parity(tmp_path, monkeypatch):
+    "The kit tells the shortcut's zero channels on both sides (the original's) from zeros at the end, under rule B."
+    import abaw_nb.models.backbones as bb
+
+    imp = ck.kit_import('emotion_gcn_bregnext_112', 'B', tmp_dir=tmp_path)
+    ref = ck.kit_outputs('emotion_gcn_bregnext_112', 'B', diagnostics=True)
+    ck.kit_compare(ck.kit_forward(imp, 'emotion_gcn_bregnext_112'), ref)
+    pad, calls = bb.F.pad, []
+
+    def at_the_end(x, p, *a, **k):  # the channel pad (0, 0, 0, 0, before, after) -> (0, 0, 0, 0, 0, before + after)
+        calls.append(p)
+        return pad(x, (0, 0, 0, 0, 0, p[4] + p[5]) if len(p) == 6 else p, *a, **k)
+
+    monkeypatch.setattr(bb.F, 'pad', at_the_end)
+    with pytest.raises(AssertionError, match=r'outputs differ from the kit: expr_logits.*va'):
+        ck.kit_compare(ck.kit_forward(imp, 'emotion_gcn_bregnext_112'), ref)
+    assert calls == [(0, 0, 0, 0, 16, 16), (0, 0, 0, 0, 32, 32)]  # the two widening layers, 32->64 and 64->128
 
 
 def test_fill_rule_and_input_rule_match_the_kit():
@@ -79,6 +98,14 @@ def test_input_rule_matches_the_kits_files():
         np.testing.assert_array_equal(ck.kit_input(shape), np.load(f))
         found += 1
     assert found >= 5  # every kit folder with outputs but the CNN-RNN (whose 9.6 MB input is made by the rule) has one
+    for folder, (
+        _,
+        _,
+        shape,
+    ) in ck.KIT.items():  # the input each folder's forward is given has the reference run's shape
+        assert list(shape) == ck.kit_keys(folder)['input']['shape'], folder
+    x = ck.kit_input((2, 32, 3, 112, 112))  # 5-D rule: frame (b, t) is the block of the 4-D (B*T, ...) input
+    np.testing.assert_array_equal(x[1, 2], ck.kit_input((64, 3, 112, 112))[32 + 2])
 
 
 @pytest.mark.parametrize('rule', ['A', 'B'])
@@ -89,7 +116,7 @@ def test_fill_rule_checksums_of_every_key(rule):
 
 def _meta_import(folder, sd):
     fmt = ck.KIT[folder][0] if folder in ck.KIT else ck.KEYS_ONLY[folder]
-    kw = {'embeddings': np.zeros((9, 300), np.float32)} if fmt == 'emotion_gcn' else {}
+    kw = {'embeddings': np.zeros((9, 300), np.float32)} if fmt in ('emotion_gcn', 'emotion_gcn_bregnext') else {}
     return import_checkpoint(sd, fmt, device='meta', **kw)
 
 
@@ -264,3 +291,40 @@ def test_evaluate_scores_only_the_aus_a_model_predicts(tmp_path):
     assert len(p) == len(va)
     s = score_frames(va.drop(columns=info['au_not_predicted']), p, tasks=['au'], thresholds=0.5)
     assert abs(s['au_f1'] - r['scores']['au_f1']) < 1e-12
+
+
+def test_cnn_rnn_import_predicts_frames_from_windows_of_seq_len(tmp_path):
+    """The imported CNN-RNN scores a frame table from windows of `seq_len` frames, the last one ending on the video's
+    last
+    frame (the original API's Seq_Dataset); a frame's prediction is the network's output on its window."""
+    import dataclasses, json
+    from abaw_nb.methods.incomplete import MultitaskCNN, MultitaskCNNRNN
+    from abaw_nb.train.run import run_config, load_frames, evaluate_checkpoint
+    from abaw_nb.data.frames import task_frames
+
+    meta = import_checkpoint(
+        ck.kit_state_dict('multitask_cnn_rnn', device='meta'), 'multitask_cnn_rnn', device='meta', seq_len=6
+    )
+    torch.manual_seed(0)
+    small = MultitaskCNNRNN(MultitaskCNN(7, 8, 'resnet18', anchors='linspace')).eval()  # a cheap stand-in network
+    imp = dataclasses.replace(meta, model=small)
+    cfg = run_config('mtl_cnn_rnn', 'expr', 'smoke', out_dir=str(tmp_path / 'run'), device='cpu')
+    r = evaluate_checkpoint(cfg, imp)
+    assert json.loads((tmp_path / 'run' / 'import.json').read_text())['format'] == 'multitask_cnn_rnn'
+    frames, root = load_frames(cfg)
+    va = task_frames(frames[frames['split'] == 'val'].reset_index(drop=True), 'expr')
+    va.attrs = dict(frames.attrs)
+    ds = imp.dataset(va, root)
+    assert ds.length == 6 and all(len(w) == 6 for w in ds.windows)
+    b = ds[0]
+    first, rows = b['index'][0].item(), va.iloc[b['index'].numpy()]
+    assert (rows['video'] == rows['video'].iloc[0]).all() and rows['frame'].is_monotonic_increasing
+    last = ds[len(ds) - 1]['index']  # the last window ends on its video's last frame
+    tail = va.iloc[last.numpy()]
+    assert tail['frame'].iloc[-1] == va.loc[va['video'] == tail['video'].iloc[0], 'frame'].max()
+    with torch.no_grad():
+        y = imp.predict(small(b['image'][None]))['prob_expr'][0, 0]
+    p = r['predictions']
+    row = p[(p['video'] == va['video'].iloc[first]) & (p['frame'] == va['frame'].iloc[first])]
+    np.testing.assert_allclose(row[[f'prob_expr_{k}' for k in range(7)]].to_numpy()[0], y.numpy(), atol=1e-5)
+    assert len(p) == len(va)

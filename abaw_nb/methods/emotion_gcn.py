@@ -22,11 +22,11 @@ from ..checkpoints import read_checkpoint, unwrap_state, map_state, load_mapped,
 from . import MethodSpec, Recipe, RunData, choice, register_method, frame_data
 
 # %% auto #0
-__all__ = ['VARIANTS', 'SUPPORTED_TASKS', 'VA_NODES', 'MINILM_TABLE', 'BACKBONE_CHOICES', 'AFFECTNET_COUNTS', 'node_names',
-           'label_correlation', 'label_adjacency', 'canonical_word', 'published_adjacency', 'label_embeddings',
-           'embedding_info', 'SmallDenseNet', 'make_backbone', 'EmotionGCNNet', 'class_weights', 'EmotionGCNLoss',
-           'EmotionGCNSettings', 'gcn_presets', 'weight_mode', 'graph_for', 'recipe', 'import_emotion_gcn',
-           'import_emotion_gcn_multi']
+__all__ = ['VARIANTS', 'SUPPORTED_TASKS', 'VA_NODES', 'MINILM_TABLE', 'BACKBONE_CHOICES', 'AFFECTNET_COUNTS', 'PRESET_BACKBONES',
+           'node_names', 'label_correlation', 'label_adjacency', 'canonical_word', 'published_adjacency',
+           'label_embeddings', 'embedding_info', 'SmallDenseNet', 'make_backbone', 'EmotionGCNNet', 'class_weights',
+           'EmotionGCNLoss', 'EmotionGCNSettings', 'gcn_presets', 'weight_mode', 'graph_for', 'recipe',
+           'preset_backbones', 'import_emotion_gcn', 'import_emotion_gcn_multi', 'import_emotion_gcn_bregnext']
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #2785651b
 VARIANTS = ('single_task', 'multi_task', 'emotion_gcn')
@@ -459,6 +459,19 @@ def recipe(cfg, s: EmotionGCNSettings, data: RunData) -> Recipe:
         info=dict(variant=v, adjacency=A, correlation=rho, node_names=node_names(space)),
     )
 
+# %% ../../nbs/05d_methods.emotion_gcn.ipynb #10185d26023b46108eb7d9f57d49d2b3
+PRESET_BACKBONES = {
+    'paper': {'DenseNet': 'densenet121', 'BReG-NeXt': 'bregnext'},
+    'cpu': {'DenseNet': 'densenet_s', 'BReG-NeXt': 'bregnext_t'},
+    'smoke': {'DenseNet': 'densenet_s', 'BReG-NeXt': 'bregnext_t'},
+}
+
+
+def preset_backbones(preset: str) -> dict:
+    "{family: backbone setting} of the paper's two backbones (DenseNet, BReG-NeXt) at `preset`."
+    check_choice('preset', preset, tuple(PRESET_BACKBONES))
+    return dict(PRESET_BACKBONES[preset])
+
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #18fc4cc3
 _AFFECTNET7 = ['Neutral', 'Happy', 'Sad', 'Surprise', 'Fear', 'Disgust', 'Anger']
 
@@ -480,16 +493,8 @@ def _gcn_pre(size):
     )
 
 
-def import_emotion_gcn(
-    source,  # released file (--saved_model) or its loaded dict
-    embeddings,  # (9, 300) label embeddings in node order (array, tensor or .npy path)
-    input_size: int = 227,  # 227 (AffectNet) or 112 (Aff-Wild2)
-    trained_on: str = 'affectnet',  # label order of the expression outputs
-    device: str = 'cpu',
-) -> Imported:
-    "Emotion_GCN (DenseNet-121 + 2-layer GCN classifier) from a released checkpoint."
-    obj, where = read_checkpoint(source)
-    sd = unwrap_state(obj, where)
+def _gcn_embeddings(embeddings, trained_on: str) -> torch.Tensor:
+    "The (9, 300) label embeddings of a released Emotion-GCN (an array, a tensor, a .npy or a GloVe .txt path)."
     if isinstance(embeddings, (str, os.PathLike)):
         e = Path(embeddings).expanduser()
         if not e.is_file():
@@ -507,6 +512,20 @@ def import_emotion_gcn(
         emb = emb[0]  # the original's batched inp: it uses inp[0]
     if tuple(emb.shape) != (9, 300):
         raise ValueError(f'embeddings: shape {tuple(emb.shape)}, expected (9, 300) (7 expressions, valence, arousal)')
+    return emb
+
+
+def import_emotion_gcn(
+    source,  # released file (--saved_model) or its loaded dict
+    embeddings,  # (9, 300) label embeddings in node order (array, tensor or .npy path)
+    input_size: int = 227,  # 227 (AffectNet) or 112 (Aff-Wild2)
+    trained_on: str = 'affectnet',  # label order of the expression outputs
+    device: str = 'cpu',
+) -> Imported:
+    "Emotion_GCN (DenseNet-121 + 2-layer GCN classifier) from a released checkpoint."
+    obj, where = read_checkpoint(source)
+    sd = unwrap_state(obj, where)
+    emb = _gcn_embeddings(embeddings, trained_on)
     a0 = sd.get('A', torch.eye(9))
     model = build_on(
         device,
@@ -565,6 +584,65 @@ def import_emotion_gcn_multi(
         rep,
     )
 
+# %% ../../nbs/05d_methods.emotion_gcn.ipynb #acae54e37e7d407bbb7b55eff062a284
+_BREG_STAGES = (7, 1, 8, 1, 7)  # residual layers per `model._model.{stage}` of the original BReG-NeXt
+_BREG_PARTS = {
+    'bn1': '_batchnorm_conv0',
+    'conv1': '_conv0',
+    'bn2': '_batchnorm_conv1',
+    'conv2': '_conv1',
+    'shortcut': '_shortcut',
+}
+
+
+def _bregnext_name(k: str) -> str:
+    "Our `BReGNeXt` key (without `backbone.`) -> the original `BReGNeXt` key (without `model.`)."
+    if not k.startswith('_model.'):
+        return k
+    i, rest = k[len('_model.') :].split('.', 1)
+    where = [(m, j) for m, n in enumerate(_BREG_STAGES) for j in range(n)]
+    if int(i) == len(where):  # the final BatchNorm
+        return f'_model.{len(_BREG_STAGES)}.{rest}'
+    part, p = rest.split('.', 1)
+    m, j = where[int(i)]
+    return f'_model.{m}._layer_stack.{j}.{_BREG_PARTS[part]}.{p}'
+
+# %% ../../nbs/05d_methods.emotion_gcn.ipynb #8dd0d8092fe74a7c96281538738b07e2
+def import_emotion_gcn_bregnext(
+    source,  # released file (--saved_model of a --network bregnext run) or its loaded dict
+    embeddings,  # (9, 300) label embeddings in node order (array, tensor, .npy or GloVe .txt path)
+    trained_on: str = 'affectnet',  # label order of the expression outputs
+    device: str = 'cpu',
+) -> Imported:
+    "Emotion_GCN on BReG-NeXt (`BReGNeXt_GCN`, 112 px) from a released checkpoint."
+    obj, where = read_checkpoint(source)
+    sd = unwrap_state(obj, where)
+    emb = _gcn_embeddings(embeddings, trained_on)
+    a0 = sd.get('A', torch.eye(9))
+    a0 = a0 if tuple(a0.shape) == (9, 9) else torch.eye(9)
+    model = build_on(device, lambda: EmotionGCNNet('emotion_gcn', 'bregnext', 7, a0, emb, hidden=512))
+
+    def orig(k):
+        if k == 'gcn.emb':
+            return None
+        if k.startswith('gcn.'):
+            return k[4:]
+        return 'model.' + _bregnext_name(k[len('backbone.') :])
+
+    why = "BReGNeXt(n_classes=7)'s own classifier: in the original's state dict, never used by its forward"
+    ign = lambda k: why if k.startswith('model._fc0.') else None
+    mapped, rep = map_state(sd, model, orig, where, 'Emotion-GCN BReG-NeXt', ign)
+    mapped['gcn.emb'] = emb.to(device)
+    rep['from_elsewhere'] = {'gcn.emb': 'embeddings= (the GloVe label embeddings, not part of the checkpoint)'}
+    return Imported(
+        load_mapped(model, mapped, device),
+        'emotion_gcn_bregnext',
+        'emotion_gcn',
+        _gcn_pre(112),
+        _gcn_labels(trained_on),
+        rep,
+    )
+
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #eaecb954
 register_method(
     MethodSpec(
@@ -583,6 +661,9 @@ register_method(
             ),
             'emotion_gcn_multi': CheckpointFormat(
                 import_emotion_gcn_multi, 'PanosAntoniadis/emotion-gcn', 'as emotion_gcn'
+            ),
+            'emotion_gcn_bregnext': CheckpointFormat(
+                import_emotion_gcn_bregnext, 'PanosAntoniadis/emotion-gcn', 'as emotion_gcn (--network bregnext)'
             ),
         },
         doc='Emotion-GCN (Antoniadis, Filntisis, Maragos, FG 2021)',

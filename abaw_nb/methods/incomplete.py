@@ -26,7 +26,7 @@ __all__ = ['TASKS', 'N_BINS', 'TEACHER_WEIGHTS', 'EXTERNAL', 'MultitaskCNN', 'fl
            'StudentLoss', 'task_pools', 'pool_weights', 'task_sampler', 'source_identities', 'heldout_identities',
            'external_frames', 'merge_external', 'MultitaskCNNRNN', 'MTLSettings', 'CNNSettings', 'CNNRNNSettings',
            'mtl_presets', 'predict_columns', 'external_root_frames', 'recipe', 'ensemble_predictions',
-           'import_multitask_cnn']
+           'import_multitask_cnn', 'import_multitask_cnn_rnn']
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #60c99b5b
 TASKS = ('expr', 'au', 'va')
@@ -345,13 +345,16 @@ class MultitaskCNNRNN(nn.Module):
             self.cnn.eval()  # BatchNorm keeps its running statistics
         return self
 
-    def forward(self, x) -> dict:
+    def forward(self, x, features: bool = False):
+        "{task: (B, T, K)} per-frame outputs; with `features`, also {task: (B, T, 128)} the CNN heads' features."
         if x.dim() != 5:
             raise ValueError(f'MultitaskCNNRNN expects clips (batch, time, 3, H, W); got shape {tuple(x.shape)}')
         B, T = x.shape[:2]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             _, feats = self.cnn(x.flatten(0, 1), features=True)
-        return {t: self.rnn[t](feats[t].reshape(B, T, -1))[0] for t in self.tasks}
+        feats = {t: f.reshape(B, T, -1) for t, f in feats.items()}
+        out = {t: self.rnn[t](feats[t])[0] for t in self.tasks}
+        return (out, feats) if features else out
 
     def va_values(self, va_logits):
         return self.cnn.va_values(va_logits)
@@ -644,6 +647,33 @@ def _ferplus_name(k: str) -> str:
 
 _MTL_HEADS = {'expr': 0, 'au': 1, 'va': 2}
 
+# %% ../../nbs/05b_methods.incomplete.ipynb #7fb27b941602401d91542211134fc71a
+def _fg2020_cnn() -> MultitaskCNN:
+    "The released Multitask-CNN's network: the FER+ (caffe-style) ResNet-50, heads EXPR 7, AU 8, VA 2x20 linspace bins."
+    m = MultitaskCNN(7, 8, 'resnet50', ('expr', 'au', 'va'), 128, 20, anchors='linspace')
+    m.backbone = build_backbone('resnet50', caffe_style=True)
+    return m
+
+
+def _fg2020_preprocess() -> Preprocess:
+    "The FG 2020 models' preprocessing (the API's `compose_transforms`), per frame."
+    mean = (131.0912, 103.8827, 91.4953)
+    return Preprocess(
+        112,
+        'shorter',
+        resize_size=134,
+        crop=112,
+        mean=tuple(m / 255 for m in mean),
+        std=(1 / 255,) * 3,
+        note='PIL RGB (MTCNN-aligned), Resize(134), CenterCrop(112), ToTensor(), x255, '
+        'minus RGB mean (131.0912, 103.8827, 91.4953), std 1',
+    )
+
+
+def _cnn_orig(k: str) -> str:
+    "Our MultitaskCNN key -> the released Multitask-CNN key."
+    return head_key(k, 'classifier', _MTL_HEADS) or 'backbone.model.' + _ferplus_name(k[len('backbone.') :])
+
 
 def import_multitask_cnn(source, device: str = 'cpu') -> Imported:
     """Multitask-CNN (ResNet-50 FER+ backbone + EXPR/AU/VA MLP heads) from a released student
@@ -651,32 +681,58 @@ def import_multitask_cnn(source, device: str = 'cpu') -> Imported:
     obj, where = read_checkpoint(source)
     sd = unwrap_state(obj, where)
     sd = {(k[7:] if k.startswith('module.') else k): v for k, v in sd.items()}
-
-    def build():
-        m = MultitaskCNN(7, 8, 'resnet50', ('expr', 'au', 'va'), 128, 20, anchors='linspace')
-        m.backbone = build_backbone('resnet50', caffe_style=True)
-        return m
-
-    model = build_on(device, build)
-    orig = lambda k: head_key(k, 'classifier', _MTL_HEADS) or 'backbone.model.' + _ferplus_name(k[len('backbone.') :])
-    mapped, rep = map_state(sd, model, orig, where, 'Multitask-CNN')
-    mean = (131.0912, 103.8827, 91.4953)
+    model = build_on(device, _fg2020_cnn)
+    mapped, rep = map_state(sd, model, _cnn_orig, where, 'Multitask-CNN')
     return Imported(
         load_mapped(model, mapped, device),
         'multitask_cnn',
         'mtl_cnn',
-        Preprocess(
-            112,
-            'shorter',
-            resize_size=134,
-            crop=112,
-            mean=tuple(m / 255 for m in mean),
-            std=(1 / 255,) * 3,
-            note='PIL RGB (MTCNN-aligned), Resize(134), CenterCrop(112), ToTensor(), x255, '
-            'minus RGB mean (131.0912, 103.8827, 91.4953), std 1',
-        ),
+        _fg2020_preprocess(),
         Labels(AFFWILD2_ORDER, 'expr7', au_columns('abaw1_8'), 'bins_linspace'),
         rep,
+    )
+
+# %% ../../nbs/05b_methods.incomplete.ipynb #8dd0d8092fe74a7c96281538738b07e2
+def _rnn_orig(k: str) -> str | None:
+    "Our MultitaskCNNRNN key -> the released CNN-RNN key."
+    if k.startswith('cnn.'):
+        return 'backbone.' + _cnn_orig(k[len('cnn.') :])
+    task, part, rest = k[len('rnn.') :].split('.', 2)
+    return f"classifier.{_MTL_HEADS[task]}.{'GRU_layer' if part == 'rnn' else 'fc_1'}.{rest}"
+
+
+def import_multitask_cnn_rnn(
+    source,  # released CNN-RNN student (pretrained_models/CNN_RNN/<i>.pth), or a Multitask-CNN file as its CNN
+    seq_len: int = 32,  # frames per window when it predicts a frame table (the released models': 32)
+    device: str = 'cpu',
+) -> Imported:
+    "Multitask-CNN-RNN (the Multitask-CNN + a bidirectional GRU head per task) from a released checkpoint."
+    obj, where = read_checkpoint(source)
+    sd = unwrap_state(obj, where)
+    sd = {(k[7:] if k.startswith('module.') else k): v for k, v in sd.items()}
+    cnn_only = not any(k.startswith(('backbone.backbone.', 'classifier.0.GRU_layer.')) for k in sd)
+    if cnn_only:  # --pretrained_resnet50_model: a Multitask-CNN file loaded into Seq_Model's inner Model
+        sd = {'backbone.' + k: v for k, v in sd.items()}
+    model = build_on(device, lambda: MultitaskCNNRNN(_fg2020_cnn(), hidden=64, frozen=True))
+    orig = (lambda k: _rnn_orig(k) if k.startswith('cnn.') else None) if cnn_only else _rnn_orig
+    mapped, rep = map_state(sd, model, orig, where, 'Multitask-CNN' if cnn_only else 'Multitask-CNN-RNN')
+    if cnn_only:
+        own = model.state_dict()
+        fresh = [k for k in own if k not in mapped]
+        mapped.update({k: own[k] for k in fresh})
+        why = 'GRU heads: fresh initialisation (the file is a Multitask-CNN, loaded as the CNN)'
+        rep['from_elsewhere'] = {k: why for k in fresh}
+    pre = _fg2020_preprocess()
+    return Imported(
+        load_mapped(model, mapped, device),
+        'multitask_cnn_rnn',
+        'mtl_cnn_rnn',
+        pre,
+        Labels(AFFWILD2_ORDER, 'expr7', au_columns('abaw1_8'), 'bins_linspace'),
+        rep,
+        eval_data=lambda frames, root: ClipDataset(
+            frames, root, seq_len, stride=seq_len, end='align', transform=pre.transform()
+        ),
     )
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #c17e5e0b
@@ -705,6 +761,14 @@ register_method(
         recipe,
         rank=3,
         needs={'cnn_run': 'mtl_cnn'},
+        importers={
+            'multitask_cnn_rnn': CheckpointFormat(
+                import_multitask_cnn_rnn,
+                'wtomin/Multitask-Emotion-Recognition-with-Incomplete-Labels',
+                'Multitask-CNN-RNN pretrained_models/CNN_RNN/{0..4}.pth (plain state dicts, seq_len 32); '
+                'a Multitask-CNN file initialises its CNN',
+            )
+        },
         doc='Multitask-CNN-RNN: a frozen Multitask-CNN and one bidirectional GRU per task (Deng, Chen, Shi, FG 2020)',
     )
 )
