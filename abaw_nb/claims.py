@@ -18,7 +18,7 @@ from .metrics import expr_metrics, au_metrics, au_auc, ccc
 __all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'SYNTH_NOTE', 'majority_floor', 'all_positive_floor', 'pixel_features', 'pixel_probe',
            'expr_f1_metric', 'expr_acc_metric', 'ccc_metric', 'au_f1_metric', 'au_auc_metric', 'accuracy_metric',
            'bootstrap_effect', 'paper_seeds', 'labelled', 'task_arrays', 'tune_au_thresholds', 'score_arrays',
-           'floor_predictions', 'verdict', 'claim_row', 'save_claims', 'collect_claims']
+           'floor_predictions', 'decide', 'task_table', 'verdict', 'claim_row', 'save_claims', 'collect_claims']
 
 # %% ../nbs/08b_claims.ipynb #273c5821
 def majority_floor(
@@ -338,6 +338,32 @@ def floor_predictions(
             thr = tune_au_thresholds(task_arrays(va, None, 'au', aus)[0], p_va)
     out['pixel probe'] = (p, thr)
     return out
+
+# %% ../nbs/08b_claims.ipynb #7cdc8c89c7104fffa095e18ddfef8986
+def decide(p, thresholds) -> np.ndarray:
+    "AU decisions (0/1 floats) of probabilities at per-AU thresholds, for metrics that take a fixed 0.5."
+    return (np.asarray(p) >= np.asarray(thresholds)).astype(np.float64)
+
+
+def task_table(
+    task: str,
+    y,  # labels of the scored frames (`task_arrays`)
+    models: dict,  # {name: [(predictions, AU thresholds or None) per seed]}
+    floors: dict,  # {name: (predictions, AU thresholds or None)} from `floor_predictions`
+    space: str = 'expr7',
+) -> pd.DataFrame:
+    """One row per model (mean and sd over its seeds) and per floor, all scored on the same frames with
+    `score_arrays` (AU F1 at each model's own thresholds, ROC-AUC beside it)."""
+    rows = []
+    for name, runs in models.items():
+        s = pd.DataFrame([score_arrays(task, y, p, space, 0.5 if t is None else t) for p, t in runs])
+        sd = s.std(ddof=1) if len(s) > 1 else s.iloc[0] * np.nan
+        rows.append({'model': name, 'kind': 'model', 'n_seeds': len(s), **s.mean(), **sd.add_suffix('_sd')})
+    for name, (p, t) in floors.items():
+        rows.append(
+            {'model': name, 'kind': 'floor', 'n_seeds': 1, **score_arrays(task, y, p, space, 0.5 if t is None else t)}
+        )
+    return pd.DataFrame(rows)
 
 # %% ../nbs/08b_claims.ipynb #2df5bcc7
 CLAIM_COLUMNS = ('method', 'claim', 'metric', 'effect', 'ci_low', 'ci_high', 'n_seeds', 'verdict', 'reason')
