@@ -18,7 +18,8 @@ from .metrics import expr_metrics, au_metrics, au_auc, ccc
 __all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'SYNTH_NOTE', 'majority_floor', 'all_positive_floor', 'pixel_features', 'pixel_probe',
            'expr_f1_metric', 'expr_acc_metric', 'ccc_metric', 'au_f1_metric', 'au_auc_metric', 'accuracy_metric',
            'bootstrap_effect', 'paper_seeds', 'labelled', 'task_arrays', 'tune_au_thresholds', 'score_arrays',
-           'floor_predictions', 'decide', 'task_table', 'verdict', 'claim_row', 'save_claims', 'collect_claims']
+           'floor_predictions', 'decide', 'task_table', 'save_predictions', 'load_predictions', 'verdict', 'claim_row',
+           'save_claims', 'collect_claims']
 
 # %% ../nbs/08b_claims.ipynb #273c5821
 def majority_floor(
@@ -364,6 +365,40 @@ def task_table(
             {'model': name, 'kind': 'floor', 'n_seeds': 1, **score_arrays(task, y, p, space, 0.5 if t is None else t)}
         )
     return pd.DataFrame(rows)
+
+# %% ../nbs/08b_claims.ipynb #504fb2a444614c0babb325280ed9130a
+def save_predictions(
+    out,  # the notebook's outputs folder
+    method: str,  # e.g. 'fpn'
+    seed: int,
+    preds: dict,  # {split: prediction table} (e.g. 'val', 'test')
+    thresholds: dict | None = None,  # {AU: threshold} tuned on validation
+    budget: str = '',  # the training budget in words (steps, image size, initialisation)
+) -> Path:
+    "Write `predictions/<method>/seed<s>_<split>.csv` and `seed<s>.json` (thresholds, budget); returns their folder."
+    from abaw_nb.core import write_json
+
+    d = Path(out) / 'predictions' / method
+    for split, p in preds.items():
+        write_csv(d / f'seed{seed}_{split}.csv', p)
+    th = {k: float(v) for k, v in (thresholds or {}).items()}
+    write_json(
+        d / f'seed{seed}.json', dict(method=method, seed=seed, splits=sorted(preds), thresholds=th, budget=budget)
+    )
+    return d
+
+
+def load_predictions(out, method: str) -> dict:
+    "{seed: {'preds': {split: table}, 'thresholds': {AU: value}, 'budget': str}} of a method's saved predictions."
+    import json
+
+    d = Path(out) / 'predictions' / method
+    res = {}
+    for f in sorted(d.glob('seed*.json')):
+        meta = json.loads(f.read_text())
+        preds = {s: pd.read_csv(d / f'seed{meta["seed"]}_{s}.csv') for s in meta['splits']}
+        res[meta['seed']] = dict(preds=preds, thresholds=meta['thresholds'], budget=meta['budget'])
+    return res
 
 # %% ../nbs/08b_claims.ipynb #2df5bcc7
 CLAIM_COLUMNS = ('method', 'claim', 'metric', 'effect', 'ci_low', 'ci_high', 'n_seeds', 'verdict', 'reason')
