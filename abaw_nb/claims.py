@@ -17,7 +17,9 @@ from .metrics import expr_metrics, au_metrics, au_auc, ccc
 # %% auto #0
 __all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'SYNTH_NOTE', 'majority_floor', 'all_positive_floor', 'pixel_features', 'pixel_probe',
            'expr_f1_metric', 'expr_acc_metric', 'ccc_metric', 'au_f1_metric', 'au_auc_metric', 'accuracy_metric',
-           'bootstrap_effect', 'verdict', 'claim_row', 'save_claims', 'collect_claims']
+           'bootstrap_effect', 'paper_seeds', 'labelled', 'task_arrays', 'tune_au_thresholds', 'score_arrays',
+           'floor_predictions', 'decide', 'task_table', 'save_predictions', 'load_predictions', 'verdict', 'claim_row',
+           'save_claims', 'collect_claims']
 
 # %% ../nbs/08b_claims.ipynb #273c5821
 def majority_floor(
@@ -193,6 +195,210 @@ def bootstrap_effect(
     q = (1 - level) / 2
     lo, hi = np.nanquantile(reps, [q, 1 - q])
     return dict(effect=point, ci_low=float(lo), ci_high=float(hi), n_seeds=n_seeds, n_subjects=len(groups))
+
+# %% ../nbs/08b_claims.ipynb #acae54e37e7d407bbb7b55eff062a284
+def paper_seeds(
+    preset: str,
+    seeds=None,  # None: the preset's; an int n: seeds 0..n-1; '0,1,2' or a list: those seeds
+) -> list[int]:
+    "Seeds a paper notebook runs: 3 at the cpu and paper presets, 1 at smoke, unless `seeds` says otherwise."
+    if seeds is None:
+        return [0] if preset == 'smoke' else [0, 1, 2]
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f'seeds: need at least 1, got {seeds}')
+        return list(range(seeds))
+    out = [int(s) for s in (seeds.split(',') if isinstance(seeds, str) else seeds)]
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f'seeds: need distinct seeds, got {seeds!r}')
+    return out
+
+
+def _who(df: pd.DataFrame) -> np.ndarray:
+    "Subject of each row where known, else its video (one person per video)."
+    if 'subject' not in df.columns:
+        return df['video'].astype(str).to_numpy()
+    return df['subject'].astype(object).where(df['subject'].notna(), 'video:' + df['video'].astype(str)).to_numpy()
+
+
+def labelled(frames: pd.DataFrame, task: str, aus: Sequence[str] = ()) -> pd.DataFrame:
+    "Rows of `frames` labelled for `task` ('expr', 'va', 'au': any of `aus`), index reset."
+    if task == 'expr':
+        ok = frames['expr'].notna()
+    elif task == 'va':
+        ok = frames['valence'].notna() & frames['arousal'].notna()
+    elif task == 'au':
+        ok = frames[list(aus)].notna().any(axis=1)
+    else:
+        raise ValueError(f"task must be 'expr', 'va' or 'au', got {task!r}")
+    return frames[ok.to_numpy()].reset_index(drop=True)
+
+# %% ../nbs/08b_claims.ipynb #8dd0d8092fe74a7c96281538738b07e2
+def task_arrays(
+    frames: pd.DataFrame,  # frame table of the scored split
+    preds: pd.DataFrame | None,  # a prediction table of (a superset of) those frames; None: labels only
+    task: str,  # 'expr' | 'va' | 'au'
+    aus: Sequence[str] = (),  # AU columns (task 'au')
+    n_classes: int = 7,  # EXPR classes of the label space
+    keys=('video', 'frame'),
+) -> tuple:
+    """(labels, predictions, subjects) of the frames labelled for `task`: EXPR (N,) and (N, n_classes) probabilities
+    (one-hot of `expr` when the table has no prob_expr_*), VA (N, 2) and (N, 2), AU (N, K) with NaN = unlabelled and
+    (N, K) probabilities. A labelled frame missing from `preds` raises."""
+    lab = labelled(frames, task, aus)
+    if task == 'expr':
+        y = lab['expr'].astype(int).to_numpy()
+    elif task == 'va':
+        y = lab[['valence', 'arousal']].to_numpy(np.float64)
+    else:
+        y = lab[list(aus)].astype('Float64').to_numpy(np.float64, na_value=np.nan)
+    if preds is None:
+        return y, None, _who(lab)
+    m = lab[list(keys)].merge(preds.drop_duplicates(list(keys)), on=list(keys), how='left', validate='one_to_one')
+    if task == 'expr':
+        cols = [f'prob_expr_{k}' for k in range(n_classes)]
+        if all(c in m.columns for c in cols):
+            p = m[cols].to_numpy(np.float64)
+        else:
+            p = np.full((len(m), n_classes), np.nan)
+            ok = m['expr'].notna().to_numpy()
+            p[ok] = np.eye(n_classes)[m.loc[ok, 'expr'].astype(int).to_numpy()]
+    elif task == 'va':
+        p = m[['valence', 'arousal']].to_numpy(np.float64)
+    else:
+        p = m[[f'prob_{a}' for a in aus]].to_numpy(np.float64)
+    if np.isnan(p).any():
+        raise ValueError(f'task_arrays: {int(np.isnan(p).any(1).sum())} labelled {task} frames have no prediction')
+    return y, p, _who(lab)
+
+# %% ../nbs/08b_claims.ipynb #8edb47106e1a46a883d545849b8ab81b
+def tune_au_thresholds(
+    y_val,  # (N, K) validation AU labels, NaN = unlabelled
+    p_val,  # (N, K) validation probabilities
+) -> np.ndarray:
+    "Per-AU thresholds maximising F1 on the validation frames (0.5 for an AU without positives there)."
+    from abaw_nb.metrics import search_au_thresholds
+
+    y = np.asarray(y_val, np.float64)
+    mask = ~np.isnan(y)
+    return search_au_thresholds(np.where(mask, y, 0).astype(int), p_val, mask=mask)[0]
+
+
+def score_arrays(
+    task: str,
+    y,
+    p,  # labels and predictions from `task_arrays` / `floor_predictions`
+    space: str = 'expr7',  # EXPR label space (macro-F1 over all its classes)
+    thresholds=0.5,  # AU decision thresholds (K,) or one number
+) -> dict:
+    "Dataset-level scores of one task: EXPR macro-F1 and accuracy; VA CCC (V, A, mean); AU mean F1 and ROC-AUC."
+    if task == 'expr':
+        return dict(expr_f1=expr_f1_metric(space)(y, p), expr_acc=expr_acc_metric(space)(y, p))
+    if task == 'va':
+        cv, ca = ccc_metric(0)(y, p), ccc_metric(1)(y, p)
+        return dict(ccc_valence=cv, ccc_arousal=ca, ccc_mean=(cv + ca) / 2)
+    if task == 'au':
+        return dict(au_f1=au_f1_metric(thresholds)(y, p), au_auc=au_auc_metric()(y, p))
+    raise ValueError(f"task must be 'expr', 'va' or 'au', got {task!r}")
+
+# %% ../nbs/08b_claims.ipynb #8763a12b2bbd4a93a75aff182afb95dc
+def floor_predictions(
+    train: pd.DataFrame,  # training frame table (the frames the models learnt from)
+    test: pd.DataFrame,  # the scored frames
+    root,  # image root of both tables' paths
+    task: str,  # 'expr' | 'va' | 'au'
+    space: str = 'expr7',  # EXPR label space
+    aus: Sequence[str] = (),  # AU columns (task 'au')
+    val: pd.DataFrame | None = None,  # validation frames: the probe's AU thresholds are tuned on them (else 0.5)
+    max_train: int = 4000,  # the probe learns from at most this many training frames (a fixed random subset)
+    seed: int = 0,
+) -> dict:
+    """Floors of `task` on `test`, rows aligned with `task_arrays(test, ...)`: {name: (predictions, AU thresholds)}.
+    EXPR: majority training class; VA: mean training values (CCC 0); AU: every AU present; all: the pixel probe."""
+    n = len(expr_names(space))
+    tr = labelled(train, task, aus)
+    if len(tr) > max_train:
+        tr = tr.iloc[np.sort(np.random.default_rng(seed).choice(len(tr), max_train, replace=False))]
+    te = labelled(test, task, aus)
+    y_tr = task_arrays(tr, None, task, aus, n)[0]
+    if task == 'expr':
+        const = np.eye(n)[np.bincount(y_tr, minlength=n).argmax()]
+        out = {'majority class': (np.tile(const, (len(te), 1)), None)}
+    elif task == 'va':
+        out = {'mean training VA': (np.tile(y_tr.mean(0), (len(te), 1)), None)}
+    else:
+        out = {'all AUs present': (np.ones((len(te), len(aus))), 0.5)}
+    X_tr = pixel_features(tr['path'].tolist(), root)
+    p = pixel_probe(X_tr, tr, pixel_features(te['path'].tolist(), root), task, aus, n)
+    thr = None
+    if task == 'au':
+        thr = 0.5
+        if val is not None and len(labelled(val, 'au', aus)):
+            va = labelled(val, 'au', aus)
+            p_va = pixel_probe(X_tr, tr, pixel_features(va['path'].tolist(), root), 'au', aus)
+            thr = tune_au_thresholds(task_arrays(va, None, 'au', aus)[0], p_va)
+    out['pixel probe'] = (p, thr)
+    return out
+
+# %% ../nbs/08b_claims.ipynb #7cdc8c89c7104fffa095e18ddfef8986
+def decide(p, thresholds) -> np.ndarray:
+    "AU decisions (0/1 floats) of probabilities at per-AU thresholds, for metrics that take a fixed 0.5."
+    return (np.asarray(p) >= np.asarray(thresholds)).astype(np.float64)
+
+
+def task_table(
+    task: str,
+    y,  # labels of the scored frames (`task_arrays`)
+    models: dict,  # {name: [(predictions, AU thresholds or None) per seed]}
+    floors: dict,  # {name: (predictions, AU thresholds or None)} from `floor_predictions`
+    space: str = 'expr7',
+) -> pd.DataFrame:
+    """One row per model (mean and sd over its seeds) and per floor, all scored on the same frames with
+    `score_arrays` (AU F1 at each model's own thresholds, ROC-AUC beside it)."""
+    rows = []
+    for name, runs in models.items():
+        s = pd.DataFrame([score_arrays(task, y, p, space, 0.5 if t is None else t) for p, t in runs])
+        sd = s.std(ddof=1) if len(s) > 1 else s.iloc[0] * np.nan
+        rows.append({'model': name, 'kind': 'model', 'n_seeds': len(s), **s.mean(), **sd.add_suffix('_sd')})
+    for name, (p, t) in floors.items():
+        rows.append(
+            {'model': name, 'kind': 'floor', 'n_seeds': 1, **score_arrays(task, y, p, space, 0.5 if t is None else t)}
+        )
+    return pd.DataFrame(rows)
+
+# %% ../nbs/08b_claims.ipynb #504fb2a444614c0babb325280ed9130a
+def save_predictions(
+    out,  # the notebook's outputs folder
+    method: str,  # e.g. 'fpn'
+    seed: int,
+    preds: dict,  # {split: prediction table} (e.g. 'val', 'test')
+    thresholds: dict | None = None,  # {AU: threshold} tuned on validation
+    budget: str = '',  # the training budget in words (steps, image size, initialisation)
+) -> Path:
+    "Write `predictions/<method>/seed<s>_<split>.csv` and `seed<s>.json` (thresholds, budget); returns their folder."
+    from abaw_nb.core import write_json
+
+    d = Path(out) / 'predictions' / method
+    for split, p in preds.items():
+        write_csv(d / f'seed{seed}_{split}.csv', p)
+    th = {k: float(v) for k, v in (thresholds or {}).items()}
+    write_json(
+        d / f'seed{seed}.json', dict(method=method, seed=seed, splits=sorted(preds), thresholds=th, budget=budget)
+    )
+    return d
+
+
+def load_predictions(out, method: str) -> dict:
+    "{seed: {'preds': {split: table}, 'thresholds': {AU: value}, 'budget': str}} of a method's saved predictions."
+    import json
+
+    d = Path(out) / 'predictions' / method
+    res = {}
+    for f in sorted(d.glob('seed*.json')):
+        meta = json.loads(f.read_text())
+        preds = {s: pd.read_csv(d / f'seed{meta["seed"]}_{s}.csv') for s in meta['splits']}
+        res[meta['seed']] = dict(preds=preds, thresholds=meta['thresholds'], budget=meta['budget'])
+    return res
 
 # %% ../nbs/08b_claims.ipynb #2df5bcc7
 CLAIM_COLUMNS = ('method', 'claim', 'metric', 'effect', 'ci_low', 'ci_high', 'n_seeds', 'verdict', 'reason')

@@ -168,7 +168,8 @@ def finetune_au(
     tr_subj, va_subj = split_train_val(df.loc[df.split == 'train', 'subject'], s['au']['val_frac'], seed)
     pick = lambda subj: df[df.subject.isin(subj)].reset_index(drop=True)
     tr, va, te = pick(tr_subj), pick(va_subj), df[df.split == 'test'].reset_index(drop=True)
-    va, te = cap_rows(va, s['au'].get('max_eval'), seed), cap_rows(te, s['au'].get('max_eval'), seed)
+    # the test sample does not depend on the training seed: every seed's model is scored on the same frames
+    va, te = cap_rows(va, s['au'].get('max_eval'), seed), cap_rows(te, s['au'].get('max_eval'), 0)
     for d in (tr, va, te):
         d.attrs = dict(df.attrs)
     blr, epochs, warm = s['au']['recipes'][dataset]['iat' if iat else 'fmae']
@@ -354,9 +355,12 @@ def identity_probe(
     )
     head = run_stage(head, cfg, Feats(), lambda out, b: F.cross_entropy(out, b['y'])).model
     with torch.no_grad():
-        acc = float((head(f_te).argmax(1) == y_te).float().mean())
+        correct = (head(f_te).argmax(1) == y_te).numpy()
+    acc = float(correct.mean())
     return dict(
         acc=acc,
+        correct=correct,  # per test frame: the probe named its subject (claims bootstrap over subjects)
+        test_subjects=te.subject.to_numpy(),
         chance=1 / len(subj),
         n_subjects=len(subj),
         n_train=len(tr),
