@@ -36,9 +36,11 @@ METHOD_ALIGN = {  # method -> the alignment style of its training faces (abaw_nb
 FORMAT_ALIGN = {  # released checkpoint format -> the style of the data it was trained on
     'fpn_multitask': 'affwild2',
     'multitask_cnn': 'fg2020_mtcnn',
+    'multitask_cnn_rnn': 'fg2020_mtcnn',  # the same CNN over the same faces, in 32-frame clips
     'emenet_v': 'affwild2',
     'emotion_gcn': 'affectnet_gcn',
     'emotion_gcn_multi': 'affectnet_gcn',
+    'emotion_gcn_bregnext': 'affectnet_gcn',
     'fmae_vit': 'fmae_224',
 }
 
