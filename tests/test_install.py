@@ -140,8 +140,8 @@ def test_every_module_imports_with_declared_distributions_only(root):
 
 
 def test_no_tracked_file_reads_outside_the_checkout(root):
-    """The parity kit and every other input live in the repository; nothing refers to ../shared (absent beside a
-    user's clone)."""
+    """The parity kit and every other input live in the repository; nothing refers to the shared folder beside the
+    development checkout (absent beside a user's clone)."""
     files = subprocess.run(['git', 'ls-files'], cwd=root, capture_output=True, text=True, check=True).stdout.split()
     pattern = re.compile(r'\.\./shared|/work/shared|shared/reference')
     hits = []
