@@ -44,8 +44,8 @@ test-browser: env  ## run nbs/explore.ipynb in JupyterLab + headless Chromium (i
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	$(BIN)/pytest -q -m browser tests/test_browser.py
 
-reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=smoke|cpu|paper, DATA_ROOT=/path for real data, JOBS=n notebooks at once)
-	$(BIN)/abaw-reproduce --preset $(PRESET) $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(JOBS),--jobs $(JOBS))
+reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=smoke|cpu|paper, RESOURCES=resources.yml: your datasets and weights, JOBS=n notebooks at once)
+	$(BIN)/abaw-reproduce --preset $(PRESET) $(if $(RESOURCES),--resources "$(RESOURCES)") $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(JOBS),--jobs $(JOBS))
 
 lab: env  ## JupyterLab from the venv
 	$(BIN)/jupyter lab --notebook-dir=nbs

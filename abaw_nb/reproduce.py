@@ -9,8 +9,8 @@ from pathlib import Path
 from .core import find_repo_root, outputs_dir, write_text, git_commit, check_choice, PRESETS
 
 # %% auto #0
-__all__ = ['LEDGER', 'STAGING', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report', 'run_notebook', 'reproduce',
-           'main']
+__all__ = ['LEDGER', 'STAGING', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report', 'run_notebook',
+           'resource_plan', 'reproduce', 'main']
 
 # %% ../nbs/09_reproduce.ipynb #31657961
 def paper_notebooks(root: str | Path | None = None) -> list[Path]:
@@ -242,6 +242,45 @@ def _schedule(nbs: list[Path], jobs: int, submit, finish) -> None:
             for f in done:
                 go = finish(running.pop(f), f.result()) and go
 
+# %% ../nbs/09_reproduce.ipynb #7fb27b941602401d91542211134fc71a
+def resource_plan(nbs: list[Path], preset: str, resources=None) -> dict:
+    "Per notebook name: (the parameters a resources file gives it, the reason it is skipped or None)."
+    from abaw_nb.resources import NEEDS, Needs, load_resources, notebook_params
+
+    if resources is None:
+        return {nb.name: ({}, None) for nb in nbs}
+    res = load_resources(resources)
+    return {nb.name: notebook_params(NEEDS.get(nb.stem, Needs()), res, preset) for nb in nbs}
+
+
+def _skip_record(nb: Path, params: dict, reason: str) -> dict:
+    "The record of a notebook the resources file cannot feed (never started)."
+    data = params.get('data_root', 'SynthAffect')
+    print(f'[reproduce] {nb.name}: skipped: {reason}', flush=True)
+    return dict(
+        name=nb.name,
+        preset=params['preset'],
+        data=data,
+        commit=git_commit(),
+        status='skipped',
+        reason=reason,
+        seconds=0.0,
+        tables=[],
+        figures=[],
+    )
+
+
+def _paper_needs_only(nbs: list[Path]) -> list[dict]:
+    "At the paper preset without a resources file: print what each notebook needs; run nothing."
+    from abaw_nb.resources import needs_table
+
+    print(
+        '[reproduce] the paper preset needs a resources file (make reproduce PRESET=paper RESOURCES=file);', flush=True
+    )
+    print('abaw-reproduce --resources-template writes one to fill in. What each notebook needs:\n', flush=True)
+    print(needs_table().to_markdown(index=False), flush=True)
+    return [dict(name=nb.name, status='not run', reason='no resources file') for nb in nbs]
+
 # %% ../nbs/09_reproduce.ipynb #dee6b7f5
 def reproduce(
     preset: str = 'cpu',  # smoke | cpu | paper
@@ -250,6 +289,7 @@ def reproduce(
     timeout: int | None = None,  # per-cell timeout in seconds
     notebooks: list[Path] | None = None,  # explicit notebooks (default: `paper_notebooks()`)
     data_root: str | Path | None = None,  # real data for every notebook (None: SynthAffect)
+    resources: str | Path | None = None,  # a resources file (abaw_nb.resources): each notebook gets what it needs
     jobs: int | None = None,  # notebooks at once; None: 2 for smoke (kernel start and imports are
     # single-threaded), 1 otherwise (training uses every core, and one
     # order of floating-point work keeps the committed cpu tables)
@@ -257,7 +297,9 @@ def reproduce(
     """Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one
     record per notebook. Each notebook runs in its own process; with `jobs` > 1 each kernel gets cores/jobs threads
     and writes into its own staging folder, merged into `out` only when it succeeds: a failure leaves every other
-    notebook's previous outputs intact, the notebooks already running finish, and no new one starts."""
+    notebook's previous outputs intact, the notebooks already running finish, and no new one starts. With
+    `resources`, a notebook whose needs the file does not meet is recorded as skipped, naming what is missing; the
+    paper preset needs a resources file, and without one lists what each notebook needs and runs nothing."""
     from abaw_nb.core import cache_dir
 
     check_choice('preset', preset, PRESETS)
@@ -274,6 +316,9 @@ def reproduce(
     params = dict(preset=preset, out_dir=str(out))
     if data_root is not None:
         params['data_root'] = str(Path(data_root).expanduser().resolve())
+    if preset == 'paper' and resources is None:
+        return _paper_needs_only(nbs)
+    plan = resource_plan(nbs, preset, resources)
     ledger, done = read_ledger(out), {}
     threads = max((os.cpu_count() or 1) // jobs, 1) if jobs > 1 else None
 
@@ -283,7 +328,7 @@ def reproduce(
     def submit(ex, nb):
         if jobs > 1:
             _clean_stage(target(nb))
-        return ex.submit(_run_one, nb, target(nb), out, params, root, timeout, threads)
+        return ex.submit(_run_one, nb, target(nb), out, {**params, **plan[nb.name][0]}, root, timeout, threads)
 
     def finish(nb, rec):
         done[nb.name] = rec
@@ -294,7 +339,10 @@ def reproduce(
         ledger[nb.name] = {k: v for k, v in rec.items() if k != 'name'}
         return True
 
-    _schedule(nbs, jobs, submit, finish)
+    for nb in nbs:
+        if plan[nb.name][1]:
+            finish(nb, _skip_record(nb, params, plan[nb.name][1]))
+    _schedule([nb for nb in nbs if not plan[nb.name][1]], jobs, submit, finish)
     if not nbs:
         print('[reproduce] no paper notebooks found in nbs/paper/ yet', flush=True)
     runs = [done.get(nb.name) or dict(name=nb.name, status='not run') for nb in nbs]
@@ -327,8 +375,15 @@ def main(argv=None):
         '--data-root', default=None, help='real data passed to every notebook as data_root (default: SynthAffect)'
     )
     ap.add_argument('--jobs', type=int, default=None, help='notebooks run at once (default: 2 for smoke, 1 otherwise)')
+    ap.add_argument('--resources', default=None, help='resources file: datasets and weights you have (YAML)')
+    ap.add_argument('--resources-template', action='store_true', help='print a resources file to fill in, and exit')
     a = ap.parse_args(argv)
-    runs = reproduce(a.preset, a.only, a.out, a.timeout, data_root=a.data_root, jobs=a.jobs)
+    if a.resources_template:
+        from abaw_nb.resources import resources_template
+
+        print(resources_template(), end='')
+        return 0
+    runs = reproduce(a.preset, a.only, a.out, a.timeout, data_root=a.data_root, resources=a.resources, jobs=a.jobs)
     failed = [r for r in runs if r['status'] == 'failed']
     if failed:
         print(f"[reproduce] FAILED: {failed[0]['name']}: {failed[0]['error']}", file=sys.stderr)

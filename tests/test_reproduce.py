@@ -261,3 +261,48 @@ def test_peak_memory_of_each_notebook_is_its_own(tmp_path):
     assert big >= 400 and small < big - 300, (big, small)
     report = (tmp_path / 'out' / 'REPORT.md').read_text()
     assert '| peak memory (MiB) |' in report and f"| {big:.0f} |" in report
+
+
+def test_a_resources_file_feeds_each_notebook_and_skips_what_it_cannot(tmp_path):
+    """The resources file gives each paper notebook its own parameters (FPN: the Aff-Wild2 root and its initialisation)
+    and records a notebook whose needs it does not meet (EMENet rounds: a labelled test split) as skipped."""
+    (tmp_path / 'aw').mkdir()
+    (tmp_path / 'r50.pth').write_bytes(b'weights')
+    res = tmp_path / 'resources.yml'
+    res.write_text('datasets:\n  affwild2: aw\nweights:\n  fpn_init: r50.pth\n')
+    fpn = tmp_path / '10_fpn_results.ipynb'
+    fpn.write_text(
+        json.dumps(
+            _nb(
+                [
+                    ("preset = 'smoke'\nout_dir = None\ndata_root = None\npretrained = None", ['parameters']),
+                    (
+                        "from pathlib import Path\n"
+                        "(Path(out_dir) / 'got.txt').write_text(f'{data_root}\\n{pretrained}')",
+                        [],
+                    ),
+                ]
+            )
+        )
+    )
+    rounds = tmp_path / '31_emenet_rounds.ipynb'
+    rounds.write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']), ('raise SystemExit', [])])))
+    out = tmp_path / 'out'
+    runs = reproduce('smoke', out=out, notebooks=[fpn, rounds], resources=res)
+    assert [(r['name'], r['status']) for r in runs] == [
+        ('10_fpn_results.ipynb', 'ok'),
+        ('31_emenet_rounds.ipynb', 'skipped'),
+    ]
+    assert (out / 'got.txt').read_text().splitlines() == [str(tmp_path / 'aw'), str(tmp_path / 'r50.pth')]
+    assert runs[1]['reason'].startswith('needs a labelled Aff-Wild2 test split'), runs[1]['reason']
+    ledger = json.loads((out / 'reproduce.json').read_text())
+    assert ledger['31_emenet_rounds.ipynb']['status'] == 'skipped' and ledger['10_fpn_results.ipynb']['data'] == str(
+        tmp_path / 'aw'
+    )
+    assert 'needs a labelled Aff-Wild2 test split' in (out / 'REPORT.md').read_text()
+
+
+def test_cli_prints_a_resources_template(capsys):
+    assert main(['--resources-template']) == 0
+    text = capsys.readouterr().out
+    assert text.startswith('# abaw-nb resources') and '# fpn_init: /path' in text and '# fmae: /path' in text
