@@ -16,13 +16,14 @@ import torch
 from .core import Config, check_choice, progress
 from .data.frames import EXPR_SPACES, au_columns, expr_names, make_frames
 from .faces import Faces, LANDMARK_COLUMNS, align_face, draw_faces, faces_table, get_align_style, get_detector
-from .video import VideoReadError, VideoReader, VideoWriter, image_paths, input_kind, read_batches
+from .video import VideoReadError, VideoReader, VideoWriter, image_paths, input_kind, prefetch, read_batches
 
 # %% auto #0
 __all__ = ['METHOD_ALIGN', 'FORMAT_ALIGN', 'MEMORY_ROOT', 'KEY_COLUMNS', 'BOX_COLUMNS', 'FEX_EMOTION', 'model_alignment',
            'resolve_format', 'in_memory', 'memory_frames', 'run_source', 'Predictor', 'au_label', 'output_columns',
-           'frame_rows', 'annotate_frame', 'predict_batches', 'count_frames', 'parquet_available', 'check_out',
-           'sidecar', 'predict', 'to_fex', 'plot_va', 'plot_aus', 'plot_summary', 'save_plots', 'parser', 'main']
+           'frame_rows', 'detected_batches', 'annotate_frame', 'predict_batches', 'count_frames', 'parquet_available',
+           'check_out', 'sidecar', 'predict', 'to_fex', 'plot_va', 'plot_aus', 'plot_summary', 'save_plots', 'parser',
+           'main']
 
 # %% ../nbs/12_predict.ipynb #6e2f4bb2
 METHOD_ALIGN = {  # method -> the alignment style of its training faces (abaw_nb.faces.ALIGN_STYLES)
@@ -296,6 +297,13 @@ def frame_rows(frames: list, faces: list, pred: pd.DataFrame, template: pd.DataF
     err = tab.pop('error')
     return pd.concat([tab, body, err], axis=1)
 
+# %% ../nbs/12_predict.ipynb
+def detected_batches(src, det, batch_size: int = 32, every: int = 1, max_frames: int | None = None) -> Iterator:
+    "(frames, their faces) of `src`, one batch at a time: the decode-and-detect stage of `predict_batches`."
+    for frames in read_batches(src, batch_size, every, max_frames):
+        found = iter(det.batch([f.image for f in frames if f.image is not None]))
+        yield frames, [next(found) if f.image is not None else Faces.make() for f in frames]
+
 # %% ../nbs/12_predict.ipynb #006fc3b8
 def _caption(row: pd.Series) -> list:
     "Text lines drawn for a face: VA, the expression, the AUs that are on."
@@ -331,14 +339,13 @@ def predict_batches(
     max_frames: int | None = None,
     align: str | None = None,  # alignment style (default: the model's; 'whole' with detector='whole')
     writer: VideoWriter | None = None,  # annotated frames go here
+    ahead: int = 2,  # batches decoded and detected in a background thread while the model runs (0: one after another)
 ) -> Iterator[pd.DataFrame]:
     "The output rows of `src`, one batch of frames at a time."
     det = get_detector(detector)
     style = get_align_style(align or ('whole' if det.name == 'whole' else predictor.align))
     template = predictor.template()
-    for frames in read_batches(src, batch_size, every, max_frames):
-        found = iter(det.batch([f.image for f in frames if f.image is not None]))
-        faces = [next(found) if f.image is not None else Faces.make() for f in frames]
+    for frames, faces in prefetch(detected_batches(src, det, batch_size, every, max_frames), ahead):
         crops, groups = [], []
         for f, fs in zip(frames, faces):
             for k in range(len(fs)):

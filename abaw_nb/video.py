@@ -15,7 +15,7 @@ from .faces import as_bgr
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'VideoReadError', 'Frame', 'natural_key', 'VideoReader', 'image_paths', 'input_kind',
-           'iter_frames', 'read_batches', 'VideoWriter', 'write_video', 'detect_batches', 'face_rows']
+           'iter_frames', 'read_batches', 'prefetch', 'VideoWriter', 'write_video', 'detect_batches', 'face_rows']
 
 # %% ../nbs/11b_video.ipynb #afe6ca92
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -204,6 +204,48 @@ def read_batches(src, batch_size: int = 32, every: int = 1, max_frames: int | No
             batch = []
     if batch:
         yield batch
+
+# %% ../nbs/11b_video.ipynb
+def prefetch(it, depth: int = 2) -> Iterator:
+    "The items of `it`, produced in a background thread at most `depth` ahead (depth 0: in this thread, no thread)."
+    import queue, threading
+
+    if depth < 1:
+        yield from it
+        return
+    q, stop, END = queue.Queue(depth), threading.Event(), object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for x in it:
+                if not put((True, x)):
+                    return
+            put((True, END))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((False, e))
+
+    t = threading.Thread(target=work, daemon=True, name='prefetch')
+    t.start()
+    try:
+        while True:
+            ok, x = q.get()
+            if not ok:
+                raise x
+            if x is END:
+                return
+            yield x
+    finally:
+        stop.set()
+        t.join()
 
 # %% ../nbs/11b_video.ipynb #49c6e122
 class VideoWriter:
