@@ -85,9 +85,17 @@ def in_memory(ds, images: list):
         raise ValueError(f'{len(images)} images for a dataset of {len(ds.paths)} frames')
     ds.load = lambda i: images[i]
     ds.load_clip = lambda src: torch.stack([images[j] for j in src])
-    if hasattr(ds, 'image'):
-        ds.image = lambda j: images[j]
+    if hasattr(ds, 'image'):  # EMENet's clips: with `cache` on, `image` also resizes to the model's side
+        s = getattr(ds, 'size', None) if getattr(ds, 'cache', False) else None
+        ds.image = (lambda j: images[j]) if s is None else (lambda j: _side(images[j], s))
     return ds
+
+
+def _side(img: torch.Tensor, s: int) -> torch.Tensor:
+    "`img` (C x H x W) resized to s x s as the caching datasets resize their frames (antialiased), unless it is."
+    from torchvision.transforms.v2.functional import resize
+
+    return img if tuple(img.shape[-2:]) == (s, s) else resize(img, [s, s], antialias=True)
 
 
 def memory_frames(n: int, groups=None, expr_space: str = 'expr7', au_space: str = 'affwild2_12') -> pd.DataFrame:
@@ -297,7 +305,7 @@ def frame_rows(frames: list, faces: list, pred: pd.DataFrame, template: pd.DataF
     err = tab.pop('error')
     return pd.concat([tab, body, err], axis=1)
 
-# %% ../nbs/12_predict.ipynb
+# %% ../nbs/12_predict.ipynb #c5d23d2c
 def detected_batches(src, det, batch_size: int = 32, every: int = 1, max_frames: int | None = None) -> Iterator:
     "(frames, their faces) of `src`, one batch at a time: the decode-and-detect stage of `predict_batches`."
     for frames in read_batches(src, batch_size, every, max_frames):

@@ -205,7 +205,7 @@ def read_batches(src, batch_size: int = 32, every: int = 1, max_frames: int | No
     if batch:
         yield batch
 
-# %% ../nbs/11b_video.ipynb
+# %% ../nbs/11b_video.ipynb #94798011
 def prefetch(it, depth: int = 2) -> Iterator:
     "The items of `it`, produced in a background thread at most `depth` ahead (depth 0: in this thread, no thread)."
     import queue, threading
