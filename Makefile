@@ -50,9 +50,10 @@ reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=smok
 lab: env  ## JupyterLab from the venv
 	$(BIN)/jupyter lab --notebook-dir=nbs
 
-bench: env  ## benchmarks into outputs/bench (BENCH.md; FOOTAGE.md: abaw-predict frames per second per method)
+bench: env  ## benchmarks into outputs/bench (BENCH.md; FOOTAGE.md: abaw-predict fps per method; RECIPES.md: originals' steps vs the engine)
 	$(BIN)/abaw-bench
 	$(PY) -m abaw_nb.footage_bench
+	$(PY) -m abaw_nb.recipe_bench
 
 gpu-check: env  ## measure one GPU in at most 8 minutes into outputs/gpu/GPU.md + csv (DRY=1 for the CPU dry run, into outputs/gpu-dry-run)
 	$(PY) -m abaw_nb.gpucheck $(if $(DRY),--dry-run)
