@@ -329,8 +329,9 @@ BENCH_METHODS = {
 # batch
 CPU_PAPER_BATCH = {'fpn': 8, 'mtl_cnn': 8, 'emenet': 1, 'emotion_gcn': 8, 'fmae': 1}  # emenet: one clip of 16 frames
 
-# method settings beside the paper preset's, per method (none needed: every method runs its published settings)
-BENCH_EXTRA = {}
+# method settings beside the preset's, per method: timing runs start from random weights on purpose (the speed does not
+# depend on them; the paper preset would otherwise ask for the published weights file, `abaw_nb.methods.init_table`)
+BENCH_EXTRA = {m: {'pretrained': 'none'} for m in BENCH_METHODS}
 
 
 def _n_images(img: torch.Tensor) -> int:

@@ -132,6 +132,7 @@ def train_check(method: str, device, steps: int, dry: bool, out_dir, synth_size:
         out_dir=str(out_dir),
         precision='bf16',
         num_workers=0 if dry else 8,
+        extra=bench.BENCH_EXTRA.get(method),  # random weights on purpose
     )
     cfg = cfg.replace(synth_size='smoke' if dry else synth_size)
     frames, root = load_frames(cfg)
@@ -249,7 +250,8 @@ def estimate_memory(method: str, preset: str = 'paper', probe_batch: int = 2, pr
     from abaw_nb.methods import get_method, RunData
 
     spec = get_method(method)
-    cfg = run_config(method, bench.BENCH_METHODS[method], preset, device='cpu', progress=False, num_workers=0)
+    x = bench.BENCH_EXTRA.get(method)  # random weights on purpose: memory does not depend on them
+    cfg = run_config(method, bench.BENCH_METHODS[method], preset, device='cpu', progress=False, num_workers=0, extra=x)
     cfg = cfg.replace(synth_size='smoke')  # the smallest SynthAffect: its pictures are resized to the preset's input
     frames, root = load_frames(cfg)
     tr = _task_split(frames, 'train', cfg.task, spec)

@@ -16,9 +16,10 @@ from ..data.loading import FrameDataset, make_transform
 from ..train.engine import load_checkpoint, load_weights
 
 # %% auto #0
-__all__ = ['METHODS_ENV', 'choice', 'settings_types', 'settings_help', 'UnknownSetting', 'make_settings', 'settings_dict',
-           'RunData', 'Recipe', 'frame_data', 'heads_predict_fn', 'MethodSpec', 'register_method', 'list_methods',
-           'get_method', 'get_settings', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint', 'read_run_labels',
+__all__ = ['FROM_SCRATCH', 'METHODS_ENV', 'choice', 'settings_types', 'settings_help', 'UnknownSetting', 'make_settings',
+           'settings_dict', 'RunData', 'Recipe', 'frame_data', 'heads_predict_fn', 'Init', 'MethodSpec',
+           'register_method', 'list_methods', 'get_method', 'get_settings', 'MissingInit', 'init_weights', 'check_init',
+           'init_table', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint', 'read_run_labels',
            'load_run_recipe', 'save_safetensors', 'read_weights']
 
 # %% ../../nbs/05_methods.ipynb #9fc728f6
@@ -228,6 +229,24 @@ def heads_predict_fn(au_names):
 
     return predict_fn
 
+# %% ../../nbs/05_methods.ipynb #19d2dee2
+FROM_SCRATCH = 'none'  # an init setting's value that trains from random weights on purpose
+
+
+@dataclass(frozen=True)
+class Init:
+    "A method's published initialisation: the weights its paper preset starts from, and where they are published."
+
+    what: str  # the weights, as the paper and its code name them
+    files: dict  # value of the `by` setting -> (published file name, where it is published); others: from scratch
+    by: str = 'backbone'  # the setting whose value picks the file (the backbone; FMAE: the ViT size)
+    setting: str = 'pretrained'  # the setting that names the local file ('none': random weights on purpose)
+    unless: str | None = None  # a setting that, when set, brings the initialisation instead (a trained run)
+
+    def published(self, settings) -> tuple | None:
+        "(file, where it is published) for `settings`; None when the paper trains these settings from scratch."
+        return self.files.get(getattr(settings, self.by))
+
 # %% ../../nbs/05_methods.ipynb #685452d9
 @dataclass
 class MethodSpec:
@@ -244,6 +263,7 @@ class MethodSpec:
     load_model: Callable | None = None  # (spec, path, device) -> (Recipe, Config); None: `load_run_recipe`
     rank: float = 100.0  # place in `list_methods` (the five built-in methods: the design's order)
     doc: str = ''
+    init: Init | None = None  # the published weights the paper preset starts from (None: from scratch)
 
     def make_settings(self, extra: dict | None = None):
         "The typed settings of `extra` (a `Config.extra`), checked."
@@ -314,6 +334,58 @@ def get_method(name: str) -> MethodSpec:
 def get_settings(cfg: Config):
     "The typed settings of a run's config (`cfg.extra` checked against its method's dataclass)."
     return get_method(cfg.method).make_settings(cfg.extra)
+
+# %% ../../nbs/05_methods.ipynb #33c2d934
+class MissingInit(ValueError):
+    "A paper-preset run whose published initialisation is not given."
+
+
+def _init_message(spec: MethodSpec, settings, preset: str) -> str:
+    "What a run without its published weights is told: the file, where it is published, how to pass it or opt out."
+    ini = spec.init
+    file, where = ini.published(settings)
+    k, eg = ini.setting, f'/path/to/{file}'
+    alt = f', and {ini.unless!r} no trained run that brings it' if ini.unless else ''
+    return (
+        f'{spec.name} at the {preset} preset starts from {ini.what}, but setting {k!r} names no file{alt}. '
+        f'Pass the local file ({file}, published at {where}) as extra={{{k!r}: {eg!r}}} '
+        f'(abaw-train --extra "{{{k}: {eg}}}"; train_multi: -y "extra: {{{k}: {eg}}}"), '
+        f"or {k}='{FROM_SCRATCH}' to train from random weights on purpose (kept in the run's config.json). "
+        'Nothing is downloaded.'
+    )
+
+
+def init_weights(cfg: Config, settings=None) -> str | None:
+    """The weights file a training run of `cfg` starts from; None for random weights (`'none'`, or the default at the
+    smoke and cpu presets). At the paper preset a missing file is refused (`MissingInit`), naming the published one."""
+    spec = get_method(cfg.method)
+    s = spec.make_settings(cfg.extra) if settings is None else settings
+    ini = spec.init
+    if ini is None:
+        return None
+    v = getattr(s, ini.setting)
+    if v == FROM_SCRATCH:
+        return None
+    brought = ini.unless is not None and bool(getattr(s, ini.unless))
+    if v is None and cfg.preset == 'paper' and not brought and ini.published(s) is not None:
+        raise MissingInit(_init_message(spec, s, cfg.preset))
+    return v
+
+
+def check_init(cfg: Config) -> None:
+    "Refuse a paper-preset run of `cfg` whose published initialisation is not given (called before any data is read)."
+    init_weights(cfg)
+
+# %% ../../nbs/05_methods.ipynb #4e2bad7a
+def init_table() -> pd.DataFrame:
+    "The published initialisation of every registered method: the setting, when it applies, the weights, file, source."
+    rows = []
+    for name in list_methods():
+        ini = get_method(name).init
+        for key, (file, where) in (ini.files if ini else {}).items():
+            rows.append(dict(method=name, setting=ini.setting, when=f'{ini.by}={key}', weights=ini.what))
+            rows[-1].update(file=file, published=where)
+    return pd.DataFrame(rows, columns=['method', 'setting', 'when', 'weights', 'file', 'published'])
 
 # %% ../../nbs/05_methods.ipynb #9dd745b8
 def checkpoint_formats() -> dict:

@@ -25,11 +25,11 @@ from ..data.frames import au_columns, expr_names
 from ..metrics import ece, nll, score_frames
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
 from ..checkpoints import load_mapped, build_on, head_key
-from . import MethodSpec, Recipe, RunData, choice, register_method
+from . import MethodSpec, Recipe, RunData, choice, register_method, Init, init_weights
 
 # %% auto #0
-__all__ = ['TASKS', 'AU_POS_WEIGHT', 'EXPR_WEIGHT', 'EMENet', 'emenet_transform', 'video_fps', 'audio_path', 'load_teacher',
-           'save_teacher', 'EMENetClips', 'TaskReweighting', 'batch_gt', 'make_loss', 'EMENetSettings',
+__all__ = ['TASKS', 'AU_POS_WEIGHT', 'EXPR_WEIGHT', 'EMENET_INIT', 'EMENet', 'emenet_transform', 'video_fps', 'audio_path',
+           'load_teacher', 'save_teacher', 'EMENetClips', 'TaskReweighting', 'batch_gt', 'make_loss', 'EMENetSettings',
            'emenet_presets', 'forward_fn', 'entropy_norm', 'make_predict_fn', 'recipe', 'decompose', 'binary',
            'fit_temperature', 'mc_dropout', 'logits_to_probs', 'ensemble_table', 'va_calibration', 'score_table',
            'frame_prediction', 'uncertainty_figure', 'annotate_video', 'import_emenet_v']
@@ -56,12 +56,13 @@ class EMENet(nn.Module):
         hidden: int = 128,  # GRU hidden size
         dropout: float = 0.5,  # before each decoder
         time_axis: str = 'time',  # 'time' (correct) | 'batch' (the original's wiring)
+        pretrained=None,  # the backbone's weights file (the landmark MobileFaceNet), as `build_backbone`
     ):
         super().__init__()
         for t in tasks:
             check_choice('task', t, TASKS)
         self.tasks = tuple(t for t in TASKS if t in tasks)
-        self.backbone = build_backbone(backbone, **size_kwargs(backbone, input_size))
+        self.backbone = build_backbone(backbone, pretrained=pretrained, **size_kwargs(backbone, input_size))
         self.audio = MarbleNetEncoder(n_mels, audio_width) if audio else None
         d = self.backbone.out_dim + (self.audio.out_dim if audio else 0)
         out = dict(au=n_au, expr=n_expr, va=2 * n_bins)
@@ -322,6 +323,7 @@ class EMENetSettings:
     "EMENet's own settings."
 
     backbone: str = 'mobilefacenet'  # mobilefacenet (paper) | mobilefacenet_s (cpu preset)
+    pretrained: str | None = None  # landmark MobileFaceNet weights file; 'none': random init (None: refused at paper)
     audio: bool = False  # EMENet-VA: add the MarbleNet branch
     audio_width: float = 1.0  # MarbleNet channel multiplier
     hidden: int = 128  # GRU hidden size
@@ -453,6 +455,7 @@ def recipe(cfg: Config, s: EMENetSettings, data: RunData) -> Recipe:
         hidden=s.hidden,
         dropout=s.dropout,
         time_axis=s.time_axis,
+        pretrained=init_weights(cfg, s) if data.training else None,
     )
     rw = TaskReweighting(tasks, on=s.reweight and s.teacher is None and len(tasks) > 1)
     loss_fn = make_loss(
@@ -875,6 +878,16 @@ def import_emenet_v(
     )
 
 # %% ../../nbs/05c_methods.emenet.ipynb #e4cd7b6e
+EMENET_INIT = Init(
+    'the 68-landmark MobileFaceNet the original loads (its output layer dropped)',
+    {
+        'mobilefacenet': (
+            'mobilefacenet_model_best.pth.tar',
+            'github.com/wtomin/UncertainEmotion, checkpoint/mobilefacenet_model_best.pth.tar (the same file as '
+            "cunjian/pytorch_face_landmark's)",
+        )
+    },
+)
 register_method(
     MethodSpec(
         'emenet',
@@ -890,5 +903,6 @@ register_method(
             )
         },
         doc='EMENet-V / EMENet-VA with iterative distillation (Deng, Wu, Shi, ICCV 2021)',
+        init=EMENET_INIT,
     )
 )

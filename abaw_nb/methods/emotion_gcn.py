@@ -19,11 +19,11 @@ from ..models.heads import AFFECTNET_SPEARMAN_VA
 from ..train.losses import masked_ce, masked_ccc_loss
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, CheckpointError, IMAGENET_NORM
 from ..checkpoints import read_checkpoint, unwrap_state, map_state, load_mapped, build_on
-from . import MethodSpec, Recipe, RunData, choice, register_method, frame_data
+from . import MethodSpec, Recipe, RunData, choice, register_method, frame_data, Init, init_weights
 
 # %% auto #0
 __all__ = ['VARIANTS', 'SUPPORTED_TASKS', 'VA_NODES', 'MINILM_TABLE', 'BACKBONE_CHOICES', 'AFFECTNET_COUNTS', 'PRESET_BACKBONES',
-           'node_names', 'label_correlation', 'label_adjacency', 'canonical_word', 'published_adjacency',
+           'GCN_INIT', 'node_names', 'label_correlation', 'label_adjacency', 'canonical_word', 'published_adjacency',
            'label_embeddings', 'embedding_info', 'SmallDenseNet', 'make_backbone', 'EmotionGCNNet', 'class_weights',
            'EmotionGCNLoss', 'EmotionGCNSettings', 'gcn_presets', 'weight_mode', 'graph_for', 'recipe',
            'preset_backbones', 'import_emotion_gcn', 'import_emotion_gcn_multi', 'import_emotion_gcn_bregnext']
@@ -346,7 +346,7 @@ class EmotionGCNSettings:
     threshold: float = 0.1
     embeddings: str = 'minilm'  # 'minilm' | 'onehot' | path to a GloVe .txt, a .npy or a .csv table
     hidden: int = 512
-    pretrained: str | None = None  # DenseNet-121 ImageNet weights file (or 'download')
+    pretrained: str | None = None  # DenseNet-121 ImageNet weights file; 'none': random init (None: refused at paper)
 
 
 def gcn_presets(preset: str, task: str) -> tuple[dict, dict]:
@@ -429,7 +429,7 @@ def recipe(cfg, s: EmotionGCNSettings, data: RunData) -> Recipe:
     if v == 'emotion_gcn':
         A, rho = graph_for(s, data)
         E = label_embeddings(node_names(space), s.embeddings)
-    model = EmotionGCNNet(v, s.backbone, n_expr, A, E, s.hidden, s.pretrained if data.training else None)
+    model = EmotionGCNNet(v, s.backbone, n_expr, A, E, s.hidden, init_weights(cfg, s) if data.training else None)
     weights = class_weights(data.train, n_expr, weight_mode(cfg, s), space) if data.training else None
     crit = EmotionGCNLoss(weights, s.lambda_multi)
     tasks = ('expr',) if v == 'single_task' else ('va', 'expr')
@@ -644,6 +644,10 @@ def import_emotion_gcn_bregnext(
     )
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #eaecb954
+GCN_INIT = Init(
+    "torchvision's ImageNet DenseNet-121, as the original's densenet121(pretrained=True) (BReG-NeXt: from scratch)",
+    {'densenet121': ('densenet121-a639ec97.pth', 'https://download.pytorch.org/models/densenet121-a639ec97.pth')},
+)
 register_method(
     MethodSpec(
         'emotion_gcn',
@@ -667,5 +671,6 @@ register_method(
             ),
         },
         doc='Emotion-GCN (Antoniadis, Filntisis, Maragos, FG 2021)',
+        init=GCN_INIT,
     )
 )

@@ -18,13 +18,13 @@ from ..train.engine import param_groups, load_checkpoint
 from ..train.losses import MultiTaskLoss, batch_targets
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, CheckpointError, IMAGENET_NORM
 from ..checkpoints import read_checkpoint, unwrap_state, map_state, load_mapped, build_on
-from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn
+from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn, Init, init_weights
 
 # %% auto #0
-__all__ = ['AU_DATASETS', 'IAT_LAMBDA', 'SYNTH_LAYOUT', 'TASK_DIMS', 'fmae_settings', 'build_mae', 'build_vit', 'ImageDataset',
-           'SubjectFrames', 'vit_transform', 'mae_transform', 'pool_images', 'reconstruct', 'reconstruction_figure',
-           'au_folds', 'run_folds', 'subsample', 'cap_rows', 'split_train_val', 'probe_split', 'FMAESettings',
-           'fmae_presets', 'recipe', 'import_fmae_vit', 'import_fmae_mae']
+__all__ = ['AU_DATASETS', 'IAT_LAMBDA', 'SYNTH_LAYOUT', 'TASK_DIMS', 'FMAE_INIT', 'fmae_settings', 'build_mae', 'build_vit',
+           'ImageDataset', 'SubjectFrames', 'vit_transform', 'mae_transform', 'pool_images', 'reconstruct',
+           'reconstruction_figure', 'au_folds', 'run_folds', 'subsample', 'cap_rows', 'split_train_val', 'probe_split',
+           'FMAESettings', 'fmae_presets', 'recipe', 'import_fmae_vit', 'import_fmae_mae']
 
 # %% ../../nbs/05e_methods.fmae.ipynb #355456d5
 AU_DATASETS = ('bp4d', 'bp4d+', 'disfa')
@@ -307,7 +307,7 @@ class FMAESettings:
     size: str = choice('large', tuple(VIT_SIZES))  # ViT size (smoke: a toy for tests)
     layer_decay: float = 0.65
     drop_path: float = 0.1
-    pretrained: str | None = None  # an MAE / FMAE checkpoint whose encoder is loaded first
+    pretrained: str | None = None  # MAE / FMAE encoder checkpoint; 'none': random init (None: refused at paper)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
 
 
@@ -374,8 +374,9 @@ def recipe(cfg: Config, s: FMAESettings, data: RunData) -> Recipe:
         num_classes=sum(dims.values()),
         drop_path_rate=s.drop_path,
     )
-    if s.pretrained and data.training:
-        load_encoder(model, load_checkpoint(s.pretrained))
+    w = init_weights(cfg, s) if data.training else None
+    if w:
+        load_encoder(model, load_checkpoint(w))
     crit = MultiTaskLoss({t: {'va': 'mse', 'expr': 'ce', 'au': 'bce'}[t] for t in tasks})
     cuts = np.cumsum([0] + list(dims.values()))
 
@@ -492,6 +493,16 @@ def import_fmae_mae(source, device: str = 'cpu', decoder_num_heads: int = 16) ->
     )
 
 # %% ../../nbs/05e_methods.fmae.ipynb #6d5d06f2
+_DRIVE = 'https://drive.google.com/file/d/{}/view?usp=sharing (FMAE-IAT README, pretrained ckpt)'
+FMAE_INIT = Init(
+    "the FMAE encoder the authors pretrained with MAE on Face9M",
+    {
+        'large': ('fmae_vit_large.pth', _DRIVE.format('1xccb4O5cXeq2zO5_Ec1Ybz-VLO4PAwRr')),
+        'base': ('fmae_vit_base.pth', _DRIVE.format('1uCdJq4xQAbYQHTVpcflrnK8OPavJ8Fz7')),
+        'small': ('fmae_vit_small.pth', _DRIVE.format('1p1hJd9ks3U6tg3N1rlEmDyuUNXoRbATJ')),
+    },
+    by='size',
+)
 register_method(
     MethodSpec(
         'fmae',
@@ -510,5 +521,6 @@ register_method(
             ),
         },
         doc='FMAE / FMAE-IAT (Ning, Salah, Onal Ertugrul, arXiv 2407.11243)',
+        init=FMAE_INIT,
     )
 )

@@ -17,12 +17,12 @@ from ..data.frames import au_columns
 from ..data.loading import FrameDataset, make_transform
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, IMAGENET_NORM, read_checkpoint
 from ..checkpoints import unwrap_state, map_state, load_mapped, build_on
-from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn
+from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn, Init, init_weights
 
 # %% auto #0
-__all__ = ['TASKS', 'LOSSES', 'KEY', 'narrow_fpn', 'FPNNet', 'FPNSettings', 'fpn_presets', 'fpn_transform', 'soft_loss', 'recipe',
-           'target_columns', 'apply_ground_truth', 'read_pseudo_labels', 'check_no_leak', 'soft_targets',
-           'PseudoLabelDataset', 'import_fpn_multitask']
+__all__ = ['TASKS', 'LOSSES', 'KEY', 'FPN_INIT', 'narrow_fpn', 'FPNNet', 'FPNSettings', 'fpn_presets', 'fpn_transform',
+           'soft_loss', 'recipe', 'target_columns', 'apply_ground_truth', 'read_pseudo_labels', 'check_no_leak',
+           'soft_targets', 'PseudoLabelDataset', 'import_fpn_multitask']
 
 # %% ../../nbs/05a_methods.fpn.ipynb #9296a94e
 TASKS = ('va', 'expr', 'au')
@@ -81,7 +81,7 @@ class FPNSettings:
 
     backbone: str = choice('resnet50_fpn', ('resnet50_fpn', 'resnet18_fpn'))
     fpn_channels: int = 256  # FPN width (256 = the original; the cpu preset narrows it to 128)
-    pretrained: str | None = None  # local ImageNet weights of the ResNet (or 'download')
+    pretrained: str | None = None  # ImageNet ResNet weights file; 'none': random init (None: refused at paper)
     pseudo_labels: str | None = None  # multi-task run: the pseudo-label csv of the single-task models
 
 
@@ -160,7 +160,7 @@ def recipe(cfg, s: FPNSettings, data: RunData) -> Recipe:
         backbone=s.backbone,
         n_expr=n_expr,
         n_au=len(au_names),
-        pretrained=s.pretrained if data.training else None,
+        pretrained=init_weights(cfg, s) if data.training else None,
         fpn_channels=s.fpn_channels,
     )
     crit = MultiTaskLoss({t: LOSSES[t] for t in tasks})
@@ -304,6 +304,14 @@ def import_fpn_multitask(source, device: str = 'cpu') -> Imported:
     )
 
 # %% ../../nbs/05a_methods.fpn.ipynb #ce061104
+_TV = 'https://download.pytorch.org/models/'
+FPN_INIT = Init(
+    "torchvision's ImageNet ResNet-50 (ResNet-18 for resnet18_fpn), as resnet_fpn_backbone(..., pretrained=True)",
+    {
+        'resnet50_fpn': ('resnet50-0676ba61.pth', _TV + 'resnet50-0676ba61.pth'),
+        'resnet18_fpn': ('resnet18-f37072fd.pth', _TV + 'resnet18-f37072fd.pth'),
+    },
+)
 register_method(
     MethodSpec(
         'fpn',
@@ -317,5 +325,6 @@ register_method(
         },
         rank=1,
         doc='FPN multi-task (He, Xing, Yan, ABAW2 2021)',
+        init=FPN_INIT,
     )
 )

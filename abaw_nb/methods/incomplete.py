@@ -19,13 +19,13 @@ from ..data.sampling import ml_ros_weights, expr_weights, va_weights, PoolSample
 from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
 from ..checkpoints import load_mapped, build_on, head_key
-from . import MethodSpec, Recipe, RunData, choice, register_method, get_method
+from . import MethodSpec, Recipe, RunData, choice, register_method, get_method, Init, init_weights
 
 # %% auto #0
-__all__ = ['TASKS', 'N_BINS', 'TEACHER_WEIGHTS', 'EXTERNAL', 'MultitaskCNN', 'flat_targets', 'flat_outputs', 'teacher_criterion',
-           'StudentLoss', 'task_pools', 'pool_weights', 'task_sampler', 'source_identities', 'heldout_identities',
-           'external_frames', 'merge_external', 'MultitaskCNNRNN', 'MTLSettings', 'CNNSettings', 'CNNRNNSettings',
-           'mtl_presets', 'predict_columns', 'external_root_frames', 'recipe', 'ensemble_predictions',
+__all__ = ['TASKS', 'N_BINS', 'TEACHER_WEIGHTS', 'EXTERNAL', 'FERPLUS_INIT', 'MultitaskCNN', 'flat_targets', 'flat_outputs',
+           'teacher_criterion', 'StudentLoss', 'task_pools', 'pool_weights', 'task_sampler', 'source_identities',
+           'heldout_identities', 'external_frames', 'merge_external', 'MultitaskCNNRNN', 'MTLSettings', 'CNNSettings',
+           'CNNRNNSettings', 'mtl_presets', 'predict_columns', 'external_root_frames', 'recipe', 'ensemble_predictions',
            'import_multitask_cnn', 'import_multitask_cnn_rnn']
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #60c99b5b
@@ -384,7 +384,7 @@ class MTLSettings:
 class CNNSettings(MTLSettings):
     "Settings of the Multitask-CNN (`mtl_cnn`)."
 
-    pretrained: str | None = None  # local weights of the backbone (FER+ / ImageNet ResNet)
+    pretrained: str | None = None  # FER+ ResNet-50 weights file; 'none': random init (None: refused at paper)
     balance: bool = True
     undersample: bool = True
     per_task: int | None = None
@@ -397,6 +397,7 @@ class CNNRNNSettings(MTLSettings):
     "Settings of the Multitask-CNN-RNN (`mtl_cnn_rnn`)."
 
     cnn_run: str | None = None  # the trained Multitask-CNN run it freezes
+    pretrained: str | None = None  # without cnn_run: the FER+ file of the Multitask-CNN trained first
     seq_len: int = 32
     eval_stride: int | None = 16
     rnn_hidden: int = 64
@@ -498,7 +499,7 @@ def _cnn_model(cfg, s, tasks, data: RunData) -> nn.Module:
             s.backbone,
             tasks,
             anchors=s.anchors,
-            pretrained=s.pretrained if data.training else None,
+            pretrained=init_weights(cfg, s) if data.training else None,
         )
     if not data.training:
         cnn = MultitaskCNN(data.n_expr, len(data.au_names), s.backbone, tasks, anchors=s.anchors)
@@ -736,6 +737,12 @@ def import_multitask_cnn_rnn(
     )
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #c17e5e0b
+_FERPLUS = (
+    'resnet50_ferplus_dag.pth',
+    'albanie/pytorch-benchmarks (FER+ ResNet-50, MatConvNet import; the original read it from MODEL_DIR/fer+), linked '
+    'by the authors from github.com/wtomin/Multitask-Emotion-Recognition-with-Incomplete-Labels (SharePoint)',
+)
+FERPLUS_INIT = Init("the authors' FER+ ResNet-50 (resnet50_ferplus_dag)", {'resnet50': _FERPLUS})
 register_method(
     MethodSpec(
         'mtl_cnn',
@@ -751,6 +758,7 @@ register_method(
             )
         },
         doc='Multitask-CNN (Deng, Chen, Shi, FG 2020)',
+        init=FERPLUS_INIT,
     )
 )
 register_method(
@@ -770,5 +778,6 @@ register_method(
             )
         },
         doc='Multitask-CNN-RNN: a frozen Multitask-CNN and one bidirectional GRU per task (Deng, Chen, Shi, FG 2020)',
+        init=Init(FERPLUS_INIT.what, FERPLUS_INIT.files, unless='cnn_run'),
     )
 )

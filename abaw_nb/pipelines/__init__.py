@@ -5,7 +5,7 @@
 # %% ../../nbs/06_pipelines.ipynb #f52b8f5c
 from __future__ import annotations
 from ..core import Config, cache_dir, fingerprint
-from ..methods import get_method, get_settings
+from ..methods import get_method, get_settings, check_init
 from ..train.run import run_config, train
 
 # %% auto #0
@@ -14,11 +14,14 @@ __all__ = ['with_prerequisites']
 # %% ../../nbs/06_pipelines.ipynb #f3e6dcfe
 def with_prerequisites(cfg: Config, verbose: bool = True) -> Config:
     "`cfg` with every run folder its method needs (`MethodSpec.needs`) filled: a missing one is trained once, cached."
+    check_init(cfg)  # at the paper preset: the published weights (or a given run) before anything is trained
     spec, settings = get_method(cfg.method), get_settings(cfg)
     extra = dict(cfg.extra)
     for key, method in spec.needs.items():
         if getattr(settings, key):
             continue
+        ini, sub = spec.init, get_method(method).init  # the weights file given for the run it starts from
+        given = getattr(settings, ini.setting) if ini and sub and ini.setting == sub.setting else None
         c = run_config(
             method,
             cfg.task,
@@ -28,6 +31,7 @@ def with_prerequisites(cfg: Config, verbose: bool = True) -> Config:
             seed=cfg.seed,
             device=cfg.device,
             progress=cfg.progress,
+            extra=None if given is None else {sub.setting: given},
         )
         out = cache_dir('prerequisites', f'{method}-{fingerprint(c.to_json(), cfg.synth_size)[:16]}')
         if not (out / 'best.pt').is_file() or not (out / 'predictions_val.csv').is_file():

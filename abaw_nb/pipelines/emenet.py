@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from ..core import Config
 from ..data.frames import au_columns, expr_names, task_frames
+from ..methods import check_init
 from ..train.run import train, load_frames, load_run_recipe, predict_run
 from ..methods.emenet import TASKS, mc_dropout, logits_to_probs, ensemble_table, score_table, save_teacher
 
@@ -90,6 +91,7 @@ def iterative_distillation(
     M = members or cfg.extra['members']
     R = cfg.extra['rounds'] if rounds is None else rounds
     out_dir = Path(out_dir)
+    check_init(cfg)  # the paper preset's landmark weights (or pretrained='none') before any data is read
     frames, root = load_frames(cfg)
     aus = au_columns(frames.attrs['au_space'])
     split_frames = {s: task_frames(frames[frames['split'] == s].reset_index(drop=True), cfg.task) for s in splits}

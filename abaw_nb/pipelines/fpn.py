@@ -13,6 +13,7 @@ from ..data.loading import FrameDataset
 from ..metrics import score_frames
 from ..train.engine import load_checkpoint
 from ..train.run import run_config, load_frames, train, load_run_recipe, predict_run
+from ..methods import check_init
 from ..methods.fpn import TASKS, KEY, apply_ground_truth, target_columns, check_no_leak
 
 # %% auto #0
@@ -319,6 +320,7 @@ def run_fpn(
     base = run_config(
         'fpn', 'va', preset, data_root=data_root, seed=seed, device=device, progress=progress, **overrides
     )
+    check_init(base)  # the paper preset's ImageNet weights (or pretrained='none'), before any data is read
     synth = [n for n, x in (('affectnet', affectnet), ('expw', expw)) if isinstance(x, str)]
     if synth and (data_root is not None or any(x not in ('synth',) for x in (affectnet, expw) if isinstance(x, str))):
         raise ValueError(

@@ -15,7 +15,7 @@ from ..metrics import score_frames
 from .engine import Trainer, build_optimizer, predict_table, with_keys, load_checkpoint
 from ..checkpoints import Imported
 from ..methods import MethodSpec, Recipe, RunData, get_method, settings_dict, checkpoint_formats
-from ..methods import import_checkpoint
+from ..methods import import_checkpoint, check_init
 
 # %% auto #0
 __all__ = ['TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'HEADLINE_SCORES', 'run_config', 'load_frames', 'edition_for_frames',
@@ -138,6 +138,7 @@ def train(
     """Train `cfg.method` on `cfg.task`: run folder, history, validation scores and predictions (and `eval_splits`'),
     the `Trainer`."""
     spec = get_method(cfg.method)
+    check_init(cfg)  # a paper-preset run without its published weights stops before anything is read
     out_dir = (
         Path(cfg.out_dir) if cfg.out_dir else outputs_dir('runs', create=False) / run_id(f'{cfg.method}-{cfg.task}')
     )
