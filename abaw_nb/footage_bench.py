@@ -57,7 +57,7 @@ def bench_predictor(method: str, preset: str = 'paper', device: str = 'cpu', bat
 
     spec = get_method(method)
     task = 'multi' if 'multi' in spec.tasks else spec.tasks[0]
-    cfg = run_config(method, task, preset, device=device, progress=False)
+    cfg = run_config(method, task, preset, device=device, progress=False, extra={'pretrained': 'none'})
     labels = {'expr_space': 'expr7', 'au_space': 'affwild2_12'}
     src = dict(kind='benchmark', method=method, trained_on='nothing (random weights)')
     return Predictor.from_recipe(spec.predictor(cfg, labels), cfg, labels, src, device, batch_size)

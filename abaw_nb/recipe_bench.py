@@ -60,12 +60,13 @@ ORIGINAL_RECIPES = {  # method -> the original's per-step recipe (seeds and spec
 # %% ../nbs/10d_recipe_bench.ipynb #7623eae2785240b9bd12b16a66d81610
 def recipe_setup(method: str, preset: str = 'paper', synth_size: str = 'cpu'):
     "(config, recipe, training frames, root) of `method`'s benchmark run at `preset` on SynthAffect `synth_size`."
-    from abaw_nb.bench import BENCH_METHODS
+    from abaw_nb.bench import BENCH_EXTRA, BENCH_METHODS
     from abaw_nb.data.frames import task_frames
     from abaw_nb.methods import RunData, get_method, get_settings
     from abaw_nb.train.run import load_frames, run_config
 
-    cfg = run_config(method, BENCH_METHODS[method], preset, synth_size=synth_size, device='cpu', progress=False)
+    kw = dict(synth_size=synth_size, device='cpu', progress=False, extra=BENCH_EXTRA.get(method))  # random init
+    cfg = run_config(method, BENCH_METHODS[method], preset, **kw)
     spec = get_method(method)
     frames, root = load_frames(cfg)
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 from .core import check_choice, PRESETS
+from .methods import get_method
 
 # %% auto #0
-__all__ = ['DATASETS', 'WEIGHTS', 'NEEDS', 'PARAMS', 'Resources', 'load_resources', 'Needs', 'notebook_params', 'needs_table',
-           'resources_template']
+__all__ = ['DATASETS', 'INIT_WEIGHTS', 'WEIGHTS', 'NEEDS', 'PARAMS', 'Resources', 'load_resources', 'Needs', 'notebook_params',
+           'resource_overrides', 'needs_table', 'resources_template']
 
 # %% ../nbs/09a_resources.ipynb #a1fbe97b
 DATASETS = {  # name in the resources file -> what its root holds
@@ -21,22 +22,24 @@ DATASETS = {  # name in the resources file -> what its root holds
     'expw': 'ExpW: label/label.lst and image/origin/',
     'fmae': 'FMAE sets: one folder holding bp4d/, bp4dp/, disfa/, rafdb/ and affectnet8/ in their layouts',
 }
+INIT_WEIGHTS = {  # resource name -> the method whose published initialisation it is (`MethodSpec.init`)
+    'fpn_init': 'fpn',
+    'incomplete_init': 'mtl_cnn',
+    'emenet_init': 'emenet',
+    'emotion_gcn_init': 'emotion_gcn',
+    'fmae_mae': 'fmae',
+}
+
+
+def _init_weights(method: str) -> tuple[str, str]:
+    "(what, file: where published) of a method's published initialisation, from its spec."
+    i = get_method(method).init
+    return i.what, '; '.join(f'{f}: {w}' for f, w in dict.fromkeys(i.files.values()))
+
+
 _CKPT = "the authors' released checkpoint (README: where each is published)"
 WEIGHTS = {  # name -> (what it is, where it is published)
-    'fpn_init': ('ImageNet ResNet-50 weights', 'torchvision, ResNet50_Weights.IMAGENET1K_V1 (resnet50-0676ba61.pth)'),
-    'incomplete_init': (
-        'FER+ ResNet-50 (resnet50_ferplus_dag .py + .pth)',
-        "Albanie's pytorch-benchmarks MatConvNet conversions, fer+ folder (the authors link them from their README)",
-    ),
-    'emenet_init': (
-        '68-landmark MobileFaceNet (mobilefacenet_model_best.pth.tar)',
-        "cunjian/pytorch_face_landmark; EMENet's repository ships the same file under checkpoint/",
-    ),
-    'emotion_gcn_init': (
-        'ImageNet DenseNet-121 weights',
-        'torchvision, DenseNet121_Weights.IMAGENET1K_V1 (densenet121-a639ec97.pth)',
-    ),
-    'fmae_mae': ('Face9M MAE ViT checkpoint', "the FMAE authors' Google Drive links in their README"),
+    **{k: _init_weights(m) for k, m in INIT_WEIGHTS.items()},
     'emotion_gcn_embeddings': ('GloVe 300-d vectors of the 9 labels (9x300)', 'built from GloVe Wikipedia vectors'),
     **{f'{m}_checkpoint': (f'{m} checkpoint', _CKPT) for m in ('fpn', 'incomplete', 'emenet', 'emotion_gcn', 'fmae')},
 }
@@ -171,6 +174,18 @@ def notebook_params(needs: Needs, res: Resources, preset: str) -> tuple[dict, st
         elif x in res.weights and res.weights[x] != 'none':
             params[PARAMS[x]] = str(res.weights[x])
     return params, ('needs ' + '; '.join(missing)) if missing else None
+
+# %% ../nbs/09a_resources.ipynb #acae54e37e7d407bbb7b55eff062a284
+def resource_overrides(resources, notebook: str, preset: str, current: dict) -> dict:
+    "The parameters of paper notebook `notebook` that `resources` fills (those `current` leaves at None)."
+    from abaw_nb.analysis import DataNotAvailable
+
+    if resources is None:
+        return {}
+    params, why = notebook_params(NEEDS.get(notebook, Needs()), load_resources(resources), preset)
+    if why:
+        raise DataNotAvailable(why)
+    return {k: v for k, v in params.items() if current.get(k) is None}
 
 # %% ../nbs/09a_resources.ipynb #4cef2baf
 def needs_table() -> pd.DataFrame:
