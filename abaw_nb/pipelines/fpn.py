@@ -15,6 +15,7 @@ from ..train.engine import load_checkpoint
 from ..train.run import run_config, load_frames, train, load_run_recipe, predict_run
 from ..methods import check_init
 from ..methods.fpn import TASKS, KEY, apply_ground_truth, target_columns, check_no_leak
+from ..submit import predict_challenge
 
 # %% auto #0
 __all__ = ['downsample_va', 'mix_training_table', 'check_no_subject_leak', 'synth_subjects', 'synth_external',
@@ -251,15 +252,13 @@ def challenge_predictions(
     frame_counts: dict,  # {video: number of frames} (the challenge's test-frame list)
     batch_size: int = 256,
 ) -> dict:
-    "Challenge-format prediction files per task (AU at probability 0.5, EXPR argmax), missing-face frames filled."
+    """Challenge-format prediction files per task (VA clipped to [-1, 1], EXPR argmax, AU at probability 0.5),
+    missing-face frames filled."""
     from abaw_nb.data.formats import write_challenge_predictions
 
     out = {}
     for t, m in models.items():
-        p = predict_run(m, frames, root, batch_size, keys=('dataset', 'split', 'video', 'frame'))
-        if t == 'au':
-            for a in au_columns('affwild2_12'):
-                p[a] = (p[f'prob_{a}'] >= 0.5).astype(int)
+        p = predict_challenge(m, frames, root, (t,), batch_size=batch_size)
         out[t] = write_challenge_predictions(p, Path(out_dir) / t, t, frame_counts)
     return out
 
