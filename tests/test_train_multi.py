@@ -56,7 +56,8 @@ def test_train_multi_rejects_invalid_parameters_first(root, tmp_path):
     r = _papermill(root, out, '-p', 'method', 'emenet', '-y', 'extra: {seq_lenn: 6}')
     assert r.returncode != 0
     assert (
-        "unknown setting(s) ['seq_lenn'] of method 'emenet'; valid settings: backbone (str), audio (bool)" in r.stderr
+        "unknown setting(s) ['seq_lenn'] of method 'emenet'; valid settings: backbone (str), "
+        'pretrained (str | None), audio (bool)' in r.stderr
     )
 
 
