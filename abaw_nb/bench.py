@@ -14,10 +14,10 @@ from .core import autocast
 __all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'BENCH_EXTRA', 'PIPELINE_SIZES', 'TARGETS',
            'CACHED_PIPELINE_SIZES', 'matmul_peak', 'rss_now_bytes', 'reset_peak_rss', 'maxrss_bytes',
            'bench_backbone_step', 'bench_isolated', 'bench_train_step', 'bench_scoring', 'gemm_peak', 'bench_machine',
-           'count_step_flops', 'bench_method_step', 'bench_data_pipeline', 'read_rgb_shape', 'consumption',
-           'reproduce_times', 'targets', 'run_benchmarks', 'bench_figure', 'fixes_table', 'gemm_evidence',
-           'render_markdown', 'main', 'bench_cached_pipeline', 'pipeline_consumption', 'pipeline_targets',
-           'run_pipeline_bench', 'render_pipeline_markdown']
+           'count_step_flops', 'method_recipe', 'bench_method_step', 'bench_data_pipeline', 'read_rgb_shape',
+           'consumption', 'reproduce_times', 'targets', 'run_benchmarks', 'bench_figure', 'fixes_table',
+           'gemm_evidence', 'render_markdown', 'main', 'bench_cached_pipeline', 'pipeline_consumption',
+           'pipeline_targets', 'run_pipeline_bench', 'render_pipeline_markdown']
 
 # %% ../nbs/10_bench.ipynb #d773f8c4
 from torch import nn
@@ -338,21 +338,14 @@ def _n_images(img: torch.Tensor) -> int:
     return int(math.prod(img.shape[:-3]))
 
 
-def _method_setup(method, preset, batch, device):
+def method_recipe(method, preset, device='cpu', **overrides):
+    "(config, recipe, training frames, root) of `method`'s benchmark run at `preset` (random init; Config `overrides`)"
     from abaw_nb.train.run import run_config, load_frames
-    from abaw_nb.train.engine import make_loader, build_optimizer
     from abaw_nb.data.frames import task_frames
     from abaw_nb.methods import get_method, get_settings, RunData
 
-    cfg = run_config(
-        method,
-        BENCH_METHODS[method],
-        preset,
-        device=device,
-        progress=False,
-        num_workers=0,
-        extra=BENCH_EXTRA.get(method),
-    )
+    kw = dict(device=device, progress=False, extra=BENCH_EXTRA.get(method), **overrides)
+    cfg = run_config(method, BENCH_METHODS[method], preset, **kw)
     spec = get_method(method)
     frames, root = load_frames(cfg)
 
@@ -363,7 +356,13 @@ def _method_setup(method, preset, batch, device):
 
     tr, va = part('train'), part('val')
     torch.manual_seed(cfg.seed)
-    rec = spec.recipe(cfg, get_settings(cfg), RunData.from_frames(tr, va, root))
+    return cfg, spec.recipe(cfg, get_settings(cfg), RunData.from_frames(tr, va, root)), tr, root
+
+
+def _method_setup(method, preset, batch, device):
+    from abaw_nb.train.engine import make_loader, build_optimizer
+
+    cfg, rec, tr, root = method_recipe(method, preset, device, num_workers=0)
     ds = rec.train_data(tr, root)
     b = next(iter(make_loader(ds, cfg, True, batch_size=batch or cfg.batch_size, collate_fn=rec.collate_fn)))
     # torch's own optimiser kernels here (the engine defaults to fused ones): `optim_impl` and `channels_last` switch

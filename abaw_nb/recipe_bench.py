@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torchvision import transforms as T
+from .bench import method_recipe
 from .core import git_commit, outputs_dir, write_csv, write_text
 
 # %% auto #0
-__all__ = ['ORIGINAL_RECIPES', 'recipe_setup', 'original_dataset', 'time_training', 'bench_recipes', 'recipes_markdown', 'main']
+__all__ = ['ORIGINAL_RECIPES', 'original_dataset', 'time_training', 'bench_recipes', 'recipes_markdown', 'main']
 
 # %% ../nbs/10d_recipe_bench.ipynb #8edb47106e1a46a883d545849b8ab81b
 _IMNET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -58,28 +59,6 @@ ORIGINAL_RECIPES = {  # method -> the original's per-step recipe (seeds and spec
 }
 
 # %% ../nbs/10d_recipe_bench.ipynb #7623eae2785240b9bd12b16a66d81610
-def recipe_setup(method: str, preset: str = 'paper', synth_size: str = 'cpu'):
-    "(config, recipe, training frames, root) of `method`'s benchmark run at `preset` on SynthAffect `synth_size`."
-    from abaw_nb.bench import BENCH_EXTRA, BENCH_METHODS
-    from abaw_nb.data.frames import task_frames
-    from abaw_nb.methods import RunData, get_method, get_settings
-    from abaw_nb.train.run import load_frames, run_config
-
-    kw = dict(synth_size=synth_size, device='cpu', progress=False, extra=BENCH_EXTRA.get(method))  # random init
-    cfg = run_config(method, BENCH_METHODS[method], preset, **kw)
-    spec = get_method(method)
-    frames, root = load_frames(cfg)
-
-    def part(s):
-        d = task_frames(frames[frames['split'] == s].reset_index(drop=True), cfg.task, spec.multi_tasks)
-        d.attrs = dict(frames.attrs)
-        return d
-
-    tr, va = part('train'), part('val')
-    torch.manual_seed(cfg.seed)
-    return cfg, spec.recipe(cfg, get_settings(cfg), RunData.from_frames(tr, va, root)), tr, root
-
-
 def original_dataset(method: str, rec, frames: pd.DataFrame, root, size: int):
     "The run's training dataset reading each image with PIL and the original's v1 transforms."
     from PIL import Image
@@ -124,7 +103,7 @@ def _pair(method: str, preset: str, max_images: int, steps: int, warmup: int) ->
     from abaw_nb.train.engine import build_optimizer, make_loader, set_memory_layout
 
     R, cores = ORIGINAL_RECIPES[method], os.cpu_count() or 1
-    cfg, rec, tr, root = recipe_setup(method, preset)
+    cfg, rec, tr, root = method_recipe(method, preset, synth_size='cpu')
     ods = original_dataset(method, rec, tr, root, cfg.img_size)
     per_item = int(np.prod(ods[0]['image'].shape[:-3]))  # frames per sample (EMENet: a clip)
     batch = min(R['batch'], max(1, max_images // per_item))
