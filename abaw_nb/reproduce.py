@@ -45,7 +45,8 @@ def _claims_section(out: Path) -> list[str]:
 
     if collect_claims(out) is None:
         return []
-    return ['## Published claims: verdicts', '', (out / 'tables' / 'claims.md').read_text().strip(), '']
+    # under its table name, like every other table, so that tests/test_outputs.py checks it against claims.csv
+    return ['## Published claims: verdicts', '', *_table_md(out / 'tables' / 'claims.md')]
 
 
 def write_report(
