@@ -35,10 +35,17 @@ env:  ## create .venv from the lock (installs uv first if absent)
 	  echo "$(ENV_HASH)" > $(STAMP); \
 	fi
 
-test: env  ## ruff on notebooks, scripts and tests, nbdev_test on every notebook, then pytest
+# Each test stage runs under a time limit. Past it, every Python process of the stage prints its stack (faulthandler,
+# on the SIGABRT that `timeout` sends to the whole process group) and the stage fails: a hang then says where it hangs
+# instead of running into CI's limit. Distributed tests wait 120 s, not 600, for a rank that does not come.
+TEST_ENV     := PYTHONFAULTHANDLER=1 ABAW_NB_DIST_TIMEOUT=120
+NBTEST_LIMIT ?= 35m
+PYTEST_LIMIT ?= 40m
+
+test: env  ## ruff on notebooks, scripts and tests, nbdev_test on every notebook, then pytest (each stage time-limited)
 	$(BIN)/ruff check
-	$(BIN)/nbdev_test --n_workers 2 --timing
-	$(BIN)/pytest -q -m "not browser"
+	$(TEST_ENV) timeout -s ABRT -k 60 $(NBTEST_LIMIT) $(BIN)/nbdev_test --n_workers 2 --timing --do_print
+	$(TEST_ENV) timeout -s ABRT -k 60 $(PYTEST_LIMIT) $(BIN)/pytest -q -m "not browser" --durations=25
 
 test-browser: env  ## run nbs/explore.ipynb in JupyterLab + headless Chromium (installs Debian's chromium; screenshot in outputs/figures)
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }

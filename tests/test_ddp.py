@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
+# one node: the rendezvous on the loopback, so the tests do not depend on what this machine's host name resolves to
+# (where it names an unreachable address, torchrun's own rendezvous waits for minutes before the ranks even start)
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--local-addr', '127.0.0.1']
 
 
 def _run(cmd, out, sampler='none'):
@@ -21,9 +24,7 @@ def _run(cmd, out, sampler='none'):
 
 def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
     one = _run([sys.executable], tmp_path / 'one')
-    two = _run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2'], tmp_path / 'two'
-    )
+    two = _run(TORCHRUN + ['--nproc_per_node', '2'], tmp_path / 'two')
     assert (one['world'], two['world']) == (1, 2)
     for a, b in zip(one['history'], two['history']):
         assert a['val_n'] == b['val_n'] == 50  # predictions gathered from both ranks, padding removed
@@ -41,11 +42,7 @@ def test_ddp_balanced_sampler_two_ranks_draw_the_one_process_epoch(tmp_path):
     from abaw_nb.data.sampling import weighted_sampler
 
     one = _run([sys.executable], tmp_path / 'one', 'weighted')
-    two = _run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2'],
-        tmp_path / 'two',
-        'weighted',
-    )
+    two = _run(TORCHRUN + ['--nproc_per_node', '2'], tmp_path / 'two', 'weighted')
     assert (one['world'], two['world']) == (1, 2)
     d1 = json.loads((tmp_path / 'one' / 'draws_rank0.json').read_text())
     r0, r1 = (json.loads((tmp_path / 'two' / f'draws_rank{r}.json').read_text()) for r in (0, 1))
@@ -135,10 +132,7 @@ def test_abaw_train_under_torchrun_two_ranks(tmp_path):
         'ABAW_NB_OUTPUTS': str(tmp_path / 'outputs'),
     }
     cmd = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--standalone',
+        *TORCHRUN,
         '--nproc_per_node',
         '2',
         '-m',

@@ -18,9 +18,9 @@ from ..data.sampling import RankShard
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'KEY_COLUMNS', 'vit_layer_id', 'param_groups', 'build_optimizer', 'lr_factor',
            'build_scheduler', 'dist_info', 'dist_timeout', 'DistributedFailure', 'init_distributed', 'IndexedDataset',
-           'make_loader', 'UnsafeCheckpoint', 'load_checkpoint', 'CheckpointMismatch', 'load_weights', 'to_device',
-           'uses_channels_last', 'set_memory_layout', 'clip_rows', 'predict_table', 'with_keys', 'estimate_run_bytes',
-           'Trainer']
+           'make_loader', 'single_node_loopback', 'UnsafeCheckpoint', 'load_checkpoint', 'CheckpointMismatch',
+           'load_weights', 'to_device', 'uses_channels_last', 'set_memory_layout', 'clip_rows', 'predict_table',
+           'with_keys', 'estimate_run_bytes', 'Trainer']
 
 # %% ../../nbs/04b_train.engine.ipynb #159808a0
 def vit_layer_id(name: str, num_layers: int) -> int:
@@ -141,6 +141,7 @@ def init_distributed(device: str = 'auto') -> tuple[int, int]:
     if dev.type == 'cuda':
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     t = dist_timeout()
+    single_node_loopback(backend)
     try:
         torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=t))
     except Exception as e:
@@ -209,6 +210,28 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
     )
+
+# %% ../../nbs/04b_train.engine.ipynb #6f7762fc
+def single_node_loopback(backend: str = 'gloo') -> bool:
+    """All ranks on this machine (`LOCAL_WORLD_SIZE == WORLD_SIZE`): rendezvous and gloo connections over the loopback,
+    whatever this machine's host name resolves to. Returns whether the environment was changed.
+
+    submitit (and SLURM) name the node by its host name; on a machine where that name resolves to an address it cannot
+    reach, `init_process_group` would wait for the whole `dist_timeout`. A multi-node job, or one where the user chose
+    `GLOO_SOCKET_IFNAME` or a `MASTER_ADDR` other than this host, is left alone."""
+    import socket
+
+    env = os.environ
+    if env.get('LOCAL_WORLD_SIZE') is None or env.get('LOCAL_WORLD_SIZE') != env.get('WORLD_SIZE'):
+        return False
+    changed = False
+    if env.get('MASTER_ADDR') in {socket.gethostname(), socket.getfqdn()}:
+        env['MASTER_ADDR'] = '127.0.0.1'
+        changed = True
+    if backend == 'gloo' and 'GLOO_SOCKET_IFNAME' not in env:
+        env['GLOO_SOCKET_IFNAME'] = 'lo'
+        changed = True
+    return changed
 
 # %% ../../nbs/04b_train.engine.ipynb #fb323750
 class UnsafeCheckpoint(RuntimeError):
