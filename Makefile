@@ -44,7 +44,9 @@ PYTEST_LIMIT ?= 40m
 
 test: env  ## ruff on notebooks, scripts and tests, nbdev_test on every notebook, then pytest (each stage time-limited)
 	$(BIN)/ruff check
-	$(TEST_ENV) timeout -s ABRT -k 60 $(NBTEST_LIMIT) $(BIN)/nbdev_test --n_workers 2 --timing --do_print
+	@mkdir -p .test-logs
+	$(TEST_ENV) timeout -s ABRT -k 60 $(NBTEST_LIMIT) $(BIN)/nbdev_test --n_workers 2 --timing --do_print 2>&1 \
+	  | tee .test-logs/nbdev_test.log || { python3 scripts/unfinished_notebooks.py .test-logs/nbdev_test.log; exit 1; }
 	$(TEST_ENV) timeout -s ABRT -k 60 $(PYTEST_LIMIT) $(BIN)/pytest -q -m "not browser" --durations=25
 
 test-browser: env  ## run nbs/explore.ipynb in JupyterLab + headless Chromium (installs Debian's chromium; screenshot in outputs/figures)

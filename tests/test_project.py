@@ -150,3 +150,24 @@ def test_ci_runs_the_readme_test_command(root):
     lines = [l.strip() for l in (root / '.ci' / 'run').read_text().splitlines() if l.strip() and not l.startswith('#')]
     assert lines == ['set -euo pipefail', 'make test']
     assert 'make test' in (root / 'README.md').read_text()
+
+
+def test_unfinished_notebooks_names_what_started_and_never_completed(tmp_path, capsys):
+    "The line `make test` prints last when nbdev_test fails or hits its time limit."
+    from unfinished_notebooks import unfinished, main
+
+    log = '\n'.join(
+        [
+            'Starting /r/nbs/00_core.ipynb',
+            'Starting /r/nbs/01a_data.ipynb',
+            '- Completed /r/nbs/00_core.ipynb',
+            'Starting /r/nbs/04f_train.slurm.ipynb',
+            'Fatal Python error: Aborted',
+            '  File "x.py", line 3 in wait  # Starting /not/a/line.ipynb',
+        ]
+    )
+    assert unfinished(log) == ['/r/nbs/01a_data.ipynb', '/r/nbs/04f_train.slurm.ipynb']
+    (tmp_path / 'log').write_text(log)
+    assert main([str(tmp_path / 'log')]) == 0
+    out = capsys.readouterr().out
+    assert out == 'nbdev_test: 2 notebook(s) started and not completed: 01a_data.ipynb, 04f_train.slurm.ipynb\n'
