@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, os, time
 from pathlib import Path
-import pandas as pd
+import numpy as np, pandas as pd
 import torch
 from torchvision import transforms as T
 from .bench import method_recipe
