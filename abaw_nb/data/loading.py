@@ -23,10 +23,16 @@ __all__ = ['NORMALIZATION', 'BACKBONE_NORM', 'normalization', 'make_transform', 
            'loader_rates', 'pipeline_rates']
 
 # %% ../../nbs/01e_data.loading.ipynb #d8569874
-NORMALIZATION = {'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 'half': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+NORMALIZATION = {
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    'half': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # FER+ ResNet-50 (MatConvNet): x255 minus the RGB mean, std 1
+    'ferplus': (tuple(m / 255 for m in (131.0912, 103.8827, 91.4953)), (1 / 255,) * 3),
+}
 BACKBONE_NORM = {
     'resnet18': 'imagenet',
     'resnet50': 'imagenet',
+    'resnet50_caffe': 'ferplus',
     'densenet121': 'imagenet',
     'fpn': 'imagenet',
     'mobilenet_v2': 'imagenet',

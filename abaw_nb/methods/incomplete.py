@@ -4,14 +4,13 @@
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #4bc8f8e3
 from __future__ import annotations
-import re
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
 import torch.nn.functional as F
 from ..core import check_choice, write_csv
-from ..models.backbones import build_backbone
+from ..models.backbones import build_backbone, ferplus_key
 from ..models.heads import MLPHead, TemporalGRUHead, bins_to_va, AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, kd_kl, kd_kl_bins, bce_soft, valid_mask
 from ..data.loading import FrameDataset, ClipDataset, make_transform
@@ -40,7 +39,7 @@ class MultitaskCNN(nn.Module):
         self,
         n_expr: int = 7,  # expression classes
         n_au: int = 8,  # AUs of the data (8 for FG 2020, 12 for the ABAW2 layout)
-        backbone: str = 'resnet50',  # resnet50 (paper) | resnet18 (cpu preset)
+        backbone: str = 'resnet50_caffe',  # resnet50_caffe (paper: the FER+ layout) | resnet18 (cpu preset)
         tasks=TASKS,  # heads to build (subset of expr, au, va)
         hidden: int = 128,  # head width
         n_bins: int = N_BINS,  # VA bins per dimension
@@ -367,7 +366,7 @@ _ROLES = ('teacher', 'student')
 class MTLSettings:
     "Settings of both Multitask networks (teacher/student scheme)."
 
-    backbone: str = 'resnet50'
+    backbone: str = 'resnet50_caffe'  # the FER+ network's layout (paper); resnet18 at the cpu and smoke presets
     role: str = choice('teacher', _ROLES)
     teacher_run: str | None = None  # students: the teacher's run folder
     alpha: float = 0.4  # student loss: distillation share on labelled frames
@@ -421,7 +420,7 @@ def mtl_presets(method: str):
                 num_workers=4,
                 betas=[0.5, 0.999],
             )
-            x = dict(backbone='resnet50', n_students=5, student_epochs=3)
+            x = dict(backbone='resnet50_caffe', n_students=5, student_epochs=3)
             xr = dict(seq_len=32, eval_stride=16)
         elif preset == 'cpu':
             base = dict(
@@ -476,13 +475,17 @@ def predict_columns(
 
 
 def external_root_frames(cfg, s: CNNSettings, root, formats, attrs: dict) -> pd.DataFrame:
-    "External frames of a run: SynthAffect's own layouts (added to the cache if missing), else under `s.external_root`."
+    """External frames of a run: SynthAffect's own layouts (added to the cache if missing), else those under
+    `s.external_root`; real data without an `external_root` has none (the external datasets are not the Aff-Wild2
+    root's)."""
     if cfg.data_root is None:
         from abaw_nb.data.synth import generate_cached
 
         eroot = generate_cached(cfg.synth_size, seed=cfg.data_seed, formats=('affwild2', *formats), show_progress=False)
+    elif s.external_root is None:
+        return empty_frames(attrs['expr_space'], attrs['au_space'])
     else:
-        eroot = Path(s.external_root or root)
+        eroot = Path(s.external_root)
     ext, rep = external_frames(eroot, attrs['au_space'], attrs['expr_space'], formats)
     if cfg.out_dir:
         write_csv(Path(cfg.out_dir) / 'external_report.csv', rep)
@@ -571,8 +574,9 @@ def _frame_data(cfg, s: CNNSettings, tasks):
 
     def train_data(tr, root):
         fmts = tuple(f for t, f in EXTERNAL.items() if t in tasks and f in tuple(s.external or ()))
-        if fmts:
-            tr = merge_external(tr, external_root_frames(cfg, s, root, fmts, tr.attrs))
+        ext = external_root_frames(cfg, s, root, fmts, tr.attrs) if fmts else None
+        if ext is not None and len(ext):
+            tr = merge_external(tr, ext)
         return FrameDataset(tr, root, make_transform(True, cfg.img_size, s.backbone))
 
     def sampler(ds):
@@ -623,37 +627,12 @@ def ensemble_predictions(tables: list) -> pd.DataFrame:
     return out
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #9a75f629
-def _ferplus_name(k: str) -> str:
-    "torchvision ResNet-50 key -> resnet50_ferplus_dag layer key."
-    if k.startswith('conv1.'):
-        return 'conv1_7x7_s2.' + k[6:]
-    if k.startswith('bn1.'):
-        return 'conv1_7x7_s2_bn.' + k[4:]
-    m = re.match(r'layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.\d)\.(.+)$', k)
-    if not m:
-        return k
-    s, b, mod, p = int(m[1]) + 1, int(m[2]) + 1, m[3], m[4]
-    name = {
-        'conv1': '1x1_reduce',
-        'bn1': '1x1_reduce_bn',
-        'conv2': '3x3',
-        'bn2': '3x3_bn',
-        'conv3': '1x1_increase',
-        'bn3': '1x1_increase_bn',
-        'downsample.0': '1x1_proj',
-        'downsample.1': '1x1_proj_bn',
-    }[mod]
-    return f'conv{s}_{b}_{name}.{p}'
-
-
 _MTL_HEADS = {'expr': 0, 'au': 1, 'va': 2}
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #7fb27b941602401d91542211134fc71a
 def _fg2020_cnn() -> MultitaskCNN:
     "The released Multitask-CNN's network: the FER+ (caffe-style) ResNet-50, heads EXPR 7, AU 8, VA 2x20 linspace bins."
-    m = MultitaskCNN(7, 8, 'resnet50', ('expr', 'au', 'va'), 128, 20, anchors='linspace')
-    m.backbone = build_backbone('resnet50', caffe_style=True)
-    return m
+    return MultitaskCNN(7, 8, 'resnet50_caffe', ('expr', 'au', 'va'), 128, 20, anchors='linspace')
 
 
 def _fg2020_preprocess() -> Preprocess:
@@ -673,7 +652,7 @@ def _fg2020_preprocess() -> Preprocess:
 
 def _cnn_orig(k: str) -> str:
     "Our MultitaskCNN key -> the released Multitask-CNN key."
-    return head_key(k, 'classifier', _MTL_HEADS) or 'backbone.model.' + _ferplus_name(k[len('backbone.') :])
+    return head_key(k, 'classifier', _MTL_HEADS) or 'backbone.model.' + ferplus_key(k[len('backbone.') :])
 
 
 def import_multitask_cnn(source, device: str = 'cpu') -> Imported:
@@ -742,7 +721,7 @@ _FERPLUS = (
     'albanie/pytorch-benchmarks (FER+ ResNet-50, MatConvNet import; the original read it from MODEL_DIR/fer+), linked '
     'by the authors from github.com/wtomin/Multitask-Emotion-Recognition-with-Incomplete-Labels (SharePoint)',
 )
-FERPLUS_INIT = Init("the authors' FER+ ResNet-50 (resnet50_ferplus_dag)", {'resnet50': _FERPLUS})
+FERPLUS_INIT = Init("the authors' FER+ ResNet-50 (resnet50_ferplus_dag)", {'resnet50_caffe': _FERPLUS})
 register_method(
     MethodSpec(
         'mtl_cnn',

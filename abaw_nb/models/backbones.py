@@ -4,7 +4,7 @@
 
 # %% ../../nbs/03a_models.backbones.ipynb #a9e3fbcd
 from __future__ import annotations
-import math, os, json
+import math, os, json, re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,9 +22,10 @@ from ..core import check_choice
 
 # %% auto #0
 __all__ = ['BACKBONES', 'resnet50', 'resnet18', 'count_params', 'BackboneSpec', 'register_backbone', 'list_backbones',
-           'load_pretrained', 'ResNetFPN', 'resnet50_fpn', 'resnet18_fpn', 'ConvBlock', 'DepthWise', 'Residual', 'GDC',
-           'MobileFaceNet', 'mobilefacenet', 'mobilefacenet_s', 'DenseNetBackbone', 'densenet121', 'BReGShortcut',
-           'BReGLayer', 'BReGNeXt', 'bregnext', 'build_backbone', 'size_kwargs', 'flop_counter', 'model_report']
+           'load_pretrained', 'make_caffe_style', 'ResNetFPN', 'resnet50_fpn', 'resnet18_fpn', 'ConvBlock', 'DepthWise',
+           'Residual', 'GDC', 'MobileFaceNet', 'mobilefacenet', 'mobilefacenet_s', 'DenseNetBackbone', 'densenet121',
+           'BReGShortcut', 'BReGLayer', 'BReGNeXt', 'bregnext', 'ferplus_key', 'from_original', 'build_backbone',
+           'size_kwargs', 'flop_counter', 'model_report']
 
 # %% ../../nbs/03a_models.backbones.ipynb #3687eaf0
 def count_params(
@@ -92,6 +93,7 @@ def load_pretrained(
     name: str = '',  # backbone name (for messages)
     expected_file: str | None = None,  # conventional file name, named in the error
     allow_missing: tuple = (),  # key prefixes the file may lack (freshly initialised parts)
+    adapt: Callable | None = None,  # (state dict, model) -> the state dict in the model's key names
 ) -> dict:
     "Load `source` into `model`; returns `{'loaded', 'ignored'}` key lists. Errors name the file and the keys."
     if isinstance(source, (str, os.PathLike)):
@@ -113,6 +115,7 @@ def load_pretrained(
     else:
         obj, where = source, 'the given state dict'
     sd = _unwrap_state_dict(obj)
+    sd = adapt(sd, model) if adapt else sd
     own = model.state_dict()
     use = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     if not use:
@@ -140,18 +143,24 @@ def _imagenet_download(ctor_weights):
     return dl
 
 
+def make_caffe_style(m: nn.Module) -> nn.Module:
+    "Give a torchvision ResNet the caffe layout of the FER+ ResNet-50: ceil max-pool, stride on each 1x1 reduce conv."
+    m.maxpool = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
+    for layer in (m.layer2, m.layer3, m.layer4):
+        blk = layer[0]
+        if hasattr(blk, 'conv3'):  # bottleneck: stride on the 1x1 reduce conv
+            blk.conv1.stride, blk.conv2.stride = (2, 2), (1, 1)
+    m.caffe_style = True
+    return m
+
+
 def _resnet(depth: int, caffe_style: bool = False, norm_layer=None) -> nn.Module:
     ctor = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50}[depth]
     m = ctor(weights=None, **({'norm_layer': norm_layer} if norm_layer else {}))
     m.out_dim = m.fc.in_features
     m.fc = nn.Identity()
-    if caffe_style:
-        m.maxpool = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
-        for layer in (m.layer2, m.layer3, m.layer4):
-            blk = layer[0]
-            if hasattr(blk, 'conv3'):  # bottleneck: stride on the 1x1 reduce conv
-                blk.conv1.stride, blk.conv2.stride = (2, 2), (1, 1)
-    return m
+    m.caffe_style = False
+    return make_caffe_style(m) if caffe_style else m
 
 
 resnet50 = partial(_resnet, 50)  # ResNet-50 without its classifier (`out_dim` 2048); resnet50(caffe_style=True)
@@ -172,6 +181,14 @@ register_backbone(
     _imagenet_download(torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
     'torchvision ResNet-18 (cpu-preset sibling of ResNet-50), pooled 512-d feature',
 )(resnet18)
+register_backbone(
+    'resnet50_caffe',
+    112,
+    'resnet',
+    'resnet50_ferplus_dag.pth',
+    None,
+    'the FER+ ResNet-50 layout (caffe-style strides; its MatConvNet file loads as published), pooled 2048-d feature',
+)(partial(_resnet, 50, caffe_style=True))
 
 # %% ../../nbs/03a_models.backbones.ipynb #b6a6a6ee
 class ResNetFPN(nn.Module):
@@ -500,6 +517,38 @@ for _n, _d_, _desc in [
         partial(_vit, _n)
     )
 
+# %% ../../nbs/03a_models.backbones.ipynb #2d90e4e4
+_DENSE_LEGACY = re.compile(r'^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$')
+
+
+def ferplus_key(k: str) -> str:
+    "torchvision ResNet-50 key -> the FER+ `resnet50_ferplus_dag` (MatConvNet) layer key."
+    if k.startswith('conv1.'):
+        return 'conv1_7x7_s2.' + k[6:]
+    if k.startswith('bn1.'):
+        return 'conv1_7x7_s2_bn.' + k[4:]
+    m = re.match(r'layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.\d)\.(.+)$', k)
+    if not m:
+        return k
+    s, b, mod, p = int(m[1]) + 1, int(m[2]) + 1, m[3], m[4]
+    convs = {'conv1': '1x1_reduce', 'conv2': '3x3', 'conv3': '1x1_increase', 'downsample.0': '1x1_proj'}
+    name = convs.get(mod) or convs[mod.replace('bn', 'conv').replace('.1', '.0')] + '_bn'
+    return f'conv{s}_{b}_{name}.{p}'
+
+
+def from_original(sd: dict, model: nn.Module) -> dict:
+    """A published file's state dict in this zoo's key names: FER+ MatConvNet names (for the caffe-style
+    `resnet50_caffe` only) and torchvision's legacy DenseNet names are translated, and a plain ResNet file becomes the
+    FPN's body."""
+    if isinstance(model, ResNetFPN) and not any(k.startswith('body.') for k in sd):
+        return {f'body.{k}': v for k, v in sd.items()}  # torchvision's ImageNet ResNet under the FPN
+    if 'conv1_7x7_s2.weight' in sd and hasattr(model, 'layer4'):
+        if not getattr(model, 'caffe_style', False):
+            raise ValueError("a FER+ ResNet-50 file (MatConvNet names) is caffe-style: load it into 'resnet50_caffe'")
+        ours = {ferplus_key(k): k for k in model.state_dict()}
+        return {ours.get(k, k): v for k, v in sd.items()}
+    return {_DENSE_LEGACY.sub(r'\1\2', k): v for k, v in sd.items()}
+
 # %% ../../nbs/03a_models.backbones.ipynb #d78d03c8
 def build_backbone(
     name: str,  # one of `list_backbones()`
@@ -530,7 +579,7 @@ def build_backbone(
     else:
         sd = pretrained
     allow = ('fpn.',) if spec.family == 'resnet_fpn' else ('fc_norm.',) if spec.family == 'vit' else ()
-    m.pretrained_info = load_pretrained(m, sd, name, spec.weights_file, allow_missing=allow)
+    m.pretrained_info = load_pretrained(m, sd, name, spec.weights_file, allow_missing=allow, adapt=from_original)
     return m
 
 
