@@ -4,11 +4,12 @@
 
 # %% ../../nbs/05_methods.ipynb #6a0fd468
 from __future__ import annotations
-import dataclasses, importlib, json, os, pkgutil, types, typing
+import dataclasses, functools, importlib, json, os, pkgutil, types, typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 import numpy as np, pandas as pd
+import torch
 from torch import nn
 from ..core import Config, check_choice
 from ..data.frames import au_columns, expr_names
@@ -19,7 +20,7 @@ from ..train.engine import load_checkpoint, load_weights
 __all__ = ['FROM_SCRATCH', 'METHODS_ENV', 'choice', 'settings_types', 'settings_help', 'UnknownSetting', 'make_settings',
            'settings_dict', 'RunData', 'Recipe', 'frame_data', 'heads_predict_fn', 'Init', 'MethodSpec',
            'register_method', 'list_methods', 'get_method', 'get_settings', 'MissingInit', 'init_weights', 'check_init',
-           'init_table', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint', 'read_run_labels',
+           'init_table', 'init_arch', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint', 'read_run_labels',
            'load_run_recipe', 'save_safetensors', 'read_weights']
 
 # %% ../../nbs/05_methods.ipynb #9fc728f6
@@ -242,6 +243,7 @@ class Init:
     by: str = 'backbone'  # the setting whose value picks the file (the backbone; FMAE: the ViT size)
     setting: str = 'pretrained'  # the setting that names the local file ('none': random weights on purpose)
     unless: str | None = None  # a setting that, when set, brings the initialisation instead (a trained run)
+    arch: Callable | None = None  # {key: shape} of a file -> the settings / Config fields it fixes (None: one file)
 
     def published(self, settings) -> tuple | None:
         "(file, where it is published) for `settings`; None when the paper trains these settings from scratch."
@@ -386,6 +388,35 @@ def init_table() -> pd.DataFrame:
             rows.append(dict(method=name, setting=ini.setting, when=f'{ini.by}={key}', weights=ini.what))
             rows[-1].update(file=file, published=where)
     return pd.DataFrame(rows, columns=['method', 'setting', 'when', 'weights', 'file', 'published'])
+
+# %% ../../nbs/05_methods.ipynb #b3ec69da
+@functools.lru_cache(maxsize=16)
+def _file_shapes(path: str, stamp: tuple) -> dict:
+    "{key: shape} of a weights file (read once per path and modification; memory-mapped where the format allows)."
+    from abaw_nb.models.backbones import _unwrap_state_dict
+
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    return {k: tuple(v.shape) for k, v in _unwrap_state_dict(obj).items()}
+
+
+def init_arch(spec: MethodSpec, settings) -> dict:
+    """The settings (and Config fields) a run's initialisation file fixes: {} when the run names no readable file
+    (the build then says what is wrong with it)."""
+    ini = spec.init
+    v = getattr(settings, ini.setting, None) if ini else None
+    p = Path(str(v)).expanduser() if v not in (None, FROM_SCRATCH) else None
+    if p is None or not p.is_file():
+        return {}
+    try:
+        shapes = _file_shapes(str(p), (p.stat().st_mtime_ns, p.stat().st_size))
+    except Exception:
+        return {}
+    if ini.arch is not None:
+        return ini.arch(shapes)
+    return {ini.by: next(iter(ini.files))} if len(ini.files) == 1 else {}
 
 # %% ../../nbs/05_methods.ipynb #9dd745b8
 def checkpoint_formats() -> dict:

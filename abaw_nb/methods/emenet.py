@@ -878,6 +878,12 @@ def import_emenet_v(
     )
 
 # %% ../../nbs/05c_methods.emenet.ipynb #e4cd7b6e
+def _landmark_arch(shapes: dict) -> dict:
+    "The landmark MobileFaceNet's file fixes the input size: its GDC kernel covers the 1/16 feature map (7 at 112 px)."
+    k = shapes.get('output_layer.conv_6_dw.conv.weight')
+    return {'backbone': 'mobilefacenet'} | ({'img_size': 16 * k[-1]} if k else {})
+
+
 EMENET_INIT = Init(
     'the 68-landmark MobileFaceNet the original loads (its output layer dropped)',
     {
@@ -887,6 +893,7 @@ EMENET_INIT = Init(
             "cunjian/pytorch_face_landmark's)",
         )
     },
+    arch=_landmark_arch,
 )
 register_method(
     MethodSpec(

@@ -24,7 +24,7 @@ from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predic
 __all__ = ['AU_DATASETS', 'IAT_LAMBDA', 'SYNTH_LAYOUT', 'TASK_DIMS', 'FMAE_INIT', 'fmae_settings', 'build_mae', 'build_vit',
            'ImageDataset', 'SubjectFrames', 'vit_transform', 'mae_transform', 'pool_images', 'reconstruct',
            'reconstruction_figure', 'au_folds', 'run_folds', 'subsample', 'cap_rows', 'split_train_val', 'probe_split',
-           'FMAESettings', 'fmae_presets', 'recipe', 'import_fmae_vit', 'import_fmae_mae']
+           'FMAESettings', 'fmae_presets', 'recipe', 'import_fmae_vit', 'import_fmae_mae', 'vit_size_of']
 
 # %% ../../nbs/05e_methods.fmae.ipynb #355456d5
 AU_DATASETS = ('bp4d', 'bp4d+', 'disfa')
@@ -493,6 +493,16 @@ def import_fmae_mae(source, device: str = 'cpu', decoder_num_heads: int = 16) ->
     )
 
 # %% ../../nbs/05e_methods.fmae.ipynb #6d5d06f2
+def vit_size_of(shapes: dict) -> str:
+    "The `VIT_SIZES` name of the encoder in a checkpoint ({key: shape} or a state dict): width and depth."
+    d = tuple(getattr(shapes['cls_token'], 'shape', shapes['cls_token']))[-1]
+    depth = len({k.split('.')[1] for k in shapes if k.startswith('blocks.')})
+    hit = [n for n, (w, L, _) in VIT_SIZES.items() if (w, L) == (d, depth)]
+    if not hit:
+        raise ValueError(f'a ViT of width {d} and depth {depth} is none of {list(VIT_SIZES)}')
+    return hit[0]
+
+
 _DRIVE = 'https://drive.google.com/file/d/{}/view?usp=sharing (FMAE-IAT README, pretrained ckpt)'
 FMAE_INIT = Init(
     "the FMAE encoder the authors pretrained with MAE on Face9M",
@@ -502,6 +512,7 @@ FMAE_INIT = Init(
         'small': ('fmae_vit_small.pth', _DRIVE.format('1p1hJd9ks3U6tg3N1rlEmDyuUNXoRbATJ')),
     },
     by='size',
+    arch=lambda shapes: {'size': vit_size_of(shapes)},
 )
 register_method(
     MethodSpec(

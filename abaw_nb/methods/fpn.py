@@ -311,6 +311,7 @@ FPN_INIT = Init(
         'resnet50_fpn': ('resnet50-0676ba61.pth', _TV + 'resnet50-0676ba61.pth'),
         'resnet18_fpn': ('resnet18-f37072fd.pth', _TV + 'resnet18-f37072fd.pth'),
     },
+    arch=lambda shapes: {'backbone': 'resnet50_fpn' if 'layer1.0.conv3.weight' in shapes else 'resnet18_fpn'},
 )
 register_method(
     MethodSpec(

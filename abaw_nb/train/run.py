@@ -4,7 +4,7 @@
 
 # %% ../../nbs/04c_train.run.ipynb #232b2c69
 from __future__ import annotations
-import contextlib, json, os, shutil
+import contextlib, dataclasses, json, os, shutil
 from pathlib import Path
 import numpy as np, pandas as pd
 from ..core import Config, check_choice, get_config, write_csv, write_json, write_text, fingerprint, PRESETS
@@ -15,12 +15,12 @@ from ..metrics import score_frames
 from .engine import Trainer, build_optimizer, predict_table, with_keys, load_checkpoint
 from ..checkpoints import Imported
 from ..methods import MethodSpec, Recipe, RunData, get_method, settings_dict, checkpoint_formats
-from ..methods import import_checkpoint, check_init
+from ..methods import import_checkpoint, check_init, init_arch
 
 # %% auto #0
-__all__ = ['TASK_CHOICES', 'DATA_FORMATS', 'EDITION', 'HEADLINE_SCORES', 'run_config', 'load_frames', 'edition_for_frames',
-           'selection_score', 'report_issues', 'discard_partial_run', 'train', 'load_run', 'headline',
-           'load_run_recipe', 'load_run_model', 'predict_run', 'evaluate_checkpoint']
+__all__ = ['TASK_CHOICES', 'DATA_FORMATS', 'HOLDOUT_FRAC', 'EDITION', 'HEADLINE_SCORES', 'run_config', 'load_frames',
+           'validation_as_test', 'edition_for_frames', 'selection_score', 'report_issues', 'discard_partial_run',
+           'train', 'load_run', 'headline', 'load_run_recipe', 'load_run_model', 'predict_run', 'evaluate_checkpoint']
 
 # %% ../../nbs/04c_train.run.ipynb #7665a8eb
 TASK_CHOICES = ('va', 'expr', 'au', 'multi')
@@ -42,6 +42,11 @@ def run_config(method: str = 'fpn', task: str = 'va', preset: str = 'smoke', **o
             f"got {type(extra).__name__}: {extra!r}"
         )
     settings = spec.make_settings({**values, **extra})
+    implied = init_arch(spec, settings)  # an initialisation file brings the network it is published for
+    if implied:
+        own = {f.name for f in dataclasses.fields(Config)}
+        fields_ = {**fields_, **{k: v for k, v in implied.items() if k in own}}
+        settings = spec.make_settings({**values, **{k: v for k, v in implied.items() if k not in own}, **extra})
     cfg = get_config(preset, task=task, method=method).replace(**fields_).replace(**over, extra=settings_dict(settings))
     return validate_config(cfg)  # wrong types / ranges stop here
 
@@ -76,7 +81,32 @@ def load_frames(cfg: Config) -> tuple[pd.DataFrame, Path]:
         if not root.is_dir():
             raise FileNotFoundError(f'data_root={str(root)!r} is not a folder')
         dataset = cfg.data_format
-    return read_affwild2(root, dataset=dataset), Path(root)
+    df = read_affwild2(root, dataset=dataset)
+    return (df if cfg.data_root is None else validation_as_test(df)), Path(root)
+
+# %% ../../nbs/04c_train.run.ipynb #acae54e37e7d407bbb7b55eff062a284
+HOLDOUT_FRAC = 0.2  # share of the training subjects that selects and calibrates when validation is reported
+
+
+def validation_as_test(frames: pd.DataFrame, frac: float = HOLDOUT_FRAC) -> pd.DataFrame:
+    "A table without labelled test frames: validation becomes 'test' (reported), `frac` of training subjects 'val'."
+    labels = ['valence', 'expr', *au_columns(frames.attrs['au_space'])]
+    if frames.loc[frames['split'] == 'test', labels].notna().any().any():
+        return frames
+    who = frames['subject'].astype(object).where(frames['subject'].notna(), frames['video']).astype(str)
+    people = np.array(sorted(set(who[frames['split'] == 'train'])))
+    n = max(1, round(frac * len(people)))
+    held = set(np.random.default_rng(0).choice(people, n, replace=False))
+    out = frames[frames['split'] != 'test'].copy()
+    was = out['split'].copy()
+    out.loc[was == 'val', 'split'] = 'test'
+    out.loc[(was == 'train') & who.loc[out.index].isin(held), 'split'] = 'val'
+    out = out.reset_index(drop=True)
+    out.attrs = {
+        **frames.attrs,
+        'test_from': f'validation (no test labels; {n} of {len(people)} training people select)',
+    }
+    return out
 
 # %% ../../nbs/04c_train.run.ipynb #42775800
 EDITION = 'abaw2'  # the default edition of validation scores; `edition_for_frames` picks ABAW1 for FG 2020's 8-AU data
