@@ -13,7 +13,7 @@ UV      := python3 -m uv
 PRESET  ?= cpu
 PM_OPTS ?= -k python3 -l python --no-progress-bar
 
-.PHONY: help env test test-browser reproduce lab bench gpu-check lock readme clean-env
+.PHONY: help env test test-real-path test-browser reproduce lab bench gpu-check lock readme clean-env
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/' | column -t -s:
@@ -49,12 +49,15 @@ test: env  ## ruff on notebooks, scripts and tests, nbdev_test on every notebook
 	  | tee .test-logs/nbdev_test.log || { python3 scripts/unfinished_notebooks.py .test-logs/nbdev_test.log; exit 1; }
 	$(TEST_ENV) timeout -s ABRT -k 60 $(PYTEST_LIMIT) $(BIN)/pytest -q -m "not browser" --durations=25
 
+test-real-path: env  ## the real-data path on CPU: make reproduce PRESET=smoke RESOURCES= with stand-in weights and SynthAffect in the released layouts (also part of make test)
+	$(TEST_ENV) $(BIN)/pytest -q tests/test_real_path.py
+
 test-browser: env  ## run nbs/explore.ipynb in JupyterLab + headless Chromium (installs Debian's chromium; screenshot in outputs/figures)
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	$(BIN)/pytest -q -m browser tests/test_browser.py
 
-reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=smoke|cpu|paper, RESOURCES=resources.yml: your datasets and weights, JOBS=n notebooks at once)
-	$(BIN)/abaw-reproduce --preset $(PRESET) $(if $(RESOURCES),--resources "$(RESOURCES)") $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(JOBS),--jobs $(JOBS))
+reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=smoke|cpu|paper, RESOURCES=resources.yml: your datasets and weights, JOBS=n notebooks at once, OUT=another folder)
+	$(BIN)/abaw-reproduce --preset $(PRESET) $(if $(RESOURCES),--resources "$(RESOURCES)") $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(JOBS),--jobs $(JOBS)) $(if $(OUT),--out "$(OUT)")
 
 lab: env  ## JupyterLab from the venv
 	$(BIN)/jupyter lab --notebook-dir=nbs

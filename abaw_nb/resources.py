@@ -21,6 +21,7 @@ DATASETS = {  # name in the resources file -> what its root holds
     'affectnet': 'AffectNet: Manually_Annotated_file_lists/ csv files and the images they name',
     'expw': 'ExpW: label/label.lst and image/origin/',
     'fmae': 'FMAE sets: one folder holding bp4d/, bp4dp/, disfa/, rafdb/ and affectnet8/ in their layouts',
+    'incomplete_external': "Multitask-CNN's external data: a folder with disfa/, expw/ and afew_va/ in their layouts",
 }
 INIT_WEIGHTS = {  # resource name -> the method whose published initialisation it is (`MethodSpec.init`)
     'fpn_init': 'fpn',
@@ -49,7 +50,7 @@ WEIGHTS = {  # name -> (what it is, where it is published)
 class Resources:
     "What a user has: dataset roots and weight files (or 'none': train from scratch on purpose)."
 
-    datasets: dict = field(default_factory=dict)  # name -> {'root': Path, 'test_labels': bool}
+    datasets: dict = field(default_factory=dict)  # name -> {'root': Path, 'test_labels': bool, 'test_set': Path}
     weights: dict = field(default_factory=dict)  # name -> Path or 'none'
     source: str = ''  # the file they came from
 
@@ -64,14 +65,15 @@ def _path(v, base: Path, what: str) -> Path:
 
 
 def _dataset(name: str, v, base: Path, src: str) -> dict:
-    "One `datasets:` entry: a root, or {root, test_labels}."
+    "One `datasets:` entry: a root, or {root, test_labels, test_set}."
     check_choice(f'{src}: dataset', name, DATASETS)
     v = {'root': v} if not isinstance(v, dict) else v
-    unknown = sorted(set(v) - {'root', 'test_labels'})
+    unknown = sorted(set(v) - {'root', 'test_labels', 'test_set'})
     if unknown or 'root' not in v:
-        raise ValueError(f'{src}: datasets.{name} takes root and test_labels; got {sorted(v)}')
+        raise ValueError(f'{src}: datasets.{name} takes root, test_labels and test_set; got {sorted(v)}')
     root = _path(v['root'], base, f'{src}: datasets.{name}.root')
-    return dict(root=root, test_labels=bool(v.get('test_labels', False)))
+    test_set = _path(v['test_set'], base, f'{src}: datasets.{name}.test_set') if v.get('test_set') else None
+    return dict(root=root, test_labels=bool(v.get('test_labels', False)), test_set=test_set)
 
 # %% ../nbs/09a_resources.ipynb #ba3245f2
 def load_resources(path) -> Resources:
@@ -99,22 +101,26 @@ class Needs:
     data: tuple = ()  # datasets it needs with real data; a tuple inside: any one of them
     init: str | None = None  # its published initialisation (a WEIGHTS name), needed at the paper preset
     optional: tuple = ()  # datasets or weights passed when present
-    test_labels: bool = False  # needs a labelled Aff-Wild2 test split (not published)
+    test_labels: bool = False  # reports on a labelled Aff-Wild2 test split; without one, on validation (and says so)
+    submit: bool = False  # writes the challenge files for the Aff-Wild2 test set (`datasets.affwild2.test_set`)
     pick: str | None = None  # parameter that gets the 'any of' datasets present, comma-separated
     synth_only: bool = False  # runs on SynthAffect whatever the file says
 
 
 NEEDS = {
     '00_synthaffect_data_report': Needs(synth_only=True),
-    '10_fpn_results': Needs(('affwild2',), 'fpn_init', ('affectnet', 'expw', 'fpn_checkpoint')),
-    '20_incomplete_results': Needs(('affwild2',), 'incomplete_init', ('incomplete_checkpoint',)),
+    '10_fpn_results': Needs(('affwild2',), 'fpn_init', ('affectnet', 'expw', 'fpn_checkpoint'), submit=True),
+    '20_incomplete_results': Needs(
+        ('affwild2',), 'incomplete_init', ('incomplete_external', 'incomplete_checkpoint'), submit=True
+    ),
     '30_emenet_params_flops': Needs(synth_only=True),
-    '31_emenet_rounds': Needs(('affwild2',), 'emenet_init', ('emenet_checkpoint',), test_labels=True),
+    '31_emenet_rounds': Needs(('affwild2',), 'emenet_init', ('emenet_checkpoint',), test_labels=True, submit=True),
     '40_emotion_gcn_ablation': Needs(
         (('affwild2', 'affectnet'),),
         'emotion_gcn_init',
         ('emotion_gcn_embeddings', 'emotion_gcn_checkpoint'),
         pick='datasets',
+        submit=True,
     ),
     '50_fmae_results': Needs(('fmae',), 'fmae_mae', ('fmae_checkpoint',)),
     '60_cross_method': Needs(('affwild2',), test_labels=True),
@@ -123,6 +129,8 @@ PARAMS = {
     'affwild2': 'data_root',
     'affectnet': 'affectnet_root',
     'expw': 'expw_root',
+    'incomplete_external': 'external_root',
+    'test_set': 'test_root',
     'fmae': 'data_root',
     'fmae_mae': 'mae_checkpoint',
     'emotion_gcn_embeddings': 'embeddings',
@@ -150,10 +158,9 @@ def _data_params(needs: Needs, res: Resources, params: dict, missing: list) -> N
             params[PARAMS[x]] = str(res.datasets[x]['root'])
         if needs.pick and have:
             params[needs.pick] = ','.join(have)
-    if needs.test_labels and not res.datasets.get('affwild2', {}).get('test_labels'):
-        missing.append(
-            'a labelled Aff-Wild2 test split (datasets.affwild2.test_labels: true; Aff-Wild2 publishes none)'
-        )
+    test_set = res.datasets.get('affwild2', {}).get('test_set')
+    if needs.submit and test_set:
+        params[PARAMS['test_set']] = str(test_set)
 
 # %% ../nbs/09a_resources.ipynb #bf22a5c5
 def notebook_params(needs: Needs, res: Resources, preset: str) -> tuple[dict, str | None]:
@@ -194,9 +201,10 @@ def needs_table() -> pd.DataFrame:
     rows = []
     for nb, n in NEEDS.items():
         data = 'SynthAffect only' if n.synth_only else ', '.join(fmt(g) for g in n.data)
-        data += ' (labelled test split)' if n.test_labels else ''
+        data += ' (reports on test when labelled, else validation)' if n.test_labels else ''
         init = f'{n.init}: {WEIGHTS[n.init][0]}' if n.init else ''
-        rows.append(dict(notebook=nb, datasets=data, initialisation=init, optional=', '.join(n.optional)))
+        row = dict(notebook=nb, datasets=data, initialisation=init, optional=', '.join(n.optional))
+        rows.append(row | dict(submission='Aff-Wild2 test set (test_set)' if n.submit else ''))
     return pd.DataFrame(rows)
 
 

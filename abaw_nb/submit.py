@@ -17,7 +17,8 @@ from .data.formats import FormatError, read_affwild2_test, write_submission, che
 from .train.run import load_run_recipe, predict_run
 
 # %% auto #0
-__all__ = ['TASK_ORDER', 'NEUTRAL_FILL', 'challenge_columns', 'run_tasks', 'predict_challenge', 'submit_run', 'parser', 'main']
+__all__ = ['TASK_ORDER', 'NEUTRAL_FILL', 'challenge_columns', 'run_tasks', 'predict_challenge', 'submit_run', 'submit_runs',
+           'paper_submission', 'parser', 'main']
 
 # %% ../nbs/12b_submit.ipynb #c9239d4f
 def _need(pred: pd.DataFrame, cols: list, task: str) -> None:
@@ -150,6 +151,46 @@ def submit_run(
         (rec, cfg), test, test_root, want, expr_space, au_space, au_threshold, batch_size, num_workers, dev
     )
     return write_submission(pred, test, out_dir, want, fill)
+
+# %% ../nbs/12b_submit.ipynb #f4f25e53
+def submit_runs(
+    runs: Mapping,  # {name: run folder, (run folder, tasks) or dict(run=, tasks=, **submit_run options)}
+    test_root,  # the Aff-Wild2 test set
+    out_dir,  # gets <name>/<task>/<video>.txt
+    **kw,  # passed to `submit_run` (device, au_threshold, fill, batch_size, ...)
+) -> pd.DataFrame:
+    "Write every run's challenge files and read them back (`check_submission`): one row per run and task."
+    rows = []
+    for name, r in runs.items():
+        spec = r if isinstance(r, dict) else dict(zip(('run', 'tasks'), r)) if isinstance(r, tuple) else {'run': r}
+        opts = kw | {k: v for k, v in spec.items() if k not in ('run', 'tasks')}
+        files = submit_run(spec['run'], test_root, Path(out_dir) / name, spec.get('tasks'), **opts)
+        test = read_affwild2_test(test_root, kw.get('lists'))
+        chk = check_submission(Path(out_dir) / name, test, list(files))
+        for t, g in chk.groupby('task', sort=False):
+            rows.append(dict(run=name, task=t, videos=len(g), rows=int(g['rows'].sum()), folder=f'{name}/{t}'))
+    return pd.DataFrame(rows, columns=['run', 'task', 'videos', 'rows', 'folder'])
+
+# %% ../nbs/12b_submit.ipynb #625d35a9
+def paper_submission(
+    runs: Mapping,  # as `submit_runs`
+    test_root,  # the Aff-Wild2 test set
+    out,  # the notebook's outputs folder: files into out/submissions/<name>/, the table into out/tables/
+    name: str,  # e.g. 'fpn'
+    provenance: str,  # the notebook's provenance line
+    **kw,  # passed to `submit_run`
+) -> pd.DataFrame:
+    "A paper notebook's challenge files for the test set (`submit_runs`) and their table `<name>_submission`."
+    from abaw_nb.analysis import save_table
+
+    tab = submit_runs(runs, test_root, Path(out) / 'submissions' / name, **kw)
+    note = (
+        f'Challenge files for the Aff-Wild2 test set at {test_root}, in submissions/{name}/<run>/<task>/: written by '
+        'the challenge writer (a frame without a face takes the nearest earlier prediction) and read back with '
+        '`check_submission`. The test labels are not published, so no score is given.'
+    )
+    save_table(tab, f'{name}_submission', out, provenance, note=note)
+    return tab
 
 # %% ../nbs/12b_submit.ipynb #233959fa
 def _lists(pairs) -> dict | None:

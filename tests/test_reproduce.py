@@ -265,7 +265,7 @@ def test_peak_memory_of_each_notebook_is_its_own(tmp_path):
 
 def test_a_resources_file_feeds_each_notebook_and_skips_what_it_cannot(tmp_path):
     """The resources file gives each paper notebook its own parameters (FPN: the Aff-Wild2 root and its initialisation)
-    and records a notebook whose needs it does not meet (EMENet rounds: a labelled test split) as skipped."""
+    and records a notebook whose needs it does not meet (FMAE: its AU and FER sets) as skipped."""
     (tmp_path / 'aw').mkdir()
     (tmp_path / 'r50.pth').write_bytes(b'weights')
     res = tmp_path / 'resources.yml'
@@ -285,21 +285,21 @@ def test_a_resources_file_feeds_each_notebook_and_skips_what_it_cannot(tmp_path)
             )
         )
     )
-    rounds = tmp_path / '31_emenet_rounds.ipynb'
+    rounds = tmp_path / '50_fmae_results.ipynb'
     rounds.write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']), ('raise SystemExit', [])])))
     out = tmp_path / 'out'
     runs = reproduce('smoke', out=out, notebooks=[fpn, rounds], resources=res)
     assert [(r['name'], r['status']) for r in runs] == [
         ('10_fpn_results.ipynb', 'ok'),
-        ('31_emenet_rounds.ipynb', 'skipped'),
+        ('50_fmae_results.ipynb', 'skipped'),
     ]
     assert (out / 'got.txt').read_text().splitlines() == [str(tmp_path / 'aw'), str(tmp_path / 'r50.pth')]
-    assert runs[1]['reason'].startswith('needs a labelled Aff-Wild2 test split'), runs[1]['reason']
+    assert runs[1]['reason'].startswith('needs dataset fmae (FMAE sets'), runs[1]['reason']
     ledger = json.loads((out / 'reproduce.json').read_text())
-    assert ledger['31_emenet_rounds.ipynb']['status'] == 'skipped' and ledger['10_fpn_results.ipynb']['data'] == str(
+    assert ledger['50_fmae_results.ipynb']['status'] == 'skipped' and ledger['10_fpn_results.ipynb']['data'] == str(
         tmp_path / 'aw'
     )
-    assert 'needs a labelled Aff-Wild2 test split' in (out / 'REPORT.md').read_text()
+    assert 'needs dataset fmae (FMAE sets' in (out / 'REPORT.md').read_text()
 
 
 def test_cli_prints_a_resources_template(capsys):

@@ -1080,6 +1080,7 @@ FORMATS = (
     'affectnet8',
     'afew_va',
     'affwild2_abaw1',
+    'affwild2_release',
     'affwild2_test',
     'disfa_raw',
 )  # layouts SynthAffect writes
@@ -1414,15 +1415,25 @@ def _fmt_afew_va(world, root, out):
     return _sources(t, pos, world)
 
 # %% ../../nbs/01c_data.synth.ipynb #3ca926f3
-def _fmt_affwild2_abaw1(world, root, out):
-    """FG 2020 (ABAW1) Aff-Wild2: 8 AUs, Training_Set / Validation_Set, no test labels; images through a link to the
-    crops."""
+def _released(world, out, au_space: str):
+    "Aff-Wild2 as its organisers release it: training and validation annotations, no test labels; crops linked."
     from abaw_nb.data.formats import write_affwild2
 
     n = dict(zip(world.videos.video, world.videos.n_frames.astype(int)))
-    write_affwild2(frame_table(world, au_space='abaw1_8', audio=False), out, images=None, n_frames=n, test_labels=False)
-    (out / 'cropped_aligned').symlink_to(Path('..') / 'cropped_aligned', target_is_directory=True)
-    return None
+    write_affwild2(frame_table(world, au_space=au_space, audio=False), out, images=None, n_frames=n, test_labels=False)
+    for d in ('cropped_aligned', 'audios'):  # the frames and the audio tracks (linked)
+        if (out.parent / d).is_dir():
+            (out / d).symlink_to(Path('..') / d, target_is_directory=True)
+
+
+def _fmt_affwild2_abaw1(world, root, out):
+    "FG 2020 (ABAW1) Aff-Wild2: 8 AUs, Training_Set / Validation_Set, no test labels; images through a link."
+    _released(world, out, 'abaw1_8')
+
+
+def _fmt_affwild2_release(world, root, out):
+    "ABAW2 Aff-Wild2 as released (12 AUs, test labels withheld): the root of the real-data path's proof."
+    _released(world, out, 'affwild2_12')
 
 
 def _fmt_affwild2_test(world, root, out):
@@ -1503,6 +1514,7 @@ _FORMAT_WRITERS = {
     'affectnet8': _fmt_folder('affectnet8'),
     'afew_va': _fmt_afew_va,
     'affwild2_abaw1': _fmt_affwild2_abaw1,
+    'affwild2_release': _fmt_affwild2_release,
     'affwild2_test': _fmt_affwild2_test,
     'disfa_raw': _fmt_disfa_raw,
 }
@@ -1543,6 +1555,8 @@ def read_format(
         raise FileNotFoundError(f'{r}: layout {fmt!r} was not generated; use add_formats({str(root)!r}, ({fmt!r},))')
     if fmt == 'affwild2':
         return F.read_affwild2(r, **{'dataset': 'synthaffect', **kw}), r
+    if fmt == 'affwild2_release':
+        return F.read_affwild2(r, **kw), r
     if fmt == 'affectnet':
         return F.read_affectnet(r, **kw), r
     if fmt == 'expw':
