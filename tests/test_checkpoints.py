@@ -259,6 +259,20 @@ def test_train_multi_evaluates_a_published_checkpoint(root, tmp_path):
     s = score_frames(va, p, tasks=['va', 'expr', 'au'], edition='abaw2', thresholds=0.5)
     for k in ('va_score', 'expr_score', 'au_score'):
         assert abs(s[k] - back['scores'][k]) < 1e-9
+    # the run folder is a run like any other: predicting from it imports the checkpoint again, the way it was evaluated
+    from abaw_nb.train.run import predict_run
+    from abaw_nb.explore import RunModel
+
+    _, root_ = load_frames(cfg)
+    again = predict_run(run, va, root_, num_workers=0, keys=('video', 'frame'))
+    cols = ['valence', 'arousal', *[f'prob_expr_{k}' for k in range(7)]]
+    got = again.merge(p[['video', 'frame', *cols]], on=['video', 'frame'], suffixes=('', '_eval'))
+    assert len(got) == len(p)
+    np.testing.assert_allclose(got[cols].to_numpy(), got[[c + '_eval' for c in cols]].to_numpy(), atol=1e-5)
+    rm = RunModel(run)
+    assert json.loads((run / 'labels.json').read_text()) == {'expr_space': 'expr7', 'au_space': 'affwild2_12'}
+    faces = rm.predict_faces([np.zeros((112, 112, 3), np.uint8)] * 3)
+    assert len(faces) == 3 and {'valence', 'arousal', 'expr'} <= set(faces.columns)
 
 
 def test_evaluate_scores_only_the_aus_a_model_predicts(tmp_path):

@@ -436,12 +436,15 @@ def import_checkpoint(
 
 # %% ../../nbs/05_methods.ipynb #1fde611a
 def run_checkpoint(path) -> Path:
-    "The weights of a run folder (`best.pt`, else `last.pt`) or the checkpoint file `path` itself."
+    """The weights of a run folder (`best.pt`, else `last.pt`; for a folder `evaluate_checkpoint` wrote, the authors'
+    checkpoint it names) or the checkpoint file `path` itself."""
     p = Path(path)
     if not p.is_dir():
         return p
     if not (p / 'config.json').is_file():
         raise FileNotFoundError(f'{p} is not a run folder (no config.json)')
+    if (p / 'import.json').is_file():
+        return Path(json.loads((p / 'import.json').read_text())['checkpoint'])
     ck = next((p / n for n in ('best.pt', 'best.safetensors') if (p / n).is_file()), p / 'last.pt')
     if not ck.is_file():
         raise FileNotFoundError(f'run folder {p} has no checkpoint (best.pt, best.safetensors or last.pt)')

@@ -10,7 +10,7 @@ import numpy as np, pandas as pd
 from ..core import Config, check_choice, get_config, write_csv, write_json, write_text, fingerprint, PRESETS
 from ..core import validate_config, seed_everything, outputs_dir, run_id, clean_stale_temps, check_out_dir
 from ..core import provenance
-from ..data.frames import data_report, issues_table, au_columns, task_frames
+from ..data.frames import data_report, issues_table, au_columns, task_frames, AU_SPACES
 from ..metrics import score_frames
 from .engine import Trainer, build_optimizer, predict_table, with_keys, load_checkpoint
 from ..checkpoints import Imported
@@ -20,7 +20,8 @@ from ..methods import import_checkpoint, check_init, init_arch
 # %% auto #0
 __all__ = ['TASK_CHOICES', 'DATA_FORMATS', 'HOLDOUT_FRAC', 'EDITION', 'HEADLINE_SCORES', 'run_config', 'load_frames',
            'validation_as_test', 'edition_for_frames', 'selection_score', 'report_issues', 'discard_partial_run',
-           'train', 'load_run', 'headline', 'load_run_recipe', 'load_run_model', 'predict_run', 'evaluate_checkpoint']
+           'train', 'load_run', 'headline', 'load_run_recipe', 'load_run_model', 'predict_run', 'evaluate_checkpoint',
+           'imported_run_recipe']
 
 # %% ../../nbs/04c_train.run.ipynb #7665a8eb
 TASK_CHOICES = ('va', 'expr', 'au', 'multi')
@@ -339,8 +340,10 @@ def _config_of(path) -> Config:
 
 
 def load_run_recipe(path, device: str = 'cpu') -> tuple[Recipe, Config]:
-    """The prediction recipe of a run folder or checkpoint file (its method's network, trained weights loaded) and its
-    config."""
+    """The prediction recipe of a run folder or checkpoint file (its method's network, trained weights loaded; for a
+    folder `evaluate_checkpoint` wrote, the authors' checkpoint it names) and its config."""
+    if Path(path).is_dir() and (Path(path) / 'import.json').is_file():
+        return imported_run_recipe(path, device)
     return get_method(_config_of(path).method).load(path, device)
 
 
@@ -384,6 +387,17 @@ def _first_output(model, batch):
     "The model's output on the images (the first element of a tuple: FMAE-IAT returns (AU logits, identity logits))."
     out = model(batch['image'])
     return out[0] if isinstance(out, tuple) else out
+
+
+def _plain(v) -> bool:
+    "A value import.json keeps as it is (an importer option the run folder can be imported again with)."
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _imported_spaces(L, attrs: dict) -> dict:
+    "The label spaces of an imported model's outputs (its AUs named by their space; the data's where none matches)."
+    au = next((s for s, cols in AU_SPACES.items() if list(cols) == list(L.au_names or [])), attrs['au_space'])
+    return {'expr_space': L.expr_space or attrs['expr_space'], 'au_space': au}
 
 
 def _import(cfg: Config, checkpoint, fmt, options) -> tuple[Imported, str]:
@@ -481,7 +495,8 @@ def evaluate_checkpoint(
         checkpoint=src,
         format=fmt,
         repository=checkpoint_formats()[fmt][1].repo,
-        options={k: str(v) for k, v in options.items()},
+        options={k: v for k, v in options.items() if _plain(v)},
+        options_not_kept=sorted(k for k, v in options.items() if not _plain(v)),
         preprocess=vars(imp.preprocess),
         labels=vars(imp.labels),
         report=imp.report,
@@ -494,6 +509,7 @@ def evaluate_checkpoint(
     write_text(out / 'metrics.jsonl', json.dumps(record) + '\n')
     write_json(out / 'best.json', {'epoch': 0, 'checkpoint': src})
     write_json(out / 'import.json', info)
+    write_json(out / 'labels.json', _imported_spaces(L, frames.attrs))
     write_csv(out / 'predictions_val.csv', pred)
     write_json(out / 'scores_val.json', flat)
     return dict(
@@ -506,3 +522,22 @@ def evaluate_checkpoint(
         n_val=len(va),
         imported=imp,
     )
+
+# %% ../../nbs/04c_train.run.ipynb #72eea5119410473aa328ad9291626812
+def imported_run_recipe(path, device: str = 'cpu') -> tuple[Recipe, Config]:
+    "The prediction recipe of a run folder `evaluate_checkpoint` wrote: the checkpoint it names, imported again."
+    p = Path(path)
+    info = json.loads((p / 'import.json').read_text())
+    src = info['checkpoint']
+    if src.startswith('<') or not Path(src).is_file():
+        raise FileNotFoundError(
+            f'{p} was evaluated from {src}, which is not a file here: evaluate the checkpoint again'
+        )
+    if info.get('options_not_kept'):
+        raise ValueError(f"{p}: importer options {info['options_not_kept']} were given in memory and not kept")
+    imp = import_checkpoint(src, info['format'], **info['options'])
+    imp.labels.expr_space = info['labels'].get('expr_space') or imp.labels.expr_space
+    L = imp.labels
+    tasks = tuple(t for t, ok in (('va', L.va), ('expr', L.expr_names), ('au', L.au_names)) if ok)
+    model = imp.model.to(device).eval()
+    return Recipe(model, tasks, lambda out, b: imp.predict(out), imp.dataset, forward_fn=_first_output), _config_of(p)
