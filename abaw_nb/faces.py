@@ -16,7 +16,7 @@ from .core import check_choice
 # %% auto #0
 __all__ = ['LANDMARKS', 'LANDMARK_COLUMNS', 'FACE_COLUMNS', 'DETECTORS', 'DEFAULT_DETECTOR', 'ALIGN_METHODS', 'ALIGN_STYLES',
            'TEMPLATE_112', 'Faces', 'faces_table', 'as_bgr', 'Detector', 'yunet_available', 'YuNet',
-           'haar_cascade_path', 'Haar', 'Whole', 'FnDetector', 'register_detector', 'get_detector',
+           'haar_cascade_path', 'Haar', 'Whole', 'FnDetector', 'register_detector', 'get_detector', 'Tracker',
            'similarity_transform', 'transform_points', 'AlignStyle', 'register_align_style', 'get_align_style',
            'align_matrix', 'align_face', 'align_faces', 'draw_faces']
 
@@ -282,6 +282,82 @@ def get_detector(
                 "(crops fall back to the box)"
             )
     return DETECTORS[kind](**kw)
+
+# %% ../nbs/11a_faces.ipynb #14e3d051
+class Tracker(Detector):
+    "Follows the faces of a video: `det` on the full frame every `every` frames, around the last faces in between."
+
+    def __init__(
+        self,
+        det='auto',  # the detector (name or `Detector`) it runs on full frames and on the squares around faces
+        every: int = 10,  # frames between two full-frame detections (1: every frame, no tracking)
+        margin: float = 0.6,  # the square around a face extends this fraction of the face's size on each side
+        face_px: int = 80,  # the square is shrunk so that the face is about this wide (never enlarged)
+    ):
+        self.det = get_detector(det, verbose=False)
+        super().__init__(self.det.min_score, self.det.max_side)
+        if every < 1:
+            raise ValueError(f'Tracker: every={every}; give 1 or more frames between full-frame detections')
+        self.every, self.margin, self.face_px = every, margin, face_px
+        self.name, self.gives_landmarks = f'{self.det.name}+track', self.det.gives_landmarks
+        self.full_frames = 0  # full-frame detections so far
+        self.reset()
+
+    def reset(self):
+        "Forget the last frame's faces (a new video starts)."
+        self._last, self._since = None, 0
+
+    def __call__(self, img) -> Faces:
+        return self.det(img)
+
+    def __repr__(self):
+        return f'Tracker({self.det!r}, every={self.every}, margin={self.margin}, face_px={self.face_px})'
+
+# %% ../nbs/11a_faces.ipynb #f3f459bc
+def _around(self, bgr: np.ndarray, box) -> Faces:
+    "The largest face `det` finds in the square around `box` (x, y, w, h), in frame pixels; none if it finds none."
+    import cv2
+
+    H, W = bgr.shape[:2]
+    x, y, w, h = box
+    half = max(w, h) * (0.5 + self.margin)
+    x0, y0 = int(max(0, x + w / 2 - half)), int(max(0, y + h / 2 - half))
+    x1, y1 = int(min(W, x + w / 2 + half)), int(min(H, y + h / 2 + half))
+    if x1 - x0 < 8 or y1 - y0 < 8:
+        return Faces.make()
+    roi = bgr[y0:y1, x0:x1]
+    s = min(1.0, self.face_px / max(w, h, 1))
+    if s < 1:
+        size = (max(8, round((x1 - x0) * s)), max(8, round((y1 - y0) * s)))
+        roi = cv2.resize(roi, size, interpolation=cv2.INTER_AREA)
+    f = self.det._keep(self.det._detect(np.ascontiguousarray(roi)))
+    if not len(f):
+        return f
+    f = f.take([0]).scaled((x1 - x0) / roi.shape[1], (y1 - y0) / roi.shape[0])
+    return Faces(f.boxes + np.array([x0, y0, 0, 0]), f.scores, f.landmarks + np.array([x0, y0]))
+
+
+def _track_batch(self, frames) -> list[Faces]:
+    "The faces of consecutive frames of one video, following those of the frame before (see `Tracker`)."
+    out = []
+    for img in frames:
+        bgr = as_bgr(img)
+        near = None
+        if self._last is not None and len(self._last) and self._since < self.every:
+            near = [self._around(bgr, b) for b in self._last.boxes]
+        if near is None or any(len(f) == 0 for f in near):
+            f, self._since = self.det(bgr), 1
+            self.full_frames += 1
+        else:
+            cat = lambda a: np.concatenate([getattr(f, a) for f in near])
+            f, self._since = Faces.make(cat('boxes'), cat('scores'), cat('landmarks')), self._since + 1
+        self._last = f
+        out.append(f)
+    return out
+
+
+Tracker._around = _around
+Tracker.batch = _track_batch
 
 # %% ../nbs/11a_faces.ipynb #b1e1327c
 def similarity_transform(src, dst) -> np.ndarray:

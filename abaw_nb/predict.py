@@ -15,7 +15,17 @@ import torch
 
 from .core import Config, check_choice, progress
 from .data.frames import EXPR_SPACES, au_columns, expr_names, make_frames
-from .faces import Faces, LANDMARK_COLUMNS, align_face, draw_faces, faces_table, get_align_style, get_detector
+from .models.backbones import fold_batchnorm
+from abaw_nb.faces import (
+    Faces,
+    LANDMARK_COLUMNS,
+    Tracker,
+    align_face,
+    draw_faces,
+    faces_table,
+    get_align_style,
+    get_detector,
+)
 from .video import VideoReadError, VideoReader, VideoWriter, image_paths, input_kind, prefetch, read_batches
 
 # %% auto #0
@@ -138,6 +148,11 @@ class Predictor:
     collate_fn: Callable | None = None
     _template: pd.DataFrame | None = None
     _datasets: dict = field(default_factory=dict)  # (n, groups) -> dataset (see predict_crops)
+    fold_bn: bool = True  # predict with BatchNorm folded into the convolutions (`fold_batchnorm`): same numbers, faster
+
+    def __post_init__(self):
+        if self.fold_bn:
+            self.model = fold_batchnorm(self.model)
 
     @classmethod
     def from_recipe(cls, rec, cfg: Config, labels: dict, source: dict, device='cpu', batch_size: int = 32):
@@ -308,6 +323,8 @@ def frame_rows(frames: list, faces: list, pred: pd.DataFrame, template: pd.DataF
 # %% ../nbs/12_predict.ipynb #c5d23d2c
 def detected_batches(src, det, batch_size: int = 32, every: int = 1, max_frames: int | None = None) -> Iterator:
     "(frames, their faces) of `src`, one batch at a time: the decode-and-detect stage of `predict_batches`."
+    if hasattr(det, 'reset'):  # a `Tracker` starts each input afresh
+        det.reset()
     for frames in read_batches(src, batch_size, every, max_frames):
         found = iter(det.batch([f.image for f in frames if f.image is not None]))
         yield frames, [next(found) if f.image is not None else Faces.make() for f in frames]
@@ -446,11 +463,14 @@ def predict(
     plots: bool = False,  # write <out stem>_va.png, _au.png and _summary.png beside `out`
     device: str = 'cpu',  # for a run folder given as `model`
     show_progress: bool | None = None,
+    track: int = 0,  # a video: full-frame detection every `track` frames, faces followed in between (`Tracker`)
 ) -> pd.DataFrame:
     "Predict every face of `src`; the table (see the schema), its sidecar json and the optional video and plots."
     pr = model if isinstance(model, Predictor) else Predictor.from_run(model, device, batch_size)
     out = check_out(out) if out is not None else None
     det = get_detector(detector)
+    if track > 1 and input_kind(src) == 'video':
+        det = Tracker(det, every=track)
     style = align or ('whole' if det.name == 'whole' else pr.align)
     total = count_frames(src, every, max_frames)
     writer = VideoWriter(video_out, _fps(src)) if video_out else None
@@ -652,6 +672,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument('--every', type=int, default=1, help='keep every N-th frame (default 1)')
     ap.add_argument('--max-frames', type=int, default=None, help='stop after this many kept frames')
     ap.add_argument('--detector', default='auto', choices=['auto', *DETECTORS], help='face detector (default auto)')
+    ap.add_argument(
+        '--track',
+        type=int,
+        default=0,
+        help='video: detect on the full frame every N frames and follow the faces in between (default 0: every frame)',
+    )
     ap.add_argument('--align', default=None, choices=list(ALIGN_STYLES), help="override the model's alignment")
     ap.add_argument('--video', default=None, help='also write an annotated H.264 mp4 here')
     ap.add_argument('--plots', action='store_true', help='also write VA, AU and summary plots beside --out')
@@ -687,6 +713,7 @@ def main(argv=None) -> int:
             a.video,
             a.plots,
             show_progress=False if a.no_progress else None,
+            track=a.track,
         )
     except (VideoReadError, CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         print(f'abaw-predict: error: {e}', file=sys.stderr)

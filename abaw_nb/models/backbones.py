@@ -4,7 +4,7 @@
 
 # %% ../../nbs/03a_models.backbones.ipynb #a9e3fbcd
 from __future__ import annotations
-import math, os, json, re
+import copy, math, os, json, re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,7 @@ __all__ = ['BACKBONES', 'resnet50', 'resnet18', 'count_params', 'BackboneSpec', 
            'load_pretrained', 'make_caffe_style', 'ResNetFPN', 'resnet50_fpn', 'resnet18_fpn', 'ConvBlock', 'DepthWise',
            'Residual', 'GDC', 'MobileFaceNet', 'mobilefacenet', 'mobilefacenet_s', 'DenseNetBackbone', 'densenet121',
            'BReGShortcut', 'BReGLayer', 'BReGNeXt', 'bregnext', 'ferplus_key', 'from_original', 'build_backbone',
-           'size_kwargs', 'flop_counter', 'model_report']
+           'size_kwargs', 'flop_counter', 'model_report', 'fold_batchnorm']
 
 # %% ../../nbs/03a_models.backbones.ipynb #3687eaf0
 def count_params(
@@ -650,3 +650,43 @@ def model_report(
         'flops_per_image': flops,
         'macs_per_image': flops / 2,
     }
+
+# %% ../../nbs/03a_models.backbones.ipynb #acae54e37e7d407bbb7b55eff062a284
+def _fold_pair(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    "A copy of `conv` with the eval-mode `bn` after it folded in (BatchNorm2d or FrozenBatchNorm2d)."
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    out = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups
+    ).to(conv.weight.device)
+    w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    out.weight, out.bias = w, b
+    return out
+
+
+_BN = (nn.BatchNorm2d, FrozenBatchNorm2d)
+_PAIRS = [('conv', 'bn')] + [(f'conv{i}', f'bn{i}') for i in (1, 2, 3)]
+
+
+def _foldable(conv, bn) -> bool:
+    return isinstance(conv, nn.Conv2d) and isinstance(bn, _BN) and conv.padding_mode == 'zeros'
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    "An eval-mode copy of `model` with each BatchNorm that directly follows a convolution folded into it."
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Sequential, IntermediateLayerGetter)):  # children run in order
+            kids = list(m._modules)
+            for a, b in zip(kids, kids[1:]):
+                if _foldable(m._modules[a], m._modules[b]):
+                    m._modules[a], m._modules[b] = _fold_pair(m._modules[a], m._modules[b]), nn.Identity()
+        elif isinstance(m, (ConvBlock, BasicBlock, Bottleneck, ResNet)):
+            for a, b in _PAIRS:
+                if _foldable(getattr(m, a, None), getattr(m, b, None)):
+                    setattr(m, a, _fold_pair(getattr(m, a), getattr(m, b)))
+                    setattr(m, b, nn.Identity())
+    return model
