@@ -70,16 +70,16 @@ def _fit_predict(X_tr, y_tr, X_te, kind: str, seed: int = 0) -> np.ndarray:
     "Predictions of one linear probe: class probabilities ('clf'), P(positive) ('bin') or values ('reg')."
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     sc = StandardScaler().fit(X_tr)
     a, b = sc.transform(X_tr), sc.transform(X_te)
-    if kind == 'reg':
-        return Ridge(alpha=10.0).fit(a, y_tr).predict(b)
-    if len(np.unique(y_tr)) < 2:
-        const = float(y_tr[0]) if kind == 'bin' else None
-        return np.full(len(b), const) if kind == 'bin' else None
-    lr = LogisticRegression(C=0.1, max_iter=500, random_state=seed).fit(a, y_tr)
-    p = lr.predict_proba(b)
+    if kind != 'reg' and len(np.unique(y_tr)) < 2:
+        return np.full(len(b), float(y_tr[0])) if kind == 'bin' else None
+    with threadpool_limits(1):  # small problems: one BLAS thread (two, on a busy 2-core machine, were 4x slower)
+        if kind == 'reg':
+            return Ridge(alpha=10.0).fit(a, y_tr).predict(b)
+        p = LogisticRegression(C=0.1, max_iter=500, random_state=seed).fit(a, y_tr).predict_proba(b)
     return p[:, 1] if kind == 'bin' else p
 
 
@@ -329,14 +329,13 @@ def floor_predictions(
     else:
         out = {'all AUs present': (np.ones((len(te), len(aus))), 0.5)}
     X_tr = pixel_features(tr['path'].tolist(), root)
-    p = pixel_probe(X_tr, tr, pixel_features(te['path'].tolist(), root), task, aus, n)
+    va = labelled(val, 'au', aus) if task == 'au' and val is not None else te.iloc[:0]
+    X_te = pixel_features(te['path'].tolist() + va['path'].tolist(), root)
+    p_all = pixel_probe(X_tr, tr, X_te, task, aus, n)  # one fit, test and validation frames predicted together
+    p, p_va = p_all[: len(te)], p_all[len(te) :]
     thr = None
     if task == 'au':
-        thr = 0.5
-        if val is not None and len(labelled(val, 'au', aus)):
-            va = labelled(val, 'au', aus)
-            p_va = pixel_probe(X_tr, tr, pixel_features(va['path'].tolist(), root), 'au', aus)
-            thr = tune_au_thresholds(task_arrays(va, None, 'au', aus)[0], p_va)
+        thr = tune_au_thresholds(task_arrays(va, None, 'au', aus)[0], p_va) if len(va) else 0.5
     out['pixel probe'] = (p, thr)
     return out
 
