@@ -130,6 +130,7 @@ def _pair(method: str, preset: str, max_images: int, steps: int, warmup: int) ->
         original_workers=R['workers'],
         workers_used=w0,
         engine_workers=w1,
+        timed_steps=steps,  # per side, after `warmup` untimed ones
         original_images_per_s=orig['images_per_s'],
         engine_images_per_s=eng['images_per_s'],
         speedup=eng['images_per_s'] / orig['images_per_s'],
@@ -137,7 +138,7 @@ def _pair(method: str, preset: str, max_images: int, steps: int, warmup: int) ->
 
 # %% ../nbs/10d_recipe_bench.ipynb #59bbdb311c014d738909a11f9e486628
 def bench_recipes(
-    methods=None, preset: str = 'paper', max_images: int = 32, steps: int = 3, warmup: int = 1, target: float = 1.5
+    methods=None, preset: str = 'paper', max_images: int = 32, steps: int = 10, warmup: int = 2, target: float = 1.5
 ) -> pd.DataFrame:
     "One row per method: images per second of the original's recipe and of the engine, and the speed-up."
     from tqdm.auto import tqdm
