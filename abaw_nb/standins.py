@@ -4,14 +4,13 @@
 
 # %% ../nbs/09b_standins.ipynb #8dd0d8092fe74a7c96281538738b07e2
 from __future__ import annotations
-import re
 from pathlib import Path
 import numpy as np
 import torch
 import torchvision
 import yaml
 from .methods import get_method
-from .models.backbones import ferplus_key, mobilefacenet, resnet50
+from .models.backbones import densenet_legacy_key, ferplus_key, mobilefacenet, resnet50
 from .models.vit import MaskedAutoencoderViT, VIT_SIZES
 
 # %% auto #0
@@ -34,8 +33,7 @@ def _landmark() -> dict:
 
 def _densenet_legacy() -> dict:
     "densenet121-a639ec97.pth: torchvision's DenseNet-121 in the legacy names it was published with (norm.1, conv.2)."
-    sd = torchvision.models.densenet121().state_dict()
-    return {re.sub(r'(denselayer\d+\.(?:norm|relu|conv))([12])\.', r'\1.\2.', k): v for k, v in sd.items()}
+    return {densenet_legacy_key(k): v for k, v in torchvision.models.densenet121().state_dict().items()}
 
 
 def _mae(size: str) -> dict:

@@ -24,8 +24,8 @@ from ..core import check_choice
 __all__ = ['BACKBONES', 'resnet50', 'resnet18', 'count_params', 'BackboneSpec', 'register_backbone', 'list_backbones',
            'load_pretrained', 'make_caffe_style', 'ResNetFPN', 'resnet50_fpn', 'resnet18_fpn', 'ConvBlock', 'DepthWise',
            'Residual', 'GDC', 'MobileFaceNet', 'mobilefacenet', 'mobilefacenet_s', 'DenseNetBackbone', 'densenet121',
-           'BReGShortcut', 'BReGLayer', 'BReGNeXt', 'bregnext', 'ferplus_key', 'from_original', 'build_backbone',
-           'size_kwargs', 'flop_counter', 'model_report', 'fold_batchnorm']
+           'BReGShortcut', 'BReGLayer', 'BReGNeXt', 'bregnext', 'ferplus_key', 'densenet_legacy_key', 'from_original',
+           'build_backbone', 'size_kwargs', 'flop_counter', 'model_report', 'fold_batchnorm']
 
 # %% ../../nbs/03a_models.backbones.ipynb #3687eaf0
 def count_params(
@@ -534,6 +534,11 @@ def ferplus_key(k: str) -> str:
     convs = {'conv1': '1x1_reduce', 'conv2': '3x3', 'conv3': '1x1_increase', 'downsample.0': '1x1_proj'}
     name = convs.get(mod) or convs[mod.replace('bn', 'conv').replace('.1', '.0')] + '_bn'
     return f'conv{s}_{b}_{name}.{p}'
+
+
+def densenet_legacy_key(k: str) -> str:
+    "torchvision DenseNet key -> the legacy name its ImageNet file is published with (`norm1` -> `norm.1`)."
+    return re.sub(r'(denselayer\d+\.(?:norm|relu|conv))([12])\.', r'\1.\2.', k)
 
 
 def from_original(sd: dict, model: nn.Module) -> dict:
