@@ -287,13 +287,16 @@ def load_weights(model: nn.Module, state: dict, source: str = 'checkpoint') -> n
 
 # %% ../../nbs/04b_train.engine.ipynb #33a7b80d
 def to_device(batch, device, channels_last: bool = False):
-    "Move a batch (dicts of tensors) to `device`; with `channels_last`, 4-D float tensors (images) take that layout."
+    """Move a batch (dicts of tensors) to `device`; with `channels_last`, 4-D float tensors (images) take that layout,
+    and so does each frame of a 5-D (B, T, C, H, W) clip: `clip.flatten(0, 1)` is then a channels_last image batch."""
     if isinstance(batch, dict):
         return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     if torch.is_tensor(batch):
         batch = batch.to(device, non_blocking=True)
         if channels_last and batch.dim() == 4 and batch.is_floating_point():
             batch = batch.contiguous(memory_format=torch.channels_last)
+        elif channels_last and batch.dim() == 5 and batch.is_floating_point():
+            batch = batch.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         return batch
     return batch
 
