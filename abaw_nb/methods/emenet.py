@@ -393,8 +393,17 @@ def emenet_presets(preset: str, task: str) -> tuple[dict, dict]:
 
 # %% ../../nbs/05c_methods.emenet.ipynb #31a71f8a
 def forward_fn(model, batch):
-    "EMENet on a batch of clips (and their audio windows when it has the audio branch)."
-    return model(batch['image'], batch.get('audio'))
+    """EMENet on a batch of clips (and their audio windows when it has the audio branch). In eval mode the padding at
+    the end of the clips (a video shorter than a clip, the last batch of a stream) is not computed: the GRUs are
+    causal, so the real frames' outputs are the same, and the padded steps repeat the last computed one."""
+    images, audio, valid = batch['image'], batch.get('audio'), batch.get('valid')
+    T = images.shape[1]
+    causal = not any(h.rnn.bidirectional for h in model.heads.values())
+    keep = int(valid.any(0).nonzero().max()) + 1 if valid is not None and bool(valid.any()) else T
+    if model.training or not causal or keep == T:
+        return model(images, audio)
+    out = model(images[:, :keep], None if audio is None else audio[:, :keep])
+    return {k: torch.cat([v, v[:, -1:].expand(-1, T - keep, *v.shape[2:])], 1) for k, v in out.items()}
 
 
 def entropy_norm(p: torch.Tensor | np.ndarray, axis: int = -1):
