@@ -684,7 +684,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     model = copy.deepcopy(model).eval()
     for m in model.modules():
-        if isinstance(m, (nn.Sequential, IntermediateLayerGetter)):  # children run in order
+        if type(m).forward in (nn.Sequential.forward, IntermediateLayerGetter.forward):  # children run in order
             kids = list(m._modules)
             for a, b in zip(kids, kids[1:]):
                 if _foldable(m._modules[a], m._modules[b]):
