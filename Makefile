@@ -39,18 +39,21 @@ env:  ## create .venv from the lock (installs uv first if absent)
 # on the SIGABRT that `timeout` sends to the whole process group) and the stage fails: a hang then says where it hangs
 # instead of running into CI's limit. Distributed tests wait 120 s, not 600, for a rank that does not come.
 TEST_ENV     := PYTHONFAULTHANDLER=1 ABAW_NB_DIST_TIMEOUT=120
-# nbdev_test runs 2 notebooks at once on the 2 cores: one compute thread each (torch's OpenMP and OpenBLAS), not two
-# fighting for a core (OpenBLAS's spinning threads made a small logistic regression 4x slower that way).
-NBTEST_ENV   := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+# nbdev_test runs 2 notebooks at once and pytest 2 test files at once (pytest-xdist, one file per worker, so a module's
+# fixture is built once): one compute thread each (torch's OpenMP and OpenBLAS), not two fighting for a core
+# (OpenBLAS's spinning threads made a small logistic regression 4x slower that way). TEST_WORKERS=0 runs pytest in one process.
+ONE_THREAD   := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+TEST_WORKERS ?= 2
 NBTEST_LIMIT ?= 35m
 PYTEST_LIMIT ?= 40m
 
 test: env  ## ruff on notebooks, scripts and tests, nbdev_test on every notebook, then pytest (each stage time-limited)
 	$(BIN)/ruff check
 	@mkdir -p .test-logs
-	$(TEST_ENV) $(NBTEST_ENV) timeout -s ABRT -k 60 $(NBTEST_LIMIT) $(BIN)/nbdev_test --n_workers 2 --timing --do_print 2>&1 \
+	$(TEST_ENV) $(ONE_THREAD) timeout -s ABRT -k 60 $(NBTEST_LIMIT) $(BIN)/nbdev_test --n_workers 2 --timing --do_print 2>&1 \
 	  | tee .test-logs/nbdev_test.log || { python3 scripts/unfinished_notebooks.py .test-logs/nbdev_test.log; exit 1; }
-	$(TEST_ENV) timeout -s ABRT -k 60 $(PYTEST_LIMIT) $(BIN)/pytest -q -m "not browser" --durations=25
+	$(TEST_ENV) $(ONE_THREAD) timeout -s ABRT -k 60 $(PYTEST_LIMIT) $(BIN)/pytest -q -m "not browser" --durations=25 \
+	  -n $(TEST_WORKERS) --dist loadfile
 
 test-real-path: env  ## the real-data path on CPU: make reproduce PRESET=smoke RESOURCES= with stand-in weights and SynthAffect in the released layouts (also part of make test)
 	$(TEST_ENV) $(BIN)/pytest -q tests/test_real_path.py
