@@ -56,6 +56,10 @@ class Faces:
         k = np.array([sx, sx if sy is None else sy] * 2)
         return Faces(self.boxes * k, self.scores, self.landmarks * k[:2])
 
+    def shifted(self, dx: float, dy: float) -> Faces:
+        "Boxes and landmarks moved by (dx, dy): back to the frame after detecting on a crop whose corner is (dx, dy)."
+        return Faces(self.boxes + np.array([dx, dy, 0, 0]), self.scores, self.landmarks + np.array([dx, dy]))
+
     @property
     def has_landmarks(self) -> np.ndarray:
         "(n,) whether each face has its 5 landmarks."
@@ -333,8 +337,7 @@ def _around(self, bgr: np.ndarray, box) -> Faces:
     f = self.det._keep(self.det._detect(np.ascontiguousarray(roi)))
     if not len(f):
         return f
-    f = f.take([0]).scaled((x1 - x0) / roi.shape[1], (y1 - y0) / roi.shape[0])
-    return Faces(f.boxes + np.array([x0, y0, 0, 0]), f.scores, f.landmarks + np.array([x0, y0]))
+    return f.take([0]).scaled((x1 - x0) / roi.shape[1], (y1 - y0) / roi.shape[0]).shifted(x0, y0)
 
 
 def _track_batch(self, frames) -> list[Faces]:
