@@ -18,8 +18,8 @@ from .metrics import expr_metrics, au_metrics, au_auc, ccc
 __all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'SYNTH_NOTE', 'majority_floor', 'all_positive_floor', 'pixel_features', 'pixel_probe',
            'expr_f1_metric', 'expr_acc_metric', 'ccc_metric', 'au_f1_metric', 'au_auc_metric', 'accuracy_metric',
            'bootstrap_effect', 'paper_seeds', 'labelled', 'task_arrays', 'tune_au_thresholds', 'score_arrays',
-           'floor_predictions', 'decide', 'task_table', 'save_predictions', 'load_predictions', 'verdict', 'claim_row',
-           'save_claims', 'collect_claims']
+           'floor_predictions', 'decide', 'task_table', 'save_predictions', 'load_predictions', 'signed',
+           'claims_markdown', 'verdict', 'claim_row', 'save_claims', 'collect_claims']
 
 # %% ../nbs/08b_claims.ipynb #273c5821
 def majority_floor(
@@ -399,6 +399,22 @@ def load_predictions(out, method: str) -> dict:
         res[meta['seed']] = dict(preds=preds, thresholds=meta['thresholds'], budget=meta['budget'])
     return res
 
+# %% ../nbs/08b_claims.ipynb #b43b363d81ae4b689946ece5c682cd59
+def signed(x: float) -> str:
+    """An effect or interval end for the tables: 3 decimals with its sign, or 2 significant digits when it is smaller
+    than 0.0005 (an interval end of -0.00004 is not shown as -0.000); empty for NaN."""
+    if x is None or np.isnan(x):
+        return ''
+    return f'{x:+.3f}' if x == 0 or abs(x) >= 5e-4 else f'{x:+.1e}'
+
+
+def claims_markdown(df: pd.DataFrame) -> str:
+    "The claims table in markdown, with `effect`, `ci_low` and `ci_high` written by `signed`."
+    shown = df.copy()
+    for c in ('effect', 'ci_low', 'ci_high'):
+        shown[c] = [signed(v) for v in shown[c]]
+    return shown.to_markdown(index=False, disable_numparse=True)  # the strings as written, not parsed back
+
 # %% ../nbs/08b_claims.ipynb #2df5bcc7
 CLAIM_COLUMNS = ('method', 'claim', 'metric', 'effect', 'ci_low', 'ci_high', 'n_seeds', 'verdict', 'reason')
 VERDICTS = ('shown', 'not shown', 'contradicted', 'untestable here')
@@ -447,7 +463,7 @@ def claim_row(
     v = verdict(boot['ci_low'], boot['ci_high'], direction)
     why = (
         reason
-        or f"95 % CI [{boot['ci_low']:+.3f}, {boot['ci_high']:+.3f}] over {boot['n_seeds']} seeds and "
+        or f"95 % CI [{signed(boot['ci_low'])}, {signed(boot['ci_high'])}] over {boot['n_seeds']} seeds and "
         f"{boot.get('n_subjects', '?')} test subjects"
     )
     return dict(
@@ -476,13 +492,14 @@ def save_claims(
     provenance: str,
 ) -> Path:
     "Write `tables/claims_<name>.csv` (and .md) for one paper notebook; `collect_claims` merges them."
-    from abaw_nb.analysis import save_table
-
     df = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
     bad = sorted(set(df['verdict']) - set(VERDICTS))
     if bad:
         raise ValueError(f'unknown verdict(s) {bad}; valid: {", ".join(VERDICTS)}')
-    return save_table(df, f'claims_{name}', out, provenance, note=SYNTH_NOTE, floatfmt='+.3f')
+    write_csv(Path(out, 'tables', f'claims_{name}.csv'), df)
+    return write_text(
+        Path(out, 'tables', f'claims_{name}.md'), f'{provenance}\n\n{claims_markdown(df)}\n\n{SYNTH_NOTE}\n'
+    )
 
 
 def collect_claims(out) -> pd.DataFrame | None:
@@ -495,9 +512,7 @@ def collect_claims(out) -> pd.DataFrame | None:
     counts = ', '.join(f'{(df.verdict == v).sum()} {v}' for v in VERDICTS)
     md = (
         f'{len(df)} published claims tested: {counts}. Effects are means over seeds; intervals are 95 % percentile '
-        f'intervals over seeds and test subjects.\n\n{SYNTH_NOTE}\n\n'
-        + df.to_markdown(index=False, floatfmt='+.3f')
-        + '\n'
+        f'intervals over seeds and test subjects.\n\n{SYNTH_NOTE}\n\n' + claims_markdown(df) + '\n'
     )
     write_text(Path(out, 'tables', 'claims.md'), md)
     return df
