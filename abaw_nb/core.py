@@ -143,6 +143,8 @@ class Config:
     channels_last: bool = True  # 2-D conv weights and 4-D image batches in channels_last memory format (models with
     # Conv2d only): oneDNN's (CPU) and cuDNN's fast layout; see `make bench`
     fused_optim: bool = True  # torch's fused Adam/AdamW/SGD kernels (CPU and CUDA) instead of the per-tensor loops
+    frame_cache: bool = False  # frames decoded and resized once into the shared memory-mapped cache
+    # (`abaw_nb.data.cache`), augmented per batch; used by the datasets of `methods.frame_data` (Emotion-GCN)
     momentum: float = 0.9  # optimizer='sgd': momentum
     nesterov: bool = False  # optimizer='sgd': Nesterov momentum
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # optimizer='adam' | 'adamw': (beta1, beta2)

@@ -199,9 +199,21 @@ class Recipe:
 def frame_data(
     size: int,  # image side
     norm: str = 'resnet50',  # picks the normalisation (and RandAugment for 'vit*'), see `make_transform`
-    **train_kw,  # more training-augmentation options of `make_transform`
+    cache: bool = False,  # `Config.frame_cache`: read from the frame cache, augment per batch (give the recipe
+    # `data.cache.collate` as its collate_fn)
+    cache_folder=None,  # where the frame cache lives (default `cache_dir('frames')`)
+    **train_kw,  # more training-augmentation options of `make_transform` (and of `BatchAugment`)
 ) -> tuple[Callable, Callable]:
     "(train_data, eval_data) builders of single-frame datasets with the package's augmentation."
+    if cache:
+        from abaw_nb.data.cache import CachedFrames, BatchAugment
+
+        aug = lambda train: BatchAugment(train, size, norm, **(train_kw if train else {}))
+        kw = dict(folder=cache_folder, show_progress=False)
+        return (
+            lambda frames, root: CachedFrames(frames, root, size, augment=aug(True), **kw),
+            lambda frames, root: CachedFrames(frames, root, size, augment=aug(False), **kw),
+        )
 
     def train_data(frames, root):
         return FrameDataset(frames, root, make_transform(True, size, norm, **train_kw))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from ..core import check_choice
 from ..data.frames import expr_names, EXPR_SPACES
+from ..data.cache import collate as cache_collate
 from ..models.backbones import build_backbone, BReGNeXt, DenseNetBackbone, count_params
 from ..models.heads import gen_adjacency, normalize_adjacency, GCNClassifierHead, AFFECTNET_ORDER
 from ..models.heads import AFFECTNET_SPEARMAN_VA
@@ -447,7 +448,8 @@ def recipe(cfg, s: EmotionGCNSettings, data: RunData) -> Recipe:
             p['valence'], p['arousal'] = out['va'][:, 0].float(), out['va'][:, 1].float()
         return p
 
-    train_data, eval_data = frame_data(cfg.img_size, 'densenet121' if s.backbone.startswith('densenet') else 'none')
+    norm = 'densenet121' if s.backbone.startswith('densenet') else 'none'
+    train_data, eval_data = frame_data(cfg.img_size, norm, cache=cfg.frame_cache)
     return Recipe(
         model,
         tasks,
@@ -455,6 +457,7 @@ def recipe(cfg, s: EmotionGCNSettings, data: RunData) -> Recipe:
         eval_data,
         loss_fn,
         train_data,
+        collate_fn=cache_collate if cfg.frame_cache else None,
         backbone=s.backbone,
         info=dict(variant=v, adjacency=A, correlation=rho, node_names=node_names(space)),
     )
