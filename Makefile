@@ -41,7 +41,8 @@ env:  ## create .venv from the lock (installs uv first if absent)
 TEST_ENV     := PYTHONFAULTHANDLER=1 ABAW_NB_DIST_TIMEOUT=120
 # nbdev_test runs 2 notebooks at once and pytest 2 test files at once (pytest-xdist, one file per worker, so a module's
 # fixture is built once): one compute thread each (torch's OpenMP and OpenBLAS), not two fighting for a core
-# (OpenBLAS's spinning threads made a small logistic regression 4x slower that way). TEST_WORKERS=0 runs pytest in one process.
+# (OpenBLAS's spinning threads made a small logistic regression 4x slower that way). TEST_WORKERS=0: pytest in one
+# process.
 ONE_THREAD   := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 TEST_WORKERS ?= 2
 NBTEST_LIMIT ?= 35m
