@@ -18,6 +18,7 @@ from ..train.losses import masked_bce
 from ..models.vit import FMAEViT, load_encoder
 from ..methods.fmae import IAT_LAMBDA, build_mae, build_vit, ImageDataset, SubjectFrames, vit_transform
 from ..methods.fmae import mae_transform, pool_images, subsample, cap_rows, split_train_val, probe_split
+from ..methods.fmae import stage_transform
 
 # %% auto #0
 __all__ = ['stage_config', 'make_optimizer', 'stage_dir', 'run_stage', 'pretrain_mae', 'finetune_au', 'finetune_fer',
@@ -173,12 +174,12 @@ def finetune_au(
     for d in (tr, va, te):
         d.attrs = dict(df.attrs)
     blr, epochs, warm = s['au']['recipes'][dataset]['iat' if iat else 'fmae']
-    lam = IAT_LAMBDA[dataset] if iat else 0.0
+    lam = s.get('iat_lambda', IAT_LAMBDA)[dataset] if iat else 0.0
     torch.manual_seed(seed)
     model = build_vit(s, len(aus), num_subjects=len(tr_subj) if iat else 0, grad_reverse=lam)
     if encoder is not None:
         load_encoder(model, encoder)
-    tf_tr, tf_ev = vit_transform(True, s['img_size'], s['au']['crop_scale']), vit_transform(False, s['img_size'])
+    tf_tr, tf_ev = stage_transform(s, 'au'), vit_transform(False, s['img_size'])
     train_ds = SubjectFrames(tr, root, tf_tr, tr_subj)
     val_ds, test_ds = FrameDataset(va, root, tf_ev), FrameDataset(te, root, tf_ev)
     y_va, m_va = val_ds.labels['au'].astype(int), val_ds.labels['au_mask']
@@ -210,7 +211,7 @@ def finetune_au(
         cfg,
         train_ds,
         loss_fn,
-        optimizer=make_optimizer(model, cfg, layer_decay=0.65),
+        optimizer=make_optimizer(model, cfg, layer_decay=s.get('layer_decay', 0.65)),
         val_ds=val_ds,
         predict_fn=_logits,
         score_fn=score_fn,
@@ -270,7 +271,7 @@ def finetune_fer(
     model = build_vit(s, k)
     if encoder is not None:
         load_encoder(model, encoder)
-    train_ds = FrameDataset(tr, root, vit_transform(True, s['img_size'], s['fer']['crop_scale']))
+    train_ds = FrameDataset(tr, root, stage_transform(s, 'fer'))
     test_ds = FrameDataset(te, root, vit_transform(False, s['img_size']))
     cfg = stage_config(
         blr * batch / 256,
@@ -287,7 +288,7 @@ def finetune_fer(
         cfg,
         train_ds,
         lambda out, b: F.cross_entropy(out, b['expr']),
-        optimizer=make_optimizer(model, cfg, layer_decay=0.65),
+        optimizer=make_optimizer(model, cfg, layer_decay=s.get('layer_decay', 0.65)),
         predict_fn=_logits,
         log=log,
     )
