@@ -327,10 +327,12 @@ class FMAESettings:
     "FMAE's own settings for `train_multi` runs."
 
     size: str = choice('large', tuple(VIT_SIZES))  # ViT size (smoke: a toy for tests)
-    layer_decay: float = 0.65
+    layer_decay: float | None = 0.65  # layer-wise lr decay; None: off (cpu: from random weights, see above)
     drop_path: float = 0.1
     pretrained: str | None = None  # MAE / FMAE encoder checkpoint; 'none': random init (None: refused at paper)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    randaugment: bool = True  # RandAugment in training (the paper's)
+    erasing: float = 0.25  # random erasing probability in training (the paper's)
 
 
 def fmae_presets(preset: str, task: str) -> tuple[dict, dict]:
@@ -356,15 +358,17 @@ def fmae_presets(preset: str, task: str) -> tuple[dict, dict]:
             dict(
                 img_size=s['img_size'],
                 batch_size=32,
-                epochs=3,
-                max_steps_per_epoch=40,
+                epochs=16,
+                max_steps_per_epoch=100,
                 optimizer='adamw',
-                lr=2e-3 * 32 / 256,
+                lr=4e-3 * 32 / 256,
                 weight_decay=0.05,
                 schedule='cosine',
                 warmup_epochs=1,
             ),
-            dict(size='small'),
+            dict(
+                size='tiny', layer_decay=None, crop_scale=(0.8, 1.0), randaugment=False, erasing=0.0
+            ),  # as fmae_settings
         )
     return (
         dict(
@@ -412,7 +416,7 @@ def recipe(cfg: Config, s: FMAESettings, data: RunData) -> Recipe:
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
     def train_data(tr, root):
-        return FrameDataset(tr, root, vit_transform(True, cfg.img_size, s.crop_scale))
+        return FrameDataset(tr, root, vit_transform(True, cfg.img_size, s.crop_scale, s.randaugment, s.erasing))
 
     def eval_data(va, root):
         return FrameDataset(va, root, vit_transform(False, cfg.img_size))
