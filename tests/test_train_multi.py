@@ -1,9 +1,10 @@
 """train_multi.ipynb through the papermill CLI, as a researcher calls it."""
 
-import json, os, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 import pytest
-from abaw_nb.train.run import load_run
+from abaw_nb.methods import UnknownSetting
+from abaw_nb.train.run import load_run, run_config
 
 
 def _papermill(root, out_nb, *params, cwd=None):
@@ -47,17 +48,15 @@ def test_train_multi_rejects_invalid_parameters_first(root, tmp_path):
     failed = [i for i, c in enumerate(cells) if any(o.get('output_type') == 'error' for o in c.get('outputs', []))]
     first_code_after = next(i for i in range(inj + 1, len(cells)) if cells[i]['cell_type'] == 'code')
     assert failed == [first_code_after]  # the first cell after the parameters stops the run
-    r = _papermill(root, out, '-p', 'method', 'nosuch')
-    # the registered (built-in) methods are listed
-    assert r.returncode != 0
-    methods = 'fpn, mtl_cnn, mtl_cnn_rnn, emenet, emotion_gcn, fmae'
-    assert f"method='nosuch' is not valid; choose one of: {methods}" in r.stderr
-    # a misspelt setting is refused
-    r = _papermill(root, out, '-p', 'method', 'emenet', '-y', 'extra: {seq_lenn: 6}')
-    assert r.returncode != 0
+    # the same cell's other refusals, called as that cell calls them (a kernel start each would add half a minute)
+    methods = 'fpn, mtl_cnn, mtl_cnn_rnn, emenet, emotion_gcn, fmae'  # the registered (built-in) methods are listed
+    with pytest.raises(ValueError, match=re.escape(f"method='nosuch' is not valid; choose one of: {methods}")):
+        run_config('nosuch', 'va', 'smoke')
+    with pytest.raises(UnknownSetting) as e:  # a misspelt setting is refused
+        run_config('emenet', 'va', 'smoke', extra={'seq_lenn': 6})
     assert (
         "unknown setting(s) ['seq_lenn'] of method 'emenet'; valid settings: backbone (str), "
-        'pretrained (str | None), audio (bool)' in r.stderr
+        'pretrained (str | None), audio (bool)' in str(e.value)
     )
 
 
