@@ -366,9 +366,13 @@ def fmae_presets(preset: str, task: str) -> tuple[dict, dict]:
                 schedule='cosine',
                 warmup_epochs=1,
             ),
-            dict(
-                size='tiny', layer_decay=None, crop_scale=(0.8, 1.0), randaugment=False, erasing=0.0
-            ),  # as fmae_settings
+            dict(  # the AU fine-tuning choices of fmae_settings('cpu')
+                size=s['size'],
+                layer_decay=s['layer_decay'],
+                crop_scale=s['au']['crop_scale'],
+                randaugment=s['au']['randaugment'],
+                erasing=s['au']['erasing'],
+            ),
         )
     return (
         dict(
