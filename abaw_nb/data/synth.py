@@ -1844,6 +1844,8 @@ def generate_cached(
     from filelock import FileLock
 
     kw_key = json.loads(json.dumps({k: v for k, v in kw.items() if k != 'show_progress'}))
+    # the marker records the world's full SynthSize: a folder made before `SIZES` changed is generated anew
+    key = dict(kw_key, version=SYNTH_VERSION, size=json.loads(json.dumps(asdict(get_size(size, **kw_key)))))
     # a world with SynthSize overrides gets its own folder: it never replaces the standard `size-seed` one
     name = f'{size}-{seed}' + (f'-{fingerprint(kw_key)[:8]}' if kw_key else '')
     root = cache_dir('synthaffect', name, create=False)
@@ -1855,7 +1857,7 @@ def generate_cached(
             return None
         have = json.loads(marker.read_text())
         done = have.pop('formats', [])
-        return done if have == dict(kw_key, version=SYNTH_VERSION) else None  # another version: generated anew
+        return done if have == key else None  # another generator version or size: generated anew
 
     done = cached()
     if done is not None and all(f in done for f in formats):
@@ -1866,7 +1868,7 @@ def generate_cached(
             missing = tuple(f for f in formats if f not in done)
             if missing:
                 add_formats(root, missing)  # same world: write the new layouts only, no re-rendering
-                mark = dict(formats=done + list(missing), version=SYNTH_VERSION, **kw_key)
+                mark = dict(key, formats=done + list(missing))
                 write_text(marker, json.dumps(mark, sort_keys=True))
             return root
         for stale in root.parent.glob(f'.{root.name}.tmp-*'):
@@ -1875,7 +1877,7 @@ def generate_cached(
         t0 = time.time()
         try:
             generate(tmp, size, seed, formats=formats, workers=workers or os.cpu_count() or 1, **kw)
-            mark = dict(formats=list(formats), version=SYNTH_VERSION, **kw_key)
+            mark = dict(key, formats=list(formats))
             write_text(tmp / _MARKER, json.dumps(mark, sort_keys=True))
             if root.exists():
                 shutil.rmtree(root)  # unfinished or another world: replaced
