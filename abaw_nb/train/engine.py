@@ -168,6 +168,15 @@ class IndexedDataset(torch.utils.data.Dataset):
             raise TypeError(f'dataset items must be dicts, got {type(item).__name__}')
         return {'index': i, **item}
 
+    def __getitems__(self, idx: list):
+        # the DataLoader reads a whole batch through here: a dataset that reads batches at once (the frame cache's
+        # one memory-map gather and one batch augmentation) keeps that path instead of being read item by item
+        get = getattr(self.ds, '__getitems__', None)
+        if get is None:
+            return [self[i] for i in idx]
+        items = get(idx)
+        return [{'index': i, **it} for i, it in zip(idx, items)] if isinstance(items, list) else items
+
 
 def make_loader(
     ds,
