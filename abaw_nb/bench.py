@@ -855,6 +855,11 @@ def _method_passes(quick, conv):
         dict(methods=tuple(conv), preset='paper', profile=True, steps=2),  # as the project trains, profiled
         dict(methods=vit, preset='paper', steps=1),  # ViT-L/16 at 224 px: ~15 s a training step on 2 cores
         dict(methods=tuple(conv), preset='paper', channels_last=True, optim_impl='fused', steps=2),  # the CPU fixes
+        # torch.compile (inductor) on CPU for the depthwise network furthest from the target: ~50 s to compile on
+        # 2 cores, then 1.2x a step (measured once by hand); warm-up steps absorb the compilation
+        dict(
+            methods=('emenet',), preset='paper', channels_last=True, optim_impl='fused', compile=True, steps=2, warmup=2
+        ),
         dict(preset='cpu', channels_last=True, optim_impl='fused', steps=2),
     ]  # as make reproduce trains (the engine's defaults)
     if torch.cuda.is_available():  # untested in the session that wrote it (no GPU)
