@@ -162,20 +162,23 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ds)
 
-    def __getitem__(self, i):
-        item = self.ds[i]
+    @staticmethod
+    def _indexed(i, item) -> dict:
         if not isinstance(item, dict):
             raise TypeError(f'dataset items must be dicts, got {type(item).__name__}')
         return {'index': i, **item}
+
+    def __getitem__(self, i):
+        return self._indexed(i, self.ds[i])
 
     def __getitems__(self, idx: list):
         # the DataLoader reads a whole batch through here: a dataset that reads batches at once (the frame cache's
         # one memory-map gather and one batch augmentation) keeps that path instead of being read item by item
         get = getattr(self.ds, '__getitems__', None)
-        if get is None:
-            return [self[i] for i in idx]
-        items = get(idx)
-        return [{'index': i, **it} for i, it in zip(idx, items)] if isinstance(items, list) else items
+        items = [self.ds[i] for i in idx] if get is None else get(idx)
+        if not isinstance(items, list):
+            return items  # a batch read and collated at once (the cache's `BatchItems`), its own `index` included
+        return [self._indexed(i, it) for i, it in zip(idx, items)]
 
 
 def make_loader(
