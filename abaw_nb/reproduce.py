@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import find_repo_root, outputs_dir, write_text, git_commit, check_choice, PRESETS
 
 # %% auto #0
-__all__ = ['LEDGER', 'STAGING', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report', 'run_notebook',
+__all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report', 'run_notebook',
            'resource_plan', 'reproduce', 'main']
 
 # %% ../nbs/09_reproduce.ipynb #31657961
@@ -227,16 +227,20 @@ def _clean_stage(stage: Path) -> None:
             p.unlink()
 
 # %% ../nbs/09_reproduce.ipynb #32fe5453
-def _schedule(nbs: list[Path], jobs: int, submit, finish) -> None:
+COLLECTORS = ('60_cross_method',)  # notebooks that read what the notebooks before them saved (predictions/)
+
+
+def _schedule(nbs: list[Path], jobs: int, submit, finish, collects=lambda nb: False) -> None:
     """Run notebooks `jobs` at a time, each in a fresh spawned process: `submit(executor, nb)` starts one and returns
-    its future, `finish(nb, record)` takes each result and returns False to start no further notebook (a failure)."""
+    its future, `finish(nb, record)` takes each result and returns False to start no further notebook (a failure).
+    A notebook for which `collects(nb)` is true starts only when every notebook before it has finished."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, FIRST_COMPLETED, wait
 
     pending, running, go = list(nbs), {}, True
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn'), max_tasks_per_child=1) as ex:
         while running or (pending and go):
-            while pending and go and len(running) < jobs:
+            while pending and go and len(running) < jobs and not (running and collects(pending[0])):
                 nb = pending.pop(0)
                 running[submit(ex, nb)] = nb
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -298,7 +302,8 @@ def reproduce(
     """Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one
     record per notebook. Each notebook runs in its own process; with `jobs` > 1 each kernel gets cores/jobs threads
     and writes into its own staging folder, merged into `out` only when it succeeds: a failure leaves every other
-    notebook's previous outputs intact, the notebooks already running finish, and no new one starts. With
+    notebook's previous outputs intact, the notebooks already running finish, and no new one starts. A notebook in
+    `COLLECTORS` starts when every notebook before it has finished and reads their saved predictions from `out`. With
     `resources`, a notebook whose needs the file does not meet is recorded as skipped, naming what is missing; the
     paper preset needs a resources file, and without one lists what each notebook needs and runs nothing."""
     from abaw_nb.core import cache_dir
@@ -329,7 +334,8 @@ def reproduce(
     def submit(ex, nb):
         if jobs > 1:
             _clean_stage(target(nb))
-        return ex.submit(_run_one, nb, target(nb), out, {**params, **plan[nb.name][0]}, root, timeout, threads)
+        reads = {'predictions_root': str(out)} if nb.stem in COLLECTORS else {}  # not its staging folder
+        return ex.submit(_run_one, nb, target(nb), out, {**params, **plan[nb.name][0], **reads}, root, timeout, threads)
 
     def finish(nb, rec):
         done[nb.name] = rec
@@ -343,7 +349,7 @@ def reproduce(
     for nb in nbs:
         if plan[nb.name][1]:
             finish(nb, _skip_record(nb, params, plan[nb.name][1]))
-    _schedule([nb for nb in nbs if not plan[nb.name][1]], jobs, submit, finish)
+    _schedule([nb for nb in nbs if not plan[nb.name][1]], jobs, submit, finish, lambda nb: nb.stem in COLLECTORS)
     if not nbs:
         print('[reproduce] no paper notebooks found in nbs/paper/ yet', flush=True)
     runs = [done.get(nb.name) or dict(name=nb.name, status='not run') for nb in nbs]

@@ -110,3 +110,16 @@ def test_every_aff_wild2_method_wrote_a_valid_challenge_submission(real_run):
             assert (len(chk), int(chk['rows'].sum())) == (len(lists[r.task]), sum(lists[r.task].values()))
             assert (r.videos, r.rows) == (len(chk), int(chk['rows'].sum()))
         assert {'va', 'expr'} <= set(tab.task), (nb, sorted(set(tab.task)))
+
+
+def test_the_cross_method_table_scored_the_predictions_the_method_notebooks_saved(real_run):
+    """The notebooks run two at a time, each into its own staging folder: the cross-method notebook starts after the
+    others have finished and reads the predictions they saved in the outputs folder, instead of training them again."""
+    _, out, _ = real_run
+    saved = sorted(p.name for p in (out / 'predictions').iterdir())
+    assert {'fpn', 'mtl_cnn', 'mtl_cnn_rnn', 'emenet', 'emotion_gcn'} <= set(saved), saved
+    tab = pd.read_csv(out / 'tables' / 'cross_method_scores.csv')
+    budget = tab.drop_duplicates('method').set_index('method')['budget']
+    for m in saved:
+        assert budget[m].startswith("from its notebook's runs"), (m, budget[m])
+    assert budget['fmae'].startswith('trained here'), budget['fmae']  # no FMAE notebook saves predictions
