@@ -4,7 +4,7 @@
 
 # %% ../../nbs/04b_train.engine.ipynb #b2984b9b
 from __future__ import annotations
-import datetime, json, math, os, pickle, time, zlib
+import datetime, json, math, os, pickle, sys, time, zlib
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -386,15 +386,23 @@ def predict_table(
     device=None,  # default cfg.device
     channels_last: bool | None = None,  # None: the engine's rule for the model (`set_memory_layout`)
     show_progress: bool | None = False,
+    fold_bn: bool | None = None,  # predict with a copy whose BatchNorms are folded in; None: `cfg.fold_bn`
 ) -> pd.DataFrame:
-    "One row per row of `ds`, in dataset order: `index`, the items' key columns, `predict_fn`'s columns."
+    """One row per row of `ds`, in dataset order: `index`, the items' key columns, `predict_fn`'s columns. `model` is
+    left in eval mode; with `fold_bn` a copy of it with each BatchNorm after a convolution folded in predicts
+    (`fold_batchnorm`: the same outputs up to rounding, 1.5x the images/s of MobileFaceNet on a CPU)."""
     dev = get_device(cfg.device if device is None else device)
-    model.to(dev)
-    cl = set_memory_layout(model, cfg) if channels_last is None else channels_last
+    model.to(dev).eval()
+    if (cfg.fold_bn if fold_bn is None else fold_bn) and _has_batchnorm(model):
+        from abaw_nb.models.backbones import fold_batchnorm  # here: it imports torchvision (3 s), the engine does not
+
+        model = fold_batchnorm(model)
+    cl = uses_channels_last(model, cfg) if channels_last is None else channels_last
+    if cl:
+        model.to(memory_format=torch.channels_last)
     c = cfg if num_workers is None else cfg.replace(num_workers=num_workers)
     loader = make_loader(ds, c, False, batch_size=batch_size, drop_last=False, collate_fn=collate_fn)
     forward_fn = forward_fn or _default_forward
-    model.eval()
     cols: dict[str, list] = {}
     for batch in progress(loader, desc='predict', enabled=show_progress):
         batch = to_device(batch, dev, cl)
@@ -410,6 +418,13 @@ def predict_table(
         torch.distributed.all_gather_object(parts, df)
         df = pd.concat(parts)
     return df.drop_duplicates('index').sort_values('index').reset_index(drop=True)
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    "Whether `model` has a BatchNorm2d or a FrozenBatchNorm2d (which exists only once torchvision is imported)."
+    tv = sys.modules.get('torchvision.ops.misc')
+    kinds = (nn.BatchNorm2d, *((tv.FrozenBatchNorm2d,) if tv else ()))
+    return any(isinstance(m, kinds) for m in model.modules())
 
 
 def _batch_rows(batch: dict, pred: dict) -> dict:
