@@ -423,6 +423,25 @@ def _profile_step(step, cuda):
     return {'top_ops': ops[:8], 'by_kind': dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
 
 
+def _folded_inference_s(model, fwd, b, channels_last: bool, compile_: bool, dev, precision, timed) -> float | None:
+    """Seconds of one inference step of a copy with the BatchNorms folded in (`Config.fold_bn`, `abaw-predict`); None
+    for a network without BatchNorm, or under compile (a second compilation)."""
+    from abaw_nb.models.backbones import fold_batchnorm
+    from abaw_nb.train.engine import _has_batchnorm
+
+    if compile_ or not _has_batchnorm(model):
+        return None
+    folded = fold_batchnorm(model)
+    if channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+
+    def infer():
+        with torch.no_grad(), autocast(dev, precision):
+            fwd(folded, b)
+
+    return timed(infer)
+
+
 def _method_step(
     method,
     preset='paper',
@@ -496,6 +515,7 @@ def _method_step(
 
     inf_s = timed(infer, steps)
     inf_mem = peak_mem()
+    fold_s = _folded_inference_s(model, fwd, b, channels_last, compile, dev, precision, lambda f: timed(f, steps))
     model.train()
     reset_peak()
     with autocast(dev, precision):
@@ -541,6 +561,7 @@ def _method_step(
         inference_flops_per_image=inf_flops / n_img,
         inference_achieved_gflops=inf_flops / inf_s / 1e9,
         inference_peak_mem_mib=inf_mem / 2**20,
+        inference_folded_images_per_s=n_img / fold_s if fold_s else float('nan'),
         local_peak_gflops=local_peak / 1e9,
     )
     if profile:
@@ -1214,6 +1235,7 @@ def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str
             _md(tabs['inference'], [c.replace('train_', 'inference_') for c in cols]),
             '',
         ]
+        L += _folded_section(tabs['inference'])
     if 'data_pipeline' in tabs:
         L += ['## Data pipeline (decode + augment) vs consumption', '', _md(tabs['data_pipeline']), '']
         if 'consumption' in tabs:
@@ -1303,6 +1325,18 @@ def main(argv=None):
     res = run_benchmarks(a.out, a.sections, a.quick, a.methods)
     print(f"[bench] wrote {res['out']}")
     return 0
+
+# %% ../nbs/10_bench.ipynb #7fb27b941602401d91542211134fc71a
+def _folded_section(inf: pd.DataFrame) -> list[str]:
+    "BENCH.md lines: inference with the BatchNorms folded in against the same variant unfolded (networks with BN)."
+    if 'inference_folded_images_per_s' not in inf or not inf['inference_folded_images_per_s'].notna().any():
+        return []
+    cols = ['method', 'preset', 'variant', 'backbone', 'inference_images_per_s', 'inference_folded_images_per_s']
+    f = inf.dropna(subset=['inference_folded_images_per_s'])[cols]
+    f = f.assign(folded_speedup=f['inference_folded_images_per_s'] / f['inference_images_per_s'])
+    head = 'The same inference steps with each BatchNorm folded into the convolution before it (`Config.fold_bn`; '
+    head += '`abaw-predict` always folds):'
+    return [head, '', f.to_markdown(index=False, floatfmt='.4g'), '']
 
 # %% ../nbs/10_bench.ipynb #60ebebfd
 CACHED_PIPELINE_SIZES = ((32, 'resnet50'), (64, 'resnet50'), (112, 'resnet50'), (128, 'resnet50'), (224, 'vit'))
