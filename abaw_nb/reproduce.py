@@ -208,7 +208,11 @@ STAGING = '.parallel'  # with jobs > 1: each notebook writes into outputs/.paral
 
 
 def _merge_staged(stage: Path, out: Path) -> None:
-    "Move every file a finished notebook wrote into its staging folder to the same place under `out`; runs/ stays."
+    """Move every file a finished notebook wrote into its staging folder to the same place under `out`; runs/ stays.
+    A `predictions/<method>` folder it wrote replaces that folder whole (no seed of an earlier run stays beside it)."""
+    staged = stage / 'predictions'
+    for d in sorted(p for p in staged.iterdir() if p.is_dir()) if staged.is_dir() else []:
+        shutil.rmtree(out / 'predictions' / d.name, ignore_errors=True)
     for f in sorted(stage.rglob('*')):
         rel = f.relative_to(stage)
         if f.is_file() and rel.parts[0] != 'runs':
