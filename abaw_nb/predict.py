@@ -240,7 +240,10 @@ def _predict_crops(self, crops: list, groups=None) -> pd.DataFrame:
         fr = memory_frames(len(imgs), groups, self.expr_space, self.au_space or 'affwild2_12')
         self._datasets[key] = self.dataset(fr, MEMORY_ROOT)
     ds = in_memory(self._datasets[key], imgs)
-    t = predict_table(self.model, ds, self.cfg, self.predict_fn, self.forward_fn, self.collate_fn, num_workers=0)
+    # fold_bn=False: the model was folded once when the Predictor was made (its `fold_bn`), not again per batch
+    t = predict_table(
+        self.model, ds, self.cfg, self.predict_fn, self.forward_fn, self.collate_fn, num_workers=0, fold_bn=False
+    )
     return t.drop(columns=[c for c in ('split', 'dataset', 'video', 'frame') if c in t.columns])
 
 
