@@ -13,12 +13,14 @@ from ..core import check_choice, write_csv
 from ..models.backbones import build_backbone, ferplus_key
 from ..models.heads import MLPHead, TemporalGRUHead, bins_to_va, AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, kd_kl, kd_kl_bins, bce_soft, valid_mask
-from ..data.loading import FrameDataset, ClipDataset, make_transform
+from ..data.loading import ClipDataset, make_transform
 from ..data.sampling import ml_ros_weights, expr_weights, va_weights, PoolSampler
 from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
 from ..checkpoints import load_mapped, build_on, head_key
 from . import MethodSpec, Recipe, RunData, choice, register_method, get_method, Init, init_weights
+from . import frame_data
+from ..data.cache import collate as cache_collate
 
 # %% auto #0
 __all__ = ['TASKS', 'N_BINS', 'TEACHER_WEIGHTS', 'EXTERNAL', 'FERPLUS_INIT', 'MultitaskCNN', 'flat_targets', 'flat_outputs',
@@ -565,28 +567,39 @@ def recipe(cfg, s: MTLSettings, data: RunData) -> Recipe:
         return predict_columns(out, au_names, N_BINS, s.anchors, expr_decision=not temporal)
 
     train_data, sampler, eval_data = (_clip_data if temporal else _frame_data)(cfg, s, tasks)
-    return Recipe(model, tasks, predict_fn, eval_data, loss_fn, train_data, sampler, forward_fn, backbone=s.backbone)
+    cached = cfg.frame_cache and not temporal  # the CNN's frames from the frame cache (the CNN-RNN's clips: JPEGs)
+    return Recipe(
+        model,
+        tasks,
+        predict_fn,
+        eval_data,
+        loss_fn,
+        train_data,
+        sampler,
+        forward_fn,
+        collate_fn=cache_collate if cached else None,
+        backbone=s.backbone,
+    )
 
 
 def _frame_data(cfg, s: CNNSettings, tasks):
     """(train_data, sampler, eval_data) of the CNN: external frames merged, per-task pools drawn by the balancing
     sampler."""
 
+    build_train, build_eval = frame_data(cfg.img_size, s.backbone, cache=cfg.frame_cache)
+
     def train_data(tr, root):
         fmts = tuple(f for t, f in EXTERNAL.items() if t in tasks and f in tuple(s.external or ()))
         ext = external_root_frames(cfg, s, root, fmts, tr.attrs) if fmts else None
         if ext is not None and len(ext):
             tr = merge_external(tr, ext)
-        return FrameDataset(tr, root, make_transform(True, cfg.img_size, s.backbone))
+        return build_train(tr, root)
 
     def sampler(ds):
         pools = {t: r for t, r in task_pools(ds.df, s.undersample).items() if t in tasks}
         return task_sampler(ds.df, pools, s.balance, per_task=s.per_task, seed=cfg.seed)
 
-    def eval_data(fr, root):
-        return FrameDataset(fr, root, make_transform(False, cfg.img_size, s.backbone))
-
-    return train_data, sampler, eval_data
+    return train_data, sampler, build_eval
 
 
 def _clip_data(cfg, s: CNNRNNSettings, tasks):
