@@ -423,9 +423,9 @@ def _profile_step(step, cuda):
     return {'top_ops': ops[:8], 'by_kind': dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
 
 
-def _folded_inference_s(model, fwd, b, channels_last: bool, compile_: bool, dev, precision, timed) -> float | None:
-    """Seconds of one inference step of a copy with the BatchNorms folded in (`Config.fold_bn`, `abaw-predict`); None
-    for a network without BatchNorm, or under compile (a second compilation)."""
+def _folded_inference_s(model, channels_last: bool, compile_: bool, time_infer) -> float | None:
+    """Seconds of one inference step (`time_infer(network)`) of a copy with the BatchNorms folded in (`Config.fold_bn`,
+    `abaw-predict`); None for a network without BatchNorm, or under compile (a second compilation)."""
     from abaw_nb.models.backbones import fold_batchnorm
     from abaw_nb.train.engine import _has_batchnorm
 
@@ -434,12 +434,7 @@ def _folded_inference_s(model, fwd, b, channels_last: bool, compile_: bool, dev,
     folded = fold_batchnorm(model)
     if channels_last:
         folded = folded.to(memory_format=torch.channels_last)
-
-    def infer():
-        with torch.no_grad(), autocast(dev, precision):
-            fwd(folded, b)
-
-    return timed(infer)
+    return time_infer(folded)
 
 
 def _method_step(
@@ -509,13 +504,16 @@ def _method_step(
     with autocast(dev, precision):
         inf_flops = count_step_flops(model, lambda: fwd(model, b), train=False)
 
-    def infer():
-        with torch.no_grad(), autocast(dev, precision):
-            fwd(run, b)
+    def infer_on(net):
+        def infer():
+            with torch.no_grad(), autocast(dev, precision):
+                fwd(net, b)
 
-    inf_s = timed(infer, steps)
+        return infer
+
+    inf_s = timed(infer_on(run), steps)
     inf_mem = peak_mem()
-    fold_s = _folded_inference_s(model, fwd, b, channels_last, compile, dev, precision, lambda f: timed(f, steps))
+    fold_s = _folded_inference_s(model, channels_last, compile, lambda net: timed(infer_on(net), steps))
     model.train()
     reset_peak()
     with autocast(dev, precision):
