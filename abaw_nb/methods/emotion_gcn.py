@@ -26,8 +26,9 @@ from . import MethodSpec, Recipe, RunData, choice, register_method, frame_data, 
 __all__ = ['VARIANTS', 'SUPPORTED_TASKS', 'VA_NODES', 'MINILM_TABLE', 'BACKBONE_CHOICES', 'AFFECTNET_COUNTS', 'PRESET_BACKBONES',
            'GCN_INIT', 'node_names', 'label_correlation', 'label_adjacency', 'canonical_word', 'published_adjacency',
            'label_embeddings', 'embedding_info', 'SmallDenseNet', 'make_backbone', 'EmotionGCNNet', 'class_weights',
-           'EmotionGCNLoss', 'EmotionGCNSettings', 'gcn_presets', 'weight_mode', 'graph_for', 'recipe',
-           'preset_backbones', 'import_emotion_gcn', 'import_emotion_gcn_multi', 'import_emotion_gcn_bregnext']
+           'EmotionGCNLoss', 'EmotionGCNSettings', 'gcn_presets', 'weight_mode', 'gcn_expr_scale', 'graph_for',
+           'recipe', 'preset_backbones', 'import_emotion_gcn', 'import_emotion_gcn_multi',
+           'import_emotion_gcn_bregnext']
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #2785651b
 VARIANTS = ('single_task', 'multi_task', 'emotion_gcn')
@@ -244,10 +245,11 @@ class EmotionGCNNet(nn.Module):
         embeddings=None,  # (n_expr+2, d) node inputs for the GCN variant (default: MiniLM table, expr7 names)
         hidden: int = 512,  # GCN hidden width
         pretrained=None,
+        expr_scale: float = 1.0,  # the GCN variant's expression logits times this (1: the original; `gcn_expr_scale`)
     ):
         super().__init__()
         check_choice('variant', variant, VARIANTS)
-        self.variant, self.n_expr = variant, n_expr
+        self.variant, self.n_expr, self.expr_scale = variant, n_expr, float(expr_scale)
         self.backbone = make_backbone(backbone, variant, pretrained)
         d = self.backbone.out_dim
         if variant == 'emotion_gcn':
@@ -271,7 +273,8 @@ class EmotionGCNNet(nn.Module):
         f = self.backbone(x)
         if self.variant == 'emotion_gcn':
             y = self.gcn(f)
-            return {'expr': y[:, : self.n_expr], 'va': y[:, self.n_expr :]}
+            e = y[:, : self.n_expr]
+            return {'expr': e * self.expr_scale if self.expr_scale != 1 else e, 'va': y[:, self.n_expr :]}
         out = {'expr': self.fc_cat(f)}
         if self.variant == 'multi_task':
             out['va'] = self.fc_cont(f)
@@ -348,6 +351,7 @@ class EmotionGCNSettings:
     embeddings: str = 'minilm'  # 'minilm' | 'onehot' | path to a GloVe .txt, a .npy or a .csv table
     hidden: int = 512
     pretrained: str | None = None  # DenseNet-121 ImageNet weights file; 'none': random init (None: refused at paper)
+    expr_logit_scale: float | None = None  # GCN expression logits times this; None: `gcn_expr_scale`'s default
 
 
 def gcn_presets(preset: str, task: str) -> tuple[dict, dict]:
@@ -410,6 +414,15 @@ def weight_mode(cfg, s: EmotionGCNSettings) -> str:
     return ('inverse' if cfg.data_format == 'affectnet' else 'none') if m == 'auto' else m
 
 
+def gcn_expr_scale(cfg, s: EmotionGCNSettings) -> float:
+    """The GCN variant's expression-logit multiplier (an inverse softmax temperature): the setting, else 8 for the
+    BReG-NeXt family in the cpu and smoke presets (their small budgets, see "The GCN's expression-logit scale") and 1,
+    the original, everywhere else."""
+    if s.expr_logit_scale is not None:
+        return float(s.expr_logit_scale)
+    return 8.0 if cfg.preset in ('cpu', 'smoke') and s.backbone.startswith('bregnext') else 1.0
+
+
 def graph_for(s: EmotionGCNSettings, data: RunData) -> tuple[torch.Tensor, pd.DataFrame | None]:
     "(A, rho) of a run: from its training labels, the published AffectNet graph, or the identity."
     how, space, n_expr = s.adjacency, data.expr_space, data.n_expr
@@ -430,7 +443,8 @@ def recipe(cfg, s: EmotionGCNSettings, data: RunData) -> Recipe:
     if v == 'emotion_gcn':
         A, rho = graph_for(s, data)
         E = label_embeddings(node_names(space), s.embeddings)
-    model = EmotionGCNNet(v, s.backbone, n_expr, A, E, s.hidden, init_weights(cfg, s) if data.training else None)
+    init = init_weights(cfg, s) if data.training else None
+    model = EmotionGCNNet(v, s.backbone, n_expr, A, E, s.hidden, init, gcn_expr_scale(cfg, s))
     weights = class_weights(data.train, n_expr, weight_mode(cfg, s), space) if data.training else None
     crit = EmotionGCNLoss(weights, s.lambda_multi)
     tasks = ('expr',) if v == 'single_task' else ('va', 'expr')
@@ -459,7 +473,9 @@ def recipe(cfg, s: EmotionGCNSettings, data: RunData) -> Recipe:
         train_data,
         collate_fn=cache_collate if cfg.frame_cache else None,
         backbone=s.backbone,
-        info=dict(variant=v, adjacency=A, correlation=rho, node_names=node_names(space)),
+        info=dict(
+            variant=v, adjacency=A, correlation=rho, node_names=node_names(space), expr_scale=gcn_expr_scale(cfg, s)
+        ),
     )
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #10185d26023b46108eb7d9f57d49d2b3
