@@ -273,8 +273,7 @@ class EmotionGCNNet(nn.Module):
         f = self.backbone(x)
         if self.variant == 'emotion_gcn':
             y = self.gcn(f)
-            e = y[:, : self.n_expr]
-            return {'expr': e * self.expr_scale if self.expr_scale != 1 else e, 'va': y[:, self.n_expr :]}
+            return {'expr': y[:, : self.n_expr] * self.expr_scale, 'va': y[:, self.n_expr :]}
         out = {'expr': self.fc_cat(f)}
         if self.variant == 'multi_task':
             out['va'] = self.fc_cont(f)
@@ -444,7 +443,8 @@ def recipe(cfg, s: EmotionGCNSettings, data: RunData) -> Recipe:
         A, rho = graph_for(s, data)
         E = label_embeddings(node_names(space), s.embeddings)
     init = init_weights(cfg, s) if data.training else None
-    model = EmotionGCNNet(v, s.backbone, n_expr, A, E, s.hidden, init, gcn_expr_scale(cfg, s))
+    scale = gcn_expr_scale(cfg, s)
+    model = EmotionGCNNet(v, s.backbone, n_expr, A, E, s.hidden, init, scale)
     weights = class_weights(data.train, n_expr, weight_mode(cfg, s), space) if data.training else None
     crit = EmotionGCNLoss(weights, s.lambda_multi)
     tasks = ('expr',) if v == 'single_task' else ('va', 'expr')
@@ -473,9 +473,7 @@ def recipe(cfg, s: EmotionGCNSettings, data: RunData) -> Recipe:
         train_data,
         collate_fn=cache_collate if cfg.frame_cache else None,
         backbone=s.backbone,
-        info=dict(
-            variant=v, adjacency=A, correlation=rho, node_names=node_names(space), expr_scale=gcn_expr_scale(cfg, s)
-        ),
+        info=dict(variant=v, adjacency=A, correlation=rho, node_names=node_names(space), expr_scale=scale),
     )
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #10185d26023b46108eb7d9f57d49d2b3
