@@ -15,11 +15,12 @@ from .data.frames import expr_names
 from .metrics import expr_metrics, au_metrics, au_auc, ccc
 
 # %% auto #0
-__all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'SYNTH_NOTE', 'majority_floor', 'all_positive_floor', 'pixel_features', 'pixel_probe',
-           'expr_f1_metric', 'expr_acc_metric', 'ccc_metric', 'au_f1_metric', 'au_auc_metric', 'accuracy_metric',
-           'bootstrap_effect', 'paper_seeds', 'labelled', 'task_arrays', 'tune_au_thresholds', 'score_arrays',
-           'floor_predictions', 'decide', 'task_table', 'save_predictions', 'load_predictions', 'signed',
-           'claims_markdown', 'verdict', 'claim_row', 'save_claims', 'collect_claims']
+__all__ = ['INTERVAL', 'CLAIM_COLUMNS', 'VERDICTS', 'SYNTH_NOTE', 'OLD_INTERVAL', 'INTERVAL_WORDS', 'majority_floor',
+           'all_positive_floor', 'pixel_features', 'pixel_probe', 'expr_f1_metric', 'expr_acc_metric', 'ccc_metric',
+           'au_f1_metric', 'au_auc_metric', 'accuracy_metric', 'bootstrap_effect', 'paper_seeds', 'labelled',
+           'task_arrays', 'tune_au_thresholds', 'score_arrays', 'floor_predictions', 'decide', 'task_table',
+           'save_predictions', 'load_predictions', 'signed', 'claims_markdown', 'verdict', 'claim_row', 'save_claims',
+           'collect_claims']
 
 # %% ../nbs/08b_claims.ipynb #273c5821
 def majority_floor(
@@ -159,16 +160,19 @@ def _take(x, idx):
     return x.iloc[idx] if isinstance(x, (pd.DataFrame, pd.Series)) else np.asarray(x)[idx]
 
 
-def _effect(metric, y, a, b, idx, seeds) -> float:
-    "Mean over `seeds` of metric(A) - metric(B) on rows `idx`."
+def _seed_effects(metric, y, a, b, idx) -> np.ndarray:
+    "metric(A_s) - metric(B_s) on rows `idx`, one value per seed s of A (B: one per seed, or one for all)."
     ys = _take(y, idx)
-    diffs = []
-    for s in seeds:
+    out = []
+    for s in range(len(a)):
         ref = 0.0 if b is None else metric(ys, _take(b[s if len(b) > 1 else 0], idx))
-        diffs.append(metric(ys, _take(a[s], idx)) - ref)
-    return float(np.mean(diffs))
+        out.append(metric(ys, _take(a[s], idx)) - ref)
+    return np.asarray(out, dtype=float)
 
 
+INTERVAL = 'subject bootstrap (+) seed t'  # the `interval` column of the claims rows `bootstrap_effect` feeds
+
+# %% ../nbs/08b_claims.ipynb #4dd4641cc4064e0191573fe9c69df29b
 def bootstrap_effect(
     metric: Callable,  # (labels, predictions) -> float, dataset level
     y,  # test labels, one row per frame
@@ -179,22 +183,37 @@ def bootstrap_effect(
     seed: int = 0,  # the bootstrap's own generator
     level: float = 0.95,
 ) -> dict:
-    "Effect (mean over seeds) with a percentile interval from resampling seeds and test subjects; see above."
+    "Effect (mean over seeds) with an interval from a subject bootstrap and a t interval over seeds; see above."
+    from scipy.stats import t as student_t
+
     if b is not None and len(b) not in (1, len(a)):
         raise ValueError(f'b has {len(b)} seeds; give one per seed of a ({len(a)}) or a single reference')
     subj = np.asarray(subjects)
     groups = [np.flatnonzero(subj == s) for s in pd.unique(subj)]
     rng = np.random.default_rng(seed)
-    n_seeds = len(a)
-    point = _effect(metric, y, a, b, np.arange(len(subj)), range(n_seeds))
+    per_seed = _seed_effects(metric, y, a, b, np.arange(len(subj)))
+    point = float(per_seed.mean())
     reps = np.empty(n_boot)
     for r in range(n_boot):
         pick = rng.integers(0, len(groups), len(groups))
-        idx = np.concatenate([groups[g] for g in pick])
-        reps[r] = _effect(metric, y, a, b, idx, rng.integers(0, n_seeds, n_seeds))
+        reps[r] = _seed_effects(metric, y, a, b, np.concatenate([groups[g] for g in pick])).mean()
     q = (1 - level) / 2
     lo, hi = np.nanquantile(reps, [q, 1 - q])
-    return dict(effect=point, ci_low=float(lo), ci_high=float(hi), n_seeds=n_seeds, n_subjects=len(groups))
+    n = len(a)
+    sd = float(per_seed.std(ddof=1)) if n > 1 else 0.0
+    half = float(student_t.ppf(1 - q, n - 1) * sd / np.sqrt(n)) if n > 1 else 0.0
+    lo = point - np.hypot(max(point - lo, 0.0), half)
+    hi = point + np.hypot(max(hi - point, 0.0), half)
+    return dict(
+        effect=point,
+        ci_low=float(lo),
+        ci_high=float(hi),
+        n_seeds=n,
+        n_subjects=len(groups),
+        seed_effects=per_seed.tolist(),
+        seed_sd=sd,
+        interval=INTERVAL,
+    )
 
 # %% ../nbs/08b_claims.ipynb #acae54e37e7d407bbb7b55eff062a284
 def paper_seeds(
@@ -416,7 +435,7 @@ def claims_markdown(df: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, disable_numparse=True)  # the strings as written, not parsed back
 
 # %% ../nbs/08b_claims.ipynb #2df5bcc7
-CLAIM_COLUMNS = ('method', 'claim', 'metric', 'effect', 'ci_low', 'ci_high', 'n_seeds', 'verdict', 'reason')
+CLAIM_COLUMNS = ('method', 'claim', 'metric', 'effect', 'ci_low', 'ci_high', 'n_seeds', 'verdict', 'reason', 'interval')
 VERDICTS = ('shown', 'not shown', 'contradicted', 'untestable here')
 
 
@@ -457,6 +476,7 @@ def claim_row(
             n_seeds=0,
             verdict='untestable here',
             reason=untestable,
+            interval='',
         )
     if boot is None:
         raise ValueError('claim_row needs a bootstrap result, or untestable=<reason>')
@@ -465,6 +485,7 @@ def claim_row(
         reason
         or f"95 % CI [{signed(boot['ci_low'])}, {signed(boot['ci_high'])}] over {boot['n_seeds']} seeds and "
         f"{boot.get('n_subjects', '?')} test subjects"
+        + (f" (per-seed sd {boot['seed_sd']:.3f})" if boot.get('n_seeds', 0) > 1 and 'seed_sd' in boot else '')
     )
     return dict(
         method=method,
@@ -476,6 +497,7 @@ def claim_row(
         n_seeds=boot['n_seeds'],
         verdict=v,
         reason=why,
+        interval=boot.get('interval', ''),
     )
 
 # %% ../nbs/08b_claims.ipynb #ddb5a7fe
@@ -502,17 +524,37 @@ def save_claims(
     )
 
 
+OLD_INTERVAL = 'seed and subject percentile bootstrap'  # claims tables written before the `interval` column
+INTERVAL_WORDS = {
+    INTERVAL: 'a bootstrap over test subjects and a t interval over seeds, half-widths added in quadrature',
+    OLD_INTERVAL: 'the earlier percentile bootstrap over seeds and test subjects, which understates the seed spread',
+}
+
+
+def _interval_sentence(df: pd.DataFrame) -> str:
+    "How the rows' intervals were computed, counted per method of computing them (see `bootstrap_effect`)."
+    kinds = df.loc[df['interval'].fillna('') != '', 'interval'].value_counts()
+    said = [f'{n} from {INTERVAL_WORDS.get(k, k)}' for k, n in kinds.items()]
+    return f"Effects are means over seeds; 95 % intervals: {'; '.join(said) or 'none'} (the `interval` column)."
+
+
 def collect_claims(out) -> pd.DataFrame | None:
     "Merge every `tables/claims_*.csv` under `out` into `tables/claims.csv` and `claims.md`; None when there is none."
     parts = sorted(Path(out, 'tables').glob('claims_*.csv'))
     if not parts:
         return None
-    df = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)[list(CLAIM_COLUMNS)]
+    tabs = [pd.read_csv(p) for p in parts]
+    tabs = [
+        t if 'interval' in t.columns else t.assign(interval=np.where(t.n_seeds > 0, OLD_INTERVAL, '')) for t in tabs
+    ]
+    df = pd.concat(tabs, ignore_index=True)[list(CLAIM_COLUMNS)]
+    df['interval'] = df['interval'].fillna('')
     write_csv(Path(out, 'tables', 'claims.csv'), df)
     counts = ', '.join(f'{(df.verdict == v).sum()} {v}' for v in VERDICTS)
     md = (
-        f'{len(df)} published claims tested: {counts}. Effects are means over seeds; intervals are 95 % percentile '
-        f'intervals over seeds and test subjects.\n\n{SYNTH_NOTE}\n\n' + claims_markdown(df) + '\n'
+        f'{len(df)} published claims tested: {counts}. {_interval_sentence(df)}\n\n{SYNTH_NOTE}\n\n'
+        + claims_markdown(df)
+        + '\n'
     )
     write_text(Path(out, 'tables', 'claims.md'), md)
     return df
