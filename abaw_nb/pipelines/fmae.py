@@ -255,7 +255,8 @@ def finetune_fer(
     log=None,
     out_dir=None,  # the stage's run folder (see `stage_dir`)
 ) -> dict:
-    "Fine-tune an expression classifier; returns accuracy and macro-F1 on the held-out split, history and model."
+    """Fine-tune an expression classifier; returns accuracy and macro-F1 on the held-out split, the held-out rows
+    scored (`held`: the `max_eval` sample, which floors must be scored on too), history and model."""
     check_choice('layout', layout, ('rafdb', 'affectnet8'))
     space = frames.attrs['expr_space']
     k = len(expr_names(space))
@@ -300,6 +301,7 @@ def finetune_fer(
         f1=m['f1'],
         n_test=len(te),
         n_classes=k,
+        held=te,
         history=pd.DataFrame(t.history),
         model=t.model,
     )
