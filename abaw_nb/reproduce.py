@@ -10,7 +10,7 @@ from .core import find_repo_root, outputs_dir, write_text, git_commit, check_cho
 
 # %% auto #0
 __all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report', 'run_notebook',
-           'resource_plan', 'reproduce', 'main']
+           'resource_plan', 'default_jobs', 'reproduce', 'main']
 
 # %% ../nbs/09_reproduce.ipynb #31657961
 def paper_notebooks(root: str | Path | None = None) -> list[Path]:
@@ -73,12 +73,12 @@ def write_report(
         lines += [
             '## Notebooks run',
             '',
-            '| notebook | status | preset | data | seconds | peak memory (MiB) | commit |',
-            '|---|---|---|---|---|---|---|',
+            '| notebook | status | preset | data | threads | seconds | peak memory (MiB) | commit |',
+            '|---|---|---|---|---|---|---|---|',
         ]
         for name, r in ledger.items():
             lines.append(
-                f"| `{name}` | {r['status']} | {r.get('preset', '')} | {r.get('data', '')} | "
+                f"| `{name}` | {r['status']} | {r.get('preset', '')} | {r.get('data', '')} | {r.get('threads', '')} | "
                 f"{r.get('seconds', float('nan')):.1f} | {r.get('peak_rss_mb', float('nan')):.0f} | "
                 f"`{r.get('commit', '')}` |"
             )
@@ -181,6 +181,7 @@ def _run_one(nb: Path, target: Path, out: Path, params: dict, root: Path, timeou
     data = params.get('data_root', 'SynthAffect')
     print(f"[reproduce] {nb.name} (preset {params['preset']}, data {data}) ...", flush=True)
     rec = dict(name=nb.name, preset=params['preset'], data=data, commit=git_commit())
+    rec['threads'] = threads or int(os.environ.get('OMP_NUM_THREADS') or 0) or os.cpu_count()  # it changes rounding
     for sub in ('tables', 'figures'):
         (target / sub).mkdir(parents=True, exist_ok=True)
     try:
@@ -290,6 +291,15 @@ def _paper_needs_only(nbs: list[Path]) -> list[dict]:
     print(needs_table().to_markdown(index=False), flush=True)
     return [dict(name=nb.name, status='not run', reason='no resources file') for nb in nbs]
 
+# %% ../nbs/09_reproduce.ipynb #72eea5119410473aa328ad9291626812
+def default_jobs(
+    preset: str,
+    cores: int | None = None,  # default: this machine's
+) -> int:
+    "Notebooks run at once by default: 2 for smoke and cpu (1 on a one-core machine), 1 for paper (one GPU)."
+    check_choice('preset', preset, PRESETS)
+    return 1 if preset == 'paper' else min(2, cores or os.cpu_count() or 1)
+
 # %% ../nbs/09_reproduce.ipynb #dee6b7f5
 def reproduce(
     preset: str = 'cpu',  # smoke | cpu | paper
@@ -299,9 +309,7 @@ def reproduce(
     notebooks: list[Path] | None = None,  # explicit notebooks (default: `paper_notebooks()`)
     data_root: str | Path | None = None,  # real data for every notebook (None: SynthAffect)
     resources: str | Path | None = None,  # a resources file (abaw_nb.resources): each notebook gets what it needs
-    jobs: int | None = None,  # notebooks at once; None: 2 for smoke (kernel start and imports are
-    # single-threaded), 1 otherwise (training uses every core, and one
-    # order of floating-point work keeps the committed cpu tables)
+    jobs: int | None = None,  # notebooks at once; None: `default_jobs(preset)`
 ) -> list[dict]:
     """Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one
     record per notebook. Each notebook runs in its own process; with `jobs` > 1 each kernel gets cores/jobs threads
@@ -313,7 +321,7 @@ def reproduce(
     from abaw_nb.core import cache_dir
 
     check_choice('preset', preset, PRESETS)
-    jobs = (2 if preset == 'smoke' else 1) if jobs is None else int(jobs)
+    jobs = default_jobs(preset) if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f'jobs={jobs}: run at least 1 notebook at a time')
     out = Path(out) if out else (cache_dir('smoke-outputs') if preset == 'smoke' else outputs_dir())
@@ -385,7 +393,9 @@ def main(argv=None):
     ap.add_argument(
         '--data-root', default=None, help='real data passed to every notebook as data_root (default: SynthAffect)'
     )
-    ap.add_argument('--jobs', type=int, default=None, help='notebooks run at once (default: 2 for smoke, 1 otherwise)')
+    ap.add_argument(
+        '--jobs', type=int, default=None, help='notebooks run at once (default: 2 for smoke and cpu, 1 for paper)'
+    )
     ap.add_argument('--resources', default=None, help='resources file: datasets and weights you have (YAML)')
     ap.add_argument('--resources-template', action='store_true', help='print a resources file to fill in, and exit')
     a = ap.parse_args(argv)

@@ -3,9 +3,10 @@ directory; they run from the repo root), write tables, and REPORT.md indexes the
 leaves the other notebooks' outputs intact; a notebook the given data cannot feed is a recorded skip."""
 
 import json
+import os
 from pathlib import Path
 import pytest
-from abaw_nb.reproduce import reproduce, main
+from abaw_nb.reproduce import default_jobs, reproduce, main
 
 
 def _nb(cells):
@@ -41,7 +42,8 @@ def test_reproduce_runs_a_paper_notebook(tmp_path, root, monkeypatch):
                         "write_csv(Path(out_dir)/'tables'/'demo.csv', df)\n"
                         "write_text(Path(out_dir)/'tables'/'demo.md', f'Data: none, preset {preset}\\n\\n' + "
                         "df.to_markdown(index=False))\n"
-                        "write_text(Path(out_dir)/'root.txt', str(find_repo_root()) + '\\n' + os.getcwd())",
+                        "write_text(Path(out_dir)/'root.txt', str(find_repo_root()) + '\\n' + os.getcwd() + '\\n' + "
+                        "os.environ.get('OMP_NUM_THREADS', ''))",
                         [],
                     ),
                 ]
@@ -53,8 +55,13 @@ def test_reproduce_runs_a_paper_notebook(tmp_path, root, monkeypatch):
     out = tmp_path / 'out'
     runs = reproduce('smoke', out=out, notebooks=[nb])
     assert [(r['name'], r['status']) for r in runs] == [('10_demo.ipynb', 'ok')]
-    found_root, cwd = (out / 'root.txt').read_text().splitlines()
+    found_root, cwd, threads = (out / 'root.txt').read_text().splitlines()
     assert Path(found_root) == root and Path(cwd).resolve() == root.resolve()  # a fixed working directory
+    want = max((os.cpu_count() or 1) // default_jobs('smoke'), 1) if default_jobs('smoke') > 1 else None
+    if want:  # the kernel got cores/jobs threads, and the ledger and the report say how many (they change rounding)
+        assert threads == str(want), (threads, want)
+        rows = [ln for ln in (out / 'REPORT.md').read_text().splitlines() if ln.startswith('| `10_demo.ipynb`')]
+        assert rows and f'| {want} |' in rows[0], rows
     assert (out / 'tables' / 'demo.csv').read_text().splitlines() == ['x', '0', '1', '2']
     report = (out / 'REPORT.md').read_text()
     assert (
@@ -63,6 +70,7 @@ def test_reproduce_runs_a_paper_notebook(tmp_path, root, monkeypatch):
     )
     ledger = json.loads((out / 'reproduce.json').read_text())
     assert ledger['10_demo.ipynb']['tables'] == ['demo.md'] and ledger['10_demo.ipynb']['status'] == 'ok'
+    assert ledger['10_demo.ipynb']['threads'] == int(threads or os.cpu_count()), ledger['10_demo.ipynb']
     # the executed copy records the injected parameters (provenance)
     executed = json.loads((out / 'notebooks' / '10_demo.ipynb').read_text())
     assert executed['metadata']['papermill']['parameters']['preset'] == 'smoke'
