@@ -338,6 +338,7 @@ def reproduce(
         return _paper_needs_only(nbs)
     plan = resource_plan(nbs, preset, resources)
     ledger, done = read_ledger(out), {}
+    jobs = max(min(jobs, sum(not plan[nb.name][1] for nb in nbs)), 1)  # one notebook alone gets every core
     threads = max((os.cpu_count() or 1) // jobs, 1) if jobs > 1 else None
 
     def target(nb):

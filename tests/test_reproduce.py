@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 import pytest
-from abaw_nb.reproduce import default_jobs, reproduce, main
+from abaw_nb.reproduce import reproduce, main
 
 
 def _nb(cells):
@@ -57,11 +57,11 @@ def test_reproduce_runs_a_paper_notebook(tmp_path, root, monkeypatch):
     assert [(r['name'], r['status']) for r in runs] == [('10_demo.ipynb', 'ok')]
     found_root, cwd, threads = (out / 'root.txt').read_text().splitlines()
     assert Path(found_root) == root and Path(cwd).resolve() == root.resolve()  # a fixed working directory
-    want = max((os.cpu_count() or 1) // default_jobs('smoke'), 1) if default_jobs('smoke') > 1 else None
-    if want:  # the kernel got cores/jobs threads, and the ledger and the report say how many (they change rounding)
-        assert threads == str(want), (threads, want)
-        rows = [ln for ln in (out / 'REPORT.md').read_text().splitlines() if ln.startswith('| `10_demo.ipynb`')]
-        assert rows and f'| {want} |' in rows[0], rows
+    # one notebook runs alone with the caller's threads; the ledger and the report say how many (they change rounding)
+    assert threads == os.environ.get('OMP_NUM_THREADS', ''), threads
+    want = int(threads or os.cpu_count())
+    rows = [ln for ln in (out / 'REPORT.md').read_text().splitlines() if ln.startswith('| `10_demo.ipynb`')]
+    assert rows and f'| {want} |' in rows[0], rows
     assert (out / 'tables' / 'demo.csv').read_text().splitlines() == ['x', '0', '1', '2']
     report = (out / 'REPORT.md').read_text()
     assert (
@@ -70,7 +70,7 @@ def test_reproduce_runs_a_paper_notebook(tmp_path, root, monkeypatch):
     )
     ledger = json.loads((out / 'reproduce.json').read_text())
     assert ledger['10_demo.ipynb']['tables'] == ['demo.md'] and ledger['10_demo.ipynb']['status'] == 'ok'
-    assert ledger['10_demo.ipynb']['threads'] == int(threads or os.cpu_count()), ledger['10_demo.ipynb']
+    assert ledger['10_demo.ipynb']['threads'] == want, ledger['10_demo.ipynb']
     # the executed copy records the injected parameters (provenance)
     executed = json.loads((out / 'notebooks' / '10_demo.ipynb').read_text())
     assert executed['metadata']['papermill']['parameters']['preset'] == 'smoke'
@@ -221,6 +221,7 @@ def test_parallel_notebooks_keep_their_own_tables_and_stop_at_a_failure(tmp_path
     ]
     ledger = json.loads((out / 'reproduce.json').read_text())
     assert {n: e['tables'] for n, e in ledger.items()} == {f'{n}.ipynb': [f'{n}.md'] for n in ('10_a', '20_b', '30_c')}
+    assert {e['threads'] for e in ledger.values()} == {max((os.cpu_count() or 1) // 2, 1)}  # cores / jobs each
     assert '| 2 |' in (out / 'tables' / '20_b.md').read_text()
     # a failure: a and the failing b run together; no notebook starts after it, b's partial table never reaches out/
     (nbs / '10_a.ipynb').write_text(json.dumps(_slow_table_nb('10_a', 10, 10)))  # still running when b fails
