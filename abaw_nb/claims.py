@@ -533,7 +533,7 @@ INTERVAL_WORDS = {
 
 def _interval_sentence(df: pd.DataFrame) -> str:
     "How the rows' intervals were computed, counted per method of computing them (see `bootstrap_effect`)."
-    kinds = df.loc[df['interval'].fillna('') != '', 'interval'].value_counts()
+    kinds = df.loc[df['interval'] != '', 'interval'].value_counts()  # '' : untestable, or an interval given by hand
     said = [f'{n} from {INTERVAL_WORDS.get(k, k)}' for k, n in kinds.items()]
     return f"Effects are means over seeds; 95 % intervals: {'; '.join(said) or 'none'} (the `interval` column)."
 
