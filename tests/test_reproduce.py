@@ -60,10 +60,10 @@ def test_reproduce_runs_a_paper_notebook(tmp_path, root, monkeypatch):
     # one notebook runs alone with the caller's threads; the ledger and the report say how many (they change rounding)
     assert threads == os.environ.get('OMP_NUM_THREADS', ''), threads
     want = int(threads or os.cpu_count())
-    rows = [ln for ln in (out / 'REPORT.md').read_text().splitlines() if ln.startswith('| `10_demo.ipynb`')]
-    assert rows and f'| {want} |' in rows[0], rows
     assert (out / 'tables' / 'demo.csv').read_text().splitlines() == ['x', '0', '1', '2']
     report = (out / 'REPORT.md').read_text()
+    rows = [ln for ln in report.splitlines() if ln.startswith('| `10_demo.ipynb`')]
+    assert rows and f'| {want} |' in rows[0], rows
     assert (
         'Data: none, preset smoke' in report.split('## 10_demo.ipynb')[1]
         and '| `10_demo.ipynb` | ok | smoke |' in report
