@@ -19,8 +19,8 @@ __all__ = ['INTERVAL', 'CLAIM_COLUMNS', 'VERDICTS', 'SYNTH_NOTE', 'OLD_INTERVAL'
            'all_positive_floor', 'pixel_features', 'pixel_probe', 'expr_f1_metric', 'expr_acc_metric', 'ccc_metric',
            'au_f1_metric', 'au_auc_metric', 'accuracy_metric', 'bootstrap_effect', 'paper_seeds', 'labelled',
            'task_arrays', 'tune_au_thresholds', 'score_arrays', 'floor_predictions', 'decide', 'task_table',
-           'save_predictions', 'load_predictions', 'signed', 'claims_markdown', 'verdict', 'claim_row', 'save_claims',
-           'collect_claims']
+           'save_predictions', 'load_predictions', 'signed', 'claims_markdown', 'verdict', 'floor_gate', 'claim_row',
+           'save_claims', 'collect_claims']
 
 # %% ../nbs/08b_claims.ipynb #273c5821
 def majority_floor(
@@ -432,10 +432,27 @@ def claims_markdown(df: pd.DataFrame) -> str:
     shown = df.copy()
     for c in ('effect', 'ci_low', 'ci_high'):
         shown[c] = [signed(v) for v in shown[c]]
+    for c in ('model_score', 'floor_score'):
+        if c in shown:
+            shown[c] = ['' if pd.isna(v) else f'{v:.3f}' for v in shown[c]]
     return shown.to_markdown(index=False, disable_numparse=True)  # the strings as written, not parsed back
 
 # %% ../nbs/08b_claims.ipynb #2df5bcc7
-CLAIM_COLUMNS = ('method', 'claim', 'metric', 'effect', 'ci_low', 'ci_high', 'n_seeds', 'verdict', 'reason', 'interval')
+CLAIM_COLUMNS = (
+    'method',
+    'claim',
+    'metric',
+    'effect',
+    'ci_low',
+    'ci_high',
+    'n_seeds',
+    'verdict',
+    'reason',
+    'interval',
+    'model_score',
+    'floor',
+    'floor_score',
+)
 VERDICTS = ('shown', 'not shown', 'contradicted', 'untestable here')
 
 
@@ -453,6 +470,20 @@ def verdict(
     return 'shown' if lo > 0 else ('contradicted' if hi < 0 else 'not shown')
 
 
+def floor_gate(
+    metric: Callable,  # the claim's metric, higher is better (as given to `bootstrap_effect`)
+    y,  # the claim's test labels
+    a: list,  # the claimed-better model's predictions per seed (as given to `bootstrap_effect`)
+    floors: dict,  # {floor name: its predictions on the same rows, in the format of one entry of `a`}
+) -> dict:
+    "The claimed-better model's score (mean over seeds) beside the best floor's score on the same rows and metric."
+    if not floors:
+        raise ValueError('floor_gate needs at least one floor')
+    scores = {k: float(metric(y, p)) for k, p in floors.items()}
+    best = max(scores, key=scores.get)
+    return dict(model_score=float(np.mean([metric(y, p) for p in a])), floor=best, floor_score=scores[best])
+
+# %% ../nbs/08b_claims.ipynb #a043bd94
 def claim_row(
     method: str,
     claim: str,
@@ -461,8 +492,9 @@ def claim_row(
     direction: int = 1,
     reason: str = '',  # why (always given for not shown / contradicted by the caller if known)
     untestable: str | None = None,  # the reason this claim cannot be tested here
+    floor: dict | None = None,  # `floor_gate`'s result: a model at or below its best floor shows nothing
 ) -> dict:
-    "One row of the claims table."
+    "One row of the claims table; a shown verdict is kept only when the claimed-better model beats its best floor."
     if untestable is not None:
         if not untestable.strip():
             raise ValueError('untestable here needs a reason')
@@ -477,16 +509,23 @@ def claim_row(
             verdict='untestable here',
             reason=untestable,
             interval='',
+            model_score=np.nan,
+            floor='',
+            floor_score=np.nan,
         )
     if boot is None:
         raise ValueError('claim_row needs a bootstrap result, or untestable=<reason>')
     v = verdict(boot['ci_low'], boot['ci_high'], direction)
+    at_floor = floor is not None and not floor['model_score'] > floor['floor_score']
     why = (
         reason
         or f"95 % CI [{signed(boot['ci_low'])}, {signed(boot['ci_high'])}] over {boot['n_seeds']} seeds and "
         f"{boot.get('n_subjects', '?')} test subjects"
         + (f" (per-seed sd {boot['seed_sd']:.3f})" if boot.get('n_seeds', 0) > 1 and 'seed_sd' in boot else '')
     )
+    if at_floor:
+        v = 'not shown' if v == 'shown' else v
+        why = f"at a floor: model {floor['model_score']:.3f} <= {floor['floor']} {floor['floor_score']:.3f}; {why}"
     return dict(
         method=method,
         claim=claim,
@@ -498,6 +537,9 @@ def claim_row(
         verdict=v,
         reason=why,
         interval=boot.get('interval', ''),
+        model_score=np.nan if floor is None else floor['model_score'],
+        floor='' if floor is None else floor['floor'],
+        floor_score=np.nan if floor is None else floor['floor_score'],
     )
 
 # %% ../nbs/08b_claims.ipynb #ddb5a7fe
@@ -538,6 +580,20 @@ def _interval_sentence(df: pd.DataFrame) -> str:
     return f"Effects are means over seeds; 95 % intervals: {'; '.join(said) or 'none'} (the `interval` column)."
 
 
+def _floor_sentence(df: pd.DataFrame) -> str:
+    "How many tested rows were checked against their floors (`floor_gate`), and how many sit at one."
+    tested = df[df['n_seeds'] > 0]
+    checked = tested[tested['floor'] != '']
+    at = int((~(checked['model_score'] > checked['floor_score'])).sum())
+    s = (
+        f"Floors: {len(checked)} of {len(tested)} tested rows compare the claimed-better model with its best floor "
+        f"on the claim's metric (majority class, mean training VA, every AU present, the 24 x 24 pixel probe); {at} "
+        "of them are at or below it, and a model at a floor shows nothing (never shown)."
+    )
+    old = len(tested) - len(checked)
+    return s + (f' {old} were not checked (blank `floor`: tables written before the check).' if old else '')
+
+
 def collect_claims(out) -> pd.DataFrame | None:
     "Merge every `tables/claims_*.csv` under `out` into `tables/claims.csv` and `claims.md`; None when there is none."
     parts = sorted(Path(out, 'tables').glob('claims_*.csv'))
@@ -547,14 +603,14 @@ def collect_claims(out) -> pd.DataFrame | None:
     tabs = [
         t if 'interval' in t.columns else t.assign(interval=np.where(t.n_seeds > 0, OLD_INTERVAL, '')) for t in tabs
     ]
+    tabs = [t if 'floor' in t.columns else t.assign(model_score=np.nan, floor='', floor_score=np.nan) for t in tabs]
     df = pd.concat(tabs, ignore_index=True)[list(CLAIM_COLUMNS)]
-    df['interval'] = df['interval'].fillna('')
+    df[['interval', 'floor']] = df[['interval', 'floor']].fillna('')
     write_csv(Path(out, 'tables', 'claims.csv'), df)
     counts = ', '.join(f'{(df.verdict == v).sum()} {v}' for v in VERDICTS)
     md = (
-        f'{len(df)} published claims tested: {counts}. {_interval_sentence(df)}\n\n{SYNTH_NOTE}\n\n'
-        + claims_markdown(df)
-        + '\n'
+        f'{len(df)} published claims tested: {counts}. {_interval_sentence(df)}\n\n{_floor_sentence(df)}\n\n'
+        f'{SYNTH_NOTE}\n\n' + claims_markdown(df) + '\n'
     )
     write_text(Path(out, 'tables', 'claims.md'), md)
     return df
