@@ -587,11 +587,13 @@ def _floor_sentence(df: pd.DataFrame) -> str:
     at = int((~(checked['model_score'] > checked['floor_score'])).sum())
     s = (
         f"Floors: {len(checked)} of {len(tested)} tested rows compare the claimed-better model with its best floor "
-        f"on the claim's metric (majority class, mean training VA, every AU present, the 24 x 24 pixel probe); {at} "
+        "on the claim's metric (calibration and uncertainty claims: on the task's accuracy metric, named in `floor`; "
+        f"floors: majority class, mean training VA, every AU present, the 24 x 24 pixel probe); {at} "
         "of them are at or below it, and a model at a floor shows nothing (never shown)."
     )
     old = len(tested) - len(checked)
-    return s + (f' {old} were not checked (blank `floor`: tables written before the check).' if old else '')
+    why = 'claims that no floor scores, such as the identity probe, and tables written before the check'
+    return s + (f" {old} {'carries' if old == 1 else 'carry'} no floor (blank `floor`: {why})." if old else '')
 
 
 def collect_claims(out) -> pd.DataFrame | None:
