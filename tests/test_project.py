@@ -171,3 +171,19 @@ def test_unfinished_notebooks_names_what_started_and_never_completed(tmp_path, c
     assert main([str(tmp_path / 'log')]) == 0
     out = capsys.readouterr().out
     assert out == 'nbdev_test: 2 notebook(s) started and not completed: 01a_data.ipynb, 04f_train.slurm.ipynb\n'
+
+
+def test_paper_notebooks_take_their_thread_count_from_the_runner(root):
+    """`abaw-reproduce` gives each kernel cores/jobs threads (OMP_NUM_THREADS). A notebook that sets more itself
+    oversubscribes the cores beside another job: notebook 50's `torch.set_num_threads(2)` made a ViT fine-tuning epoch
+    take 250-440 s instead of 9 s (OpenMP threads spin-waiting on a busy core). Only 1 or a parameter is allowed."""
+    bad = []
+    for nb in sorted((root / 'nbs' / 'paper').glob('*.ipynb')):
+        cells = json.loads(nb.read_text())['cells']
+        src = '\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'code')
+        bad += [
+            f'{nb.name}: {m}'
+            for m in re.findall(r'set_num_threads\(([^)]*)\)', src)
+            if m.strip() not in ('1', 'threads')
+        ]
+    assert not bad, bad
