@@ -15,13 +15,14 @@ from ..core import Config, check_choice
 from ..data.frames import au_columns, expr_names
 from ..data.loading import FrameDataset, make_transform
 from ..train.engine import load_checkpoint, load_weights
+from ..train.synth_init import SYNTH_INIT, synth_init_file, synth_init_recipe
 
 # %% auto #0
 __all__ = ['FROM_SCRATCH', 'METHODS_ENV', 'choice', 'settings_types', 'settings_help', 'UnknownSetting', 'make_settings',
            'settings_dict', 'RunData', 'Recipe', 'frame_data', 'heads_predict_fn', 'Init', 'MethodSpec',
            'register_method', 'list_methods', 'get_method', 'get_settings', 'MissingInit', 'init_weights', 'check_init',
-           'init_table', 'init_arch', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint', 'read_run_labels',
-           'load_run_recipe', 'save_safetensors', 'read_weights']
+           'synth_weights', 'init_table', 'init_arch', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint',
+           'read_run_labels', 'load_run_recipe', 'save_safetensors', 'read_weights']
 
 # %% ../../nbs/05_methods.ipynb #9fc728f6
 def choice(default, options):
@@ -256,6 +257,7 @@ class Init:
     setting: str = 'pretrained'  # the setting that names the local file ('none': random weights on purpose)
     unless: str | None = None  # a setting that, when set, brings the initialisation instead (a trained run)
     arch: Callable | None = None  # {key: shape} of a file -> the settings / Config fields it fixes (None: one file)
+    standin: Callable | None = None  # (cfg, settings) -> `StandinSpec`: what `pretrained='synth'` pretrains
 
     def published(self, settings) -> tuple | None:
         "(file, where it is published) for `settings`; None when the paper trains these settings from scratch."
@@ -371,7 +373,8 @@ def _init_message(spec: MethodSpec, settings, preset: str) -> str:
 
 def init_weights(cfg: Config, settings=None) -> str | None:
     """The weights file a training run of `cfg` starts from; None for random weights (`'none'`, or the default at the
-    smoke and cpu presets). At the paper preset a missing file is refused (`MissingInit`), naming the published one."""
+    smoke and cpu presets); `'synth'`: the SynthAffect stand-in (`synth_weights`). At the paper preset a missing file
+    is refused (`MissingInit`), naming the published one."""
     spec = get_method(cfg.method)
     s = spec.make_settings(cfg.extra) if settings is None else settings
     ini = spec.init
@@ -380,6 +383,8 @@ def init_weights(cfg: Config, settings=None) -> str | None:
     v = getattr(s, ini.setting)
     if v == FROM_SCRATCH:
         return None
+    if v == SYNTH_INIT:
+        return str(synth_weights(cfg, s))
     brought = ini.unless is not None and bool(getattr(s, ini.unless))
     if v is None and cfg.preset == 'paper' and not brought and ini.published(s) is not None:
         raise MissingInit(_init_message(spec, s, cfg.preset))
@@ -389,6 +394,22 @@ def init_weights(cfg: Config, settings=None) -> str | None:
 def check_init(cfg: Config) -> None:
     "Refuse a paper-preset run of `cfg` whose published initialisation is not given (called before any data is read)."
     init_weights(cfg)
+
+# %% ../../nbs/05_methods.ipynb #05da13fb
+def synth_weights(cfg: Config, settings=None) -> Path:
+    """The SynthAffect stand-in of `cfg`'s published initialisation (`abaw_nb.train.synth_init`): the method's backbone
+    pretrained on the pool of the run's SynthAffect world (`synth_size`, `data_seed`), built once and cached."""
+    from ..data.synth import generate_cached
+
+    spec = get_method(cfg.method)
+    s = spec.make_settings(cfg.extra) if settings is None else settings
+    if spec.init is None or spec.init.standin is None:
+        raise ValueError(
+            f"{cfg.method} has no SynthAffect stand-in (pretrained='{SYNTH_INIT}'); "
+            'FMAE pretrains its MAE on the pool itself (`abaw_nb.methods.fmae`)'
+        )
+    root = generate_cached(cfg.synth_size, seed=cfg.data_seed, show_progress=False, **cfg.synth)
+    return synth_init_file(spec.init.standin(cfg, s), root, synth_init_recipe(cfg.preset), show_progress=cfg.progress)
 
 # %% ../../nbs/05_methods.ipynb #4e2bad7a
 def init_table() -> pd.DataFrame:

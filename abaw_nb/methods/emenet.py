@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 from ..core import Config, check_choice
 from ..models.backbones import build_backbone, size_kwargs
+from ..train.synth_init import StandinSpec
 from ..models.heads import TemporalGRUHead, va_bin_anchors, va_to_bins, AFFWILD2_ORDER
 from ..models.audio import AUDIO_DEFAULTS, MarbleNetEncoder, log_mel, frame_windows
 from ..train.losses import MultiTaskLoss, DistillationLoss
@@ -32,7 +33,7 @@ __all__ = ['TASKS', 'AU_POS_WEIGHT', 'EXPR_WEIGHT', 'EMENET_INIT', 'EMENet', 'em
            'load_teacher', 'save_teacher', 'EMENetClips', 'TaskReweighting', 'batch_gt', 'make_loss', 'EMENetSettings',
            'emenet_presets', 'forward_fn', 'entropy_norm', 'make_predict_fn', 'recipe', 'decompose', 'binary',
            'fit_temperature', 'mc_dropout', 'logits_to_probs', 'ensemble_table', 'va_calibration', 'score_table',
-           'frame_prediction', 'uncertainty_figure', 'annotate_video', 'import_emenet_v']
+           'frame_prediction', 'uncertainty_figure', 'annotate_video', 'import_emenet_v', 'emenet_standin']
 
 # %% ../../nbs/05c_methods.emenet.ipynb #bea1a2a0
 TASKS = ('au', 'expr', 'va')  # the original's head order (tmodels 0, 1, 2)
@@ -893,6 +894,15 @@ def _landmark_arch(shapes: dict) -> dict:
     return {'backbone': 'mobilefacenet'} | ({'img_size': 16 * k[-1]} if k else {})
 
 
+def emenet_standin(cfg, s) -> StandinSpec:
+    """pretrained='synth': EMENet's MobileFaceNet pretrained on the SynthAffect pool (for the landmark MobileFaceNet),
+    on inputs in [0, 1] as EMENet's transform gives them."""
+    bb, kw = s.backbone, size_kwargs(s.backbone, cfg.img_size)
+    return StandinSpec(
+        bb, lambda: build_backbone(bb, **kw), cfg.img_size, (0.0,) * 3, (1.0,) * 3, 'landmark MobileFaceNet'
+    )
+
+
 EMENET_INIT = Init(
     'the 68-landmark MobileFaceNet the original loads (its output layer dropped)',
     {
@@ -903,6 +913,7 @@ EMENET_INIT = Init(
         )
     },
     arch=_landmark_arch,
+    standin=emenet_standin,
 )
 register_method(
     MethodSpec(

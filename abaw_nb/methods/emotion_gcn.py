@@ -14,7 +14,9 @@ import torchvision
 from ..core import check_choice
 from ..data.frames import expr_names, EXPR_SPACES
 from ..data.cache import collate as cache_collate
-from ..models.backbones import build_backbone, BReGNeXt, DenseNetBackbone, count_params
+from ..models.backbones import build_backbone, load_pretrained, BReGNeXt, DenseNetBackbone, count_params
+from ..data.loading import normalization
+from ..train.synth_init import StandinSpec
 from ..models.heads import gen_adjacency, normalize_adjacency, GCNClassifierHead, AFFECTNET_ORDER
 from ..models.heads import AFFECTNET_SPEARMAN_VA
 from ..train.losses import masked_ce, masked_ccc_loss
@@ -28,7 +30,7 @@ __all__ = ['VARIANTS', 'SUPPORTED_TASKS', 'VA_NODES', 'MINILM_TABLE', 'BACKBONE_
            'label_embeddings', 'embedding_info', 'SmallDenseNet', 'make_backbone', 'EmotionGCNNet', 'class_weights',
            'EmotionGCNLoss', 'EmotionGCNSettings', 'gcn_presets', 'weight_mode', 'gcn_expr_scale', 'graph_for',
            'recipe', 'preset_backbones', 'import_emotion_gcn', 'import_emotion_gcn_multi',
-           'import_emotion_gcn_bregnext']
+           'import_emotion_gcn_bregnext', 'gcn_standin']
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #2785651b
 VARIANTS = ('single_task', 'multi_task', 'emotion_gcn')
@@ -211,19 +213,7 @@ class SmallDenseNet(DenseNetBackbone):
         self.features, self.pool, self.out_dim = net.features, pool, net.classifier.in_features
 
 
-def make_backbone(
-    name: str,  # densenet121 | bregnext | densenet_s | bregnext_s | bregnext_t
-    variant: str,  # the GCN variant max-pools DenseNet features (no final ReLU)
-    pretrained=None,  # local ImageNet weights for DenseNet-121 (or 'download')
-) -> nn.Module:
-    "The backbone of an Emotion-GCN variant."
-    check_choice('backbone', name, BACKBONE_CHOICES)
-    check_choice('variant', variant, VARIANTS)
-    pool = 'max' if variant == 'emotion_gcn' else 'avg'
-    if name == 'densenet121':
-        return build_backbone('densenet121', pretrained=pretrained, pool=pool)
-    if pretrained is not None:
-        raise ValueError(f'backbone {name!r} is trained from scratch; pretrained weights apply to densenet121 only')
+def _small_backbone(name: str, pool: str) -> nn.Module:
     if name == 'bregnext':
         return build_backbone('bregnext')
     if name == 'bregnext_s':
@@ -231,6 +221,25 @@ def make_backbone(
     if name == 'bregnext_t':
         return BReGNeXt(stages=((1, 16, 2), (1, 32, 2), (1, 32, 1), (1, 64, 2), (1, 64, 1)), stem=16)
     return SmallDenseNet(pool)
+
+
+def make_backbone(
+    name: str,  # densenet121 | bregnext | densenet_s | bregnext_s | bregnext_t
+    variant: str,  # the GCN variant max-pools DenseNet features (no final ReLU)
+    pretrained=None,  # local weights file (DenseNet-121: ImageNet, or 'download'; others: a SynthAffect stand-in)
+) -> nn.Module:
+    "The backbone of an Emotion-GCN variant (BReG-NeXt and the small ones: random init unless given a file)."
+    check_choice('backbone', name, BACKBONE_CHOICES)
+    check_choice('variant', variant, VARIANTS)
+    pool = 'max' if variant == 'emotion_gcn' else 'avg'
+    if name == 'densenet121':
+        return build_backbone('densenet121', pretrained=pretrained, pool=pool)
+    if pretrained == 'download':
+        raise ValueError(f'backbone {name!r} has no published weights to download (the paper trains it from scratch)')
+    m = _small_backbone(name, pool)
+    if pretrained is not None:
+        m.pretrained_info = load_pretrained(m, pretrained, name)
+    return m
 
 
 class EmotionGCNNet(nn.Module):
@@ -661,9 +670,17 @@ def import_emotion_gcn_bregnext(
     )
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #eaecb954
+def gcn_standin(cfg, s) -> StandinSpec:
+    "pretrained='synth': the variant's backbone pretrained on the SynthAffect pool (for the ImageNet DenseNet-121)."
+    bb = s.backbone
+    norm = normalization('densenet121' if bb.startswith('densenet') else 'none')
+    return StandinSpec(bb, lambda: make_backbone(bb, 'single_task'), cfg.img_size, *norm, 'ImageNet DenseNet-121')
+
+
 GCN_INIT = Init(
     "torchvision's ImageNet DenseNet-121, as the original's densenet121(pretrained=True) (BReG-NeXt: from scratch)",
     {'densenet121': ('densenet121-a639ec97.pth', 'https://download.pytorch.org/models/densenet121-a639ec97.pth')},
+    standin=gcn_standin,
 )
 register_method(
     MethodSpec(

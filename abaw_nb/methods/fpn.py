@@ -14,7 +14,8 @@ from ..models.backbones import build_backbone
 from ..models.heads import AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, masked_mse, kd_kl, batch_targets
 from ..data.frames import au_columns
-from ..data.loading import FrameDataset, make_transform
+from ..data.loading import FrameDataset, make_transform, normalization
+from ..train.synth_init import StandinSpec
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, IMAGENET_NORM, read_checkpoint
 from ..checkpoints import unwrap_state, map_state, load_mapped, build_on
 from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn, Init, init_weights
@@ -22,7 +23,7 @@ from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predic
 # %% auto #0
 __all__ = ['TASKS', 'LOSSES', 'KEY', 'FPN_INIT', 'narrow_fpn', 'FPNNet', 'FPNSettings', 'fpn_presets', 'fpn_transform',
            'soft_loss', 'recipe', 'target_columns', 'apply_ground_truth', 'read_pseudo_labels', 'check_no_leak',
-           'soft_targets', 'PseudoLabelDataset', 'import_fpn_multitask']
+           'soft_targets', 'PseudoLabelDataset', 'import_fpn_multitask', 'fpn_standin']
 
 # %% ../../nbs/05a_methods.fpn.ipynb #9296a94e
 TASKS = ('va', 'expr', 'au')
@@ -305,6 +306,14 @@ def import_fpn_multitask(source, device: str = 'cpu') -> Imported:
 
 # %% ../../nbs/05a_methods.fpn.ipynb #ce061104
 _TV = 'https://download.pytorch.org/models/'
+
+
+def fpn_standin(cfg, s: FPNSettings) -> StandinSpec:
+    "pretrained='synth': the FPN's ResNet body pretrained on the SynthAffect pool (for the ImageNet ResNet)."
+    body = s.backbone.removesuffix('_fpn')
+    return StandinSpec(body, lambda: build_backbone(body), cfg.img_size, *normalization('fpn'), 'ImageNet ResNet')
+
+
 FPN_INIT = Init(
     "torchvision's ImageNet ResNet-50 (ResNet-18 for resnet18_fpn), as resnet_fpn_backbone(..., pretrained=True)",
     {
@@ -312,6 +321,7 @@ FPN_INIT = Init(
         'resnet18_fpn': ('resnet18-f37072fd.pth', _TV + 'resnet18-f37072fd.pth'),
     },
     arch=lambda shapes: {'backbone': 'resnet50_fpn' if 'layer1.0.conv3.weight' in shapes else 'resnet18_fpn'},
+    standin=fpn_standin,
 )
 register_method(
     MethodSpec(

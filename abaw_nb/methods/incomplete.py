@@ -13,7 +13,8 @@ from ..core import check_choice, write_csv
 from ..models.backbones import build_backbone, ferplus_key
 from ..models.heads import MLPHead, TemporalGRUHead, bins_to_va, AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, kd_kl, kd_kl_bins, bce_soft, valid_mask
-from ..data.loading import ClipDataset, make_transform
+from ..data.loading import ClipDataset, make_transform, normalization
+from ..train.synth_init import StandinSpec
 from ..data.sampling import ml_ros_weights, expr_weights, va_weights, PoolSampler
 from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
@@ -27,7 +28,7 @@ __all__ = ['TASKS', 'N_BINS', 'TEACHER_WEIGHTS', 'EXTERNAL', 'FERPLUS_INIT', 'Mu
            'teacher_criterion', 'StudentLoss', 'task_pools', 'pool_weights', 'task_sampler', 'source_identities',
            'heldout_identities', 'external_frames', 'merge_external', 'MultitaskCNNRNN', 'MTLSettings', 'CNNSettings',
            'CNNRNNSettings', 'mtl_presets', 'predict_columns', 'external_root_frames', 'recipe', 'ensemble_predictions',
-           'import_multitask_cnn', 'import_multitask_cnn_rnn']
+           'import_multitask_cnn', 'import_multitask_cnn_rnn', 'cnn_standin']
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #60c99b5b
 TASKS = ('expr', 'au', 'va')
@@ -734,7 +735,17 @@ _FERPLUS = (
     'albanie/pytorch-benchmarks (FER+ ResNet-50, MatConvNet import; the original read it from MODEL_DIR/fer+), linked '
     'by the authors from github.com/wtomin/Multitask-Emotion-Recognition-with-Incomplete-Labels (SharePoint)',
 )
-FERPLUS_INIT = Init("the authors' FER+ ResNet-50 (resnet50_ferplus_dag)", {'resnet50_caffe': _FERPLUS})
+
+
+def cnn_standin(cfg, s) -> StandinSpec:
+    "pretrained='synth': the Multitask-CNN's ResNet pretrained on the SynthAffect pool (for the FER+ ResNet-50)."
+    bb = s.backbone
+    return StandinSpec(bb, lambda: build_backbone(bb), cfg.img_size, *normalization(bb), 'FER+ ResNet-50')
+
+
+FERPLUS_INIT = Init(
+    "the authors' FER+ ResNet-50 (resnet50_ferplus_dag)", {'resnet50_caffe': _FERPLUS}, standin=cnn_standin
+)
 register_method(
     MethodSpec(
         'mtl_cnn',
@@ -770,6 +781,6 @@ register_method(
             )
         },
         doc='Multitask-CNN-RNN: a frozen Multitask-CNN and one bidirectional GRU per task (Deng, Chen, Shi, FG 2020)',
-        init=Init(FERPLUS_INIT.what, FERPLUS_INIT.files, unless='cnn_run'),
+        init=Init(FERPLUS_INIT.what, FERPLUS_INIT.files, unless='cnn_run', standin=cnn_standin),
     )
 )
