@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from ..core import Config, check_choice
 from ..models.backbones import build_backbone, size_kwargs
-from ..train.synth_init import StandinSpec
+from ..train.synth_init import SYNTH_INIT, StandinSpec
 from ..models.heads import TemporalGRUHead, va_bin_anchors, va_to_bins, AFFWILD2_ORDER
 from ..models.audio import AUDIO_DEFAULTS, MarbleNetEncoder, log_mel, frame_windows
 from ..train.losses import MultiTaskLoss, DistillationLoss
@@ -376,6 +376,7 @@ def emenet_presets(preset: str, task: str) -> tuple[dict, dict]:
                 paper_weights=False,
                 cache=True,
                 audio_width=0.5,
+                pretrained=SYNTH_INIT,
             ),
         )
     return (
@@ -389,6 +390,7 @@ def emenet_presets(preset: str, task: str) -> tuple[dict, dict]:
             paper_weights=False,
             cache=True,
             audio_width=0.5,
+            pretrained=SYNTH_INIT,
         ),
     )
 

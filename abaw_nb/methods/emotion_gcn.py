@@ -16,7 +16,7 @@ from ..data.frames import expr_names, EXPR_SPACES
 from ..data.cache import collate as cache_collate
 from ..models.backbones import build_backbone, load_pretrained, BReGNeXt, DenseNetBackbone, count_params
 from ..data.loading import normalization
-from ..train.synth_init import StandinSpec
+from ..train.synth_init import SYNTH_INIT, StandinSpec
 from ..models.heads import gen_adjacency, normalize_adjacency, GCNClassifierHead, AFFECTNET_ORDER
 from ..models.heads import AFFECTNET_SPEARMAN_VA
 from ..train.losses import masked_ce, masked_ccc_loss
@@ -393,11 +393,11 @@ def gcn_presets(preset: str, task: str) -> tuple[dict, dict]:
                 weight_decay=0.0,
                 schedule='none',
             ),
-            {**variant, 'backbone': 'densenet_s'},
+            {**variant, 'backbone': 'densenet_s', 'pretrained': SYNTH_INIT},
         )
     return (
         dict(img_size=32, batch_size=8, epochs=1, max_steps_per_epoch=2, optimizer='adam', lr=1e-3, schedule='none'),
-        {**variant, 'backbone': 'densenet_s'},
+        {**variant, 'backbone': 'densenet_s', 'pretrained': SYNTH_INIT},
     )
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #a572f0b0

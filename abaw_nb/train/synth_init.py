@@ -19,7 +19,7 @@ from ..data.synth import load_latent
 # %% auto #0
 __all__ = ['SYNTH_INIT', 'TARGET_COLUMNS', 'N_EXPR', 'StandinSpec', 'SynthInitRecipe', 'synth_init_recipe', 'pool_frames',
            'pool_targets', 'target_slices', 'standin_loss', 'standin_report', 'identity_split', 'pretrain_standin',
-           'synth_init_file']
+           'synth_init_file', 'init_words']
 
 # %% ../../nbs/04g_train.synth_init.ipynb #10185d26023b46108eb7d9f57d49d2b3
 SYNTH_INIT = 'synth'  # an init setting's value: start from the SynthAffect stand-in of the published initialisation
@@ -64,7 +64,9 @@ def pool_frames(root, size: int, frames=None) -> tuple:
     u = u[u['face'].astype(bool)].reset_index(drop=True)
     if u.empty:
         raise ValueError(f'{root}: the SynthAffect pool has no face frames (n_pool=0?); a stand-in is pretrained on it')
-    fc, pos = frame_cache(root, u['image'].tolist(), size, name='pool', folder=frames, show_progress=False)
+    # by content, not modification time: a re-rendered identical pool (a fresh clone) keeps its stand-ins
+    paths = u['image'].tolist()
+    fc, pos = frame_cache(root, paths, size, name='pool', fingerprint='content', folder=frames, show_progress=False)
     return u, fc, pos
 
 
@@ -187,3 +189,11 @@ def synth_init_file(
             _publish(path.with_suffix('.json'), meta, lambda o, p: p.write_text(json.dumps(o, indent=1)))
             _publish(path, sd, torch.save)
     return path
+
+# %% ../../nbs/04g_train.synth_init.ipynb #916684f9a58a4a2aa5f864670399430d
+def init_words(cfg) -> str:
+    "How a run's network starts, in words (tables' provenance and budget notes)."
+    v = (cfg.extra or {}).get('pretrained')
+    if v in (None, 'none'):
+        return 'from random weights'
+    return 'from its SynthAffect stand-in' if v == SYNTH_INIT else f'from {Path(str(v)).name}'
