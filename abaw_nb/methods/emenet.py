@@ -365,7 +365,7 @@ def emenet_presets(preset: str, task: str) -> tuple[dict, dict]:
     if preset == 'cpu':
         return (
             dict(
-                img_size=32, batch_size=16, epochs=2, max_steps_per_epoch=25, optimizer='adam', lr=2e-3, schedule='none'
+                img_size=32, batch_size=16, epochs=8, max_steps_per_epoch=25, optimizer='adam', lr=2e-3, schedule='none'
             ),
             dict(
                 backbone='mobilefacenet_s',
