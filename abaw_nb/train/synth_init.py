@@ -4,7 +4,7 @@
 
 # %% ../../nbs/04g_train.synth_init.ipynb #8dd0d8092fe74a7c96281538738b07e2
 from __future__ import annotations
-import json, os, time, uuid
+import json, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ..core import cache_dir, check_choice, progress
+from ..core import cache_dir, check_choice, progress, torch_save, write_json
 from ..data.cache import BatchAugment, _digest, frame_cache
 from ..data.synth import load_latent
 
@@ -160,13 +160,6 @@ def pretrain_standin(
     return bb.state_dict(), rep
 
 # %% ../../nbs/04g_train.synth_init.ipynb #cb1e1581032b452c9409d6c6813c49d1
-def _publish(path: Path, obj, write) -> None:
-    "Write `obj` with `write(obj, tmp)` to a temporary name beside `path`, then rename it into place."
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
-    write(obj, tmp)
-    os.replace(tmp, path)
-
-
 def synth_init_file(
     spec: StandinSpec, root, recipe: SynthInitRecipe = SynthInitRecipe(), folder=None, show_progress=None
 ) -> Path:
@@ -186,8 +179,8 @@ def synth_init_file(
         if not path.is_file():  # or another process built it while this one waited
             sd, rep = pretrain_standin(spec, root, recipe, frames, show_progress)
             meta = dict(rep, name=spec.name, size=spec.size, stands_for=spec.stands_for, recipe=asdict(recipe))
-            _publish(path.with_suffix('.json'), meta, lambda o, p: p.write_text(json.dumps(o, indent=1)))
-            _publish(path, sd, torch.save)
+            write_json(path.with_suffix('.json'), meta)
+            torch_save(path, sd)  # last: a stand-in file exists only complete, with its report beside it
     return path
 
 # %% ../../nbs/04g_train.synth_init.ipynb #916684f9a58a4a2aa5f864670399430d
