@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..core import cache_dir, check_choice, progress, torch_save, write_json
 from ..data.cache import BatchAugment, _digest, frame_cache
 from ..data.synth import load_latent
+from ..metrics import pcc
 
 # %% auto #0
 __all__ = ['SYNTH_INIT', 'TARGET_COLUMNS', 'N_EXPR', 'StandinSpec', 'SynthInitRecipe', 'synth_init_recipe', 'pool_frames',
@@ -99,14 +100,6 @@ def standin_loss(out: torch.Tensor, y: dict) -> tuple[torch.Tensor, dict]:
     return sum(parts.values()), parts
 
 # %% ../../nbs/04g_train.synth_init.ipynb #b43b363d81ae4b689946ece5c682cd59
-def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    "Pearson correlation of each column of `a` with the same column of `b`; NaN for a constant column."
-    a, b = a - a.mean(0), b - b.mean(0)
-    den = np.sqrt((a**2).sum(0) * (b**2).sum(0))
-    with np.errstate(invalid='ignore', divide='ignore'):
-        return np.where(den > 0, (a * b).sum(0) / den, np.nan)
-
-
 @torch.no_grad()
 def standin_report(net: nn.Module, x: torch.Tensor, y: dict, idx: np.ndarray, spec: StandinSpec) -> dict:
     """What the stand-in learned on the frames `idx` (held-out identities): expression accuracy beside the majority
@@ -120,7 +113,8 @@ def standin_report(net: nn.Module, x: torch.Tensor, y: dict, idx: np.ndarray, sp
         expr_acc=float((out[:, sl['expr']].argmax(1) == e).mean()), expr_majority=float(np.bincount(e).max() / len(e))
     )
     for k in ('au', 'va', 'pose'):
-        rep[f'{k}_r'] = float(np.nanmean(_pearson(out[:, sl[k]], y[k][idx].numpy())))
+        t, p = y[k][idx].numpy(), out[:, sl[k]]
+        rep[f'{k}_r'] = float(np.nanmean([pcc(t[:, j], p[:, j]) for j in range(t.shape[1])]))  # NaN: a constant column
     return rep
 
 # %% ../../nbs/04g_train.synth_init.ipynb #4dd4641cc4064e0191573fe9c69df29b
