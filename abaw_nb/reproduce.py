@@ -4,13 +4,13 @@
 
 # %% ../nbs/09_reproduce.ipynb #61111472
 from __future__ import annotations
-import argparse, json, os, shutil, sys, time
+import argparse, json, os, shutil, sys, tempfile, time
 from pathlib import Path
 from .core import find_repo_root, outputs_dir, write_text, git_commit, check_choice, PRESETS
 
 # %% auto #0
-__all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report', 'run_notebook',
-           'resource_plan', 'default_jobs', 'reproduce', 'main']
+__all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report',
+           'kernel_config', 'run_notebook', 'resource_plan', 'default_jobs', 'reproduce', 'main']
 
 # %% ../nbs/09_reproduce.ipynb #31657961
 def paper_notebooks(root: str | Path | None = None) -> list[Path]:
@@ -117,6 +117,17 @@ def write_report(
     return write_text(out / 'REPORT.md', '\n'.join(lines).rstrip() + '\n')
 
 # %% ../nbs/09_reproduce.ipynb #06d2aef1
+def kernel_config(folder: str | Path):
+    """Traitlets config for the kernel papermill starts: on POSIX its sockets are files in `folder` (ZeroMQ's ipc
+    transport). Over TCP, two kernels started at the same moment can draw the same free port (jupyter_client picks
+    it before the kernel binds it) and one dies with 'Address already in use'."""
+    from traitlets.config import Config
+
+    if os.name != 'posix':
+        return Config()
+    return Config({'KernelManager': {'transport': 'ipc', 'ip': str(Path(folder) / 'kernel')}})
+
+
 def run_notebook(
     nb: str | Path,
     out_nb: str | Path,
@@ -136,16 +147,18 @@ def run_notebook(
             'and the defaults win)'
         )
     Path(out_nb).parent.mkdir(parents=True, exist_ok=True)
-    return pm.execute_notebook(
-        str(nb),
-        str(out_nb),
-        parameters=parameters,
-        kernel_name=kernel,
-        language='python',
-        cwd=str(cwd) if cwd else None,
-        execution_timeout=timeout,
-        progress_bar=progress,
-    )
+    with tempfile.TemporaryDirectory(prefix='abaw-kernel-') as sockets:
+        return pm.execute_notebook(
+            str(nb),
+            str(out_nb),
+            parameters=parameters,
+            kernel_name=kernel,
+            language='python',
+            cwd=str(cwd) if cwd else None,
+            execution_timeout=timeout,
+            progress_bar=progress,
+            config=kernel_config(sockets),
+        )
 
 
 def _written_since(folder: Path, pattern: str, t0: float) -> list[str]:
