@@ -15,7 +15,7 @@ from ..models.heads import AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, masked_mse, kd_kl, batch_targets
 from ..data.frames import au_columns
 from ..data.loading import FrameDataset, make_transform, normalization
-from ..train.synth_init import StandinSpec
+from ..train.synth_init import SYNTH_INIT, StandinSpec
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, IMAGENET_NORM, read_checkpoint
 from ..checkpoints import unwrap_state, map_state, load_mapped, build_on
 from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn, Init, init_weights
@@ -112,11 +112,11 @@ def fpn_presets(preset: str, task: str) -> tuple[dict, dict]:
                 schedule='cosine',
                 warmup_epochs=0.25,
             ),
-            dict(backbone='resnet18_fpn', fpn_channels=128),
+            dict(backbone='resnet18_fpn', fpn_channels=128, pretrained=SYNTH_INIT),
         )
     return (
         dict(img_size=32, batch_size=16, epochs=1, max_steps_per_epoch=4, optimizer='adam', lr=1e-3, schedule='none'),
-        dict(backbone='resnet18_fpn'),
+        dict(backbone='resnet18_fpn', pretrained=SYNTH_INIT),
     )
 
 # %% ../../nbs/05a_methods.fpn.ipynb #a08468e0

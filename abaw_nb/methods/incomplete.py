@@ -14,7 +14,7 @@ from ..models.backbones import build_backbone, ferplus_key
 from ..models.heads import MLPHead, TemporalGRUHead, bins_to_va, AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, kd_kl, kd_kl_bins, bce_soft, valid_mask
 from ..data.loading import ClipDataset, make_transform, normalization
-from ..train.synth_init import StandinSpec
+from ..train.synth_init import SYNTH_INIT, StandinSpec
 from ..data.sampling import ml_ros_weights, expr_weights, va_weights, PoolSampler
 from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
@@ -436,7 +436,7 @@ def mtl_presets(method: str):
                 max_steps_per_epoch=30 if rnn else 40,
                 num_workers=0,
             )
-            x = dict(backbone='resnet18', n_students=2, student_epochs=2 if rnn else 3)
+            x = dict(backbone='resnet18', n_students=2, student_epochs=2 if rnn else 3, pretrained=SYNTH_INIT)
             xr = dict(seq_len=16, eval_stride=8)
         else:
             base = dict(
@@ -449,7 +449,7 @@ def mtl_presets(method: str):
                 schedule='none',
                 num_workers=0,
             )
-            x = dict(backbone='resnet18', n_students=2, student_epochs=1)
+            x = dict(backbone='resnet18', n_students=2, student_epochs=1, pretrained=SYNTH_INIT)
             xr = dict(seq_len=8, eval_stride=4)
         return base, {**x, **(xr if rnn else {})}
 
