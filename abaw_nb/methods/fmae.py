@@ -67,7 +67,7 @@ def fmae_settings(preset: str = 'smoke') -> dict:
                 crop_scale=(0.08, 1.0),
                 max_eval=None,
             ),
-            probe=dict(blr=2e-4, batch=64, epochs=20, warmup=2, per_subject=100, train_frac=0.7),
+            probe=dict(blr=2e-4, batch=64, epochs=20, warmup=2, per_subject=100, train_frac=0.7, split='video'),
         )
     if preset == 'cpu':
         au = {d: dict(fmae=(4e-3, 25, 1), iat=(4e-3, 25, 1)) for d in AU_DATASETS}
@@ -101,7 +101,7 @@ def fmae_settings(preset: str = 'smoke') -> dict:
                 erasing=0.0,
                 max_eval=300,
             ),
-            probe=dict(blr=1e-2, batch=64, epochs=30, warmup=2, per_subject=30, train_frac=0.7),
+            probe=dict(blr=1e-2, batch=64, epochs=30, warmup=2, per_subject=30, train_frac=0.7, split='video'),
         )
     au = {d: dict(fmae=(1e-3, 1, 0), iat=(1e-3, 1, 0)) for d in AU_DATASETS}
     return dict(
@@ -125,7 +125,7 @@ def fmae_settings(preset: str = 'smoke') -> dict:
         fer=dict(
             rafdb=(1e-3, 16, 1, 0), affectnet8=(1e-3, 16, 1, 0), max_steps=2, crop_scale=(0.5, 1.0), max_eval=None
         ),
-        probe=dict(blr=1e-2, batch=32, epochs=3, warmup=0, per_subject=10, train_frac=0.7),
+        probe=dict(blr=1e-2, batch=32, epochs=3, warmup=0, per_subject=10, train_frac=0.7, split='video'),
     )
 
 
@@ -306,16 +306,36 @@ def split_train_val(subjects, val_frac: float = 0.2, seed: int = 0) -> tuple:
     return [s for s in subj if s not in val], val
 
 # %% ../../nbs/05e_methods.fmae.ipynb #d1ecb5ce
-def probe_split(frames: pd.DataFrame, per_subject: int = 100, train_frac: float = 0.7, seed: int = 0) -> tuple:
-    """(train rows, test rows): up to `per_subject` random frames per subject, the first `train_frac` of them for
-    training."""
+def probe_split(
+    frames: pd.DataFrame,
+    per_subject: int = 100,  # frames per subject at most (train + test)
+    train_frac: float = 0.7,
+    seed: int = 0,
+    by: str = 'video',  # video: train and test frames of a subject come from different videos | frame
+) -> tuple:
+    """(train rows, test rows) of an identity probe. `by='video'`: each subject's videos are shuffled, the first
+    `train_frac` of them (at least one, never all) give up to `train_frac * per_subject` random training frames and the
+    others the rest as test frames, so the probe cannot name a person from what one recording shares (session,
+    lighting, pose range); a subject with a single video is left out. `by='frame'`: up to `per_subject` random frames
+    per subject, the first `train_frac` of them for training."""
+    check_choice('by', by, ('video', 'frame'))
     rng = np.random.default_rng(seed)
+    n_tr = int(round(train_frac * per_subject))
     tr, te = [], []
     for _, g in frames.groupby('subject', sort=True):
-        idx = rng.permutation(g.index.to_numpy())[:per_subject]
-        n = int(round(train_frac * len(idx)))
-        tr += idx[:n].tolist()
-        te += idx[n:].tolist()
+        if by == 'frame':
+            idx = rng.permutation(g.index.to_numpy())[:per_subject]
+            n = int(round(train_frac * len(idx)))
+            tr += idx[:n].tolist()
+            te += idx[n:].tolist()
+            continue
+        vids = rng.permutation(np.array(sorted(g['video'].unique()), dtype=object))
+        if len(vids) < 2:
+            continue
+        k = min(max(1, int(round(train_frac * len(vids)))), len(vids) - 1)
+        on = g['video'].isin(vids[:k]).to_numpy()
+        tr += rng.permutation(g.index[on].to_numpy())[:n_tr].tolist()
+        te += rng.permutation(g.index[~on].to_numpy())[: per_subject - n_tr].tolist()
     return frames.loc[tr].reset_index(drop=True), frames.loc[te].reset_index(drop=True)
 
 # %% ../../nbs/05e_methods.fmae.ipynb #20d072ba

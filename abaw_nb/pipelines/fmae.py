@@ -325,10 +325,11 @@ def identity_probe(
     device: str = 'auto',
     out_dir=None,  # the probe head's run folder (see `stage_dir`)
 ) -> dict:
-    "Top-1 identity accuracy of a linear probe on the frozen pooled features."
+    """Top-1 identity accuracy of a linear probe on the frozen pooled features, trained and tested on frames of
+    different videos of each subject (`probe_split`; `s['probe']['split']='frame'` mixes them)."""
     p = s['probe']
-    tr, te = probe_split(frames, p['per_subject'], p['train_frac'], seed)
-    subj = sorted(frames.subject.unique())
+    tr, te = probe_split(frames, p['per_subject'], p['train_frac'], seed, p.get('split', 'video'))
+    subj = sorted(tr.subject.unique())
     idx = {x: i for i, x in enumerate(subj)}
     tf = vit_transform(False, s['img_size'])
     f_tr = torch.from_numpy(_features(model, FrameDataset(tr, root, tf), device))
@@ -366,6 +367,7 @@ def identity_probe(
         test_subjects=te.subject.to_numpy(),
         chance=1 / len(subj),
         n_subjects=len(subj),
+        left_out=sorted(set(frames.subject) - set(subj)),  # subjects the split could not use (a single video)
         n_train=len(tr),
         n_test=len(te),
         history=pd.DataFrame(pd.read_json(Path(cfg.out_dir) / 'metrics.jsonl', lines=True)),
