@@ -15,14 +15,14 @@ from ..core import Config, check_choice
 from ..data.frames import au_columns, expr_names
 from ..data.loading import FrameDataset, make_transform
 from ..train.engine import load_checkpoint, load_weights
-from ..train.synth_init import SYNTH_INIT, synth_init_file, synth_init_recipe
+from ..train.synth_init import SYNTH_INIT, FROM_SCRATCH, synth_init_file, synth_init_recipe
 
 # %% auto #0
-__all__ = ['FROM_SCRATCH', 'METHODS_ENV', 'choice', 'settings_types', 'settings_help', 'UnknownSetting', 'make_settings',
-           'settings_dict', 'RunData', 'Recipe', 'frame_data', 'heads_predict_fn', 'Init', 'MethodSpec',
-           'register_method', 'list_methods', 'get_method', 'get_settings', 'MissingInit', 'init_weights', 'check_init',
-           'synth_weights', 'init_table', 'init_arch', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint',
-           'read_run_labels', 'load_run_recipe', 'save_safetensors', 'read_weights']
+__all__ = ['METHODS_ENV', 'choice', 'settings_types', 'settings_help', 'UnknownSetting', 'make_settings', 'settings_dict',
+           'RunData', 'Recipe', 'frame_data', 'heads_predict_fn', 'Init', 'MethodSpec', 'register_method',
+           'list_methods', 'get_method', 'get_settings', 'MissingInit', 'init_weights', 'check_init', 'synth_weights',
+           'init_table', 'init_arch', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint', 'read_run_labels',
+           'load_run_recipe', 'save_safetensors', 'read_weights']
 
 # %% ../../nbs/05_methods.ipynb #9fc728f6
 def choice(default, options):
@@ -244,9 +244,6 @@ def heads_predict_fn(au_names):
     return predict_fn
 
 # %% ../../nbs/05_methods.ipynb #19d2dee2
-FROM_SCRATCH = 'none'  # an init setting's value that trains from random weights on purpose
-
-
 @dataclass(frozen=True)
 class Init:
     "A method's published initialisation: the weights its paper preset starts from, and where they are published."

@@ -18,12 +18,13 @@ from ..data.synth import load_latent
 from ..metrics import pcc
 
 # %% auto #0
-__all__ = ['SYNTH_INIT', 'TARGET_COLUMNS', 'N_EXPR', 'StandinSpec', 'SynthInitRecipe', 'synth_init_recipe', 'pool_frames',
-           'pool_targets', 'target_slices', 'standin_loss', 'standin_report', 'identity_split', 'pretrain_standin',
-           'synth_init_file', 'init_words']
+__all__ = ['SYNTH_INIT', 'FROM_SCRATCH', 'TARGET_COLUMNS', 'N_EXPR', 'StandinSpec', 'SynthInitRecipe', 'synth_init_recipe',
+           'pool_frames', 'pool_targets', 'target_slices', 'standin_loss', 'standin_report', 'identity_split',
+           'pretrain_standin', 'synth_init_file', 'init_words']
 
 # %% ../../nbs/04g_train.synth_init.ipynb #10185d26023b46108eb7d9f57d49d2b3
 SYNTH_INIT = 'synth'  # an init setting's value: start from the SynthAffect stand-in of the published initialisation
+FROM_SCRATCH = 'none'  # an init setting's value that trains from random weights on purpose
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,6 @@ def synth_init_file(
 def init_words(cfg) -> str:
     "How a run's network starts, in words (tables' provenance and budget notes)."
     v = (cfg.extra or {}).get('pretrained')
-    if v in (None, 'none'):
+    if v in (None, FROM_SCRATCH):
         return 'from random weights'
     return 'from its SynthAffect stand-in' if v == SYNTH_INIT else f'from {Path(str(v)).name}'
