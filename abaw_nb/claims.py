@@ -294,13 +294,14 @@ def task_arrays(
 def tune_au_thresholds(
     y_val,  # (N, K) validation AU labels, NaN = unlabelled
     p_val,  # (N, K) validation probabilities
+    method: str = 'f1',  # f1: maximise F1 | break_even: precision closest to recall (the rule a method tunes with)
 ) -> np.ndarray:
-    "Per-AU thresholds maximising F1 on the validation frames (0.5 for an AU without positives there)."
+    "Per-AU thresholds tuned on the validation frames by `method` (0.5 for an AU without positives there)."
     from abaw_nb.metrics import search_au_thresholds
 
     y = np.asarray(y_val, np.float64)
     mask = ~np.isnan(y)
-    return search_au_thresholds(np.where(mask, y, 0).astype(int), p_val, mask=mask)[0]
+    return search_au_thresholds(np.where(mask, y, 0).astype(int), p_val, mask=mask, method=method)[0]
 
 
 def score_arrays(
@@ -331,6 +332,7 @@ def floor_predictions(
     val: pd.DataFrame | None = None,  # validation frames: the probe's AU thresholds are tuned on them (else 0.5)
     max_train: int = 4000,  # the probe learns from at most this many training frames (a fixed random subset)
     seed: int = 0,
+    threshold_method: str = 'f1',  # the probe's AU threshold rule: the one the gated models tune with (f1 | break_even)
 ) -> dict:
     """Floors of `task` on `test`, rows aligned with `task_arrays(test, ...)`: {name: (predictions, AU thresholds)}.
     EXPR: majority training class; VA: mean training values (CCC 0); AU: every AU present; all: the pixel probe."""
@@ -354,7 +356,7 @@ def floor_predictions(
     p, p_va = p_all[: len(te)], p_all[len(te) :]
     thr = None
     if task == 'au':
-        thr = tune_au_thresholds(task_arrays(va, None, 'au', aus)[0], p_va) if len(va) else 0.5
+        thr = tune_au_thresholds(task_arrays(va, None, 'au', aus)[0], p_va, threshold_method) if len(va) else 0.5
     out['pixel probe'] = (p, thr)
     return out
 
