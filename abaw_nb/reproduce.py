@@ -9,8 +9,8 @@ from pathlib import Path
 from .core import find_repo_root, outputs_dir, write_text, git_commit, check_choice, PRESETS
 
 # %% auto #0
-__all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'read_ledger', 'write_report',
-           'kernel_config', 'run_notebook', 'resource_plan', 'default_jobs', 'reproduce', 'main']
+__all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'notebook_parameters', 'read_ledger',
+           'write_report', 'kernel_config', 'run_notebook', 'resource_plan', 'default_jobs', 'reproduce', 'main']
 
 # %% ../nbs/09_reproduce.ipynb #31657961
 def paper_notebooks(root: str | Path | None = None) -> list[Path]:
@@ -23,6 +23,16 @@ def parameter_cells(nb_path: str | Path) -> int:
     "How many cells of a notebook carry the papermill `parameters` tag."
     nb = json.loads(Path(nb_path).read_text())
     return sum('parameters' in c.get('metadata', {}).get('tags', []) for c in nb['cells'])
+
+
+def notebook_parameters(nb_path: str | Path) -> list[str]:
+    "Names the notebook's `parameters` cell assigns at the start of a line (`name = value`), in order."
+    import re
+
+    nb = json.loads(Path(nb_path).read_text())
+    cells = [c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', [])]
+    src = ''.join(''.join(c['source']) if isinstance(c['source'], list) else c['source'] for c in cells)
+    return re.findall(r'^([A-Za-z_]\w*)\s*=(?!=)', src, flags=re.M)
 
 # %% ../nbs/09_reproduce.ipynb #d5a9d70c
 LEDGER = 'reproduce.json'
@@ -195,6 +205,8 @@ def _run_one(nb: Path, target: Path, out: Path, params: dict, root: Path, timeou
     print(f"[reproduce] {nb.name} (preset {params['preset']}, data {data}) ...", flush=True)
     rec = dict(name=nb.name, preset=params['preset'], data=data, commit=git_commit())
     rec['threads'] = threads or int(os.environ.get('OMP_NUM_THREADS') or 0) or os.cpu_count()  # it changes rounding
+    if params.get('resume'):  # its training runs may come from an earlier run (their own config.json says which)
+        rec['resumed'] = True
     for sub in ('tables', 'figures'):
         (target / sub).mkdir(parents=True, exist_ok=True)
     try:
@@ -323,6 +335,7 @@ def reproduce(
     data_root: str | Path | None = None,  # real data for every notebook (None: SynthAffect)
     resources: str | Path | None = None,  # a resources file (abaw_nb.resources): each notebook gets what it needs
     jobs: int | None = None,  # notebooks at once; None: `default_jobs(preset)`
+    resume: bool = False,  # notebooks with a `resume` parameter reuse their finished training runs (re-scoring)
 ) -> list[dict]:
     """Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one
     record per notebook. Each notebook runs in its own process; with `jobs` > 1 each kernel gets cores/jobs threads
@@ -361,6 +374,7 @@ def reproduce(
         if jobs > 1:
             _clean_stage(target(nb))
         reads = {'predictions_root': str(out)} if nb.stem in COLLECTORS else {}  # not its staging folder
+        reads |= {'resume': True} if resume and 'resume' in notebook_parameters(nb) else {}
         return ex.submit(_run_one, nb, target(nb), out, {**params, **plan[nb.name][0], **reads}, root, timeout, threads)
 
     def finish(nb, rec):
@@ -411,6 +425,11 @@ def main(argv=None):
         '--jobs', type=int, default=None, help='notebooks run at once (default: 2 for smoke and cpu, 1 for paper)'
     )
     ap.add_argument('--resources', default=None, help='resources file: datasets and weights you have (YAML)')
+    ap.add_argument(
+        '--resume',
+        action='store_true',
+        help='notebooks with a resume parameter reuse the finished training runs in their runs/ folder (re-scoring)',
+    )
     ap.add_argument('--resources-template', action='store_true', help='print a resources file to fill in, and exit')
     a = ap.parse_args(argv)
     if a.resources_template:
@@ -418,7 +437,8 @@ def main(argv=None):
 
         print(resources_template(), end='')
         return 0
-    runs = reproduce(a.preset, a.only, a.out, a.timeout, data_root=a.data_root, resources=a.resources, jobs=a.jobs)
+    kw = dict(data_root=a.data_root, resources=a.resources, jobs=a.jobs, resume=a.resume)
+    runs = reproduce(a.preset, a.only, a.out, a.timeout, **kw)
     failed = [r for r in runs if r['status'] == 'failed']
     if failed:
         print(f"[reproduce] FAILED: {failed[0]['name']}: {failed[0]['error']}", file=sys.stderr)

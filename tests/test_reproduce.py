@@ -315,3 +315,25 @@ def test_cli_prints_a_resources_template(capsys):
     assert main(['--resources-template']) == 0
     text = capsys.readouterr().out
     assert text.startswith('# abaw-nb resources') and '# fpn_init: /path' in text and '# fmae: /path' in text
+
+
+def test_resume_reaches_only_the_notebooks_that_take_it(tmp_path):
+    """`reproduce(resume=True)` (`abaw-reproduce --resume`) passes resume=True to a notebook whose parameters cell
+    declares `resume`, not to one that does not, and the ledger marks the resumed record."""
+    says = "from pathlib import Path\n(Path(out_dir) / '{0}.txt').write_text(str(globals().get('resume', 'absent')))"
+    a = tmp_path / '10_a.ipynb'
+    a.write_text(
+        json.dumps(_nb([("preset = 'smoke'\nout_dir = None\nresume = False", ['parameters']), (says.format('a'), [])]))
+    )
+    b = tmp_path / '20_b.ipynb'
+    b.write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']), (says.format('b'), [])])))
+    out = tmp_path / 'out'
+    runs = reproduce('smoke', out=out, notebooks=[a, b], jobs=1, resume=True)
+    assert [r['status'] for r in runs] == ['ok', 'ok'], runs
+    assert (out / 'a.txt').read_text() == 'True' and (out / 'b.txt').read_text() == 'absent'
+    ledger = json.loads((out / 'reproduce.json').read_text())
+    assert ledger['10_a.ipynb'].get('resumed') is True and 'resumed' not in ledger['20_b.ipynb']
+    runs = reproduce('smoke', out=out, notebooks=[a], jobs=1)  # without resume: the notebook's default
+    assert (out / 'a.txt').read_text() == 'False' and 'resumed' not in json.loads((out / 'reproduce.json').read_text())[
+        '10_a.ipynb'
+    ]
