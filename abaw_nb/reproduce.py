@@ -335,7 +335,7 @@ def reproduce(
     data_root: str | Path | None = None,  # real data for every notebook (None: SynthAffect)
     resources: str | Path | None = None,  # a resources file (abaw_nb.resources): each notebook gets what it needs
     jobs: int | None = None,  # notebooks at once; None: `default_jobs(preset)`
-    resume: bool = False,  # notebooks with a `resume` parameter reuse their finished training runs (re-scoring)
+    resume: bool = False,  # notebooks with a `resume` parameter reuse finished runs of the same clean commit
 ) -> list[dict]:
     """Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one
     record per notebook. Each notebook runs in its own process; with `jobs` > 1 each kernel gets cores/jobs threads
@@ -428,7 +428,8 @@ def main(argv=None):
     ap.add_argument(
         '--resume',
         action='store_true',
-        help='notebooks with a resume parameter reuse the finished training runs in their runs/ folder (re-scoring)',
+        help='notebooks with a resume parameter reuse the finished training runs that the same clean commit left in '
+        'their runs/ folder (an interrupted reproduce); runs of other code are retrained (analysis.paper_runs)',
     )
     ap.add_argument('--resources-template', action='store_true', help='print a resources file to fill in, and exit')
     a = ap.parse_args(argv)
