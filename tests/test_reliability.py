@@ -434,11 +434,18 @@ def test_unwritable_out_dir_is_refused_before_reading_data(tmp_path, monkeypatch
 
 def test_two_runs_at_once_share_a_fresh_cache(tmp_path):
     cache = tmp_path / 'cache'
+    # a world without an unlabelled pool: no stand-in to pretrain, so the FPN starts from random weights
     tiny = 'config: {synth: {n_subjects: 10, n_videos: 12, frames: [12, 16], n_pool: 0, img_size: 32}}'
     procs = [
         (
             _papermill(
-                tmp_path / f'out{i}.ipynb', '-p', 'out_dir', str(tmp_path / f'run{i}'), '-y', tiny, ABAW_NB_CACHE=cache
+                tmp_path / f'out{i}.ipynb',
+                '-p',
+                'out_dir',
+                str(tmp_path / f'run{i}'),
+                '-y',
+                tiny + '\nextra: {pretrained: none}',
+                ABAW_NB_CACHE=cache,
             ),
             i,
         )

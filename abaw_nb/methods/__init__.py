@@ -20,9 +20,9 @@ from ..train.synth_init import SYNTH_INIT, FROM_SCRATCH, synth_init_file, synth_
 # %% auto #0
 __all__ = ['METHODS_ENV', 'choice', 'settings_types', 'settings_help', 'UnknownSetting', 'make_settings', 'settings_dict',
            'RunData', 'Recipe', 'frame_data', 'heads_predict_fn', 'Init', 'MethodSpec', 'register_method',
-           'list_methods', 'get_method', 'get_settings', 'MissingInit', 'init_weights', 'check_init', 'synth_weights',
-           'init_table', 'init_arch', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint', 'read_run_labels',
-           'load_run_recipe', 'save_safetensors', 'read_weights']
+           'list_methods', 'get_method', 'get_settings', 'MissingInit', 'init_weights', 'check_init', 'standin_spec',
+           'synth_weights', 'init_table', 'init_arch', 'checkpoint_formats', 'import_checkpoint', 'run_checkpoint',
+           'read_run_labels', 'load_run_recipe', 'save_safetensors', 'read_weights']
 
 # %% ../../nbs/05_methods.ipynb #9fc728f6
 def choice(default, options):
@@ -389,15 +389,18 @@ def init_weights(cfg: Config, settings=None) -> str | None:
 
 
 def check_init(cfg: Config) -> None:
-    "Refuse a paper-preset run of `cfg` whose published initialisation is not given (called before any data is read)."
-    init_weights(cfg)
+    """Refuse a paper-preset run of `cfg` whose published initialisation is not given, or a stand-in its method does not
+    have (called before any data is read: a stand-in is built later, with the run's model)."""
+    spec = get_method(cfg.method)
+    s = spec.make_settings(cfg.extra)
+    if spec.init is not None and getattr(s, spec.init.setting) == SYNTH_INIT:
+        standin_spec(cfg, s)
+        return
+    init_weights(cfg, s)
 
 # %% ../../nbs/05_methods.ipynb #05da13fb
-def synth_weights(cfg: Config, settings=None) -> Path:
-    """The SynthAffect stand-in of `cfg`'s published initialisation (`abaw_nb.train.synth_init`): the method's backbone
-    pretrained on the pool of the run's SynthAffect world (`synth_size`, `data_seed`), built once and cached."""
-    from ..data.synth import generate_cached
-
+def standin_spec(cfg: Config, settings=None):
+    "What `pretrained='synth'` pretrains for `cfg` (a `StandinSpec`); refuses a method that has no stand-in."
     spec = get_method(cfg.method)
     s = spec.make_settings(cfg.extra) if settings is None else settings
     if spec.init is None or spec.init.standin is None:
@@ -405,8 +408,17 @@ def synth_weights(cfg: Config, settings=None) -> Path:
             f"{cfg.method} has no SynthAffect stand-in (pretrained='{SYNTH_INIT}'); "
             'FMAE pretrains its MAE on the pool itself (`abaw_nb.methods.fmae`)'
         )
+    return spec.init.standin(cfg, s)
+
+
+def synth_weights(cfg: Config, settings=None) -> Path:
+    """The SynthAffect stand-in of `cfg`'s published initialisation (`abaw_nb.train.synth_init`): the method's backbone
+    pretrained on the pool of the run's SynthAffect world (`synth_size`, `data_seed`), built once and cached."""
+    from ..data.synth import generate_cached
+
+    st = standin_spec(cfg, settings)
     root = generate_cached(cfg.synth_size, seed=cfg.data_seed, show_progress=False, **cfg.synth)
-    return synth_init_file(spec.init.standin(cfg, s), root, synth_init_recipe(cfg.preset), show_progress=cfg.progress)
+    return synth_init_file(st, root, synth_init_recipe(cfg.preset), show_progress=cfg.progress)
 
 # %% ../../nbs/05_methods.ipynb #4e2bad7a
 def init_table() -> pd.DataFrame:

@@ -63,9 +63,12 @@ def pool_frames(root, size: int, frames=None) -> tuple:
     """The pool's face frames of a generated SynthAffect folder: (latent rows, frame cache, each row's cache entry);
     `frames`: where the frame cache lives (default: the shared one, `cache_dir('frames')`)."""
     u = load_latent(root)['unlabelled']
-    u = u[u['face'].astype(bool)].reset_index(drop=True)
+    u = u[u['face'].astype(bool)].reset_index(drop=True) if 'face' in u else u.iloc[:0]  # n_pool=0: no columns either
     if u.empty:
-        raise ValueError(f'{root}: the SynthAffect pool has no face frames (n_pool=0?); a stand-in is pretrained on it')
+        raise ValueError(
+            f"{root}: the SynthAffect pool has no face frames (n_pool=0?); a stand-in is pretrained on it "
+            "(pretrained='none' trains from random weights)"
+        )
     # by content, not modification time: a re-rendered identical pool (a fresh clone) keeps its stand-ins
     paths = u['image'].tolist()
     fc, pos = frame_cache(root, paths, size, name='pool', fingerprint='content', folder=frames, show_progress=False)
