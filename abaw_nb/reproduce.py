@@ -19,18 +19,22 @@ def paper_notebooks(root: str | Path | None = None) -> list[Path]:
     return sorted(p for p in (root / 'nbs' / 'paper').glob('*.ipynb') if not p.name.startswith(('_', '.')))
 
 
+def _tagged_parameters(nb_path: str | Path) -> list[dict]:
+    "The cells of a notebook that carry the papermill `parameters` tag."
+    nb = json.loads(Path(nb_path).read_text())
+    return [c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', [])]
+
+
 def parameter_cells(nb_path: str | Path) -> int:
     "How many cells of a notebook carry the papermill `parameters` tag."
-    nb = json.loads(Path(nb_path).read_text())
-    return sum('parameters' in c.get('metadata', {}).get('tags', []) for c in nb['cells'])
+    return len(_tagged_parameters(nb_path))
 
 
 def notebook_parameters(nb_path: str | Path) -> list[str]:
     "Names the notebook's `parameters` cell assigns at the start of a line (`name = value`), in order."
     import re
 
-    nb = json.loads(Path(nb_path).read_text())
-    cells = [c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', [])]
+    cells = _tagged_parameters(nb_path)
     src = ''.join(''.join(c['source']) if isinstance(c['source'], list) else c['source'] for c in cells)
     return re.findall(r'^([A-Za-z_]\w*)\s*=(?!=)', src, flags=re.M)
 
