@@ -671,10 +671,12 @@ def import_emotion_gcn_bregnext(
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #eaecb954
 def gcn_standin(cfg, s) -> StandinSpec:
-    "pretrained='synth': the variant's backbone pretrained on the SynthAffect pool (for the ImageNet DenseNet-121)."
+    "pretrained='synth': the backbone pretrained on the SynthAffect pool's identities (for the ImageNet DenseNet-121)."
     bb = s.backbone
     norm = normalization('densenet121' if bb.startswith('densenet') else 'none')
-    return StandinSpec(bb, lambda: make_backbone(bb, 'single_task'), cfg.img_size, *norm, 'ImageNet DenseNet-121')
+    build = lambda: make_backbone(bb, 'single_task')  # noqa: E731
+    what = 'ImageNet DenseNet-121' if bb.startswith('densenet') else 'nothing (the paper trains BReG-NeXt from scratch)'
+    return StandinSpec(bb, build, cfg.img_size, *norm, what, objective='identity')
 
 
 GCN_INIT = Init(

@@ -309,9 +309,10 @@ _TV = 'https://download.pytorch.org/models/'
 
 
 def fpn_standin(cfg, s: FPNSettings) -> StandinSpec:
-    "pretrained='synth': the FPN's ResNet body pretrained on the SynthAffect pool (for the ImageNet ResNet)."
+    "pretrained='synth': the FPN's ResNet body pretrained on the SynthAffect pool's identities (ImageNet ResNet)."
     body = s.backbone.removesuffix('_fpn')
-    return StandinSpec(body, lambda: build_backbone(body), cfg.img_size, *normalization('fpn'), 'ImageNet ResNet')
+    norm = normalization('fpn')
+    return StandinSpec(body, lambda: build_backbone(body), cfg.img_size, *norm, 'ImageNet ResNet', objective='identity')
 
 
 FPN_INIT = Init(

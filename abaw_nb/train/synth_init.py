@@ -18,13 +18,15 @@ from ..data.synth import load_latent
 from ..metrics import pcc
 
 # %% auto #0
-__all__ = ['SYNTH_INIT', 'FROM_SCRATCH', 'TARGET_COLUMNS', 'N_EXPR', 'StandinSpec', 'SynthInitRecipe', 'synth_init_recipe',
-           'pool_frames', 'pool_targets', 'target_slices', 'standin_loss', 'standin_report', 'identity_split',
-           'pretrain_standin', 'synth_init_file', 'init_words']
+__all__ = ['SYNTH_INIT', 'FROM_SCRATCH', 'OBJECTIVES', 'TARGET_COLUMNS', 'N_EXPR', 'StandinSpec', 'SynthInitRecipe',
+           'synth_init_recipe', 'pool_frames', 'pool_targets', 'target_slices', 'standin_loss', 'standin_outputs',
+           'standin_report', 'identity_targets', 'frame_split', 'identity_loss', 'identity_report', 'identity_split',
+           'standin_objective', 'pretrain_standin', 'synth_init_file', 'init_words']
 
 # %% ../../nbs/04g_train.synth_init.ipynb #10185d26023b46108eb7d9f57d49d2b3
 SYNTH_INIT = 'synth'  # an init setting's value: start from the SynthAffect stand-in of the published initialisation
 FROM_SCRATCH = 'none'  # an init setting's value that trains from random weights on purpose
+OBJECTIVES = ('affect', 'identity')  # what a stand-in is supervised on (`StandinSpec.objective`)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class StandinSpec:
     mean: tuple = (0.485, 0.456, 0.406)  # the method's input normalisation (ImageNet's by default)
     std: tuple = (0.229, 0.224, 0.225)
     stands_for: str = ''  # the published initialisation it stands in for (kept in the report)
+    objective: str = 'affect'  # 'affect': the pool's clean latents; 'identity': its identities as classes
+
+    def __post_init__(self):
+        check_choice('objective', self.objective, OBJECTIVES)
 
 
 @dataclass(frozen=True)
@@ -105,12 +111,18 @@ def standin_loss(out: torch.Tensor, y: dict) -> tuple[torch.Tensor, dict]:
 
 # %% ../../nbs/04g_train.synth_init.ipynb #b43b363d81ae4b689946ece5c682cd59
 @torch.no_grad()
+def standin_outputs(net: nn.Module, x: torch.Tensor, idx: np.ndarray, spec: StandinSpec) -> np.ndarray:
+    "The network's outputs on the frames `idx`, normalised as the spec says, in eval mode (batches of 256)."
+    net.eval()
+    ev = BatchAugment(False, spec.size, mean=spec.mean, std=spec.std)
+    return torch.cat([net(ev({'image': x[idx[k : k + 256]]})['image']) for k in range(0, len(idx), 256)]).numpy()
+
+
+@torch.no_grad()
 def standin_report(net: nn.Module, x: torch.Tensor, y: dict, idx: np.ndarray, spec: StandinSpec) -> dict:
     """What the stand-in learned on the frames `idx` (held-out identities): expression accuracy beside the majority
     class's, and the mean correlation of each regression group with its prediction."""
-    net.eval()
-    ev = BatchAugment(False, spec.size, mean=spec.mean, std=spec.std)
-    out = torch.cat([net(ev({'image': x[idx[k : k + 256]]})['image']) for k in range(0, len(idx), 256)]).numpy()
+    out = standin_outputs(net, x, idx, spec)
     sl = target_slices(y['au'].shape[1])
     e = y['expr'][idx].numpy()
     rep = dict(
@@ -120,6 +132,34 @@ def standin_report(net: nn.Module, x: torch.Tensor, y: dict, idx: np.ndarray, sp
         t, p = y[k][idx].numpy(), out[:, sl[k]]
         rep[f'{k}_r'] = float(np.nanmean([pcc(t[:, j], p[:, j]) for j in range(t.shape[1])]))  # NaN: a constant column
     return rep
+
+# %% ../../nbs/04g_train.synth_init.ipynb #f6fa52606d8c4a75a9b52967216f8f3f
+def identity_targets(subjects: np.ndarray) -> torch.Tensor:
+    "Each frame's identity as a class index: the sorted identities numbered from 0."
+    return torch.tensor(np.unique(subjects, return_inverse=True)[1].astype(np.int64))
+
+
+def frame_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    "(train, held-out) frame indices: a random `holdout` share of the `n` frames (at least one) held out."
+    if n < 2:
+        raise ValueError(f'the pool has {n} frame; a stand-in needs at least 2 (one is held out)')
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(seed).permutation(n)[: max(1, round(holdout * n))]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def identity_loss(out: torch.Tensor, y: dict) -> tuple[torch.Tensor, dict]:
+    "Cross-entropy on the identity classes; (total, parts)."
+    loss = F.cross_entropy(out, y['id'])
+    return loss, {'id': loss}
+
+
+@torch.no_grad()
+def identity_report(net: nn.Module, x: torch.Tensor, y: dict, idx: np.ndarray, spec: StandinSpec) -> dict:
+    "Identity accuracy on the held-out frames `idx` of the training identities, beside the commonest identity's share."
+    t = y['id'][idx].numpy()
+    hit = standin_outputs(net, x, idx, spec).argmax(1) == t
+    return dict(identity_acc=float(hit.mean()), identity_chance=float(np.bincount(t).max() / len(t)))
 
 # %% ../../nbs/04g_train.synth_init.ipynb #4dd4641cc4064e0191573fe9c69df29b
 def identity_split(subjects: np.ndarray, holdout: float) -> tuple[np.ndarray, np.ndarray]:
@@ -131,15 +171,26 @@ def identity_split(subjects: np.ndarray, holdout: float) -> tuple[np.ndarray, np
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
+def standin_objective(spec: StandinSpec, y: dict, subj: np.ndarray, recipe: SynthInitRecipe) -> tuple:
+    """The pieces of `spec`'s objective: (targets, train frames, held-out frames, head width, loss, report). Affect:
+    identities held out; identity: frames held out (a held-out identity has no class to be right about)."""
+    if spec.objective == 'identity':
+        tr, te = frame_split(len(subj), recipe.holdout, recipe.seed)
+        yid = {'id': identity_targets(subj)}
+        return yid, tr, te, int(yid['id'].max()) + 1, identity_loss, identity_report
+    tr, te = identity_split(subj, recipe.holdout)
+    return y, tr, te, target_slices(y['au'].shape[1])['pose'].stop, standin_loss, standin_report
+
+
 def pretrain_standin(
     spec: StandinSpec, root, recipe: SynthInitRecipe = SynthInitRecipe(), frames=None, show_progress=None
 ) -> tuple[dict, dict]:
-    "Pretrain `spec`'s backbone on the pool of `root`; (the backbone's state dict, report on held-out identities)."
+    "Pretrain `spec`'s backbone on the pool of `root` for its objective; (the backbone's state dict, held-out report)."
     torch.manual_seed(recipe.seed)
     x, y, subj = pool_targets(root, spec.size, frames)
-    tr, te = identity_split(subj, recipe.holdout)
+    y, tr, te, n_out, loss_fn, report = standin_objective(spec, y, subj, recipe)
     bb = spec.build()
-    net = nn.Sequential(bb, nn.Linear(bb.out_dim, target_slices(y['au'].shape[1])['pose'].stop))
+    net = nn.Sequential(bb, nn.Linear(bb.out_dim, n_out))
     opt = torch.optim.Adam(net.parameters(), recipe.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.steps, pct_start=0.1)
     aug = BatchAugment(True, spec.size, mean=spec.mean, std=spec.std)
@@ -148,12 +199,12 @@ def pretrain_standin(
     net.train()
     for _ in progress(range(recipe.steps), desc=f'stand-in {spec.name} ({spec.size} px)', enabled=show_progress):
         i = g.choice(tr, recipe.batch_size, replace=len(tr) < recipe.batch_size)
-        loss, _ = standin_loss(net(aug({'image': x[i]})['image']), {k: v[i] for k, v in y.items()})
+        loss, _ = loss_fn(net(aug({'image': x[i]})['image']), {k: v[i] for k, v in y.items()})
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    rep = standin_report(net, x, y, te, spec)
+    rep = report(net, x, y, te, spec)
     rep.update(seconds=round(time.time() - t0, 1), train_frames=len(tr), held_out_frames=len(te))
     return bb.state_dict(), rep
 
@@ -168,7 +219,10 @@ def synth_init_file(
     frames = Path(folder) / 'frames' if folder else None  # a folder of its own (tests), else the shared frame cache
     folder = Path(folder) if folder else cache_dir('synth_init')
     _, fc, _ = pool_frames(root, spec.size, frames)
-    key = _digest(spec.name, spec.size, list(spec.mean), list(spec.std), sorted(asdict(recipe).items()), fc.folder.name)
+    obj = [] if spec.objective == 'affect' else [spec.objective]  # the affect stand-ins keep their earlier keys
+    key = _digest(
+        spec.name, spec.size, list(spec.mean), list(spec.std), sorted(asdict(recipe).items()), fc.folder.name, *obj
+    )
     path = folder / f'{spec.name}-{spec.size}px-{key[:16]}.pt'
     if path.is_file():
         return path
@@ -176,7 +230,8 @@ def synth_init_file(
     with FileLock(str(path) + '.lock'):
         if not path.is_file():  # or another process built it while this one waited
             sd, rep = pretrain_standin(spec, root, recipe, frames, show_progress)
-            meta = dict(rep, name=spec.name, size=spec.size, stands_for=spec.stands_for, recipe=asdict(recipe))
+            meta = dict(rep, name=spec.name, size=spec.size, stands_for=spec.stands_for, objective=spec.objective)
+            meta['recipe'] = asdict(recipe)
             write_json(path.with_suffix('.json'), meta)
             torch_save(path, sd)  # last: a stand-in file exists only complete, with its report beside it
     return path
