@@ -496,7 +496,8 @@ def claim_row(
     untestable: str | None = None,  # the reason this claim cannot be tested here
     floor: dict | None = None,  # `floor_gate`'s result: a model at or below its best floor shows nothing
 ) -> dict:
-    "One row of the claims table; a shown verdict is kept only when the claimed-better model beats its best floor."
+    """One row of the claims table; a shown or contradicted verdict is kept only when the gated model beats its best
+    floor (at a floor the comparison says nothing either way: not shown)."""
     if untestable is not None:
         if not untestable.strip():
             raise ValueError('untestable here needs a reason')
@@ -526,7 +527,7 @@ def claim_row(
         + (f" (per-seed sd {boot['seed_sd']:.3f})" if boot.get('n_seeds', 0) > 1 and 'seed_sd' in boot else '')
     )
     if at_floor:
-        v = 'not shown' if v == 'shown' else v
+        v = 'not shown'
         why = f"at a floor: model {floor['model_score']:.3f} <= {floor['floor']} {floor['floor_score']:.3f}; {why}"
     return dict(
         method=method,
