@@ -671,12 +671,12 @@ def import_emotion_gcn_bregnext(
 
 # %% ../../nbs/05d_methods.emotion_gcn.ipynb #eaecb954
 def gcn_standin(cfg, s) -> StandinSpec:
-    "pretrained='synth': the backbone pretrained on the SynthAffect pool's identities (for the ImageNet DenseNet-121)."
+    "pretrained='synth': the backbone pretrained on the SynthAffect pool's latents (for the ImageNet DenseNet-121)."
     bb = s.backbone
     norm = normalization('densenet121' if bb.startswith('densenet') else 'none')
     build = lambda: make_backbone(bb, 'single_task')  # noqa: E731
     what = 'ImageNet DenseNet-121' if bb.startswith('densenet') else 'nothing (the paper trains BReG-NeXt from scratch)'
-    return StandinSpec(bb, build, cfg.img_size, *norm, what, objective='identity')
+    return StandinSpec(bb, build, cfg.img_size, *norm, what)  # the affect objective: see the departures above
 
 
 GCN_INIT = Init(
