@@ -181,11 +181,18 @@ def standin_objective(spec: StandinSpec, y: dict, subj: np.ndarray, recipe: Synt
     tr, te = identity_split(subj, recipe.holdout)
     return y, tr, te, target_slices(y['au'].shape[1])['pose'].stop, standin_loss, standin_report
 
-
+# %% ../../nbs/04g_train.synth_init.ipynb #28d3efd5258a48a79c179ea5c6759f01
 def pretrain_standin(
     spec: StandinSpec, root, recipe: SynthInitRecipe = SynthInitRecipe(), frames=None, show_progress=None
 ) -> tuple[dict, dict]:
-    "Pretrain `spec`'s backbone on the pool of `root` for its objective; (the backbone's state dict, held-out report)."
+    """Pretrain `spec`'s backbone on the pool of `root` for its objective; (the backbone's state dict, held-out report).
+    The caller's torch random state is left as it was: a run that builds its stand-in on first use then draws the same
+    heads and batches as a run that loads the cached file."""
+    with torch.random.fork_rng(devices=[]):
+        return _pretrain(spec, root, recipe, frames, show_progress)
+
+
+def _pretrain(spec, root, recipe, frames, show_progress) -> tuple[dict, dict]:
     torch.manual_seed(recipe.seed)
     x, y, subj = pool_targets(root, spec.size, frames)
     y, tr, te, n_out, loss_fn, report = standin_objective(spec, y, subj, recipe)
