@@ -13,7 +13,7 @@ import pandas as pd
 # %% auto #0
 __all__ = ['EXPR7', 'EXPR8_OTHER', 'AFFECTNET8', 'EXPW7', 'RAFDB7', 'EXPR_SPACES', 'AFFWILD2_12', 'BP4D_12', 'DISFA_8', 'ABAW1_8',
            'AU_SPACES', 'KEY_COLUMNS', 'STR_COLUMNS', 'SPLITS', 'expr_names', 'au_list', 'au_columns', 'frame_columns',
-           'expr_index_map', 'map_expr', 'convert_expr', 'convert_aus', 'FrameTableError', 'make_frames',
+           'expr_index_map', 'map_expr', 'convert_expr', 'convert_aus', 'IssueList', 'FrameTableError', 'make_frames',
            'empty_frames', 'validate', 'add_issue', 'issues_table', 'data_report', 'report_figures', 'task_frames']
 
 # %% ../../nbs/01a_data.frames.ipynb #d8aa7583
@@ -138,6 +138,16 @@ def convert_aus(
     out.attrs = {**df.attrs, 'au_space': dst}
     return out
 
+# %% ../../nbs/01a_data.frames.ipynb #2d0cbfe0
+class IssueList(list):
+    """The reader issues a frame table carries in `attrs['issues']`: a list of flat dicts (kind, split, file, count,
+    detail). pandas deep-copies `attrs` into the result of every operation on a frame, and Python's generic deepcopy
+    of a few dozen dicts costs about 0.4 ms. This copy makes new dicts of the same immutable values: the same result,
+    20-50x faster (it was 4-6 % of a smoke notebook's time)."""
+
+    def __deepcopy__(self, memo):
+        return IssueList(dict(it) for it in self)
+
 # %% ../../nbs/01a_data.frames.ipynb #76529777
 class FrameTableError(ValueError):
     "A frame table that does not follow the schema."
@@ -180,7 +190,7 @@ def make_frames(
         out['audio'] = src['audio'].astype('str')
     df = pd.DataFrame(out, index=src.index)
     df = df[frame_columns(au_space, audio='audio' in src)].reset_index(drop=True)
-    df.attrs = {'expr_space': expr_space, 'au_space': au_space, 'issues': list(issues or [])}
+    df.attrs = {'expr_space': expr_space, 'au_space': au_space, 'issues': IssueList(issues or [])}
     return validate(df) if check else df
 
 

@@ -16,7 +16,7 @@ from ..train.losses import MultiTaskLoss, kd_kl, kd_kl_bins, bce_soft, valid_mas
 from ..data.loading import ClipDataset, make_transform, normalization
 from ..train.synth_init import SYNTH_INIT, StandinSpec
 from ..data.sampling import ml_ros_weights, expr_weights, va_weights, PoolSampler
-from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames
+from ..data.frames import au_columns, convert_aus, convert_expr, validate, empty_frames, IssueList
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, read_checkpoint, unwrap_state, map_state
 from ..checkpoints import load_mapped, build_on, head_key
 from . import MethodSpec, Recipe, RunData, choice, register_method, get_method, Init, init_weights
@@ -305,7 +305,7 @@ def external_frames(
             )
         )
     out = pd.concat(parts, ignore_index=True) if parts else empty_frames(expr_space, au_space)
-    out.attrs = {'expr_space': expr_space, 'au_space': au_space, 'issues': []}
+    out.attrs = {'expr_space': expr_space, 'au_space': au_space, 'issues': IssueList()}
     return validate(out), pd.DataFrame(report)
 
 
@@ -315,7 +315,7 @@ def merge_external(train: pd.DataFrame, ext: pd.DataFrame) -> pd.DataFrame:
         if train.attrs[k] != ext.attrs[k]:
             raise ValueError(f"{k}: training frames are {train.attrs[k]!r}, external frames {ext.attrs[k]!r}")
     out = pd.concat([train.drop(columns='audio', errors='ignore'), ext], ignore_index=True)
-    out.attrs = {**train.attrs, 'issues': list(train.attrs.get('issues', []))}
+    out.attrs = {**train.attrs, 'issues': IssueList(train.attrs.get('issues', []))}
     return validate(out)
 
 # %% ../../nbs/05b_methods.incomplete.ipynb #872dd0c4
