@@ -380,7 +380,16 @@ def emenet_presets(preset: str, task: str) -> tuple[dict, dict]:
             ),
         )
     return (
-        dict(img_size=32, batch_size=4, epochs=1, max_steps_per_epoch=3, optimizer='adam', lr=2e-3, schedule='none'),
+        dict(
+            img_size=32,
+            batch_size=4,
+            predict_batch_size=4,  # clips of eval_len frames: already 32 frames
+            epochs=1,
+            max_steps_per_epoch=3,
+            optimizer='adam',
+            lr=2e-3,
+            schedule='none',
+        ),
         dict(
             backbone='mobilefacenet_s',
             seq_len=4,

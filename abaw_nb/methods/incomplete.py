@@ -442,6 +442,7 @@ def mtl_presets(method: str):
             base = dict(
                 img_size=32,
                 batch_size=4 if rnn else 16,
+                predict_batch_size=4 if rnn else 32,  # the RNN's clips: already 4 x seq_len frames
                 epochs=1,
                 max_steps_per_epoch=4,
                 optimizer='adam',

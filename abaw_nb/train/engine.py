@@ -381,7 +381,7 @@ def predict_table(
     predict_fn: Callable,  # (out, batch) -> {column: (B[, T][, K]) array}
     forward_fn: Callable | None = None,  # (model, batch) -> out; default model(batch['image'])
     collate_fn: Callable | None = None,
-    batch_size: int | None = None,  # default cfg.batch_size
+    batch_size: int | None = None,  # default cfg.predict_batch_size, else cfg.batch_size
     num_workers: int | None = None,  # decoding processes; default cfg.num_workers
     device=None,  # default cfg.device
     channels_last: bool | None = None,  # None: the engine's rule for the model (`set_memory_layout`)
@@ -401,7 +401,8 @@ def predict_table(
     if cl:
         model.to(memory_format=torch.channels_last)
     c = cfg if num_workers is None else cfg.replace(num_workers=num_workers)
-    loader = make_loader(ds, c, False, batch_size=batch_size, drop_last=False, collate_fn=collate_fn)
+    bs = batch_size or cfg.predict_batch_size  # make_loader falls back to cfg.batch_size
+    loader = make_loader(ds, c, False, batch_size=bs, drop_last=False, collate_fn=collate_fn)
     forward_fn = forward_fn or _default_forward
     cols: dict[str, list] = {}
     for batch in progress(loader, desc='predict', enabled=show_progress):
