@@ -661,9 +661,17 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     "A copy of `conv` with the eval-mode `bn` after it folded in (BatchNorm2d or FrozenBatchNorm2d)."
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-    out = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups
-    ).to(conv.weight.device)
+    args = (
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+    )
+    # skip_init: no random initialisation (it draws from the global generator, and the fused weights replace it)
+    out = torch.nn.utils.skip_init(nn.Conv2d, *args, device=conv.weight.device)
     w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
     out.weight, out.bias = w, b
     return out
