@@ -52,7 +52,7 @@ def predict_logits(
         (rec, cfg),
         df,
         root,
-        batch_size or cfg.predict_batch_size or max(cfg.batch_size, 1),
+        batch_size,  # None: predict_table's default (the run's predict_batch_size, else its batch_size)
         num_workers=0,
         predict_fn=lambda out, b: {f'logit_{k}': v for k, v in out.items()},
         forward_fn=_mc_forward(passes),
