@@ -96,7 +96,7 @@ def predict_challenge(
     au_space: str = 'affwild2_12',  # the AUs to write
     au_threshold: float | Mapping = 0.5,
     batch_size: int | None = None,  # default: the run's
-    num_workers: int | None = None,  # default: the run's, at least 1
+    num_workers: int | None = None,  # default: `predict_workers` (the run's; else 1 with several threads, 0 with one)
     device: str | None = None,  # default: the run's device setting
 ) -> pd.DataFrame:
     "One row per row of `frames`: video, frame and the challenge values of each task (see `challenge_columns`)."

@@ -66,9 +66,9 @@ def _family_settings(method: str | None, extra: dict) -> dict:
 
 def predict_model(run, frames: pd.DataFrame, root, batch_size: int = 64, device='cpu') -> pd.DataFrame:
     "Per-frame table (split, video, frame, prob_expr_k, prob_AU<n>, valence, arousal, expr) of a run on `frames`."
-    p = predict_run(run, frames, root, batch_size, num_workers=1, device=device)
-    # one decoding worker overlaps JPEG decoding with the forward passes
-    # (CNN-RNN test predictions 17.1 -> 9.5 s, 2 cores)
+    # decoding workers: `predict_workers` (one where this process computes on several threads: it overlaps JPEG
+    # decoding with the forward passes, CNN-RNN test predictions 17.1 -> 9.5 s on 2 cores)
+    p = predict_run(run, frames, root, batch_size, device=device)
     pe = [c for c in p.columns if c.startswith('prob_expr_')]
     if pe:
         p = p.drop(columns='expr', errors='ignore')

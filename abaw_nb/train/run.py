@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib, dataclasses, json, os, shutil
 from pathlib import Path
-import numpy as np, pandas as pd
+import numpy as np, pandas as pd, torch
 from ..core import Config, check_choice, get_config, write_csv, write_json, write_text, fingerprint, PRESETS
 from ..core import validate_config, seed_everything, outputs_dir, run_id, clean_stale_temps, check_out_dir
 from ..core import provenance
@@ -20,8 +20,8 @@ from ..methods import import_checkpoint, check_init, init_arch
 # %% auto #0
 __all__ = ['TASK_CHOICES', 'DATA_FORMATS', 'HOLDOUT_FRAC', 'EDITION', 'HEADLINE_SCORES', 'run_config', 'load_frames',
            'validation_as_test', 'edition_for_frames', 'selection_score', 'report_issues', 'discard_partial_run',
-           'train', 'load_run', 'headline', 'load_run_recipe', 'load_run_model', 'predict_run', 'evaluate_checkpoint',
-           'imported_run_recipe']
+           'train', 'load_run', 'headline', 'load_run_recipe', 'load_run_model', 'predict_workers', 'predict_run',
+           'evaluate_checkpoint', 'imported_run_recipe']
 
 # %% ../../nbs/04c_train.run.ipynb #7665a8eb
 TASK_CHOICES = ('va', 'expr', 'au', 'multi')
@@ -353,12 +353,20 @@ def load_run_model(path, device: str = 'cpu'):
     return rec.model, cfg
 
 
+def predict_workers(cfg: Config) -> int:
+    """Decoding processes a prediction uses when its caller names none: the run's `num_workers`; with none, one when
+    this process computes on several threads, none when it was given one core (`make test`; each notebook of `make
+    reproduce` on 2 cores): the other cores are busy then, and a worker's start and hand-over cost more than decoding
+    in-line (smoke FPN, 333-1,746 frames, other core busy: 0.3-0.7 s slower with one). The predictions are the same."""
+    return cfg.num_workers if cfg.num_workers > 0 else int(torch.get_num_threads() > 1)
+
+
 def predict_run(
     run,  # a run folder / checkpoint file, or (recipe, config) from `load_run_recipe`
     frames: pd.DataFrame,
     root,  # frames to predict (any split) and the root of their image paths
     batch_size: int | None = None,  # default: the run's
-    num_workers: int | None = None,  # decoding processes; default the run's, at least 1
+    num_workers: int | None = None,  # decoding processes; default `predict_workers(cfg)`
     device=None,  # default: the run's device setting
     predict_fn=None,  # default: the method's (e.g. a pipeline that wants logits)
     forward_fn=None,
@@ -368,7 +376,7 @@ def predict_run(
     "A run's prediction table of every row of `frames`: `keys`, then the prediction columns."
     rec, cfg = run if isinstance(run, tuple) else load_run_recipe(run)
     df = frames.reset_index(drop=True)
-    nw = max(cfg.num_workers, 1) if num_workers is None else num_workers
+    nw = predict_workers(cfg) if num_workers is None else num_workers
     p = predict_table(
         rec.model,
         rec.eval_data(df, root),
