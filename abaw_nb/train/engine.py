@@ -530,6 +530,7 @@ class Trainer:
         self.sched = scheduler or build_scheduler(self.opt, cfg, self.steps_per_epoch)
         self.out_dir = Path(out_dir or cfg.out_dir or outputs_dir('runs') / run_id(f'{cfg.method or "run"}-{cfg.task}'))
         self.callbacks, self.history, self.epoch, self.best = list(callbacks), [], 0, None
+        self.best_eval = None  # (epoch, scores, predictions) of the best epoch's validation, when this process ran it
         if self.is_main:  # fail before training when the run folder is unwritable or its disk too full
             check_out_dir(self.out_dir, estimate_run_bytes(self.model, self.opt))
             clean_stale_temps(self.out_dir)  # temporary files of a write that a kill interrupted
@@ -748,6 +749,7 @@ class Trainer:
             if self.select in scores and self._better(scores[self.select]):
                 self.best = {'epoch': self.epoch + 1, 'metric': self.select, 'value': scores[self.select]}
                 self.save(self.out_dir / 'best.pt', weights_only=True)
+                self.best_eval = (self.best['epoch'], scores, pred)
                 if self.is_main:
                     write_csv(self.out_dir / 'predictions_val.csv', pred)
         rec['seconds'] = time.time() - t0
@@ -766,6 +768,15 @@ class Trainer:
                 load_checkpoint(self.out_dir / 'best.pt', self.device)['model'],
                 str(self.out_dir / 'best.pt'),
             )
+
+    def best_validation(self) -> tuple[dict, pd.DataFrame]:
+        """Load the best epoch's weights and return their validation (scores, predictions): the pass that epoch made
+        when this process made it (the same weights on the same frames), else a new one (a reopened run)."""
+        self.load_best()
+        held = self.best_eval
+        if held is not None and self.best is not None and held[0] == self.best['epoch']:
+            return dict(held[1]), held[2].copy()
+        return self.evaluate()
 
     def _write_run_info(self):
         if not self.is_main:

@@ -243,8 +243,7 @@ def _train(spec: MethodSpec, cfg: Config, verbose: bool, data, eval_splits, out_
     if trainer.is_main:
         write_json(trainer.out_dir / 'labels.json', run.labels())
     history = trainer.fit()
-    trainer.load_best()
-    scores, pred = trainer.evaluate()
+    scores, pred = trainer.best_validation()
     pred = with_keys(va, pred)
     evals = {}
     for split in eval_splits:  # the best checkpoint on further splits (the test split of a comparison)
