@@ -14,7 +14,7 @@ from .models.backbones import densenet_legacy_key, ferplus_key, mobilefacenet, r
 from .models.vit import MaskedAutoencoderViT, VIT_SIZES
 
 # %% auto #0
-__all__ = ['STANDINS', 'GLOVE_FILE', 'QUICK_WORLD', 'REAL_LAYOUTS', 'standin_name', 'write_standins', 'standin_resources']
+__all__ = ['STANDINS', 'GLOVE_FILE', 'REAL_LAYOUTS', 'standin_name', 'write_standins', 'standin_resources']
 
 # %% ../nbs/09b_standins.ipynb #10185d26023b46108eb7d9f57d49d2b3
 def _ferplus() -> dict:
@@ -93,8 +93,6 @@ def write_standins(
     return out | {'emotion_gcn_embeddings': g}
 
 # %% ../nbs/09b_standins.ipynb #504fb2a444614c0babb325280ed9130a
-# the smoke world with half its frames per video (segments halved to keep their count): the real-path test's world
-QUICK_WORLD = dict(frames=(20, 24), seg_len=6.0)
 REAL_LAYOUTS = (
     'affwild2_release',
     'affwild2_test',
@@ -113,7 +111,7 @@ def standin_resources(
     path,  # the resources file to write (the weights go into a `weights/` folder beside it)
     size: str = 'smoke',  # SynthAffect size
     seed: int = 0,  # SynthAffect seed
-    **overrides,  # `SynthSize` fields to change, e.g. `QUICK_WORLD` (the world is cached apart from the standard one)
+    **overrides,  # `SynthSize` fields to change, e.g. `data.synth.QUICK_WORLD` (cached apart from the standard world)
 ) -> Path:
     "Render SynthAffect in the released layouts, write the stand-in weights, and a resources file naming them."
     from abaw_nb.data.synth import generate_cached, format_root

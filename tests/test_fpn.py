@@ -8,12 +8,15 @@ import torch
 from abaw_nb.pipelines.fpn import run_fpn, KEY, TASKS, check_no_subject_leak
 from abaw_nb.methods.fpn import read_pseudo_labels
 from abaw_nb.train.run import load_run_model
+from abaw_nb.data.synth import QUICK_WORLD
 
 
 @pytest.fixture(scope='module')
 def res(tmp_path_factory):
     torch.set_num_threads(1)
-    return run_fpn('smoke', out_dir=tmp_path_factory.mktemp('fpn'), affectnet='synth', expw='synth', device='cpu')
+    # the smoke world with half its frames (`QUICK_WORLD`): the external layouts are added to that world's own folder
+    out = tmp_path_factory.mktemp('fpn')
+    return run_fpn('smoke', out_dir=out, affectnet='synth', expw='synth', device='cpu', synth=QUICK_WORLD)
 
 
 def keys(df):

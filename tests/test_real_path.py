@@ -17,7 +17,8 @@ import pytest
 
 from abaw_nb.data.formats import check_submission, read_affwild2_test
 from abaw_nb.resources import NEEDS, PARAMS, load_resources
-from abaw_nb.standins import QUICK_WORLD, standin_resources
+from abaw_nb.data.synth import QUICK_WORLD
+from abaw_nb.standins import standin_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMITS = {'10_fpn_results': 'fpn', '20_incomplete_results': 'incomplete', '31_emenet_rounds': 'emenet'}

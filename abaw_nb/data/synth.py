@@ -18,14 +18,15 @@ from ..core import cache_dir, check_choice, write_csv, write_json, write_text, p
 # %% auto #0
 __all__ = ['AU_ALL', 'EXPR7', 'EXPR_PRIOR', 'AU_THRESHOLD', 'CONFOUND_AU', 'LOOKALIKE', 'PRONE_AU4', 'MIN_SEGMENTS',
            'CORRUPTIONS', 'TASKS', 'PROTOTYPES', 'VA_CENTRES', 'CONFUSIONS', 'PROTO', 'VA_C', 'AU_IDX', 'SIZES',
-           'LOOKS', 'JPEG_QUALITY', 'FORMATS', 'DEFAULT_FORMATS', 'AU_DATASETS', 'EVAL_SPLIT', 'STILL_STRIDE',
-           'SYNTH_VERSION', 'SynthSize', 'get_size', 'confound_cells', 'make_identities', 'simulate_video', 'annotate',
-           'plan_segments', 'deal_expressions', 'expression_segments', 'au_activation', 'brow_points', 'eye_open',
-           'mouth_shape', 'lip_curves', 'render_frame', 'neutral_row', 'au_pixel_change', 'face_landmarks',
-           'SynthWorld', 'make_world', 'synth_audio', 'write_wav', 'read_wav', 'frame_table', 'format_root',
-           'still_frames', 'au_subject_ids', 'disfa_intensities', 'write_formats', 'read_format', 'format_sources',
-           'generate', 'load_latent', 'add_formats', 'conflict_shares', 'confound_table', 'colour_histograms',
-           'colour_identity_probe', 'pool_report', 'generate_cached', 'bench_synth', 'bench_synth_reading']
+           'QUICK_WORLD', 'LOOKS', 'JPEG_QUALITY', 'FORMATS', 'DEFAULT_FORMATS', 'AU_DATASETS', 'EVAL_SPLIT',
+           'STILL_STRIDE', 'SYNTH_VERSION', 'SynthSize', 'get_size', 'confound_cells', 'make_identities',
+           'simulate_video', 'annotate', 'plan_segments', 'deal_expressions', 'expression_segments', 'au_activation',
+           'brow_points', 'eye_open', 'mouth_shape', 'lip_curves', 'render_frame', 'neutral_row', 'au_pixel_change',
+           'face_landmarks', 'SynthWorld', 'make_world', 'synth_audio', 'write_wav', 'read_wav', 'frame_table',
+           'format_root', 'still_frames', 'au_subject_ids', 'disfa_intensities', 'write_formats', 'read_format',
+           'format_sources', 'generate', 'load_latent', 'add_formats', 'conflict_shares', 'confound_table',
+           'colour_histograms', 'colour_identity_probe', 'pool_report', 'generate_cached', 'bench_synth',
+           'bench_synth_reading']
 
 # %% ../../nbs/01c_data.synth.ipynb #1ad0c67d
 AU_ALL = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24, 25, 26)  # every AU the world simulates
@@ -103,6 +104,9 @@ SIZES = {
     'medium': SynthSize(n_subjects=120, n_videos=400, frames=(200, 400), img_size=112, n_pool=20000, seg_len=40.0),
     'large': SynthSize(n_subjects=300, n_videos=1200, frames=(300, 600), img_size=112, n_pool=100000, seg_len=40.0),
 }
+# `SynthSize` overrides of the smoke world for the longer tests: half its frames per video, its segments halved to keep
+# their count (the real-path test renders every released layout of it; the FPN pipeline test trains on it)
+QUICK_WORLD = dict(frames=(20, 24), seg_len=6.0)
 
 
 def get_size(

@@ -331,7 +331,10 @@ def run_fpn(
     if synth:
         from abaw_nb.data.synth import generate_cached
 
-        generate_cached(base.synth_size, seed=base.data_seed, formats=('affwild2', *synth), show_progress=False)
+        # the layouts are added to the world the run reads (its `synth` overrides name its own cache folder)
+        generate_cached(
+            base.synth_size, seed=base.data_seed, formats=('affwild2', *synth), show_progress=False, **base.synth
+        )
         ext = synth_external(root, synth)
         affectnet, expw = ext.get('affectnet', affectnet), ext.get('expw', expw)
     if data_root is None:
