@@ -217,7 +217,7 @@ def finetune_au(
         score_fn=score_fn,
         log=log,
     )
-    thr = np.array([t.evaluate()[0]['threshold']])  # the best epoch's validation threshold
+    thr = np.array([t.best_validation()[0]['threshold']])  # the best epoch's validation threshold (its own pass)
     p_te = 1 / (1 + np.exp(-_table_logits(t.predict(test_ds))))
     y_te, m_te = test_ds.labels['au'].astype(int), test_ds.labels['au_mask']
     sc = au_metrics(y_te, (p_te >= thr).astype(int), aus=aus, mask=m_te)
