@@ -485,7 +485,10 @@ def external_root_frames(cfg, s: CNNSettings, root, formats, attrs: dict) -> pd.
     if cfg.data_root is None:
         from abaw_nb.data.synth import generate_cached
 
-        eroot = generate_cached(cfg.synth_size, seed=cfg.data_seed, formats=('affwild2', *formats), show_progress=False)
+        # the world the run reads (its `synth` overrides name its own cache folder), as `load_frames` does
+        eroot = generate_cached(
+            cfg.synth_size, seed=cfg.data_seed, formats=('affwild2', *formats), show_progress=False, **cfg.synth
+        )
     elif s.external_root is None:
         return empty_frames(attrs['expr_space'], attrs['au_space'])
     else:
