@@ -25,7 +25,7 @@ __all__ = ['AU_ALL', 'EXPR7', 'EXPR_PRIOR', 'AU_THRESHOLD', 'CONFOUND_AU', 'LOOK
            'face_landmarks', 'SynthWorld', 'make_world', 'synth_audio', 'write_wav', 'read_wav', 'frame_table',
            'format_root', 'still_frames', 'au_subject_ids', 'disfa_intensities', 'write_formats', 'read_format',
            'format_sources', 'generate', 'load_latent', 'add_formats', 'conflict_shares', 'confound_table',
-           'colour_histograms', 'colour_identity_probe', 'pool_report', 'generate_cached', 'bench_synth',
+           'colour_histograms', 'colour_identity_probe', 'pool_report', 'generate_cached', 'run_world', 'bench_synth',
            'bench_synth_reading']
 
 # %% ../../nbs/01c_data.synth.ipynb #1ad0c67d
@@ -1904,6 +1904,15 @@ def generate_cached(
                 + '\n'
             )
     return root
+
+# %% ../../nbs/01c_data.synth.ipynb #b452253c
+def run_world(
+    cfg,  # a run's settings (`abaw_nb.core.Config`): its `synth_size`, `data_seed` and `synth` overrides
+    formats: tuple = ('affwild2',),  # layouts the run needs (added to the cached world if missing)
+) -> Path:
+    """The SynthAffect world a run reads, generated into the cache once: every part of a run (its frames, its external
+    layouts, its stand-in initialisation's pool) takes its data from this one folder."""
+    return generate_cached(cfg.synth_size, seed=cfg.data_seed, formats=formats, show_progress=False, **cfg.synth)
 
 # %% ../../nbs/01c_data.synth.ipynb #71e888d3
 def bench_synth(

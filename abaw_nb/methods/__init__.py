@@ -414,10 +414,10 @@ def standin_spec(cfg: Config, settings=None):
 def synth_weights(cfg: Config, settings=None) -> Path:
     """The SynthAffect stand-in of `cfg`'s published initialisation (`abaw_nb.train.synth_init`): the method's backbone
     pretrained on the pool of the run's SynthAffect world (`synth_size`, `data_seed`), built once and cached."""
-    from ..data.synth import generate_cached
+    from ..data.synth import run_world
 
     st = standin_spec(cfg, settings)
-    root = generate_cached(cfg.synth_size, seed=cfg.data_seed, show_progress=False, **cfg.synth)
+    root = run_world(cfg)
     return synth_init_file(st, root, synth_init_recipe(cfg.preset), show_progress=cfg.progress)
 
 # %% ../../nbs/05_methods.ipynb #4e2bad7a

@@ -483,12 +483,9 @@ def external_root_frames(cfg, s: CNNSettings, root, formats, attrs: dict) -> pd.
     `s.external_root`; real data without an `external_root` has none (the external datasets are not the Aff-Wild2
     root's)."""
     if cfg.data_root is None:
-        from abaw_nb.data.synth import generate_cached
+        from abaw_nb.data.synth import run_world
 
-        # the world the run reads (its `synth` overrides name its own cache folder), as `load_frames` does
-        eroot = generate_cached(
-            cfg.synth_size, seed=cfg.data_seed, formats=('affwild2', *formats), show_progress=False, **cfg.synth
-        )
+        eroot = run_world(cfg, formats=('affwild2', *formats))  # the world the run reads, as `load_frames` does
     elif s.external_root is None:
         return empty_frames(attrs['expr_space'], attrs['au_space'])
     else:

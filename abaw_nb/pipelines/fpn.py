@@ -329,12 +329,9 @@ def run_fpn(
         )
     frames, root = load_frames(base)
     if synth:
-        from abaw_nb.data.synth import generate_cached
+        from abaw_nb.data.synth import run_world
 
-        # the layouts are added to the world the run reads (its `synth` overrides name its own cache folder)
-        generate_cached(
-            base.synth_size, seed=base.data_seed, formats=('affwild2', *synth), show_progress=False, **base.synth
-        )
+        run_world(base, formats=('affwild2', *synth))  # the layouts are added to the world the run reads
         ext = synth_external(root, synth)
         affectnet, expw = ext.get('affectnet', affectnet), ext.get('expw', expw)
     if data_root is None:

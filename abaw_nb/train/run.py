@@ -72,10 +72,10 @@ def load_frames(cfg: Config) -> tuple[pd.DataFrame, Path]:
                 df[a] = pd.array([pd.NA] * len(df), dtype='Int8')
         return df, root
     if cfg.data_root is None:
-        from abaw_nb.data.synth import generate_cached
+        from abaw_nb.data.synth import run_world
 
         # cfg.synth: SynthSize overrides (e.g. {'n_videos': 8}) for a smaller or larger world in its own cache folder
-        root = generate_cached(cfg.synth_size, seed=cfg.data_seed, show_progress=False, **cfg.synth)
+        root = run_world(cfg)
         dataset = 'synthaffect'
     else:
         root = Path(cfg.data_root).expanduser()
