@@ -20,7 +20,7 @@ from ..submit import predict_challenge
 # %% auto #0
 __all__ = ['downsample_va', 'mix_training_table', 'check_no_subject_leak', 'synth_subjects', 'synth_external',
            'make_pseudo_labels', 'multitask_frames', 'split_multitask', 'evaluate', 'challenge_predictions',
-           'selection_split', 'run_fpn']
+           'task_predictions', 'selection_split', 'run_fpn']
 
 # %% ../../nbs/06a_pipelines.fpn.ipynb #d4c4ffd1
 def downsample_va(
@@ -261,6 +261,26 @@ def challenge_predictions(
         p = predict_challenge(m, frames, root, (t,), batch_size=batch_size)
         out[t] = write_challenge_predictions(p, Path(out_dir) / t, t, frame_counts)
     return out
+
+# %% ../../nbs/06a_pipelines.fpn.ipynb #2b03ffaf
+def _task_of(column: str) -> str | None:
+    "The task a prediction column belongs to (None: a key column)."
+    if column in ('valence', 'arousal'):
+        return 'va'
+    if column == 'expr' or column.startswith('prob_expr_'):
+        return 'expr'
+    return 'au' if column.startswith('prob_AU') else None
+
+
+def task_predictions(
+    pred: pd.DataFrame,  # a prediction table of the multi-task model (`predict_run` of its run folder)
+    task: str,  # 'va' | 'expr' | 'au'
+) -> pd.DataFrame:
+    """What the split model of `task` predicts, cut from the multi-task model's table: the same rows, the key columns
+    and that task's columns. A split model is the shared backbone and one head, so one pass of the multi-task model
+    gives all three split models' tables (a third of the forward passes)."""
+    check_choice('task', task, TASKS)
+    return pred[[c for c in pred.columns if _task_of(c) in (None, task)]]
 
 # %% ../../nbs/06a_pipelines.fpn.ipynb #106b231d
 def _person(df: pd.DataFrame) -> pd.Series:
