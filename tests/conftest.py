@@ -24,8 +24,15 @@ def venv_bin() -> Path:
 # With pytest-xdist (`make test`: -n 2 --dist loadfile) each worker takes whole files in collection order. The files
 # that take longest go first, so neither worker ends its share minutes after the other (largest-first scheduling);
 # the order does not change what any test does. The order follows a fresh-clone run of `make test` on the 2-core
-# machine (test_real_path's fixture alone about 600 s under xdist; the next four files 150-400 s each).
-SLOW_FIRST = ('test_real_path.py', 'test_reliability.py', 'test_train_multi.py', 'test_reproduce.py', 'test_ddp.py')
+# machine at 870e55d (test_real_path about 270 s under xdist; the next five files 70-140 s each).
+SLOW_FIRST = (
+    'test_real_path.py',
+    'test_reproduce.py',
+    'test_reliability.py',
+    'test_train_multi.py',
+    'test_ddp.py',
+    'test_checkpoints.py',
+)
 
 
 def pytest_collection_modifyitems(config, items):
