@@ -79,7 +79,7 @@ def shared_out_dir(cfg) -> str:
 
 def _fmae_pretrain(cfg, preset: str) -> dict:
     "FMAE's MAE pretraining of `preset` on the SynthAffect pool, through the engine (and so under torchrun too)."
-    from abaw_nb.data.synth import generate_cached
+    from abaw_nb.data.synth import run_world
     from abaw_nb.methods.fmae import fmae_settings
     from abaw_nb.pipelines.fmae import pretrain_mae
 
@@ -87,7 +87,7 @@ def _fmae_pretrain(cfg, preset: str) -> dict:
         raise SystemExit(f'--stage fmae_pretrain is a stage of --method fmae, not {cfg.method!r}')
     s = fmae_settings(preset)
     out = shared_out_dir(cfg)
-    root = generate_cached(s['synth_size'], seed=cfg.data_seed, show_progress=False)
+    root = run_world(cfg)  # the world the fine-tuning runs of this config read (with its `synth` overrides)
     _, hist = pretrain_mae(root, s, cfg.seed, cfg.device, out_dir=out)
     return dict(out_dir=Path(out), history=hist, scores={}, config=cfg)
 
