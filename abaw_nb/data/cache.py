@@ -169,7 +169,9 @@ def _write_frames(tmp: Path, ds: _DecodeEntries, workers: int, desc: str, show) 
     "Decode every entry into tmp/frames.npy; returns the [entry, kind, message] of the ones that failed (skip mode)."
     n, s = len(ds), ds.size
     arr = np.lib.format.open_memmap(tmp / 'frames.npy', mode='w+', dtype=np.uint8, shape=(n, s, s, 3))
-    dl = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=lambda b: b)
+    # its own generator: a DataLoader draws its workers' base seed from the global one otherwise, and a run that builds
+    # a cache on first use would then train on other random numbers than a run that finds it built
+    dl = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=lambda b: b, generator=torch.Generator())
     bad = []
     for items in progress(dl, desc=desc, total=len(dl), enabled=show):
         for i, img, err in items:
