@@ -15,12 +15,12 @@ from .data.frames import expr_names
 from .metrics import expr_metrics, au_metrics, au_auc, ccc
 
 # %% auto #0
-__all__ = ['INTERVAL', 'CLAIM_COLUMNS', 'VERDICTS', 'SYNTH_NOTE', 'OLD_INTERVAL', 'INTERVAL_WORDS', 'majority_floor',
+__all__ = ['INTERVAL', 'CLAIM_COLUMNS', 'VERDICTS', 'NEAR_LINE', 'SYNTH_NOTE', 'OLD_INTERVAL', 'INTERVAL_WORDS', 'majority_floor',
            'all_positive_floor', 'pixel_features', 'pixel_probe', 'expr_f1_metric', 'expr_acc_metric', 'ccc_metric',
            'au_f1_metric', 'au_auc_metric', 'accuracy_metric', 'bootstrap_effect', 'paper_seeds', 'labelled',
            'task_arrays', 'tune_au_thresholds', 'score_arrays', 'floor_predictions', 'decide', 'task_table',
            'save_predictions', 'load_predictions', 'signed', 'claims_markdown', 'verdict', 'floor_gate', 'claim_row',
-           'save_claims', 'collect_claims']
+           'verdict_margin', 'save_claims', 'collect_claims']
 
 # %% ../nbs/08b_claims.ipynb #273c5821
 def majority_floor(
@@ -437,6 +437,8 @@ def claims_markdown(df: pd.DataFrame) -> str:
     for c in ('model_score', 'floor_score'):
         if c in shown:
             shown[c] = ['' if pd.isna(v) else f'{v:.3f}' for v in shown[c]]
+    if 'margin' in shown:  # `verdict_margin`
+        shown['margin'] = ['' if pd.isna(v) else f'{v:.2f}' for v in shown['margin']]
     return shown.to_markdown(index=False, disable_numparse=True)  # the strings as written, not parsed back
 
 # %% ../nbs/08b_claims.ipynb #2df5bcc7
@@ -545,6 +547,37 @@ def claim_row(
         floor_score=np.nan if floor is None else floor['floor_score'],
     )
 
+# %% ../nbs/08b_claims.ipynb #3ed186c9a28b402fb0bc4494df01f08d
+NEAR_LINE = (0.75, 4 / 3)  # margins counted as near the verdict's line: within a third of it, either way
+
+
+def verdict_margin(effect: float, ci_low: float, ci_high: float) -> float:
+    """|effect| over the distance from the effect to the interval end on 0's side: above 1 the interval excludes 0,
+    below 1 it holds 0; NaN for an untested row, 0 for a zero effect, inf for an interval of zero width."""
+    if any(pd.isna(v) for v in (effect, ci_low, ci_high)):
+        return float('nan')
+    if effect == 0:
+        return 0.0
+    gap = abs(effect - (ci_low if effect > 0 else ci_high))
+    return float('inf') if gap == 0 else abs(effect) / gap
+
+
+def _margin_sentence(df: pd.DataFrame) -> str:
+    "How many interval-decided verdicts lie near their line (`NEAR_LINE`), by method; rows at a floor are not counted."
+    floor = df['floor'] if 'floor' in df else pd.Series('', index=df.index)
+    at_floor = (floor.fillna('') != '') & ~(df.get('model_score', np.nan) > df.get('floor_score', np.nan))
+    m = df['margin'].where(~at_floor)  # at a floor the verdict is not shown whatever the interval says
+    near = df[(m >= NEAR_LINE[0]) & (m <= NEAR_LINE[1])]
+    tested = int(m.notna().sum())
+    by = ', '.join(f'{n} {k}' for k, n in near['method'].value_counts().sort_index().items())
+    return (
+        f"Near the line: {len(near)} of {tested} verdicts decided by their interval (not at a floor)"
+        f"{f' ({by})' if by else ''} have a margin between "
+        f'{NEAR_LINE[0]:.2f} and {NEAR_LINE[1]:.2f} (`margin`: |effect| over its distance to the interval end on '
+        "0's side; 1 is the line between shown and not shown): a rerun with other seeds, or on a machine that rounds "
+        'otherwise, may well give them the other verdict.'
+    )
+
 # %% ../nbs/08b_claims.ipynb #ddb5a7fe
 SYNTH_NOTE = (
     'SynthAffect builds each of these mechanisms in: a shown verdict proves that the implementation recovers '
@@ -611,11 +644,12 @@ def collect_claims(out) -> pd.DataFrame | None:
     tabs = [t if 'floor' in t.columns else t.assign(model_score=np.nan, floor='', floor_score=np.nan) for t in tabs]
     df = pd.concat(tabs, ignore_index=True)[list(CLAIM_COLUMNS)]
     df[['interval', 'floor']] = df[['interval', 'floor']].fillna('')
+    df['margin'] = [verdict_margin(*r) for r in df[['effect', 'ci_low', 'ci_high']].itertuples(index=False)]
     write_csv(Path(out, 'tables', 'claims.csv'), df)
     counts = ', '.join(f'{(df.verdict == v).sum()} {v}' for v in VERDICTS)
     md = (
         f'{len(df)} published claims tested: {counts}. {_interval_sentence(df)}\n\n{_floor_sentence(df)}\n\n'
-        f'{SYNTH_NOTE}\n\n' + claims_markdown(df) + '\n'
+        f'{_margin_sentence(df)}\n\n{SYNTH_NOTE}\n\n' + claims_markdown(df) + '\n'
     )
     write_text(Path(out, 'tables', 'claims.md'), md)
     return df
