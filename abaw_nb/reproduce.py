@@ -9,8 +9,9 @@ from pathlib import Path
 from .core import find_repo_root, outputs_dir, write_text, git_commit, check_choice, PRESETS
 
 # %% auto #0
-__all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'notebook_parameters', 'read_ledger',
-           'write_report', 'kernel_config', 'run_notebook', 'resource_plan', 'default_jobs', 'reproduce', 'main']
+__all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'notebook_parameters', 'edited_since',
+           'read_ledger', 'write_report', 'kernel_config', 'run_notebook', 'resource_plan', 'default_jobs', 'reproduce',
+           'main']
 
 # %% ../nbs/09_reproduce.ipynb #31657961
 def paper_notebooks(root: str | Path | None = None) -> list[Path]:
@@ -37,6 +38,26 @@ def notebook_parameters(nb_path: str | Path) -> list[str]:
     cells = _tagged_parameters(nb_path)
     src = ''.join(''.join(c['source']) if isinstance(c['source'], list) else c['source'] for c in cells)
     return re.findall(r'^([A-Za-z_]\w*)\s*=(?!=)', src, flags=re.M)
+
+# %% ../nbs/09_reproduce.ipynb #8763a12b2bbd4a93a75aff182afb95dc
+def edited_since(
+    path: str | Path,  # a file of the repository (a paper notebook)
+    commit: str,  # the commit a run recorded
+    root: str | Path | None = None,  # the repository (default: `find_repo_root()`)
+) -> str:
+    """The short hash of the last commit after `commit` that changed `path`; '' when none did; '?' when git cannot
+    tell (no git, a commit outside this history such as a shallow clone's, or an uncommitted run's `+dirty`)."""
+    import subprocess
+
+    root = Path(root) if root else find_repo_root()
+    if not commit or commit.endswith('+dirty') or commit == 'unknown':
+        return '?'
+    cmd = ['git', '-C', str(root), 'log', '-1', '--format=%h', f'{commit}..HEAD', '--', str(path)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return '?'
+    return r.stdout.strip() if r.returncode == 0 else '?'
 
 # %% ../nbs/09_reproduce.ipynb #d5a9d70c
 LEDGER = 'reproduce.json'
@@ -87,14 +108,17 @@ def write_report(
         lines += [
             '## Notebooks run',
             '',
-            '| notebook | status | preset | data | threads | seconds | peak memory (MiB) | commit |',
-            '|---|---|---|---|---|---|---|---|',
+            '| notebook | status | preset | data | threads | seconds | peak memory (MiB) | commit '
+            '| notebook edited since |',
+            '|---|---|---|---|---|---|---|---|---|',
         ]
         for name, r in ledger.items():
+            nb = Path('nbs', 'paper', name)  # `edited_since`: a later commit that changed the notebook
+            since = edited_since(nb, r.get('commit', '')) if (find_repo_root() / nb).exists() else ''
             lines.append(
                 f"| `{name}` | {r['status']} | {r.get('preset', '')} | {r.get('data', '')} | {r.get('threads', '')} | "
                 f"{r.get('seconds', float('nan')):.1f} | {r.get('peak_rss_mb', float('nan')):.0f} | "
-                f"`{r.get('commit', '')}` |"
+                f"`{r.get('commit', '')}` | {f'`{since}`' if since else ''} |"
             )
         lines.append('')
     seen = {'claims.md'}
