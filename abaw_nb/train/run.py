@@ -125,19 +125,28 @@ def selection_score(scores: dict, tasks) -> float:
     return float(sum(scores[f'{t}_score'] for t in tasks))
 
 
-def report_issues(frames: pd.DataFrame) -> dict:
+_REPORTED: set = set()  # the issue summaries `report_issues` has printed in this process
+
+
+def report_issues(
+    frames: pd.DataFrame,
+    once: bool = True,  # print a summary only the first time this process meets it (a notebook trains many runs)
+) -> dict:
     "Print the reader's counted skips and conversions per kind; returns the totals."
     tot: dict[str, list] = {}
     for it in frames.attrs.get('issues', []):
         t = tot.setdefault(it['kind'], [0, []])
         t[0] += it['count']
         t[1].append(it)
-    if tot:
+    lines = []
+    for k, (n, its) in sorted(tot.items()):
+        eg = its[0]
+        more = f' and {len(its) - 1} more file(s)' if len(its) > 1 else ''
+        lines.append(f'  {k}: {n} in {len(its)} file(s), e.g. {eg["file"]}: {eg["detail"]}{more}')
+    if lines and not (once and tuple(lines) in _REPORTED):
         print('data issues (rows skipped or labels set to NA; counted in data_report.csv, listed in data_issues.csv):')
-        for k, (n, its) in sorted(tot.items()):
-            eg = its[0]
-            more = f' and {len(its) - 1} more file(s)' if len(its) > 1 else ''
-            print(f'  {k}: {n} in {len(its)} file(s), e.g. {eg["file"]}: {eg["detail"]}{more}')
+        print('\n'.join(lines))
+        _REPORTED.add(tuple(lines))
     return {k: v[0] for k, v in tot.items()}
 
 
