@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, os, shutil, sys, tempfile, time
 from pathlib import Path
-from .core import find_repo_root, outputs_dir, write_text, git_commit, check_choice, PRESETS
+from .core import find_repo_root, outputs_dir, write_text, git_commit, check_choice, PRESETS, RepoRootNotFound
 
 # %% auto #0
 __all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'notebook_parameters', 'edited_since',
@@ -40,6 +40,15 @@ def notebook_parameters(nb_path: str | Path) -> list[str]:
     return re.findall(r'^([A-Za-z_]\w*)\s*=(?!=)', src, flags=re.M)
 
 # %% ../nbs/09_reproduce.ipynb #8763a12b2bbd4a93a75aff182afb95dc
+def _edited_since_run(name: str, commit: str) -> str:
+    "`edited_since` for a ledger's paper notebook; '' when it is not in this checkout's nbs/paper/."
+    try:
+        nb = find_repo_root() / 'nbs' / 'paper' / name
+    except RepoRootNotFound:
+        return ''
+    return edited_since(nb.relative_to(nb.parents[2]), commit, nb.parents[2]) if nb.exists() else ''
+
+
 def edited_since(
     path: str | Path,  # a file of the repository (a paper notebook)
     commit: str,  # the commit a run recorded
@@ -49,8 +58,11 @@ def edited_since(
     tell (no git, a commit outside this history such as a shallow clone's, or an uncommitted run's `+dirty`)."""
     import subprocess
 
-    root = Path(root) if root else find_repo_root()
     if not commit or commit.endswith('+dirty') or commit == 'unknown':
+        return '?'
+    try:
+        root = Path(root) if root else find_repo_root()
+    except RepoRootNotFound:
         return '?'
     cmd = ['git', '-C', str(root), 'log', '-1', '--format=%h', f'{commit}..HEAD', '--', str(path)]
     try:
@@ -113,8 +125,7 @@ def write_report(
             '|---|---|---|---|---|---|---|---|---|',
         ]
         for name, r in ledger.items():
-            nb = Path('nbs', 'paper', name)  # `edited_since`: a later commit that changed the notebook
-            since = edited_since(nb, r.get('commit', '')) if (find_repo_root() / nb).exists() else ''
+            since = _edited_since_run(name, r.get('commit', ''))
             lines.append(
                 f"| `{name}` | {r['status']} | {r.get('preset', '')} | {r.get('data', '')} | {r.get('threads', '')} | "
                 f"{r.get('seconds', float('nan')):.1f} | {r.get('peak_rss_mb', float('nan')):.0f} | "
