@@ -562,11 +562,15 @@ def verdict_margin(effect: float, ci_low: float, ci_high: float) -> float:
     return float('inf') if gap == 0 else abs(effect) / gap
 
 
+def _at_floor(df: pd.DataFrame) -> pd.Series:
+    "Rows whose claimed-better model was checked against its floors (`floor_gate`) and sits at or below the best."
+    floor = df['floor'] if 'floor' in df else pd.Series('', index=df.index)
+    return (floor.fillna('') != '') & ~(df.get('model_score', np.nan) > df.get('floor_score', np.nan))
+
+
 def _margin_sentence(df: pd.DataFrame) -> str:
     "How many interval-decided verdicts lie near their line (`NEAR_LINE`), by method; rows at a floor are not counted."
-    floor = df['floor'] if 'floor' in df else pd.Series('', index=df.index)
-    at_floor = (floor.fillna('') != '') & ~(df.get('model_score', np.nan) > df.get('floor_score', np.nan))
-    m = df['margin'].where(~at_floor)  # at a floor the verdict is not shown whatever the interval says
+    m = df['margin'].where(~_at_floor(df))  # at a floor the verdict is not shown whatever the interval says
     near = df[(m >= NEAR_LINE[0]) & (m <= NEAR_LINE[1])]
     tested = int(m.notna().sum())
     by = ', '.join(f'{n} {k}' for k, n in near['method'].value_counts().sort_index().items())
@@ -620,7 +624,7 @@ def _floor_sentence(df: pd.DataFrame) -> str:
     "How many tested rows were checked against their floors (`floor_gate`), and how many sit at one."
     tested = df[df['n_seeds'] > 0]
     checked = tested[tested['floor'] != '']
-    at = int((~(checked['model_score'] > checked['floor_score'])).sum())
+    at = int(_at_floor(checked).sum())
     s = (
         f"Floors: {len(checked)} of {len(tested)} tested rows compare the claimed-better model with its best floor "
         "on the claim's metric (calibration and uncertainty claims: on the task's accuracy metric, named in `floor`; "
