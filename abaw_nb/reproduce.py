@@ -43,10 +43,11 @@ def notebook_parameters(nb_path: str | Path) -> list[str]:
 def _edited_since_run(name: str, commit: str) -> str:
     "`edited_since` for a ledger's paper notebook; '' when it is not in this checkout's nbs/paper/."
     try:
-        nb = find_repo_root() / 'nbs' / 'paper' / name
+        root = find_repo_root()
     except RepoRootNotFound:
         return ''
-    return edited_since(nb.relative_to(nb.parents[2]), commit, nb.parents[2]) if nb.exists() else ''
+    nb = Path('nbs', 'paper', name)
+    return edited_since(nb, commit, root) if (root / nb).exists() else ''
 
 
 def edited_since(
