@@ -17,8 +17,8 @@ __all__ = ['PRESETS', 'PRECISIONS', 'FAULT_ENV', 'RepoRootNotFound', 'find_repo_
            'parity_kit_dir', 'Config', 'check_keys', 'check_choice', 'get_config', 'validate_config', 'seed_everything',
            'seed_worker', 'make_generator', 'get_device', 'resolve_precision', 'autocast', 'fault_point',
            'atomic_write', 'write_text', 'write_json', 'write_csv', 'save_png', 'torch_save', 'clean_stale_temps',
-           'OutputDirError', 'check_out_dir', 'progress_enabled', 'progress', 'git_commit', 'run_id', 'provenance',
-           'fingerprint']
+           'OutputDirError', 'check_out_dir', 'progress_enabled', 'progress', 'run_git', 'git_commit', 'run_id',
+           'provenance', 'fingerprint']
 
 # %% ../nbs/00_core.ipynb #67a5ae00
 class RepoRootNotFound(FileNotFoundError):
@@ -536,6 +536,11 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, e
     )
 
 # %% ../nbs/00_core.ipynb #48afe808
+def run_git(root: str | Path, *args: str) -> subprocess.CompletedProcess:
+    "`git -C root *args`, its output captured as text, stopped after 20 s."
+    return subprocess.run(['git', '-C', str(root), *args], capture_output=True, text=True, timeout=20)
+
+
 def git_commit(root: str | Path | None = None) -> str:
     """Short commit hash of the checkout, `+dirty` when there are uncommitted changes outside outputs/; `unknown`
     outside git."""
@@ -544,14 +549,13 @@ def git_commit(root: str | Path | None = None) -> str:
     except RepoRootNotFound:
         return 'unknown'
 
-    def _git(*a):
-        return subprocess.run(['git', '-C', str(root), *a], capture_output=True, text=True, timeout=20)
-
-    r = _git('rev-parse', '--short=10', 'HEAD')
+    r = run_git(root, 'rev-parse', '--short=10', 'HEAD')
     if r.returncode != 0:
         return 'unknown'
     # outputs/ is what runs write: regenerating it must not mark the code that produced it as modified
-    dirty = _git('status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)outputs').stdout.strip()
+    dirty = run_git(
+        root, 'status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)outputs'
+    ).stdout.strip()
     return r.stdout.strip() + ('+dirty' if dirty else '')
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, json, os, shutil, sys, tempfile, time
 from pathlib import Path
 from .core import find_repo_root, outputs_dir, write_text, git_commit, check_choice, PRESETS, RepoRootNotFound
+from .core import run_git
 
 # %% auto #0
 __all__ = ['LEDGER', 'STAGING', 'COLLECTORS', 'paper_notebooks', 'parameter_cells', 'notebook_parameters', 'edited_since',
@@ -65,9 +66,8 @@ def edited_since(
         root = Path(root) if root else find_repo_root()
     except RepoRootNotFound:
         return '?'
-    cmd = ['git', '-C', str(root), 'log', '-1', '--format=%h', f'{commit}..HEAD', '--', str(path)]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        r = run_git(root, 'log', '-1', '--format=%h', f'{commit}..HEAD', '--', str(path))
     except (OSError, subprocess.TimeoutExpired):
         return '?'
     return r.stdout.strip() if r.returncode == 0 else '?'
