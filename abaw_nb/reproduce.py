@@ -127,8 +127,9 @@ def write_report(
         ]
         for name, r in ledger.items():
             since = _edited_since_run(name, r.get('commit', ''))
+            preset_seeds = f"{r.get('preset', '')}, {r['seeds']} seeds" if r.get('seeds') else r.get('preset', '')
             lines.append(
-                f"| `{name}` | {r['status']} | {r.get('preset', '')} | {r.get('data', '')} | {r.get('threads', '')} | "
+                f"| `{name}` | {r['status']} | {preset_seeds} | {r.get('data', '')} | {r.get('threads', '')} | "
                 f"{r.get('seconds', float('nan')):.1f} | {r.get('peak_rss_mb', float('nan')):.0f} | "
                 f"`{r.get('commit', '')}` | {f'`{since}`' if since else ''} |"
             )
@@ -247,6 +248,8 @@ def _run_one(nb: Path, target: Path, out: Path, params: dict, root: Path, timeou
     rec['threads'] = threads or int(os.environ.get('OMP_NUM_THREADS') or 0) or os.cpu_count()  # it changes rounding
     if params.get('resume'):  # its training runs may come from an earlier run (their own config.json says which)
         rec['resumed'] = True
+    if params.get('seeds') is not None:  # not the preset's seeds (`claims.paper_seeds`): the report says how many
+        rec['seeds'] = params['seeds']
     for sub in ('tables', 'figures'):
         (target / sub).mkdir(parents=True, exist_ok=True)
     try:
@@ -376,6 +379,7 @@ def reproduce(
     resources: str | Path | None = None,  # a resources file (abaw_nb.resources): each notebook gets what it needs
     jobs: int | None = None,  # notebooks at once; None: `default_jobs(preset)`
     resume: bool = False,  # notebooks with a `resume` parameter reuse finished runs of the same clean commit
+    seeds: int | None = None,  # notebooks with a `seeds` parameter train seeds 0..seeds-1 (None: the preset's)
 ) -> list[dict]:
     """Run the paper notebooks with `preset`, stop at the first failure, update the ledger and write REPORT.md; one
     record per notebook. Each notebook runs in its own process; with `jobs` > 1 each kernel gets cores/jobs threads
@@ -388,6 +392,8 @@ def reproduce(
 
     check_choice('preset', preset, PRESETS)
     jobs = default_jobs(preset) if jobs is None else int(jobs)
+    if seeds is not None and int(seeds) < 1:
+        raise ValueError(f'seeds={seeds}: train at least 1 seed')
     if jobs < 1:
         raise ValueError(f'jobs={jobs}: run at least 1 notebook at a time')
     out = Path(out) if out else (cache_dir('smoke-outputs') if preset == 'smoke' else outputs_dir())
@@ -415,6 +421,7 @@ def reproduce(
             _clean_stage(target(nb))
         reads = {'predictions_root': str(out)} if nb.stem in COLLECTORS else {}  # not its staging folder
         reads |= {'resume': True} if resume and 'resume' in notebook_parameters(nb) else {}
+        reads |= {'seeds': seeds} if seeds is not None and 'seeds' in notebook_parameters(nb) else {}
         return ex.submit(_run_one, nb, target(nb), out, {**params, **plan[nb.name][0], **reads}, root, timeout, threads)
 
     def finish(nb, rec):
@@ -471,6 +478,13 @@ def main(argv=None):
         help='notebooks with a resume parameter reuse the finished training runs that the same clean commit left in '
         'their runs/ folder (an interrupted reproduce); runs of other code are retrained (analysis.paper_runs)',
     )
+    ap.add_argument(
+        '--seeds',
+        type=int,
+        default=None,
+        help="seeds 0..N-1 in every notebook that trains seeds (default: the preset's, 3 at cpu and paper, 1 at "
+        "smoke); more seeds narrow the claims' intervals and cost that much more time",
+    )
     ap.add_argument('--resources-template', action='store_true', help='print a resources file to fill in, and exit')
     a = ap.parse_args(argv)
     if a.resources_template:
@@ -478,7 +492,7 @@ def main(argv=None):
 
         print(resources_template(), end='')
         return 0
-    kw = dict(data_root=a.data_root, resources=a.resources, jobs=a.jobs, resume=a.resume)
+    kw = dict(data_root=a.data_root, resources=a.resources, jobs=a.jobs, resume=a.resume, seeds=a.seeds)
     runs = reproduce(a.preset, a.only, a.out, a.timeout, **kw)
     failed = [r for r in runs if r['status'] == 'failed']
     if failed:

@@ -337,3 +337,29 @@ def test_resume_reaches_only_the_notebooks_that_take_it(tmp_path):
     assert (out / 'a.txt').read_text() == 'False' and 'resumed' not in json.loads((out / 'reproduce.json').read_text())[
         '10_a.ipynb'
     ]
+
+
+def test_seeds_reach_only_the_notebooks_that_take_them(tmp_path):
+    """`reproduce(seeds=5)` (`abaw-reproduce --seeds 5`, `make reproduce SEEDS=5`) passes seeds=5 to a notebook whose
+    parameters cell declares `seeds`, not to one that does not; the ledger and the report's run table say so."""
+    says = "from pathlib import Path\n(Path(out_dir) / '{0}.txt').write_text(repr(globals().get('seeds', 'absent')))"
+    a = tmp_path / '10_a.ipynb'
+    a.write_text(
+        json.dumps(_nb([("preset = 'smoke'\nout_dir = None\nseeds = None", ['parameters']), (says.format('a'), [])]))
+    )
+    b = tmp_path / '20_b.ipynb'
+    b.write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']), (says.format('b'), [])])))
+    out = tmp_path / 'out'
+    with pytest.raises(ValueError, match='seeds=0: train at least 1 seed'):
+        reproduce('smoke', out=out, notebooks=[a, b], jobs=1, seeds=0)
+    runs = reproduce('smoke', out=out, notebooks=[a, b], jobs=1, seeds=5)
+    assert [r['status'] for r in runs] == ['ok', 'ok'], runs
+    assert (out / 'a.txt').read_text() == '5' and (out / 'b.txt').read_text() == "'absent'"
+    ledger = json.loads((out / 'reproduce.json').read_text())
+    assert ledger['10_a.ipynb']['seeds'] == 5 and 'seeds' not in ledger['20_b.ipynb']
+    report = (out / 'REPORT.md').read_text()
+    assert '| `10_a.ipynb` | ok | smoke, 5 seeds |' in report and '| `20_b.ipynb` | ok | smoke |' in report
+    runs = reproduce('smoke', out=out, notebooks=[a], jobs=1)  # without seeds: the notebook's default
+    assert (out / 'a.txt').read_text() == 'None' and 'seeds' not in json.loads((out / 'reproduce.json').read_text())[
+        '10_a.ipynb'
+    ]
