@@ -317,20 +317,30 @@ def test_cli_prints_a_resources_template(capsys):
     assert text.startswith('# abaw-nb resources') and '# fpn_init: /path' in text and '# fmae: /path' in text
 
 
-def test_resume_reaches_only_the_notebooks_that_take_it(tmp_path):
-    """`reproduce(resume=True)` (`abaw-reproduce --resume`) passes resume=True to a notebook whose parameters cell
-    declares `resume`, not to one that does not, and the ledger marks the resumed record."""
-    says = "from pathlib import Path\n(Path(out_dir) / '{0}.txt').write_text(str(globals().get('resume', 'absent')))"
+def _echo_notebooks(tmp_path, name: str, default: str) -> tuple:
+    """Two notebooks writing repr(`name`) (or 'absent') to <out_dir>/a.txt and b.txt: 10_a declares `name = default`
+    in its parameters cell, 20_b does not."""
+    says = (
+        "from pathlib import Path\n(Path(out_dir) / '{0}.txt').write_text(repr(globals().get('%s', 'absent')))" % name
+    )
     a = tmp_path / '10_a.ipynb'
     a.write_text(
-        json.dumps(_nb([("preset = 'smoke'\nout_dir = None\nresume = False", ['parameters']), (says.format('a'), [])]))
+        json.dumps(
+            _nb([(f"preset = 'smoke'\nout_dir = None\n{name} = {default}", ['parameters']), (says.format('a'), [])])
+        )
     )
     b = tmp_path / '20_b.ipynb'
     b.write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']), (says.format('b'), [])])))
-    out = tmp_path / 'out'
+    return a, b, tmp_path / 'out'
+
+
+def test_resume_reaches_only_the_notebooks_that_take_it(tmp_path):
+    """`reproduce(resume=True)` (`abaw-reproduce --resume`) passes resume=True to a notebook whose parameters cell
+    declares `resume`, not to one that does not, and the ledger marks the resumed record."""
+    a, b, out = _echo_notebooks(tmp_path, 'resume', 'False')
     runs = reproduce('smoke', out=out, notebooks=[a, b], jobs=1, resume=True)
     assert [r['status'] for r in runs] == ['ok', 'ok'], runs
-    assert (out / 'a.txt').read_text() == 'True' and (out / 'b.txt').read_text() == 'absent'
+    assert (out / 'a.txt').read_text() == 'True' and (out / 'b.txt').read_text() == "'absent'"
     ledger = json.loads((out / 'reproduce.json').read_text())
     assert ledger['10_a.ipynb'].get('resumed') is True and 'resumed' not in ledger['20_b.ipynb']
     runs = reproduce('smoke', out=out, notebooks=[a], jobs=1)  # without resume: the notebook's default
@@ -342,14 +352,7 @@ def test_resume_reaches_only_the_notebooks_that_take_it(tmp_path):
 def test_seeds_reach_only_the_notebooks_that_take_them(tmp_path):
     """`reproduce(seeds=5)` (`abaw-reproduce --seeds 5`, `make reproduce SEEDS=5`) passes seeds=5 to a notebook whose
     parameters cell declares `seeds`, not to one that does not; the ledger and the report's run table say so."""
-    says = "from pathlib import Path\n(Path(out_dir) / '{0}.txt').write_text(repr(globals().get('seeds', 'absent')))"
-    a = tmp_path / '10_a.ipynb'
-    a.write_text(
-        json.dumps(_nb([("preset = 'smoke'\nout_dir = None\nseeds = None", ['parameters']), (says.format('a'), [])]))
-    )
-    b = tmp_path / '20_b.ipynb'
-    b.write_text(json.dumps(_nb([("preset = 'smoke'\nout_dir = None", ['parameters']), (says.format('b'), [])])))
-    out = tmp_path / 'out'
+    a, b, out = _echo_notebooks(tmp_path, 'seeds', 'None')
     with pytest.raises(ValueError, match='seeds=0: train at least 1 seed'):
         reproduce('smoke', out=out, notebooks=[a, b], jobs=1, seeds=0)
     runs = reproduce('smoke', out=out, notebooks=[a, b], jobs=1, seeds=5)
