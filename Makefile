@@ -66,8 +66,8 @@ test-browser: env  ## run nbs/explore.ipynb in JupyterLab + headless Chromium (i
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	$(BIN)/pytest -q -m browser tests/test_browser.py
 
-reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=smoke|cpu|paper, RESOURCES=resources.yml: your datasets and weights, JOBS=n notebooks at once, SEEDS=n seeds per seeded notebook, OUT=another folder)
-	$(BIN)/abaw-reproduce --preset $(PRESET) $(if $(RESOURCES),--resources "$(RESOURCES)") $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(JOBS),--jobs $(JOBS)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(OUT),--out "$(OUT)")
+reproduce: env  ## regenerate every table and figure under outputs/ (PRESET=smoke|cpu|paper, RESOURCES=resources.yml: your datasets and weights, JOBS=n notebooks at once, SEEDS=n seeds per seeded notebook, ONLY="20 31" some notebooks, OUT=another folder)
+	$(BIN)/abaw-reproduce --preset $(PRESET) $(if $(RESOURCES),--resources "$(RESOURCES)") $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(JOBS),--jobs $(JOBS)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY)) $(if $(OUT),--out "$(OUT)")
 
 lab: env  ## JupyterLab from the venv
 	$(BIN)/jupyter lab --notebook-dir=nbs
