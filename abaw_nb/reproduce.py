@@ -420,8 +420,9 @@ def reproduce(
         if jobs > 1:
             _clean_stage(target(nb))
         reads = {'predictions_root': str(out)} if nb.stem in COLLECTORS else {}  # not its staging folder
-        reads |= {'resume': True} if resume and 'resume' in notebook_parameters(nb) else {}
-        reads |= {'seeds': seeds} if seeds is not None and 'seeds' in notebook_parameters(nb) else {}
+        declared = notebook_parameters(nb)  # what its parameters cell takes
+        reads |= {'resume': True} if resume and 'resume' in declared else {}
+        reads |= {'seeds': seeds} if seeds is not None and 'seeds' in declared else {}
         return ex.submit(_run_one, nb, target(nb), out, {**params, **plan[nb.name][0], **reads}, root, timeout, threads)
 
     def finish(nb, rec):
