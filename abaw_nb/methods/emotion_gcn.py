@@ -392,6 +392,7 @@ def gcn_presets(preset: str, task: str) -> tuple[dict, dict]:
                 lr=1e-3,
                 weight_decay=0.0,
                 schedule='none',
+                frame_cache=True,  # frames decoded once, augmented a batch at a time (JPEG decoding bound this run)
             ),
             {**variant, 'backbone': 'densenet_s', 'pretrained': SYNTH_INIT},
         )
