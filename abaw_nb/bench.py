@@ -12,12 +12,12 @@ from .core import autocast
 
 # %% auto #0
 __all__ = ['SECTIONS', 'PAPER_BACKBONES', 'BENCH_METHODS', 'CPU_PAPER_BATCH', 'BENCH_EXTRA', 'PIPELINE_SIZES', 'TARGETS',
-           'CACHED_PIPELINE_SIZES', 'matmul_peak', 'rss_now_bytes', 'reset_peak_rss', 'maxrss_bytes',
+           'PIPELINE_PATHS', 'CACHED_PIPELINE_SIZES', 'matmul_peak', 'rss_now_bytes', 'reset_peak_rss', 'maxrss_bytes',
            'bench_backbone_step', 'bench_isolated', 'bench_train_step', 'bench_scoring', 'gemm_peak', 'bench_machine',
-           'count_step_flops', 'method_recipe', 'bench_method_step', 'bench_data_pipeline', 'read_rgb_shape',
-           'consumption', 'reproduce_times', 'targets', 'run_benchmarks', 'bench_figure', 'fixes_table',
-           'gemm_evidence', 'render_markdown', 'main', 'bench_cached_pipeline', 'pipeline_consumption',
-           'pipeline_targets', 'run_pipeline_bench', 'render_pipeline_markdown']
+           'count_step_flops', 'method_recipe', 'bench_method_step', 'read_rgb_shape', 'reproduce_times',
+           'pipeline_target_rows', 'targets', 'bench_cached_pipeline', 'pipeline_consumption', 'pipeline_targets',
+           'consumption_wide', 'run_benchmarks', 'bench_figure', 'fixes_table', 'gemm_evidence', 'render_markdown',
+           'main', 'run_pipeline_bench', 'render_pipeline_markdown']
 
 # %% ../nbs/10_bench.ipynb #d773f8c4
 from torch import nn
@@ -650,50 +650,11 @@ def bench_method_step(
 
 # %% ../nbs/10_bench.ipynb #b2231474
 PIPELINE_SIZES = (
+    (32, 'resnet50'),
     (64, 'resnet50'),
     (112, 'resnet50'),
     (224, 'vit'),
-)  # (output side, backbone whose augmentation is used)
-
-
-def bench_data_pipeline(
-    root=None,  # a SynthAffect (Aff-Wild2 layout) folder; default: the cached `cpu` size
-    sizes=PIPELINE_SIZES,  # (side, backbone) pairs
-    workers=(0, 1, 2),  # DataLoader worker counts
-    batch_size: int = 64,  # images per batch
-    n_batches: int = 8,  # batches timed per setting (after the first, which pays the worker start-up)
-) -> list[dict]:
-    "DataLoader images/s of decode + training augmentation per output size and worker count."
-    from abaw_nb.data.synth import generate_cached
-    from abaw_nb.data.formats import read_affwild2
-    from abaw_nb.data.loading import FrameDataset, make_transform, loader_rates
-
-    root = Path(root) if root is not None else generate_cached('cpu', 0, show_progress=False)
-    df = read_affwild2(root)
-    src = int(read_rgb_shape(root, df)[-1])
-    rows = []
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for size, bb in sizes:
-            ds = FrameDataset(df, root, make_transform(True, size, bb))
-            for w in workers:
-                ips, ipc = loader_rates(ds, w, batch_size, n_batches)
-                rows.append(
-                    dict(
-                        size=size,
-                        augment=bb,
-                        workers=w,
-                        images_per_s=ips,
-                        images_per_cpu_s=ipc,
-                        batch_size=batch_size,
-                        images_timed=batch_size * n_batches,
-                        source_px=src,
-                    )
-                )
-    finally:
-        torch.set_num_threads(old)
-    return rows
+)  # (output side, backbone whose augmentation is used): the sides the presets train at (128 px FPN reads 224's)
 
 
 def read_rgb_shape(root, df) -> tuple:
@@ -701,35 +662,6 @@ def read_rgb_shape(root, df) -> tuple:
     from abaw_nb.data.formats import read_rgb
 
     return tuple(read_rgb(Path(root) / df['path'].iloc[0]).shape)
-
-
-def consumption(
-    train: pd.DataFrame,  # train_step rows (`bench_method_step`)
-    pipe: pd.DataFrame,  # data_pipeline rows (`bench_data_pipeline`)
-) -> pd.DataFrame:
-    """Each method's training-step consumption (its best variant) against the pipeline at the nearest measured size
-    >= its input."""
-    t = train[train.get('error', pd.Series(index=train.index, dtype=object)).isna()] if 'error' in train else train
-    if 'device' not in t:
-        t = t.assign(device='cpu')
-    best = t.sort_values('train_images_per_s').groupby(['method', 'preset', 'device'], sort=False).tail(1)
-    sizes = sorted(pipe['size'].unique())
-    out = []
-    for _, r in best.iterrows():
-        s = next((x for x in sizes if x >= r['input_size']), sizes[-1])
-        p = pipe[pipe['size'] == s].set_index('workers')['images_per_s']
-        out.append(
-            dict(
-                method=r['method'],
-                preset=r['preset'],
-                device=r['device'],
-                input_size=r['input_size'],
-                pipeline_size=s,
-                consumes_images_per_s=r['train_images_per_s'],
-                **{f'ratio_workers_{w}': p[w] / r['train_images_per_s'] for w in p.index},
-            )
-        )
-    return pd.DataFrame(out)
 
 # %% ../nbs/10_bench.ipynb #6a4d5ffb
 def _rel(p: Path) -> str:
@@ -780,6 +712,32 @@ TARGETS = {
     'gpu_vit_train_fraction': 0.40,  # ViT training step / bf16 matmul peak (GPU)
     'gpu_conv_train_fraction': 0.25,
 }  # convolutional training steps / bf16 matmul peak (GPU)
+PIPELINE_PATHS = {'cache': 'frame-cache pipeline', 'jpeg': 'per-image JPEG pipeline'}
+
+
+def pipeline_target_rows(c: pd.DataFrame | None) -> list[tuple]:
+    """(what, threshold, achieved) per preset, device and path of `pipeline_consumption` rows: the slowest worker count
+    (augmentation in the loader, as training runs it) against the preset's fastest training step."""
+    if c is None or not len(c) or 'path' not in c:
+        return []
+    c = c[c['augment_at'] == 'loader']
+    rows = []
+    for preset, dev in (('paper', 'cpu'), ('cpu', 'cpu'), ('smoke', 'cpu'), ('paper', 'cuda')):
+        d = c[(c['preset'] == preset) & c['device'].str.startswith(dev)]
+        if not len(d):
+            continue
+        top = d.loc[d['consumes_images_per_s'].idxmax()]
+        for path, words in PIPELINE_PATHS.items():
+            e = d[(d['method'] == top['method']) & (d['path'] == path)]
+            if not len(e):
+                continue
+            w = e.loc[e['ratio_wall'].idxmin()]
+            ws = '/'.join(str(x) for x in sorted(e['workers'].unique()))
+            what = f"{words} at {top['pipeline_size']} px, slowest of {ws} workers ({w['workers']})"
+            what += f" / fastest {preset}-preset training step on {dev}"
+            what += f" ({top['method']}, {top['consumes_images_per_s']:.0f} images/s)"
+            rows.append((what, TARGETS['pipeline_ratio'], w['ratio_wall']))
+    return rows
 
 
 def targets(tables: dict) -> pd.DataFrame:
@@ -823,21 +781,8 @@ def targets(tables: dict) -> pd.DataFrame:
                     TARGETS['gpu_conv_train_fraction'],
                     None,
                 )
-    c = tables.get('consumption')
-    if c is not None and len(c) and 'ratio_workers_2' in c:
-        for preset, dev in (('paper', 'cpu'), ('cpu', 'cpu'), ('paper', 'cuda')):
-            d = c[(c['preset'] == preset) & c['device'].str.startswith(dev)]
-            if not len(d):
-                continue
-            r = d.loc[d['consumes_images_per_s'].idxmax()]
-            add(
-                'pipeline_ratio',
-                f"2-worker pipeline at {r['pipeline_size']} px / fastest {preset}-preset training step on {dev} "
-                f"({r['method']}, "
-                f"{r['consumes_images_per_s']:.0f} images/s)",
-                TARGETS['pipeline_ratio'],
-                r['ratio_workers_2'],
-            )
+    for row in pipeline_target_rows(tables.get('consumption')):
+        add('pipeline_ratio', *row)
     s = tables.get('synth')
     if s is not None and len(s):
         r = s.iloc[0]
@@ -851,6 +796,139 @@ def targets(tables: dict) -> pd.DataFrame:
             r['frames_per_s_per_core'] if cpu is None else cpu,
         )
     return pd.DataFrame(rows)
+
+# %% ../nbs/10_bench.ipynb #60ebebfd
+CACHED_PIPELINE_SIZES = ((32, 'resnet50'), (64, 'resnet50'), (112, 'resnet50'), (128, 'resnet50'), (224, 'vit'))
+
+
+def _pipeline_setups(df, root, size, bb, paths, cache_folder) -> list:
+    "(path, where the augmentation runs, dataset, pipeline_rates options, cache build seconds) per path measured."
+    from abaw_nb.data.loading import FrameDataset, make_transform
+    from abaw_nb.data.cache import CachedFrames, BatchAugment, collate
+
+    setups = []
+    if 'jpeg' in paths:
+        setups.append(('jpeg', 'loader', FrameDataset(df, root, make_transform(True, size, bb)), {}, None))
+    if 'cache' in paths:
+        t0 = time.perf_counter()
+        ds = CachedFrames(df, root, size, folder=cache_folder, show_progress=False)
+        built = round(time.perf_counter() - t0, 2) if ds.cache.built else 0.0
+        aug = BatchAugment(True, size, bb)
+        setups.append(('cache', 'loader', ds, dict(collate_fn=aug.collate), built))
+        setups.append(('cache', 'after loader', ds, dict(collate_fn=collate, augment=aug), built))
+    return setups
+
+
+def bench_cached_pipeline(
+    root=None,  # SynthAffect (Aff-Wild2 layout); default: the `cpu` size
+    sizes=CACHED_PIPELINE_SIZES,  # (side, backbone whose augmentation is used)
+    workers=(0, 1, 2),
+    batch_size: int = 64,
+    n_batches: int = 24,  # batches timed per setting
+    warmup: int = 2,  # batches before the clock starts
+    repeats: int = 2,  # runs per setting; the best per CPU-second is kept
+    paths=('jpeg', 'cache'),
+    cache_folder=None,  # frame caches (default `cache_dir('frames')`)
+    keep_memory: bool = True,  # `keep_freed_memory` first (process-wide: both paths)
+) -> list[dict]:
+    "Steady-state images/s (wall, per CPU-second) of the per-image and the cached path per side, workers, augmentation."
+    from abaw_nb.data.synth import generate_cached
+    from abaw_nb.data.formats import read_affwild2
+    from abaw_nb.data.loading import pipeline_rates
+    from abaw_nb.data.cache import keep_freed_memory
+
+    malloc = 'keeps freed memory' if keep_memory and keep_freed_memory() else 'default'
+    root = Path(root) if root is not None else generate_cached('cpu', 0, show_progress=False)
+    df = read_affwild2(root)
+    src = int(read_rgb_shape(root, df)[-1])
+    rows = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a DataLoader worker runs; the main process too
+    try:
+        for size, bb in sizes:
+            for path, at, ds, kw, built in _pipeline_setups(df, root, size, bb, paths, cache_folder):
+                for w in workers:
+                    if at == 'after loader' and w == 0:
+                        continue  # with 0 workers the loader's collate runs in this process too
+                    runs = [pipeline_rates(ds, w, batch_size, n_batches, warmup, **kw) for _ in range(repeats)]
+                    r = max(runs, key=lambda d: d['images_per_cpu_s'])
+                    rows.append(
+                        dict(
+                            size=size,
+                            augment=bb,
+                            path=path,
+                            augment_at=at,
+                            workers=w,
+                            **r,
+                            batch_size=batch_size,
+                            source_px=src,
+                            frames=len(df),
+                            cache_build_s=built,
+                            malloc=malloc,
+                        )
+                    )
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
+# %% ../nbs/10_bench.ipynb #e103f099
+def pipeline_consumption(
+    pipe: pd.DataFrame,  # `bench_cached_pipeline` rows
+    train: pd.DataFrame,  # train_step rows (`bench_method_step`)
+) -> pd.DataFrame:
+    """Each method's fastest training step (per preset and device) against each pipeline setting at the nearest side
+    >= its input: both ratios."""
+    t = train[train['error'].isna()] if 'error' in train else train
+    t = t if 'device' in t else t.assign(device='cpu')
+    best = t.sort_values('train_images_per_s').groupby(['method', 'preset', 'device'], sort=False).tail(1)
+    sizes = sorted(pipe['size'].unique())
+    out = []
+    for _, r in best.sort_values(['preset', 'device', 'method']).iterrows():
+        s = next((x for x in sizes if x >= r['input_size']), sizes[-1])
+        for _, p in pipe[pipe['size'] == s].iterrows():
+            out.append(
+                dict(
+                    preset=r['preset'],
+                    device=r['device'],
+                    method=r['method'],
+                    input_size=int(r['input_size']),
+                    pipeline_size=int(s),
+                    consumes_images_per_s=r['train_images_per_s'],
+                    path=p['path'],
+                    augment_at=p['augment_at'],
+                    workers=int(p['workers']),
+                    ratio_wall=p['images_per_s'] / r['train_images_per_s'],
+                    ratio_per_cpu_s=p['images_per_cpu_s'] / r['train_images_per_s'],
+                )
+            )
+    return pd.DataFrame(out)
+
+
+def pipeline_targets(cons: pd.DataFrame, threshold: float = TARGETS['pipeline_ratio']) -> pd.DataFrame:
+    "Per preset, path, place of the augmentation and workers: the worst method's ratios, PASS/MISS against `threshold`."
+    out = []
+    for key, g in cons.groupby(['preset', 'path', 'augment_at', 'workers'], sort=True):
+        w, c = g.loc[g['ratio_wall'].idxmin()], g.loc[g['ratio_per_cpu_s'].idxmin()]
+        out.append(
+            dict(
+                zip(['preset', 'path', 'augment_at', 'workers'], key),
+                worst_method_wall=w['method'],
+                ratio_wall=w['ratio_wall'],
+                verdict_wall='PASS' if w['ratio_wall'] >= threshold else 'MISS',
+                worst_method_cpu=c['method'],
+                ratio_per_cpu_s=c['ratio_per_cpu_s'],
+                verdict_per_cpu_s='PASS' if c['ratio_per_cpu_s'] >= threshold else 'MISS',
+            )
+        )
+    return pd.DataFrame(out)
+
+
+def consumption_wide(cons: pd.DataFrame) -> pd.DataFrame:
+    "`pipeline_consumption` rows with one wall-clock ratio column per worker count (BENCH.md's table)."
+    keys = ['preset', 'device', 'method', 'input_size', 'pipeline_size', 'consumes_images_per_s', 'path', 'augment_at']
+    w = cons.pivot_table(index=[k for k in keys if k in cons], columns='workers', values='ratio_wall', aggfunc='first')
+    w.columns = [f'ratio_workers_{c}' for c in w.columns]
+    return w.reset_index()
 
 # %% ../nbs/10_bench.ipynb #8b1a1c2e
 def _variant(r) -> str:
@@ -997,15 +1075,17 @@ def run_benchmarks(
             kw = dict(
                 root=generate_cached('smoke', 0, show_progress=False),
                 sizes=((32, 'resnet50'),),
-                workers=(0,),
+                workers=(0, 1),
                 batch_size=8,
                 n_batches=2,
+                warmup=1,
+                repeats=1,
             )
         else:
-            kw = {}
-        tabs['data_pipeline'] = pd.DataFrame(timed('data_pipeline', lambda: bench_data_pipeline(**kw)))
+            kw = dict(sizes=PIPELINE_SIZES)
+        tabs['data_pipeline'] = pd.DataFrame(timed('data_pipeline', lambda: bench_cached_pipeline(**kw)))
         if 'train_step' in tabs:
-            tabs['consumption'] = consumption(tabs['train_step'], tabs['data_pipeline'])
+            tabs['consumption'] = pipeline_consumption(tabs['data_pipeline'], tabs['train_step'])
     if 'synth' in sections:
         from abaw_nb.data.synth import bench_synth
 
@@ -1069,11 +1149,13 @@ def bench_figure(tabs: dict):
         ax.legend(fontsize=7, loc='lower right')
     ax = axs[1]
     if pipe is not None and len(pipe):
-        for s, d in pipe.groupby('size'):
-            ax.plot(d['workers'], d['images_per_s'], 'o-', label=f'pipeline {s} px ({d["augment"].iloc[0]} aug.)')
+        pipe = pipe[pipe['augment_at'] == 'loader'] if 'augment_at' in pipe else pipe
+        for (s, path), d in pipe.groupby(['size', 'path']):
+            style = 'o-' if path == 'cache' else 's--'
+            ax.plot(d['workers'], d['images_per_s'], style, label=f'{path} {s} px ({d["augment"].iloc[0]} aug.)')
         c = tabs.get('consumption')
         if c is not None:
-            for _, r in c.iterrows():
+            for _, r in c.drop_duplicates(['method', 'preset', 'device']).iterrows():
                 ax.axhline(r['consumes_images_per_s'], ls=':', lw=1, color='C3' if r['preset'] == 'cpu' else 'C4')
                 ax.text(
                     pipe['workers'].max(),
@@ -1239,9 +1321,10 @@ def render_markdown(tabs: dict, prov: dict, raw: dict | None = None, figure: str
         if 'consumption' in tabs:
             L += [
                 'Each method\'s fastest measured training step against the pipeline at the nearest measured size '
-                'at or above its input (ratio = pipeline images/s / consumption):',
+                'at or above its input (ratio = pipeline images/s / consumption, per worker count; `cache`: the '
+                'decoded-frame cache, `jpeg`: per-image decoding):',
                 '',
-                _md(tabs['consumption']),
+                _md(consumption_wide(tabs['consumption'])),
                 '',
             ]
     if 'synth' in tabs:
@@ -1335,128 +1418,6 @@ def _folded_section(inf: pd.DataFrame) -> list[str]:
     head = 'The same inference steps with each BatchNorm folded into the convolution before it (`Config.fold_bn`; '
     head += '`abaw-predict` always folds):'
     return [head, '', f.to_markdown(index=False, floatfmt='.4g'), '']
-
-# %% ../nbs/10_bench.ipynb #60ebebfd
-CACHED_PIPELINE_SIZES = ((32, 'resnet50'), (64, 'resnet50'), (112, 'resnet50'), (128, 'resnet50'), (224, 'vit'))
-
-
-def _pipeline_setups(df, root, size, bb, paths, cache_folder) -> list:
-    "(path, where the augmentation runs, dataset, pipeline_rates options, cache build seconds) per path measured."
-    from abaw_nb.data.loading import FrameDataset, make_transform
-    from abaw_nb.data.cache import CachedFrames, BatchAugment, collate
-
-    setups = []
-    if 'jpeg' in paths:
-        setups.append(('jpeg', 'loader', FrameDataset(df, root, make_transform(True, size, bb)), {}, None))
-    if 'cache' in paths:
-        t0 = time.perf_counter()
-        ds = CachedFrames(df, root, size, folder=cache_folder, show_progress=False)
-        built = round(time.perf_counter() - t0, 2) if ds.cache.built else 0.0
-        aug = BatchAugment(True, size, bb)
-        setups.append(('cache', 'loader', ds, dict(collate_fn=aug.collate), built))
-        setups.append(('cache', 'after loader', ds, dict(collate_fn=collate, augment=aug), built))
-    return setups
-
-
-def bench_cached_pipeline(
-    root=None,  # SynthAffect (Aff-Wild2 layout); default: the `cpu` size
-    sizes=CACHED_PIPELINE_SIZES,  # (side, backbone whose augmentation is used)
-    workers=(0, 1, 2),
-    batch_size: int = 64,
-    n_batches: int = 24,  # batches timed per setting
-    warmup: int = 2,  # batches before the clock starts
-    repeats: int = 2,  # runs per setting; the best per CPU-second is kept
-    paths=('jpeg', 'cache'),
-    cache_folder=None,  # frame caches (default `cache_dir('frames')`)
-    keep_memory: bool = True,  # `keep_freed_memory` first (process-wide: both paths)
-) -> list[dict]:
-    "Steady-state images/s (wall, per CPU-second) of the per-image and the cached path per side, workers, augmentation."
-    from abaw_nb.data.synth import generate_cached
-    from abaw_nb.data.formats import read_affwild2
-    from abaw_nb.data.loading import pipeline_rates
-    from abaw_nb.data.cache import keep_freed_memory
-
-    malloc = 'keeps freed memory' if keep_memory and keep_freed_memory() else 'default'
-    root = Path(root) if root is not None else generate_cached('cpu', 0, show_progress=False)
-    df = read_affwild2(root)
-    src = int(read_rgb_shape(root, df)[-1])
-    rows = []
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a DataLoader worker runs; the main process too
-    try:
-        for size, bb in sizes:
-            for path, at, ds, kw, built in _pipeline_setups(df, root, size, bb, paths, cache_folder):
-                for w in workers:
-                    if at == 'after loader' and w == 0:
-                        continue  # with 0 workers the loader's collate runs in this process too
-                    runs = [pipeline_rates(ds, w, batch_size, n_batches, warmup, **kw) for _ in range(repeats)]
-                    r = max(runs, key=lambda d: d['images_per_cpu_s'])
-                    rows.append(
-                        dict(
-                            size=size,
-                            augment=bb,
-                            path=path,
-                            augment_at=at,
-                            workers=w,
-                            **r,
-                            batch_size=batch_size,
-                            source_px=src,
-                            frames=len(df),
-                            cache_build_s=built,
-                            malloc=malloc,
-                        )
-                    )
-    finally:
-        torch.set_num_threads(old)
-    return rows
-
-# %% ../nbs/10_bench.ipynb #e103f099
-def pipeline_consumption(
-    pipe: pd.DataFrame,  # `bench_cached_pipeline` rows
-    train: pd.DataFrame,  # train_step rows (`bench_method_step`)
-) -> pd.DataFrame:
-    "Each method's fastest training step against each pipeline setting at the nearest side >= its input: both ratios."
-    t = train[train['error'].isna()] if 'error' in train else train
-    best = t.sort_values('train_images_per_s').groupby(['method', 'preset'], sort=False).tail(1)
-    sizes = sorted(pipe['size'].unique())
-    out = []
-    for _, r in best.sort_values(['preset', 'method']).iterrows():
-        s = next((x for x in sizes if x >= r['input_size']), sizes[-1])
-        for _, p in pipe[pipe['size'] == s].iterrows():
-            out.append(
-                dict(
-                    preset=r['preset'],
-                    method=r['method'],
-                    input_size=int(r['input_size']),
-                    pipeline_size=int(s),
-                    consumes_images_per_s=r['train_images_per_s'],
-                    path=p['path'],
-                    augment_at=p['augment_at'],
-                    workers=int(p['workers']),
-                    ratio_wall=p['images_per_s'] / r['train_images_per_s'],
-                    ratio_per_cpu_s=p['images_per_cpu_s'] / r['train_images_per_s'],
-                )
-            )
-    return pd.DataFrame(out)
-
-
-def pipeline_targets(cons: pd.DataFrame, threshold: float = TARGETS['pipeline_ratio']) -> pd.DataFrame:
-    "Per preset, path, place of the augmentation and workers: the worst method's ratios, PASS/MISS against `threshold`."
-    out = []
-    for key, g in cons.groupby(['preset', 'path', 'augment_at', 'workers'], sort=True):
-        w, c = g.loc[g['ratio_wall'].idxmin()], g.loc[g['ratio_per_cpu_s'].idxmin()]
-        out.append(
-            dict(
-                zip(['preset', 'path', 'augment_at', 'workers'], key),
-                worst_method_wall=w['method'],
-                ratio_wall=w['ratio_wall'],
-                verdict_wall='PASS' if w['ratio_wall'] >= threshold else 'MISS',
-                worst_method_cpu=c['method'],
-                ratio_per_cpu_s=c['ratio_per_cpu_s'],
-                verdict_per_cpu_s='PASS' if c['ratio_per_cpu_s'] >= threshold else 'MISS',
-            )
-        )
-    return pd.DataFrame(out)
 
 # %% ../nbs/10_bench.ipynb #79a0bd80
 def _smoke_consumption(quick: bool) -> pd.DataFrame:

@@ -395,12 +395,16 @@ def run_check(
     sizes = ((32, 'resnet50'),) if dry_run else ((112, 'resnet50'), (224, 'vit'))
     part(
         'pipeline',
-        lambda: bench.bench_data_pipeline(
+        lambda: bench.bench_cached_pipeline(
             None if not dry_run else _smoke_root(),
             sizes,
             (0,) if dry_run else (os.cpu_count(),),
             batch_size=8 if dry_run else 64,
             n_batches=2 if dry_run else 8,
+            warmup=1,
+            repeats=1,
+            paths=('jpeg',),  # what the paper preset's runs read
+            keep_memory=False,  # leaves this process's allocator as the training parts found it
         ),
     )
     if use_compile:
