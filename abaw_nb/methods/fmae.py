@@ -24,8 +24,8 @@ from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predic
 __all__ = ['AU_DATASETS', 'IAT_LAMBDA', 'SYNTH_LAYOUT', 'TASK_DIMS', 'FMAE_INIT', 'fmae_settings', 'build_mae', 'build_vit',
            'ImageDataset', 'SubjectFrames', 'vit_transform', 'stage_transform', 'mae_transform', 'pool_images',
            'reconstruct', 'reconstruction_figure', 'au_folds', 'run_folds', 'au_datasets', 'subsample', 'cap_rows',
-           'split_train_val', 'probe_split', 'FMAESettings', 'fmae_presets', 'recipe', 'import_fmae_vit',
-           'import_fmae_mae', 'vit_size_of']
+           'split_train_val', 'holdout_rows', 'probe_split', 'FMAESettings', 'fmae_presets', 'recipe',
+           'import_fmae_vit', 'import_fmae_mae', 'vit_size_of']
 
 # %% ../../nbs/05e_methods.fmae.ipynb #355456d5
 AU_DATASETS = ('bp4d', 'bp4d+', 'disfa')
@@ -63,6 +63,7 @@ def fmae_settings(preset: str = 'smoke') -> dict:
             fer=dict(
                 rafdb=(1e-3, 32, 60, 6),
                 affectnet8=(5e-4, 64, 30, 3),
+                val_frac=0.1,  # of each class's training images: the epoch is chosen on them (the original: on test)
                 max_steps=None,
                 crop_scale=(0.08, 1.0),
                 max_eval=None,
@@ -95,6 +96,7 @@ def fmae_settings(preset: str = 'smoke') -> dict:
             fer=dict(
                 rafdb=(4e-3, 32, 80, 2),
                 affectnet8=(4e-3, 32, 80, 2),
+                val_frac=0.2,
                 max_steps=None,
                 crop_scale=(0.8, 1.0),
                 randaugment=False,
@@ -123,7 +125,12 @@ def fmae_settings(preset: str = 'smoke') -> dict:
             val_frac=0.2,
         ),
         fer=dict(
-            rafdb=(1e-3, 16, 1, 0), affectnet8=(1e-3, 16, 1, 0), max_steps=2, crop_scale=(0.5, 1.0), max_eval=None
+            rafdb=(1e-3, 16, 1, 0),
+            affectnet8=(1e-3, 16, 1, 0),
+            val_frac=0.2,
+            max_steps=2,
+            crop_scale=(0.5, 1.0),
+            max_eval=None,
         ),
         probe=dict(blr=1e-2, batch=32, epochs=3, warmup=0, per_subject=10, train_frac=0.7, split='video'),
     )
@@ -304,6 +311,29 @@ def split_train_val(subjects, val_frac: float = 0.2, seed: int = 0) -> tuple:
     n_val = min(max(1, round(val_frac * len(subj))), len(subj) - 1)
     val = sorted(np.random.default_rng(seed).permutation(subj)[:n_val].tolist())
     return [s for s in subj if s not in val], val
+
+# %% ../../nbs/05e_methods.fmae.ipynb #b120c01a
+def holdout_rows(
+    df: pd.DataFrame,
+    frac: float = 0.2,  # share of each class's rows held out
+    seed: int = 0,
+    by: str = 'expr',  # the class column the split is stratified by
+) -> tuple:
+    """(training rows, validation rows): a seeded `frac` of each class's rows (rounded; a class with one row stays in
+    training) for validation, both in table order with `df`'s attrs."""
+    if not 0 < frac < 1:
+        raise ValueError(f'frac={frac}: hold out a share between 0 and 1 of each class')
+    rng = np.random.default_rng(seed)
+    val = []
+    for _, idx in df.groupby(by, sort=True).indices.items():
+        n_val = min(round(frac * len(idx)), len(idx) - 1)
+        val += rng.permutation(idx)[:n_val].tolist()
+    is_val = np.zeros(len(df), bool)
+    is_val[val] = True
+    parts = df[~is_val].reset_index(drop=True), df[is_val].reset_index(drop=True)
+    for d in parts:
+        d.attrs = dict(df.attrs)
+    return parts
 
 # %% ../../nbs/05e_methods.fmae.ipynb #d1ecb5ce
 def probe_split(

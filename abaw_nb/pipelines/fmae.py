@@ -18,7 +18,7 @@ from ..train.losses import masked_bce
 from ..models.vit import FMAEViT, load_encoder
 from ..methods.fmae import IAT_LAMBDA, build_mae, build_vit, ImageDataset, SubjectFrames, vit_transform
 from ..methods.fmae import mae_transform, pool_images, subsample, cap_rows, split_train_val, probe_split
-from ..methods.fmae import stage_transform
+from ..methods.fmae import stage_transform, holdout_rows
 
 # %% auto #0
 __all__ = ['stage_config', 'make_optimizer', 'stage_dir', 'run_stage', 'pretrain_mae', 'finetune_au', 'finetune_fer',
@@ -255,8 +255,9 @@ def finetune_fer(
     log=None,
     out_dir=None,  # the stage's run folder (see `stage_dir`)
 ) -> dict:
-    """Fine-tune an expression classifier; returns accuracy and macro-F1 on the held-out split, the held-out rows
-    scored (`held`: the `max_eval` sample, which floors must be scored on too), history and model."""
+    """Fine-tune an expression classifier, its epoch chosen on a held-out `val_frac` of the training images; returns
+    accuracy and macro-F1 on the held-out split, the held-out rows scored (`held`: the `max_eval` sample, the same for
+    every seed, which floors must be scored on too), the best epoch, history and model."""
     check_choice('layout', layout, ('rafdb', 'affectnet8'))
     space = frames.attrs['expr_space']
     k = len(expr_names(space))
@@ -264,7 +265,8 @@ def finetune_fer(
     te = frames[frames.split != 'train'].reset_index(drop=True)
     for d in (tr, te):
         d.attrs = dict(frames.attrs)
-    te = cap_rows(te, s['fer'].get('max_eval'), seed)
+    tr, va = holdout_rows(tr, s['fer']['val_frac'], seed)
+    te = cap_rows(te, s['fer'].get('max_eval'), 0)  # every seed's model is scored on the same images
     if len(te) == 0:
         raise ValueError(f'{layout}: no held-out (val/test) images')
     blr, batch, epochs, warm = s['fer'][layout]
@@ -273,7 +275,12 @@ def finetune_fer(
     if encoder is not None:
         load_encoder(model, encoder)
     train_ds = FrameDataset(tr, root, stage_transform(s, 'fer'))
-    test_ds = FrameDataset(te, root, vit_transform(False, s['img_size']))
+    val_ds, test_ds = (FrameDataset(d, root, vit_transform(False, s['img_size'])) for d in (va, te))
+
+    def score_fn(pred):  # validation accuracy picks the epoch
+        m = expr_metrics(val_ds.labels['expr'], _table_logits(pred).argmax(1), space=space)
+        return {'score': float(m['acc']), 'f1': float(m['f1'])}
+
     cfg = stage_config(
         blr * batch / 256,
         epochs,
@@ -290,7 +297,9 @@ def finetune_fer(
         train_ds,
         lambda out, b: F.cross_entropy(out, b['expr']),
         optimizer=make_optimizer(model, cfg, layer_decay=s.get('layer_decay', 0.65)),
+        val_ds=val_ds,
         predict_fn=_logits,
+        score_fn=score_fn,
         log=log,
     )
     logits = _table_logits(t.predict(test_ds))
@@ -302,6 +311,8 @@ def finetune_fer(
         n_test=len(te),
         n_classes=k,
         held=te,
+        n_val=len(va),
+        best=t.best,
         history=pd.DataFrame(t.history),
         model=t.model,
     )
