@@ -15,15 +15,17 @@ from ..models.heads import AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, masked_mse, kd_kl, batch_targets
 from ..data.frames import au_columns
 from ..data.loading import FrameDataset, make_transform, normalization
+from ..data.cache import collate as cache_collate
 from ..train.synth_init import SYNTH_INIT, StandinSpec
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, IMAGENET_NORM, read_checkpoint
 from ..checkpoints import unwrap_state, map_state, load_mapped, build_on
 from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predict_fn, Init, init_weights
+from . import frame_data
 
 # %% auto #0
 __all__ = ['TASKS', 'LOSSES', 'KEY', 'FPN_INIT', 'narrow_fpn', 'FPNNet', 'FPNSettings', 'fpn_presets', 'fpn_transform',
-           'soft_loss', 'recipe', 'target_columns', 'apply_ground_truth', 'read_pseudo_labels', 'check_no_leak',
-           'soft_targets', 'PseudoLabelDataset', 'import_fpn_multitask', 'fpn_standin']
+           'fpn_data', 'soft_loss', 'recipe', 'target_columns', 'apply_ground_truth', 'read_pseudo_labels',
+           'check_no_leak', 'soft_targets', 'add_targets', 'import_fpn_multitask', 'fpn_standin']
 
 # %% ../../nbs/05a_methods.fpn.ipynb #9296a94e
 TASKS = ('va', 'expr', 'au')
@@ -111,6 +113,7 @@ def fpn_presets(preset: str, task: str) -> tuple[dict, dict]:
                 lr=1e-3,
                 schedule='cosine',
                 warmup_epochs=0.25,
+                frame_cache=True,  # frames decoded once into the shared cache; flips applied a batch at a time
             ),
             dict(backbone='resnet18_fpn', fpn_channels=128, pretrained=SYNTH_INIT),
         )
@@ -128,6 +131,12 @@ def fpn_transform(train: bool, size: int):
     """The original's preprocessing: resize, horizontal flip (p=0.5) for training, ImageNet normalisation; no other
     augmentation."""
     return make_transform(train, size, 'fpn', scale=(1.0, 1.0), rotation=0.0, jitter=0.0)
+
+
+def fpn_data(size: int, cache: bool = False, cache_folder=None) -> tuple:
+    """(train_data, eval_data) builders with `fpn_transform`'s preprocessing: per image from the JPEGs, or (`cache`,
+    `Config.frame_cache`) from the shared frame cache, flipped a batch at a time (give the recipe `cache_collate`)."""
+    return frame_data(size, 'fpn', cache, cache_folder, scale=(1.0, 1.0), rotation=0.0, jitter=0.0)
 
 
 def soft_loss(out: dict, batch: dict) -> tuple:
@@ -172,18 +181,18 @@ def recipe(cfg, s: FPNSettings, data: RunData) -> Recipe:
         total, parts = crit(out, batch_targets(batch))
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
+    build_train, eval_data = fpn_data(cfg.img_size, cfg.frame_cache)
+
     def train_data(frames, root):
         if not s.pseudo_labels:
-            return FrameDataset(frames, root, fpn_transform(True, cfg.img_size))
+            return build_train(frames, root)
         pl = read_pseudo_labels(s.pseudo_labels, n_expr, au_names)
         check_no_leak(pl, data.val if data.val is not None else frames)
-        targets = soft_targets(frames, pl, n_expr, au_names)
-        return PseudoLabelDataset(frames, root, fpn_transform(True, cfg.img_size), targets)
+        return add_targets(build_train(frames, root), soft_targets(frames, pl, n_expr, au_names))
 
-    def eval_data(frames, root):
-        return FrameDataset(frames, root, fpn_transform(False, cfg.img_size))
-
-    return Recipe(model, tasks, heads_predict_fn(au_names), eval_data, loss_fn, train_data, backbone=s.backbone)
+    collate = cache_collate if cfg.frame_cache else None
+    pred = heads_predict_fn(au_names)
+    return Recipe(model, tasks, pred, eval_data, loss_fn, train_data, collate_fn=collate, backbone=s.backbone)
 
 # %% ../../nbs/05a_methods.fpn.ipynb #3a3d1454
 def target_columns(n_expr: int, au_names) -> dict:
@@ -255,20 +264,14 @@ def soft_targets(df: pd.DataFrame, pl: pd.DataFrame, n_expr: int = 7, au_names=N
     return {f'pl_{t}': m[c[t]].to_numpy(dtype=np.float32) for t in TASKS}
 
 
-class PseudoLabelDataset(FrameDataset):
-    "A `FrameDataset` whose items also carry the soft targets of their row (`soft_targets`)."
-
-    def __init__(self, df, root, transform, targets: dict):
-        super().__init__(df, root, transform)
-        for k, v in targets.items():
-            if len(v) != len(df):
-                raise ValueError(f'{k}: {len(v)} rows for {len(df)} frames')
-        self.targets = targets
-
-    def __getitem__(self, i):
-        out = super().__getitem__(i)
-        out.update({k: torch.as_tensor(v[i]) for k, v in self.targets.items()})
-        return out
+def add_targets(ds: FrameDataset, targets: dict) -> FrameDataset:
+    """Give every item (and cached batch) of a single-frame dataset (`FrameDataset`, `CachedFrames`) the per-row arrays
+    of `targets` (e.g. `soft_targets` of its frame table); returns `ds`."""
+    for k, v in targets.items():
+        if len(v) != len(ds.df):
+            raise ValueError(f'{k}: {len(v)} rows for {len(ds.df)} frames')
+    ds.labels.update(targets)
+    return ds
 
 # %% ../../nbs/05a_methods.fpn.ipynb #52dc7719
 def import_fpn_multitask(source, device: str = 'cpu') -> Imported:
