@@ -14,7 +14,7 @@ from ..models.backbones import build_backbone
 from ..models.heads import AFFWILD2_ORDER
 from ..train.losses import MultiTaskLoss, masked_mse, kd_kl, batch_targets
 from ..data.frames import au_columns
-from ..data.loading import FrameDataset, make_transform, normalization
+from ..data.loading import FrameDataset, normalization
 from ..data.cache import collate as cache_collate
 from ..train.synth_init import SYNTH_INIT, StandinSpec
 from ..checkpoints import Imported, Preprocess, Labels, CheckpointFormat, IMAGENET_NORM, read_checkpoint
@@ -23,9 +23,9 @@ from . import MethodSpec, Recipe, RunData, choice, register_method, heads_predic
 from . import frame_data
 
 # %% auto #0
-__all__ = ['TASKS', 'LOSSES', 'KEY', 'FPN_INIT', 'narrow_fpn', 'FPNNet', 'FPNSettings', 'fpn_presets', 'fpn_transform',
-           'fpn_data', 'soft_loss', 'recipe', 'target_columns', 'apply_ground_truth', 'read_pseudo_labels',
-           'check_no_leak', 'soft_targets', 'add_targets', 'import_fpn_multitask', 'fpn_standin']
+__all__ = ['TASKS', 'LOSSES', 'KEY', 'FPN_INIT', 'narrow_fpn', 'FPNNet', 'FPNSettings', 'fpn_presets', 'fpn_data', 'soft_loss',
+           'recipe', 'target_columns', 'apply_ground_truth', 'read_pseudo_labels', 'check_no_leak', 'soft_targets',
+           'add_targets', 'import_fpn_multitask', 'fpn_standin']
 
 # %% ../../nbs/05a_methods.fpn.ipynb #9296a94e
 TASKS = ('va', 'expr', 'au')
@@ -127,15 +127,10 @@ LOSSES = dict(va='mse', expr='ce', au='bce')
 KEY = ['dataset', 'video', 'frame']  # how frames are matched everywhere: never by position in a file
 
 
-def fpn_transform(train: bool, size: int):
-    """The original's preprocessing: resize, horizontal flip (p=0.5) for training, ImageNet normalisation; no other
-    augmentation."""
-    return make_transform(train, size, 'fpn', scale=(1.0, 1.0), rotation=0.0, jitter=0.0)
-
-
 def fpn_data(size: int, cache: bool = False, cache_folder=None) -> tuple:
-    """(train_data, eval_data) builders with `fpn_transform`'s preprocessing: per image from the JPEGs, or (`cache`,
-    `Config.frame_cache`) from the shared frame cache, flipped a batch at a time (give the recipe `cache_collate`)."""
+    """(train_data, eval_data) builders with the original's preprocessing (resize, horizontal flip p=0.5 for training,
+    ImageNet normalisation; no other augmentation): per image from the JPEGs, or (`cache`, `Config.frame_cache`) from
+    the shared frame cache, flipped a batch at a time (give the recipe `cache_collate`)."""
     return frame_data(size, 'fpn', cache, cache_folder, scale=(1.0, 1.0), rotation=0.0, jitter=0.0)
 
 
