@@ -435,6 +435,7 @@ def mtl_presets(method: str):
                 schedule='none',
                 max_steps_per_epoch=30 if rnn else 40,
                 num_workers=0,
+                frame_cache=not rnn,  # the CNN's frames decoded once into the shared cache (the CNN-RNN's clips: JPEGs)
             )
             x = dict(backbone='resnet18', n_students=2, student_epochs=2 if rnn else 3, pretrained=SYNTH_INIT)
             xr = dict(seq_len=16, eval_stride=8)
