@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_predict.ipynb #82b9a596
 from __future__ import annotations
-import argparse, contextlib, importlib.util, io, json, re, sys
+import argparse, contextlib, dataclasses, importlib.util, io, json, re, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -156,8 +156,15 @@ class Predictor:
 
     @classmethod
     def from_recipe(cls, rec, cfg: Config, labels: dict, source: dict, device='cpu', batch_size: int = 32):
-        "A predictor of a method's prediction recipe (weights loaded) and the run's label spaces."
-        c = cfg.replace(device=device, batch_size=batch_size, num_workers=0, progress=False)
+        """A predictor of a method's prediction recipe (weights loaded) and the run's label spaces. Crops come from
+        memory, never from the training frame cache: a run trained from it (`Config.frame_cache`, e.g. the cpu
+        preset's FPN) predicts through its method's JPEG-path evaluation dataset, the same preprocessing."""
+        c = cfg.replace(device=device, batch_size=batch_size, num_workers=0, progress=False, frame_cache=False)
+        if cfg.frame_cache:
+            from abaw_nb.methods import get_method
+
+            plain = get_method(cfg.method).predictor(c, labels)
+            rec = dataclasses.replace(rec, eval_data=plain.eval_data, collate_fn=plain.collate_fn)
         return cls(
             rec.model,
             rec.eval_data,
