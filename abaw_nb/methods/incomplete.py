@@ -380,6 +380,9 @@ class MTLSettings:
     n_students: int = 5  # run_method: students per family
     student_epochs: int = 3  # run_method: epochs of a student
     thresholds: str = choice('break_even', ('break_even', 'f1'))  # run_method: AU threshold search
+    # run_method: family = every model of a family (and its ensemble) at the mean of its teacher's and students'
+    # thresholds (what the original's val.py meant to do); model = each model at its own
+    threshold_scope: str = choice('family', ('family', 'model'))
 
 
 @dataclass

@@ -5,7 +5,7 @@
 # %% ../../nbs/06b_pipelines.incomplete.ipynb #3627cb48
 from __future__ import annotations
 import json, re, time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 import numpy as np, pandas as pd
 from ..core import Config, check_choice, outputs_dir, run_id, write_csv, write_json
@@ -16,7 +16,31 @@ from ..methods.incomplete import TASKS, ensemble_predictions
 from ..train.run import HEADLINE_SCORES, run_config, load_frames, train, load_run_recipe, predict_run
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'edition_for', 'corrupted_frames', 'predict_model', 'run_method', 'predict_folder']
+__all__ = ['IMAGE_EXTENSIONS', 'family_thresholds', 'edition_for', 'corrupted_frames', 'predict_model', 'run_method',
+           'predict_folder']
+
+# %% ../../nbs/06b_pipelines.incomplete.ipynb #acae54e37e7d407bbb7b55eff062a284
+def family_thresholds(
+    thresholds: dict,  # {'<family>/<model>': AUThresholds} fitted on validation, one per model
+    scope: str = 'family',  # family: the mean of the family's teacher and students | model: each model its own
+) -> dict:
+    """The AU thresholds each model is scored at: with `scope='family'`, per AU the mean of the thresholds of the
+    family's teacher and students, given to each of them and to the family's ensemble."""
+    check_choice('scope', scope, ('family', 'model'))
+    if scope == 'model':
+        return dict(thresholds)
+    fams = {}
+    for name, thr in thresholds.items():
+        fam, model = name.split('/')
+        if model != 'ensemble':
+            fams.setdefault(fam, []).append(thr)
+    out = {}
+    for name, thr in thresholds.items():
+        members = fams[name.split('/')[0]]
+        values = np.mean([m.values_for(thr.aus) for m in members], 0)
+        fallback = tuple(sorted({a for m in members for a in m.fallback}))
+        out[name] = replace(thr, values=values, fit_f1=None, fallback=fallback)
+    return out
 
 # %% ../../nbs/06b_pipelines.incomplete.ipynb #21458b38
 def edition_for(au_names) -> str:
@@ -87,6 +111,7 @@ def run_method(
     device: str = 'auto',
     progress: bool | None = False,
     threshold_method: str | None = None,  # AU threshold search: break_even (original) | f1
+    threshold_scope: str | None = None,  # family (the mean of a family's models) | model; None: the settings'
     **extra,  # more `extra` settings for every run (e.g. balance=False)
 ) -> dict:
     """Train teacher + students (CNN, and CNN-RNN if `temporal`), ensemble them, fit AU thresholds on validation and
@@ -155,10 +180,12 @@ def run_method(
     subsets = {'all': np.ones(len(splits['test']), bool)}
     if corr is not None:
         subsets.update(corrupted=corr, clean=~corr)
-    rows, thresholds = [], {}
+    scope = threshold_scope or get_settings(t).threshold_scope
+    fitted = {name: fit_au_thresholds(splits['val'], p['val'], aus, method=how) for name, p in preds.items()}
+    thresholds = family_thresholds(fitted, scope)
+    rows = []
     for name, p in preds.items():
-        thr = fit_au_thresholds(splits['val'], p['val'], aus, method=how)
-        thresholds[name] = thr
+        thr = thresholds[name]
         for sub, m in subsets.items():
             if not m.any():
                 continue
@@ -198,6 +225,7 @@ def run_method(
             test_split=test_split,
             seconds=secs,
             threshold_method=how,
+            threshold_scope=scope,
             runs={k: str(v) for k, v in runs.items()},
             thresholds={k: v.to_dict() for k, v in thresholds.items()},
         ),
